@@ -1,0 +1,1 @@
+"""Kernels of kvgpu (installed as ``kvgpu.kernels``): the delta arithmetic shared by every engine."""

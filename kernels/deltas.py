@@ -1,0 +1,71 @@
+"""Delta arithmetic of one transfer between two GPUs, written once.
+
+A *transfer* takes ``(s_out, w_out)`` off a source GPU and puts ``(s_in, w_in)``
+back on it; the destination receives the opposite.  A move is a transfer with
+``s_in = w_in = 0``, a swap one with both sides set, a donation is a move.
+Every scan of the seed pipeline (move, swap, donation) and every engine (the
+scalar reference, the NumPy/CuPy batch engine) evaluates its candidates with
+:func:`transfer_loads`, so all of them perform the same floating-point
+operations in the same order and therefore take the same decisions.
+
+The functions are plain arithmetic: they work on Python floats and, by
+broadcasting, on arrays of any shape from any array namespace.
+``safe_div`` (scalar) and :func:`safe_div_array` (arrays) are the only pair that
+must differ, because arrays cannot branch.
+
+Units: sizes and memory in GB, demand ``w = req_rate / slo`` in requests per
+second per second of SLO; KVPR is demand per free GB.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Slack of every comparison in the seed pipeline: memory fits with ``+EPS``,
+#: a change "improves" when ``new + EPS < old``.
+EPS = 1e-12
+
+INF = math.inf
+
+
+def safe_div(a: float, b: float) -> float:
+    """KVPR-style division of scalars: ``b <= 0`` gives ``+inf`` if ``a > 0`` else ``0``."""
+    if b <= 0:
+        return INF if a > 0 else 0.0
+    return a / b
+
+
+def safe_div_array(a, b, xp):
+    """Elementwise :func:`safe_div` for arrays of namespace ``xp`` (same shapes or broadcastable)."""
+    pos = b > 0
+    q = a / xp.where(pos, b, 1.0)
+    return xp.where(pos, q, xp.where(a > 0, INF, 0.0))
+
+
+def transfer_loads(S_src, W_src, S_dst, W_dst, s_out, w_out, s_in, w_in):
+    """Memory and demand of both GPUs after a transfer.
+
+    Returns ``(S_src', W_src', S_dst', W_dst')``.  Shapes broadcast; for a move
+    pass ``s_in = w_in = 0`` (adding an exact zero keeps the move's rounding).
+    """
+    return (S_src - s_out + s_in, W_src - w_out + w_in,
+            S_dst + s_out - s_in, W_dst + w_out - w_in)
+
+
+def fits(S_after, M):
+    """Memory rule with the seed's slack: ``S' <= M + EPS`` (scalars or arrays)."""
+    return S_after <= M + EPS
+
+
+def transfer_new_max(kvpr_src, kvpr_dst, others):
+    """Global max KVPR after a transfer, given the max over all *other* GPUs.
+
+    Written with comparisons (not ``max``) so that scalars and arrays share it.
+    """
+    m = kvpr_src if kvpr_src >= kvpr_dst else kvpr_dst
+    return m if m >= others else others
+
+
+def transfer_new_max_array(kvpr_src, kvpr_dst, others, xp):
+    """Array form of :func:`transfer_new_max`."""
+    return xp.maximum(xp.maximum(kvpr_src, kvpr_dst), others)
