@@ -1,0 +1,88 @@
+"""Small array helpers of the batch engine, written once for NumPy and CuPy (``xp``).
+
+Conventions: a leading lane axis ``L``; "first" always means the smallest index,
+which is how every scan of the seed pipeline breaks ties.
+"""
+
+from __future__ import annotations
+
+from kvgpu.kernels.deltas import EPS, INF
+
+
+def argsort_stable(xp, x, axis=-1):
+    """Stable argsort (CuPy's sort is always stable and accepts only ``kind='stable'``)."""
+    return xp.argsort(x, axis=axis, kind="stable")
+
+
+def sort_desc(xp, keys, valid):
+    """Permutation ``(L, N)`` sorting each row by ``keys`` (most significant first) descending,
+    stable (equal keys keep index order), with invalid entries last."""
+    n = valid.shape[-1]
+    perm = xp.broadcast_to(xp.arange(n), valid.shape)
+    for k in list(keys)[::-1] + [None]:
+        col = xp.take_along_axis(xp.where(valid, 0, 1) if k is None else -k, perm, axis=-1)
+        perm = xp.take_along_axis(perm, argsort_stable(xp, col), axis=-1)
+    return perm
+
+
+def inverse_perm(xp, perm):
+    """Inverse of each row permutation of ``perm`` (L, N)."""
+    inv = xp.empty_like(perm)
+    rows = xp.arange(perm.shape[0])[:, None]
+    inv[rows, perm] = xp.arange(perm.shape[1])[None, :]
+    return inv
+
+
+def seq_sum(xp, x):
+    """Left-to-right sum along the last axis (cumsum does not use pairwise summation), so the
+    rounding matches Python's ``sum`` in the reference.  The last axis must not be empty."""
+    return xp.cumsum(x, axis=-1)[..., -1]
+
+
+def lex_argmin(xp, keys, valid):
+    """Index of the lexicographically smallest key tuple along the last axis (first among equals)
+    and whether any entry is valid.  ``keys`` are arrays of one shape, most significant first."""
+    mask = valid
+    for k in keys:
+        kk = xp.where(mask, k, INF)
+        m = kk.min(axis=-1, keepdims=True)
+        mask = mask & (kk == m)
+    return xp.argmax(mask, axis=-1), valid.any(axis=-1)
+
+
+def first_of_min(xp, vals, valid):
+    """Scan semantics of the seed's ``if new + EPS < best: best = new``: the first entry of the
+    smallest cluster (values within ``EPS`` of the minimum).  Returns ``(index, minimum)`` along
+    the last axis; the minimum is ``inf`` where nothing is valid."""
+    v = xp.where(valid, vals, INF)
+    m = v.min(axis=-1)
+    idx = xp.argmax(valid & (v <= m[..., None] + EPS), axis=-1)
+    return idx, m
+
+
+def top3(xp, kv, gmask):
+    """The three largest values of ``kv`` (L, G) and their GPU ids (first id among equals); padded
+    GPUs never count.  Returns ``(vals (L, 3), ids (L, 3))`` padded with ``(-inf, -1)``."""
+    L, G = kv.shape
+    v = xp.where(gmask, kv, -INF)
+    order = argsort_stable(xp, -v)[:, :3]
+    vals = xp.take_along_axis(v, order, axis=-1)
+    ids = xp.where(vals > -INF, order, -1)
+    if G < 3:
+        pad = 3 - G
+        vals = xp.concatenate([vals, xp.full((L, pad), -INF)], axis=1)
+        ids = xp.concatenate([ids, xp.full((L, pad), -1, dtype=ids.dtype)], axis=1)
+    return vals, ids
+
+
+def max_excluding(xp, t3, a, b):
+    """Max KVPR over GPUs other than ``a`` and ``b``, from :func:`top3` in O(1).
+
+    ``a`` and ``b`` are GPU-id arrays of shape ``(L, ...)`` (same number of dims)."""
+    vals, ids = t3
+    shape = (vals.shape[0],) + (1,) * (max(a.ndim, b.ndim) - 1)
+    v = [vals[:, k].reshape(shape) for k in range(3)]
+    i = [ids[:, k].reshape(shape) for k in range(3)]
+    ok0 = (i[0] != a) & (i[0] != b)
+    ok1 = (i[1] != a) & (i[1] != b)
+    return xp.where(ok0, v[0], xp.where(ok1, v[1], v[2]))
