@@ -1,0 +1,137 @@
+"""Lower bounds for many lanes at once (array twin of :mod:`kvgpu.bounds`).
+
+Every function takes models already gathered *in the order the reference
+iterates them* (``so``/``wo`` (L, N) with ``valid`` (L, N)), so that running sums
+round exactly as the reference's loops do, and ``P`` (L, G+1), the prefix sums
+of each lane's memories sorted largest first (``P[:, k]`` = ``k`` largest).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from kvgpu.batch.arrays import seq_sum, sort_desc
+from kvgpu.bounds import DEN_FLOOR
+
+N_PAIR, N_TRIPLET, WINDOW = 120, 60, 8
+
+
+def _div(xp, a, den):
+    return a / xp.maximum(den, DEN_FLOOR)
+
+
+def mem_prefix(xp, gpu_mem, gpu_mask):
+    """``P`` (L, G+1): sums of the ``k`` largest memories, accumulated left to right."""
+    srt = -xp.sort(-xp.where(gpu_mask, gpu_mem, 0.0), axis=1)
+    return xp.concatenate([xp.zeros((srt.shape[0], 1)), xp.cumsum(srt, axis=1)], axis=1)
+
+
+def _col(xp, P, k):
+    """``P[l, k[l]]`` for per-lane ``k``."""
+    return xp.take_along_axis(P, k[:, None], axis=1)[:, 0]
+
+
+def individual(xp, so, wo, valid, P):
+    return xp.where(valid, _div(xp, wo, P[:, 1:2] - so), 0.0).max(axis=1)
+
+
+def glob(xp, so, wo, valid, P, n_gpus, placed_size):
+    """``sum w / (sum M - S_placed - sum s)`` over the valid models, sums in the given order."""
+    tw = seq_sum(xp, xp.where(valid, wo, 0.0))
+    ts = seq_sum(xp, xp.where(valid, so, 0.0))
+    return _div(xp, tw, _col(xp, P, n_gpus) - placed_size - ts)
+
+
+def size_desc(xp, so, wo, valid):
+    """Models re-gathered largest first (stable in the given order): ``(s, w, valid)``."""
+    perm = sort_desc(xp, [so], valid)
+    take = lambda a: xp.take_along_axis(a, perm, axis=1)  # noqa: E731
+    return take(so), take(wo), take(valid)
+
+
+def pair(xp, ss, ws, vs, P):
+    """Pairs among the 120 largest (``ss`` already size-descending) that cannot share a GPU."""
+    k = min(N_PAIR, ss.shape[1])
+    s, w, v = ss[:, :k], ws[:, :k], vs[:, :k]
+    i, j = (xp.asarray(t) for t in np.triu_indices(k, 1))
+    if i.size == 0:
+        return xp.zeros(s.shape[0])
+    ok = (s[:, i] + s[:, j] > P[:, 1:2]) & v[:, i] & v[:, j]
+    return xp.where(ok, _div(xp, w[:, i] + w[:, j], P[:, 2:3] - s[:, i] - s[:, j]), 0.0).max(axis=1)
+
+
+@lru_cache(maxsize=None)
+def _triples(n: int):
+    out = [(a, b, c) for a in range(n) for b in range(a + 1, min(n, a + WINDOW + 1))
+           for c in range(b + 1, min(n, b + WINDOW + 1))]
+    return np.array(out, dtype=np.int64).reshape(-1, 3).T
+
+
+def triplet(xp, ss, ws, vs, P, n_gpus):
+    """Windowed triplets among the 60 largest whose size exceeds two GPUs (lanes with >= 3 GPUs)."""
+    L = ss.shape[0]
+    if P.shape[1] < 4:
+        return xp.zeros(L)
+    a, b, c = (xp.asarray(t) for t in _triples(min(N_TRIPLET, ss.shape[1])))
+    if a.size == 0:
+        return xp.zeros(L)
+    tot = ss[:, a] + ss[:, b] + ss[:, c]
+    ok = (tot > P[:, 2:3]) & vs[:, a] & vs[:, b] & vs[:, c] & (n_gpus >= 3)[:, None]
+    val = _div(xp, ws[:, a] + ws[:, b] + ws[:, c], P[:, 3:4] - tot)
+    return xp.where(ok, val, 0.0).max(axis=1)
+
+
+def seed_kprefix(xp, ss, ws, vs, P, k_max):
+    """The seed's k-prefix term for ``k = 1 .. k_max`` (per-lane array); not a valid bound."""
+    L, N = ss.shape
+    ts = xp.cumsum(xp.where(vs, ss, 0.0), axis=1)
+    tw = xp.cumsum(xp.where(vs, ws, 0.0), axis=1)
+    last = xp.maximum(vs.sum(axis=1) - 1, 0)
+    best = xp.zeros(L)
+    for k in range(1, int(k_max.max()) + 1 if k_max.size else 1):
+        cross = vs & (ts > P[:, k - 1:k])
+        idx = xp.where(cross.any(axis=1), xp.argmax(cross, axis=1), last)
+        val = _div(xp, _col(xp, tw, idx), P[:, k] - _col(xp, ts, idx))
+        best = xp.where((k <= k_max) & vs.any(axis=1), xp.maximum(best, val), best)
+    return best
+
+
+def seed_bounds(xp, so, wo, valid, P, n_gpus, placed_size, k_max, with_pair, with_triplet):
+    """Max of the seed's bound terms over the given models (see :mod:`kvgpu.bounds`)."""
+    terms = [individual(xp, so, wo, valid, P), glob(xp, so, wo, valid, P, n_gpus, placed_size)]
+    if with_pair:
+        ss, ws, vs = size_desc(xp, so, wo, valid)
+        terms += [pair(xp, ss, ws, vs, P), seed_kprefix(xp, ss, ws, vs, P, k_max)]
+        if with_triplet:
+            terms.append(triplet(xp, ss, ws, vs, P, n_gpus))
+    out = terms[0]
+    for t in terms[1:]:
+        out = xp.maximum(out, t)
+    return out
+
+
+def seed_start_bound(batch, P):
+    """``low_T`` of the seed for every lane (models in index order)."""
+    xp = batch.xp
+    n_gpus = batch.n_gpus
+    return seed_bounds(xp, batch.sizes, batch.demand, batch.model_mask, P, n_gpus, 0.0,
+                       xp.minimum(n_gpus, 6), True, True)
+
+
+def lower_bound(batch):
+    """Best valid lower bound per lane (array twin of :func:`kvgpu.bounds.lower_bound`)."""
+    xp = batch.xp
+    P = mem_prefix(xp, batch.gpu_mem, batch.gpu_mask)
+    n_gpus = batch.n_gpus
+    so, wo, v = batch.sizes, batch.demand, batch.model_mask
+    ss, ws, vs = size_desc(xp, so, wo, v)
+    out = xp.maximum(individual(xp, so, wo, v, P), glob(xp, so, wo, v, P, n_gpus, 0.0))
+    out = xp.maximum(out, pair(xp, ss, ws, vs, P))
+    out = xp.maximum(out, triplet(xp, ss, ws, vs, P, n_gpus))
+    ts, tw = xp.cumsum(ss, axis=1), xp.cumsum(ws, axis=1)
+    n = xp.arange(1, ss.shape[1] + 1)[None, :]
+    m = xp.take_along_axis(P, xp.minimum(n, n_gpus[:, None]), axis=1)
+    out = xp.maximum(out, xp.where(vs, _div(xp, tw, m - ts), 0.0).max(axis=1))
+    return out

@@ -1,0 +1,165 @@
+"""The seed pipeline for a whole batch (SPEC.md steps 1-5), lanes in parallel.
+
+Per instance: the search for ``T`` (seven packing variants per test as lanes),
+54 parametric packs, regret insertion and two memory packs as lanes, all
+candidates improved together, the best selected by the score tuple, then
+``refine_peak`` and the polishing ``improve_local``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvgpu.batch import bounds as bb
+from kvgpu.batch import local
+from kvgpu.batch.arrays import argsort_stable
+from kvgpu.batch.pack import BEST_FIT, FIRST_FIT, MOST_FREE, SIZE_ORDER, pack_lanes, regret_insertion
+from kvgpu.batch.state import Batch, score
+
+FEAS_ORDERING = (0, 1, 2, 0, 1, 0, 1)
+FEAS_POLICY = (0, 0, 0, 1, 1, 2, 2)
+T_FACTORS = (0.985, 0.99, 0.995, 1.0, 1.005, 1.01)
+
+
+def _repeat(xp, n, k):
+    return xp.repeat(xp.arange(n), k)
+
+
+def feasible(batch: Batch, T):
+    """Per lane: does any of the seven packing variants pack at ``T`` (L,)?"""
+    xp = batch.xp
+    L = batch.shape[0]
+    V = len(FEAS_ORDERING)
+    lanes = batch.take(_repeat(xp, L, V))
+    ordering = xp.tile(xp.asarray(FEAS_ORDERING), L)
+    policy = xp.tile(xp.asarray(FEAS_POLICY), L)
+    _, _, ok = pack_lanes(lanes, xp.repeat(T, V), ordering, policy)
+    return ok.reshape(L, V).any(axis=1)
+
+
+def search_T(batch: Batch):
+    """``(T_high (B,), found (B,))``: doubling from the seed's ``low_T``, then 40 bisection steps."""
+    xp = batch.xp
+    B = batch.shape[0]
+    lo = bb.seed_start_bound(batch, bb.mem_prefix(xp, batch.gpu_mem, batch.gpu_mask))
+    T = xp.maximum(lo, 1e-9)
+    hi = xp.full(B, xp.nan)
+    found = xp.zeros(B, bool)
+    for _ in range(50):
+        todo = xp.nonzero(~found)[0]
+        if todo.shape[0] == 0:
+            break
+        f = feasible(batch.take(todo), T[todo])
+        hi[todo[f]] = T[todo[f]]
+        found[todo[f]] = True
+        T[todo[~f]] *= 2
+    idx = xp.nonzero(found)[0]
+    sub = batch.take(idx)
+    lo_, hi_ = lo[idx], hi[idx]
+    for _ in range(40):
+        mid = (lo_ + hi_) / 2
+        f = feasible(sub, mid)
+        hi_ = xp.where(f, mid, hi_)
+        lo_ = xp.where(f, lo_, mid)
+    hi[idx] = hi_
+    return hi, found
+
+
+def candidates(batch: Batch):
+    """All step-1 candidates: ``(inst (C,), assign (C, N), pos (C, N))`` in the seed's order per instance."""
+    xp = batch.xp
+    B = batch.shape[0]
+    n_models = batch.n_models
+    T_high, found = search_T(batch)
+    fi = xp.nonzero(found)[0]
+    nF = fi.shape[0]
+    # 54 parametric lanes per instance: T factor, then policy, then ordering
+    f_l = xp.tile(xp.repeat(xp.asarray(T_FACTORS), 9), nF)
+    pol = xp.tile(xp.repeat(xp.arange(3), 3), 6 * nF)
+    ordg = xp.tile(xp.arange(3), 18 * nF)
+    inst_p = xp.repeat(fi, 54)
+    a_p, p_p, ok_p = pack_lanes(batch.take(inst_p), T_high[inst_p] * f_l, ordg, pol)
+    a_r, p_r, ok_r = regret_insertion(batch)
+    # memory packs: "dual" (size order, 30% to the most free GPU, the rest best fit) and density
+    inst_m = _repeat(xp, B, 2)
+    ordm = xp.tile(xp.asarray([SIZE_ORDER, 2]), B)
+    nmf = xp.where(ordm == SIZE_ORDER, (0.3 * n_models[inst_m]).astype(xp.int64), 0)
+    a_m, p_m, ok_m = pack_lanes(batch.take(inst_m), xp.zeros(2 * B), ordm, xp.full(2 * B, BEST_FIT), nmf)
+    inst = xp.concatenate([inst_p, xp.arange(B), inst_m])
+    rank = xp.concatenate([xp.tile(xp.arange(54), nF), xp.full(B, 54), 55 + xp.tile(xp.arange(2), B)])
+    assign = xp.concatenate([a_p, a_r, a_m])
+    pos = xp.concatenate([p_p, p_r, p_m])
+    ok = xp.concatenate([ok_p, ok_r, ok_m])
+    # fallback where nothing packed: best fit, most free, first fit (size order), first success
+    has = xp.zeros(B, bool)
+    has[inst[ok]] = True
+    missing = xp.nonzero(~has)[0]
+    if missing.shape[0]:
+        inst_f = xp.repeat(missing, 3)
+        polf = xp.tile(xp.asarray([BEST_FIT, MOST_FREE, FIRST_FIT]), missing.shape[0])
+        a_f, p_f, ok_f = pack_lanes(batch.take(inst_f), xp.zeros(inst_f.shape[0]),
+                                    xp.full(inst_f.shape[0], SIZE_ORDER), polf)
+        first = ok_f.reshape(-1, 3)
+        first = first & (xp.cumsum(first, axis=1) == 1)
+        inst = xp.concatenate([inst, inst_f])
+        rank = xp.concatenate([rank, 57 + xp.tile(xp.arange(3), missing.shape[0])])
+        assign, pos = xp.concatenate([assign, a_f]), xp.concatenate([pos, p_f])
+        ok = xp.concatenate([ok, first.reshape(-1)])
+    keep = xp.nonzero(ok)[0]
+    srt = argsort_stable(xp, inst[keep] * 64 + rank[keep])
+    keep = keep[srt]
+    return inst[keep], assign[keep], pos[keep]
+
+
+def _dedupe(xp, inst, assign, pos):
+    """Indices of the first occurrence of each distinct (instance, placement, list order), and the
+    map back; improve_local is deterministic, so equal starts give equal results."""
+    if xp is not np:
+        n = inst.shape[0]
+        return xp.arange(n), xp.arange(n)
+    rank = argsort_stable(xp, argsort_stable(xp, pos))
+    rows = np.concatenate([inst[:, None], assign, rank], axis=1)
+    _, first, back = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return first, back.reshape(-1)
+
+
+def select(xp, inst, B, scores):
+    """Per instance, the first candidate with the smallest score tuple: indices (B,), -1 if none."""
+    mx, sc, mean = scores
+    perm = xp.arange(inst.shape[0])
+    for key in (mean, sc, mx, inst):
+        perm = perm[argsort_stable(xp, key[perm])]
+    first = xp.ones(perm.shape[0], bool)
+    first[1:] = inst[perm][1:] != inst[perm][:-1]
+    out = xp.full(B, -1, dtype=xp.int64)
+    out[inst[perm][first]] = perm[first]
+    return out
+
+
+def seed_pipeline(batch: Batch, trace: dict | None = None):
+    """The seed pipeline on every instance of ``batch``: returns ``(assign (B, N), pos (B, N))``.
+
+    ``trace`` receives the score tuples (three (B,) arrays each) after selection, after
+    refine_peak and at the end.  Raises ``RuntimeError`` naming instances with no candidate.
+    """
+    xp = batch.xp
+    B = batch.shape[0]
+    inst, assign, pos = candidates(batch)
+    first, back = _dedupe(xp, inst, assign, pos)
+    ua, up = local.improve_local(batch.take(inst[first]), assign[first], pos[first], 4000)
+    assign, pos = ua[back], up[back]
+    sc = score(batch.take(inst), assign, pos)
+    pick = select(xp, inst, B, sc)
+    if bool((pick < 0).any()):
+        bad = xp.nonzero(pick < 0)[0].tolist()
+        raise RuntimeError(f"no placement that fits in memory was found for instance(s) {bad[:10]}")
+    assign, pos = assign[pick], pos[pick]
+    if trace is not None:
+        trace["selected"] = tuple(x[pick] for x in sc)
+    assign, pos = local.refine_peak(batch, assign, pos)
+    if trace is not None:
+        trace["after_refine_peak"] = score(batch, assign, pos)
+    assign, pos = local.improve_local(batch, assign, pos, 1500)
+    if trace is not None:
+        trace["final"] = score(batch, assign, pos)
+    return assign, pos
