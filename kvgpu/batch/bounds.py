@@ -56,7 +56,8 @@ def pair(xp, ss, ws, vs, P):
     k = min(N_PAIR, ss.shape[1])
     s, w, v = ss[:, :k], ws[:, :k], vs[:, :k]
     i, j = (xp.asarray(t) for t in np.triu_indices(k, 1))
-    if i.size == 0:
+    # sizes are descending: unless the two largest exceed one GPU, no pair does
+    if i.size == 0 or not bool(((s[:, 0] + s[:, 1] > P[:, 1]) & v[:, 1]).any()):
         return xp.zeros(s.shape[0])
     ok = (s[:, i] + s[:, j] > P[:, 1:2]) & v[:, i] & v[:, j]
     return xp.where(ok, _div(xp, w[:, i] + w[:, j], P[:, 2:3] - s[:, i] - s[:, j]), 0.0).max(axis=1)
@@ -75,7 +76,8 @@ def triplet(xp, ss, ws, vs, P, n_gpus):
     if P.shape[1] < 4:
         return xp.zeros(L)
     a, b, c = (xp.asarray(t) for t in _triples(min(N_TRIPLET, ss.shape[1])))
-    if a.size == 0:
+    # sizes are descending: unless the three largest exceed two GPUs, no windowed triple does
+    if a.size == 0 or not bool(((ss[:, 0] + ss[:, 1] + ss[:, 2] > P[:, 2]) & vs[:, 2]).any()):
         return xp.zeros(L)
     tot = ss[:, a] + ss[:, b] + ss[:, c]
     ok = (tot > P[:, 2:3]) & vs[:, a] & vs[:, b] & vs[:, c] & (n_gpus >= 3)[:, None]

@@ -44,6 +44,8 @@ class LaneState:
 
     def gather(self, A, lanes, idx):
         """``A[lanes[l], idx[l, ...]]`` for an (L, X) array ``A`` and ids ``idx`` of shape (L', ...)."""
+        if idx.shape[0] == 1 and lanes.shape[0] != 1:  # ids shared by all lanes (e.g. every GPU)
+            idx = self.xp.broadcast_to(idx, (lanes.shape[0],) + idx.shape[1:])
         rows = lanes.reshape((-1,) + (1,) * (idx.ndim - 1))
         return A[rows, idx]
 
@@ -51,8 +53,9 @@ class LaneState:
         """New global max and memory fit of transfers: model ``a`` src -> dst and, where ``b >= 0``,
         model ``b`` dst -> src.  All id arrays broadcast to one shape (L', ...)."""
         xp, bt = self.xp, self.b
-        shape = xp.broadcast_shapes(src.shape, dst.shape, a.shape, b.shape)
-        src, dst, a, b = (xp.broadcast_to(x, shape) for x in (src, dst, a, b))
+        # each id array is gathered at its own (broadcastable) shape; arithmetic broadcasts
+        if b.size == 1:
+            b = xp.broadcast_to(b, (lanes.shape[0],) + (1,) * (b.ndim - 1))
         has_b = b >= 0
         bb = xp.where(has_b, b, 0)
         s_in = xp.where(has_b, self.gather(bt.sizes, lanes, bb), 0.0)

@@ -9,9 +9,9 @@ as :func:`kvgpu.reference.pack` does one lane at a time.
 from __future__ import annotations
 
 from kvgpu.batch import bounds as bb
-from kvgpu.batch.arrays import lex_argmin, max_excluding, seq_sum, sort_desc, top3
+from kvgpu.batch.arrays import argsort_stable, inverse_perm, lex_argmin, max_excluding, seq_sum, sort_desc, top3
 from kvgpu.batch.state import Batch, kvpr
-from kvgpu.kernels.deltas import EPS, fits, safe_div_array
+from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array
 
 # GPU policies.  0-2 are the parametric policies of the seed (they respect the transformed
 # capacity T*M and retune T); 3-5 are memory-only policies.
@@ -32,9 +32,9 @@ def _order_keys(xp, s, w, T, m_max, ordering):
     return [k0, k1, k2]
 
 
-def _retune(xp, lanes_b: Batch, P, T, order, k, S, W, load, ordering, first: bool):
+def _retune(xp, lanes_b: Batch, P, T, order, k, S, W, ordering, first: bool):
     """Raise ``T`` of every lane to the bounds of its remaining models (positions > k of
-    ``order``).  Returns the new ``(T, load, order)``."""
+    ``order``); ``S``, ``W`` are (L, G).  Returns ``(T, rise, order)``."""
     s_o = xp.take_along_axis(lanes_b.sizes, order, axis=1)
     w_o = xp.take_along_axis(lanes_b.demand, order, axis=1)
     v_o = xp.take_along_axis(lanes_b.model_mask, order, axis=1)
@@ -44,7 +44,6 @@ def _retune(xp, lanes_b: Batch, P, T, order, k, S, W, load, ordering, first: boo
     new_T = xp.maximum(T, bound)
     rise = new_T > T + EPS
     T = xp.where(rise, new_T, T)
-    load = xp.where(rise[:, None], W + T[:, None] * S, load)
     if first:
         resort = rise & (ordering == 0)
         if bool(resort.any()):
@@ -52,7 +51,116 @@ def _retune(xp, lanes_b: Batch, P, T, order, k, S, W, load, ordering, first: boo
             keys = [xp.where(rem, kk, 0.0) for kk in _order_keys(xp, s_o, w_o, T, P[:, 1], ordering * 0)]
             perm = sort_desc(xp, [xp.where(rem, 0.0, 1.0)] + keys, v_o)
             order = xp.where(resort[:, None], xp.take_along_axis(order, perm, axis=1), order)
-    return T, load, order
+    return T, rise, order
+
+
+def _gpu_sum(xp, x):
+    """Left-to-right sum over the GPU axis (axis 0) of a (G, L) array, rounding as Python's sum."""
+    if x.shape[0] > 32:
+        return xp.cumsum(x, axis=0)[-1]
+    acc = x[0].copy()
+    for g in range(1, x.shape[0]):
+        acc += x[g]
+    return acc
+
+
+def _max_excluding_self(xp, kv):
+    """For a (G, L) array: for each GPU, the max over the *other* GPUs (O(G) via the top two)."""
+    m1 = kv.max(axis=0)
+    eq = kv == m1
+    unique = eq.sum(axis=0) == 1
+    m2 = xp.where(eq, -INF, kv).max(axis=0)
+    return xp.where(eq & unique, m2, m1)
+
+
+def _lex_argmin0(xp, keys, valid):
+    """Lexicographic argmin over axis 0 of (G, L) keys (first GPU among equals); stops early
+    once no lane has a tie left.  Returns ``(g (L,), any (L,))``."""
+    mask = valid
+    for n, k in enumerate(keys):
+        kk = xp.where(mask, k, INF)
+        mask = mask & (kk == kk.min(axis=0))
+        if n + 1 < len(keys) and not bool((mask.sum(axis=0) > 1).any()):
+            break
+    return xp.argmax(mask, axis=0), valid.any(axis=0)
+
+
+class _Lanes:
+    """Working set of a pack: lanes still packing, per-GPU arrays laid out (G, L) so that
+    reductions over GPUs run over contiguous rows."""
+
+    def __init__(self, b: Batch, T, ordering, policy, n_most_free, order):
+        xp = b.xp
+        L, N, G = b.shape
+        self.ids = xp.arange(L)
+        self.b, self.T, self.ordering, self.policy, self.nmf, self.order = b, T, ordering, policy, n_most_free, order
+        self.P = bb.mem_prefix(xp, b.gpu_mem, b.gpu_mask)
+        self.Mt = xp.ascontiguousarray(b.gpu_mem.T)
+        self.gm = xp.ascontiguousarray(b.gpu_mask.T)
+        self.M_total = _gpu_sum(xp, self.Mt)
+        self.n_models = b.n_models
+        self.n_gpus = b.n_gpus
+        self.St, self.Wt, self.loadt, self.kvt = (xp.zeros((G, L)) for _ in range(4))
+
+    _ROW = ("ids", "T", "ordering", "policy", "nmf", "order", "P", "M_total", "n_models", "n_gpus")
+    _COL = ("Mt", "gm", "St", "Wt", "loadt", "kvt")
+
+    def keep(self, sel):
+        for name in self._ROW:
+            setattr(self, name, getattr(self, name)[sel])
+        for name in self._COL:
+            setattr(self, name, getattr(self, name)[:, sel])
+        self.b = self.b.take(sel)
+
+
+def _choose(xp, ln: _Lanes, k, s, w):
+    """GPU per lane for the model ``(s, w)`` (L,) under each lane's policy; ``(g, any)``."""
+    Sa = ln.St + s
+    fit = ln.gm & fits(Sa, ln.Mt)
+    free = ln.Mt - Sa
+    pol = ln.policy
+    L = pol.shape[0]
+    # lanes are grouped by policy, so each policy's keys are computed on one slice
+    cuts = [0] + [int((pol < c).sum()) for c in (MINMAX, HYBRID, MOST_FREE)] + [L]
+    g = xp.zeros(L, dtype=xp.int64)
+    anyfit = xp.zeros(L, bool)
+    if cuts[3]:
+        sl = slice(0, cuts[3])
+        T = ln.T[sl]
+        resid = T * ln.Mt[:, sl] - (ln.loadt[:, sl] + w[sl] + T * s[sl])
+        fit[:, sl] &= resid >= -EPS
+    for p in range(4):
+        lo, hi = cuts[p], cuts[p + 1]
+        if lo == hi:
+            continue
+        sl = slice(lo, hi)
+        f, fr = fit[:, sl], free[:, sl]
+        if p == RESID:
+            keys = [resid[:, lo:hi], -fr]
+        else:
+            newlocal = safe_div_array(ln.Wt[:, sl] + w[sl], fr, xp)
+            if p < MOST_FREE:
+                kv = ln.kvt[:, sl]
+                newmax = xp.maximum(newlocal, _max_excluding_self(xp, kv))
+                r = resid[:, lo:hi]
+            if p == MINMAX:
+                keys = [newmax, newlocal, r, -fr]
+            elif p == HYBRID:
+                nG = ln.n_gpus[sl]
+                Tf = xp.maximum(ln.T[sl], 1e-12)
+                mean_kv = _gpu_sum(xp, kv) / nG
+                var = _gpu_sum(xp, (kv - mean_kv) ** 2 * ln.gm[:, sl]) / nG
+                a = xp.where(var < 0.02 * Tf * Tf, 0.25, 0.15)
+                mean_frac = (_gpu_sum(xp, ln.St[:, sl]) + s[sl]) / ln.M_total[sl]
+                J = newmax / Tf + a * newlocal / Tf + 0.05 * xp.abs(Sa[:, sl] / ln.Mt[:, sl] - mean_frac)
+                keys = [J, newmax, newlocal, r, -fr]
+            else:
+                pk = xp.where(k < ln.nmf[sl], MOST_FREE, pol[sl])
+                zero = xp.zeros_like(fr)
+                keys = [xp.where(pk == MOST_FREE, -fr, xp.where(pk == BEST_FIT, fr, 0.0)),
+                        xp.where(pk == FIRST_FIT, zero, newlocal)]
+        g[sl], anyfit[sl] = _lex_argmin0(xp, keys, f)
+    return g, anyfit
 
 
 def pack_lanes(lanes_b: Batch, T, ordering, policy, n_most_free=None):
@@ -64,72 +172,48 @@ def pack_lanes(lanes_b: Batch, T, ordering, policy, n_most_free=None):
     """
     xp = lanes_b.xp
     L, N, G = lanes_b.shape
-    s_all, w_all, M, gmask = lanes_b.sizes, lanes_b.demand, lanes_b.gpu_mem, lanes_b.gpu_mask
-    n_models, n_gpus = lanes_b.n_models, lanes_b.n_gpus
-    T = xp.asarray(T, dtype=xp.float64).copy()
+    T = xp.asarray(T, dtype=xp.float64)
     n_most_free = xp.zeros(L, dtype=xp.int64) if n_most_free is None else n_most_free
-    parametric = policy < MOST_FREE
-    P = bb.mem_prefix(xp, M, gmask)
-    m_max = P[:, 1]
-    M_total = seq_sum(xp, M)
-    order = sort_desc(xp, _order_keys(xp, s_all, w_all, T, m_max, ordering), lanes_b.model_mask)
-    retune_at = [xp.maximum(1, (f * n_models).astype(xp.int64)) for f in (0.4, 0.75)]
-    S, W, load = xp.zeros((L, G)), xp.zeros((L, G)), xp.zeros((L, G))
+    grp = argsort_stable(xp, policy)
+    b = lanes_b.take(grp)
+    P = bb.mem_prefix(xp, b.gpu_mem, b.gpu_mask)
+    order = sort_desc(xp, _order_keys(xp, b.sizes, b.demand, T[grp], P[:, 1], ordering[grp]), b.model_mask)
+    ln = _Lanes(b, T[grp].copy(), ordering[grp], policy[grp], n_most_free[grp], order)
     assign = xp.full((L, N), -1, dtype=xp.int64)
     pos = xp.full((L, N), -1, dtype=xp.int64)
     ok = xp.ones(L, bool)
-    rows = xp.arange(L)
-    gids = xp.broadcast_to(xp.arange(G)[None, :], (L, G))
-    p = policy[:, None]
     for k in range(N):
-        live = ok & (k < n_models)
-        if not bool(live.any()):
+        going = k < ln.n_models
+        if not bool(going.all()):
+            ln.keep(xp.nonzero(going)[0])
+        if ln.ids.shape[0] == 0:
             break
-        i = order[:, k]
-        s, w = s_all[rows, i][:, None], w_all[rows, i][:, None]
-        Tc = T[:, None]
-        kv = kvpr(xp, S, W, M, gmask)
-        t3 = top3(xp, kv, gmask)
-        fit_mem = gmask & fits(S + s, M)
-        resid = Tc * M - (load + w + Tc * s)
-        fit = fit_mem & (~parametric[:, None] | (resid >= -EPS))
-        free_after = M - (S + s)
-        newlocal = safe_div_array(W + w, free_after, xp)
-        newmax = xp.maximum(newlocal, max_excluding(xp, t3, gids, gids))
-        # hybrid score
-        Tf = xp.maximum(Tc, 1e-12)
-        kv0 = xp.where(gmask, kv, 0.0)
-        mean_kv = seq_sum(xp, kv0)[:, None] / n_gpus[:, None]
-        var = seq_sum(xp, xp.where(gmask, (kv - mean_kv) ** 2, 0.0))[:, None] / n_gpus[:, None]
-        a = xp.where(var < 0.02 * Tf * Tf, 0.25, 0.15)
-        mean_frac = (seq_sum(xp, S)[:, None] + s) / M_total[:, None]
-        J = newmax / Tf + a * newlocal / Tf + 0.05 * xp.abs((S + s) / xp.where(gmask, M, 1.0) - mean_frac)
-        pk = xp.where((k < n_most_free)[:, None], MOST_FREE, p)
-        zero = xp.zeros_like(resid)
-        keys = [
-            xp.where(pk == RESID, resid, xp.where(pk == MINMAX, newmax, xp.where(pk == HYBRID, J,
-                     xp.where(pk == MOST_FREE, -free_after, xp.where(pk == BEST_FIT, free_after, zero))))),
-            xp.where(pk == RESID, -free_after, xp.where(pk == MINMAX, newlocal,
-                     xp.where(pk == HYBRID, newmax, xp.where(pk == FIRST_FIT, zero, newlocal)))),
-            xp.where(pk == MINMAX, resid, xp.where(pk == HYBRID, newlocal, zero)),
-            xp.where(pk == MINMAX, -free_after, xp.where(pk == HYBRID, resid, zero)),
-            xp.where(pk == HYBRID, -free_after, zero),
-        ]
-        g, anyfit = lex_argmin(xp, keys, fit)
-        ok = ok & ~(live & ~anyfit)
-        r = xp.nonzero(live & anyfit)[0]
-        gi, ii = g[r], i[r]
-        assign[r, ii] = gi
-        pos[r, ii] = k
-        S[r, gi] = S[r, gi] + s_all[r, ii]
-        W[r, gi] = W[r, gi] + w_all[r, ii]
-        load[r, gi] = load[r, gi] + (w_all[r, ii] + T[r] * s_all[r, ii])
-        for n_ret, at in enumerate(retune_at):
-            due = xp.nonzero(ok & parametric & (at == k + 1) & (k + 1 < n_models))[0]
+        r = xp.arange(ln.ids.shape[0])
+        i = ln.order[:, k]
+        s, w = ln.b.sizes[r, i], ln.b.demand[r, i]
+        g, anyfit = _choose(xp, ln, k, s, w)
+        if not bool(anyfit.all()):
+            ok[ln.ids[~anyfit]] = False
+            sel = xp.nonzero(anyfit)[0]
+            ln.keep(sel)
+            r, i, s, w, g = xp.arange(sel.shape[0]), i[sel], s[sel], w[sel], g[sel]
+        assign[ln.ids, i] = g
+        pos[ln.ids, i] = k
+        ln.St[g, r] = ln.St[g, r] + s
+        ln.Wt[g, r] = ln.Wt[g, r] + w
+        ln.loadt[g, r] = ln.loadt[g, r] + (w + ln.T * s)
+        ln.kvt[g, r] = safe_div_array(ln.Wt[g, r], ln.Mt[g, r] - ln.St[g, r], xp)
+        for n_ret, frac in enumerate((0.4, 0.75)):
+            at = xp.maximum(1, (frac * ln.n_models).astype(xp.int64))
+            due = xp.nonzero((ln.policy < MOST_FREE) & (at == k + 1) & (k + 1 < ln.n_models))[0]
             if due.shape[0]:
-                T[due], load[due], order[due] = _retune(xp, lanes_b.take(due), P[due], T[due], order[due], k,
-                                                         S[due], W[due], load[due], ordering[due], n_ret == 0)
-    return assign, pos, ok
+                St, Wt = ln.St[:, due], ln.Wt[:, due]
+                T_new, rise, ln.order[due] = _retune(xp, ln.b.take(due), ln.P[due], ln.T[due], ln.order[due], k,
+                                                     St.T, Wt.T, ln.ordering[due], n_ret == 0)
+                ln.T[due] = T_new
+                ln.loadt[:, due] = xp.where(rise, Wt + T_new * St, ln.loadt[:, due])
+    inv = inverse_perm(xp, grp[None, :])[0]
+    return assign[inv], pos[inv], ok[inv]
 
 
 def regret_insertion(batch: Batch):

@@ -26,23 +26,33 @@ def _repeat(xp, n, k):
 
 
 def feasible(batch: Batch, T):
-    """Per lane: does any of the seven packing variants pack at ``T`` (L,)?"""
+    """Per lane: does any of the seven packing variants pack at ``T`` (L,)?
+
+    Variants run lazily in the seed's order, each only on the lanes that no earlier
+    variant packed: the answer is the same, and the first variant usually decides."""
     xp = batch.xp
     L = batch.shape[0]
-    V = len(FEAS_ORDERING)
-    lanes = batch.take(_repeat(xp, L, V))
-    ordering = xp.tile(xp.asarray(FEAS_ORDERING), L)
-    policy = xp.tile(xp.asarray(FEAS_POLICY), L)
-    _, _, ok = pack_lanes(lanes, xp.repeat(T, V), ordering, policy)
-    return ok.reshape(L, V).any(axis=1)
+    ok = xp.zeros(L, bool)
+    for ordering, policy in zip(FEAS_ORDERING, FEAS_POLICY):
+        todo = xp.nonzero(~ok)[0]
+        if todo.shape[0] == 0:
+            break
+        n = todo.shape[0]
+        _, _, f = pack_lanes(batch.take(todo), T[todo], xp.full(n, ordering), xp.full(n, policy))
+        ok[todo[f]] = True
+    return ok
 
 
 def search_T(batch: Batch):
-    """``(T_high (B,), found (B,))``: doubling from the seed's ``low_T``, then 40 bisection steps."""
+    """``(T_high (B,), found (B,))``: doubling from the seed's ``low_T``, then 40 bisection steps.
+
+    A bisection step whose midpoint equals an end already tested (the interval is down to one
+    float) changes nothing, so it is skipped."""
     xp = batch.xp
     B = batch.shape[0]
     lo = bb.seed_start_bound(batch, bb.mem_prefix(xp, batch.gpu_mem, batch.gpu_mask))
     T = xp.maximum(lo, 1e-9)
+    lo_tested = T == lo  # lo is then known infeasible whenever it differs from hi
     hi = xp.full(B, xp.nan)
     found = xp.zeros(B, bool)
     for _ in range(50):
@@ -54,13 +64,16 @@ def search_T(batch: Batch):
         found[todo[f]] = True
         T[todo[~f]] *= 2
     idx = xp.nonzero(found)[0]
-    sub = batch.take(idx)
-    lo_, hi_ = lo[idx], hi[idx]
+    lo_, hi_, lo_known = lo[idx], hi[idx], lo_tested[idx]
     for _ in range(40):
         mid = (lo_ + hi_) / 2
-        f = feasible(sub, mid)
-        hi_ = xp.where(f, mid, hi_)
-        lo_ = xp.where(f, lo_, mid)
+        test = xp.nonzero((mid != hi_) & ~((mid == lo_) & lo_known))[0]
+        if test.shape[0] == 0:
+            break
+        f = feasible(batch.take(idx[test]), mid[test])
+        hi_[test[f]] = mid[test[f]]
+        lo_[test[~f]] = mid[test[~f]]
+        lo_known[test[~f]] = True
     hi[idx] = hi_
     return hi, found
 
