@@ -1,4 +1,13 @@
-"""kvgpu: place many LLMs on many GPUs, minimising the worst GPU's KV cache pressure."""
+"""kvgpu: place many LLMs on many GPUs so that the worst GPU's KV cache pressure is as low as possible.
+
+>>> import kvgpu
+>>> p = kvgpu.solve([{"name": "a", "model_size": 20, "req_rate": 5, "slo": 5}], gpus=2)
+>>> p.assignment.tolist()
+[0]
+"""
+from kvgpu.api import BatchResult, Placement, compute_model_placement, solve, solve_batch
 from kvgpu.problem import InvalidInstance, make_instance
 
-__all__ = ["InvalidInstance", "make_instance"]
+__all__ = ["BatchResult", "InvalidInstance", "Placement", "compute_model_placement", "make_instance",
+           "solve", "solve_batch"]
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""Command line: ``kvgpu solve FILE``, ``kvgpu demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+
+from kvgpu.api import BACKENDS, MODES, solve
+from kvgpu.io import read_models
+from kvgpu.problem import InvalidInstance
+
+
+def _gpu_mem(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpu-mem takes a number or a comma-separated list, got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _add_solve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, help="number of GPUs (default: from the file, else required)")
+    p.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU: one number, or one per GPU as 40,80,80 "
+                   "(default: from the file, else 80)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--mode", choices=MODES, default="seed")
+    p.add_argument("--json", action="store_true", help="print the placement as JSON")
+
+
+def _solve_and_print(models, opts, args) -> int:
+    gpus = args.gpus if args.gpus is not None else opts.get("gpus")
+    if gpus is None:
+        raise InvalidInstance("give the number of GPUs with --gpus N")
+    gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
+    placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode)
+    print(json.dumps(placement.to_dict(), indent=1) if args.json else placement)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kvgpu", description="Place LLMs on GPUs minimising the worst "
+                                     "GPU's KV cache pressure (demand / free memory).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ps = sub.add_parser("solve", help="solve the models of a JSON or CSV file")
+    ps.add_argument("file", help="JSON list of {name, size, req_rate, slo} or CSV with that header")
+    _add_solve_options(ps)
+    pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
+    _add_solve_options(pd)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "solve":
+            models, opts = read_models(args.file)
+        else:
+            data = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())
+            models, opts = data["models"], {"gpus": data["gpus"], "gpu_mem": data["gpu_mem"]}
+            if not args.json:
+                print(f"# {data['description']}")
+        return _solve_and_print(models, opts, args)
+    except (InvalidInstance, ValueError) as e:
+        print(f"kvgpu: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
