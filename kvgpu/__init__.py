@@ -6,8 +6,8 @@
 [0]
 """
 from kvgpu.api import BatchResult, Placement, compute_model_placement, solve, solve_batch
-from kvgpu.problem import InvalidInstance, make_instance
+from kvgpu.problem import InvalidInstance, NoPlacementFound, make_instance
 
-__all__ = ["BatchResult", "InvalidInstance", "Placement", "compute_model_placement", "make_instance",
+__all__ = ["BatchResult", "InvalidInstance", "Placement", "compute_model_placement", "make_instance", "NoPlacementFound",
            "solve", "solve_batch"]
 __version__ = "0.1.0"

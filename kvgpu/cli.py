@@ -9,7 +9,7 @@ from importlib import resources
 
 from kvgpu.api import BACKENDS, MODES, solve
 from kvgpu.io import read_models
-from kvgpu.problem import InvalidInstance
+from kvgpu.problem import InvalidInstance, NoPlacementFound
 
 
 def _gpu_mem(text: str):
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             if not args.json:
                 print(f"# {data['description']}")
         return _solve_and_print(models, opts, args)
-    except (InvalidInstance, ValueError) as e:
+    except (InvalidInstance, NoPlacementFound, ValueError) as e:
         print(f"kvgpu: error: {e}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,11 @@ class InvalidInstance(ValueError):
     """An instance that breaks a rule of the problem; the message names the model/field and the rule."""
 
 
+class NoPlacementFound(RuntimeError):
+    """No candidate packing fitted the models in memory (the instance may be infeasible:
+    deciding that exactly is bin packing)."""
+
+
 def _field(model: Any, keys: Sequence[str]):
     for k in keys:
         if isinstance(model, dict):

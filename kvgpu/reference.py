@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from kvgpu import bounds
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div, transfer_loads, transfer_new_max
-from kvgpu.problem import DEFAULT_GPU_MEM, Instance, make_instance, score_tuple
+from kvgpu.problem import DEFAULT_GPU_MEM, Instance, NoPlacementFound, make_instance, score_tuple
 
 Placement = list  # list[list[int]]
 
@@ -440,6 +440,8 @@ def seed_pipeline(inst: Instance, trace: dict | None = None) -> Placement:
         sc = score(plc, inst)
         if best_score is None or sc < best_score:
             best, best_score = plc, sc
+    if best is None:
+        raise NoPlacementFound("no candidate packing fits the models in GPU memory")
     if trace is not None:
         trace["selected"] = best_score
     best = refine_peak(best, inst)

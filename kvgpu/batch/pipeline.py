@@ -15,6 +15,7 @@ from kvgpu.batch import local
 from kvgpu.batch.arrays import argsort_stable
 from kvgpu.batch.pack import BEST_FIT, FIRST_FIT, MOST_FREE, SIZE_ORDER, pack_lanes, regret_insertion
 from kvgpu.batch.state import Batch, score
+from kvgpu.problem import NoPlacementFound
 
 FEAS_ORDERING = (0, 1, 2, 0, 1, 0, 1)
 FEAS_POLICY = (0, 0, 0, 1, 1, 2, 2)
@@ -153,7 +154,7 @@ def seed_pipeline(batch: Batch, trace: dict | None = None):
     """The seed pipeline on every instance of ``batch``: returns ``(assign (B, N), pos (B, N))``.
 
     ``trace`` receives the score tuples (three (B,) arrays each) after selection, after
-    refine_peak and at the end.  Raises ``RuntimeError`` naming instances with no candidate.
+    refine_peak and at the end.  Raises ``NoPlacementFound`` naming instances with no candidate.
     """
     xp = batch.xp
     B = batch.shape[0]
@@ -165,7 +166,7 @@ def seed_pipeline(batch: Batch, trace: dict | None = None):
     pick = select(xp, inst, B, sc)
     if bool((pick < 0).any()):
         bad = xp.nonzero(pick < 0)[0].tolist()
-        raise RuntimeError(f"no placement that fits in memory was found for instance(s) {bad[:10]}")
+        raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}")
     assign, pos = assign[pick], pos[pick]
     if trace is not None:
         trace["selected"] = tuple(x[pick] for x in sc)
