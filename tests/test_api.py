@@ -1,0 +1,90 @@
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import kvgpu
+from conftest import close
+from kvgpu.generate import adrs_like, varied
+
+
+def _models(case):
+    return [SimpleNamespace(model_size=s, req_rate=r, slo=o) for s, r, o in case["models"]]
+
+
+def test_compute_model_placement_on_adrs50(adrs50):
+    at_opt = 0
+    for case in adrs50:
+        models = _models(case)
+        out = kvgpu.compute_model_placement(case["gpu_num"], models)
+        assert sorted(out) == list(range(case["gpu_num"]))
+        placed = [m for ms in out.values() for m in ms]
+        assert sorted(map(id, placed)) == sorted(map(id, models))  # every model once, caller's objects
+        used = [sum(m.model_size for m in ms) for ms in out.values()]
+        assert max(used) <= 80
+        kv = max(sum(m.req_rate / m.slo for m in ms) / (80 - u) for ms, u in zip(out.values(), used))
+        assert kv <= case["seed_pipeline_max_kvpr"] * (1 + 1e-9)
+        assert kv >= case["optimal_max_kvpr"] * (1 - 1e-7)
+        at_opt += close(kv, case["optimal_max_kvpr"], 1e-7)
+    assert at_opt == 47  # SPEC.md: the seed pipeline reaches the optimum on 47 of 50
+
+
+def test_lower_bound_never_exceeds_proven_optimum(adrs50):
+    for case in adrs50:
+        p = kvgpu.solve(case["models"], case["gpu_num"])
+        assert 0 < p.lower_bound <= case["optimal_max_kvpr"] * (1 + 1e-12)
+        assert p.gap >= 0
+
+
+def test_solve_batch_equals_loop_of_solve():
+    rng = np.random.default_rng(3)
+    insts = [adrs_like(rng) for _ in range(5)] + [varied(rng, g_range=(5, 12)) for _ in range(3)]
+    B, N, G = len(insts), max(i.n_models for i in insts), max(i.n_gpus for i in insts)
+    sizes, demand, mem = np.zeros((B, N)), np.zeros((B, N)), np.zeros((B, G))
+    mm, gm = np.zeros((B, N), bool), np.zeros((B, G), bool)
+    for b, i in enumerate(insts):
+        sizes[b, :i.n_models], demand[b, :i.n_models], mm[b, :i.n_models] = i.sizes, i.demand, True
+        mem[b, :i.n_gpus], gm[b, :i.n_gpus] = i.gpu_mem, True
+    res = kvgpu.solve_batch(sizes, demand, mem, model_mask=mm, gpu_mask=gm)
+    assert res.assignment.shape == (B, N) and res.max_kvpr.shape == (B,) and res.lower_bound.shape == (B,)
+    for b, i in enumerate(insts):
+        one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus)
+        assert res.assignment[b, :i.n_models].tolist() == one.assignment.tolist()
+        assert (res.assignment[b, i.n_models:] == -1).all()
+        assert close(res.max_kvpr[b], one.max_kvpr)
+        assert close(res.lower_bound[b], one.lower_bound)
+        assert np.isnan(res.kvpr[b, i.n_gpus:]).all()
+    assert (res.gap >= 0).all()
+
+
+def test_heterogeneous_gpus():
+    models = [{"name": "big", "model_size": 120, "req_rate": 2, "slo": 1}] + [
+        {"name": f"s{i}", "model_size": 14, "req_rate": 1 + i % 3, "slo": 2} for i in range(8)]
+    p = kvgpu.solve(models, 4, gpu_mem=[40, 80, 141, 80])
+    assert p.assignment[0] == 2  # only the 141 GB GPU holds it
+    assert (p.used <= np.array([40, 80, 141, 80]) + 1e-9).all()
+    assert p.lower_bound <= p.max_kvpr
+    free = np.array([40, 80, 141, 80]) - p.used
+    assert np.allclose(p.kvpr, p.demand / free)
+
+
+def test_placement_views():
+    models = [{"name": f"m{i}", "model_size": 10 + i, "req_rate": 2, "slo": 1} for i in range(6)]
+    p = kvgpu.solve(models, 3)
+    text = str(p)
+    assert "max KVPR" in text and "lower bound" in text and "m5" in text
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["max_kvpr"] == pytest.approx(p.max_kvpr) and len(d["gpus"]) == 3
+    assert sorted(sum((g["models"] for g in d["gpus"]), [])) == sorted(f"m{i}" for i in range(6))
+    by = p.by_gpu()
+    assert all(by[g] == [models[i] for i in np.nonzero(p.assignment == g)[0]] for g in range(3))
+    assert math.isclose(p.max_kvpr, max(p.kvpr))
+
+
+def test_unknown_backend_or_mode_is_refused():
+    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+        kvgpu.solve([[10, 1, 1]], 1, backend="cuda")
+    with pytest.raises(ValueError, match="mode 'fast' is not available"):
+        kvgpu.solve([[10, 1, 1]], 1, mode="fast")

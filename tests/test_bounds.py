@@ -1,0 +1,65 @@
+"""Reported lower bounds are valid (checked against brute force) and the batch bound equals the scalar one."""
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvgpu import bounds
+from kvgpu.batch import bounds as bb
+from kvgpu.batch.state import batch_from_instances
+from kvgpu.kernels.deltas import safe_div
+from kvgpu.problem import make_instance
+
+
+def brute_force_optimum(inst):
+    s, w, M = inst.py
+    best = np.inf
+    for a in itertools.product(range(inst.n_gpus), repeat=inst.n_models):
+        S = [0.0] * inst.n_gpus
+        W = [0.0] * inst.n_gpus
+        for i, g in enumerate(a):
+            S[g] += s[i]
+            W[g] += w[i]
+        if all(S[g] <= M[g] for g in range(inst.n_gpus)):
+            best = min(best, max(safe_div(W[g], M[g] - S[g]) for g in range(inst.n_gpus)))
+    return best
+
+
+instances = st.integers(1, 3).flatmap(lambda g: st.tuples(
+    st.just(g),
+    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 9), st.integers(1, 9)), min_size=1, max_size=6),
+    st.lists(st.sampled_from([40.0, 80.0, 141.0]), min_size=g, max_size=g)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances)
+def test_lower_bound_is_valid(data):
+    g, models, mem = data
+    models = [m for m in models if m[0] <= max(mem)]
+    if not models or sum(m[0] for m in models) > sum(mem):
+        return
+    inst = make_instance(models, g, mem)
+    opt = brute_force_optimum(inst)
+    lb = bounds.lower_bound(*inst.py)
+    assert lb <= opt * (1 + 1e-12) or opt == np.inf
+    batch_lb = bb.lower_bound(batch_from_instances([inst]))[0]
+    assert batch_lb == lb
+
+
+def test_seed_kprefix_term_is_not_a_valid_bound():
+    # three 30 GB models of demand 1 on three 80 GB GPUs: optimum 1/50, the seed's k=2 term 3/70
+    inst = make_instance([[30, 1, 1]] * 3, 3)
+    s, w, M = inst.py
+    order = bounds.by_size_desc(s, range(3))
+    assert bounds.seed_kprefix(s, w, order, bounds.mem_prefix(M), 3) == 3 / 70
+    assert brute_force_optimum(inst) == 1 / 50
+    assert bounds.lower_bound(s, w, M) <= 1 / 50
+
+
+def test_batch_start_bound_equals_scalar(seed_cases):
+    insts = [make_instance(c["models"], c["gpu_num"]) for c in seed_cases[:80]]
+    b = batch_from_instances(insts)
+    got = bb.seed_start_bound(b, bb.mem_prefix(np, b.gpu_mem, b.gpu_mask))
+    want = [bounds.seed_start_bound(*i.py) for i in insts]
+    assert got.tolist() == want
