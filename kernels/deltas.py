@@ -37,9 +37,11 @@ def safe_div(a: float, b: float) -> float:
 
 def safe_div_array(a, b, xp):
     """Elementwise :func:`safe_div` for arrays of namespace ``xp`` (same shapes or broadcastable)."""
-    pos = b > 0
-    q = a / xp.where(pos, b, 1.0)
-    return xp.where(pos, q, xp.where(a > 0, INF, 0.0))
+    q = a / b  # callers silence the 0/0 and x/0 warnings; those entries are fixed below
+    bad = b <= 0
+    if bool(bad.any()):  # rare (full GPUs): skip the two selects when nothing needs fixing
+        q = xp.where(bad, xp.where(a > 0, INF, 0.0), q)
+    return q
 
 
 def transfer_loads(S_src, W_src, S_dst, W_dst, s_out, w_out, s_in, w_in):

@@ -10,7 +10,7 @@ import numpy as np
 
 from kvgpu import bounds as scalar_bounds
 from kvgpu.batch import bounds as batch_bounds
-from kvgpu.batch.pipeline import seed_pipeline
+from kvgpu.batch.pipeline import solve_seed
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr, make_batch
 from kvgpu.kernels.deltas import EPS
 from kvgpu.problem import DEFAULT_GPU_MEM, Instance, InvalidInstance, make_instance
@@ -159,7 +159,7 @@ def validate_batch(batch: Batch) -> None:
 
 def _run(batch: Batch, mode: str):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        assign, pos = seed_pipeline(batch)
+        assign, pos = solve_seed(batch)
         S, W = gpu_loads(batch, assign, pos)
         kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
         lb = batch_bounds.lower_bound(batch)

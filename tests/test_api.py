@@ -88,3 +88,27 @@ def test_unknown_backend_or_mode_is_refused():
         kvgpu.solve([[10, 1, 1]], 1, backend="cuda")
     with pytest.raises(ValueError, match="mode 'fast' is not available"):
         kvgpu.solve([[10, 1, 1]], 1, mode="fast")
+
+
+def test_solve_batch_with_holes_in_the_masks():
+    """Real entries may sit anywhere in the padded arrays; results map back to the caller's slots."""
+    rng = np.random.default_rng(8)
+    insts = [adrs_like(rng) for _ in range(4)]
+    B, N, G = 4, 30, 14
+    sizes, demand, mem = np.full((B, N), 7.0), np.full((B, N), 3.0), np.full((B, G), 1.0)
+    mm, gm = np.zeros((B, N), bool), np.zeros((B, G), bool)
+    slots_m, slots_g = [], []
+    for b, i in enumerate(insts):
+        sm = np.sort(rng.choice(N, i.n_models, replace=False))
+        sg = np.sort(rng.choice(G, i.n_gpus, replace=False))
+        sizes[b, sm], demand[b, sm], mm[b, sm] = i.sizes, i.demand, True
+        mem[b, sg], gm[b, sg] = i.gpu_mem, True
+        slots_m.append(sm)
+        slots_g.append(sg)
+    res = kvgpu.solve_batch(sizes, demand, mem, model_mask=mm, gpu_mask=gm)
+    for b, i in enumerate(insts):
+        one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus)
+        assert res.assignment[b, slots_m[b]].tolist() == slots_g[b][one.assignment].tolist()
+        assert (res.assignment[b, ~mm[b]] == -1).all()
+        assert close(res.max_kvpr[b], one.max_kvpr)
+        assert np.isnan(res.kvpr[b, ~gm[b]]).all()

@@ -49,9 +49,10 @@ def test_adrs50_seed_values_and_contract(adrs50):
 
 
 def test_donors_are_top_demand_then_top_size():
-    # worst GPU 0 holds 8 models; donors: 6 by demand, then max(1, 12-6)=6 by size, deduplicated
-    models = [[10 - i, 10 - i, 1] for i in range(8)] + [[1, 0, 1]]
+    # worst GPU 0 holds 8 models, demand falling and size rising with the index
+    models = [[i + 1, 10 - i, 1] for i in range(8)] + [[1, 0, 1]]
     inst = make_instance(models, 2)
     st = R._Gpus([list(range(8)), [8]], inst)
-    assert R.donors(st, 0) == list(range(8))
-    assert R.donors(st, 0, top_k=4) == [0, 1, 2, 3]
+    # 6 by demand, then max(1, 12 - 6) = 6 by size, duplicates dropped (first kept)
+    assert R.donors(st, 0) == [0, 1, 2, 3, 4, 5, 7, 6]
+    assert R.donors(st, 0, top_k=4) == [0, 1, 7, 6]

@@ -20,19 +20,23 @@ from kvgpu.problem import NoPlacementFound
 FEAS_ORDERING = (0, 1, 2, 0, 1, 0, 1)
 FEAS_POLICY = (0, 0, 0, 1, 1, 2, 2)
 T_FACTORS = (0.985, 0.99, 0.995, 1.0, 1.005, 1.01)
-
-
-def _repeat(xp, n, k):
-    return xp.repeat(xp.arange(n), k)
+LAZY_MIN_LANES = 128
 
 
 def feasible(batch: Batch, T):
     """Per lane: does any of the seven packing variants pack at ``T`` (L,)?
 
-    Variants run lazily in the seed's order, each only on the lanes that no earlier
-    variant packed: the answer is the same, and the first variant usually decides."""
+    Wide batches run the variants lazily in the seed's order, each only on the lanes that no
+    earlier variant packed (the first variant usually decides); narrow batches, where per-step
+    overhead dominates, run all seven as parallel lanes.  The answer is the same."""
     xp = batch.xp
     L = batch.shape[0]
+    if L < LAZY_MIN_LANES:
+        V = len(FEAS_ORDERING)
+        lanes = batch.take(xp.repeat(xp.arange(L), V))
+        _, _, ok = pack_lanes(lanes, xp.repeat(T, V), xp.tile(xp.asarray(FEAS_ORDERING), L),
+                              xp.tile(xp.asarray(FEAS_POLICY), L))
+        return ok.reshape(L, V).any(axis=1)
     ok = xp.zeros(L, bool)
     for ordering, policy in zip(FEAS_ORDERING, FEAS_POLICY):
         todo = xp.nonzero(~ok)[0]
@@ -95,7 +99,7 @@ def candidates(batch: Batch):
     a_p, p_p, ok_p = pack_lanes(batch.take(inst_p), T_high[inst_p] * f_l, ordg, pol)
     a_r, p_r, ok_r = regret_insertion(batch)
     # memory packs: "dual" (size order, 30% to the most free GPU, the rest best fit) and density
-    inst_m = _repeat(xp, B, 2)
+    inst_m = xp.repeat(xp.arange(B), 2)
     ordm = xp.tile(xp.asarray([SIZE_ORDER, 2]), B)
     nmf = xp.where(ordm == SIZE_ORDER, (0.3 * n_models[inst_m]).astype(xp.int64), 0)
     a_m, p_m, ok_m = pack_lanes(batch.take(inst_m), xp.zeros(2 * B), ordm, xp.full(2 * B, BEST_FIT), nmf)
@@ -127,13 +131,20 @@ def candidates(batch: Batch):
 
 def _dedupe(xp, inst, assign, pos):
     """Indices of the first occurrence of each distinct (instance, placement, list order), and the
-    map back; improve_local is deterministic, so equal starts give equal results."""
-    if xp is not np:
-        n = inst.shape[0]
+    map back; improve_local is deterministic, so equal starts give equal results.
+
+    Rows are grouped by a 64-bit hash and the grouping is then verified row by row (a collision,
+    however unlikely, falls back to exact row comparison)."""
+    n = inst.shape[0]
+    if xp is not np or n == 0:
         return xp.arange(n), xp.arange(n)
-    rank = argsort_stable(xp, argsort_stable(xp, pos))
-    rows = np.concatenate([inst[:, None], assign, rank], axis=1)
-    _, first, back = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    rows = np.concatenate([inst[:, None], assign, pos], axis=1).astype(np.int64)
+    weights = np.random.default_rng(0).integers(1, 2**62, rows.shape[1], dtype=np.int64)
+    with np.errstate(over="ignore"):
+        h = (rows * weights).sum(axis=1)
+    _, first, back = np.unique(h, return_index=True, return_inverse=True)
+    if not (rows[first][back] == rows).all():
+        _, first, back = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     return first, back.reshape(-1)
 
 
@@ -160,9 +171,10 @@ def seed_pipeline(batch: Batch, trace: dict | None = None):
     B = batch.shape[0]
     inst, assign, pos = candidates(batch)
     first, back = _dedupe(xp, inst, assign, pos)
-    ua, up = local.improve_local(batch.take(inst[first]), assign[first], pos[first], 4000)
+    ub = batch.take(inst[first])
+    ua, up = local.improve_local(ub, assign[first], pos[first], 4000)
     assign, pos = ua[back], up[back]
-    sc = score(batch.take(inst), assign, pos)
+    sc = tuple(x[back] for x in score(ub, ua, up))
     pick = select(xp, inst, B, sc)
     if bool((pick < 0).any()):
         bad = xp.nonzero(pick < 0)[0].tolist()
@@ -176,4 +188,57 @@ def seed_pipeline(batch: Batch, trace: dict | None = None):
     assign, pos = local.improve_local(batch, assign, pos, 1500)
     if trace is not None:
         trace["final"] = score(batch, assign, pos)
+    return assign, pos
+
+
+def shape_buckets(n_models, n_gpus, min_size: int = 32, growth: float = 1.3):
+    """Group instances of similar shape: sort by ``G * N`` and cut where the product has grown
+    by ``growth`` since the group's first instance (groups hold at least ``min_size``).
+    Returns a list of index arrays (NumPy); padding then costs little inside a group."""
+    cost = np.asarray(n_models, dtype=np.int64) * np.asarray(n_gpus, dtype=np.int64)
+    order = np.argsort(cost, kind="stable")
+    groups, start = [], 0
+    for k in range(1, len(order) + 1):
+        if k == len(order) or (k - start >= min_size and cost[order[k]] > growth * max(cost[order[start]], 1)):
+            groups.append(order[start:k])
+            start = k
+    return groups
+
+
+def compact(batch: Batch):
+    """Move each instance's real models and GPUs to the front and trim the padding.
+
+    Returns ``(trimmed batch, model_perm (B, N'), gpu_perm (B, G'))`` where ``model_perm[b, j]``
+    is the original slot of compact model ``j`` (likewise GPUs)."""
+    xp = batch.xp
+    pm = argsort_stable(xp, ~batch.model_mask)
+    pg = argsort_stable(xp, ~batch.gpu_mask)
+    n = max(1, int(batch.n_models.max()))
+    g = max(1, int(batch.n_gpus.max()))
+    pm, pg = pm[:, :n], pg[:, :g]
+    t = lambda a, p: xp.take_along_axis(a, p, axis=1)  # noqa: E731
+    return (Batch(t(batch.sizes, pm), t(batch.demand, pm), t(batch.model_mask, pm),
+                  t(batch.gpu_mem, pg), t(batch.gpu_mask, pg)), pm, pg)
+
+
+def solve_seed(batch: Batch):
+    """The seed pipeline on any padded batch, instances grouped by shape so that little work is
+    spent on padding; returns ``assign (B, N)`` in the batch's own model and GPU slots (-1 for
+    padding) and ``pos (B, N)`` (list order)."""
+    xp = batch.xp
+    B, N, _ = batch.shape
+    assign = xp.full((B, N), -1, dtype=xp.int64)
+    pos = xp.full((B, N), -1, dtype=xp.int64)
+    n_models, n_gpus = batch.n_models, batch.n_gpus
+    if xp is not np:
+        n_models, n_gpus = n_models.get(), n_gpus.get()
+    for idx in shape_buckets(n_models, n_gpus):
+        idx = xp.asarray(idx)
+        sub, pm, pg = compact(batch.take(idx))
+        a, p = seed_pipeline(sub)
+        real = a >= 0
+        rows = xp.broadcast_to(idx[:, None], a.shape)[real]
+        cols = pm[real]
+        assign[rows, cols] = xp.take_along_axis(pg, xp.where(real, a, 0), axis=1)[real]
+        pos[rows, cols] = p[real]
     return assign, pos
