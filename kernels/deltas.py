@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as _np  # only for errstate; CuPy raises no such warnings
+
 #: Slack of every comparison in the seed pipeline: memory fits with ``+EPS``,
 #: a change "improves" when ``new + EPS < old``.
 EPS = 1e-12
@@ -37,7 +39,8 @@ def safe_div(a: float, b: float) -> float:
 
 def safe_div_array(a, b, xp):
     """Elementwise :func:`safe_div` for arrays of namespace ``xp`` (same shapes or broadcastable)."""
-    q = a / b  # callers silence the 0/0 and x/0 warnings; those entries are fixed below
+    with _np.errstate(divide="ignore", invalid="ignore"):  # x/0 and 0/0 entries are fixed below
+        q = a / b
     bad = b <= 0
     if bool(bad.any()):  # rare (full GPUs): skip the two selects when nothing needs fixing
         q = xp.where(bad, xp.where(a > 0, INF, 0.0), q)

@@ -158,12 +158,10 @@ def validate_batch(batch: Batch) -> None:
 
 
 def _run(batch: Batch, mode: str):
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        assign, pos = solve_seed(batch)
-        S, W = gpu_loads(batch, assign, pos)
-        kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
-        lb = batch_bounds.lower_bound(batch)
-    return assign, kv, lb
+    assign, pos = solve_seed(batch)
+    S, W = gpu_loads(batch, assign, pos)
+    kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
+    return assign, kv, batch_bounds.lower_bound(batch)
 
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",

@@ -96,8 +96,9 @@ def seed_kprefix(sizes, demand, order, P, k_max):
                default=0.0)
 
 
-def seed_start_bound(sizes, demand, gpu_mem) -> float:
-    """The seed pipeline's ``low_T``: max of individual, global, pair, triplet and k-prefix (k <= 6)."""
+def _whole_instance_terms(sizes, demand, gpu_mem):
+    """Individual, global, pair and (G >= 3) triplet terms over all models; also returns the
+    memory prefix sums and the size-descending order the other terms need."""
     G = len(gpu_mem)
     idx = range(len(sizes))
     P = mem_prefix(gpu_mem)
@@ -106,11 +107,16 @@ def seed_start_bound(sizes, demand, gpu_mem) -> float:
         individual(sizes, demand, idx, P[1]),
         _div(sum(demand), P[G] - sum(sizes)),
         pair(sizes, demand, order, P),
-        seed_kprefix(sizes, demand, order, P, min(G, 6)),
     ]
     if G >= 3:
         terms.append(triplet(sizes, demand, order, P))
-    return max(terms)
+    return terms, P, order
+
+
+def seed_start_bound(sizes, demand, gpu_mem) -> float:
+    """The seed pipeline's ``low_T``: max of individual, global, pair, triplet and k-prefix (k <= 6)."""
+    terms, P, order = _whole_instance_terms(sizes, demand, gpu_mem)
+    return max(terms + [seed_kprefix(sizes, demand, order, P, min(len(gpu_mem), 6))])
 
 
 def seed_retune_bound(sizes, demand, gpu_mem, remaining, placed_size, first: bool) -> float:
@@ -133,19 +139,10 @@ def seed_retune_bound(sizes, demand, gpu_mem, remaining, placed_size, first: boo
 
 
 def lower_bound(sizes, demand, gpu_mem) -> float:
-    """Best valid lower bound on the optimal max KVPR (see module doc). ``inf`` never occurs
-    for a valid instance except when a model fills a GPU exactly while others have demand."""
+    """Best valid lower bound on the optimal max KVPR (see module doc).  Denominators are floored
+    at 1e-9 as in the seed, so the bound is finite even where the optimum is ``inf``."""
+    terms, P, order = _whole_instance_terms(sizes, demand, gpu_mem)
     G = len(gpu_mem)
-    idx = range(len(sizes))
-    P = mem_prefix(gpu_mem)
-    order = by_size_desc(sizes, idx)
-    terms = [
-        individual(sizes, demand, idx, P[1]),
-        _div(sum(demand), P[G] - sum(sizes)),
-        pair(sizes, demand, order, P),
-    ]
-    if G >= 3:
-        terms.append(triplet(sizes, demand, order, P))
     tw = ts = 0.0
     for n, i in enumerate(order, start=1):  # every size-descending prefix set
         tw += demand[i]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from kvgpu.kernels.deltas import EPS, safe_div
+from kvgpu.kernels.deltas import EPS
 
 DEFAULT_GPU_MEM = 80.0
 
@@ -167,28 +167,6 @@ def make_instance(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         raise InvalidInstance(
             f"models: total size {sizes_a.sum()} GB is above the total GPU memory {mem.sum()} GB")
     return Instance(sizes_a, np.asarray(demand, dtype=float), mem, names, objs)
-
-
-def gpu_kvpr(S: float, W: float, M: float) -> float:
-    """KVPR of one GPU holding size ``S`` and demand ``W`` out of memory ``M``."""
-    return safe_div(W, M - S)
-
-
-def kvpr_per_gpu(inst: Instance, assignment: np.ndarray) -> np.ndarray:
-    """KVPR per GPU, shape (G,), for ``assignment`` (shape (N,), model -> GPU)."""
-    G = inst.n_gpus
-    S = np.bincount(assignment, weights=inst.sizes, minlength=G)
-    W = np.bincount(assignment, weights=inst.demand, minlength=G)
-    return np.array([gpu_kvpr(S[g], W[g], inst.gpu_mem[g]) for g in range(G)])
-
-
-def check_assignment(inst: Instance, assignment: np.ndarray) -> None:
-    """Raise ``AssertionError`` unless every model is on one valid GPU and memory holds."""
-    a = np.asarray(assignment)
-    assert a.shape == (inst.n_models,), a.shape
-    assert ((a >= 0) & (a < inst.n_gpus)).all(), "assignment out of range"
-    S = np.bincount(a, weights=inst.sizes, minlength=inst.n_gpus)
-    assert (S <= inst.gpu_mem + EPS).all(), "memory exceeded"
 
 
 def score_tuple(kvprs: Sequence[float]) -> tuple[float, float, float]:

@@ -1,6 +1,4 @@
 """The batch engine takes the reference's decisions ("batch equals a loop of singles")."""
-import os
-
 import numpy as np
 import pytest
 

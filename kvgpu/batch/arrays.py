@@ -6,7 +6,21 @@ which is how every scan of the seed pipeline breaks ties.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from kvgpu.kernels.deltas import EPS, INF
+
+
+def quiet_fp(fn):
+    """Run ``fn`` with NumPy's floating-point warnings off: masked-out entries (padding, GPUs a
+    model does not fit on) legitimately compute ``x/0`` and ``inf - inf``, then get discarded."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def argsort_stable(xp, x, axis=-1):
@@ -39,15 +53,18 @@ def seq_sum(xp, x):
     return xp.cumsum(x, axis=-1)[..., -1]
 
 
-def lex_argmin(xp, keys, valid):
-    """Index of the lexicographically smallest key tuple along the last axis (first among equals)
-    and whether any entry is valid.  ``keys`` are arrays of one shape, most significant first."""
+def lex_argmin(xp, keys, valid, axis=-1):
+    """Index of the lexicographically smallest key tuple along ``axis`` (first among equals)
+    and whether any entry is valid.  ``keys`` are arrays of one shape, most significant first,
+    or callables returning them: the scan stops once no row has a tie left, so tie-break keys
+    are usually never computed."""
     mask = valid
-    for k in keys:
-        kk = xp.where(mask, k, INF)
-        m = kk.min(axis=-1, keepdims=True)
-        mask = mask & (kk == m)
-    return xp.argmax(mask, axis=-1), valid.any(axis=-1)
+    for n, k in enumerate(keys):
+        kk = xp.where(mask, k() if callable(k) else k, INF)
+        mask = mask & (kk == kk.min(axis=axis, keepdims=True))
+        if n + 1 < len(keys) and not bool((mask.sum(axis=axis) > 1).any()):
+            break
+    return xp.argmax(mask, axis=axis), valid.any(axis=axis)
 
 
 def first_of_min(xp, vals, valid):

@@ -10,7 +10,7 @@ Scan order and tie-breaking are those of :mod:`kvgpu.reference`.
 
 from __future__ import annotations
 
-from kvgpu.batch.arrays import argsort_stable, first_of_min, inverse_perm, max_excluding, sort_desc, top3
+from kvgpu.batch.arrays import quiet_fp, argsort_stable, first_of_min, inverse_perm, max_excluding, sort_desc, top3
 from kvgpu.batch.state import Batch, gpu_loads, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array, transfer_loads, transfer_new_max_array
 
@@ -97,6 +97,7 @@ def _chunks(xp, L, per_lane):
         yield xp.arange(lo, min(L, lo + step))
 
 
+@quiet_fp
 def improve_local(batch: Batch, assign, pos, max_iters: int = 4000):
     """Batched :func:`kvgpu.reference.improve_local`; returns the new ``(assign, pos)``."""
     st = LaneState(batch, assign, pos)
@@ -121,7 +122,6 @@ def _descend(st: LaneState, lanes, max_iters):
         cur = kv[xp.arange(lanes.shape[0]), worst]
         t3 = top3(xp, kv, bt.gpu_mask[lanes])
         a_idx, a_ok = st.members(lanes, worst)
-        K = a_idx.shape[1]
         # moves: (L', K, G)
         w3 = worst[:, None, None]
         new, ok = st.eval_transfers(lanes, t3, w3, gids[None, None, :], a_idx[:, :, None],
@@ -187,6 +187,7 @@ def _pair_swaps(st: LaneState, lanes, rounds: int = 12):
         lanes = lanes[do]
 
 
+@quiet_fp
 def refine_peak(batch: Batch, assign, pos, passes: int = 2, top_k: int = 12):
     """Batched :func:`kvgpu.reference.refine_peak`; returns the new ``(assign, pos)``."""
     st = LaneState(batch, assign, pos)

@@ -73,18 +73,6 @@ def _max_excluding_self(xp, kv):
     return xp.where(eq & unique, m2, m1)
 
 
-def _lex_argmin0(xp, keys, valid):
-    """Lexicographic argmin over axis 0 of (G, L) keys (first GPU among equals); stops early
-    once no lane has a tie left.  Returns ``(g (L,), any (L,))``."""
-    mask = valid
-    for n, k in enumerate(keys):
-        kk = xp.where(mask, k, INF)
-        mask = mask & (kk == kk.min(axis=0))
-        if n + 1 < len(keys) and not bool((mask.sum(axis=0) > 1).any()):
-            break
-    return xp.argmax(mask, axis=0), valid.any(axis=0)
-
-
 class _Lanes:
     """Working set of a pack: lanes still packing, per-GPU arrays laid out (G, L) so that
     reductions over GPUs run over contiguous rows."""
@@ -135,8 +123,9 @@ def _choose(xp, ln: _Lanes, k, s, w):
             continue
         sl = slice(lo, hi)
         f, fr = fit[:, sl], free[:, sl]
+        neg_free = lambda fr=fr: -fr  # noqa: E731  (tie-break keys are computed only on ties)
         if p == RESID:
-            keys = [resid[:, lo:hi], -fr]
+            keys = [resid[:, lo:hi], neg_free]
         else:
             newlocal = safe_div_array(ln.Wt[:, sl] + w[sl], fr, xp)
             if p < MOST_FREE:
@@ -144,7 +133,7 @@ def _choose(xp, ln: _Lanes, k, s, w):
                 newmax = xp.maximum(newlocal, _max_excluding_self(xp, kv))
                 r = resid[:, lo:hi]
             if p == MINMAX:
-                keys = [newmax, newlocal, r, -fr]
+                keys = [newmax, newlocal, r, neg_free]
             elif p == HYBRID:
                 nG = ln.n_gpus[sl]
                 Tf = xp.maximum(ln.T[sl], 1e-12)
@@ -153,13 +142,12 @@ def _choose(xp, ln: _Lanes, k, s, w):
                 a = xp.where(var < 0.02 * Tf * Tf, 0.25, 0.15)
                 mean_frac = (_gpu_sum(xp, ln.St[:, sl]) + s[sl]) / ln.M_total[sl]
                 J = newmax / Tf + a * newlocal / Tf + 0.05 * xp.abs(Sa[:, sl] / ln.Mt[:, sl] - mean_frac)
-                keys = [J, newmax, newlocal, r, -fr]
+                keys = [J, newmax, newlocal, r, neg_free]
             else:
                 pk = xp.where(k < ln.nmf[sl], MOST_FREE, pol[sl])
-                zero = xp.zeros_like(fr)
                 keys = [xp.where(pk == MOST_FREE, -fr, xp.where(pk == BEST_FIT, fr, 0.0)),
-                        xp.where(pk == FIRST_FIT, zero, newlocal)]
-        g[sl], anyfit[sl] = _lex_argmin0(xp, keys, f)
+                        lambda pk=pk, nl=newlocal: xp.where(pk == FIRST_FIT, 0.0, nl)]
+        g[sl], anyfit[sl] = lex_argmin(xp, keys, f, axis=0)
     return g, anyfit
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from kvgpu.batch import bounds as bb
 from kvgpu.batch import local
-from kvgpu.batch.arrays import argsort_stable
+from kvgpu.batch.arrays import argsort_stable, quiet_fp
 from kvgpu.batch.pack import BEST_FIT, FIRST_FIT, MOST_FREE, SIZE_ORDER, pack_lanes, regret_insertion
 from kvgpu.batch.state import Batch, score
 from kvgpu.problem import NoPlacementFound
@@ -161,6 +161,7 @@ def select(xp, inst, B, scores):
     return out
 
 
+@quiet_fp
 def seed_pipeline(batch: Batch, trace: dict | None = None):
     """The seed pipeline on every instance of ``batch``: returns ``(assign (B, N), pos (B, N))``.
 
@@ -221,6 +222,7 @@ def compact(batch: Batch):
                   t(batch.gpu_mem, pg), t(batch.gpu_mask, pg)), pm, pg)
 
 
+@quiet_fp
 def solve_seed(batch: Batch):
     """The seed pipeline on any padded batch, instances grouped by shape so that little work is
     spent on padding; returns ``assign (B, N)`` in the batch's own model and GPU slots (-1 for

@@ -47,9 +47,6 @@ class Batch:
         """The lanes ``lanes`` (an int index array) as a new batch."""
         return Batch(*(getattr(self, f.name)[lanes] for f in fields(self)))
 
-    def to(self, xp) -> "Batch":
-        return Batch(*(xp.asarray(getattr(self, f.name)) for f in fields(self)))
-
     @property
     def n_models(self):
         return self.model_mask.sum(axis=1)
