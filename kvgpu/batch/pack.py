@@ -9,7 +9,7 @@ as :func:`kvgpu.reference.pack` does one lane at a time.
 from __future__ import annotations
 
 from kvgpu.batch import bounds as bb
-from kvgpu.batch.arrays import argsort_stable, inverse_perm, lex_argmin, max_excluding, seq_sum, sort_desc, top3
+from kvgpu.batch.arrays import quiet_fp, argsort_stable, inverse_perm, lex_argmin, max_excluding, seq_sum, sort_desc, top3
 from kvgpu.batch.state import Batch, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array
 
@@ -151,17 +151,34 @@ def _choose(xp, ln: _Lanes, k, s, w):
     return g, anyfit
 
 
+# Lanes x GPUs per chunk: small enough for each (G, lanes) array to stay in cache.
+PACK_CHUNK_ENTRIES = 1 << 16
+
+
+@quiet_fp
 def pack_lanes(lanes_b: Batch, T, ordering, policy, n_most_free=None):
     """Pack every lane; returns ``(assign (L, N), pos (L, N), ok (L,))``.
 
     ``T`` (L,) float, ``ordering`` (L,) in 0..3, ``policy`` (L,) in 0..5; the first
     ``n_most_free`` (L,) models of a lane go to the GPU with most free memory.
     A lane whose model fits nowhere fails (``ok`` False, its arrays are garbage).
+    Lanes are independent and run in cache-sized chunks.
     """
     xp = lanes_b.xp
     L, N, G = lanes_b.shape
     T = xp.asarray(T, dtype=xp.float64)
     n_most_free = xp.zeros(L, dtype=xp.int64) if n_most_free is None else n_most_free
+    step = max(256, PACK_CHUNK_ENTRIES // max(G, 1))
+    if L <= step:
+        return _pack_chunk(lanes_b, T, ordering, policy, n_most_free)
+    parts = [_pack_chunk(lanes_b.take(sl), T[sl], ordering[sl], policy[sl], n_most_free[sl])
+             for sl in (xp.arange(lo, min(L, lo + step)) for lo in range(0, L, step))]
+    return tuple(xp.concatenate([p[k] for p in parts]) for k in range(3))
+
+
+def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free):
+    xp = lanes_b.xp
+    L, N, G = lanes_b.shape
     grp = argsort_stable(xp, policy)
     b = lanes_b.take(grp)
     P = bb.mem_prefix(xp, b.gpu_mem, b.gpu_mask)
@@ -204,6 +221,7 @@ def pack_lanes(lanes_b: Batch, T, ordering, policy, n_most_free=None):
     return assign[inv], pos[inv], ok[inv]
 
 
+@quiet_fp
 def regret_insertion(batch: Batch):
     """Batched :func:`kvgpu.reference.regret_insertion`: ``(assign, pos, ok)``, one lane per instance."""
     xp = batch.xp
