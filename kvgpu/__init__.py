@@ -6,8 +6,9 @@
 [0]
 """
 from kvgpu.api import BatchResult, Placement, compute_model_placement, solve, solve_batch
+from kvgpu.backends import BackendUnavailable
 from kvgpu.problem import InvalidInstance, NoPlacementFound, make_instance
 
-__all__ = ["BatchResult", "InvalidInstance", "Placement", "compute_model_placement", "make_instance", "NoPlacementFound",
+__all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "Placement", "compute_model_placement", "make_instance", "NoPlacementFound",
            "solve", "solve_batch"]
 __version__ = "0.1.0"

@@ -8,22 +8,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kvgpu import backends
 from kvgpu import bounds as scalar_bounds
 from kvgpu.batch import bounds as batch_bounds
-from kvgpu.batch.pipeline import solve_seed
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr, make_batch
 from kvgpu.kernels.deltas import EPS
 from kvgpu.problem import DEFAULT_GPU_MEM, Instance, InvalidInstance, make_instance
 
-BACKENDS = ("auto", "numpy")
 MODES = ("seed",)
 
 
-def _check_backend_mode(backend: str, mode: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+def _check(backend: str, mode: str) -> str:
+    """Validate ``mode`` and return the concrete backend for ``backend``."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not available; choose one of {MODES}")
+    return backends.resolve(backend)
 
 
 @dataclass
@@ -114,12 +113,14 @@ class BatchResult:
     assignment : ndarray (B, N) int64 -- GPU id per model slot, -1 for padding.
     kvpr : ndarray (B, G) float64 -- per-GPU KVPR (``nan`` for padded GPUs).
     max_kvpr : ndarray (B,) float64; lower_bound : ndarray (B,) float64.
+    backend : str -- the engine that computed it.
     """
 
     assignment: np.ndarray
     kvpr: np.ndarray
     max_kvpr: np.ndarray
     lower_bound: np.ndarray
+    backend: str = "numpy"
 
     @property
     def gap(self) -> np.ndarray:
@@ -157,8 +158,8 @@ def validate_batch(batch: Batch) -> None:
                               f"{float(gm[b].sum())} GB")
 
 
-def _run(batch: Batch, mode: str):
-    assign, pos = solve_seed(batch)
+def _run(batch: Batch, mode: str, backend: str):
+    assign, pos = backends.solve_seed(batch, backend)
     S, W = gpu_loads(batch, assign, pos)
     kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
     return assign, kv, batch_bounds.lower_bound(batch)
@@ -168,14 +169,17 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
                 mode: str = "seed") -> BatchResult:
     """Solve ``B`` padded instances at once.
 
+    ``backend``: "numpy", "numba", "cuda" or "auto" (see :mod:`kvgpu.backends`); every backend
+    returns the same placements.
+
     ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     """
-    _check_backend_mode(backend, mode)
+    used = _check(backend, mode)
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
     validate_batch(batch)
-    assign, kv, lb = _run(batch, mode)
-    return BatchResult(assign, kv, np.nanmax(kv, axis=1), lb)
+    assign, kv, lb = _run(batch, mode, used)
+    return BatchResult(assign, kv, np.nanmax(kv, axis=1), lb, backend=used)
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM,
@@ -185,12 +189,12 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     ``models``: objects or dicts with ``model_size``, ``req_rate``, ``slo`` (and optionally a
     name), or an (N, 3) array.  Raises :class:`kvgpu.InvalidInstance` for bad input.
     """
-    _check_backend_mode(backend, mode)
+    used = _check(backend, mode)
     inst = make_instance(models, gpus, gpu_mem)
-    assign, kv, _ = _run(batch_from_instances([inst]), mode)
+    assign, kv, _ = _run(batch_from_instances([inst]), mode, used)
     a = assign[0, :inst.n_models].astype(np.int64)
     lb = scalar_bounds.lower_bound(*inst.py)
-    return Placement(inst, a, kv[0, :inst.n_gpus], lb, mode=mode, backend="numpy")
+    return Placement(inst, a, kv[0, :inst.n_gpus], lb, mode=mode, backend=used)
 
 
 def compute_model_placement(gpu_num: int, models: Sequence[Any]) -> dict[int, list]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 
-from kvgpu.api import BACKENDS, MODES, solve
+from kvgpu import backends
+from kvgpu.api import MODES, solve
+from kvgpu.backends import BACKENDS
 from kvgpu.io import read_models
 from kvgpu.problem import InvalidInstance, NoPlacementFound
 
@@ -30,13 +33,17 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
 
 
-def _solve_and_print(models, opts, args) -> int:
+def _solve_and_print(models, opts, args, header: str | None = None) -> int:
     gpus = args.gpus if args.gpus is not None else opts.get("gpus")
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
     placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode)
-    print(json.dumps(placement.to_dict(), indent=1) if args.json else placement)
+    # nothing is printed before the solve succeeded
+    if args.json:
+        print(json.dumps(placement.to_dict(), indent=1))
+    else:
+        print(f"# {header}\n{placement}" if header else placement)
     return 0
 
 
@@ -49,20 +56,35 @@ def main(argv=None) -> int:
     _add_solve_options(ps)
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
+    sub.add_parser("info", help="which backends are usable here, and why not")
     args = parser.parse_args(argv)
+    if args.cmd == "info":
+        print(backends.info())
+        return 0
     try:
         if args.cmd == "solve":
             models, opts = read_models(args.file)
         else:
             data = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())
             models, opts = data["models"], {"gpus": data["gpus"], "gpu_mem": data["gpu_mem"]}
-            if not args.json:
-                print(f"# {data['description']}")
+            return _solve_and_print(models, opts, args, header=data["description"])
         return _solve_and_print(models, opts, args)
     except (InvalidInstance, NoPlacementFound, ValueError) as e:
         print(f"kvgpu: error: {e}", file=sys.stderr)
         return 2
 
 
+def run() -> None:
+    """Console-script entry point: exit status from :func:`main`; a closed pipe (``| head``) is
+    not an error."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

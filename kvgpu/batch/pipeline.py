@@ -238,9 +238,15 @@ def solve_seed(batch: Batch):
         idx = xp.asarray(idx)
         sub, pm, pg = compact(batch.take(idx))
         a, p = seed_pipeline(sub)
-        real = a >= 0
-        rows = xp.broadcast_to(idx[:, None], a.shape)[real]
-        cols = pm[real]
-        assign[rows, cols] = xp.take_along_axis(pg, xp.where(real, a, 0), axis=1)[real]
-        pos[rows, cols] = p[real]
+        scatter_back(xp, assign, pos, idx, a, p, pm, pg)
     return assign, pos
+
+
+def scatter_back(xp, assign, pos, idx, a, p, pm, pg):
+    """Write results ``a``, ``p`` of the compacted instances ``idx`` (see :func:`compact`) into
+    ``assign``/``pos`` in the original model and GPU slots."""
+    real = a >= 0
+    rows = xp.broadcast_to(idx[:, None], a.shape)[real]
+    cols = pm[real]
+    assign[rows, cols] = xp.take_along_axis(pg, xp.where(real, a, 0), axis=1)[real]
+    pos[rows, cols] = p[real]

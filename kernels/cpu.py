@@ -1,0 +1,646 @@
+"""numba CPU kernels: the whole seed pipeline per instance, compiled, instances in parallel.
+
+Each instance runs the steps of :mod:`kvgpu.reference` as compiled scalar loops (one
+``prange`` iteration per instance), calling the transfer arithmetic of
+:mod:`kvgpu.kernels.deltas` compiled with ``numba.njit`` -- the same Python functions the
+reference and the NumPy engine use, so every engine rounds identically and takes the same
+decisions.  Compiled code is cached on disk (``cache=True``).
+
+Conventions inside the kernels (one instance): ``s``, ``w`` (n,) sizes and demands, ``M`` (G,)
+memories; a placement is ``assign`` (n,) GPU ids and ``pos`` (n,) insertion stamps (a GPU's list
+order is its models sorted by stamp); ``S``, ``W`` (G,) per-GPU size and demand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from kvgpu.kernels import deltas
+
+_jit = numba.njit(cache=True, inline="always")
+safe_div = _jit(deltas.safe_div)
+transfer_loads = _jit(deltas.transfer_loads)
+fits = _jit(deltas.fits)
+transfer_new_max = _jit(deltas.transfer_new_max)
+
+EPS = deltas.EPS
+INF = math.inf
+DEN_FLOOR = 1e-9
+RESID, MINMAX, HYBRID, MOST_FREE, BEST_FIT, FIRST_FIT = 0, 1, 2, 3, 4, 5
+FEAS_ORDERING = np.array([0, 1, 2, 0, 1, 0, 1])
+FEAS_POLICY = np.array([0, 0, 0, 1, 1, 2, 2])
+T_FACTORS = np.array([0.985, 0.99, 0.995, 1.0, 1.005, 1.01])
+SIZE_ORDER = 3
+
+njit = numba.njit(cache=True)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+@njit
+def _div(a, den):
+    return a / max(den, DEN_FLOOR)
+
+
+@njit
+def _sort_desc(idx, k0, k1, k2):
+    """``idx`` sorted by ``(k0, k1, k2)[idx]`` descending, stable (keys indexed by model)."""
+    out = idx.copy()
+    for key in (k2, k1, k0):
+        vals = np.empty(out.shape[0])
+        for j in range(out.shape[0]):
+            vals[j] = -key[out[j]]
+        out = out[np.argsort(vals, kind="mergesort")]
+    return out
+
+
+@njit
+def _mem_prefix(M):
+    srt = np.sort(M)[::-1]
+    P = np.zeros(M.shape[0] + 1)
+    for k in range(M.shape[0]):
+        P[k + 1] = P[k] + srt[k]
+    return P
+
+
+@njit
+def _kvprs(S, W, M):
+    kv = np.empty(S.shape[0])
+    for g in range(S.shape[0]):
+        kv[g] = safe_div(W[g], M[g] - S[g])
+    return kv
+
+
+@njit
+def _top3(kv):
+    """Values and ids of the three largest (first id among equals), padded with (-inf, -1)."""
+    tv = np.full(3, -INF)
+    ti = np.full(3, -1)
+    for g in range(kv.shape[0]):
+        v = kv[g]
+        for p in range(3):
+            if ti[p] < 0 or v > tv[p]:
+                for q in range(2, p, -1):
+                    tv[q] = tv[q - 1]
+                    ti[q] = ti[q - 1]
+                tv[p] = v
+                ti[p] = g
+                break
+    return tv, ti
+
+
+@njit
+def _max_excluding(tv, ti, a, b):
+    for p in range(3):
+        if ti[p] >= 0 and ti[p] != a and ti[p] != b:
+            return tv[p]
+    return -INF
+
+
+@njit
+def _argmax_first(v, skip):
+    best = -1
+    for g in range(v.shape[0]):
+        if g != skip and (best < 0 or v[g] > v[best]):
+            best = g
+    return best
+
+
+@njit
+def _lex_less(a, b, n):
+    for k in range(n):
+        if a[k] < b[k]:
+            return True
+        if a[k] > b[k]:
+            return False
+    return False
+
+
+@njit
+def _loads(assign, pos, s, w, G):
+    """S, W summed in each GPU's list order (stamp order), as the reference sums its lists."""
+    S = np.zeros(G)
+    W = np.zeros(G)
+    for i in np.argsort(pos, kind="mergesort"):
+        if assign[i] >= 0:
+            S[assign[i]] += s[i]
+            W[assign[i]] += w[i]
+    return S, W
+
+
+@njit
+def _lists(assign, pos, G):
+    """Models grouped by GPU in list order: ``(members, start)`` with GPU g's models at
+    ``members[start[g]:start[g+1]]``."""
+    o = np.argsort(pos, kind="mergesort")
+    o = o[np.argsort(assign[o], kind="mergesort")]
+    start = np.zeros(G + 1, np.int64)
+    for i in range(assign.shape[0]):
+        start[assign[i] + 1] += 1
+    for g in range(G):
+        start[g + 1] += start[g]
+    return o, start
+
+
+# ----------------------------------------------------------------------------- bounds
+
+@njit
+def _pair(s, w, order, P, n_top):
+    best = 0.0
+    k = min(order.shape[0], n_top)
+    for a in range(k):
+        i = order[a]
+        for b in range(a + 1, k):
+            j = order[b]
+            if s[i] + s[j] > P[1]:
+                best = max(best, _div(w[i] + w[j], P[2] - s[i] - s[j]))
+    return best
+
+
+@njit
+def _triplet(s, w, order, P):
+    n = min(order.shape[0], 60)
+    best = 0.0
+    for a in range(n):
+        for b in range(a + 1, min(n, a + 9)):
+            for c in range(b + 1, min(n, b + 9)):
+                i, j, k = order[a], order[b], order[c]
+                tot = s[i] + s[j] + s[k]
+                if tot > P[2]:
+                    best = max(best, _div(w[i] + w[j] + w[k], P[3] - tot))
+    return best
+
+
+@njit
+def _kprefix(s, w, order, P, k_max):
+    best = 0.0
+    first = True
+    for k in range(1, k_max + 1):
+        ts = 0.0
+        tw = 0.0
+        for i in order:
+            ts += s[i]
+            tw += w[i]
+            if ts > P[k - 1]:
+                break
+        v = _div(tw, P[k] - ts)
+        if first or v > best:
+            best = v
+            first = False
+    return best
+
+
+@njit
+def _individual(s, w, idx, m_max):
+    best = 0.0
+    for i in idx:
+        best = max(best, _div(w[i], m_max - s[i]))
+    return best
+
+
+@njit
+def start_bound(s, w, M):
+    """The seed's ``low_T`` (see :func:`kvgpu.bounds.seed_start_bound`)."""
+    G = M.shape[0]
+    n = s.shape[0]
+    P = _mem_prefix(M)
+    idx = np.arange(n)
+    order = idx[np.argsort(-s, kind="mergesort")]
+    tw = 0.0
+    ts = 0.0
+    for i in range(n):
+        tw += w[i]
+        ts += s[i]
+    b = max(_individual(s, w, idx, P[1]), _div(tw, P[G] - ts))
+    b = max(b, _pair(s, w, order, P, 120))
+    b = max(b, _kprefix(s, w, order, P, min(G, 6)))
+    if G >= 3:
+        b = max(b, _triplet(s, w, order, P))
+    return b
+
+
+@njit
+def _retune_bound(s, w, P, G, remaining, placed_size, first):
+    tw = 0.0
+    ts = 0.0
+    for i in remaining:
+        tw += w[i]
+        ts += s[i]
+    b = max(_individual(s, w, remaining, P[1]), _div(tw, P[G] - placed_size - ts))
+    if first:
+        vals = np.empty(remaining.shape[0])
+        for j in range(remaining.shape[0]):
+            vals[j] = -s[remaining[j]]
+        order = remaining[np.argsort(vals, kind="mergesort")]
+        b = max(b, _pair(s, w, order, P, 120))
+        b = max(b, _kprefix(s, w, order, P, min(G, 4)))
+    return b
+
+
+# ----------------------------------------------------------------------------- packing
+
+@njit
+def _order_keys(s, w, T, m_max, ordering):
+    n = s.shape[0]
+    k0 = np.empty(n)
+    k1 = np.empty(n)
+    k2 = np.zeros(n)
+    for i in range(n):
+        if ordering == 0:
+            k0[i], k1[i], k2[i] = w[i] + T * s[i], w[i], s[i]
+        elif ordering == 1:
+            k0[i], k1[i] = safe_div(w[i], m_max - s[i]), s[i]
+        elif ordering == 2:
+            k0[i], k1[i] = safe_div(w[i], s[i]), w[i]
+        else:
+            k0[i], k1[i] = s[i], w[i]
+    return k0, k1, k2
+
+
+@njit
+def pack(s, w, M, T, ordering, policy, n_most_free, assign, pos):
+    """One pack (see :func:`kvgpu.reference.pack` and ``memory_pack``); fills ``assign``/``pos``
+    and returns whether every model found a GPU."""
+    n = s.shape[0]
+    G = M.shape[0]
+    P = _mem_prefix(M)
+    m_max = P[1]
+    M_total = 0.0
+    for g in range(G):
+        M_total += M[g]
+    k0, k1, k2 = _order_keys(s, w, T, m_max, ordering)
+    order = _sort_desc(np.arange(n), k0, k1, k2)
+    S = np.zeros(G)
+    W = np.zeros(G)
+    load = np.zeros(G)
+    kv = np.zeros(G)
+    key = np.empty(5)
+    best = np.empty(5)
+    parametric = policy < MOST_FREE
+    r1 = max(1, int(0.4 * n))
+    r2 = max(1, int(0.75 * n))
+    for k in range(n):
+        i = order[k]
+        si, wi = s[i], w[i]
+        pol = MOST_FREE if k < n_most_free else policy
+        tv, ti = _top3(kv)
+        Tf = a = mean_frac = 0.0
+        if pol == HYBRID:
+            Tf = max(T, 1e-12)
+            mean_kv = 0.0
+            for g in range(G):
+                mean_kv += kv[g]
+            mean_kv /= G
+            var = 0.0
+            for g in range(G):
+                var += (kv[g] - mean_kv) ** 2
+            var /= G
+            a = 0.25 if var < 0.02 * Tf * Tf else 0.15
+            sumS = 0.0
+            for g in range(G):
+                sumS += S[g]
+            mean_frac = (sumS + si) / M_total
+        nk = 0
+        best_g = -1
+        for g in range(G):
+            if not fits(S[g] + si, M[g]):
+                continue
+            resid = T * M[g] - (load[g] + wi + T * si)
+            if parametric and resid < -EPS:
+                continue
+            free_after = M[g] - (S[g] + si)
+            if pol == RESID:
+                key[0], key[1] = resid, -free_after
+                nk = 2
+            elif pol == FIRST_FIT:
+                nk = 0
+            else:
+                newlocal = safe_div(W[g] + wi, free_after)
+                if pol == MOST_FREE or pol == BEST_FIT:
+                    key[0] = -free_after if pol == MOST_FREE else free_after
+                    key[1] = newlocal
+                    nk = 2
+                else:
+                    newmax = max(newlocal, _max_excluding(tv, ti, g, g))
+                    if pol == MINMAX:
+                        key[0], key[1], key[2], key[3] = newmax, newlocal, resid, -free_after
+                        nk = 4
+                    else:
+                        J = newmax / Tf + a * newlocal / Tf + 0.05 * abs((S[g] + si) / M[g] - mean_frac)
+                        key[0], key[1], key[2], key[3], key[4] = J, newmax, newlocal, resid, -free_after
+                        nk = 5
+            if best_g < 0 or _lex_less(key, best, nk):
+                best_g = g
+                best[:] = key
+        if best_g < 0:
+            return False
+        g = best_g
+        assign[i] = g
+        pos[i] = k
+        S[g] += si
+        W[g] += wi
+        load[g] += wi + T * si
+        kv[g] = safe_div(W[g], M[g] - S[g])
+        if parametric and k + 1 < n:
+            for r in range(2):
+                if k + 1 == (r1 if r == 0 else r2):
+                    placed = 0.0
+                    for h in range(G):
+                        placed += S[h]
+                    rem = order[k + 1:]
+                    new_T = max(T, _retune_bound(s, w, P, G, rem, placed, r == 0))
+                    if new_T > T + EPS:
+                        T = new_T
+                        for h in range(G):
+                            load[h] = W[h] + T * S[h]
+                        if ordering == 0 and r == 0:
+                            q0, q1, q2 = _order_keys(s, w, T, m_max, 0)
+                            order[k + 1:] = _sort_desc(rem, q0, q1, q2)
+    return True
+
+
+@njit
+def _feasible(s, w, M, T, assign, pos):
+    for v in range(7):
+        if pack(s, w, M, T, FEAS_ORDERING[v], FEAS_POLICY[v], 0, assign, pos):
+            return True
+    return False
+
+
+@njit
+def search_T(s, w, M):
+    """``T_high`` of the seed (``-1`` if no T packs): doubling then 40 bisection steps."""
+    n = s.shape[0]
+    assign = np.empty(n, np.int64)
+    pos = np.empty(n, np.int64)
+    lo = start_bound(s, w, M)
+    T = max(lo, 1e-9)
+    lo_known = T == lo
+    hi = -1.0
+    for _ in range(50):
+        if _feasible(s, w, M, T, assign, pos):
+            hi = T
+            break
+        T *= 2
+    if hi < 0:
+        return -1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if mid == hi or (mid == lo and lo_known):
+            continue  # the interval is one float wide: the answer is already known
+        if _feasible(s, w, M, mid, assign, pos):
+            hi = mid
+        else:
+            lo = mid
+            lo_known = True
+    return hi
+
+
+@njit
+def regret_insertion(s, w, M, assign, pos):
+    n = s.shape[0]
+    G = M.shape[0]
+    S = np.zeros(G)
+    W = np.zeros(G)
+    placed = np.zeros(n, np.bool_)
+    for k in range(n):
+        kv = _kvprs(S, W, M)
+        tv, ti = _top3(kv)
+        pick, pick_g = -1, -1
+        best_regret, best_newmax = -INF, INF
+        for i in range(n):
+            if placed[i]:
+                continue
+            g1, g2 = -1, -1
+            m1 = l1 = m2 = l2 = INF
+            for g in range(G):
+                if not fits(S[g] + s[i], M[g]):
+                    continue
+                nl = safe_div(W[g] + w[i], M[g] - (S[g] + s[i]))
+                nm = max(nl, _max_excluding(tv, ti, g, g))
+                if g1 < 0 or nm < m1 or (nm == m1 and nl < l1):
+                    g2, m2, l2 = g1, m1, l1
+                    g1, m1, l1 = g, nm, nl
+                elif g2 < 0 or nm < m2 or (nm == m2 and nl < l2):
+                    g2, m2, l2 = g, nm, nl
+            if g1 < 0:
+                continue
+            second = m2 if g2 >= 0 else INF
+            regret = second - m1
+            if regret > best_regret or (regret == best_regret and m1 < best_newmax):
+                pick, pick_g, best_regret, best_newmax = i, g1, regret, m1
+        if pick < 0:
+            return False
+        placed[pick] = True
+        assign[pick] = pick_g
+        pos[pick] = k
+        S[pick_g] += s[pick]
+        W[pick_g] += w[pick]
+    return True
+
+
+# ----------------------------------------------------------------------------- local search
+
+@njit
+def _eval(S, W, M, s, w, src, dst, a, b, others):
+    """New global max of moving ``a`` src -> dst (and ``b`` back when ``b >= 0``); NaN flags a
+    transfer that does not fit (``NaN + EPS < x`` is False, so it is never accepted)."""
+    s_in = s[b] if b >= 0 else 0.0
+    w_in = w[b] if b >= 0 else 0.0
+    Ss, Ws, Sd, Wd = transfer_loads(S[src], W[src], S[dst], W[dst], s[a], w[a], s_in, w_in)
+    if not (fits(Ss, M[src]) and fits(Sd, M[dst])):
+        return np.nan
+    return transfer_new_max(safe_div(Ws, M[src] - Ss), safe_div(Wd, M[dst] - Sd), others)
+
+
+@njit
+def _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b):
+    s_in = s[b] if b >= 0 else 0.0
+    w_in = w[b] if b >= 0 else 0.0
+    S[src], W[src], S[dst], W[dst] = transfer_loads(S[src], W[src], S[dst], W[dst], s[a], w[a], s_in, w_in)
+    assign[a] = dst
+    pos[a] = stamp
+    if b >= 0:
+        assign[b] = src
+        pos[b] = stamp + 1
+    kv[src] = safe_div(W[src], M[src] - S[src])
+    kv[dst] = safe_div(W[dst], M[dst] - S[dst])
+    return stamp + 2
+
+
+@njit
+def improve_local(s, w, M, assign, pos, max_iters):
+    """In place; see :func:`kvgpu.reference.improve_local`."""
+    G = M.shape[0]
+    S, W = _loads(assign, pos, s, w, G)
+    kv = _kvprs(S, W, M)
+    stamp = pos.max() + 1 if pos.shape[0] else 0
+    for _ in range(max_iters):
+        worst = _argmax_first(kv, -1)
+        tv, ti = _top3(kv)
+        mem, start = _lists(assign, pos, G)
+        best = kv[worst]
+        ba, bd = -1, -1
+        for p in range(start[worst], start[worst + 1]):
+            a = mem[p]
+            for d in range(G):
+                if d == worst:
+                    continue
+                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(tv, ti, worst, d))
+                if new + EPS < best:
+                    best, ba, bd = new, a, d
+        bb = -1
+        if ba < 0:
+            cur = kv[worst]
+            for p in range(start[worst], start[worst + 1]):
+                a = mem[p]
+                for d in range(G):
+                    if d == worst:
+                        continue
+                    others = _max_excluding(tv, ti, worst, d)
+                    for q in range(start[d], start[d + 1]):
+                        new = _eval(S, W, M, s, w, worst, d, a, mem[q], others)
+                        if new + EPS < cur:
+                            ba, bd, bb = a, d, mem[q]
+                            break
+                    if ba >= 0:
+                        break
+                if ba >= 0:
+                    break
+        if ba < 0:
+            break
+        stamp = _apply(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, bb)
+    if G > 1:
+        for _ in range(12):
+            worst = _argmax_first(kv, -1)
+            second = _argmax_first(kv, worst)
+            tv, ti = _top3(kv)
+            mem, start = _lists(assign, pos, G)
+            others = _max_excluding(tv, ti, worst, second)
+            best = kv[worst]
+            ba, bb = -1, -1
+            for p in range(start[worst], start[worst + 1]):
+                for q in range(start[second], start[second + 1]):
+                    new = _eval(S, W, M, s, w, worst, second, mem[p], mem[q], others)
+                    if new + EPS < best:
+                        best, ba, bb = new, mem[p], mem[q]
+            if ba < 0:
+                break
+            stamp = _apply(S, W, kv, M, s, w, assign, pos, stamp, worst, second, ba, bb)
+
+
+@njit
+def refine_peak(s, w, M, assign, pos, passes, top_k):
+    """In place; see :func:`kvgpu.reference.refine_peak`."""
+    G = M.shape[0]
+    S, W = _loads(assign, pos, s, w, G)
+    kv = _kvprs(S, W, M)
+    stamp = pos.max() + 1 if pos.shape[0] else 0
+    for _ in range(passes):
+        worst = _argmax_first(kv, -1)
+        by_kv = np.argsort(kv, kind="mergesort")
+        targets = np.full(2, -1)
+        nt = 0
+        for g in by_kv:
+            if g != worst and nt < 2:
+                targets[nt] = g
+                nt += 1
+        mem, start = _lists(assign, pos, G)
+        lst = mem[start[worst]:start[worst + 1]]
+        if nt == 0 or lst.shape[0] == 0:
+            break
+        zeros = np.zeros(s.shape[0])
+        by_w = _sort_desc(lst, w, zeros, zeros)[:max(1, top_k // 2)]
+        by_s = _sort_desc(lst, s, zeros, zeros)[:max(1, top_k - by_w.shape[0])]
+        tv, ti = _top3(kv)
+        best = kv[worst]
+        ba, bd = -1, -1
+        for j in range(by_w.shape[0] + by_s.shape[0]):
+            a = by_w[j] if j < by_w.shape[0] else by_s[j - by_w.shape[0]]
+            if j >= by_w.shape[0] and (by_w == a).any():
+                continue
+            for t in range(nt):
+                d = targets[t]
+                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(tv, ti, worst, d))
+                if new + EPS < best:
+                    best, ba, bd = new, a, d
+        if ba < 0:
+            break
+        stamp = _apply(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, -1)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+@njit
+def _score(s, w, M, assign, pos, out):
+    S, W = _loads(assign, pos, s, w, M.shape[0])
+    kv = _kvprs(S, W, M)
+    G = kv.shape[0]
+    srt = np.sort(kv)[::-1]
+    tot = 0.0
+    for g in range(G):
+        tot += kv[g]
+    out[0] = srt[0]
+    out[1] = srt[1] if G > 1 else 0.0
+    out[2] = tot / G
+
+
+@njit
+def seed_instance(s, w, M, assign, pos):
+    """The seed pipeline on one instance; fills ``assign``/``pos``; False if nothing packed."""
+    n = s.shape[0]
+    if n == 0:
+        return True
+    C = 60
+    ca = np.empty((C, n), np.int64)
+    cp = np.empty((C, n), np.int64)
+    nc = 0
+    T_high = search_T(s, w, M)
+    if T_high > 0:
+        for f in range(6):
+            for policy in range(3):
+                for ordering in range(3):
+                    if pack(s, w, M, T_high * T_FACTORS[f], ordering, policy, 0, ca[nc], cp[nc]):
+                        nc += 1
+    if regret_insertion(s, w, M, ca[nc], cp[nc]):
+        nc += 1
+    if pack(s, w, M, 0.0, SIZE_ORDER, BEST_FIT, int(0.3 * n), ca[nc], cp[nc]):
+        nc += 1
+    if pack(s, w, M, 0.0, 2, BEST_FIT, 0, ca[nc], cp[nc]):
+        nc += 1
+    if nc == 0:
+        for policy in (BEST_FIT, MOST_FREE, FIRST_FIT):
+            if pack(s, w, M, 0.0, SIZE_ORDER, policy, 0, ca[0], cp[0]):
+                nc = 1
+                break
+    if nc == 0:
+        return False
+    sc = np.empty(3)
+    best = np.empty(3)
+    pick = -1
+    for c in range(nc):
+        improve_local(s, w, M, ca[c], cp[c], 4000)
+        _score(s, w, M, ca[c], cp[c], sc)
+        if pick < 0 or _lex_less(sc, best, 3):
+            pick = c
+            best[:] = sc
+    assign[:] = ca[pick]
+    pos[:] = cp[pick]
+    refine_peak(s, w, M, assign, pos, 2, 12)
+    improve_local(s, w, M, assign, pos, 1500)
+    return True
+
+
+@numba.njit(cache=True, parallel=True)
+def seed_batch(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok):
+    """The seed pipeline for every instance of a compacted batch (real entries first), in parallel.
+
+    sizes, demand (B, N) float64; gpu_mem (B, G) float64; n_models, n_gpus (B,) int64;
+    outputs assign, pos (B, N) int64 (-1 for padding) and ok (B,) bool."""
+    for b in prange(sizes.shape[0]):
+        n, G = n_models[b], n_gpus[b]
+        ok[b] = seed_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n])
