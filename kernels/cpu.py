@@ -47,12 +47,33 @@ def _div(a, den):
 
 
 @njit
+def _before(k0, k1, k2, i, j):
+    """Does model ``i`` sort strictly before ``j`` in descending ``(k0, k1, k2)`` order?"""
+    if k0[i] != k0[j]:
+        return k0[i] > k0[j]
+    if k1[i] != k1[j]:
+        return k1[i] > k1[j]
+    return k2[i] > k2[j]
+
+
+@njit
 def _sort_desc(idx, k0, k1, k2):
-    """``idx`` sorted by ``(k0, k1, k2)[idx]`` descending, stable (keys indexed by model)."""
+    """``idx`` sorted by ``(k0, k1, k2)[idx]`` descending, stable (keys indexed by model).
+    Short lists use an allocation-free insertion sort, long ones three stable argsorts."""
     out = idx.copy()
+    n = out.shape[0]
+    if n <= 48:
+        for a in range(1, n):
+            x = out[a]
+            b = a
+            while b > 0 and _before(k0, k1, k2, x, out[b - 1]):
+                out[b] = out[b - 1]
+                b -= 1
+            out[b] = x
+        return out
     for key in (k2, k1, k0):
-        vals = np.empty(out.shape[0])
-        for j in range(out.shape[0]):
+        vals = np.empty(n)
+        for j in range(n):
             vals[j] = -key[out[j]]
         out = out[np.argsort(vals, kind="mergesort")]
     return out
@@ -77,27 +98,31 @@ def _kvprs(S, W, M):
 
 @njit
 def _top3(kv):
-    """Values and ids of the three largest (first id among equals), padded with (-inf, -1)."""
-    tv = np.full(3, -INF)
-    ti = np.full(3, -1)
+    """The three largest ``(v0, i0, v1, i1, v2, i2)`` (first id among equals), padded with
+    ``(-inf, -1)``; scalars, so the hot loops allocate nothing."""
+    v0 = v1 = v2 = -INF
+    i0 = i1 = i2 = -1
     for g in range(kv.shape[0]):
         v = kv[g]
-        for p in range(3):
-            if ti[p] < 0 or v > tv[p]:
-                for q in range(2, p, -1):
-                    tv[q] = tv[q - 1]
-                    ti[q] = ti[q - 1]
-                tv[p] = v
-                ti[p] = g
-                break
-    return tv, ti
+        if i0 < 0 or v > v0:
+            v2, i2, v1, i1, v0, i0 = v1, i1, v0, i0, v, g
+        elif i1 < 0 or v > v1:
+            v2, i2, v1, i1 = v1, i1, v, g
+        elif i2 < 0 or v > v2:
+            v2, i2 = v, g
+    return v0, i0, v1, i1, v2, i2
 
 
 @njit
-def _max_excluding(tv, ti, a, b):
-    for p in range(3):
-        if ti[p] >= 0 and ti[p] != a and ti[p] != b:
-            return tv[p]
+def _max_excluding(t3, a, b):
+    """Max KVPR over the GPUs other than ``a`` and ``b``, from :func:`_top3` in O(1)."""
+    v0, i0, v1, i1, v2, i2 = t3
+    if i0 >= 0 and i0 != a and i0 != b:
+        return v0
+    if i1 >= 0 and i1 != a and i1 != b:
+        return v1
+    if i2 >= 0 and i2 != a and i2 != b:
+        return v2
     return -INF
 
 
@@ -135,15 +160,24 @@ def _loads(assign, pos, s, w, G):
 @njit
 def _lists(assign, pos, G):
     """Models grouped by GPU in list order: ``(members, start)`` with GPU g's models at
-    ``members[start[g]:start[g+1]]``."""
-    o = np.argsort(pos, kind="mergesort")
-    o = o[np.argsort(assign[o], kind="mergesort")]
+    ``members[start[g]:start[g+1]]`` (counting sort by GPU, then insertion sort by stamp)."""
+    n = assign.shape[0]
     start = np.zeros(G + 1, np.int64)
-    for i in range(assign.shape[0]):
+    for i in range(n):
         start[assign[i] + 1] += 1
     for g in range(G):
         start[g + 1] += start[g]
-    return o, start
+    fill = start[:G].copy()
+    members = np.empty(n, np.int64)
+    for i in range(n):
+        g = assign[i]
+        b = fill[g]
+        while b > start[g] and pos[members[b - 1]] > pos[i]:
+            members[b] = members[b - 1]
+            b -= 1
+        members[b] = i
+        fill[g] += 1
+    return members, start
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -232,10 +266,7 @@ def _retune_bound(s, w, P, G, remaining, placed_size, first):
         ts += s[i]
     b = max(_individual(s, w, remaining, P[1]), _div(tw, P[G] - placed_size - ts))
     if first:
-        vals = np.empty(remaining.shape[0])
-        for j in range(remaining.shape[0]):
-            vals[j] = -s[remaining[j]]
-        order = remaining[np.argsort(vals, kind="mergesort")]
+        order = _sort_desc(remaining, s, s, s)  # by size, largest first, stable
         b = max(b, _pair(s, w, order, P, 120))
         b = max(b, _kprefix(s, w, order, P, min(G, 4)))
     return b
@@ -262,18 +293,38 @@ def _order_keys(s, w, T, m_max, ordering):
 
 
 @njit
-def pack(s, w, M, T, ordering, policy, n_most_free, assign, pos):
+def _orders(s, w, P):
+    """The T-independent model orderings 1, 2, 3 (row 0 is filled per pack, it depends on T)."""
+    n = s.shape[0]
+    out = np.empty((4, n), np.int64)
+    for o in range(1, 4):
+        k0, k1, k2 = _order_keys(s, w, 0.0, P[1], o)
+        out[o] = _sort_desc(np.arange(n), k0, k1, k2)
+    return out
+
+
+@njit
+def _sum(x):
+    tot = 0.0
+    for v in x:
+        tot += v
+    return tot
+
+
+@njit
+def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
     """One pack (see :func:`kvgpu.reference.pack` and ``memory_pack``); fills ``assign``/``pos``
-    and returns whether every model found a GPU."""
+    and returns whether every model found a GPU.  ``P`` is :func:`_mem_prefix` of ``M`` and
+    ``orders`` comes from :func:`_orders` (both computed once per instance)."""
     n = s.shape[0]
     G = M.shape[0]
-    P = _mem_prefix(M)
     m_max = P[1]
-    M_total = 0.0
-    for g in range(G):
-        M_total += M[g]
-    k0, k1, k2 = _order_keys(s, w, T, m_max, ordering)
-    order = _sort_desc(np.arange(n), k0, k1, k2)
+    M_total = _sum(M)
+    if ordering == 0:
+        k0, k1, k2 = _order_keys(s, w, T, m_max, 0)
+        order = _sort_desc(np.arange(n), k0, k1, k2)
+    else:
+        order = orders[ordering]  # only ordering 0 is re-sorted in place
     S = np.zeros(G)
     W = np.zeros(G)
     load = np.zeros(G)
@@ -287,7 +338,7 @@ def pack(s, w, M, T, ordering, policy, n_most_free, assign, pos):
         i = order[k]
         si, wi = s[i], w[i]
         pol = MOST_FREE if k < n_most_free else policy
-        tv, ti = _top3(kv)
+        t3 = _top3(kv) if pol == MINMAX or pol == HYBRID else (0.0, -1, 0.0, -1, 0.0, -1)
         Tf = a = mean_frac = 0.0
         if pol == HYBRID:
             Tf = max(T, 1e-12)
@@ -325,7 +376,7 @@ def pack(s, w, M, T, ordering, policy, n_most_free, assign, pos):
                     key[1] = newlocal
                     nk = 2
                 else:
-                    newmax = max(newlocal, _max_excluding(tv, ti, g, g))
+                    newmax = max(newlocal, _max_excluding(t3, g, g))
                     if pol == MINMAX:
                         key[0], key[1], key[2], key[3] = newmax, newlocal, resid, -free_after
                         nk = 4
@@ -364,15 +415,15 @@ def pack(s, w, M, T, ordering, policy, n_most_free, assign, pos):
 
 
 @njit
-def _feasible(s, w, M, T, assign, pos):
+def _feasible(s, w, M, P, orders, T, assign, pos):
     for v in range(7):
-        if pack(s, w, M, T, FEAS_ORDERING[v], FEAS_POLICY[v], 0, assign, pos):
+        if pack(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], 0, assign, pos):
             return True
     return False
 
 
 @njit
-def search_T(s, w, M):
+def search_T(s, w, M, P, orders):
     """``T_high`` of the seed (``-1`` if no T packs): doubling then 40 bisection steps."""
     n = s.shape[0]
     assign = np.empty(n, np.int64)
@@ -382,7 +433,7 @@ def search_T(s, w, M):
     lo_known = T == lo
     hi = -1.0
     for _ in range(50):
-        if _feasible(s, w, M, T, assign, pos):
+        if _feasible(s, w, M, P, orders, T, assign, pos):
             hi = T
             break
         T *= 2
@@ -392,7 +443,7 @@ def search_T(s, w, M):
         mid = (lo + hi) / 2
         if mid == hi or (mid == lo and lo_known):
             continue  # the interval is one float wide: the answer is already known
-        if _feasible(s, w, M, mid, assign, pos):
+        if _feasible(s, w, M, P, orders, mid, assign, pos):
             hi = mid
         else:
             lo = mid
@@ -409,7 +460,7 @@ def regret_insertion(s, w, M, assign, pos):
     placed = np.zeros(n, np.bool_)
     for k in range(n):
         kv = _kvprs(S, W, M)
-        tv, ti = _top3(kv)
+        t3 = _top3(kv)
         pick, pick_g = -1, -1
         best_regret, best_newmax = -INF, INF
         for i in range(n):
@@ -421,7 +472,7 @@ def regret_insertion(s, w, M, assign, pos):
                 if not fits(S[g] + s[i], M[g]):
                     continue
                 nl = safe_div(W[g] + w[i], M[g] - (S[g] + s[i]))
-                nm = max(nl, _max_excluding(tv, ti, g, g))
+                nm = max(nl, _max_excluding(t3, g, g))
                 if g1 < 0 or nm < m1 or (nm == m1 and nl < l1):
                     g2, m2, l2 = g1, m1, l1
                     g1, m1, l1 = g, nm, nl
@@ -481,7 +532,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
     stamp = pos.max() + 1 if pos.shape[0] else 0
     for _ in range(max_iters):
         worst = _argmax_first(kv, -1)
-        tv, ti = _top3(kv)
+        t3 = _top3(kv)
         mem, start = _lists(assign, pos, G)
         best = kv[worst]
         ba, bd = -1, -1
@@ -490,7 +541,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
             for d in range(G):
                 if d == worst:
                     continue
-                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(tv, ti, worst, d))
+                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(t3, worst, d))
                 if new + EPS < best:
                     best, ba, bd = new, a, d
         bb = -1
@@ -501,7 +552,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
                 for d in range(G):
                     if d == worst:
                         continue
-                    others = _max_excluding(tv, ti, worst, d)
+                    others = _max_excluding(t3, worst, d)
                     for q in range(start[d], start[d + 1]):
                         new = _eval(S, W, M, s, w, worst, d, a, mem[q], others)
                         if new + EPS < cur:
@@ -518,9 +569,9 @@ def improve_local(s, w, M, assign, pos, max_iters):
         for _ in range(12):
             worst = _argmax_first(kv, -1)
             second = _argmax_first(kv, worst)
-            tv, ti = _top3(kv)
+            t3 = _top3(kv)
             mem, start = _lists(assign, pos, G)
-            others = _max_excluding(tv, ti, worst, second)
+            others = _max_excluding(t3, worst, second)
             best = kv[worst]
             ba, bb = -1, -1
             for p in range(start[worst], start[worst + 1]):
@@ -556,7 +607,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k):
         zeros = np.zeros(s.shape[0])
         by_w = _sort_desc(lst, w, zeros, zeros)[:max(1, top_k // 2)]
         by_s = _sort_desc(lst, s, zeros, zeros)[:max(1, top_k - by_w.shape[0])]
-        tv, ti = _top3(kv)
+        t3 = _top3(kv)
         best = kv[worst]
         ba, bd = -1, -1
         for j in range(by_w.shape[0] + by_s.shape[0]):
@@ -565,7 +616,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k):
                 continue
             for t in range(nt):
                 d = targets[t]
-                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(tv, ti, worst, d))
+                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(t3, worst, d))
                 if new + EPS < best:
                     best, ba, bd = new, a, d
         if ba < 0:
@@ -599,35 +650,47 @@ def seed_instance(s, w, M, assign, pos):
     ca = np.empty((C, n), np.int64)
     cp = np.empty((C, n), np.int64)
     nc = 0
-    T_high = search_T(s, w, M)
+    P = _mem_prefix(M)
+    orders = _orders(s, w, P)
+    T_high = search_T(s, w, M, P, orders)
     if T_high > 0:
         for f in range(6):
             for policy in range(3):
                 for ordering in range(3):
-                    if pack(s, w, M, T_high * T_FACTORS[f], ordering, policy, 0, ca[nc], cp[nc]):
+                    if pack(s, w, M, P, orders, T_high * T_FACTORS[f], ordering, policy, 0, ca[nc], cp[nc]):
                         nc += 1
     if regret_insertion(s, w, M, ca[nc], cp[nc]):
         nc += 1
-    if pack(s, w, M, 0.0, SIZE_ORDER, BEST_FIT, int(0.3 * n), ca[nc], cp[nc]):
+    if pack(s, w, M, P, orders, 0.0, SIZE_ORDER, BEST_FIT, int(0.3 * n), ca[nc], cp[nc]):
         nc += 1
-    if pack(s, w, M, 0.0, 2, BEST_FIT, 0, ca[nc], cp[nc]):
+    if pack(s, w, M, P, orders, 0.0, 2, BEST_FIT, 0, ca[nc], cp[nc]):
         nc += 1
     if nc == 0:
         for policy in (BEST_FIT, MOST_FREE, FIRST_FIT):
-            if pack(s, w, M, 0.0, SIZE_ORDER, policy, 0, ca[0], cp[0]):
+            if pack(s, w, M, P, orders, 0.0, SIZE_ORDER, policy, 0, ca[0], cp[0]):
                 nc = 1
                 break
     if nc == 0:
         return False
-    sc = np.empty(3)
-    best = np.empty(3)
+    sc = np.empty((nc, 3))
+    starts_a = ca[:nc].copy()
+    starts_p = cp[:nc].copy()
     pick = -1
     for c in range(nc):
-        improve_local(s, w, M, ca[c], cp[c], 4000)
-        _score(s, w, M, ca[c], cp[c], sc)
-        if pick < 0 or _lex_less(sc, best, 3):
+        dup = -1  # improve_local is deterministic: an identical start gives the identical result
+        for e in range(c):
+            if (starts_a[e] == starts_a[c]).all() and (starts_p[e] == starts_p[c]).all():
+                dup = e
+                break
+        if dup >= 0:
+            ca[c] = ca[dup]
+            cp[c] = cp[dup]
+            sc[c] = sc[dup]
+        else:
+            improve_local(s, w, M, ca[c], cp[c], 4000)
+            _score(s, w, M, ca[c], cp[c], sc[c])
+        if pick < 0 or _lex_less(sc[c], sc[pick], 3):
             pick = c
-            best[:] = sc
     assign[:] = ca[pick]
     pos[:] = cp[pick]
     refine_peak(s, w, M, assign, pos, 2, 12)
