@@ -451,37 +451,106 @@ def search_T(s, w, M, P, orders):
     return hi
 
 
+REGRET_KEEP = 32  # GPUs remembered per model by regret insertion (>= 3: one may be the argmax GPU)
+
+
+@njit
+def _newlocal(s, w, M, S, W, i, g):
+    """KVPR of GPU ``g`` if model ``i`` joined it, or NaN if it does not fit."""
+    if not fits(S[g] + s[i], M[g]):
+        return np.nan
+    return safe_div(W[g] + w[i], M[g] - (S[g] + s[i]))
+
+
+@njit
+def _keep_insert(lg, lv, i, cnt, g, nl):
+    """Insert ``(nl, g)`` into model ``i``'s ascending list (ties: smaller g first) of length
+    ``cnt``, dropping the last entry when full; returns the new length."""
+    K = lg.shape[1]
+    p = cnt
+    while p > 0 and (lv[i, p - 1] > nl or (lv[i, p - 1] == nl and lg[i, p - 1] > g)):
+        p -= 1
+    if p >= K:
+        return cnt
+    last = min(cnt, K - 1)
+    for q in range(last, p, -1):
+        lg[i, q] = lg[i, q - 1]
+        lv[i, q] = lv[i, q - 1]
+    lg[i, p] = g
+    lv[i, p] = nl
+    return min(cnt + 1, K)
+
+
+@njit
+def _rescan(s, w, M, S, W, lg, lv, i):
+    """Refill model ``i``'s list with its smallest ``(newlocal, g)`` over the GPUs it fits on;
+    returns ``(length, holds_every_fitting_gpu)``."""
+    cnt = 0
+    n_fit = 0
+    for g in range(M.shape[0]):
+        nl = _newlocal(s, w, M, S, W, i, g)
+        if nl == nl:  # fits
+            n_fit += 1
+            cnt = _keep_insert(lg, lv, i, cnt, g, nl)
+    return cnt, n_fit <= lg.shape[1]
+
+
 @njit
 def regret_insertion(s, w, M, assign, pos):
+    """Regret insertion (see :func:`kvgpu.reference.regret_insertion`) in O(N^2 + N G) rather than
+    O(N^2 G): a GPU's resulting max KVPR is ``max(newlocal, max over the other GPUs)``, so for
+    every GPU except the current argmax the order by (newmax, newlocal, id) is the order by
+    (newlocal, id).  Each model therefore remembers its few smallest ``(newlocal, g)``; a placement
+    changes only the receiving GPU's entries (O(1) per model) and a model's list is rebuilt only
+    when fewer than three entries remain known.  Decisions equal the reference's."""
     n = s.shape[0]
     G = M.shape[0]
     S = np.zeros(G)
     W = np.zeros(G)
+    kv = np.zeros(G)
     placed = np.zeros(n, np.bool_)
+    lg = np.empty((n, REGRET_KEEP), np.int64)
+    lv = np.empty((n, REGRET_KEEP))
+    cnt = np.zeros(n, np.int64)
+    all_in = np.zeros(n, np.bool_)
+    for i in range(n):
+        cnt[i], all_in[i] = _rescan(s, w, M, S, W, lg, lv, i)
     for k in range(n):
-        kv = _kvprs(S, W, M)
-        t3 = _top3(kv)
+        v0, i0, v1, i1, v2, i2 = _top3(kv)
+        other_top = v1 if i1 >= 0 else -INF  # max over GPUs other than i0
         pick, pick_g = -1, -1
         best_regret, best_newmax = -INF, INF
         for i in range(n):
             if placed[i]:
                 continue
-            g1, g2 = -1, -1
+            # up to three options: the two best GPUs other than i0, and i0 itself
+            g1 = g2 = -1
             m1 = l1 = m2 = l2 = INF
-            for g in range(G):
-                if not fits(S[g] + s[i], M[g]):
-                    continue
-                nl = safe_div(W[g] + w[i], M[g] - (S[g] + s[i]))
-                nm = max(nl, _max_excluding(t3, g, g))
-                if g1 < 0 or nm < m1 or (nm == m1 and nl < l1):
+            taken = 0
+            for q in range(cnt[i] + 1):
+                if q < cnt[i]:
+                    g, nl = lg[i, q], lv[i, q]
+                    if g == i0:
+                        continue
+                    if taken == 2:
+                        continue
+                    taken += 1
+                    nm = max(nl, v0)
+                else:
+                    g = i0
+                    nl = _newlocal(s, w, M, S, W, i, i0) if i0 >= 0 else np.nan
+                    if nl != nl:
+                        continue
+                    nm = max(nl, other_top)
+                if g1 < 0 or nm < m1 or (nm == m1 and (nl < l1 or (nl == l1 and g < g1))):
                     g2, m2, l2 = g1, m1, l1
                     g1, m1, l1 = g, nm, nl
-                elif g2 < 0 or nm < m2 or (nm == m2 and nl < l2):
+                elif g2 < 0 or nm < m2 or (nm == m2 and (nl < l2 or (nl == l2 and g < g2))):
                     g2, m2, l2 = g, nm, nl
             if g1 < 0:
                 continue
             second = m2 if g2 >= 0 else INF
-            regret = second - m1
+            regret = second - m1  # inf - inf is NaN, and NaN never wins below
             if regret > best_regret or (regret == best_regret and m1 < best_newmax):
                 pick, pick_g, best_regret, best_newmax = i, g1, regret, m1
         if pick < 0:
@@ -489,8 +558,29 @@ def regret_insertion(s, w, M, assign, pos):
         placed[pick] = True
         assign[pick] = pick_g
         pos[pick] = k
-        S[pick_g] += s[pick]
-        W[pick_g] += w[pick]
+        gp = pick_g
+        S[gp] += s[pick]
+        W[gp] += w[pick]
+        kv[gp] = safe_div(W[gp], M[gp] - S[gp])
+        for i in range(n):  # only GPU gp changed: update each model's remembered entry for it
+            if placed[i]:
+                continue
+            at = -1
+            for q in range(cnt[i]):
+                if lg[i, q] == gp:
+                    at = q
+            if at < 0:
+                continue  # gp's key only grew: it stays behind every remembered entry
+            for q in range(at, cnt[i] - 1):
+                lg[i, q] = lg[i, q + 1]
+                lv[i, q] = lv[i, q + 1]
+            cnt[i] -= 1
+            nl = _newlocal(s, w, M, S, W, i, gp)
+            last = cnt[i] - 1
+            if nl == nl and (all_in[i] or (last >= 0 and (nl < lv[i, last] or (nl == lv[i, last] and gp < lg[i, last])))):
+                cnt[i] = _keep_insert(lg, lv, i, cnt[i], gp, nl)
+            if cnt[i] < 3 and not all_in[i]:
+                cnt[i], all_in[i] = _rescan(s, w, M, S, W, lg, lv, i)
     return True
 
 
