@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from kvgpu import backends
-from kvgpu import bounds as scalar_bounds
 from kvgpu.batch import bounds as batch_bounds
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr, make_batch
 from kvgpu.kernels.deltas import EPS
@@ -162,7 +161,8 @@ def _run(batch: Batch, mode: str, backend: str):
     assign, pos = backends.solve_seed(batch, backend)
     S, W = gpu_loads(batch, assign, pos)
     kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
-    return assign, kv, batch_bounds.lower_bound(batch)
+    lb = batch_bounds.binpacking_bound(batch, batch_bounds.lower_bound(batch), np.nanmax(kv, axis=1))
+    return assign, kv, lb
 
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",
@@ -191,10 +191,9 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     """
     used = _check(backend, mode)
     inst = make_instance(models, gpus, gpu_mem)
-    assign, kv, _ = _run(batch_from_instances([inst]), mode, used)
+    assign, kv, lb = _run(batch_from_instances([inst]), mode, used)
     a = assign[0, :inst.n_models].astype(np.int64)
-    lb = scalar_bounds.lower_bound(*inst.py)
-    return Placement(inst, a, kv[0, :inst.n_gpus], lb, mode=mode, backend=used)
+    return Placement(inst, a, kv[0, :inst.n_gpus], float(lb[0]), mode=mode, backend=used)
 
 
 def compute_model_placement(gpu_num: int, models: Sequence[Any]) -> dict[int, list]:

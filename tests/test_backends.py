@@ -95,3 +95,28 @@ def test_solve_same_placement_on_every_cpu_backend():
     a = kvgpu.solve(models, 10, gpu_mem=[40, 80] * 5, backend="numpy")
     b = kvgpu.solve(models, 10, gpu_mem=[40, 80] * 5, backend="numba")
     assert a.assignment.tolist() == b.assignment.tolist() and b.backend == "numba"
+
+
+@pytest.mark.parametrize("family", ["adrs", "varied", "ties"])
+def test_incremental_regret_insertion_equals_reference(family):
+    """The O(N^2 + NG) regret insertion of the numba kernels makes the reference's decisions."""
+    from kvgpu import reference as R
+
+    rng = np.random.default_rng(17)
+    if family == "adrs":
+        insts = [adrs_like(rng) for _ in range(80)]
+    elif family == "varied":
+        insts = [varied(rng, g_range=(1, 70), per_gpu=(1, 6)) for _ in range(25)]
+    else:  # many identical models and GPUs: every decision is a tie broken by index
+        insts = [make_instance([[20, 4, 5]] * 40, 12), make_instance([[20, 4, 5]] * 20 + [[10, 2, 5]] * 20, 10),
+                 make_instance([[40, 1, 1]] * 3, 3), make_instance([[30, 1, 1], [30, 2, 1]], 1),
+                 make_instance([[10, 0, 1]] * 50, 40)]
+    for k, inst in enumerate(insts):
+        n = inst.n_models
+        a, p = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+        ok = cpu.regret_insertion(inst.sizes, inst.demand, inst.gpu_mem, a, p)
+        ref = R.regret_insertion(inst)
+        assert ok == (ref is not None), k
+        if ok:
+            lists = [np.nonzero(a == g)[0][np.argsort(p[a == g])].tolist() for g in range(inst.n_gpus)]
+            assert lists == ref, k

@@ -2,6 +2,7 @@
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,10 +30,11 @@ def brute_force_optimum(inst):
 instances = st.integers(1, 3).flatmap(lambda g: st.tuples(
     st.just(g),
     st.lists(st.tuples(st.integers(1, 60), st.integers(0, 9), st.integers(1, 9)), min_size=1, max_size=6),
-    st.lists(st.sampled_from([40.0, 80.0, 141.0]), min_size=g, max_size=g)))
+    st.one_of(st.lists(st.sampled_from([40.0, 80.0, 141.0]), min_size=g, max_size=g),
+              st.sampled_from([40.0, 80.0]).map(lambda m: [m] * g))))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(instances)
 def test_lower_bound_is_valid(data):
     g, models, mem = data
@@ -43,8 +45,13 @@ def test_lower_bound_is_valid(data):
     opt = brute_force_optimum(inst)
     lb = bounds.lower_bound(*inst.py)
     assert lb <= opt * (1 + 1e-12) or opt == np.inf
-    batch_lb = bb.lower_bound(batch_from_instances([inst]))[0]
+    batch = batch_from_instances([inst])
+    batch_lb = bb.lower_bound(batch)[0]
     assert batch_lb == lb
+    if np.isfinite(opt):
+        # the bin-packing bisection only ever raises the bound, and never past the optimum
+        l2 = bb.binpacking_bound(batch, np.array([lb]), np.array([opt]))[0]
+        assert lb <= l2 <= opt * (1 + 1e-12)
 
 
 def test_seed_kprefix_term_is_not_a_valid_bound():
@@ -63,3 +70,14 @@ def test_batch_start_bound_equals_scalar(seed_cases):
     got = bb.seed_start_bound(b, bb.mem_prefix(np, b.gpu_mem, b.gpu_mask))
     want = [bounds.seed_start_bound(*i.py) for i in insts]
     assert got.tolist() == want
+
+
+def test_binpacking_bound_on_adrs50(adrs50):
+    """Against the proven optima: never above, and much closer than the simple bounds."""
+    b = batch_from_instances([make_instance(c["models"], c["gpu_num"]) for c in adrs50])
+    opt = np.array([c["optimal_max_kvpr"] for c in adrs50])
+    simple = bb.lower_bound(b)
+    l2 = bb.binpacking_bound(b, simple, opt * 1.05)
+    assert (l2 <= opt * (1 + 1e-12)).all()
+    assert (l2 >= simple).all()
+    assert (opt / l2 - 1).mean() < 0.05 < (opt / simple - 1).mean()

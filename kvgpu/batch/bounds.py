@@ -137,3 +137,74 @@ def lower_bound(batch):
     m = xp.take_along_axis(P, xp.minimum(n, n_gpus[:, None]), axis=1)
     out = xp.maximum(out, xp.where(vs, _div(xp, tw, m - ts), 0.0).max(axis=1))
     return out
+
+
+# ----------------------------------------------------------------------------- bin-packing bound
+
+#: Safety margin of the bin-packing bound: an item counts as "larger than x" only if it exceeds
+#: x by this much, and volumes are rounded down by it (times N), so rounding never overstates.
+L2_DELTA = 1e-9
+
+
+def l2_exceeds(xp, r, valid, n_bins):
+    """Does the Martello-Toth bound L2 prove that items of relative sizes ``r`` (L, N) (bin
+    capacity 1, ``valid`` (L, N)) need more than ``n_bins`` (L,) bins?  Returns (L,) bool.
+
+    For any ``k`` in [0, 1/2]: items above ``1 - k`` (J1) and items in (1/2, 1 - k] (J2) each need
+    their own bin; items in [k, 1/2] (J3) fit neither with J1 items nor elsewhere than in the J2
+    bins' free space or new bins, so ``L(k) = |J1| + |J2| + ceil(vol(J3) - free(J2))``.
+    ``k`` runs over 0 and every item size; all counts come from one sorted, row-offset array."""
+    L, N = r.shape
+    d = L2_DELTA
+    r = xp.where(valid, r, 0.0)
+    too_big = (r > 1 + d).any(axis=1)
+    ra = xp.sort(xp.clip(r, 0.0, 1.0 + d), axis=1)
+    cs = xp.concatenate([xp.zeros((L, 1)), xp.cumsum(ra[:, ::-1], axis=1)], axis=1)  # sums of the j largest
+    off = 3.0 * xp.arange(L)[:, None]
+    flat = (ra + off).ravel()
+    base = N * xp.arange(L)[:, None]
+
+    def count_gt(t):  # items > t, per row, for thresholds t (L, K)
+        return N - (xp.searchsorted(flat, (t + off).ravel(), side="right").reshape(t.shape) - base)
+
+    def count_ge(t):
+        return N - (xp.searchsorted(flat, (t + off).ravel(), side="left").reshape(t.shape) - base)
+
+    k = xp.concatenate([xp.zeros((L, 1)), ra], axis=1)
+    k = xp.where(k <= 0.5, k, 0.0)
+    n1 = count_gt(1.0 - k + d)
+    nb = count_gt(xp.full((L, 1), 0.5 + d))
+    n2 = nb - n1
+    take = lambda j: xp.take_along_axis(cs, j, axis=1)  # noqa: E731
+    sum2 = take(nb) - take(n1)
+    m = count_ge(k)
+    sum3 = xp.where(m > nb, take(m) - take(nb), 0.0)
+    extra = xp.ceil(sum3 - (n2 - sum2) - d * (N + 1))
+    need = n1 + n2 + xp.maximum(extra, 0.0)
+    return too_big | (need.max(axis=1) > n_bins)
+
+
+def binpacking_bound(batch, lo, hi, iters: int = 40):
+    """Raise the lower bounds ``lo`` (B,) by bisection on ``T``: "max KVPR <= T" means items
+    ``w + T*s`` packing into bins ``T*M``, i.e. relative sizes ``w/(T*M) + s/M`` into unit bins;
+    where L2 proves that impossible, ``T`` is a lower bound.  ``hi`` (B,) is any achieved max KVPR.
+    Instances whose GPUs differ in memory keep ``lo`` (L2 needs equal bins)."""
+    xp = batch.xp
+    M = xp.where(batch.gpu_mask, batch.gpu_mem, 0.0).max(axis=1)
+    uniform = (xp.where(batch.gpu_mask, batch.gpu_mem, M[:, None]) == M[:, None]).all(axis=1)
+    go = uniform & xp.isfinite(hi) & (hi > lo) & (lo > 0)
+    idx = xp.nonzero(go)[0]
+    if idx.shape[0] == 0:
+        return lo
+    s, w, v = batch.sizes[idx], batch.demand[idx], batch.model_mask[idx]
+    Mi, n = M[idx][:, None], batch.n_gpus[idx]
+    a, b = lo[idx].copy(), hi[idx].copy()
+    for _ in range(iters):
+        mid = (a + b) / 2
+        T = mid[:, None]
+        bad = l2_exceeds(xp, (w + T * s) / (T * Mi), v, n)
+        a = xp.where(bad, mid, a)
+        b = xp.where(bad, b, mid)
+    out = lo.copy()
+    out[idx] = a
+    return out

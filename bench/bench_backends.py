@@ -1,0 +1,142 @@
+"""Backend table, seed mode: reference, numpy, numba (and cuda when usable) on the same instances.
+
+Each (workload, engine) runs in a fresh process, so its peak memory (max RSS) is its own;
+instances are regenerated there from the same seed.  Printed per row: instances per second,
+per-instance time, ratio to the reference, peak memory, and the share of instances whose
+objective equals the reference's (or the numpy engine's where the reference is skipped).
+numba kernels are compiled (or loaded from cache) on a warm-up instance first; that time is
+reported apart.  Figures go to ``bench/results/backends.json``.
+
+    python bench/bench_backends.py            # 10,000 ADRS-shaped; 100 x 64/160; 1 x 1024/4096
+    python bench/bench_backends.py --quick    # 1,000; 10; 1 x 256/1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def _instances(kind, count, seed):
+    from kvgpu.generate import adrs_like, cluster
+
+    rng = np.random.default_rng(seed)
+    if kind == "adrs":
+        return [adrs_like(rng) for _ in range(count)]
+    g, n = kind
+    return [cluster(rng, g, n, 0.85) for _ in range(count)]
+
+
+def _run(kind, count, seed, engine, out):
+    from kvgpu import backends
+    from kvgpu import reference as R
+    from kvgpu.batch.state import batch_from_instances, score
+
+    insts = _instances(kind, count, seed)
+    compile_s = 0.0
+    if engine == "reference":
+        t0 = time.perf_counter()
+        obj = [R.score(R.seed_pipeline(i), i)[0] for i in insts]
+        wall = time.perf_counter() - t0
+    else:
+        b = batch_from_instances(insts)
+        if engine != "numpy":
+            t0 = time.perf_counter()
+            backends.solve_seed(batch_from_instances(_instances("adrs", 1, 0)), engine)
+            compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assign, pos = backends.solve_seed(b, engine)
+        wall = time.perf_counter() - t0
+        obj = score(b, assign, pos)[0].tolist()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.put({"wall_s": wall, "compile_s": compile_s, "peak_mb": peak_mb, "objective": obj})
+
+
+def measure(kind, count, seed, engine):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run, args=(kind, count, seed, engine, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def scaling_fit(gpus):
+    """numba, one instance per size, 4 models per GPU at 85% memory: time against G and the
+    exponent of a least-squares fit of log(time) on log(G)."""
+    from kvgpu import backends
+    from kvgpu.batch.state import batch_from_instances
+
+    backends.solve_seed(batch_from_instances(_instances("adrs", 1, 0)), "numba")  # load the kernels
+    times = []
+    for g in gpus:
+        b = batch_from_instances(_instances((g, 4 * g), 1, 11))
+        t0 = time.perf_counter()
+        backends.solve_seed(b, "numba")
+        times.append(time.perf_counter() - t0)
+    slope = float(np.polyfit(np.log(gpus), np.log(times), 1)[0])
+    print("numba scaling (4 models per GPU): " + ", ".join(f"{g} GPUs {t:.2f}s" for g, t in zip(gpus, times))
+          + f"; time ~ G^{slope:.2f}")
+    return {"gpus": gpus, "seconds": times, "exponent": slope}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
+    args = ap.parse_args()
+    from kvgpu import backends
+
+    usable = [b for b in ("numpy", "numba", "cuda") if backends.probe()[b][0]]
+    if args.quick:
+        workloads = [("adrs", 1000, "ADRS-shaped"), ((64, 160), 10, "64 GPUs / 160 models"),
+                     ((256, 1024), 1, "256 GPUs / 1024 models")]
+    else:
+        workloads = [("adrs", 10000, "ADRS-shaped"), ((64, 160), 100, "64 GPUs / 160 models"),
+                     ((1024, 4096), 1, "1024 GPUs / 4096 models")]
+    rows = []
+    print(f"{'workload':<24} {'engine':<10} {'inst':>6} {'inst/s':>10} {'ms/inst':>10} {'vs ref':>8} "
+          f"{'peak MB':>8} {'same obj':>9}  note")
+    for kind, count, label in workloads:
+        big = kind != "adrs" and kind[0] >= 1024
+        engines = (["reference"] if not big else []) + [e for e in usable if not (big and e == "numpy")]
+        results = {e: measure(kind, count, 7, e) for e in engines}
+        base = "reference" if "reference" in results else "numba"
+        for e, r in results.items():
+            per = r["wall_s"] / count
+            ref_per = results["reference"]["wall_s"] / count if "reference" in results else None
+            same = float(np.mean(np.isclose(r["objective"], results[base]["objective"], rtol=1e-9, atol=0)))
+            note = f"compile/load {r['compile_s']:.1f}s" if r["compile_s"] else ""
+            row = {"workload": label, "engine": e, "instances": count, "instances_per_s": count / r["wall_s"],
+                   "s_per_instance": per, "ratio_to_reference": (ref_per / per) if ref_per else None,
+                   "peak_mb": r["peak_mb"], "same_objective_as": base, "same_objective_share": same,
+                   "compile_s": r["compile_s"]}
+            rows.append(row)
+            ratio = f"{ref_per / per:>7.1f}x" if ref_per else f"{'-':>8}"
+            print(f"{label:<24} {e:<10} {count:>6} {count / r['wall_s']:>10.1f} {1e3 * per:>10.3f} {ratio} "
+                  f"{r['peak_mb']:>8.0f} {100 * same:>8.2f}%  {note}")
+        if big:
+            print(f"{'':<24} reference and numpy skipped at this size (the pure-Python pipeline needs hours; "
+                  f"the numpy engine's per-step overhead makes it far slower than numba)")
+    scaling = scaling_fit([64, 128, 256] if args.quick else [64, 128, 256, 512, 1024])
+    result = {"machine": {"python": platform.python_version(), "numpy": np.__version__,
+                          "cpus": mp.cpu_count()}, "mode": "seed",
+              "backends": {k: list(v) for k, v in backends.probe().items()}, "rows": rows,
+              "numba_scaling": scaling}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
