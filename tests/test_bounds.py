@@ -2,7 +2,6 @@
 import itertools
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,3 +80,13 @@ def test_binpacking_bound_on_adrs50(adrs50):
     assert (l2 <= opt * (1 + 1e-12)).all()
     assert (l2 >= simple).all()
     assert (opt / l2 - 1).mean() < 0.05 < (opt / simple - 1).mean()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0, 1.2), min_size=1, max_size=120), st.lists(st.floats(-0.2, 1.4), min_size=1, max_size=30),
+       st.booleans())
+def test_count_below_matches_searchsorted(values, thresholds, inclusive):
+    ra = np.sort(np.array(values))[None, :]
+    t = np.array(thresholds)[None, :]
+    want = np.searchsorted(ra[0], t[0], side="right" if inclusive else "left")
+    assert bb._count_below(np, ra, t, inclusive)[0].tolist() == want.tolist()

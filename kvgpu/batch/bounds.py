@@ -146,6 +146,32 @@ def lower_bound(batch):
 L2_DELTA = 1e-9
 
 
+def _count_below(xp, ra, t, inclusive):
+    """Per row, how many of the sorted values ``ra`` (L, N) are below each threshold ``t`` (L, K)
+    (``<=`` if ``inclusive`` else ``<``).  One stable argsort of each row's values and thresholds
+    together: exact and independent of the other rows (no offsets that would round)."""
+    L, N = ra.shape
+    K = t.shape[1]
+    if N <= 64:  # small rows: a direct comparison is cheaper than sorting
+        below = ra[:, None, :] <= t[:, :, None] if inclusive else ra[:, None, :] < t[:, :, None]
+        return below.sum(axis=2)
+    # equal values: values first counts them as below (<=), thresholds first does not (<)
+    both = xp.concatenate([ra, t] if inclusive else [t, ra], axis=1)
+    is_t = xp.zeros(N + K, bool)
+    if inclusive:
+        is_t[N:] = True
+    else:
+        is_t[:K] = True
+    perm = xp.argsort(both, axis=1, kind="stable")
+    tag = is_t[perm]
+    values_before = xp.cumsum(~tag, axis=1)  # values at or before each sorted position
+    t_slot = perm - (N if inclusive else 0)   # which threshold sits there (where tag)
+    out = xp.zeros((L, K), dtype=xp.int64)
+    rows, cols = xp.nonzero(tag)
+    out[rows, t_slot[rows, cols]] = values_before[rows, cols]
+    return out
+
+
 def l2_exceeds(xp, r, valid, n_bins):
     """Does the Martello-Toth bound L2 prove that items of relative sizes ``r`` (L, N) (bin
     capacity 1, ``valid`` (L, N)) need more than ``n_bins`` (L,) bins?  Returns (L,) bool.
@@ -153,22 +179,19 @@ def l2_exceeds(xp, r, valid, n_bins):
     For any ``k`` in [0, 1/2]: items above ``1 - k`` (J1) and items in (1/2, 1 - k] (J2) each need
     their own bin; items in [k, 1/2] (J3) fit neither with J1 items nor elsewhere than in the J2
     bins' free space or new bins, so ``L(k) = |J1| + |J2| + ceil(vol(J3) - free(J2))``.
-    ``k`` runs over 0 and every item size; all counts come from one sorted, row-offset array."""
+    ``k`` runs over 0 and every item size."""
     L, N = r.shape
     d = L2_DELTA
     r = xp.where(valid, r, 0.0)
     too_big = (r > 1 + d).any(axis=1)
     ra = xp.sort(xp.clip(r, 0.0, 1.0 + d), axis=1)
     cs = xp.concatenate([xp.zeros((L, 1)), xp.cumsum(ra[:, ::-1], axis=1)], axis=1)  # sums of the j largest
-    off = 3.0 * xp.arange(L)[:, None]
-    flat = (ra + off).ravel()
-    base = N * xp.arange(L)[:, None]
 
-    def count_gt(t):  # items > t, per row, for thresholds t (L, K)
-        return N - (xp.searchsorted(flat, (t + off).ravel(), side="right").reshape(t.shape) - base)
+    def count_gt(t):  # items > t per row, for thresholds t (L, K)
+        return N - _count_below(xp, ra, t, inclusive=True)
 
     def count_ge(t):
-        return N - (xp.searchsorted(flat, (t + off).ravel(), side="left").reshape(t.shape) - base)
+        return N - _count_below(xp, ra, t, inclusive=False)
 
     k = xp.concatenate([xp.zeros((L, 1)), ra], axis=1)
     k = xp.where(k <= 0.5, k, 0.0)
@@ -179,12 +202,12 @@ def l2_exceeds(xp, r, valid, n_bins):
     sum2 = take(nb) - take(n1)
     m = count_ge(k)
     sum3 = xp.where(m > nb, take(m) - take(nb), 0.0)
-    extra = xp.ceil(sum3 - (n2 - sum2) - d * (N + 1))
+    extra = xp.ceil(sum3 - (n2 - sum2) - d * (valid.sum(axis=1, keepdims=True) + 1))  # margin: real items only
     need = n1 + n2 + xp.maximum(extra, 0.0)
     return too_big | (need.max(axis=1) > n_bins)
 
 
-def binpacking_bound(batch, lo, hi, iters: int = 40):
+def binpacking_bound(batch, lo, hi, iters: int = 24):
     """Raise the lower bounds ``lo`` (B,) by bisection on ``T``: "max KVPR <= T" means items
     ``w + T*s`` packing into bins ``T*M``, i.e. relative sizes ``w/(T*M) + s/M`` into unit bins;
     where L2 proves that impossible, ``T`` is a lower bound.  ``hi`` (B,) is any achieved max KVPR.
