@@ -614,12 +614,18 @@ def _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b):
 
 
 @njit
+def _state(s, w, M, assign, pos):
+    """Per-GPU ``S``, ``W`` (list-order sums), KVPR, and the next insertion stamp."""
+    S, W = _loads(assign, pos, s, w, M.shape[0])
+    stamp = pos.max() + 1 if pos.shape[0] else 0
+    return S, W, _kvprs(S, W, M), stamp
+
+
+@njit
 def improve_local(s, w, M, assign, pos, max_iters):
     """In place; see :func:`kvgpu.reference.improve_local`."""
     G = M.shape[0]
-    S, W = _loads(assign, pos, s, w, G)
-    kv = _kvprs(S, W, M)
-    stamp = pos.max() + 1 if pos.shape[0] else 0
+    S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(max_iters):
         worst = _argmax_first(kv, -1)
         t3 = _top3(kv)
@@ -678,9 +684,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
 def refine_peak(s, w, M, assign, pos, passes, top_k):
     """In place; see :func:`kvgpu.reference.refine_peak`."""
     G = M.shape[0]
-    S, W = _loads(assign, pos, s, w, G)
-    kv = _kvprs(S, W, M)
-    stamp = pos.max() + 1 if pos.shape[0] else 0
+    S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(passes):
         worst = _argmax_first(kv, -1)
         by_kv = np.argsort(kv, kind="mergesort")
