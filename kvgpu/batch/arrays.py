@@ -30,12 +30,16 @@ def argsort_stable(xp, x, axis=-1):
 
 def sort_desc(xp, keys, valid):
     """Permutation ``(L, N)`` sorting each row by ``keys`` (most significant first) descending,
-    stable (equal keys keep index order), with invalid entries last."""
-    n = valid.shape[-1]
-    perm = xp.broadcast_to(xp.arange(n), valid.shape)
-    for k in list(keys)[::-1] + [None]:
-        col = xp.take_along_axis(xp.where(valid, 0, 1) if k is None else -k, perm, axis=-1)
-        perm = xp.take_along_axis(perm, argsort_stable(xp, col), axis=-1)
+    stable (equal keys keep index order), with invalid entries last.  Keys must not be ``-inf``
+    (the most significant pass marks invalid entries with ``+inf`` after negation)."""
+    keys = list(keys)
+    perm = None
+    for n, k in enumerate(keys[::-1]):
+        col = -k if n + 1 < len(keys) else xp.where(valid, -k, INF)
+        if perm is not None:
+            col = xp.take_along_axis(col, perm, axis=-1)
+        step = argsort_stable(xp, col)
+        perm = step if perm is None else xp.take_along_axis(perm, step, axis=-1)
     return perm
 
 

@@ -207,7 +207,8 @@ def refine_peak(batch: Batch, assign, pos, passes: int = 2, top_k: int = 12):
         t3 = top3(xp, kv, batch.gpu_mask[lanes])
         # targets: the two lowest-KVPR GPUs other than the worst, GPU id order among equals
         excl = ~batch.gpu_mask[lanes] | (gids[None, :] == worst[:, None])
-        tord = sort_desc(xp, [-kv], ~excl)[:, :2]
+        tord = argsort_stable(xp, xp.where(excl, INF, kv))  # ascending KVPR, then real GPUs first
+        tord = xp.take_along_axis(tord, argsort_stable(xp, xp.take_along_axis(excl, tord, axis=1)), axis=1)[:, :2]
         t_ok = ~xp.take_along_axis(excl, tord, axis=1)
         # donors: top by demand, then top by size, duplicates dropped; list order among equals
         asg, p = st.assign[lanes], st.pos[lanes]
