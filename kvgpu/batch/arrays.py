@@ -107,3 +107,15 @@ def max_excluding(xp, t3, a, b):
     ok0 = (i[0] != a) & (i[0] != b)
     ok1 = (i[1] != a) & (i[1] != b)
     return xp.where(ok0, v[0], xp.where(ok1, v[1], v[2]))
+
+
+def unique_rows(rows):
+    """First occurrence of each distinct row of an int64 NumPy array (R, C), and each row's
+    group: ``(first (U,), back (R,))`` with ``rows[first][back] == rows``.  Rows are grouped by a
+    64-bit hash and the grouping is verified row by row (a collision falls back to exact rows)."""
+    weights = np.random.default_rng(0).integers(1, 2**62, rows.shape[1], dtype=np.int64)
+    h = (rows * weights).sum(axis=1)  # int64 arithmetic wraps: a hash, verified below
+    _, first, back = np.unique(h, return_index=True, return_inverse=True)
+    if not (rows[first][back] == rows).all():
+        _, first, back = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return first, back.reshape(-1)

@@ -12,7 +12,7 @@ import numpy as np
 
 from kvgpu.batch import bounds as bb
 from kvgpu.batch import local
-from kvgpu.batch.arrays import argsort_stable, quiet_fp
+from kvgpu.batch.arrays import argsort_stable, quiet_fp, unique_rows
 from kvgpu.batch.pack import BEST_FIT, FIRST_FIT, MOST_FREE, SIZE_ORDER, pack_lanes, regret_insertion
 from kvgpu.batch.state import Batch, score
 from kvgpu.problem import NoPlacementFound
@@ -131,21 +131,11 @@ def candidates(batch: Batch):
 
 def _dedupe(xp, inst, assign, pos):
     """Indices of the first occurrence of each distinct (instance, placement, list order), and the
-    map back; improve_local is deterministic, so equal starts give equal results.
-
-    Rows are grouped by a 64-bit hash and the grouping is then verified row by row (a collision,
-    however unlikely, falls back to exact row comparison)."""
+    map back; improve_local is deterministic, so equal starts give equal results."""
     n = inst.shape[0]
     if xp is not np or n == 0:
         return xp.arange(n), xp.arange(n)
-    rows = np.concatenate([inst[:, None], assign, pos], axis=1).astype(np.int64)
-    weights = np.random.default_rng(0).integers(1, 2**62, rows.shape[1], dtype=np.int64)
-    with np.errstate(over="ignore"):
-        h = (rows * weights).sum(axis=1)
-    _, first, back = np.unique(h, return_index=True, return_inverse=True)
-    if not (rows[first][back] == rows).all():
-        _, first, back = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    return first, back.reshape(-1)
+    return unique_rows(np.concatenate([inst[:, None], assign, pos], axis=1).astype(np.int64))
 
 
 def select(xp, inst, B, scores):
