@@ -64,15 +64,6 @@ def _gpu_sum(xp, x):
     return acc
 
 
-def _max_excluding_self(xp, kv):
-    """For a (G, L) array: for each GPU, the max over the *other* GPUs (O(G) via the top two)."""
-    m1 = kv.max(axis=0)
-    eq = kv == m1
-    unique = eq.sum(axis=0) == 1
-    m2 = xp.where(eq, -INF, kv).max(axis=0)
-    return xp.where(eq & unique, m2, m1)
-
-
 class _Lanes:
     """Working set of a pack: lanes still packing, per-GPU arrays laid out (G, L) so that
     reductions over GPUs run over contiguous rows."""
@@ -89,9 +80,30 @@ class _Lanes:
         self.n_models = b.n_models
         self.n_gpus = b.n_gpus
         self.St, self.Wt, self.loadt, self.kvt = (xp.zeros((G, L)) for _ in range(4))
+        self.TM = T[None, :] * self.Mt
+        # running top two of kvt: value v1 at the first argmax i1, and v2 = max over the other GPUs
+        self.v1, self.i1 = xp.zeros(L), xp.zeros(L, dtype=xp.int64)
+        self.v2 = xp.zeros(L) if G > 1 else xp.full(L, -INF)
 
-    _ROW = ("ids", "T", "ordering", "policy", "nmf", "order", "P", "M_total", "n_models", "n_gpus")
-    _COL = ("Mt", "gm", "St", "Wt", "loadt", "kvt")
+    _ROW = ("ids", "T", "ordering", "policy", "nmf", "order", "P", "M_total", "n_models", "n_gpus", "v1", "i1", "v2")
+    _COL = ("Mt", "gm", "St", "Wt", "loadt", "kvt", "TM")
+
+    def raise_kvpr(self, xp, r, g, v):
+        """GPU ``g[j]`` of lane ``r[j]`` now has KVPR ``v[j]`` (never lower than before): update the
+        running top two in O(1) per lane instead of rescanning every GPU."""
+        v1, i1, v2 = self.v1[r], self.i1[r], self.v2[r]
+        same = g == i1
+        above = ~same & (v > v1)
+        tie = ~same & (v == v1)
+        self.v2[r] = xp.where(above | tie, v1, xp.where(same, v2, xp.maximum(v2, v)))
+        self.i1[r] = xp.where(above | (tie & (g < i1)), g, i1)
+        self.v1[r] = xp.where(same | above, v, v1)
+        self.kvt[g, r] = v
+
+    def max_other(self, xp, sl):
+        """For every GPU of the lanes ``sl``, the max KVPR over the other GPUs, shape (G, L')."""
+        gids = xp.arange(self.kvt.shape[0])[:, None]
+        return xp.where(gids == self.i1[sl], self.v2[sl], self.v1[sl])
 
     def keep(self, sel):
         for name in self._ROW:
@@ -115,7 +127,7 @@ def _choose(xp, ln: _Lanes, k, s, w):
     if cuts[3]:
         sl = slice(0, cuts[3])
         T = ln.T[sl]
-        resid = T * ln.Mt[:, sl] - (ln.loadt[:, sl] + w[sl] + T * s[sl])
+        resid = ln.TM[:, sl] - (ln.loadt[:, sl] + w[sl] + T * s[sl])
         fit[:, sl] &= resid >= -EPS
     for p in range(4):
         lo, hi = cuts[p], cuts[p + 1]
@@ -130,7 +142,7 @@ def _choose(xp, ln: _Lanes, k, s, w):
             newlocal = safe_div_array(ln.Wt[:, sl] + w[sl], fr, xp)
             if p < MOST_FREE:
                 kv = ln.kvt[:, sl]
-                newmax = xp.maximum(newlocal, _max_excluding_self(xp, kv))
+                newmax = xp.maximum(newlocal, ln.max_other(xp, sl))
                 r = resid[:, lo:hi]
             if p == MINMAX:
                 keys = [newmax, newlocal, r, neg_free]
@@ -207,7 +219,7 @@ def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free):
         ln.St[g, r] = ln.St[g, r] + s
         ln.Wt[g, r] = ln.Wt[g, r] + w
         ln.loadt[g, r] = ln.loadt[g, r] + (w + ln.T * s)
-        ln.kvt[g, r] = safe_div_array(ln.Wt[g, r], ln.Mt[g, r] - ln.St[g, r], xp)
+        ln.raise_kvpr(xp, r, g, safe_div_array(ln.Wt[g, r], ln.Mt[g, r] - ln.St[g, r], xp))
         for n_ret, frac in enumerate((0.4, 0.75)):
             at = xp.maximum(1, (frac * ln.n_models).astype(xp.int64))
             due = xp.nonzero((ln.policy < MOST_FREE) & (at == k + 1) & (k + 1 < ln.n_models))[0]
@@ -216,6 +228,7 @@ def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free):
                 T_new, rise, ln.order[due] = _retune(xp, ln.b.take(due), ln.P[due], ln.T[due], ln.order[due], k,
                                                      St.T, Wt.T, ln.ordering[due], n_ret == 0)
                 ln.T[due] = T_new
+                ln.TM[:, due] = T_new * ln.Mt[:, due]
                 ln.loadt[:, due] = xp.where(rise, Wt + T_new * St, ln.loadt[:, due])
     inv = inverse_perm(xp, grp[None, :])[0]
     return assign[inv], pos[inv], ok[inv]
