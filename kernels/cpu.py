@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from kvgpu.kernels import deltas
+from kvgpu.kernels import deltas, params
 
 _jit = numba.njit(cache=True, inline="always")
 safe_div = _jit(deltas.safe_div)
@@ -29,12 +29,16 @@ transfer_new_max = _jit(deltas.transfer_new_max)
 
 EPS = deltas.EPS
 INF = math.inf
-DEN_FLOOR = 1e-9
-RESID, MINMAX, HYBRID, MOST_FREE, BEST_FIT, FIRST_FIT = 0, 1, 2, 3, 4, 5
-FEAS_ORDERING = np.array([0, 1, 2, 0, 1, 0, 1])
-FEAS_POLICY = np.array([0, 0, 0, 1, 1, 2, 2])
-T_FACTORS = np.array([0.985, 0.99, 0.995, 1.0, 1.005, 1.01])
-SIZE_ORDER = 3
+DEN_FLOOR = params.DEN_FLOOR
+RESID, MINMAX, HYBRID = params.RESID, params.MINMAX, params.HYBRID
+MOST_FREE, BEST_FIT, FIRST_FIT = params.MOST_FREE, params.BEST_FIT, params.FIRST_FIT
+SIZE_ORDER = params.SIZE_ORDER
+N_PAIR, N_TRIPLET, WINDOW = params.N_PAIR, params.N_TRIPLET, params.WINDOW
+FEAS_ORDERING = np.array(params.FEAS_ORDERING)
+FEAS_POLICY = np.array(params.FEAS_POLICY)
+T_FACTORS = np.array(params.T_FACTORS)
+R1, R2 = params.RETUNE_FRACTIONS
+DUAL = params.DUAL_MOST_FREE_SHARE
 
 njit = numba.njit(cache=True)
 
@@ -197,11 +201,11 @@ def _pair(s, w, order, P, n_top):
 
 @njit
 def _triplet(s, w, order, P):
-    n = min(order.shape[0], 60)
+    n = min(order.shape[0], N_TRIPLET)
     best = 0.0
     for a in range(n):
-        for b in range(a + 1, min(n, a + 9)):
-            for c in range(b + 1, min(n, b + 9)):
+        for b in range(a + 1, min(n, a + WINDOW + 1)):
+            for c in range(b + 1, min(n, b + WINDOW + 1)):
                 i, j, k = order[a], order[b], order[c]
                 tot = s[i] + s[j] + s[k]
                 if tot > P[2]:
@@ -250,8 +254,8 @@ def start_bound(s, w, M):
         tw += w[i]
         ts += s[i]
     b = max(_individual(s, w, idx, P[1]), _div(tw, P[G] - ts))
-    b = max(b, _pair(s, w, order, P, 120))
-    b = max(b, _kprefix(s, w, order, P, min(G, 6)))
+    b = max(b, _pair(s, w, order, P, N_PAIR))
+    b = max(b, _kprefix(s, w, order, P, min(G, params.K_PREFIX_START)))
     if G >= 3:
         b = max(b, _triplet(s, w, order, P))
     return b
@@ -267,8 +271,8 @@ def _retune_bound(s, w, P, G, remaining, placed_size, first):
     b = max(_individual(s, w, remaining, P[1]), _div(tw, P[G] - placed_size - ts))
     if first:
         order = _sort_desc(remaining, s, s, s)  # by size, largest first, stable
-        b = max(b, _pair(s, w, order, P, 120))
-        b = max(b, _kprefix(s, w, order, P, min(G, 4)))
+        b = max(b, _pair(s, w, order, P, N_PAIR))
+        b = max(b, _kprefix(s, w, order, P, min(G, params.K_PREFIX_RETUNE)))
     return b
 
 
@@ -332,8 +336,8 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
     key = np.empty(5)
     best = np.empty(5)
     parametric = policy < MOST_FREE
-    r1 = max(1, int(0.4 * n))
-    r2 = max(1, int(0.75 * n))
+    r1 = max(1, int(R1 * n))
+    r2 = max(1, int(R2 * n))
     for k in range(n):
         i = order[k]
         si, wi = s[i], w[i]
@@ -755,7 +759,7 @@ def seed_instance(s, w, M, assign, pos):
                         nc += 1
     if regret_insertion(s, w, M, ca[nc], cp[nc]):
         nc += 1
-    if pack(s, w, M, P, orders, 0.0, SIZE_ORDER, BEST_FIT, int(0.3 * n), ca[nc], cp[nc]):
+    if pack(s, w, M, P, orders, 0.0, SIZE_ORDER, BEST_FIT, int(DUAL * n), ca[nc], cp[nc]):
         nc += 1
     if pack(s, w, M, P, orders, 0.0, 2, BEST_FIT, 0, ca[nc], cp[nc]):
         nc += 1

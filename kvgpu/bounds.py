@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-DEN_FLOOR = 1e-9  # the seed divides bounds by max(den, 1e-9)
+from kvgpu.kernels.params import DEN_FLOOR, K_PREFIX_RETUNE, K_PREFIX_START, N_PAIR, N_TRIPLET, WINDOW
 
 
 def _div(a: float, den: float) -> float:
@@ -47,7 +47,7 @@ def individual(sizes, demand, idx, m_max):
     return max((_div(demand[i], m_max - sizes[i]) for i in idx), default=0.0)
 
 
-def pair(sizes, demand, order, P, n_top=120):
+def pair(sizes, demand, order, P, n_top=N_PAIR):
     """Pairs among the ``n_top`` largest (``order`` is size-descending) that cannot share a GPU."""
     top = order[:n_top]
     best = 0.0
@@ -61,7 +61,7 @@ def pair(sizes, demand, order, P, n_top=120):
     return best
 
 
-def triplet(sizes, demand, order, P, n_top=60, window=8):
+def triplet(sizes, demand, order, P, n_top=N_TRIPLET, window=WINDOW):
     """Windowed triplets among the ``n_top`` largest whose size exceeds two GPUs."""
     top = order[:n_top]
     n = len(top)
@@ -116,14 +116,14 @@ def _whole_instance_terms(sizes, demand, gpu_mem):
 def seed_start_bound(sizes, demand, gpu_mem) -> float:
     """The seed pipeline's ``low_T``: max of individual, global, pair, triplet and k-prefix (k <= 6)."""
     terms, P, order = _whole_instance_terms(sizes, demand, gpu_mem)
-    return max(terms + [seed_kprefix(sizes, demand, order, P, min(len(gpu_mem), 6))])
+    return max(terms + [seed_kprefix(sizes, demand, order, P, min(len(gpu_mem), K_PREFIX_START))])
 
 
 def seed_retune_bound(sizes, demand, gpu_mem, remaining, placed_size, first: bool) -> float:
     """Bounds over the models still ``remaining`` at a retune point of a pack.
 
     First retune: individual, "global" (``sum w_rem / (sum M - S_placed - S_rem)``),
-    pair and k-prefix (k <= min(G, 4)); second: individual and global only.
+    pair and k-prefix (k <= min(G, K_PREFIX_RETUNE)); second: individual and global only.
     """
     G = len(gpu_mem)
     P = mem_prefix(gpu_mem)
@@ -134,7 +134,7 @@ def seed_retune_bound(sizes, demand, gpu_mem, remaining, placed_size, first: boo
     if first:
         order = by_size_desc(sizes, remaining)
         terms.append(pair(sizes, demand, order, P))
-        terms.append(seed_kprefix(sizes, demand, order, P, min(G, 4)))
+        terms.append(seed_kprefix(sizes, demand, order, P, min(G, K_PREFIX_RETUNE)))
     return max(terms)
 
 

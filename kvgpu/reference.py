@@ -13,17 +13,17 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from kvgpu import bounds
+from kvgpu.kernels import params
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div, transfer_loads, transfer_new_max
 from kvgpu.problem import DEFAULT_GPU_MEM, Instance, NoPlacementFound, make_instance, score_tuple
 
 Placement = list  # list[list[int]]
 
 # (ordering, policy) pairs tried, in this order, to decide whether a T is feasible.
-FEASIBILITY_VARIANTS = ((0, "resid"), (1, "resid"), (2, "resid"), (0, "minmax"),
-                        (1, "minmax"), (0, "hybrid"), (1, "hybrid"))
-POLICIES = ("resid", "minmax", "hybrid")
-T_FACTORS = (0.985, 0.99, 0.995, 1.0, 1.005, 1.01)
-RETUNE_FRACTIONS = (0.4, 0.75)
+FEASIBILITY_VARIANTS = tuple(zip(params.FEAS_ORDERING, (params.POLICY_NAMES[p] for p in params.FEAS_POLICY)))
+POLICIES = params.POLICY_NAMES
+T_FACTORS = params.T_FACTORS
+RETUNE_FRACTIONS = params.RETUNE_FRACTIONS
 
 
 # --------------------------------------------------------------------------- helpers
@@ -286,7 +286,7 @@ def candidates(inst: Instance) -> list[Placement]:
     """All candidates of step 1, in the seed's order."""
     out = parametric_candidates(inst)
     for plc in (regret_insertion(inst),
-                memory_pack(inst, size_order(inst), int(0.3 * inst.n_models)),
+                memory_pack(inst, size_order(inst), int(params.DUAL_MOST_FREE_SHARE * inst.n_models)),
                 memory_pack(inst, density_order(inst), 0)):
         if plc is not None:
             out.append(plc)

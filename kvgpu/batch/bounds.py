@@ -13,9 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from kvgpu.batch.arrays import seq_sum, sort_desc
-from kvgpu.bounds import DEN_FLOOR
-
-N_PAIR, N_TRIPLET, WINDOW = 120, 60, 8
+from kvgpu.kernels.params import DEN_FLOOR, K_PREFIX_START, N_PAIR, N_TRIPLET, WINDOW
 
 
 def _div(xp, a, den):
@@ -119,7 +117,7 @@ def seed_start_bound(batch, P):
     xp = batch.xp
     n_gpus = batch.n_gpus
     return seed_bounds(xp, batch.sizes, batch.demand, batch.model_mask, P, n_gpus, 0.0,
-                       xp.minimum(n_gpus, 6), True, True)
+                       xp.minimum(n_gpus, K_PREFIX_START), True, True)
 
 
 def lower_bound(batch):

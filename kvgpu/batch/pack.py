@@ -13,12 +13,8 @@ from kvgpu.batch.arrays import quiet_fp, argsort_stable, inverse_perm, lex_argmi
 from kvgpu.batch.state import Batch, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array
 
-# GPU policies.  0-2 are the parametric policies of the seed (they respect the transformed
-# capacity T*M and retune T); 3-5 are memory-only policies.
-RESID, MINMAX, HYBRID, MOST_FREE, BEST_FIT, FIRST_FIT = range(6)
-POLICY_CODE = {"resid": RESID, "minmax": MINMAX, "hybrid": HYBRID}
-# Model orderings, all descending: 0 (w+T*s, w, s); 1 (w/(M-s), s); 2 (w/s, w); 3 (s, w).
-SIZE_ORDER = 3
+from kvgpu.kernels.params import (BEST_FIT, FIRST_FIT, HYBRID, K_PREFIX_RETUNE, MINMAX, MOST_FREE, RESID,
+                                   RETUNE_FRACTIONS)
 
 
 def _order_keys(xp, s, w, T, m_max, ordering):
@@ -40,7 +36,8 @@ def _retune(xp, lanes_b: Batch, P, T, order, k, S, W, ordering, first: bool):
     v_o = xp.take_along_axis(lanes_b.model_mask, order, axis=1)
     rem = v_o & (xp.arange(order.shape[1])[None, :] > k)
     n_gpus = lanes_b.n_gpus
-    bound = bb.seed_bounds(xp, s_o, w_o, rem, P, n_gpus, seq_sum(xp, S), xp.minimum(n_gpus, 4), first, False)
+    bound = bb.seed_bounds(xp, s_o, w_o, rem, P, n_gpus, seq_sum(xp, S), xp.minimum(n_gpus, K_PREFIX_RETUNE), first,
+                           False)
     new_T = xp.maximum(T, bound)
     rise = new_T > T + EPS
     T = xp.where(rise, new_T, T)
@@ -220,7 +217,7 @@ def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free):
         ln.Wt[g, r] = ln.Wt[g, r] + w
         ln.loadt[g, r] = ln.loadt[g, r] + (w + ln.T * s)
         ln.raise_kvpr(xp, r, g, safe_div_array(ln.Wt[g, r], ln.Mt[g, r] - ln.St[g, r], xp))
-        for n_ret, frac in enumerate((0.4, 0.75)):
+        for n_ret, frac in enumerate(RETUNE_FRACTIONS):
             at = xp.maximum(1, (frac * ln.n_models).astype(xp.int64))
             due = xp.nonzero((ln.policy < MOST_FREE) & (at == k + 1) & (k + 1 < ln.n_models))[0]
             if due.shape[0]:

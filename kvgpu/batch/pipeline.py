@@ -13,13 +13,12 @@ import numpy as np
 from kvgpu.batch import bounds as bb
 from kvgpu.batch import local
 from kvgpu.batch.arrays import argsort_stable, quiet_fp, unique_rows
-from kvgpu.batch.pack import BEST_FIT, FIRST_FIT, MOST_FREE, SIZE_ORDER, pack_lanes, regret_insertion
+from kvgpu.batch.pack import pack_lanes, regret_insertion
 from kvgpu.batch.state import Batch, score
+from kvgpu.kernels.params import (BEST_FIT, DUAL_MOST_FREE_SHARE, FEAS_ORDERING, FEAS_POLICY, FIRST_FIT, MOST_FREE,
+                                   SIZE_ORDER, T_FACTORS)
 from kvgpu.problem import NoPlacementFound
 
-FEAS_ORDERING = (0, 1, 2, 0, 1, 0, 1)
-FEAS_POLICY = (0, 0, 0, 1, 1, 2, 2)
-T_FACTORS = (0.985, 0.99, 0.995, 1.0, 1.005, 1.01)
 LAZY_MIN_LANES = 128
 
 
@@ -101,7 +100,7 @@ def candidates(batch: Batch):
     # memory packs: "dual" (size order, 30% to the most free GPU, the rest best fit) and density
     inst_m = xp.repeat(xp.arange(B), 2)
     ordm = xp.tile(xp.asarray([SIZE_ORDER, 2]), B)
-    nmf = xp.where(ordm == SIZE_ORDER, (0.3 * n_models[inst_m]).astype(xp.int64), 0)
+    nmf = xp.where(ordm == SIZE_ORDER, (DUAL_MOST_FREE_SHARE * n_models[inst_m]).astype(xp.int64), 0)
     a_m, p_m, ok_m = pack_lanes(batch.take(inst_m), xp.zeros(2 * B), ordm, xp.full(2 * B, BEST_FIT), nmf)
     inst = xp.concatenate([inst_p, xp.arange(B), inst_m])
     rank = xp.concatenate([xp.tile(xp.arange(54), nF), xp.full(B, 54), 55 + xp.tile(xp.arange(2), B)])
