@@ -14,14 +14,23 @@ from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr, make
 from kvgpu.kernels.deltas import EPS
 from kvgpu.problem import DEFAULT_GPU_MEM, Instance, InvalidInstance, make_instance
 
-MODES = ("seed",)
+MODES = ("seed", "search")
+#: Search rounds per instance in ``mode="search"`` unless ``effort=`` says otherwise.
+DEFAULT_EFFORT = 50
 
 
-def _check(backend: str, mode: str) -> str:
-    """Validate ``mode`` and return the concrete backend for ``backend``."""
+def _check(backend: str, mode: str, effort: int) -> tuple[str, int]:
+    """Validate ``mode``/``effort``; return the concrete backend and the search rounds to run."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not available; choose one of {MODES}")
-    return backends.resolve(backend)
+    if mode == "seed":
+        return backends.resolve(backend), 0
+    if int(effort) != effort or effort < 0:
+        raise ValueError(f"effort must be a non-negative integer (search rounds), got {effort!r}")
+    used = backends.resolve("numba" if backend == "auto" else backend)
+    if used != "numba":
+        raise backends.BackendUnavailable(f"mode 'search' runs on the numba backend, not {used!r}")
+    return used, int(effort)
 
 
 @dataclass
@@ -157,8 +166,8 @@ def validate_batch(batch: Batch) -> None:
                               f"{float(gm[b].sum())} GB")
 
 
-def _run(batch: Batch, mode: str, backend: str):
-    assign, pos = backends.solve_seed(batch, backend)
+def _run(batch: Batch, backend: str, effort: int, seed: int):
+    assign, pos = backends.solve_seed(batch, backend, effort, seed)
     S, W = gpu_loads(batch, assign, pos)
     kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
     lb = batch_bounds.binpacking_bound(batch, batch_bounds.lower_bound(batch), np.nanmax(kv, axis=1))
@@ -166,32 +175,36 @@ def _run(batch: Batch, mode: str, backend: str):
 
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",
-                mode: str = "seed") -> BatchResult:
+                mode: str = "seed", effort: int = DEFAULT_EFFORT, seed: int = 0) -> BatchResult:
     """Solve ``B`` padded instances at once.
 
     ``backend``: "numpy", "numba", "cuda" or "auto" (see :mod:`kvgpu.backends`); every backend
-    returns the same placements.
+    returns the same placements.  ``mode``, ``effort``, ``seed``: as for :func:`solve`.
 
     ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     """
-    used = _check(backend, mode)
+    used, rounds = _check(backend, mode, effort)
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
     validate_batch(batch)
-    assign, kv, lb = _run(batch, mode, used)
+    assign, kv, lb = _run(batch, used, rounds, seed)
     return BatchResult(assign, kv, np.nanmax(kv, axis=1), lb, backend=used)
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM,
-          backend: str = "auto", mode: str = "seed") -> Placement:
+          backend: str = "auto", mode: str = "seed", effort: int = DEFAULT_EFFORT, seed: int = 0) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size``, ``req_rate``, ``slo`` (and optionally a
     name), or an (N, 3) array.  Raises :class:`kvgpu.InvalidInstance` for bad input.
+
+    ``mode="seed"`` runs the seed pipeline exactly; ``mode="search"`` adds ``effort`` rounds of
+    iterated local search (numba backend), never worse than the seed and the same for a given
+    ``seed`` on every machine.
     """
-    used = _check(backend, mode)
+    used, rounds = _check(backend, mode, effort)
     inst = make_instance(models, gpus, gpu_mem)
-    assign, kv, lb = _run(batch_from_instances([inst]), mode, used)
+    assign, kv, lb = _run(batch_from_instances([inst]), used, rounds, seed)
     a = assign[0, :inst.n_models].astype(np.int64)
     return Placement(inst, a, kv[0, :inst.n_gpus], float(lb[0]), mode=mode, backend=used)
 

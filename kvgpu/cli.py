@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 
 from kvgpu import backends
-from kvgpu.api import MODES, solve
+from kvgpu.api import DEFAULT_EFFORT, MODES, solve
 from kvgpu.backends import BACKENDS
 from kvgpu.io import read_models
 from kvgpu.problem import InvalidInstance, NoPlacementFound
@@ -29,7 +29,10 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU: one number, or one per GPU as 40,80,80 "
                    "(default: from the file, else 80)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--mode", choices=MODES, default="seed")
+    p.add_argument("--mode", choices=MODES, default="seed",
+                   help="seed: the exact seed pipeline; search: seed plus iterated local search (numba)")
+    p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, help="search rounds per instance (mode search)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the search (results repeat for a seed)")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
 
 
@@ -38,7 +41,8 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
-    placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode)
+    placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
+                      seed=args.seed)
     # nothing is printed before the solve succeeded
     if args.json:
         print(json.dumps(placement.to_dict(), indent=1))
