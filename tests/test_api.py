@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kvgpu
-from conftest import close
+from conftest import close, padded
 from kvgpu.generate import adrs_like, varied
 
 
@@ -41,13 +41,8 @@ def test_lower_bound_never_exceeds_proven_optimum(adrs50):
 def test_solve_batch_equals_loop_of_solve():
     rng = np.random.default_rng(3)
     insts = [adrs_like(rng) for _ in range(5)] + [varied(rng, g_range=(5, 12)) for _ in range(3)]
-    B, N, G = len(insts), max(i.n_models for i in insts), max(i.n_gpus for i in insts)
-    sizes, demand, mem = np.zeros((B, N)), np.zeros((B, N)), np.zeros((B, G))
-    mm, gm = np.zeros((B, N), bool), np.zeros((B, G), bool)
-    for b, i in enumerate(insts):
-        sizes[b, :i.n_models], demand[b, :i.n_models], mm[b, :i.n_models] = i.sizes, i.demand, True
-        mem[b, :i.n_gpus], gm[b, :i.n_gpus] = i.gpu_mem, True
-    res = kvgpu.solve_batch(sizes, demand, mem, model_mask=mm, gpu_mask=gm)
+    B, N = len(insts), max(i.n_models for i in insts)
+    res = kvgpu.solve_batch(**padded(insts))
     assert res.assignment.shape == (B, N) and res.max_kvpr.shape == (B,) and res.lower_bound.shape == (B,)
     for b, i in enumerate(insts):
         one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus)

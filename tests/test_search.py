@@ -3,19 +3,10 @@ import numpy as np
 import pytest
 
 import kvgpu
+from conftest import padded
 from kvgpu.generate import adrs_like, cluster, varied
 
 pytest.importorskip("kvgpu.kernels.search", reason="mode 'search' needs numba")
-
-
-def _batch(insts):
-    B, N, G = len(insts), max(i.n_models for i in insts), max(i.n_gpus for i in insts)
-    s, w, m = np.zeros((B, N)), np.zeros((B, N)), np.zeros((B, G))
-    mm, gm = np.zeros((B, N), bool), np.zeros((B, G), bool)
-    for b, i in enumerate(insts):
-        s[b, :i.n_models], w[b, :i.n_models], mm[b, :i.n_models] = i.sizes, i.demand, True
-        m[b, :i.n_gpus], gm[b, :i.n_gpus] = i.gpu_mem, True
-    return dict(sizes=s, demand=w, gpu_mem=m, model_mask=mm, gpu_mask=gm)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +17,8 @@ def family():
 
 
 def test_search_is_never_worse_than_seed(family, adrs50):
-    seed = kvgpu.solve_batch(**_batch(family), mode="seed")
-    found = kvgpu.solve_batch(**_batch(family), mode="search", effort=30)
+    seed = kvgpu.solve_batch(**padded(family), mode="seed")
+    found = kvgpu.solve_batch(**padded(family), mode="search", effort=30)
     assert (found.max_kvpr <= seed.max_kvpr).all()
     assert (found.max_kvpr < seed.max_kvpr).any()  # and it does find better placements
     assert (found.lower_bound <= found.max_kvpr * (1 + 1e-12)).all()
@@ -39,8 +30,8 @@ def test_search_is_never_worse_than_seed(family, adrs50):
 
 
 def test_search_is_reproducible_and_batch_independent(family):
-    a = kvgpu.solve_batch(**_batch(family), mode="search", effort=15, seed=3)
-    b = kvgpu.solve_batch(**_batch(family), mode="search", effort=15, seed=3)
+    a = kvgpu.solve_batch(**padded(family), mode="search", effort=15, seed=3)
+    b = kvgpu.solve_batch(**padded(family), mode="search", effort=15, seed=3)
     assert (a.assignment == b.assignment).all()
     for k in (0, 31, len(family) - 1):
         inst = family[k]
@@ -50,8 +41,8 @@ def test_search_is_reproducible_and_batch_independent(family):
 
 
 def test_effort_zero_is_the_seed(family):
-    a = kvgpu.solve_batch(**_batch(family[:10]), mode="search", effort=0)
-    b = kvgpu.solve_batch(**_batch(family[:10]), mode="seed")
+    a = kvgpu.solve_batch(**padded(family[:10]), mode="search", effort=0)
+    b = kvgpu.solve_batch(**padded(family[:10]), mode="seed")
     assert (a.assignment == b.assignment).all()
 
 
