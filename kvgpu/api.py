@@ -170,8 +170,9 @@ def _run(batch: Batch, backend: str, effort: int, seed: int):
     assign, pos = backends.solve_seed(batch, backend, effort, seed)
     S, W = gpu_loads(batch, assign, pos)
     kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
-    lb = batch_bounds.binpacking_bound(batch, batch_bounds.lower_bound(batch), np.nanmax(kv, axis=1))
-    return assign, kv, lb
+    max_kvpr = np.nanmax(kv, axis=1)
+    lb = batch_bounds.binpacking_bound(batch, batch_bounds.lower_bound(batch), max_kvpr)
+    return assign, kv, max_kvpr, lb
 
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",
@@ -187,8 +188,8 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     used, rounds = _check(backend, mode, effort)
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
     validate_batch(batch)
-    assign, kv, lb = _run(batch, used, rounds, seed)
-    return BatchResult(assign, kv, np.nanmax(kv, axis=1), lb, backend=used)
+    assign, kv, max_kvpr, lb = _run(batch, used, rounds, seed)
+    return BatchResult(assign, kv, max_kvpr, lb, backend=used)
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM,
@@ -204,7 +205,7 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     """
     used, rounds = _check(backend, mode, effort)
     inst = make_instance(models, gpus, gpu_mem)
-    assign, kv, lb = _run(batch_from_instances([inst]), used, rounds, seed)
+    assign, kv, _, lb = _run(batch_from_instances([inst]), used, rounds, seed)
     a = assign[0, :inst.n_models].astype(np.int64)
     return Placement(inst, a, kv[0, :inst.n_gpus], float(lb[0]), mode=mode, backend=used)
 
