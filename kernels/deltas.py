@@ -62,6 +62,12 @@ def fits(S_after, M):
     return S_after <= M + EPS
 
 
+def overflow(load, cap):
+    """How far ``load`` exceeds ``cap`` (0 when it fits): the penalty of the search's repair
+    step, where a GPU's load at a target KVPR ``T`` is ``S + W / T`` (``<= M`` iff KVPR ``<= T``)."""
+    return load - cap if load > cap else 0.0
+
+
 def transfer_new_max(kvpr_src, kvpr_dst, others):
     """Global max KVPR after a transfer, given the max over all *other* GPUs.
 

@@ -26,3 +26,10 @@ T_FACTORS = (0.985, 0.99, 0.995, 1.0, 1.005, 1.01)
 RETUNE_FRACTIONS = (0.4, 0.75)
 #: The "dual" memory pack puts this share of the models on the GPU with most free memory.
 DUAL_MOST_FREE_SHARE = 0.3
+
+# Search beyond the seed (kernels/search.py, kernels/exact.py)
+#: Load slack (GB) of the "load S + W/T fits in memory M" test, so rounding (~1e-13 GB) never
+#: reads as overflow; it only makes a target easier, so "infeasible" stays a proof.
+CAP_SLACK = 1e-11
+#: ``max_kvpr <= lower_bound * (1 + OPTIMAL_RTOL)`` counts as optimal (proven).
+OPTIMAL_RTOL = 1e-9

@@ -1,10 +1,18 @@
-"""numba kernels for search beyond the seed: iterated local search from the seed's answer.
+"""numba kernels for search beyond the seed, started from the seed pipeline's placement.
 
-Each round copies the best placement so far, perturbs it (a few models leave the worst GPUs
-for random GPUs with room), and re-optimises it with the seed's own ``improve_local`` /
-``refine_peak``; a better score tuple replaces the best.  The answer is therefore never worse
-than the seed's, and the work is set by ``effort`` (rounds), not by wall time, so results are
-the same on every machine for a given ``seed``.
+Two searches alternate, round by round (see :func:`improve_instance`):
+
+* **repair at a target** ``T`` below the best max KVPR: "every GPU at KVPR <= T" is a bin
+  packing with item sizes ``s + w / T``; a tabu search with breakout weights (:func:`repair`)
+  moves and swaps models between any pair of GPUs to remove the overflow, from the best
+  placement or from a fresh packing at ``T`` (other structures, e.g. three models beside a
+  lone one).  This is what closes most of the gap on big, nearly full clusters.
+* **iterated local search**: perturb the worst GPUs, re-run the seed's ``improve_local`` and
+  ``refine_peak``; this polishes the peak and the runner-up GPUs.
+
+Only a better score tuple (max, second max, mean KVPR) replaces the best placement, so the
+answer is never worse than the seed's; the work is set by ``effort`` (rounds), not by wall
+time, so results are the same on every machine for a given ``seed``.
 """
 
 from __future__ import annotations
@@ -13,10 +21,29 @@ import numba
 import numpy as np
 from numba import prange
 
+from kvgpu.kernels import deltas, params
 from kvgpu.kernels.cpu import (_argmax_first, _kvprs, _lex_less, _loads, _score, fits, improve_local, refine_peak,
-                               safe_div, seed_instance, transfer_loads)
+                               safe_div, transfer_loads)
 
 njit = numba.njit(cache=True)
+overflow = numba.njit(cache=True, inline="always")(deltas.overflow)
+
+INF = np.inf
+CAP_SLACK = params.CAP_SLACK
+#: Two deltas closer than this are ties (broken at random).
+TIE = 1e-12
+#: The search stops once the best is within this relative gap of the lower bound (0.01%).
+STOP_GAP = 1e-4
+#: Rounds without a better placement after which the search stops (converged).
+PATIENCE = 8
+#: Relative jitter of the sort keys of a fresh packing.
+JITTER = 0.1
+TENURE_MIN, TENURE_SPAN = 3, 8
+#: Work of one repair attempt: BASE + PER_MODEL * n tabu steps, and at most about
+#: SCANS_PER_MODEL * n move/swap evaluations (many models per GPU make steps expensive).
+REPAIR_STEPS_BASE, REPAIR_STEPS_PER_MODEL, REPAIR_SCANS_PER_MODEL = 100, 20, 25_000
+#: Repair targets ``T = best * (1 - frac)``; ``frac`` doubles on success, halves on failure.
+FRAC_START, FRAC_MIN, FRAC_MAX = 0.05, 1e-4, 0.2
 
 
 @njit
@@ -72,14 +99,200 @@ def _perturb(s, w, M, assign, pos, moves, state):
 
 
 @njit
-def search_instance(s, w, M, assign, pos, effort, seed):
-    """The seed pipeline, then ``effort`` rounds of iterated local search; fills ``assign``/``pos``
-    with the best placement found (never worse than the seed's); False if nothing packed."""
-    if not seed_instance(s, w, M, assign, pos):
-        return False
+def _rand_int(state, k):
+    """Uniform integer in ``[0, k)``."""
+    return min(int(_rand(state) * k), k - 1)
+
+
+@njit
+def _pick_overflowing(A, M, state):
+    """A random GPU whose load exceeds its capacity; -1 if none."""
+    cnt = 0
+    for g in range(A.shape[0]):
+        if A[g] > M[g] + CAP_SLACK:
+            cnt += 1
+    if cnt == 0:
+        return -1
+    k = _rand_int(state, cnt)
+    for g in range(A.shape[0]):
+        if A[g] > M[g] + CAP_SLACK:
+            if k == 0:
+                return g
+            k -= 1
+    return -1
+
+
+@numba.njit(cache=True, inline="always")
+def _tie_take(d, best_d, ties, state):
+    """Keep candidate ``d`` over the best so far? Strictly better wins; equal ones are kept
+    with probability 1/ties (a uniform pick among equals).  Returns ``(take, ties)``."""
+    if d < best_d - TIE:
+        return True, 1
+    if d <= best_d + TIE:
+        ties += 1
+        return _rand_int(state, ties) == 0, ties
+    return False, ties
+
+
+@njit
+def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem):
+    """Try to bring every GPU to KVPR <= ``T``; in place, True on success.
+
+    At a target ``T`` a GPU's KVPR is ``<= T`` iff its load ``A = S + W / T`` is at most its
+    memory ``M`` (a bin packing with item sizes ``s + w / T``).  This is a tabu search on the
+    weighted overflow ``sum_g wgt_g * max(0, A_g - M_g)``: each step takes a random
+    overflowing GPU and makes the best move of one of its models to any GPU, or swap with any
+    model elsewhere (memory always respected), even when no step improves -- moving overflow
+    around is how it leaves local minima.  A model may not return to the GPU it left for a few
+    steps unless that gives the lowest (unweighted) overflow so far; at a local minimum the
+    weights of the overflowing GPUs grow (breakout), so overflow is pushed to other GPUs.
+    ``steps`` bounds the work.
+
+    Scratch: ``tabu_gpu``, ``tabu_until``, ``mem`` (n,) int64; ``S``, ``W``, ``A``, ``wgt`` (G,).
+    """
     n = s.shape[0]
-    if n == 0 or effort <= 0:
+    G = M.shape[0]
+    S[:] = 0.0
+    W[:] = 0.0
+    for i in range(n):
+        S[assign[i]] += s[i]
+        W[assign[i]] += w[i]
+    F = 0.0
+    for g in range(G):
+        A[g] = S[g] + W[g] / T
+        F += overflow(A[g], M[g] + CAP_SLACK)
+        wgt[g] = 1.0
+    best_F = F
+    tabu_until[:] = -1
+    stamp = pos.max() + 1
+    for step in range(steps):
+        g = _pick_overflowing(A, M, state)
+        if g < 0:
+            return True
+        m = 0
+        for i in range(n):
+            if assign[i] == g:
+                mem[m] = i
+                m += 1
+        og = overflow(A[g], M[g] + CAP_SLACK)
+        best_d = INF
+        best_raw = 0.0
+        bi, bj, bh, ties = -1, -1, -1, 0
+        for p in range(m):
+            i = mem[p]
+            ai = s[i] + w[i] / T
+            for j in range(-G, n):  # j < 0: move i to GPU j + G; else swap i with model j
+                if j < 0:
+                    h = j + G
+                    aj = 0.0
+                    sj = 0.0
+                    tabu = tabu_gpu[i] == h and tabu_until[i] > step
+                else:
+                    h = assign[j]
+                    aj = s[j] + w[j] / T
+                    sj = s[j]
+                    tabu = (tabu_gpu[i] == h and tabu_until[i] > step) or (tabu_gpu[j] == g and tabu_until[j] > step)
+                if h == g or not (fits(S[g] - s[i] + sj, M[g]) and fits(S[h] - sj + s[i], M[h])):
+                    continue
+                dg = overflow(A[g] - ai + aj, M[g] + CAP_SLACK) - og
+                dh = overflow(A[h] - aj + ai, M[h] + CAP_SLACK) - overflow(A[h], M[h] + CAP_SLACK)
+                if tabu and not F + dg + dh < best_F - TIE:
+                    continue
+                d = wgt[g] * dg + wgt[h] * dh
+                take, ties = _tie_take(d, best_d, ties, state)
+                if take:
+                    best_d, best_raw, bi, bj, bh = d, dg + dh, i, j, h
+        if bi < 0:
+            return False
+        if best_d >= -TIE:  # no improving step: a local minimum of the weighted overflow
+            for h in range(G):
+                if A[h] > M[h] + CAP_SLACK:
+                    wgt[h] += 1.0
+        s_in = s[bj] if bj >= 0 else 0.0
+        w_in = w[bj] if bj >= 0 else 0.0
+        S[g], W[g], S[bh], W[bh] = transfer_loads(S[g], W[g], S[bh], W[bh], s[bi], w[bi], s_in, w_in)
+        A[g] = S[g] + W[g] / T
+        A[bh] = S[bh] + W[bh] / T
+        tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
+        assign[bi] = bh
+        pos[bi] = stamp
+        tabu_gpu[bi] = g
+        tabu_until[bi] = step + tenure
+        if bj >= 0:
+            assign[bj] = g
+            pos[bj] = stamp + 1
+            tabu_gpu[bj] = bh
+            tabu_until[bj] = step + tenure
+        stamp += 2
+        F = 0.0
+        for h in range(G):
+            F += overflow(A[h], M[h] + CAP_SLACK)
+        if F < best_F:
+            best_F = F
+    return _pick_overflowing(A, M, state) < 0
+
+
+@njit
+def _pack_at(s, w, M, T, state, assign, pos, S, A):
+    """A fresh start for :func:`repair` at target ``T``: models by ``s + w / T`` with random
+    jitter, largest first, each on the GPU it fits best (least load room left), or -- when
+    it fits nowhere under ``T`` -- on the GPU it overflows least.  False if memory runs out."""
+    n = s.shape[0]
+    G = M.shape[0]
+    key = np.empty(n)
+    for i in range(n):
+        key[i] = -(s[i] + w[i] / T) * (1.0 + JITTER * _rand(state))
+    S[:] = 0.0
+    A[:] = 0.0
+    k = 0
+    for i in np.argsort(key):
+        ai = s[i] + w[i] / T
+        best, best_r = -1, INF
+        for g in range(G):
+            if not fits(S[g] + s[i], M[g]):
+                continue
+            r = M[g] - A[g] - ai  # >= 0: room left; < 0: overflow (ranked after any room)
+            r = r if r >= -CAP_SLACK else 1e300 - r
+            if r < best_r:
+                best, best_r = g, r
+        if best < 0:
+            return False
+        S[best] += s[i]
+        A[best] += ai
+        assign[i] = best
+        pos[i] = k
+        k += 1
+    return True
+
+
+@njit
+def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, sc):
+    _score(s, w, M, cand_a, cand_p, sc)
+    if _lex_less(sc, best_sc, 3):
+        best_sc[:] = sc
+        assign[:] = cand_a
+        pos[:] = cand_p
         return True
+    return False
+
+
+@njit
+def improve_instance(s, w, M, lb, assign, pos, effort, seed):
+    """``effort`` search rounds from the placement ``assign``/``pos`` (in place; the result is
+    never worse).  The random stream starts from ``seed`` alone, so an instance gets the same
+    answer whatever batch it is solved in.
+
+    A round is (1) one :func:`repair` attempt at a target a little below the best max KVPR --
+    the step shrinks after a failure and grows after a success, never below the lower bound
+    ``lb``; odd rounds start it from a fresh packing, even ones from the best placement -- and
+    (2) one round of iterated local search: perturb the best placement and re-optimise it with
+    the seed's ``improve_local`` / ``refine_peak``.  Rounds stop within ``STOP_GAP`` of ``lb`` or after
+    ``PATIENCE`` rounds without a better placement.
+    """
+    n = s.shape[0]
+    G = M.shape[0]
+    if n == 0 or effort <= 0:
+        return
     state = np.empty(1, np.uint64)
     state[0] = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
     best_sc = np.empty(3)
@@ -87,27 +300,48 @@ def search_instance(s, w, M, assign, pos, effort, seed):
     cur_a = np.empty(n, np.int64)
     cur_p = np.empty(n, np.int64)
     sc = np.empty(3)
+    tabu_gpu = np.empty(n, np.int64)
+    tabu_until = np.empty(n, np.int64)
+    mem = np.empty(n, np.int64)
+    S = np.empty(G)
+    W = np.empty(G)
+    A = np.empty(G)
+    wgt = np.empty(G)
+    # a step scans ~ (n / G) models x (n + G) moves and swaps; cap an attempt's total scans
+    per_step = max(1.0, n / G * (n + G))
+    steps = REPAIR_STEPS_BASE + min(REPAIR_STEPS_PER_MODEL * n, int(REPAIR_SCANS_PER_MODEL * n / per_step))
+    frac = FRAC_START
+    last_gain = 0
     for it in range(effort):
+        U = best_sc[0]
+        if U <= lb * (1.0 + STOP_GAP) or it - last_gain >= PATIENCE:
+            break
+        if U > 0.0:
+            T = max((U if U < INF else lb * 1e6) * (1.0 - frac), lb)
+            if T > 0.0:
+                if not (it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A)):
+                    cur_a[:] = assign
+                    cur_p[:] = pos
+                if repair(s, w, M, cur_a, cur_p, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem):
+                    if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, sc):
+                        last_gain = it + 1
+                    frac = min(frac * 2.0, FRAC_MAX)
+                else:
+                    frac = max(frac * 0.5, FRAC_MIN)
         cur_a[:] = assign
         cur_p[:] = pos
         _perturb(s, w, M, cur_a, cur_p, 1 + it % 3, state)
         improve_local(s, w, M, cur_a, cur_p, 4000)
         refine_peak(s, w, M, cur_a, cur_p, 2, 12)
         improve_local(s, w, M, cur_a, cur_p, 1500)
-        _score(s, w, M, cur_a, cur_p, sc)
-        if _lex_less(sc, best_sc, 3):
-            best_sc[:] = sc
-            assign[:] = cur_a
-            pos[:] = cur_p
-    return True
+        if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, sc):
+            last_gain = it + 1
 
 
 @numba.njit(cache=True, parallel=True)
-def search_batch(sizes, demand, gpu_mem, n_models, n_gpus, effort, seed, assign, pos, ok):
-    """:func:`search_instance` for every instance of a compacted batch, in parallel.  Every
-    instance starts its own random stream from ``seed``, so an instance gets the same answer
-    alone or in any batch."""
+def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, seed, assign, pos):
+    """:func:`improve_instance` for every instance of a compacted batch, in parallel.
+    ``lb`` (B,): a proven lower bound per instance; ``assign``/``pos`` (B, N) in and out."""
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
-        ok[b] = search_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n],
-                                effort, seed)
+        improve_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, seed)

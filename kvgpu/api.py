@@ -12,25 +12,36 @@ from kvgpu import backends
 from kvgpu.batch import bounds as batch_bounds
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr, make_batch
 from kvgpu.kernels.deltas import EPS
-from kvgpu.problem import DEFAULT_GPU_MEM, Instance, InvalidInstance, make_instance
+from kvgpu.kernels.params import OPTIMAL_RTOL
+from kvgpu.problem import DEFAULT_GPU_MEM, Instance, InvalidInstance, NoPlacementFound, make_instance
 
-MODES = ("seed", "search")
+MODES = ("search", "seed")
 #: Search rounds per instance in ``mode="search"`` unless ``effort=`` says otherwise.
-DEFAULT_EFFORT = 50
+DEFAULT_EFFORT = 30
+#: Work (search nodes / DP states) per instance for ``exact=True`` unless ``exact_work=`` says.
+DEFAULT_EXACT_WORK = 20_000_000
 
 
-def _check(backend: str, mode: str, effort: int) -> tuple[str, int]:
-    """Validate ``mode``/``effort``; return the concrete backend and the search rounds to run."""
+def _nonneg_int(value, what: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check(backend: str, mode: str, effort: int, exact: bool, exact_work: int) -> tuple[str, int, int]:
+    """Validate the options; return the concrete backend, the search rounds and the proof work."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not available; choose one of {MODES}")
-    if mode == "seed":
-        return backends.resolve(backend), 0
-    if int(effort) != effort or effort < 0:
-        raise ValueError(f"effort must be a non-negative integer (search rounds), got {effort!r}")
+    rounds = _nonneg_int(effort, "effort") if mode == "search" else 0
+    work = _nonneg_int(exact_work, "exact_work") if exact else 0
+    if mode == "seed" and not exact:
+        return backends.resolve(backend), 0, 0
     used = backends.resolve("numba" if backend == "auto" else backend)
     if used != "numba":
-        raise backends.BackendUnavailable(f"mode 'search' runs on the numba backend, not {used!r}")
-    return used, int(effort)
+        what = "mode 'search'" if mode == "search" else "exact=True"
+        raise backends.BackendUnavailable(f"{what} runs on the numba backend, not {used!r} "
+                                          f"(use backend='numba' or 'auto', or mode='seed')")
+    return used, rounds, work
 
 
 @dataclass
@@ -50,8 +61,8 @@ class Placement:
     assignment: np.ndarray
     kvpr: np.ndarray
     lower_bound: float
-    mode: str = "seed"
-    backend: str = "numpy"
+    mode: str = "search"
+    backend: str = "numba"
     used: np.ndarray = field(init=False, repr=False)
     demand: np.ndarray = field(init=False, repr=False)
 
@@ -70,6 +81,19 @@ class Placement:
         if self.max_kvpr == self.lower_bound:
             return 0.0
         return self.max_kvpr / self.lower_bound - 1 if self.lower_bound > 0 else math.inf
+
+    @property
+    def proven_optimal(self) -> bool:
+        """The lower bound meets the objective (to a relative ``OPTIMAL_RTOL``)."""
+        return self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL)
+
+    @property
+    def status(self) -> str:
+        """``"optimal (proven)"`` or the proven interval of the optimum, in words."""
+        if self.proven_optimal:
+            return "optimal (proven)"
+        return (f"optimum in [{self.lower_bound:.6g}, {self.max_kvpr:.6g}] "
+                f"(at most {100 * self.gap:.2f}% above it)")
 
     def by_gpu(self) -> dict[int, list]:
         """``{gpu_id: [model, ...]}`` for every GPU (empty ones too), the caller's own objects."""
@@ -91,7 +115,8 @@ class Placement:
                          "demand": float(self.demand[g]), "kvpr": _json_float(self.kvpr[g]),
                          "models": [self._name(i) for i in idx]})
         return {"max_kvpr": _json_float(self.max_kvpr), "lower_bound": _json_float(self.lower_bound),
-                "gap": _json_float(self.gap), "mode": self.mode, "backend": self.backend,
+                "gap": _json_float(self.gap),
+                "proven_optimal": self.proven_optimal, "mode": self.mode, "backend": self.backend,
                 "assignment": self.assignment.tolist(), "gpus": gpus}
 
     def __str__(self) -> str:
@@ -102,8 +127,9 @@ class Placement:
             rows.append(f"{g:>4} {mem:>7.1f} {self.used[g]:>8.1f} {mem - self.used[g]:>8.1f} "
                         f"{self.demand[g]:>9.4f} {self.kvpr[g]:>10.6f}  {', '.join(self._name(i) for i in idx)}")
         rows.append(f"max KVPR {self.max_kvpr:.6f}   lower bound {self.lower_bound:.6f}   "
-                    f"gap {100 * self.gap:.2f}%   ({self.instance.n_models} models, "
-                    f"{self.instance.n_gpus} GPUs, mode={self.mode}, backend={self.backend})")
+                    f"gap {100 * self.gap:.2f}%   {'optimal (proven)   ' if self.proven_optimal else ''}"
+                    f"({self.instance.n_models} models, {self.instance.n_gpus} GPUs, mode={self.mode}, "
+                    f"backend={self.backend})")
         return "\n".join(rows)
 
 
@@ -128,12 +154,17 @@ class BatchResult:
     kvpr: np.ndarray
     max_kvpr: np.ndarray
     lower_bound: np.ndarray
-    backend: str = "numpy"
+    backend: str = "numba"
 
     @property
     def gap(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.max_kvpr == self.lower_bound, 0.0, self.max_kvpr / self.lower_bound - 1)
+
+    @property
+    def proven_optimal(self) -> np.ndarray:
+        """(B,) bool: the lower bound meets the objective (to a relative ``OPTIMAL_RTOL``)."""
+        return self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL)
 
 
 def validate_batch(batch: Batch) -> None:
@@ -166,51 +197,91 @@ def validate_batch(batch: Batch) -> None:
                               f"{float(gm[b].sum())} GB")
 
 
-def _run(batch: Batch, backend: str, effort: int, seed: int):
-    assign, pos = backends.solve_seed(batch, backend, effort, seed)
+def _objective(batch: Batch, assign, pos):
     S, W = gpu_loads(batch, assign, pos)
     kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
-    max_kvpr = np.nanmax(kv, axis=1)
+    return kv, np.nanmax(kv, axis=1)
+
+
+def _seed_or_pack(batch: Batch, backend: str, failed: list[int]):
+    """The seed's placements where it found one; an exact memory-only packing (numba) where not,
+    so that search and proof can start from there."""
+    from kvgpu.numba_engine import pack_memory
+
+    B = batch.shape[0]
+    bad = np.asarray(failed, dtype=np.int64)
+    good = np.setdiff1d(np.arange(B), bad)
+    assign = np.full(batch.sizes.shape, -1, np.int64)
+    pos = np.full(batch.sizes.shape, -1, np.int64)
+    if good.size:
+        assign[good], pos[good] = backends.solve_seed(batch.take(good), backend)
+    assign[bad], pos[bad] = pack_memory(batch.take(bad), DEFAULT_EXACT_WORK, ids=bad)
+    return assign, pos
+
+
+def _run(batch: Batch, backend: str, rounds: int, seed: int, work: int):
+    """Seed pipeline on ``backend``, bounds, then search / proof (numba) from there."""
+    try:
+        assign, pos = backends.solve_seed(batch, backend)
+    except NoPlacementFound as e:
+        if not (rounds or work):
+            raise
+        assign, pos = _seed_or_pack(batch, backend, e.instances)
+    kv, max_kvpr = _objective(batch, assign, pos)
     lb = batch_bounds.binpacking_bound(batch, batch_bounds.lower_bound(batch), max_kvpr)
-    return assign, kv, max_kvpr, lb
+    if rounds or work:
+        from kvgpu.numba_engine import improve
+        assign, pos, lb = improve(batch, assign, pos, lb, rounds, seed, work)
+        kv, max_kvpr = _objective(batch, assign, pos)
+    return assign, kv, max_kvpr, np.minimum(lb, max_kvpr)
+
+
+_OPTIONS_DOC = """
+    ``mode="search"`` (default): the seed pipeline, then ``effort`` rounds of search per
+    instance (repair at a target KVPR, iterated local search; :mod:`kvgpu.kernels.search`),
+    never worse than ``mode="seed"`` and the same for a given ``seed`` on every machine.
+    ``mode="seed"`` runs the seed pipeline exactly.  ``exact=True`` then proves optimality
+    (:mod:`kvgpu.kernels.exact`) with at most ``exact_work`` search nodes / DP states per
+    instance: the lower bound becomes the proven one, equal to ``max_kvpr`` when optimal.
+    ``backend``: "numpy", "numba", "cuda" or "auto" (see :mod:`kvgpu.backends`) for the seed
+    pipeline; search and proof run in numba kernels (backend "auto" or "numba")."""
 
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",
-                mode: str = "seed", effort: int = DEFAULT_EFFORT, seed: int = 0) -> BatchResult:
+                mode: str = "search", effort: int = DEFAULT_EFFORT, seed: int = 0, exact: bool = False,
+                exact_work: int = DEFAULT_EXACT_WORK) -> BatchResult:
     """Solve ``B`` padded instances at once.
-
-    ``backend``: "numpy", "numba", "cuda" or "auto" (see :mod:`kvgpu.backends`); every backend
-    returns the same placements.  ``mode``, ``effort``, ``seed``: as for :func:`solve`.
 
     ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     """
-    used, rounds = _check(backend, mode, effort)
+    used, rounds, work = _check(backend, mode, effort, exact, exact_work)
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
     validate_batch(batch)
-    assign, kv, max_kvpr, lb = _run(batch, used, rounds, seed)
+    assign, kv, max_kvpr, lb = _run(batch, used, rounds, seed, work)
     return BatchResult(assign, kv, max_kvpr, lb, backend=used)
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM,
-          backend: str = "auto", mode: str = "seed", effort: int = DEFAULT_EFFORT, seed: int = 0) -> Placement:
+          backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT, seed: int = 0,
+          exact: bool = False, exact_work: int = DEFAULT_EXACT_WORK) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size``, ``req_rate``, ``slo`` (and optionally a
     name), or an (N, 3) array.  Raises :class:`kvgpu.InvalidInstance` for bad input.
-
-    ``mode="seed"`` runs the seed pipeline exactly; ``mode="search"`` adds ``effort`` rounds of
-    iterated local search (numba backend), never worse than the seed and the same for a given
-    ``seed`` on every machine.
     """
-    used, rounds = _check(backend, mode, effort)
+    used, rounds, work = _check(backend, mode, effort, exact, exact_work)
     inst = make_instance(models, gpus, gpu_mem)
-    assign, kv, _, lb = _run(batch_from_instances([inst]), used, rounds, seed)
+    assign, kv, _, lb = _run(batch_from_instances([inst]), used, rounds, seed, work)
     a = assign[0, :inst.n_models].astype(np.int64)
     return Placement(inst, a, kv[0, :inst.n_gpus], float(lb[0]), mode=mode, backend=used)
 
 
+solve_batch.__doc__ += _OPTIONS_DOC
+solve.__doc__ += _OPTIONS_DOC
+
+
 def compute_model_placement(gpu_num: int, models: Sequence[Any]) -> dict[int, list]:
     """Drop-in for the ADRS evaluator: ``{gpu_id: [model, ...]}`` for every GPU id (80 GB GPUs),
-    holding the caller's own model objects; computed by the batch engine."""
+    holding the caller's own model objects; :func:`solve` with its defaults (search mode)."""
     return solve(models, gpu_num).by_gpu()

@@ -54,15 +54,12 @@ def resolve(backend: str) -> str:
     return backend
 
 
-def solve_seed(batch, backend: str, effort: int = 0, seed: int = 0):
-    """The seed pipeline on ``batch`` with a concrete backend, plus ``effort`` rounds of search
-    (numba only): ``(assign (B, N), pos (B, N))``."""
+def solve_seed(batch, backend: str):
+    """The seed pipeline on ``batch`` with a concrete backend: ``(assign (B, N), pos (B, N))``."""
     if backend == "numba":
         from kvgpu.numba_engine import solve_seed as run
-        return run(batch, effort, seed)
-    if effort > 0:
-        raise BackendUnavailable(f"mode 'search' runs on the numba backend, not {backend!r}")
-    from kvgpu.batch.pipeline import solve_seed as run
+    else:
+        from kvgpu.batch.pipeline import solve_seed as run
     return run(batch)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``kvgpu solve FILE``, ``kvgpu demo``."""
+"""Command line: ``kvgpu solve FILE``, ``kvgpu certify FILE``, ``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 
 from kvgpu import backends
-from kvgpu.api import DEFAULT_EFFORT, MODES, solve
+from kvgpu.api import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, solve
 from kvgpu.backends import BACKENDS
 from kvgpu.io import read_models
 from kvgpu.problem import InvalidInstance, NoPlacementFound
@@ -29,10 +29,13 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU: one number, or one per GPU as 40,80,80 "
                    "(default: from the file, else 80)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--mode", choices=MODES, default="seed",
-                   help="seed: the exact seed pipeline; search: seed plus iterated local search (numba)")
+    p.add_argument("--mode", choices=MODES, default="search",
+                   help="search (default): the seed pipeline plus search beyond it; seed: the seed pipeline only")
     p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, help="search rounds per instance (mode search)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the search (results repeat for a seed)")
+    p.add_argument("--exact", action="store_true", help="also prove optimality (or the interval of the optimum)")
+    p.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
+                   help="work limit of the proof: search nodes / DP states per instance")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
 
 
@@ -42,10 +45,12 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
     placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
-                      seed=args.seed)
+                      seed=args.seed, exact=args.exact or args.cmd == "certify", exact_work=args.exact_work)
     # nothing is printed before the solve succeeded
     if args.json:
         print(json.dumps(placement.to_dict(), indent=1))
+    elif args.cmd == "certify":
+        print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g}")
     else:
         print(f"# {header}\n{placement}" if header else placement)
     return 0
@@ -58,6 +63,10 @@ def main(argv=None) -> int:
     ps = sub.add_parser("solve", help="solve the models of a JSON or CSV file")
     ps.add_argument("file", help="JSON list of {name, size, req_rate, slo} or CSV with that header")
     _add_solve_options(ps)
+    pc = sub.add_parser("certify", help="prove the optimum of a file's instance (exact for small instances; "
+                        "otherwise the proven interval within --exact-work)")
+    pc.add_argument("file", help="as for solve")
+    _add_solve_options(pc)
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
@@ -66,7 +75,7 @@ def main(argv=None) -> int:
         print(backends.info())
         return 0
     try:
-        if args.cmd == "solve":
+        if args.cmd in ("solve", "certify"):
             models, opts = read_models(args.file)
         else:
             data = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())

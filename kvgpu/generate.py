@@ -52,3 +52,64 @@ def cluster(rng: np.random.Generator, gpus: int, models: int, fill: float = 0.7)
     sizes = np.minimum(raw * fill * 80 * gpus / raw.sum(), 79.0)
     m = np.stack([sizes, rng.integers(1, 10, models), rng.integers(1, 10, models)], axis=1).astype(float)
     return make_instance(m, gpus)
+
+
+# ----------------------------------------------------------------------------- quality-bench families
+# Each draws models until the total size reaches ``fill`` of the GPU memory (the draw that
+# crosses it is dropped), retrying until best-fit decreasing packs them (so they are feasible).
+
+#: Sizes (GB) of common open LLM checkpoints in fp16 (3B, 6.5-7B, 13-14B, 16B, 26B, 28B).
+LLM_SIZES = np.array([3.0, 6.5, 14.0, 16.0, 26.0, 28.0])
+#: Memories (GB) of A100-40, A100/H100-80 and H200-141 GPUs, for heterogeneous clusters.
+HETERO_MEMS = np.array([40.0, 80.0, 141.0])
+
+
+def _fill_up(rng, gpu_mem, fill, draw_size, draw_demand) -> Instance:
+    while True:
+        sizes = []
+        cap = fill * float(np.sum(gpu_mem))
+        while True:
+            v = float(draw_size())
+            if sum(sizes) + v > cap:
+                break
+            sizes.append(v)
+        n = len(sizes)
+        rate, slo = draw_demand(n)
+        inst = make_instance(np.stack([sizes, rate, slo], axis=1), len(gpu_mem), gpu_mem)
+        if _packs(inst):
+            return inst
+
+
+def uniform(rng: np.random.Generator, gpus: int, fill: float = 0.92) -> Instance:
+    """Integer sizes 10-30 GB on ``gpus`` x 80 GB up to ``fill``; rates 1-9, SLOs 5-9 (ADRS's)."""
+    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: rng.integers(10, 31),
+                    lambda n: (rng.integers(1, 10, n), rng.integers(5, 10, n)))
+
+
+def _zipf_demand(rng, n):
+    """Skewed popularity: rate ~ 1 / rank^1.1 (ranks shuffled), SLOs 2-10."""
+    rate = 100.0 / rng.permutation(np.arange(1, n + 1)) ** 1.1
+    return rate, rng.integers(2, 11, n)
+
+
+def llm(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
+    """Realistic checkpoints (:data:`LLM_SIZES`, small ones more common) with Zipf popularity."""
+    p = np.array([0.25, 0.3, 0.2, 0.1, 0.08, 0.07])
+    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: rng.choice(LLM_SIZES, p=p),
+                    lambda n: _zipf_demand(rng, n))
+
+
+def small(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
+    """Many small models: 1-8 GB (about 15 per GPU), rates 1-9, SLOs 1-9."""
+    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: rng.uniform(1.0, 8.0),
+                    lambda n: (rng.integers(1, 10, n), rng.integers(1, 10, n)))
+
+
+def hetero(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
+    """GPUs of 40, 80 and 141 GB mixed; integer sizes 5-35 GB; rates 1-9, SLOs 5-9."""
+    mem = rng.choice(HETERO_MEMS, gpus)
+    return _fill_up(rng, mem, fill, lambda: rng.integers(5, 36),
+                    lambda n: (rng.integers(1, 10, n), rng.integers(5, 10, n)))
+
+
+FAMILIES = {"uniform": uniform, "llm": llm, "small": small, "hetero": hetero}

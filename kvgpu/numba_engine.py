@@ -1,4 +1,9 @@
-"""The ``numba`` backend: compacts a batch and runs :func:`kvgpu.kernels.cpu.seed_batch`."""
+"""The ``numba`` backend: compacted batches through the compiled kernels of :mod:`kvgpu.kernels`.
+
+:func:`solve_seed` runs the seed pipeline (:mod:`kvgpu.kernels.cpu`); :func:`improve` runs the
+search beyond it (:mod:`kvgpu.kernels.search`) and the optimality proof
+(:mod:`kvgpu.kernels.exact`) from any placement, whichever backend made it.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,79 @@ from kvgpu.batch.state import Batch
 from kvgpu.problem import NoPlacementFound
 
 
-def solve_seed(batch: Batch, effort: int = 0, seed: int = 0):
-    """Same contract as :func:`kvgpu.batch.pipeline.solve_seed` (NumPy arrays in and out).
-
-    ``effort > 0`` adds that many rounds of iterated local search per instance after the seed
-    pipeline (:mod:`kvgpu.kernels.search`), deterministic for a given ``seed``."""
-    from kvgpu.kernels import cpu, search  # compile on first use (then cached on disk)
-
-    B, N, _ = batch.shape
+def _compacted(batch: Batch):
+    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed."""
     sub, pm, pg = compact(batch)
-    n_models = sub.n_models.astype(np.int64)
-    n_gpus = sub.n_gpus.astype(np.int64)
-    a = np.full(sub.sizes.shape, -1, np.int64)
-    p = np.full(sub.sizes.shape, -1, np.int64)
-    ok = np.zeros(B, bool)
     arrays = (np.ascontiguousarray(sub.sizes), np.ascontiguousarray(sub.demand), np.ascontiguousarray(sub.gpu_mem),
-              n_models, n_gpus)
-    if effort > 0:
-        search.search_batch(*arrays, int(effort), int(seed), a, p, ok)
-    else:
-        cpu.seed_batch(*arrays, a, p, ok)
-    if not ok.all():
-        bad = np.nonzero(~ok)[0].tolist()
-        raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}")
+              sub.n_models.astype(np.int64), sub.n_gpus.astype(np.int64))
+    return arrays, pm, pg
+
+
+def _expand(batch: Batch, a, p, pm, pg):
+    B, N, _ = batch.shape
     assign = np.full((B, N), -1, np.int64)
     pos = np.full((B, N), -1, np.int64)
     scatter_back(np, assign, pos, np.arange(B), a, p, pm, pg)
     return assign, pos
+
+
+def solve_seed(batch: Batch):
+    """Same contract as :func:`kvgpu.batch.pipeline.solve_seed` (NumPy arrays in and out)."""
+    from kvgpu.kernels import cpu  # compile on first use (then cached on disk)
+
+    arrays, pm, pg = _compacted(batch)
+    a = np.full(arrays[0].shape, -1, np.int64)
+    p = np.full(arrays[0].shape, -1, np.int64)
+    ok = np.zeros(batch.shape[0], bool)
+    cpu.seed_batch(*arrays, a, p, ok)
+    if not ok.all():
+        bad = np.nonzero(~ok)[0].tolist()
+        raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}", bad)
+    return _expand(batch, a, p, pm, pg)
+
+
+def pack_memory(batch: Batch, work: int, ids=None):
+    """A placement that fits in memory, by exact search (for instances the seed could not pack):
+    ``(assign, pos)``; raises :class:`NoPlacementFound` naming the instances (by ``ids`` (B,),
+    default their index here) proven infeasible or not packed within ``work`` nodes."""
+    from kvgpu.kernels import exact
+
+    arrays, pm, pg = _compacted(batch)
+    a = np.full(arrays[0].shape, -1, np.int64)
+    p = np.full(arrays[0].shape, -1, np.int64)
+    status = np.zeros(batch.shape[0], np.int64)
+    exact.pack_memory_batch(arrays[0], arrays[2], arrays[3], arrays[4], int(work), a, p, status)
+    for code, why in ((exact.INFEASIBLE, "the models do not fit in GPU memory (proven by exact search)"),
+                      (exact.UNKNOWN, f"no placement fitting the models in memory found within {work} search nodes")):
+        bad = np.nonzero(status == code)[0]
+        if bad.size:
+            bad = (bad if ids is None else np.asarray(ids)[bad]).tolist()
+            raise NoPlacementFound(f"instance(s) {bad[:10]}: {why}", bad)
+    return _expand(batch, a, p, pm, pg)
+
+
+def improve(batch: Batch, assign, pos, lb, effort: int, seed: int, exact_work: int = 0):
+    """Search from the placements ``assign``/``pos`` (B, N) (batch slots, -1 for padding).
+
+    ``effort`` search rounds per instance (:func:`kvgpu.kernels.search.improve_instance`), then,
+    when ``exact_work > 0``, the optimality proof with that much work per instance
+    (:func:`kvgpu.kernels.exact.certify_instance`).  ``lb`` (B,): proven lower bounds.
+    Returns ``(assign, pos, lb)``, ``lb`` raised by the proof where it got further."""
+    from kvgpu.kernels import exact, search
+
+    arrays, pm, pg = _compacted(batch)
+    B = batch.shape[0]
+    inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
+    np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
+    a_orig = np.take_along_axis(assign, pm, axis=1)
+    real = np.take_along_axis(batch.model_mask, pm, axis=1)
+    a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
+    p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
+    a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
+    lo = np.array(lb, dtype=float)
+    if effort > 0:
+        search.improve_batch(*arrays, lo, int(effort), int(seed), a, p)
+    if exact_work > 0:
+        exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
+    assign, pos = _expand(batch, a, p, pm, pg)
+    return assign, pos, lo

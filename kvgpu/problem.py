@@ -28,8 +28,12 @@ class InvalidInstance(ValueError):
 
 
 class NoPlacementFound(RuntimeError):
-    """No candidate packing fitted the models in memory (the instance may be infeasible:
-    deciding that exactly is bin packing)."""
+    """No placement fits the models in memory: the seed's packings all failed (``mode="seed"``),
+    or the exact search proved there is none or gave up.  ``instances``: the batch indices."""
+
+    def __init__(self, message: str, instances=()):
+        super().__init__(message)
+        self.instances = list(instances)
 
 
 def _field(model: Any, keys: Sequence[str]):

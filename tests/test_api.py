@@ -28,7 +28,7 @@ def test_compute_model_placement_on_adrs50(adrs50):
         assert kv <= case["seed_pipeline_max_kvpr"] * (1 + 1e-9)
         assert kv >= case["optimal_max_kvpr"] * (1 - 1e-7)
         at_opt += close(kv, case["optimal_max_kvpr"], 1e-7)
-    assert at_opt == 47  # SPEC.md: the seed pipeline reaches the optimum on 47 of 50
+    assert at_opt == 50  # search mode (the default) reaches every proven optimum; the seed alone 47
 
 
 def test_lower_bound_never_exceeds_proven_optimum(adrs50):

@@ -70,7 +70,7 @@ def test_numba_pipeline_matches_seed_and_numpy(seed_cases, adrs50):
     want, _ = numpy_seed(b)
     assert (got == want).all()
     res = kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, model_mask=b.model_mask, gpu_mask=b.gpu_mask,
-                            backend="numba")
+                            backend="numba", mode="seed")
     assert res.backend == "numba"
     for k, c in enumerate(seed_cases):
         assert close(res.max_kvpr[k], c["final"][0]), k
@@ -92,8 +92,8 @@ def test_numba_equals_numpy_on_random_instances(n, g_max):
 def test_solve_same_placement_on_every_cpu_backend():
     models = [{"name": f"m{i}", "model_size": 8 + 3 * (i % 7), "req_rate": 1 + i % 5, "slo": 1 + i % 3}
               for i in range(30)]
-    a = kvgpu.solve(models, 10, gpu_mem=[40, 80] * 5, backend="numpy")
-    b = kvgpu.solve(models, 10, gpu_mem=[40, 80] * 5, backend="numba")
+    a = kvgpu.solve(models, 10, gpu_mem=[40, 80] * 5, backend="numpy", mode="seed")
+    b = kvgpu.solve(models, 10, gpu_mem=[40, 80] * 5, backend="numba", mode="seed")
     assert a.assignment.tolist() == b.assignment.tolist() and b.backend == "numba"
 
 

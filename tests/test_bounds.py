@@ -1,46 +1,18 @@
 """Reported lower bounds are valid (checked against brute force) and the batch bound equals the scalar one."""
-import itertools
-
 import numpy as np
+from conftest import brute_force_optimum, tiny_instances
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvgpu import bounds
 from kvgpu.batch import bounds as bb
 from kvgpu.batch.state import batch_from_instances
-from kvgpu.kernels.deltas import safe_div
 from kvgpu.problem import make_instance
 
 
-def brute_force_optimum(inst):
-    s, w, M = inst.py
-    best = np.inf
-    for a in itertools.product(range(inst.n_gpus), repeat=inst.n_models):
-        S = [0.0] * inst.n_gpus
-        W = [0.0] * inst.n_gpus
-        for i, g in enumerate(a):
-            S[g] += s[i]
-            W[g] += w[i]
-        if all(S[g] <= M[g] for g in range(inst.n_gpus)):
-            best = min(best, max(safe_div(W[g], M[g] - S[g]) for g in range(inst.n_gpus)))
-    return best
-
-
-instances = st.integers(1, 3).flatmap(lambda g: st.tuples(
-    st.just(g),
-    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 9), st.integers(1, 9)), min_size=1, max_size=6),
-    st.one_of(st.lists(st.sampled_from([40.0, 80.0, 141.0]), min_size=g, max_size=g),
-              st.sampled_from([40.0, 80.0]).map(lambda m: [m] * g))))
-
-
 @settings(max_examples=300, deadline=None)
-@given(instances)
-def test_lower_bound_is_valid(data):
-    g, models, mem = data
-    models = [m for m in models if m[0] <= max(mem)]
-    if not models or sum(m[0] for m in models) > sum(mem):
-        return
-    inst = make_instance(models, g, mem)
+@given(tiny_instances())
+def test_lower_bound_is_valid(inst):
     opt = brute_force_optimum(inst)
     lb = bounds.lower_bound(*inst.py)
     assert lb <= opt * (1 + 1e-12) or opt == np.inf

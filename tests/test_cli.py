@@ -67,3 +67,19 @@ def test_demo():
     d = json.loads(run("demo", "--json").stdout)
     assert len(d["gpus"]) == 16 and sum(len(g["models"]) for g in d["gpus"]) == 46
     assert d["lower_bound"] <= d["max_kvpr"]
+    assert d["mode"] == "search" and d["backend"] == "numba"  # the defaults
+    seed = json.loads(run("demo", "--json", "--mode", "seed").stdout)
+    assert d["max_kvpr"] <= seed["max_kvpr"]
+
+
+def test_certify_proves_the_optimum(tmp_path):
+    # three 30 GB models of demand 1 on two 80 GB GPUs: two share a GPU, optimum 2/20 = 0.1
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"name": n, "size": 30, "req_rate": 1, "slo": 1} for n in "abc"]))
+    out = run("certify", str(f), "--gpus", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("optimal (proven): max KVPR 0.1,")
+    d = json.loads(run("solve", str(f), "--gpus", "2", "--exact", "--json").stdout)
+    assert d["proven_optimal"] is True and d["max_kvpr"] == pytest.approx(0.1)
+    unproven = run("certify", str(f), "--gpus", "2", "--exact-work", "0")
+    assert unproven.stdout.startswith("optimum in [")

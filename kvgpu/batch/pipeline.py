@@ -168,7 +168,7 @@ def seed_pipeline(batch: Batch, trace: dict | None = None):
     pick = select(xp, inst, B, sc)
     if bool((pick < 0).any()):
         bad = xp.nonzero(pick < 0)[0].tolist()
-        raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}")
+        raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}", bad)
     assign, pos = assign[pick], pos[pick]
     if trace is not None:
         trace["selected"] = tuple(x[pick] for x in sc)
@@ -226,7 +226,12 @@ def solve_seed(batch: Batch):
     for idx in shape_buckets(n_models, n_gpus):
         idx = xp.asarray(idx)
         sub, pm, pg = compact(batch.take(idx))
-        a, p = seed_pipeline(sub)
+        try:
+            a, p = seed_pipeline(sub)
+        except NoPlacementFound as e:  # name the instances by their index in ``batch``
+            bad = [int(idx[k]) for k in e.instances]
+            raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) "
+                                   f"{bad[:10]}", bad) from None
         scatter_back(xp, assign, pos, idx, a, p, pm, pg)
     return assign, pos
 

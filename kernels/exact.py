@@ -1,0 +1,237 @@
+"""numba kernels for proving optimality: bisection on ``T`` with an exact feasibility check.
+
+"Max KVPR <= T" holds exactly when every GPU's load ``S + W / T`` is at most its memory ``M``
+(then ``S <= M`` too): a bin packing with item sizes ``s + w / T`` into bins of sizes ``M``.
+:func:`feasible` decides it exactly, answering feasible / infeasible / unknown under a work
+limit, so it never hangs:
+
+* GPUs of equal memory and at most ``DP_MAX_MODELS`` models: dynamic programming over subsets
+  of models (:func:`_feasible_dp`, O(2^n n)), which needs no luck;
+* otherwise depth-first search (:func:`_feasible_dfs`: items largest first; GPUs in the same
+  state tried once; a branch is cut when the space the remaining items can still use is too
+  small), which proves small and loose instances, and gives up at the node limit on big
+  tight ones.
+
+:func:`certify_instance` narrows ``[lo, U]`` -- ``lo`` a proven lower bound, ``U`` the value of
+the best placement -- by asking first whether anything beats ``U`` at all (usually "no", which
+proves ``U`` optimal in one search), then by bisection.  Soundness: the capacity test has a slack
+of ``CAP_SLACK`` GB, which only makes "feasible" easier, so an "infeasible" answer is a proof;
+a "feasible" answer is used through the placement it returns, whose own max KVPR is measured.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from kvgpu.kernels.cpu import _score, fits
+from kvgpu.kernels import params
+from kvgpu.kernels.params import CAP_SLACK
+
+njit = numba.njit(cache=True)
+
+FEASIBLE, INFEASIBLE, UNKNOWN = 1, 0, -1
+RTOL = params.OPTIMAL_RTOL
+#: Largest instance (models) decided by the subset DP (2^n states, 17 bytes each).
+DP_MAX_MODELS = 20
+
+
+@njit
+def feasible(s, w, M, T, node_limit, out):
+    """Is there a placement with max KVPR <= ``T``?  Returns ``(FEASIBLE | INFEASIBLE | UNKNOWN,
+    work used)``; on FEASIBLE ``out`` (n,) holds the GPU of each model.  Work counts search
+    nodes or DP states."""
+    a = s + w / T
+    n = s.shape[0]
+    uniform = True
+    for g in range(M.shape[0]):
+        uniform = uniform and M[g] == M[0]
+    if uniform and n <= DP_MAX_MODELS and (1 << n) <= node_limit:
+        return _feasible_dp(a, M[0], M.shape[0], out), 1 << n
+    return _feasible_dfs(s, a, M, node_limit, out)
+
+
+@njit
+def _feasible_dp(a, C, G, out):
+    """Equal bins of size ``C``: fill bins one after the other; ``best[mask]`` is the least
+    (bins used, load of the last bin) over the orders in which the models of ``mask`` can be
+    placed -- lexicographically least is optimal for every completion, so ``mask = all`` needs
+    at most ``G`` bins iff the packing exists."""
+    n = a.shape[0]
+    for j in range(n):
+        if a[j] > C + CAP_SLACK:
+            return INFEASIBLE
+    K = 1 << n
+    bins = np.full(K, np.iinfo(np.int64).max)
+    load = np.full(K, np.inf)
+    last = np.full(K, -1, np.int8)
+    bins[0] = 1
+    load[0] = 0.0
+    for mask in range(K):
+        if bins[mask] > G:
+            continue
+        for j in range(n):
+            bit = 1 << j
+            if mask & bit:
+                continue
+            nb, nl = _add(bins[mask], load[mask], a[j], C)
+            nm = mask | bit
+            if nb < bins[nm] or (nb == bins[nm] and nl < load[nm]):
+                bins[nm] = nb
+                load[nm] = nl
+                last[nm] = j
+    if bins[K - 1] > G:
+        return INFEASIBLE
+    seq = np.empty(n, np.int64)  # the models in placing order, recovered backwards
+    mask = K - 1
+    for k in range(n - 1, -1, -1):
+        seq[k] = last[mask]
+        mask ^= 1 << seq[k]
+    nb, nl = 1, 0.0
+    for k in range(n):
+        nb, nl = _add(nb, nl, a[seq[k]], C)
+        out[seq[k]] = nb - 1
+    return FEASIBLE
+
+
+@numba.njit(cache=True, inline="always")
+def _add(nb, nl, ai, C):
+    """Place an item of size ``ai`` after bins ``nb`` with ``nl`` in the last (bins of ``C``)."""
+    if nl + ai <= C + CAP_SLACK:
+        return nb, nl + ai
+    return nb + 1, ai
+
+
+@njit
+def _feasible_dfs(s, a, M, node_limit, out):
+    n = s.shape[0]
+    G = M.shape[0]
+    order = np.argsort(-a, kind="mergesort")
+    rest = np.zeros(n + 1)  # rest[k]: total item size from depth k on
+    amin = np.full(n + 1, np.inf)  # amin[k]: smallest item from depth k on
+    for k in range(n - 1, -1, -1):
+        rest[k] = rest[k + 1] + a[order[k]]
+        amin[k] = min(amin[k + 1], a[order[k]])
+    load = np.zeros(G)
+    used = np.zeros(G)
+    choice = np.full(n, -1, np.int64)
+    k = 0
+    nodes = 0
+    while True:
+        if k == n:
+            for d in range(n):
+                out[order[d]] = choice[d]
+            return FEASIBLE, nodes
+        i = order[k]
+        g = choice[k]
+        if g >= 0:  # back here after the subtree below choice g failed: take item i off g
+            load[g] -= a[i]
+            used[g] -= s[i]
+        g += 1
+        placed = False
+        while g < G:
+            if load[g] + a[i] <= M[g] + CAP_SLACK and fits(used[g] + s[i], M[g]) and not _same_as_earlier(
+                    M, load, used, g):
+                load[g] += a[i]
+                used[g] += s[i]
+                if _room(M, load, amin[k + 1]) + CAP_SLACK * G >= rest[k + 1]:
+                    placed = True
+                    break
+                load[g] -= a[i]
+                used[g] -= s[i]
+            g += 1
+        nodes += 1
+        if placed:
+            choice[k] = g
+            k += 1
+            if k < n:
+                choice[k] = -1
+        else:
+            choice[k] = -1
+            k -= 1
+            if k < 0:
+                return INFEASIBLE, nodes
+        if nodes >= node_limit:
+            return UNKNOWN, nodes
+
+
+@njit
+def _same_as_earlier(M, load, used, g):
+    """GPU ``g`` is in the same state as an earlier GPU (same memory, load and use), so placing
+    there was already tried."""
+    for h in range(g):
+        if M[h] == M[g] and load[h] == load[g] and used[h] == used[g]:
+            return True
+    return False
+
+
+@njit
+def _room(M, load, smallest):
+    """Space the remaining items can still use: free load capacity of the GPUs that can take at
+    least the smallest of them."""
+    tot = 0.0
+    for g in range(M.shape[0]):
+        r = M[g] - load[g]
+        if r + CAP_SLACK >= smallest:
+            tot += r
+    return tot
+
+
+@njit
+def certify_instance(s, w, M, lo, assign, pos, node_limit):
+    """Narrow ``[lo, U]`` for one instance, ``U`` the max KVPR of ``assign``/``pos`` (improved in
+    place when a better placement turns up).  Returns ``(lo, nodes)``: ``lo`` a proven lower bound;
+    ``U <= lo * (1 + RTOL)`` means optimal (proven).  ``node_limit`` caps the total work."""
+    n = s.shape[0]
+    sc = np.empty(3)
+    _score(s, w, M, assign, pos, sc)
+    U = sc[0]
+    out = np.empty(n, np.int64)
+    used = 0
+    first = True
+    while U > lo * (1.0 + RTOL) and U > 0.0 and used < node_limit:
+        # first ask "anything below U?" (one search proves an optimum), then bisect
+        T = U * (1.0 - 0.5 * RTOL) if first else 0.5 * (lo + U)
+        first = False
+        if T <= 0.0 or not np.isfinite(T):
+            break
+        status, nodes = feasible(s, w, M, T, node_limit - used, out)
+        used += nodes
+        if status == INFEASIBLE:
+            lo = max(lo, T)
+        elif status == FEASIBLE:
+            sc2 = np.empty(3)
+            _score(s, w, M, out, np.arange(n), sc2)
+            if sc2[0] < U:
+                U = sc2[0]
+                assign[:] = out
+                pos[:] = np.arange(n)
+            else:  # within the capacity slack of U: nothing more to learn at this precision
+                break
+        else:
+            break
+    return lo, used
+
+
+@numba.njit(cache=True, parallel=True)
+def certify_batch(sizes, demand, gpu_mem, n_models, n_gpus, lo, node_limit, assign, pos, used):
+    """:func:`certify_instance` for every instance of a compacted batch, in parallel; ``lo``
+    (B,) is raised in place, ``assign``/``pos`` (B, N) improved in place, ``used`` (B,) work."""
+    for b in prange(sizes.shape[0]):
+        n, G = n_models[b], n_gpus[b]
+        lo[b], used[b] = certify_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lo[b], assign[b, :n],
+                                          pos[b, :n], node_limit)
+
+
+@numba.njit(cache=True, parallel=True)
+def pack_memory_batch(sizes, gpu_mem, n_models, n_gpus, node_limit, assign, pos, status):
+    """Fit the models in memory, ignoring demand (the exact search with ``w = 0``), for the
+    instances where the seed's heuristics found no packing; ``status`` (B,) FEASIBLE,
+    INFEASIBLE (proven: the models do not fit) or UNKNOWN (work limit)."""
+    for b in prange(sizes.shape[0]):
+        n, G = n_models[b], n_gpus[b]
+        s = sizes[b, :n]
+        status[b], _ = feasible(s, np.zeros(n), gpu_mem[b, :G], 1.0, node_limit, assign[b, :n])
+        for i in range(n):
+            pos[b, i] = i
