@@ -2,7 +2,8 @@
 
 Prints, per workload: per-instance time of each engine, their ratio, and quality (how often the
 batch engine reaches the reference's objective, mean/worst excess over it).  On adrs50 it also
-checks the drop-in ``compute_model_placement`` and counts the cases at the proven optimum.
+checks the drop-in ``compute_model_placement``'s output form in seed mode and counts the cases at the
+proven optimum.
 Figures go to ``bench/results/seed_bench.json``.
 
     python bench/bench_seed.py            # 2,000 ADRS-shaped + 4 x (128 GPUs / 256 models) + adrs50
@@ -56,11 +57,11 @@ def compare(name, insts):
 def adrs50_check():
     cases = json.loads(ADRS50.read_text())["cases"]
     at_opt, worse, excess = 0, 0, []
-    backend = kvgpu.solve(cases[0]["models"], cases[0]["gpu_num"]).backend  # warm-up: load compiled kernels
+    backend = kvgpu.solve(cases[0]["models"], cases[0]["gpu_num"], mode="seed").backend  # warm-up: load kernels
     t0 = time.perf_counter()
     for c in cases:
         models = [SimpleNamespace(model_size=s, req_rate=r, slo=o) for s, r, o in c["models"]]
-        out = kvgpu.compute_model_placement(c["gpu_num"], models)
+        out = kvgpu.solve(models, c["gpu_num"], mode="seed").by_gpu()  # compute_model_placement in seed mode
         used = {g: sum(m.model_size for m in ms) for g, ms in out.items()}
         assert sorted(map(id, (m for ms in out.values() for m in ms))) == sorted(map(id, models))
         assert max(used.values()) <= 80
@@ -82,7 +83,7 @@ def adrs50_check():
            "adrs_score": 1 / mean_got, "adrs_score_optimum": 1 / mean_opt,
            "compute_model_placement_s_per_case": t, "compute_model_placement_backend": backend,
            "numpy_one_batch_s_per_case": t_batch}
-    print(f"adrs50 via compute_model_placement: {at_opt}/50 at the proven optimum, {int(worse)} worse than the "
+    print(f"adrs50, seed mode, one by one: {at_opt}/50 at the proven optimum, {int(worse)} worse than the "
           f"seed, mean excess {100 * np.mean(excess):.3f}%, worst {100 * np.max(excess):.2f}%, "
           f"ADRS score {1 / mean_got:.4f} (optimum {1 / mean_opt:.4f}); {1e3 * t:.1f} ms/case one by one "
           f"(backend {backend}), {1e3 * t_batch:.2f} ms/case as one numpy batch")
