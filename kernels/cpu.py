@@ -315,6 +315,67 @@ def _sum(x):
     return tot
 
 
+@numba.njit(cache=True, inline="always")
+def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best):
+    """The GPU a pack puts the next model ``(si, wi)`` on, or -1 if it fits nowhere: the
+    lexicographically least key of policy ``pol`` over the GPUs that fit (memory, and the
+    transformed capacity ``T * M`` for parametric packs).  ``S``, ``W``, ``load``
+    (``W + T S``), ``kv`` (G,) are the pack's running state; ``key``, ``best`` (5,) scratch.
+    Plain scalar code: the CPU packs and the CUDA packing kernel both call it."""
+    G = M.shape[0]
+    t3 = _top3(kv) if pol == MINMAX or pol == HYBRID else (0.0, -1, 0.0, -1, 0.0, -1)
+    Tf = a = mean_frac = 0.0
+    if pol == HYBRID:
+        Tf = max(T, 1e-12)
+        mean_kv = 0.0
+        for g in range(G):
+            mean_kv += kv[g]
+        mean_kv /= G
+        var = 0.0
+        for g in range(G):
+            var += (kv[g] - mean_kv) ** 2
+        var /= G
+        a = 0.25 if var < 0.02 * Tf * Tf else 0.15
+        sumS = 0.0
+        for g in range(G):
+            sumS += S[g]
+        mean_frac = (sumS + si) / M_total
+    nk = 0
+    best_g = -1
+    for g in range(G):
+        if not fits(S[g] + si, M[g]):
+            continue
+        resid = T * M[g] - (load[g] + wi + T * si)
+        if parametric and resid < -EPS:
+            continue
+        free_after = M[g] - (S[g] + si)
+        if pol == RESID:
+            key[0], key[1] = resid, -free_after
+            nk = 2
+        elif pol == FIRST_FIT:
+            nk = 0
+        else:
+            newlocal = safe_div(W[g] + wi, free_after)
+            if pol == MOST_FREE or pol == BEST_FIT:
+                key[0] = -free_after if pol == MOST_FREE else free_after
+                key[1] = newlocal
+                nk = 2
+            else:
+                newmax = max(newlocal, _max_excluding(t3, g, g))
+                if pol == MINMAX:
+                    key[0], key[1], key[2], key[3] = newmax, newlocal, resid, -free_after
+                    nk = 4
+                else:
+                    J = newmax / Tf + a * newlocal / Tf + 0.05 * abs((S[g] + si) / M[g] - mean_frac)
+                    key[0], key[1], key[2], key[3], key[4] = J, newmax, newlocal, resid, -free_after
+                    nk = 5
+        if best_g < 0 or _lex_less(key, best, nk):
+            best_g = g
+            for q in range(nk):
+                best[q] = key[q]
+    return best_g
+
+
 @njit
 def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
     """One pack (see :func:`kvgpu.reference.pack` and ``memory_pack``); fills ``assign``/``pos``
@@ -342,55 +403,7 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
         i = order[k]
         si, wi = s[i], w[i]
         pol = MOST_FREE if k < n_most_free else policy
-        t3 = _top3(kv) if pol == MINMAX or pol == HYBRID else (0.0, -1, 0.0, -1, 0.0, -1)
-        Tf = a = mean_frac = 0.0
-        if pol == HYBRID:
-            Tf = max(T, 1e-12)
-            mean_kv = 0.0
-            for g in range(G):
-                mean_kv += kv[g]
-            mean_kv /= G
-            var = 0.0
-            for g in range(G):
-                var += (kv[g] - mean_kv) ** 2
-            var /= G
-            a = 0.25 if var < 0.02 * Tf * Tf else 0.15
-            sumS = 0.0
-            for g in range(G):
-                sumS += S[g]
-            mean_frac = (sumS + si) / M_total
-        nk = 0
-        best_g = -1
-        for g in range(G):
-            if not fits(S[g] + si, M[g]):
-                continue
-            resid = T * M[g] - (load[g] + wi + T * si)
-            if parametric and resid < -EPS:
-                continue
-            free_after = M[g] - (S[g] + si)
-            if pol == RESID:
-                key[0], key[1] = resid, -free_after
-                nk = 2
-            elif pol == FIRST_FIT:
-                nk = 0
-            else:
-                newlocal = safe_div(W[g] + wi, free_after)
-                if pol == MOST_FREE or pol == BEST_FIT:
-                    key[0] = -free_after if pol == MOST_FREE else free_after
-                    key[1] = newlocal
-                    nk = 2
-                else:
-                    newmax = max(newlocal, _max_excluding(t3, g, g))
-                    if pol == MINMAX:
-                        key[0], key[1], key[2], key[3] = newmax, newlocal, resid, -free_after
-                        nk = 4
-                    else:
-                        J = newmax / Tf + a * newlocal / Tf + 0.05 * abs((S[g] + si) / M[g] - mean_frac)
-                        key[0], key[1], key[2], key[3], key[4] = J, newmax, newlocal, resid, -free_after
-                        nk = 5
-            if best_g < 0 or _lex_less(key, best, nk):
-                best_g = g
-                best[:] = key
+        best_g = choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best)
         if best_g < 0:
             return False
         g = best_g

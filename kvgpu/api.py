@@ -34,13 +34,11 @@ def _check(backend: str, mode: str, effort: int, exact: bool, exact_work: int) -
         raise ValueError(f"mode {mode!r} is not available; choose one of {MODES}")
     rounds = _nonneg_int(effort, "effort") if mode == "search" else 0
     work = _nonneg_int(exact_work, "exact_work") if exact else 0
-    if mode == "seed" and not exact:
-        return backends.resolve(backend), 0, 0
-    used = backends.resolve("numba" if backend == "auto" else backend)
-    if used != "numba":
-        what = "mode 'search'" if mode == "search" else "exact=True"
-        raise backends.BackendUnavailable(f"{what} runs on the numba backend, not {used!r} "
-                                          f"(use backend='numba' or 'auto', or mode='seed')")
+    used = backends.resolve(backend)
+    if (rounds or work) and not backends.probe()["numba"][0]:
+        what = "mode 'search'" if rounds else "exact=True"
+        raise backends.BackendUnavailable(f"{what} runs in numba kernels: {backends.probe()['numba'][1]} "
+                                          f"(or use mode='seed')")
     return used, rounds, work
 
 
@@ -243,8 +241,8 @@ _OPTIONS_DOC = """
     ``mode="seed"`` runs the seed pipeline exactly.  ``exact=True`` then proves optimality
     (:mod:`kvgpu.kernels.exact`) with at most ``exact_work`` search nodes / DP states per
     instance: the lower bound becomes the proven one, equal to ``max_kvpr`` when optimal.
-    ``backend``: "numpy", "numba", "cuda" or "auto" (see :mod:`kvgpu.backends`) for the seed
-    pipeline; search and proof run in numba kernels (backend "auto" or "numba")."""
+    ``backend``: "numpy", "numba", "cuda" or "auto" (see :mod:`kvgpu.backends`) runs the seed
+    pipeline; search and proof always run in numba CPU kernels after it."""
 
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",

@@ -2,7 +2,8 @@
 
 ``numpy``  the array engine (:mod:`kvgpu.batch`), always available.
 ``numba``  compiled CPU kernels (:mod:`kvgpu.kernels.cpu`), one instance per thread.
-``cuda``   CuPy arrays + numba CUDA kernels: not part of this version yet.
+``cuda``   CuPy arrays + numba CUDA kernels (:mod:`kvgpu.cuda_engine`); needs the ``gpu`` extra and a
+           CUDA device.
 ``auto``   cuda if usable, else numba if importable, else numpy; never raises.
 
 The probe is cached and exception-safe: a broken optional install makes a backend
@@ -33,11 +34,40 @@ def probe() -> dict[str, tuple[bool, str]]:
         out["numba"] = (True, f"numba {numba.__version__}")
     except Exception as e:  # noqa: BLE001 -- any failure to import means "not usable"
         out["numba"] = (False, f"numba is not importable ({type(e).__name__}: {e}); pip install numba")
-    if os.environ.get("KVGPU_DISABLE_GPU") == "1":
-        out["cuda"] = (False, "disabled by KVGPU_DISABLE_GPU=1")
-    else:
-        out["cuda"] = (False, "the CUDA backend (CuPy + numba CUDA kernels) is not implemented in this version")
+    out["cuda"] = _probe_cuda()
     return out
+
+
+def _probe_cuda() -> tuple[bool, str]:
+    """Usable only with a real device, CuPy and numba's CUDA target; any failure says why.
+    Under the CUDA simulator ``numba.cuda.is_available()`` is True but there is no device, and
+    without a driver CuPy imports but its calls raise, so each step is tried, not assumed."""
+    if os.environ.get("KVGPU_DISABLE_GPU") == "1":
+        return False, "disabled by KVGPU_DISABLE_GPU=1"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False, "NUMBA_ENABLE_CUDASIM=1: numba's CUDA simulator is for tests, not a device"
+    try:
+        cupy = importlib.import_module("cupy")
+    except Exception as e:  # noqa: BLE001
+        return False, f"cupy is not importable ({type(e).__name__}); pip install 'kvgpu[gpu]'"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "no CUDA device"
+        int(cupy.arange(3).sum())  # a context and a kernel actually work
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Exception as e:  # noqa: BLE001
+        return False, f"no usable CUDA device ({type(e).__name__}: {e})"
+    try:
+        from numba import cuda
+
+        if not cuda.is_available():
+            return False, "numba's CUDA target finds no device (pip install 'kvgpu[gpu]' for numba-cuda)"
+        importlib.import_module("kvgpu.kernels.gpu")
+    except Exception as e:  # noqa: BLE001
+        return False, f"numba's CUDA target is not usable ({type(e).__name__}: {e}); pip install 'kvgpu[gpu]'"
+    return True, f"{name}, cupy {cupy.__version__}"
 
 
 def resolve(backend: str) -> str:
@@ -58,6 +88,8 @@ def solve_seed(batch, backend: str):
     """The seed pipeline on ``batch`` with a concrete backend: ``(assign (B, N), pos (B, N))``."""
     if backend == "numba":
         from kvgpu.numba_engine import solve_seed as run
+    elif backend == "cuda":
+        from kvgpu.cuda_engine import solve_seed as run
     else:
         from kvgpu.batch.pipeline import solve_seed as run
     return run(batch)

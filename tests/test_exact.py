@@ -95,5 +95,5 @@ def test_heterogeneous_gpus_are_certified_by_search():
 def test_exact_options_are_checked():
     with pytest.raises(ValueError, match="exact_work must be a non-negative integer"):
         kvgpu.solve([[10, 1, 1]], 1, exact=True, exact_work=-5)
-    with pytest.raises(kvgpu.BackendUnavailable, match="exact=True runs on the numba backend"):
-        kvgpu.solve([[10, 1, 1]], 1, mode="seed", exact=True, backend="numpy")
+    with pytest.raises(ValueError, match="backend 'gpu' is unknown"):
+        kvgpu.solve([[10, 1, 1]], 1, exact=True, backend="gpu")

@@ -49,9 +49,12 @@ def test_effort_zero_is_the_seed(family):
     assert (a.assignment == b.assignment).all()
 
 
-def test_search_needs_numba_and_a_valid_effort():
-    with pytest.raises(kvgpu.BackendUnavailable, match="mode 'search' runs on the numba backend"):
-        kvgpu.solve([[10, 1, 1]], 1, backend="numpy")
+def test_search_after_any_seed_backend_and_a_valid_effort():
+    """The backend runs the seed pipeline; search continues from its placement (numba)."""
+    models = np.array([[8 + 3 * (i % 7), 1 + i % 5, 1 + i % 3] for i in range(30)], float)
+    a = kvgpu.solve(models, 10, backend="numpy", effort=10)
+    b = kvgpu.solve(models, 10, backend="numba", effort=10)
+    assert a.assignment.tolist() == b.assignment.tolist() and a.backend == "numpy"
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="effort must be a non-negative integer"):
             kvgpu.solve([[10, 1, 1]], 1, mode="search", effort=bad)

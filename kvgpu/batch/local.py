@@ -10,6 +10,7 @@ Scan order and tie-breaking are those of :mod:`kvgpu.reference`.
 
 from __future__ import annotations
 
+from kvgpu.batch import hooks
 from kvgpu.batch.arrays import quiet_fp, argsort_stable, first_of_min, inverse_perm, max_excluding, sort_desc, top3
 from kvgpu.batch.state import Batch, gpu_loads, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array, transfer_loads, transfer_new_max_array
@@ -53,6 +54,9 @@ class LaneState:
         """New global max and memory fit of transfers: model ``a`` src -> dst and, where ``b >= 0``,
         model ``b`` dst -> src.  All id arrays broadcast to one shape (L', ...)."""
         xp, bt = self.xp, self.b
+        kernel = hooks.KERNELS["transfers"]
+        if kernel is not None:  # the CUDA kernel (kvgpu.kernels.gpu), same values
+            return kernel(xp, self.S, self.W, bt.gpu_mem, bt.sizes, bt.demand, lanes, t3, src, dst, a, b)
         # each id array is gathered at its own (broadcastable) shape; arithmetic broadcasts
         if b.size == 1:
             b = xp.broadcast_to(b, (lanes.shape[0],) + (1,) * (b.ndim - 1))

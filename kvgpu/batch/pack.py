@@ -9,6 +9,7 @@ as :func:`kvgpu.reference.pack` does one lane at a time.
 from __future__ import annotations
 
 from kvgpu.batch import bounds as bb
+from kvgpu.batch import hooks
 from kvgpu.batch.arrays import quiet_fp, argsort_stable, inverse_perm, lex_argmin, max_excluding, seq_sum, sort_desc, top3
 from kvgpu.batch.state import Batch, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array
@@ -112,6 +113,10 @@ class _Lanes:
 
 def _choose(xp, ln: _Lanes, k, s, w):
     """GPU per lane for the model ``(s, w)`` (L,) under each lane's policy; ``(g, any)``."""
+    kernel = hooks.KERNELS["choose"]
+    if kernel is not None:  # the CUDA kernel (kvgpu.kernels.gpu), same decisions
+        return kernel(xp, ln.St, ln.Wt, ln.loadt, ln.kvt, ln.Mt, ln.M_total, ln.n_gpus, ln.T, ln.policy, ln.nmf, k,
+                      s, w)
     Sa = ln.St + s
     fit = ln.gm & fits(Sa, ln.Mt)
     free = ln.Mt - Sa
