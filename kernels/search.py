@@ -29,6 +29,8 @@ njit = numba.njit(cache=True)
 overflow = numba.njit(cache=True, inline="always")(deltas.overflow)
 
 INF = np.inf
+#: ``cur`` argument of :func:`repair` when no move budget applies.
+NO_CUR = np.empty(0, np.int64)
 CAP_SLACK = params.CAP_SLACK
 #: Two deltas closer than this are ties (broken at random).
 TIE = 1e-12
@@ -123,6 +125,12 @@ def _pick_overflowing(A, M, state):
 
 
 @numba.njit(cache=True, inline="always")
+def _moved(cur, i, g):
+    """1 if model ``i`` on GPU ``g`` is away from its current GPU ``cur[i]`` (new models: never)."""
+    return 1 if cur[i] >= 0 and g != cur[i] else 0
+
+
+@numba.njit(cache=True, inline="always")
 def _tie_take(d, best_d, ties, state):
     """Keep candidate ``d`` over the best so far? Strictly better wins; equal ones are kept
     with probability 1/ties (a uniform pick among equals).  Returns ``(take, ties)``."""
@@ -135,7 +143,7 @@ def _tie_take(d, best_d, ties, state):
 
 
 @njit
-def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem):
+def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem, cur, K):
     """Try to bring every GPU to KVPR <= ``T``; in place, True on success.
 
     At a target ``T`` a GPU's KVPR is ``<= T`` iff its load ``A = S + W / T`` is at most its
@@ -146,7 +154,8 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
     around is how it leaves local minima.  A model may not return to the GPU it left for a few
     steps unless that gives the lowest (unweighted) overflow so far; at a local minimum the
     weights of the overflowing GPUs grow (breakout), so overflow is pushed to other GPUs.
-    ``steps`` bounds the work.
+    ``steps`` bounds the work.  With ``K >= 0`` at most ``K`` models may end on another GPU
+    than ``cur`` (n,) gives (-1: a new model, free to go anywhere): re-placement.
 
     Scratch: ``tabu_gpu``, ``tabu_until``, ``mem`` (n,) int64; ``S``, ``W``, ``A``, ``wgt`` (G,).
     """
@@ -165,6 +174,10 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
     best_F = F
     tabu_until[:] = -1
     stamp = pos.max() + 1
+    moved = 0
+    if K >= 0:
+        for i in range(n):
+            moved += _moved(cur, i, assign[i])
     for step in range(steps):
         g = _pick_overflowing(A, M, state)
         if g < 0:
@@ -176,7 +189,7 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
                 m += 1
         og = overflow(A[g], M[g] + CAP_SLACK)
         best_d = INF
-        best_raw = 0.0
+        best_extra = 0
         bi, bj, bh, ties = -1, -1, -1, 0
         for p in range(m):
             i = mem[p]
@@ -194,6 +207,13 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
                     tabu = (tabu_gpu[i] == h and tabu_until[i] > step) or (tabu_gpu[j] == g and tabu_until[j] > step)
                 if h == g or not (fits(S[g] - s[i] + sj, M[g]) and fits(S[h] - sj + s[i], M[h])):
                     continue
+                extra = 0
+                if K >= 0:
+                    extra = _moved(cur, i, h) - _moved(cur, i, g)
+                    if j >= 0:
+                        extra += _moved(cur, j, g) - _moved(cur, j, h)
+                    if moved + extra > K:
+                        continue
                 dg = overflow(A[g] - ai + aj, M[g] + CAP_SLACK) - og
                 dh = overflow(A[h] - aj + ai, M[h] + CAP_SLACK) - overflow(A[h], M[h] + CAP_SLACK)
                 if tabu and not F + dg + dh < best_F - TIE:
@@ -201,7 +221,7 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
                 d = wgt[g] * dg + wgt[h] * dh
                 take, ties = _tie_take(d, best_d, ties, state)
                 if take:
-                    best_d, best_raw, bi, bj, bh = d, dg + dh, i, j, h
+                    best_d, best_extra, bi, bj, bh = d, extra, i, j, h
         if bi < 0:
             return False
         if best_d >= -TIE:  # no improving step: a local minimum of the weighted overflow
@@ -224,6 +244,7 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
             tabu_gpu[bj] = bh
             tabu_until[bj] = step + tenure
         stamp += 2
+        moved += best_extra
         F = 0.0
         for h in range(G):
             F += overflow(A[h], M[h] + CAP_SLACK)
@@ -277,7 +298,7 @@ def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, sc):
 
 
 @njit
-def improve_instance(s, w, M, lb, assign, pos, effort, seed):
+def improve_instance(s, w, M, lb, assign, pos, effort, seed, cur=NO_CUR, K=-1):
     """``effort`` search rounds from the placement ``assign``/``pos`` (in place; the result is
     never worse).  The random stream starts from ``seed`` alone, so an instance gets the same
     answer whatever batch it is solved in.
@@ -288,6 +309,10 @@ def improve_instance(s, w, M, lb, assign, pos, effort, seed):
     (2) one round of iterated local search: perturb the best placement and re-optimise it with
     the seed's ``improve_local`` / ``refine_peak``.  Rounds stop within ``STOP_GAP`` of ``lb`` or after
     ``PATIENCE`` rounds without a better placement.
+
+    With a move budget (``K >= 0``, models away from ``cur`` counted as in :func:`repair`) only
+    the repair runs, always from the best placement: fresh packings and the seed's local search
+    know nothing of the budget.
     """
     n = s.shape[0]
     G = M.shape[0]
@@ -319,15 +344,17 @@ def improve_instance(s, w, M, lb, assign, pos, effort, seed):
         if U > 0.0:
             T = max((U if U < INF else lb * 1e6) * (1.0 - frac), lb)
             if T > 0.0:
-                if not (it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A)):
+                if not (K < 0 and it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A)):
                     cur_a[:] = assign
                     cur_p[:] = pos
-                if repair(s, w, M, cur_a, cur_p, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem):
+                if repair(s, w, M, cur_a, cur_p, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem, cur, K):
                     if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, sc):
                         last_gain = it + 1
                     frac = min(frac * 2.0, FRAC_MAX)
                 else:
                     frac = max(frac * 0.5, FRAC_MIN)
+        if K >= 0:
+            continue
         cur_a[:] = assign
         cur_p[:] = pos
         _perturb(s, w, M, cur_a, cur_p, 1 + it % 3, state)

@@ -61,6 +61,8 @@ class Placement:
     lower_bound: float
     mode: str = "search"
     backend: str = "numba"
+    #: migrations ``(model, from, to)`` when the placement is a re-placement (:func:`kvgpu.replan`)
+    moves: list = field(default_factory=list)
     used: np.ndarray = field(init=False, repr=False)
     demand: np.ndarray = field(init=False, repr=False)
 
@@ -114,7 +116,8 @@ class Placement:
                          "models": [self._name(i) for i in idx]})
         return {"max_kvpr": _json_float(self.max_kvpr), "lower_bound": _json_float(self.lower_bound),
                 "gap": _json_float(self.gap),
-                "proven_optimal": self.proven_optimal, "mode": self.mode, "backend": self.backend,
+                "proven_optimal": self.proven_optimal, "mode": self.mode,
+                "moves": [list(m) for m in self.moves], "backend": self.backend,
                 "assignment": self.assignment.tolist(), "gpus": gpus}
 
     def __str__(self) -> str:
@@ -124,6 +127,8 @@ class Placement:
             mem = self.instance.gpu_mem[g]
             rows.append(f"{g:>4} {mem:>7.1f} {self.used[g]:>8.1f} {mem - self.used[g]:>8.1f} "
                         f"{self.demand[g]:>9.4f} {self.kvpr[g]:>10.6f}  {', '.join(self._name(i) for i in idx)}")
+        if self.moves:
+            rows.append(f"moves ({len(self.moves)}): " + ", ".join(f"{m} {a}->{b}" for m, a, b in self.moves))
         rows.append(f"max KVPR {self.max_kvpr:.6f}   lower bound {self.lower_bound:.6f}   "
                     f"gap {100 * self.gap:.2f}%   {'optimal (proven)   ' if self.proven_optimal else ''}"
                     f"({self.instance.n_models} models, {self.instance.n_gpus} GPUs, mode={self.mode}, "
@@ -262,12 +267,22 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM,
           backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT, seed: int = 0,
-          exact: bool = False, exact_work: int = DEFAULT_EXACT_WORK) -> Placement:
+          exact: bool = False, exact_work: int = DEFAULT_EXACT_WORK, current: Sequence[int] | None = None,
+          max_moves: int | None = None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size``, ``req_rate``, ``slo`` (and optionally a
-    name), or an (N, 3) array.  Raises :class:`kvgpu.InvalidInstance` for bad input.
+    name), a pandas DataFrame with those columns, or an (N, 3) array.  Raises
+    :class:`kvgpu.InvalidInstance` for bad input.
+
+    ``max_moves=K`` re-places instead: from ``current`` (each model's GPU now, -1 if new; default
+    the models' ``cur_gpu_id``), moving at most ``K`` models; see :func:`kvgpu.replan.replan`.
     """
+    if max_moves is not None or current is not None:
+        from kvgpu.replan import replan
+        if max_moves is None:
+            raise ValueError("current= needs max_moves= (how many models may move)")
+        return replan(models, gpus, current=current, max_moves=max_moves, gpu_mem=gpu_mem, effort=effort, seed=seed)
     used, rounds, work = _check(backend, mode, effort, exact, exact_work)
     inst = make_instance(models, gpus, gpu_mem)
     assign, kv, _, lb = _run(batch_from_instances([inst]), used, rounds, seed, work)

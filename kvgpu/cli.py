@@ -1,4 +1,4 @@
-"""Command line: ``kvgpu solve FILE``, ``kvgpu certify FILE``, ``kvgpu demo``, ``kvgpu info``."""
+"""Command line: ``kvgpu solve|certify|replan FILE``, ``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from importlib import resources
 from kvgpu import backends
 from kvgpu.api import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, solve
 from kvgpu.backends import BACKENDS
-from kvgpu.io import read_models
+from kvgpu.io import read_models, write_placement
 from kvgpu.problem import InvalidInstance, NoPlacementFound
 
 
@@ -37,6 +37,7 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
                    help="work limit of the proof: search nodes / DP states per instance")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
+    p.add_argument("--out", help="also write the placement to this .json or .csv file")
 
 
 def _solve_and_print(models, opts, args, header: str | None = None) -> int:
@@ -44,8 +45,13 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
-    placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
-                      seed=args.seed, exact=args.exact or args.cmd == "certify", exact_work=args.exact_work)
+    if args.cmd == "replan":
+        placement = solve(models, gpus, gpu_mem=gpu_mem, max_moves=args.max_moves, effort=args.effort, seed=args.seed)
+    else:
+        placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
+                          seed=args.seed, exact=args.exact or args.cmd == "certify", exact_work=args.exact_work)
+    if args.out:
+        write_placement(placement, args.out)
     # nothing is printed before the solve succeeded
     if args.json:
         print(json.dumps(placement.to_dict(), indent=1))
@@ -67,6 +73,11 @@ def main(argv=None) -> int:
                         "otherwise the proven interval within --exact-work)")
     pc.add_argument("file", help="as for solve")
     _add_solve_options(pc)
+    pr = sub.add_parser("replan", help="re-place a running cluster: models carry cur_gpu_id (-1 if new); "
+                        "at most --max-moves of them move")
+    pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
+    pr.add_argument("--max-moves", type=int, required=True, help="most models that may change GPU")
+    _add_solve_options(pr)
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
@@ -75,7 +86,7 @@ def main(argv=None) -> int:
         print(backends.info())
         return 0
     try:
-        if args.cmd in ("solve", "certify"):
+        if args.cmd in ("solve", "certify", "replan"):
             models, opts = read_models(args.file)
         else:
             data = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())

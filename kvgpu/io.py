@@ -1,4 +1,5 @@
-"""Reading model lists from files, with errors that name the file, the row and the field."""
+"""Model lists in (JSON, CSV, YAML) and placements out (JSON, CSV), with errors that name the
+file, the line or row, and the field."""
 
 from __future__ import annotations
 
@@ -25,13 +26,19 @@ def _row(raw: dict, where: str) -> dict:
             out[f] = float(v)
         except (TypeError, ValueError):
             raise InvalidInstance(f"{where}: field {f!r} must be a number, got {v!r}") from None
+    cur = row.get("cur_gpu_id")
+    if cur is not None and not (isinstance(cur, str) and not cur.strip()):
+        try:
+            out["cur_gpu_id"] = int(str(cur).strip())
+        except ValueError:
+            raise InvalidInstance(f"{where}: field 'cur_gpu_id' must be a GPU id or -1 (new), got {cur!r}") from None
     return out
 
 
 def read_models(path: str | Path) -> tuple[list[dict], dict]:
-    """Models from a JSON file (a list of objects, or ``{"models": [...], "gpus": .., "gpu_mem": ..}``)
-    or a CSV file with a header row (``name,size,req_rate,slo``).  Returns ``(models, options)``
-    where ``options`` holds ``gpus`` / ``gpu_mem`` if the JSON file gives them."""
+    """Models from a JSON or YAML file (a list of objects, or ``{"models": [...], "gpus": ..,
+    "gpu_mem": ..}``) or a CSV file with a header row (``name,size,req_rate,slo``).  Returns
+    ``(models, options)`` where ``options`` holds ``gpus`` / ``gpu_mem`` if the file gives them."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -42,10 +49,13 @@ def read_models(path: str | Path) -> tuple[list[dict], dict]:
         if reader.fieldnames is None:
             raise InvalidInstance(f"{p}: empty CSV file (need a header row name,size,req_rate,slo)")
         return [_row(r, f"{p}, line {reader.line_num}") for r in reader], {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidInstance(f"{p}, line {e.lineno}: invalid JSON ({e.msg})") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        data = _load_yaml(text, p)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidInstance(f"{p}, line {e.lineno}: invalid JSON ({e.msg})") from None
     opts = {}
     if isinstance(data, dict):
         opts = {k: data[k] for k in ("gpus", "gpu_mem") if k in data}
@@ -53,3 +63,47 @@ def read_models(path: str | Path) -> tuple[list[dict], dict]:
     if not isinstance(data, list):
         raise InvalidInstance(f"{p}: expected a list of models (or an object with a 'models' list)")
     return [_row(r, f"{p}, model {i}") for i, r in enumerate(data)], opts
+
+
+def _load_yaml(text: str, p: Path):
+    try:
+        import yaml
+    except ImportError:
+        raise InvalidInstance(f"{p}: reading YAML needs PyYAML (pip install pyyaml)") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise InvalidInstance(f"{p}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def placement_rows(placement) -> list[dict]:
+    """One row per model, in input order: name, gpu, size, req_rate/slo demand, and its GPU's
+    memory, used memory and KVPR."""
+    inst = placement.instance
+    rows = []
+    for i, g in enumerate(placement.assignment.tolist()):
+        rows.append({"model": placement._name(i), "gpu": g, "model_size": float(inst.sizes[i]),
+                     "demand": float(inst.demand[i]), "gpu_memory": float(inst.gpu_mem[g]),
+                     "gpu_used": float(placement.used[g]), "gpu_kvpr": float(placement.kvpr[g])})
+    return rows
+
+
+def write_placement(placement, path: str | Path) -> None:
+    """Write a placement as JSON (``Placement.to_dict()``) or CSV (:func:`placement_rows`), by the
+    file's suffix; written to a temporary file first, so a failure leaves nothing half-written."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise ValueError(f"{p}: placements are written as .json or .csv, not {suffix or 'no suffix'!r}")
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if suffix == ".json":
+            json.dump(placement.to_dict(), f, indent=1)
+        else:
+            rows = placement_rows(placement)
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model", "gpu"])
+            w.writeheader()
+            w.writerows(rows)
+    tmp.replace(p)

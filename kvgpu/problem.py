@@ -114,7 +114,10 @@ def gpu_memory(gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM) ->
 
 
 def _rows(models: Any) -> Iterable[tuple[Any, Any, Any, Any, Any]]:
-    """Yield ``(obj, name, size, req_rate, slo)`` from objects, dicts or an (N, 3) array."""
+    """Yield ``(obj, name, size, req_rate, slo)`` from objects, dicts, a pandas DataFrame (one
+    row per model, columns as the dict keys) or an (N, 3) array."""
+    if hasattr(models, "columns") and hasattr(models, "to_dict"):  # a DataFrame, without importing pandas
+        models = models.to_dict("records")
     if isinstance(models, np.ndarray) or (
         isinstance(models, (list, tuple)) and models and isinstance(models[0], (list, tuple, np.ndarray))
     ):
@@ -144,7 +147,7 @@ def make_instance(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
 
     ``models``: objects with attributes ``model_size``, ``req_rate``, ``slo`` (and
     optionally ``model_name``), dicts with those keys (``size`` and ``name`` are
-    accepted too), or an array of shape ``(N, 3)``.  Raises
+    accepted too), a pandas DataFrame with those columns, or an array of shape ``(N, 3)``.  Raises
     :class:`InvalidInstance` naming the model and the rule it breaks.
     """
     mem = gpu_memory(gpus, gpu_mem)
