@@ -38,6 +38,7 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
                    help="work limit of the proof: search nodes / DP states per instance")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
     p.add_argument("--out", help="also write the placement to this .json or .csv file")
+    p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file")
 
 
 def _solve_and_print(models, opts, args, header: str | None = None) -> int:
@@ -52,6 +53,9 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
                           seed=args.seed, exact=args.exact or args.cmd == "certify", exact_work=args.exact_work)
     if args.out:
         write_placement(placement, args.out)
+    if args.plot:
+        from kvgpu import plot
+        plot.placement(placement, args.plot)
     # nothing is printed before the solve succeeded
     if args.json:
         print(json.dumps(placement.to_dict(), indent=1))
@@ -59,6 +63,26 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
         print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g}")
     else:
         print(f"# {header}\n{placement}" if header else placement)
+    return 0
+
+
+def _sweep(args) -> int:
+    from kvgpu import sweep
+
+    client = sweep.dask_client(args.dask, args.dask_local) if (args.dask or args.dask_local) else None
+    try:
+        df = sweep.run(args.spec, args.out, client=client, progress=not args.no_progress)
+    finally:
+        if client is not None:
+            client.close()
+    print(f"{len(df)} rows in {args.out}")
+    if len(df):
+        summary = df.groupby(["gpus", "mode", "effort"]).agg(instances=("key", "size"), gap_mean=("gap", "mean"),
+                                                             gap_worst=("gap", "max"), s_per_instance=("time_s", "mean"))
+        print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
+    if args.plot and len(df):
+        from kvgpu import plot
+        plot.sweep(df, args.plot)
     return 0
 
 
@@ -78,6 +102,16 @@ def main(argv=None) -> int:
     pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
     pr.add_argument("--max-moves", type=int, required=True, help="most models that may change GPU")
     _add_solve_options(pr)
+    pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
+                        "re-running resumes")
+    pw.add_argument("spec", help="YAML: gpus, gpu_mem, models_per_gpu, sizes, popularity, seeds, mode, effort, "
+                    "batch_size, backend")
+    pw.add_argument("--out", required=True, help="Parquet folder (created; existing rows are kept and skipped)")
+    where = pw.add_mutually_exclusive_group()
+    where.add_argument("--dask", metavar="tcp://HOST:PORT", help="run the batches on this Dask scheduler")
+    where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N workers")
+    pw.add_argument("--plot", help="draw gap and time against cluster size to this image file")
+    pw.add_argument("--no-progress", action="store_true", help="no progress bar")
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
@@ -86,6 +120,8 @@ def main(argv=None) -> int:
         print(backends.info())
         return 0
     try:
+        if args.cmd == "sweep":
+            return _sweep(args)
         if args.cmd in ("solve", "certify", "replan"):
             models, opts = read_models(args.file)
         else:
