@@ -29,8 +29,6 @@ njit = numba.njit(cache=True)
 overflow = numba.njit(cache=True, inline="always")(deltas.overflow)
 
 INF = np.inf
-#: ``cur`` argument of :func:`repair` when no move budget applies.
-NO_CUR = np.empty(0, np.int64)
 CAP_SLACK = params.CAP_SLACK
 #: Two deltas closer than this are ties (broken at random).
 TIE = 1e-12
@@ -124,6 +122,31 @@ def _pick_overflowing(A, M, state):
     return -1
 
 
+def no_rules(n):
+    """``rules`` for :func:`repair` / :func:`improve_instance` with nothing to respect."""
+    return (np.empty(0, np.int64), -1, np.empty((0, 0), np.uint8), np.empty(0, np.int64))
+
+
+@njit
+def _group_counts(group, assign, G):
+    """``counts[k, g]``: models of group ``k`` on GPU ``g`` ((0, G) when there are no groups)."""
+    k = 0
+    for i in range(group.shape[0]):
+        k = max(k, group[i] + 1)
+    counts = np.zeros((k, G), np.int64)
+    for i in range(group.shape[0]):
+        if group[i] >= 0:
+            counts[group[i], assign[i]] += 1
+    return counts
+
+
+@numba.njit(cache=True, inline="always")
+def _shift(counts, k, src, dst):
+    if k >= 0:
+        counts[k, src] -= 1
+        counts[k, dst] += 1
+
+
 @numba.njit(cache=True, inline="always")
 def _moved(cur, i, g):
     """1 if model ``i`` on GPU ``g`` is away from its current GPU ``cur[i]`` (new models: never)."""
@@ -143,7 +166,7 @@ def _tie_take(d, best_d, ties, state):
 
 
 @njit
-def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem, cur, K):
+def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
     """Try to bring every GPU to KVPR <= ``T``; in place, True on success.
 
     At a target ``T`` a GPU's KVPR is ``<= T`` iff its load ``A = S + W / T`` is at most its
@@ -154,13 +177,23 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
     around is how it leaves local minima.  A model may not return to the GPU it left for a few
     steps unless that gives the lowest (unweighted) overflow so far; at a local minimum the
     weights of the overflowing GPUs grow (breakout), so overflow is pushed to other GPUs.
-    ``steps`` bounds the work.  With ``K >= 0`` at most ``K`` models may end on another GPU
-    than ``cur`` (n,) gives (-1: a new model, free to go anywhere): re-placement.
+    ``steps`` bounds the work.
 
-    Scratch: ``tabu_gpu``, ``tabu_until``, ``mem`` (n,) int64; ``S``, ``W``, ``A``, ``wgt`` (G,).
+    ``rules = (cur, K, allowed, group)`` (see :func:`no_rules`): with ``K >= 0`` at most ``K``
+    models may end on another GPU than ``cur`` (n,) gives (-1: a new model, free to go anywhere),
+    as re-placement needs; ``allowed`` (n, G) uint8 (or empty) says where each model may go
+    (pins, forbidden GPUs); models with the same ``group`` id >= 0 (n,) (or empty) must sit on
+    distinct GPUs (tensor-parallel shards, replicas).  The start must satisfy the rules.
+
+    ``scratch = (tabu_gpu, tabu_until, mem)`` (n,) int64 and ``(S, W, A, wgt)`` (G,) float.
     """
     n = s.shape[0]
     G = M.shape[0]
+    tabu_gpu, tabu_until, mem, S, W, A, wgt = scratch
+    cur, K, allowed, group = rules
+    pinned = allowed.shape[0] > 0
+    gcount = _group_counts(group, assign, G)
+    grouped = group.shape[0] > 0
     S[:] = 0.0
     W[:] = 0.0
     for i in range(n):
@@ -207,6 +240,13 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
                     tabu = (tabu_gpu[i] == h and tabu_until[i] > step) or (tabu_gpu[j] == g and tabu_until[j] > step)
                 if h == g or not (fits(S[g] - s[i] + sj, M[g]) and fits(S[h] - sj + s[i], M[h])):
                     continue
+                if pinned and not (allowed[i, h] and (j < 0 or allowed[j, g])):
+                    continue
+                if grouped:
+                    gi = group[i]
+                    gj = group[j] if j >= 0 else -1
+                    if (gi >= 0 and (gi == gj or gcount[gi, h] > 0)) or (gj >= 0 and gcount[gj, g] > 0):
+                        continue
                 extra = 0
                 if K >= 0:
                     extra = _moved(cur, i, h) - _moved(cur, i, g)
@@ -234,6 +274,10 @@ def repair(s, w, M, assign, pos, T, steps, state, tabu_gpu, tabu_until, S, W, A,
         A[g] = S[g] + W[g] / T
         A[bh] = S[bh] + W[bh] / T
         tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
+        if grouped:
+            _shift(gcount, group[bi], g, bh)
+            if bj >= 0:
+                _shift(gcount, group[bj], bh, g)
         assign[bi] = bh
         pos[bi] = stamp
         tabu_gpu[bi] = g
@@ -298,7 +342,7 @@ def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, sc):
 
 
 @njit
-def improve_instance(s, w, M, lb, assign, pos, effort, seed, cur=NO_CUR, K=-1):
+def improve_instance(s, w, M, lb, assign, pos, effort, seed, rules):
     """``effort`` search rounds from the placement ``assign``/``pos`` (in place; the result is
     never worse).  The random stream starts from ``seed`` alone, so an instance gets the same
     answer whatever batch it is solved in.
@@ -310,9 +354,9 @@ def improve_instance(s, w, M, lb, assign, pos, effort, seed, cur=NO_CUR, K=-1):
     the seed's ``improve_local`` / ``refine_peak``.  Rounds stop within ``STOP_GAP`` of ``lb`` or after
     ``PATIENCE`` rounds without a better placement.
 
-    With a move budget (``K >= 0``, models away from ``cur`` counted as in :func:`repair`) only
-    the repair runs, always from the best placement: fresh packings and the seed's local search
-    know nothing of the budget.
+    With ``rules`` (see :func:`repair`: a move budget, pins, anti-affinity groups) only the
+    repair runs, always from the best placement: fresh packings and the seed's local search know
+    nothing of the rules.
     """
     n = s.shape[0]
     G = M.shape[0]
@@ -334,6 +378,8 @@ def improve_instance(s, w, M, lb, assign, pos, effort, seed, cur=NO_CUR, K=-1):
     wgt = np.empty(G)
     # a step scans ~ (n / G) models x (n + G) moves and swaps; cap an attempt's total scans
     per_step = max(1.0, n / G * (n + G))
+    restricted = rules[1] >= 0 or rules[2].shape[0] > 0 or rules[3].shape[0] > 0
+    scratch = (tabu_gpu, tabu_until, mem, S, W, A, wgt)
     steps = REPAIR_STEPS_BASE + min(REPAIR_STEPS_PER_MODEL * n, int(REPAIR_SCANS_PER_MODEL * n / per_step))
     frac = FRAC_START
     last_gain = 0
@@ -344,16 +390,16 @@ def improve_instance(s, w, M, lb, assign, pos, effort, seed, cur=NO_CUR, K=-1):
         if U > 0.0:
             T = max((U if U < INF else lb * 1e6) * (1.0 - frac), lb)
             if T > 0.0:
-                if not (K < 0 and it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A)):
+                if not (not restricted and it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A)):
                     cur_a[:] = assign
                     cur_p[:] = pos
-                if repair(s, w, M, cur_a, cur_p, T, steps, state, tabu_gpu, tabu_until, S, W, A, wgt, mem, cur, K):
+                if repair(s, w, M, cur_a, cur_p, T, steps, state, scratch, rules):
                     if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, sc):
                         last_gain = it + 1
                     frac = min(frac * 2.0, FRAC_MAX)
                 else:
                     frac = max(frac * 0.5, FRAC_MIN)
-        if K >= 0:
+        if restricted:
             continue
         cur_a[:] = assign
         cur_p[:] = pos
@@ -366,9 +412,11 @@ def improve_instance(s, w, M, lb, assign, pos, effort, seed, cur=NO_CUR, K=-1):
 
 
 @numba.njit(cache=True, parallel=True)
-def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, seed, assign, pos):
+def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, seed, assign, pos, rules):
     """:func:`improve_instance` for every instance of a compacted batch, in parallel.
-    ``lb`` (B,): a proven lower bound per instance; ``assign``/``pos`` (B, N) in and out."""
+    ``lb`` (B,): a proven lower bound per instance; ``assign``/``pos`` (B, N) in and out;
+    ``rules``: :func:`no_rules` (batches carry no pins or groups)."""
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
-        improve_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, seed)
+        improve_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, seed,
+                         rules)

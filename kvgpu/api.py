@@ -63,6 +63,9 @@ class Placement:
     backend: str = "numba"
     #: migrations ``(model, from, to)`` when the placement is a re-placement (:func:`kvgpu.replan`)
     moves: list = field(default_factory=list)
+    #: (n,) the model of each entry of ``assignment`` when models were expanded into shards and
+    #: replicas (:mod:`kvgpu.cluster`); None when entries are the models themselves
+    model_of: np.ndarray | None = None
     used: np.ndarray = field(init=False, repr=False)
     demand: np.ndarray = field(init=False, repr=False)
 
@@ -95,6 +98,21 @@ class Placement:
         return (f"optimum in [{self.lower_bound:.6g}, {self.max_kvpr:.6g}] "
                 f"(at most {100 * self.gap:.2f}% above it)")
 
+    def _count(self) -> str:
+        if self.model_of is None:
+            return f"{self.instance.n_models} models"
+        return f"{len(self.gpus_of_models())} models as {self.instance.n_models} shards/replicas"
+
+    def gpus_of_models(self) -> list[list[int]]:
+        """The GPU(s) of every input model: one for a plain model, ``tp * replicas`` for one
+        split into shards and replicas."""
+        if self.model_of is None:
+            return [[g] for g in self.assignment.tolist()]
+        out: list[list[int]] = [[] for _ in range(int(self.model_of.max()) + 1 if self.model_of.size else 0)]
+        for m, g in zip(self.model_of.tolist(), self.assignment.tolist()):
+            out[m].append(g)
+        return out
+
     def by_gpu(self) -> dict[int, list]:
         """``{gpu_id: [model, ...]}`` for every GPU (empty ones too), the caller's own objects."""
         out: dict[int, list] = {g: [] for g in range(self.instance.n_gpus)}
@@ -117,7 +135,8 @@ class Placement:
         return {"max_kvpr": _json_float(self.max_kvpr), "lower_bound": _json_float(self.lower_bound),
                 "gap": _json_float(self.gap),
                 "proven_optimal": self.proven_optimal, "mode": self.mode,
-                "moves": [list(m) for m in self.moves], "backend": self.backend,
+                "moves": [list(m) for m in self.moves],
+                **({"model_gpus": self.gpus_of_models()} if self.model_of is not None else {}), "backend": self.backend,
                 "assignment": self.assignment.tolist(), "gpus": gpus}
 
     def __str__(self) -> str:
@@ -131,7 +150,7 @@ class Placement:
             rows.append(f"moves ({len(self.moves)}): " + ", ".join(f"{m} {a}->{b}" for m, a, b in self.moves))
         rows.append(f"max KVPR {self.max_kvpr:.6f}   lower bound {self.lower_bound:.6f}   "
                     f"gap {100 * self.gap:.2f}%   {'optimal (proven)   ' if self.proven_optimal else ''}"
-                    f"({self.instance.n_models} models, {self.instance.n_gpus} GPUs, mode={self.mode}, "
+                    f"({self._count()}, {self.instance.n_gpus} GPUs, mode={self.mode}, "
                     f"backend={self.backend})")
         return "\n".join(rows)
 
@@ -283,11 +302,42 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
         if max_moves is None:
             raise ValueError("current= needs max_moves= (how many models may move)")
         return replan(models, gpus, current=current, max_moves=max_moves, gpu_mem=gpu_mem, effort=effort, seed=seed)
+    from kvgpu import cluster
+    if cluster.has_rules(models):
+        return _solve_with_rules(models, gpus, gpu_mem, mode, effort, seed, exact)
     used, rounds, work = _check(backend, mode, effort, exact, exact_work)
     inst = make_instance(models, gpus, gpu_mem)
     assign, kv, _, lb = _run(batch_from_instances([inst]), used, rounds, seed, work)
     a = assign[0, :inst.n_models].astype(np.int64)
     return Placement(inst, a, kv[0, :inst.n_gpus], float(lb[0]), mode=mode, backend=used)
+
+
+def _solve_with_rules(models, gpus, gpu_mem, mode, effort, seed, exact) -> Placement:
+    """Models with ``tp`` / ``replicas`` / ``pin`` / ``forbid`` (:mod:`kvgpu.cluster`)."""
+    from kvgpu import cluster
+    from kvgpu.kernels.rules import solve_with_rules
+
+    if mode != "search" or exact:
+        raise InvalidInstance("models with tp, replicas, pin or forbid are placed by mode='search' "
+                              "(the seed pipeline and exact=True know no such rules)")
+    rounds = _nonneg_int(effort, "effort")
+    ex = cluster.expand(models, gpus, gpu_mem)
+    inst = ex.items
+    b = batch_from_instances([inst])
+    lb = batch_bounds.lower_bound(b)
+    n = inst.n_models
+    assign, pos = np.empty(n, np.int64), np.empty(n, np.int64)
+    failed = solve_with_rules(inst.sizes, inst.demand, inst.gpu_mem, float(lb[0]), ex.allowed, ex.group, rounds,
+                              int(seed), assign, pos)
+    if failed >= 0:
+        raise NoPlacementFound(f"{inst.names[failed]}: no allowed GPU has room for it next to the models placed "
+                               f"before it (pins, forbidden GPUs and shards on distinct GPUs)", [0])
+    kv, max_kvpr = _objective(b, assign[None, :], pos[None, :])
+    lb = batch_bounds.binpacking_bound(b, lb, max_kvpr)
+    p = Placement(inst, assign, kv[0, :inst.n_gpus], float(min(lb[0], max_kvpr[0])), mode="search",
+                  backend="numba")
+    p.model_of = ex.model_of
+    return p
 
 
 solve_batch.__doc__ += _OPTIONS_DOC

@@ -26,6 +26,10 @@ def _row(raw: dict, where: str) -> dict:
             out[f] = float(v)
         except (TypeError, ValueError):
             raise InvalidInstance(f"{where}: field {f!r} must be a number, got {v!r}") from None
+    for key in ("tp", "replicas", "pin", "forbid"):  # cluster rules (kvgpu.cluster checks them)
+        v = row.get(key)
+        if v is not None and not (isinstance(v, str) and not v.strip()):
+            out[key] = v
     cur = row.get("cur_gpu_id")
     if cur is not None and not (isinstance(cur, str) and not cur.strip()):
         try:

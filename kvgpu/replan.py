@@ -75,8 +75,8 @@ def replan(models: Any, gpus: int, *, current: Sequence[int] | None = None, max_
     lb = batch_bounds.lower_bound(b)
     # then the repair search under the same budget (chains of moves the greedy descent misses)
     pos = np.arange(n, dtype=np.int64)
-    improve_instance(inst.sizes, inst.demand, inst.gpu_mem, float(lb[0]), assign, pos, int(effort), int(seed), cur,
-                     int(max_moves))
+    rules = (cur, int(max_moves), np.empty((0, 0), np.uint8), np.empty(0, np.int64))
+    improve_instance(inst.sizes, inst.demand, inst.gpu_mem, float(lb[0]), assign, pos, int(effort), int(seed), rules)
     kv, max_kvpr = _objective(b, assign[None, :], pos[None, :])
     lb = batch_bounds.binpacking_bound(b, lb, max_kvpr)
     p = Placement(inst, assign, kv[0, :inst.n_gpus], float(min(lb[0], max_kvpr[0])), mode="replan",
