@@ -27,8 +27,9 @@ def placement(p, path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * G + 2), 6), sharex=True)
     ax1.bar(x, p.used, color="#4c72b0", label="model weights")
     ax1.bar(x, p.instance.gpu_mem - p.used, bottom=p.used, color="#dd8452", alpha=0.6, label="free for KV cache")
-    ax1.set(ylabel="GB", title=f"{p.instance.n_models} models on {G} GPUs")
-    ax1.legend(loc="upper right", fontsize=8)
+    ax1.set(ylabel="GB")
+    ax1.set_title(f"{p._count()} on {G} GPUs", loc="left", fontsize=10)
+    ax1.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
     kv = np.where(np.isfinite(p.kvpr), p.kvpr, np.nan)
     worst = int(np.nanargmax(kv)) if np.isfinite(kv).any() else 0
     colors = ["#c44e52" if g == worst else "#55a868" for g in range(G)]
