@@ -15,35 +15,22 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from kvgpu.kernels.cpu import EPS, INF, _argmax_first, _kvprs, _max_excluding, _top3, fits, safe_div, transfer_loads
+from kvgpu.kernels.cpu import EPS, _argmax_first, _kvprs, _max_excluding, _top3, fits, safe_div, transfer_loads
+from kvgpu.kernels.rules import least_peak_gpu
+from kvgpu.kernels.search import _moved
 
 njit = numba.njit(cache=True)
-
-
-@njit
-def _cost(cur, i, g):
-    """1 if model ``i`` on GPU ``g`` counts as moved."""
-    return 1 if cur[i] >= 0 and g != cur[i] else 0
 
 
 @njit
 def place_new(s, w, M, cur, assign, S, W):
     """Put the new models (``cur == -1``) where the global max KVPR rises least; False if one fits
     nowhere.  ``assign`` starts as ``cur``; ``S``, ``W`` are the loads of the current models."""
-    G = M.shape[0]
-    order = np.argsort(-s, kind="mergesort")
-    for i in order:
+    anywhere = np.zeros(0, np.uint8)
+    for i in np.argsort(-s, kind="mergesort"):
         if cur[i] >= 0:
             continue
-        kv = _kvprs(S, W, M)
-        t3 = _top3(kv)
-        best, bg = INF, -1
-        for g in range(G):
-            if not fits(S[g] + s[i], M[g]):
-                continue
-            new = max(safe_div(W[g] + w[i], M[g] - S[g] - s[i]), _max_excluding(t3, g, g))
-            if bg < 0 or new < best:
-                best, bg = new, g
+        bg = least_peak_gpu(S, W, M, s[i], w[i], anywhere, anywhere)
         if bg < 0:
             return False
         assign[i] = bg
@@ -79,14 +66,14 @@ def replan_instance(s, w, M, cur, K, assign, steps):
         for a in range(n):
             if assign[a] != worst:
                 continue
-            ca = _cost(cur, a, worst)
+            ca = _moved(cur, a, worst)
             for b in range(-G, n):  # b < 0: move a to GPU b + G; else swap a with model b
                 d = b + G if b < 0 else assign[b]
                 if d == worst:
                     continue
                 s_in = s[b] if b >= 0 else 0.0
                 w_in = w[b] if b >= 0 else 0.0
-                extra = _cost(cur, a, d) - ca + ((_cost(cur, b, worst) - _cost(cur, b, d)) if b >= 0 else 0)
+                extra = _moved(cur, a, d) - ca + ((_moved(cur, b, worst) - _moved(cur, b, d)) if b >= 0 else 0)
                 if moved + extra > K:
                     continue
                 Ss, Ws, Sd, Wd = transfer_loads(S[worst], W[worst], S[d], W[d], s[a], w[a], s_in, w_in)

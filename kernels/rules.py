@@ -18,6 +18,23 @@ njit = numba.njit(cache=True)
 
 
 @njit
+def least_peak_gpu(S, W, M, si, wi, allowed, taken):
+    """The GPU where a model ``(si, wi)`` raises the global max KVPR least (first among equals),
+    among those it fits on in memory, ``allowed`` (G,) uint8 (empty: all) and not ``taken``
+    (G,) uint8 (empty: none); -1 if none."""
+    G = M.shape[0]
+    t3 = _top3(_kvprs(S, W, M))
+    best, bg = INF, -1
+    for g in range(G):
+        if not fits(S[g] + si, M[g]) or (allowed.shape[0] and not allowed[g]) or (taken.shape[0] and taken[g]):
+            continue
+        new = max(safe_div(W[g] + wi, M[g] - S[g] - si), _max_excluding(t3, g, g))
+        if bg < 0 or new < best:
+            best, bg = new, g
+    return bg
+
+
+@njit
 def greedy_start(s, w, M, allowed, group, assign):
     """Fill ``assign`` (n,); returns -1, or the first item that fits on no allowed GPU free of
     its group (then the rules, as far as this greedy order sees, leave it no room)."""
@@ -31,16 +48,9 @@ def greedy_start(s, w, M, allowed, group, assign):
     S = np.zeros(G)
     W = np.zeros(G)
     taken = np.zeros((n, G), np.uint8)  # taken[k, g]: group k already on GPU g
+    free = np.zeros(0, np.uint8)
     for i in order:
-        kv = _kvprs(S, W, M)
-        t3 = _top3(kv)
-        best, bg = INF, -1
-        for g in range(G):
-            if not allowed[i, g] or not fits(S[g] + s[i], M[g]) or (group[i] >= 0 and taken[group[i], g]):
-                continue
-            new = max(safe_div(W[g] + w[i], M[g] - S[g] - s[i]), _max_excluding(t3, g, g))
-            if bg < 0 or new < best:
-                best, bg = new, g
+        bg = least_peak_gpu(S, W, M, s[i], w[i], allowed[i], taken[group[i]] if group[i] >= 0 else free)
         if bg < 0:
             return i
         assign[i] = bg

@@ -122,7 +122,7 @@ def _pick_overflowing(A, M, state):
     return -1
 
 
-def no_rules(n):
+def no_rules():
     """``rules`` for :func:`repair` / :func:`improve_instance` with nothing to respect."""
     return (np.empty(0, np.int64), -1, np.empty((0, 0), np.uint8), np.empty(0, np.int64))
 

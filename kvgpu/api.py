@@ -312,6 +312,14 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     return Placement(inst, a, kv[0, :inst.n_gpus], float(lb[0]), mode=mode, backend=used)
 
 
+def finish_single(inst: Instance, b: Batch, assign, pos, simple_lb, mode: str) -> Placement:
+    """The :class:`Placement` of ``inst`` (``b`` its one-instance batch) placed by a numba kernel:
+    the objective, and the bin-packing bound raised from ``simple_lb`` (1,)."""
+    kv, max_kvpr = _objective(b, assign[None, :], pos[None, :])
+    lb = batch_bounds.binpacking_bound(b, simple_lb, max_kvpr)
+    return Placement(inst, assign, kv[0], float(min(lb[0], max_kvpr[0])), mode=mode, backend="numba")
+
+
 def _solve_with_rules(models, gpus, gpu_mem, mode, effort, seed, exact) -> Placement:
     """Models with ``tp`` / ``replicas`` / ``pin`` / ``forbid`` (:mod:`kvgpu.cluster`)."""
     from kvgpu import cluster
@@ -332,10 +340,7 @@ def _solve_with_rules(models, gpus, gpu_mem, mode, effort, seed, exact) -> Place
     if failed >= 0:
         raise NoPlacementFound(f"{inst.names[failed]}: no allowed GPU has room for it next to the models placed "
                                f"before it (pins, forbidden GPUs and shards on distinct GPUs)", [0])
-    kv, max_kvpr = _objective(b, assign[None, :], pos[None, :])
-    lb = batch_bounds.binpacking_bound(b, lb, max_kvpr)
-    p = Placement(inst, assign, kv[0, :inst.n_gpus], float(min(lb[0], max_kvpr[0])), mode="search",
-                  backend="numba")
+    p = finish_single(inst, b, assign, pos, lb, mode="search")
     p.model_of = ex.model_of
     return p
 

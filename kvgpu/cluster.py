@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kvgpu.problem import (_NAME_KEYS, _SIZE_KEYS, DEFAULT_GPU_MEM, Instance, InvalidInstance, _field, _label,
-                           _number, gpu_memory, make_instance)
+                           _number, gpu_memory, make_instance, records)
 
 RULE_FIELDS = ("tp", "replicas", "pin", "forbid")
 
@@ -39,12 +39,6 @@ class Expanded:
     model_of: np.ndarray
     allowed: np.ndarray
     group: np.ndarray
-
-
-def _records(models: Any) -> list:
-    if hasattr(models, "columns") and hasattr(models, "to_dict"):
-        return models.to_dict("records")
-    return list(models)
 
 
 def _opt(m: Any, key: str):
@@ -62,7 +56,7 @@ def has_rules(models: Any) -> bool:
     if isinstance(models, np.ndarray):
         return False
     try:
-        recs = _records(models)
+        recs = list(records(models))
     except TypeError:
         return False
     return any(not isinstance(m, (list, tuple, np.ndarray)) and any(_opt(m, k) is not None for k in RULE_FIELDS)
@@ -99,7 +93,7 @@ def expand(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GP
     mem = gpu_memory(gpus, gpu_mem)
     G = mem.shape[0]
     rows, model_of, allow_rows, group = [], [], [], []
-    recs = _records(models)
+    recs = list(records(models))
     for i, m in enumerate(recs):
         name = next((_opt(m, key) for key in _NAME_KEYS if _opt(m, key) is not None), None)
         label = _label(i, name)

@@ -85,7 +85,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, seed: int, exact_work: i
     a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
     lo = np.array(lb, dtype=float)
     if effort > 0:
-        search.improve_batch(*arrays, lo, int(effort), int(seed), a, p, search.no_rules(0))
+        search.improve_batch(*arrays, lo, int(effort), int(seed), a, p, search.no_rules())
     if exact_work > 0:
         exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
     assign, pos = _expand(batch, a, p, pm, pg)

@@ -113,11 +113,18 @@ def gpu_memory(gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM) ->
     return mem
 
 
+def records(models: Any) -> Any:
+    """A pandas DataFrame as a list of row dicts (detected without importing pandas); anything
+    else unchanged."""
+    if hasattr(models, "columns") and hasattr(models, "to_dict"):
+        return models.to_dict("records")
+    return models
+
+
 def _rows(models: Any) -> Iterable[tuple[Any, Any, Any, Any, Any]]:
     """Yield ``(obj, name, size, req_rate, slo)`` from objects, dicts, a pandas DataFrame (one
     row per model, columns as the dict keys) or an (N, 3) array."""
-    if hasattr(models, "columns") and hasattr(models, "to_dict"):  # a DataFrame, without importing pandas
-        models = models.to_dict("records")
+    models = records(models)
     if isinstance(models, np.ndarray) or (
         isinstance(models, (list, tuple)) and models and isinstance(models[0], (list, tuple, np.ndarray))
     ):

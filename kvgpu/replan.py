@@ -6,9 +6,9 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from kvgpu.api import DEFAULT_EFFORT, Placement, _objective, batch_from_instances
+from kvgpu.api import DEFAULT_EFFORT, Placement, batch_from_instances, finish_single
 from kvgpu.batch import bounds as batch_bounds
-from kvgpu.problem import DEFAULT_GPU_MEM, InvalidInstance, NoPlacementFound, _field, _label, make_instance
+from kvgpu.problem import DEFAULT_GPU_MEM, InvalidInstance, NoPlacementFound, _field, _label, make_instance, records
 
 
 class Move(NamedTuple):
@@ -21,10 +21,8 @@ class Move(NamedTuple):
 
 def current_gpus(models: Any) -> list[int]:
     """The ``cur_gpu_id`` of every model (-1 for a new one; missing means new)."""
-    if hasattr(models, "columns") and hasattr(models, "to_dict"):
-        models = models.to_dict("records")
     out = []
-    for m in models:
+    for m in records(models):
         try:
             out.append(_field(m, ("cur_gpu_id",)))
         except KeyError:
@@ -77,10 +75,7 @@ def replan(models: Any, gpus: int, *, current: Sequence[int] | None = None, max_
     pos = np.arange(n, dtype=np.int64)
     rules = (cur, int(max_moves), np.empty((0, 0), np.uint8), np.empty(0, np.int64))
     improve_instance(inst.sizes, inst.demand, inst.gpu_mem, float(lb[0]), assign, pos, int(effort), int(seed), rules)
-    kv, max_kvpr = _objective(b, assign[None, :], pos[None, :])
-    lb = batch_bounds.binpacking_bound(b, lb, max_kvpr)
-    p = Placement(inst, assign, kv[0, :inst.n_gpus], float(min(lb[0], max_kvpr[0])), mode="replan",
-                  backend="numba")
+    p = finish_single(inst, b, assign, pos, lb, mode="replan")
     order = {}
     for k in range(rows):
         order[int(steps[k, 0])] = k

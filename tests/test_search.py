@@ -89,7 +89,7 @@ def test_repair_respects_memory_and_reaches_its_target_when_it_says_so(inst, fac
     state = np.array([seed], np.uint64)
     scratch = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64), np.empty(G), np.empty(G),
                np.empty(G), np.empty(G))
-    ok = search.repair(s, w, M, a, pos, T, 200, state, scratch, search.no_rules(n))
+    ok = search.repair(s, w, M, a, pos, T, 200, state, scratch, search.no_rules())
     S = np.bincount(a, weights=s, minlength=G)
     W = np.bincount(a, weights=w, minlength=G)
     assert ((0 <= a) & (a < G)).all() and (S <= M + 1e-12).all()  # memory is never broken
