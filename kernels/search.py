@@ -35,13 +35,13 @@ TIE = 1e-12
 #: The search stops once the best is within this relative gap of the lower bound (0.01%).
 STOP_GAP = 1e-4
 #: Rounds without a better placement after which the search stops (converged).
-PATIENCE = 8
+PATIENCE = 6
 #: Relative jitter of the sort keys of a fresh packing.
 JITTER = 0.1
 TENURE_MIN, TENURE_SPAN = 3, 8
 #: Work of one repair attempt: BASE + PER_MODEL * n tabu steps, and at most about
 #: SCANS_PER_MODEL * n move/swap evaluations (many models per GPU make steps expensive).
-REPAIR_STEPS_BASE, REPAIR_STEPS_PER_MODEL, REPAIR_SCANS_PER_MODEL = 100, 20, 25_000
+REPAIR_STEPS_BASE, REPAIR_STEPS_PER_MODEL, REPAIR_SCANS_PER_MODEL = 20, 20, 25_000
 #: Repair targets ``T = best * (1 - frac)``; ``frac`` doubles on success, halves on failure.
 FRAC_START, FRAC_MIN, FRAC_MAX = 0.05, 1e-4, 0.2
 
@@ -153,6 +153,36 @@ def _moved(cur, i, g):
     return 1 if cur[i] >= 0 and g != cur[i] else 0
 
 
+@njit
+def _lists_into(assign, G, lst, start):
+    """Models grouped by GPU (counting sort): GPU g's are ``lst[start[g]:start[g + 1]]``."""
+    start[:] = 0
+    for i in range(assign.shape[0]):
+        start[assign[i] + 1] += 1
+    for g in range(G):
+        start[g + 1] += start[g]
+    fill = start[:G].copy()
+    for i in range(assign.shape[0]):
+        lst[fill[assign[i]]] = i
+        fill[assign[i]] += 1
+
+
+@numba.njit(cache=True, inline="always")
+def _exchange(S, A, M, wgt, g, h, aX, sX, aY, sY, og):
+    """GPU ``g`` gives models of total load ``aX`` / size ``sX`` to ``h`` and takes ``aY`` /
+    ``sY`` back: ``(fits in memory, weighted overflow change, overflow change)``."""
+    if not (fits(S[g] - sX + sY, M[g]) and fits(S[h] - sY + sX, M[h])):
+        return False, 0.0, 0.0
+    dg = overflow(A[g] - aX + aY, M[g] + CAP_SLACK) - og
+    dh = overflow(A[h] - aY + aX, M[h] + CAP_SLACK) - overflow(A[h], M[h] + CAP_SLACK)
+    return True, wgt[g] * dg + wgt[h] * dh, dg + dh
+
+
+@numba.njit(cache=True, inline="always")
+def _is_tabu(tabu_gpu, tabu_until, i, dst, step):
+    return i >= 0 and tabu_gpu[i] == dst and tabu_until[i] > step
+
+
 @numba.njit(cache=True, inline="always")
 def _tie_take(d, best_d, ties, state):
     """Keep candidate ``d`` over the best so far? Strictly better wins; equal ones are kept
@@ -194,6 +224,9 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
     pinned = allowed.shape[0] > 0
     gcount = _group_counts(group, assign, G)
     grouped = group.shape[0] > 0
+    free_rules = K < 0 and not pinned and not grouped  # pair exchanges know no rules
+    lst = np.empty(n, np.int64)
+    start = np.empty(G + 1, np.int64)
     S[:] = 0.0
     W[:] = 0.0
     for i in range(n):
@@ -211,7 +244,8 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
     if K >= 0:
         for i in range(n):
             moved += _moved(cur, i, assign[i])
-    for step in range(steps):
+    step = 0
+    while step < steps:
         g = _pick_overflowing(A, M, state)
         if g < 0:
             return True
@@ -223,7 +257,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
         og = overflow(A[g], M[g] + CAP_SLACK)
         best_d = INF
         best_extra = 0
-        bi, bj, bh, ties = -1, -1, -1, 0
+        bi, bi2, bj, bj2, bh, ties = -1, -1, -1, -1, -1, 0
         for p in range(m):
             i = mem[p]
             ai = s[i] + w[i] / T
@@ -232,13 +266,11 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
                     h = j + G
                     aj = 0.0
                     sj = 0.0
-                    tabu = tabu_gpu[i] == h and tabu_until[i] > step
                 else:
                     h = assign[j]
                     aj = s[j] + w[j] / T
                     sj = s[j]
-                    tabu = (tabu_gpu[i] == h and tabu_until[i] > step) or (tabu_gpu[j] == g and tabu_until[j] > step)
-                if h == g or not (fits(S[g] - s[i] + sj, M[g]) and fits(S[h] - sj + s[i], M[h])):
+                if h == g:
                     continue
                 if pinned and not (allowed[i, h] and (j < 0 or allowed[j, g])):
                     continue
@@ -254,23 +286,71 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
                         extra += _moved(cur, j, g) - _moved(cur, j, h)
                     if moved + extra > K:
                         continue
-                dg = overflow(A[g] - ai + aj, M[g] + CAP_SLACK) - og
-                dh = overflow(A[h] - aj + ai, M[h] + CAP_SLACK) - overflow(A[h], M[h] + CAP_SLACK)
-                if tabu and not F + dg + dh < best_F - TIE:
+                ok, d, raw = _exchange(S, A, M, wgt, g, h, ai, s[i], aj, sj, og)
+                if not ok:
                     continue
-                d = wgt[g] * dg + wgt[h] * dh
+                tabu = _is_tabu(tabu_gpu, tabu_until, i, h, step) or _is_tabu(tabu_gpu, tabu_until, j, g, step)
+                if tabu and not F + raw < best_F - TIE:
+                    continue
                 take, ties = _tie_take(d, best_d, ties, state)
                 if take:
-                    best_d, best_extra, bi, bj, bh = d, extra, i, j, h
+                    best_d, best_extra, bi, bi2, bj, bj2, bh = d, extra, i, -1, j, -1, h
+        pair_evals = 0
+        if best_d >= -TIE and free_rules:
+            # stuck with single moves and swaps: try two models for one, and one for two; the
+            # extra evaluations count against the step budget, so an attempt's work stays bounded
+            _lists_into(assign, G, lst, start)
+            for p in range(m):
+                for q in range(p + 1, m):
+                    i, i2 = mem[p], mem[q]
+                    aX = s[i] + w[i] / T + s[i2] + w[i2] / T
+                    sX = s[i] + s[i2]
+                    for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
+                        h = j + G if j < 0 else assign[j]
+                        if h == g:
+                            continue
+                        aj = s[j] + w[j] / T if j >= 0 else 0.0
+                        sj = s[j] if j >= 0 else 0.0
+                        pair_evals += 1
+                        ok, d, raw = _exchange(S, A, M, wgt, g, h, aX, sX, aj, sj, og)
+                        if not ok:
+                            continue
+                        if (_is_tabu(tabu_gpu, tabu_until, i, h, step) or _is_tabu(tabu_gpu, tabu_until, i2, h, step)
+                                or _is_tabu(tabu_gpu, tabu_until, j, g, step)) and not F + raw < best_F - TIE:
+                            continue
+                        take, ties = _tie_take(d, best_d, ties, state)
+                        if take:
+                            best_d, bi, bi2, bj, bj2, bh = d, i, i2, j, -1, h
+                i = mem[p]
+                ai = s[i] + w[i] / T
+                for h in range(G):
+                    if h == g:
+                        continue
+                    for u in range(start[h], start[h + 1]):
+                        for v in range(u + 1, start[h + 1]):
+                            j, j2 = lst[u], lst[v]
+                            aY = s[j] + w[j] / T + s[j2] + w[j2] / T
+                            pair_evals += 1
+                            ok, d, raw = _exchange(S, A, M, wgt, g, h, ai, s[i], aY, s[j] + s[j2], og)
+                            if not ok:
+                                continue
+                            if (_is_tabu(tabu_gpu, tabu_until, i, h, step) or _is_tabu(tabu_gpu, tabu_until, j, g, step)
+                                    or _is_tabu(tabu_gpu, tabu_until, j2, g, step)) and not F + raw < best_F - TIE:
+                                continue
+                            take, ties = _tie_take(d, best_d, ties, state)
+                            if take:
+                                best_d, bi, bi2, bj, bj2, bh = d, i, -1, j, j2, h
         if bi < 0:
             return False
         if best_d >= -TIE:  # no improving step: a local minimum of the weighted overflow
             for h in range(G):
                 if A[h] > M[h] + CAP_SLACK:
                     wgt[h] += 1.0
-        s_in = s[bj] if bj >= 0 else 0.0
-        w_in = w[bj] if bj >= 0 else 0.0
-        S[g], W[g], S[bh], W[bh] = transfer_loads(S[g], W[g], S[bh], W[bh], s[bi], w[bi], s_in, w_in)
+        s_out = s[bi] + (s[bi2] if bi2 >= 0 else 0.0)
+        w_out = w[bi] + (w[bi2] if bi2 >= 0 else 0.0)
+        s_in = (s[bj] if bj >= 0 else 0.0) + (s[bj2] if bj2 >= 0 else 0.0)
+        w_in = (w[bj] if bj >= 0 else 0.0) + (w[bj2] if bj2 >= 0 else 0.0)
+        S[g], W[g], S[bh], W[bh] = transfer_loads(S[g], W[g], S[bh], W[bh], s_out, w_out, s_in, w_in)
         A[g] = S[g] + W[g] / T
         A[bh] = S[bh] + W[bh] / T
         tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
@@ -278,22 +358,21 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
             _shift(gcount, group[bi], g, bh)
             if bj >= 0:
                 _shift(gcount, group[bj], bh, g)
-        assign[bi] = bh
-        pos[bi] = stamp
-        tabu_gpu[bi] = g
-        tabu_until[bi] = step + tenure
-        if bj >= 0:
-            assign[bj] = g
-            pos[bj] = stamp + 1
-            tabu_gpu[bj] = bh
-            tabu_until[bj] = step + tenure
-        stamp += 2
+        for x, src, dst in ((bi, g, bh), (bi2, g, bh), (bj, bh, g), (bj2, bh, g)):
+            if x >= 0:
+                assign[x] = dst
+                pos[x] = stamp
+                stamp += 1
+                tabu_gpu[x] = src
+                tabu_until[x] = step + tenure
         moved += best_extra
         F = 0.0
         for h in range(G):
             F += overflow(A[h], M[h] + CAP_SLACK)
         if F < best_F:
             best_F = F
+        single = max(1, m * (n + G))
+        step += 1 + (pair_evals + single - 1) // single
     return _pick_overflowing(A, M, state) < 0
 
 
