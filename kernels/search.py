@@ -32,10 +32,12 @@ INF = np.inf
 CAP_SLACK = params.CAP_SLACK
 #: Two deltas closer than this are ties (broken at random).
 TIE = 1e-12
-#: The search stops once the best is within this relative gap of the lower bound (0.01%).
-STOP_GAP = 1e-4
+#: The search stops once the best is within this relative gap of the lower bound (0.05%).
+STOP_GAP = 5e-4
 #: Rounds without a better placement after which the search stops (converged).
 PATIENCE = 6
+#: Share of the stuck repair steps that also try two-for-one and one-for-two exchanges.
+PAIR_SHARE = 0.25
 #: Relative jitter of the sort keys of a fresh packing.
 JITTER = 0.1
 TENURE_MIN, TENURE_SPAN = 3, 8
@@ -207,7 +209,9 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
     around is how it leaves local minima.  A model may not return to the GPU it left for a few
     steps unless that gives the lowest (unweighted) overflow so far; at a local minimum the
     weights of the overflowing GPUs grow (breakout), so overflow is pushed to other GPUs.
-    ``steps`` bounds the work.
+    At a ``PAIR_SHARE`` of those stuck steps it also tries two models of the GPU for one
+    elsewhere (or for none) and one for two, which changes how many models a GPU holds; that
+    extra work is charged to ``steps``, which bounds the work.
 
     ``rules = (cur, K, allowed, group)`` (see :func:`no_rules`): with ``K >= 0`` at most ``K``
     models may end on another GPU than ``cur`` (n,) gives (-1: a new model, free to go anywhere),
@@ -296,7 +300,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
                 if take:
                     best_d, best_extra, bi, bi2, bj, bj2, bh = d, extra, i, -1, j, -1, h
         pair_evals = 0
-        if best_d >= -TIE and free_rules:
+        if best_d >= -TIE and free_rules and _rand(state) < PAIR_SHARE:
             # stuck with single moves and swaps: try two models for one, and one for two; the
             # extra evaluations count against the step budget, so an attempt's work stays bounded
             _lists_into(assign, G, lst, start)
