@@ -186,6 +186,16 @@ def _is_tabu(tabu_gpu, tabu_until, i, dst, step):
 
 
 @numba.njit(cache=True, inline="always")
+def _blocked(tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, F_after, best_F):
+    """An exchange (models ``x1``, ``x2`` g -> h, ``y1``, ``y2`` h -> g; -1 for none) is barred
+    when one of them would go straight back to a GPU it is tabu for, unless it reaches the
+    lowest total overflow so far (aspiration)."""
+    tabu = (_is_tabu(tabu_gpu, tabu_until, x1, h, step) or _is_tabu(tabu_gpu, tabu_until, x2, h, step)
+            or _is_tabu(tabu_gpu, tabu_until, y1, g, step) or _is_tabu(tabu_gpu, tabu_until, y2, g, step))
+    return tabu and not F_after < best_F - TIE
+
+
+@numba.njit(cache=True, inline="always")
 def _tie_take(d, best_d, ties, state):
     """Keep candidate ``d`` over the best so far? Strictly better wins; equal ones are kept
     with probability 1/ties (a uniform pick among equals).  Returns ``(take, ties)``."""
@@ -293,8 +303,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
                 ok, d, raw = _exchange(S, A, M, wgt, g, h, ai, s[i], aj, sj, og)
                 if not ok:
                     continue
-                tabu = _is_tabu(tabu_gpu, tabu_until, i, h, step) or _is_tabu(tabu_gpu, tabu_until, j, g, step)
-                if tabu and not F + raw < best_F - TIE:
+                if _blocked(tabu_gpu, tabu_until, step, g, h, i, -1, j, -1, F + raw, best_F):
                     continue
                 take, ties = _tie_take(d, best_d, ties, state)
                 if take:
@@ -319,8 +328,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
                         ok, d, raw = _exchange(S, A, M, wgt, g, h, aX, sX, aj, sj, og)
                         if not ok:
                             continue
-                        if (_is_tabu(tabu_gpu, tabu_until, i, h, step) or _is_tabu(tabu_gpu, tabu_until, i2, h, step)
-                                or _is_tabu(tabu_gpu, tabu_until, j, g, step)) and not F + raw < best_F - TIE:
+                        if _blocked(tabu_gpu, tabu_until, step, g, h, i, i2, j, -1, F + raw, best_F):
                             continue
                         take, ties = _tie_take(d, best_d, ties, state)
                         if take:
@@ -338,8 +346,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules):
                             ok, d, raw = _exchange(S, A, M, wgt, g, h, ai, s[i], aY, s[j] + s[j2], og)
                             if not ok:
                                 continue
-                            if (_is_tabu(tabu_gpu, tabu_until, i, h, step) or _is_tabu(tabu_gpu, tabu_until, j, g, step)
-                                    or _is_tabu(tabu_gpu, tabu_until, j2, g, step)) and not F + raw < best_F - TIE:
+                            if _blocked(tabu_gpu, tabu_until, step, g, h, i, -1, j, j2, F + raw, best_F):
                                 continue
                             take, ties = _tie_take(d, best_d, ties, state)
                             if take:

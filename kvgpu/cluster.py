@@ -106,17 +106,19 @@ def expand(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GP
         s = _number(size, i, name, "model_size")
         r = _number(_opt(m, "req_rate"), i, name, "req_rate")
         o = _number(_opt(m, "slo"), i, name, "slo")
-        tp = _count(_opt(m, "tp") if _opt(m, "tp") is not None else 1, label, "tp", G)
-        rep = _count(_opt(m, "replicas") if _opt(m, "replicas") is not None else 1, label, "replicas", G)
+        tp, rep = (_opt(m, key) for key in ("tp", "replicas"))
+        tp = 1 if tp is None else _count(tp, label, "tp", G)
+        rep = 1 if rep is None else _count(rep, label, "replicas", G)
         k = tp * rep
         if k > G:
             raise InvalidInstance(f"{label}: tp x replicas = {k} shards need {k} distinct GPUs; the cluster has {G}")
         allowed = np.ones(G, bool)
-        if _opt(m, "forbid") is not None:
-            allowed[_gpu_ids(_opt(m, "forbid"), label, "forbid", G)] = False
+        forbid, pin = _opt(m, "forbid"), _opt(m, "pin")
+        if forbid is not None:
+            allowed[_gpu_ids(forbid, label, "forbid", G)] = False
         pins = None
-        if _opt(m, "pin") is not None:
-            pins = _gpu_ids(_opt(m, "pin"), label, "pin", G)
+        if pin is not None:
+            pins = _gpu_ids(pin, label, "pin", G)
             if len(pins) not in (1, k) or (len(pins) == 1 and k > 1):
                 raise InvalidInstance(f"{label}: pin gives {len(pins)} GPU(s) for {k} shard(s); give one GPU id "
                                       f"per shard and replica")
