@@ -6,10 +6,10 @@
 [0]
 """
 from kvgpu.api import BatchResult, Placement, compute_model_placement, solve, solve_batch
-from kvgpu.backends import BackendUnavailable
-from kvgpu.problem import InvalidInstance, NoPlacementFound, make_instance
+from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
+from kvgpu.problem import make_instance
 from kvgpu.replan import Move, replan
 
-__all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "Move", "Placement", "compute_model_placement",
+__all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "KvgpuWarning", "Move", "Placement", "compute_model_placement",
            "make_instance", "NoPlacementFound", "replan", "solve", "solve_batch"]
 __version__ = "0.1.0"

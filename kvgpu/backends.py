@@ -18,11 +18,9 @@ import os
 
 import numpy as np
 
+from kvgpu.errors import BackendUnavailable
+
 BACKENDS = ("auto", "numpy", "numba", "cuda")
-
-
-class BackendUnavailable(ValueError):
-    """The requested backend cannot run on this machine; the message says what is missing."""
 
 
 @functools.lru_cache(maxsize=None)

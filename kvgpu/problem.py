@@ -15,25 +15,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from kvgpu.errors import InvalidInstance, NoPlacementFound  # noqa: F401 -- re-exported for now
 from kvgpu.kernels.deltas import EPS
 
 DEFAULT_GPU_MEM = 80.0
 
 _SIZE_KEYS = ("model_size", "size")
 _NAME_KEYS = ("model_name", "name")
-
-
-class InvalidInstance(ValueError):
-    """An instance that breaks a rule of the problem; the message names the model/field and the rule."""
-
-
-class NoPlacementFound(RuntimeError):
-    """No placement fits the models in memory: the seed's packings all failed (``mode="seed"``),
-    or the exact search proved there is none or gave up.  ``instances``: the batch indices."""
-
-    def __init__(self, message: str, instances=()):
-        super().__init__(message)
-        self.instances = list(instances)
 
 
 def _field(model: Any, keys: Sequence[str]):
