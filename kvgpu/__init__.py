@@ -5,11 +5,12 @@
 >>> p.assignment.tolist()
 [0]
 """
-from kvgpu.api import BatchResult, Placement, compute_model_placement, solve, solve_batch
+from kvgpu.api import compute_model_placement, replan, solve, solve_batch
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
-from kvgpu.problem import make_instance
-from kvgpu.replan import Move, replan
+from kvgpu.problem import Problem, build_problem, make_instance
+from kvgpu.results import BatchResult, Move, Placement
 
-__all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "KvgpuWarning", "Move", "Placement", "compute_model_placement",
-           "make_instance", "NoPlacementFound", "replan", "solve", "solve_batch"]
-__version__ = "0.1.0"
+__all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "KvgpuWarning", "Move", "NoPlacementFound",
+           "Placement", "Problem", "build_problem", "compute_model_placement", "make_instance", "replan", "solve",
+           "solve_batch"]
+__version__ = "0.2.0"

@@ -9,10 +9,11 @@ import sys
 from importlib import resources
 
 from kvgpu import backends
-from kvgpu.api import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, solve
+from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
+from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES
+from kvgpu.errors import InvalidInstance, NoPlacementFound
 from kvgpu.io import read_models, write_placement
-from kvgpu.problem import InvalidInstance, NoPlacementFound
 
 
 def _gpu_mem(text: str):
@@ -31,11 +32,20 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--mode", choices=MODES, default="search",
                    help="search (default): the seed pipeline plus search beyond it; seed: the seed pipeline only")
-    p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, help="search rounds per instance (mode search)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the search (results repeat for a seed)")
-    p.add_argument("--exact", action="store_true", help="also prove optimality (or the interval of the optimum)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (consecutive ids): a model's tp shards stay "
+                   "inside one node (default: from the file's gpus_per_node or nodes, else no nodes)")
+    p.add_argument("--reserve-gb", type=float, help="GB kept off every GPU for the serving engine (activations, "
+                   "CUDA context) (default: from the file, else 0)")
+    p.add_argument("--effort", type=int, default=DEFAULT_EFFORT,
+                   help="search rounds per instance (mode search; default %(default)s)")
+    p.add_argument("--patience", type=int, help="stop after this many rounds without a better placement "
+                   "(default: max(6, effort / 5))")
+    p.add_argument("--seed", type=int, default=0, help="random stream of the search: the same seed repeats the "
+                   "answer, another is an independent restart (default %(default)s)")
+    p.add_argument("--exact", action="store_true", help="also prove optimality (or the interval of the optimum); "
+                   "instances of at most 24 shards are proven by default")
     p.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
-                   help="work limit of the proof: search nodes / DP states per instance")
+                   help="work limit of the proof: search nodes / DP states per instance (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
     p.add_argument("--out", help="also write the placement to this .json or .csv file")
     p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file")
@@ -46,11 +56,19 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
+    cluster = {"nodes": opts.get("nodes"), "gpus_per_node": opts.get("gpus_per_node"),
+               "reserve_gb": opts.get("reserve_gb")}
+    if args.gpus_per_node is not None:
+        cluster.update(nodes=None, gpus_per_node=args.gpus_per_node)
+    if args.reserve_gb is not None:
+        cluster["reserve_gb"] = args.reserve_gb
+    budget = {}
     if args.cmd == "replan":
-        placement = solve(models, gpus, gpu_mem=gpu_mem, max_moves=args.max_moves, effort=args.effort, seed=args.seed)
-    else:
-        placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
-                          seed=args.seed, exact=args.exact or args.cmd == "certify", exact_work=args.exact_work)
+        budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
+    exact = True if (args.exact or args.cmd == "certify") else None
+    placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
+                      patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work, **cluster,
+                      **budget)
     if args.out:
         write_placement(placement, args.out)
     if args.plot:
@@ -60,7 +78,8 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
     if args.json:
         print(json.dumps(placement.to_dict(), indent=1))
     elif args.cmd == "certify":
-        print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g}")
+        print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g} "
+              f"(bound on {placement.bound_scope})")
     else:
         print(f"# {header}\n{placement}" if header else placement)
     return 0
@@ -100,7 +119,10 @@ def main(argv=None) -> int:
     pr = sub.add_parser("replan", help="re-place a running cluster: models carry cur_gpu_id (-1 if new); "
                         "at most --max-moves of them move")
     pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
-    pr.add_argument("--max-moves", type=int, required=True, help="most models that may change GPU")
+    pr.add_argument("--max-moves", type=int, help="most models that may change GPU (default: no limit)")
+    pr.add_argument("--max-migrated-gb", type=float, help="most GB of model weights copied (default: no limit)")
+    pr.add_argument("--min-gain", type=float, help="move nothing that runs unless the max KVPR improves by at least "
+                    "this share (e.g. 0.01), over placing the new models alone (default 0)")
     _add_solve_options(pr)
     pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
                         "re-running resumes")

@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from kvgpu.problem import InvalidInstance
+from kvgpu.errors import InvalidInstance
 
 FIELDS = ("model_size", "req_rate", "slo")
 ALIASES = {"size": "model_size", "model_name": "name"}
@@ -26,16 +26,13 @@ def _row(raw: dict, where: str) -> dict:
             out[f] = float(v)
         except (TypeError, ValueError):
             raise InvalidInstance(f"{where}: field {f!r} must be a number, got {v!r}") from None
-    for key in ("tp", "replicas", "pin", "forbid"):  # cluster rules (kvgpu.cluster checks them)
+    for key in ("tp", "replicas", "pin", "forbid", "overhead_gb", "same_node"):  # kvgpu.problem checks them
         v = row.get(key)
         if v is not None and not (isinstance(v, str) and not v.strip()):
             out[key] = v
     cur = row.get("cur_gpu_id")
     if cur is not None and not (isinstance(cur, str) and not cur.strip()):
-        try:
-            out["cur_gpu_id"] = int(str(cur).strip())
-        except ValueError:
-            raise InvalidInstance(f"{where}: field 'cur_gpu_id' must be a GPU id or -1 (new), got {cur!r}") from None
+        out["cur_gpu_id"] = cur
     return out
 
 
@@ -62,7 +59,7 @@ def read_models(path: str | Path) -> tuple[list[dict], dict]:
             raise InvalidInstance(f"{p}, line {e.lineno}: invalid JSON ({e.msg})") from None
     opts = {}
     if isinstance(data, dict):
-        opts = {k: data[k] for k in ("gpus", "gpu_mem") if k in data}
+        opts = {k: data[k] for k in ("gpus", "gpu_mem", "nodes", "gpus_per_node", "reserve_gb") if k in data}
         data = data.get("models")
     if not isinstance(data, list):
         raise InvalidInstance(f"{p}: expected a list of models (or an object with a 'models' list)")

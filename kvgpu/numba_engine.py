@@ -11,7 +11,7 @@ import numpy as np
 
 from kvgpu.batch.pipeline import compact, scatter_back
 from kvgpu.batch.state import Batch
-from kvgpu.problem import NoPlacementFound
+from kvgpu.errors import NoPlacementFound
 
 
 def _compacted(batch: Batch):
@@ -31,7 +31,8 @@ def _expand(batch: Batch, a, p, pm, pg):
 
 
 def solve_seed(batch: Batch):
-    """Same contract as :func:`kvgpu.batch.pipeline.solve_seed` (NumPy arrays in and out)."""
+    """Same contract as :func:`kvgpu.batch.pipeline.solve_seed` (NumPy arrays in and out;
+    raises :class:`kvgpu.NoPlacementFound` naming the instances no candidate packs)."""
     from kvgpu.kernels import cpu  # compile on first use (then cached on disk)
 
     arrays, pm, pg = _compacted(batch)
@@ -45,10 +46,10 @@ def solve_seed(batch: Batch):
     return _expand(batch, a, p, pm, pg)
 
 
-def pack_memory(batch: Batch, work: int, ids=None):
-    """A placement that fits in memory, by exact search (for instances the seed could not pack):
-    ``(assign, pos)``; raises :class:`NoPlacementFound` naming the instances (by ``ids`` (B,),
-    default their index here) proven infeasible or not packed within ``work`` nodes."""
+def pack_memory(batch: Batch, work: int):
+    """Placements that fit in memory, by exact search (for instances the seed could not pack):
+    ``(assign, pos, status)``, ``status`` (B,) one of :data:`kvgpu.kernels.exact.FEASIBLE`,
+    ``INFEASIBLE`` (proven) or ``UNKNOWN`` (not found within ``work`` nodes)."""
     from kvgpu.kernels import exact
 
     arrays, pm, pg = _compacted(batch)
@@ -56,16 +57,12 @@ def pack_memory(batch: Batch, work: int, ids=None):
     p = np.full(arrays[0].shape, -1, np.int64)
     status = np.zeros(batch.shape[0], np.int64)
     exact.pack_memory_batch(arrays[0], arrays[2], arrays[3], arrays[4], int(work), a, p, status)
-    for code, why in ((exact.INFEASIBLE, "the models do not fit in GPU memory (proven by exact search)"),
-                      (exact.UNKNOWN, f"no placement fitting the models in memory found within {work} search nodes")):
-        bad = np.nonzero(status == code)[0]
-        if bad.size:
-            bad = (bad if ids is None else np.asarray(ids)[bad]).tolist()
-            raise NoPlacementFound(f"instance(s) {bad[:10]}: {why}", bad)
-    return _expand(batch, a, p, pm, pg)
+    a[status != exact.FEASIBLE] = -1
+    assign, pos = _expand(batch, a, p, pm, pg)
+    return assign, pos, status
 
 
-def improve(batch: Batch, assign, pos, lb, effort: int, seed: int, exact_work: int = 0):
+def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int, exact_work: int = 0):
     """Search from the placements ``assign``/``pos`` (B, N) (batch slots, -1 for padding).
 
     ``effort`` search rounds per instance (:func:`kvgpu.kernels.search.improve_instance`), then,
@@ -85,7 +82,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, seed: int, exact_work: i
     a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
     lo = np.array(lb, dtype=float)
     if effort > 0:
-        search.improve_batch(*arrays, lo, int(effort), int(seed), a, p, search.no_rules())
+        search.improve_batch(*arrays, lo, int(effort), int(patience), int(seed), a, p)
     if exact_work > 0:
         exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
     assign, pos = _expand(batch, a, p, pm, pg)

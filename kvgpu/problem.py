@@ -1,64 +1,57 @@
-"""The KVPR placement problem: one instance, its validation and its objective.
+"""The one constrained problem every entry point solves.
 
-A cluster has ``G`` GPUs with memory ``M[g]`` (GB).  Model ``i`` has size
-``s[i]`` (GB) and demand ``w[i] = req_rate[i] / slo[i]``.  A GPU holding models of
-total size ``S`` and demand ``W`` has KV cache pressure ``W / (M - S)``; the
-objective is the largest pressure over all GPUs.
+A cluster has ``G`` GPUs with memory ``M[g]`` (GB, less what ``reserve_gb`` keeps for the
+serving engine).  Model ``i`` has size ``s[i]`` (GB) and demand ``w[i] = req_rate[i] / slo[i]``.
+A GPU holding models of total size ``S`` and demand ``W`` has KV cache pressure
+``W / (M - S)``: demand per GB left for the KV cache; the objective is the largest pressure
+over all GPUs (ties: the second largest, then the mean).
+
+Real clusters add rules, and :func:`build_problem` turns every one of them into the same few
+arrays (the layout of :mod:`kvgpu.kernels.rules`):
+
+* a model with ``tp = k`` and ``replicas = r`` becomes ``k * r`` *items* (shards) of
+  ``size / k + overhead_gb`` GB and ``demand / (k * r)`` each, on distinct GPUs (anti-affinity
+  ``group``);
+* ``pin`` and ``forbid`` become the ``allowed`` GPUs of each item;
+* ``nodes`` / ``gpus_per_node`` give each GPU a node; the ``tp`` shards of one replica then stay
+  inside one node (``node_group``), unless the model says ``same_node: false``;
+* a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
+  moving a running model costs a migration, limited by ``max_moves`` (models) and
+  ``max_migrated_gb`` (GB copied); ``min_gain`` is the relative improvement below which nothing
+  running is moved.
+
+:class:`Instance` is the plain part (items, demand, memory), which the seed pipeline engines
+(:mod:`kvgpu.reference`, :mod:`kvgpu.batch`, :mod:`kvgpu.kernels.cpu`) work on.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from kvgpu.errors import InvalidInstance, NoPlacementFound  # noqa: F401 -- re-exported for now
-from kvgpu.kernels.deltas import EPS
+from kvgpu.errors import InvalidInstance, KvgpuWarning
+from kvgpu.kernels.deltas import EPS, mem_unit
+from kvgpu.schema import ModelSpec, gpu_memory, integer, model_specs, number
 
 DEFAULT_GPU_MEM = 80.0
-
-_SIZE_KEYS = ("model_size", "size")
-_NAME_KEYS = ("model_name", "name")
-
-
-def _field(model: Any, keys: Sequence[str]):
-    for k in keys:
-        if isinstance(model, dict):
-            if k in model:
-                return model[k]
-        elif hasattr(model, k):
-            return getattr(model, k)
-    raise KeyError(keys[0])
-
-
-def _label(i: int, name: str | None) -> str:
-    return f"model {i}" + (f" ({name!r})" if name is not None else "")
-
-
-def _number(value: Any, i: int, name: str | None, fld: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInstance(f"{_label(i, name)}: field {fld!r} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise InvalidInstance(f"{_label(i, name)}: field {fld!r} must be finite, got {x}")
-    return x
 
 
 @dataclass(frozen=True)
 class Instance:
-    """A validated instance.
+    """A plain instance: items, their demand and the GPUs' memory.
 
     Attributes
     ----------
-    sizes : ndarray, shape (N,), float64 -- model sizes in GB.
-    demand : ndarray, shape (N,), float64 -- ``req_rate / slo`` per model.
-    gpu_mem : ndarray, shape (G,), float64 -- memory per GPU in GB.
-    names : list[str | None] -- model names where given.
-    objects : list -- the caller's model objects (or rows), in input order.
+    sizes : ndarray, shape (N,), float64 -- item sizes in GB.
+    demand : ndarray, shape (N,), float64 -- ``req_rate / slo`` per item.
+    gpu_mem : ndarray, shape (G,), float64 -- memory per GPU in GB (usable by models and KV cache).
+    names : list[str | None] -- item names where given.
+    objects : list -- the caller's model objects (or rows), one per item.
     """
 
     sizes: np.ndarray
@@ -81,94 +74,346 @@ class Instance:
         return int(self.gpu_mem.shape[0])
 
 
-def gpu_memory(gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM) -> np.ndarray:
-    """Per-GPU memory as a float64 array of shape ``(gpus,)``; validates count and values."""
-    try:
-        g = int(gpus)
-    except (TypeError, ValueError):
-        raise InvalidInstance(f"gpus: must be an integer count, got {gpus!r}") from None
-    if g != gpus or g < 1:
-        raise InvalidInstance(f"gpus: need at least one GPU (a positive integer), got {gpus!r}")
-    if np.ndim(gpu_mem) == 0:
-        mem = np.full(g, float(gpu_mem))
-    else:
-        mem = np.asarray(gpu_mem, dtype=float).reshape(-1)
-        if mem.shape[0] != g:
-            raise InvalidInstance(f"gpu_mem: {mem.shape[0]} values given for {g} GPUs")
-    for k, m in enumerate(mem):
-        if not math.isfinite(m) or m <= 0:
-            raise InvalidInstance(f"gpu_mem[{k}]: GPU memory must be a positive finite number, got {m}")
-    return mem
+_EMPTY_I = np.empty(0, np.int64)
 
 
-def records(models: Any) -> Any:
-    """A pandas DataFrame as a list of row dicts (detected without importing pandas); anything
-    else unchanged."""
-    if hasattr(models, "columns") and hasattr(models, "to_dict"):
-        return models.to_dict("records")
-    return models
+@dataclass(frozen=True)
+class Problem:
+    """A validated constrained instance (see the module doc).
 
+    Attributes
+    ----------
+    items : Instance -- the items (shards x replicas of each model); ``items.gpu_mem`` is the
+        memory left to models and KV cache (``memory - reserve``).
+    specs : list[ModelSpec] -- the input models, validated.
+    model_of : (n,) int64 -- the model of each item.
+    memory, reserve : (G,) float64 -- each GPU's memory and the GB kept off it, GB.
+    allowed : (n, G) uint8, or (0, 0) when every item may use every GPU.
+    group : (n,) int64 -- anti-affinity group (the model's index) of items that must sit on
+        distinct GPUs, -1 for none; (0,) when no model has several items.
+    node_group : (n,) int64 -- the items that must share a node, -1 for none; (0,) without nodes.
+    node_of : (G,) int64 -- each GPU's node; (0,) without nodes.
+    cur : (n,) int64 -- re-placement: each item's GPU now, -1 for a new one; (0,) otherwise.
+    max_moves : int -- most models that may move, -1 for no limit.
+    max_migrated_gb : float -- most GB that may be copied, ``inf`` for no limit.
+    min_gain : float -- smallest relative gain of the max KVPR worth moving running models for.
+    gpu_class : (G,) int64 -- GPUs that are interchangeable under the rules share a class (the
+        exact search tries one of them); (0,) without rules.
+    """
 
-def _rows(models: Any) -> Iterable[tuple[Any, Any, Any, Any, Any]]:
-    """Yield ``(obj, name, size, req_rate, slo)`` from objects, dicts, a pandas DataFrame (one
-    row per model, columns as the dict keys) or an (N, 3) array."""
-    models = records(models)
-    if isinstance(models, np.ndarray) or (
-        isinstance(models, (list, tuple)) and models and isinstance(models[0], (list, tuple, np.ndarray))
-    ):
-        arr = np.asarray(models, dtype=object)
-        if arr.ndim != 2 or arr.shape[1] != 3:
-            raise InvalidInstance("models: an array of models must have shape (N, 3): size, req_rate, slo")
-        for row in models:
-            yield row, None, row[0], row[1], row[2]
-        return
-    for i, m in enumerate(models):
-        name = None
-        try:
-            name = _field(m, _NAME_KEYS)
-        except KeyError:
-            pass
-        vals = []
-        for keys in (_SIZE_KEYS, ("req_rate",), ("slo",)):
-            try:
-                vals.append(_field(m, keys))
-            except KeyError:
-                raise InvalidInstance(f"{_label(i, name)}: missing field {keys[0]!r}") from None
-        yield (m, name, *vals)
+    items: Instance
+    specs: list
+    model_of: np.ndarray
+    memory: np.ndarray
+    reserve: np.ndarray
+    allowed: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.uint8))
+    group: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    node_group: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    node_of: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    cur: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    max_moves: int = -1
+    max_migrated_gb: float = math.inf
+    min_gain: float = 0.0
+    gpu_class: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+
+    @property
+    def n_gpus(self) -> int:
+        return self.items.n_gpus
+
+    @property
+    def is_replan(self) -> bool:
+        """Does the problem start from a current placement?"""
+        return self.cur.shape[0] > 0
+
+    @property
+    def has_rules(self) -> bool:
+        """Anything beyond a plain instance: shards, pins, nodes or a current placement."""
+        return bool(self.allowed.shape[0] or self.group.shape[0] or self.node_group.shape[0] or self.is_replan)
+
+    def kernel_rules(self) -> tuple:
+        """The rules tuple of :mod:`kvgpu.kernels.rules` (arrays contiguous for numba)."""
+        n = self.items.n_models
+        if self.is_replan:
+            first = np.searchsorted(self.model_of, self.model_of).astype(np.int64)
+            count = np.bincount(self.model_of, minlength=len(self.specs))[self.model_of].astype(np.int64)
+            tp = np.array([self.specs[m].tp for m in self.model_of.tolist()], float)
+            mig = np.array([self.specs[m].size for m in self.model_of.tolist()], float) / np.maximum(tp, 1)
+        else:
+            first = count = _EMPTY_I
+            mig = np.empty(0)
+        c = np.ascontiguousarray
+        return (c(self.allowed, dtype=np.uint8), c(self.group, dtype=np.int64), c(self.node_group, dtype=np.int64),
+                c(self.node_of, dtype=np.int64), c(self.cur, dtype=np.int64), c(first), c(count),
+                c(mig.reshape(n if self.is_replan else 0)), np.int64(self.max_moves), float(self.max_migrated_gb))
+
+    def with_budget(self, max_moves: int) -> "Problem":
+        """The same problem with another move budget (re-placement baselines)."""
+        from dataclasses import replace
+
+        return replace(self, max_moves=int(max_moves))
 
 
 def make_instance(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM) -> Instance:
-    """Validate ``models`` on ``gpus`` GPUs and return an :class:`Instance`.
+    """Validate plain ``models`` on ``gpus`` GPUs and return their :class:`Instance` (the items;
+    see :func:`build_problem` for the accepted inputs and errors)."""
+    return build_problem(models, gpus, gpu_mem).items
 
-    ``models``: objects with attributes ``model_size``, ``req_rate``, ``slo`` (and
-    optionally ``model_name``), dicts with those keys (``size`` and ``name`` are
-    accepted too), a pandas DataFrame with those columns, or an array of shape ``(N, 3)``.  Raises
-    :class:`InvalidInstance` naming the model and the rule it breaks.
+
+def _node_map(G: int, nodes, gpus_per_node) -> np.ndarray:
+    """Each GPU's node from ``nodes`` (lists of GPU ids that partition the GPUs) or
+    ``gpus_per_node`` (consecutive ids; the last node may be smaller); (0,) for neither."""
+    if nodes is not None and gpus_per_node is not None:
+        raise InvalidInstance("nodes and gpus_per_node: give one of them, not both")
+    if gpus_per_node is not None:
+        k = integer(gpus_per_node, "gpus_per_node", 1, G)
+        return np.arange(G, dtype=np.int64) // k
+    if nodes is None:
+        return _EMPTY_I
+    if isinstance(nodes, (str, bytes, dict)) or not hasattr(nodes, "__iter__"):
+        raise InvalidInstance(f"nodes: expected a list of lists of GPU ids, got {nodes!r}")
+    node_of = np.full(G, -1, np.int64)
+    for k, node in enumerate(nodes):
+        if isinstance(node, (str, bytes, dict)) or not hasattr(node, "__iter__"):
+            raise InvalidInstance(f"nodes[{k}]: expected a list of GPU ids, got {node!r}")
+        for x in node:
+            g = integer(x, f"nodes[{k}]", 0, G - 1)
+            if node_of[g] >= 0:
+                raise InvalidInstance(f"nodes[{k}]: GPU {g} is already in nodes[{node_of[g]}]")
+            node_of[g] = k
+    missing = np.nonzero(node_of < 0)[0]
+    if missing.size:
+        raise InvalidInstance(f"nodes: GPU {int(missing[0])} is in no node (every GPU must be in exactly one)")
+    return node_of
+
+
+def _reserve(G: int, reserve_gb) -> np.ndarray:
+    if reserve_gb is None:
+        return np.zeros(G)
+    if np.ndim(reserve_gb) == 0:
+        return np.full(G, number(reserve_gb, "reserve_gb", 0.0, math.inf))
+    vals = list(reserve_gb)
+    if len(vals) != G:
+        raise InvalidInstance(f"reserve_gb: {len(vals)} values given for {G} GPUs")
+    return np.array([number(v, f"reserve_gb[{g}]", 0.0, math.inf) for g, v in enumerate(vals)])
+
+
+def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
+    """Each model's current GPUs: ``current`` (one entry per model: a GPU id, a list of them,
+    -1 / None for new) overrides the models' ``cur_gpu_id``."""
+    if current is None:
+        return [m.cur_gpu for m in specs]
+    if isinstance(current, (str, bytes, dict)) or not hasattr(current, "__len__"):
+        raise InvalidInstance(f"current: expected one GPU id (or list, -1 for new) per model, got {current!r}")
+    if len(current) != len(specs):
+        raise InvalidInstance(f"current: {len(current)} entries given for {len(specs)} models")
+    out = []
+    for m, c in zip(specs, current):
+        ids = c if isinstance(c, (list, tuple, np.ndarray)) else [c]
+        vals = []
+        for x in ids:
+            if x is None or (isinstance(x, float) and math.isnan(x)):
+                continue
+            v = integer(x, f"{m.where}: current GPU", -1, 2**31 - 1)
+            if v >= 0:
+                vals.append(v)
+        out.append(tuple(vals) or None)
+    return out
+
+
+def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, *, nodes=None,
+                  gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None,
+                  min_gain=None) -> Problem:
+    """Validate the models, the cluster and the re-placement budget; return the :class:`Problem`.
+
+    ``models``: anything :func:`kvgpu.schema.model_specs` reads (dicts, objects, a pandas
+    DataFrame, an (N, 3) array, any iterable).  A current placement comes from the models'
+    ``cur_gpu_id`` or ``current``; with one, the answer lists the migrations from it, limited by
+    ``max_moves`` / ``max_migrated_gb`` when given.  Raises :class:`kvgpu.InvalidInstance` naming
+    the model (or option), the field and the rule.
     """
     mem = gpu_memory(gpus, gpu_mem)
-    objs, names, sizes, demand = [], [], [], []
-    for i, (obj, name, size, rate, slo) in enumerate(_rows(models)):
-        s = _number(size, i, name, "model_size")
-        r = _number(rate, i, name, "req_rate")
-        o = _number(slo, i, name, "slo")
-        if s < 0:
-            raise InvalidInstance(f"{_label(i, name)}: model_size must be >= 0, got {s}")
-        if r < 0:
-            raise InvalidInstance(f"{_label(i, name)}: req_rate must be >= 0, got {r}")
-        if o <= 0:
-            raise InvalidInstance(f"{_label(i, name)}: slo must be > 0, got {o}")
-        if s > mem.max() + EPS:
-            raise InvalidInstance(
-                f"{_label(i, name)}: model_size {s} GB is larger than every GPU (largest has {mem.max()} GB)")
-        objs.append(obj)
-        names.append(None if name is None else str(name))
-        sizes.append(s)
-        demand.append(r / o)
-    sizes_a = np.asarray(sizes, dtype=float)
-    if sizes_a.sum() > mem.sum() + EPS:
-        raise InvalidInstance(
-            f"models: total size {sizes_a.sum()} GB is above the total GPU memory {mem.sum()} GB")
-    return Instance(sizes_a, np.asarray(demand, dtype=float), mem, names, objs)
+    G = mem.shape[0]
+    specs = model_specs(models)
+    reserve = _reserve(G, reserve_gb)
+    usable = mem - reserve
+    bad = np.nonzero(usable <= 0)[0]
+    if bad.size:
+        g = int(bad[0])
+        raise InvalidInstance(f"reserve_gb: GPU {g} keeps {reserve[g]} GB of its {mem[g]} GB, nothing left for models")
+    node_of = _node_map(G, nodes, gpus_per_node)
+    cur_models = _current(specs, current)
+    replan = any(c is not None for c in cur_models) or max_moves is not None or max_migrated_gb is not None
+    K = -1 if max_moves is None else integer(max_moves, "max_moves", 0, 2**31 - 1)
+    max_gb = math.inf if max_migrated_gb is None else number(max_migrated_gb, "max_migrated_gb", 0.0, math.inf)
+    gain = 0.0 if min_gain is None else number(min_gain, "min_gain", 0.0, 1.0)
+    if gain and not replan:
+        raise InvalidInstance("min_gain applies to re-placement: the models carry no cur_gpu_id and no current= "
+                              "was given")
+
+    sizes, demand, names, objects, model_of, allow_rows, group, node_group, cur = ([] for _ in range(9))
+    multi = pinned = False
+    n_node_groups = 0
+    node_size = np.bincount(node_of) if node_of.size else np.zeros(0, np.int64)
+    for i, m in enumerate(specs):
+        k = m.tp * m.replicas
+        if k > G:
+            raise InvalidInstance(f"{m.where}: tp x replicas = {k} shards need {k} distinct GPUs; the cluster has {G}")
+        allowed = np.ones(G, bool)
+        for g in m.forbid:
+            if g >= G:
+                raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
+            allowed[g] = False
+        pins = None
+        if m.pin is not None:
+            pins = list(m.pin)
+            if any(g >= G for g in pins):
+                raise InvalidInstance(f"{m.where}: pin names GPU {max(pins)}, not one of 0..{G - 1}")
+            if len(pins) != k:
+                raise InvalidInstance(f"{m.where}: pin gives {len(pins)} GPU(s) for {k} shard(s) (tp x replicas); "
+                                      f"give one GPU id per shard")
+            if len(set(pins)) != len(pins):
+                raise InvalidInstance(f"{m.where}: pin repeats a GPU, but shards and replicas need distinct GPUs")
+            if not allowed[pins].all():
+                raise InvalidInstance(f"{m.where}: pinned to GPU {[g for g in pins if not allowed[g]][0]}, which it "
+                                      f"also forbids")
+        if allowed.sum() < k:
+            raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {int(allowed.sum())} GPU(s) "
+                                  f"are allowed")
+        together = m.tp > 1 and node_of.size > 0 and m.same_node is not False
+        if m.same_node is not None:
+            if m.tp == 1:
+                raise InvalidInstance(f"{m.where}: same_node applies to the tp shards of a model; this one has tp=1")
+            if m.same_node and node_of.size == 0:
+                raise InvalidInstance(f"{m.where}: same_node needs the cluster's nodes (nodes or gpus_per_node)")
+        if together:
+            room = [int(allowed[node_of == nd].sum()) for nd in range(node_size.size)]
+            if max(room) < m.tp:
+                raise InvalidInstance(f"{m.where}: its tp={m.tp} shards must share a node, but no node has {m.tp} "
+                                      f"GPUs it may use (set same_node: false to let them span nodes)")
+            if pins is not None:
+                for r in range(m.replicas):
+                    if len({int(node_of[g]) for g in pins[r * m.tp:(r + 1) * m.tp]}) > 1:
+                        raise InvalidInstance(f"{m.where}: the pins of replica {r} span nodes, but its tp shards "
+                                              f"must share a node (same_node: false lets them span)")
+        cur_ids = cur_models[i]
+        if cur_ids is not None:
+            if any(g >= G for g in cur_ids):
+                raise InvalidInstance(f"{m.where}: cur_gpu_id names GPU {max(cur_ids)}, not one of 0..{G - 1}")
+            if len(set(cur_ids)) != len(cur_ids):
+                raise InvalidInstance(f"{m.where}: cur_gpu_id repeats a GPU, but its shards run on distinct GPUs")
+            if len(cur_ids) > k:
+                raise InvalidInstance(f"{m.where}: cur_gpu_id gives {len(cur_ids)} GPUs for {k} shard(s)")
+            if len(cur_ids) < k:
+                warnings.warn(f"{m.where}: tp x replicas = {k} shards but cur_gpu_id gives {len(cur_ids)} GPU(s): "
+                              f"read as {len(cur_ids)} running shard(s), the other {k - len(cur_ids)} placed as new "
+                              f"(give one GPU id per shard)", KvgpuWarning, stacklevel=3)
+        shard_size = m.size / m.tp + m.overhead_gb
+        fit = usable[allowed].max()
+        if shard_size > fit + EPS * mem_unit(fit):
+            what = "a shard" if k > 1 else "it"
+            raise InvalidInstance(f"{m.where}: {what} needs {shard_size:g} GB (size / tp + overhead_gb), larger than "
+                                  f"every GPU it may use (largest has {fit:g} GB" +
+                                  (" after reserve_gb)" if reserve.any() else ")"))
+        for c in range(k):
+            sizes.append(shard_size)
+            demand.append(m.demand / k)
+            names.append((m.name if m.name is not None else f"#{i}") + (f"/{c}" if k > 1 else ""))
+            objects.append(m.obj)
+            model_of.append(i)
+            row = allowed.copy()
+            if pins is not None:
+                row[:] = False
+                row[pins[c]] = True
+            allow_rows.append(row)
+            group.append(i if k > 1 else -1)
+            node_group.append(n_node_groups + c // m.tp if together else -1)
+            cur.append(cur_ids[c] if cur_ids is not None and c < len(cur_ids) else -1)
+        if together:
+            n_node_groups += m.replicas
+        multi |= k > 1
+        pinned |= m.pin is not None or bool(m.forbid)
+    n = len(sizes)
+    sizes_a = np.asarray(sizes, float)
+    if sizes_a.sum() > usable.sum() + EPS * mem_unit(usable.sum()):
+        raise InvalidInstance(f"models: total size {sizes_a.sum():g} GB is above the total GPU memory "
+                              f"{usable.sum():g} GB" + (" (after reserve_gb)" if reserve.any() else ""))
+    cur_a = np.asarray(cur, np.int64)
+    model_of_a = np.asarray(model_of, np.int64)
+    if replan:
+        _check_current_memory(specs, model_of_a, cur_a, mem)
+    items = Instance(sizes_a, np.asarray(demand, float), usable, names, objects)
+    allowed_a = np.asarray(allow_rows, np.uint8).reshape(n, G) if pinned else np.empty((0, 0), np.uint8)
+    group_a = np.asarray(group, np.int64) if multi else _EMPTY_I
+    node_group_a = np.asarray(node_group, np.int64) if n_node_groups else _EMPTY_I
+    node_of_a = node_of if n_node_groups else _EMPTY_I
+    prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
+                   cur_a if replan else _EMPTY_I, K, max_gb, gain)
+    if prob.has_rules:
+        from dataclasses import replace
+
+        prob = replace(prob, gpu_class=_gpu_classes(prob))
+    return prob
+
+
+def _check_current_memory(specs, model_of, cur, mem) -> None:
+    """A current placement must be one that runs: its model weights within each GPU's memory."""
+    run = cur >= 0
+    w = np.array([specs[m].size / specs[m].tp for m in model_of.tolist()], float)
+    used = np.bincount(cur[run], weights=w[run], minlength=mem.shape[0])
+    over = np.nonzero(used > mem + EPS * mem_unit(mem))[0]
+    if over.size:
+        g = int(over[0])
+        raise InvalidInstance(f"current placement: GPU {g} holds {used[g]:g} GB of models, more than its "
+                              f"{mem[g]:g} GB")
+
+
+def _gpu_classes(p: Problem) -> np.ndarray:
+    """GPUs interchangeable under the rules: same usable memory, the same items allowed, the
+    same node; a GPU some model runs on now is a class of its own."""
+    G = p.n_gpus
+    keys: dict = {}
+    out = np.empty(G, np.int64)
+    cur_gpus = set(p.cur[p.cur >= 0].tolist()) if p.is_replan else set()
+    for g in range(G):
+        key = (float(p.items.gpu_mem[g]), p.allowed[:, g].tobytes() if p.allowed.shape[0] else b"",
+               int(p.node_of[g]) if p.node_of.shape[0] else -1, g if g in cur_gpus else -1)
+        out[g] = keys.setdefault(key, len(keys))
+    return out
+
+
+def validate_batch(batch) -> None:
+    """The rules of :func:`build_problem` for plain instances, on every instance of a padded
+    batch (:class:`kvgpu.batch.state.Batch`); raises :class:`InvalidInstance` naming the
+    instance, the model slot and the rule."""
+    xp = batch.xp
+    if batch.shape[0] == 0:
+        raise InvalidInstance("solve_batch: the batch holds no instance (B = 0)")
+    s, w, mm = batch.sizes, batch.demand, batch.model_mask
+    for arr, name in ((s, "model_size"), (w, "demand (req_rate/slo)")):
+        for bad, rule in ((mm & ~xp.isfinite(arr), "must be finite"), (mm & (arr < 0), "must be >= 0")):
+            if bool(bad.any()):
+                b, n = (int(v) for v in xp.argwhere(bad)[0])
+                raise InvalidInstance(f"instance {b}, model {n}: {name} {rule}, got {float(arr[b, n])}")
+    gm = batch.gpu_mem
+    badg = batch.gpu_mask & ~(xp.isfinite(gm) & (gm > 0))
+    if bool(badg.any()):
+        b, g = (int(v) for v in xp.argwhere(badg)[0])
+        raise InvalidInstance(f"instance {b}, gpu {g}: GPU memory must be a positive finite number, got {float(gm[b, g])}")
+    nog = batch.n_gpus == 0
+    if bool(nog.any()):
+        raise InvalidInstance(f"instance {int(xp.argwhere(nog)[0, 0])}: no GPUs (gpu_mask is all False)")
+    top = gm.max(axis=1)[:, None]
+    big = mm & (s > top + EPS * mem_unit(top))
+    if bool(big.any()):
+        b, n = (int(v) for v in xp.argwhere(big)[0])
+        raise InvalidInstance(f"instance {b}, model {n}: model_size {float(s[b, n])} GB is larger than every GPU "
+                              f"(largest has {float(gm[b].max())} GB)")
+    tot = gm.sum(axis=1)
+    over = s.sum(axis=1) > tot + EPS * mem_unit(tot)
+    if bool(over.any()):
+        b = int(xp.argwhere(over)[0, 0])
+        raise InvalidInstance(f"instance {b}: total size {float(s[b].sum())} GB is above the total GPU memory "
+                              f"{float(gm[b].sum())} GB")
 
 
 def score_tuple(kvprs: Sequence[float]) -> tuple[float, float, float]:

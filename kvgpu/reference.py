@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from kvgpu import bounds
+from kvgpu import seed_bound as bounds
 from kvgpu.kernels import params
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div, transfer_loads, transfer_new_max
-from kvgpu.problem import DEFAULT_GPU_MEM, Instance, NoPlacementFound, make_instance, score_tuple
+from kvgpu.errors import NoPlacementFound
+from kvgpu.problem import DEFAULT_GPU_MEM, Instance, make_instance, score_tuple
 
 Placement = list  # list[list[int]]
 

@@ -36,7 +36,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from kvgpu.problem import Instance, InvalidInstance, make_instance
+from kvgpu.errors import InvalidInstance
+from kvgpu.problem import Instance, make_instance
 
 GRID = ("gpus", "gpu_mem", "models_per_gpu", "sizes", "popularity", "seed", "mode", "effort")
 DEFAULTS = {"gpu_mem": [80.0], "models_per_gpu": [3], "sizes": ["uniform"], "popularity": ["uniform"],

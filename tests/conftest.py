@@ -81,3 +81,127 @@ def tiny_instances(draw, max_gpus=3, max_models=6):
     models = [m for m in models if m[0] <= max(mem)]
     assume(models and sum(m[0] for m in models) <= sum(mem))
     return make_instance(models, g, mem)
+
+
+def brute_force_problem(prob):
+    """The optimal max KVPR of a constrained :class:`kvgpu.problem.Problem` and a placement
+    reaching it, by trying every assignment of items to GPUs (tiny problems only).  The rules
+    as an operator states them: allowed GPUs, a model's items on distinct GPUs, node groups
+    inside one node, memory, and -- for a re-placement -- the budget counted per model: a
+    model moves when one of its running shards has to be copied (``running - |new GPUs &
+    current GPUs|`` shards), at most ``max_moves`` models and ``max_migrated_gb`` GB.
+    Returns ``(inf, None)`` when nothing satisfies them."""
+    from kvgpu.kernels.deltas import fits
+
+    inst = prob.items
+    n, G = inst.n_models, inst.n_gpus
+    A = np.array(list(itertools.product(range(G), repeat=n)), dtype=np.int64).reshape(-1, n)
+    ok = np.ones(A.shape[0], bool)
+    if prob.allowed.shape[0]:
+        ok &= prob.allowed[np.arange(n)[None, :], A].astype(bool).all(axis=1)
+    for grp, cmp in ((prob.group, np.not_equal), (prob.node_group, None)):
+        if not grp.shape[0]:
+            continue
+        for i in range(n):
+            for j in range(i + 1, n):
+                if grp[i] >= 0 and grp[i] == grp[j]:
+                    if cmp is None:
+                        ok &= prob.node_of[A[:, i]] == prob.node_of[A[:, j]]
+                    else:
+                        ok &= A[:, i] != A[:, j]
+    rows = np.arange(A.shape[0])[:, None]
+    S = np.zeros((A.shape[0], G))
+    W = np.zeros((A.shape[0], G))
+    for i in range(n):
+        np.add.at(S, (np.arange(A.shape[0]), A[:, i]), inst.sizes[i])
+        np.add.at(W, (np.arange(A.shape[0]), A[:, i]), inst.demand[i])
+    ok &= fits(S, inst.gpu_mem[None, :]).all(axis=1)
+    if prob.is_replan:
+        moved = np.zeros(A.shape[0], np.int64)
+        gb = np.zeros(A.shape[0])
+        for m, spec in enumerate(prob.specs):
+            items = np.nonzero(prob.model_of == m)[0]
+            cur = [int(g) for g in prob.cur[items] if g >= 0]
+            if not cur:
+                continue
+            hit = np.zeros(A.shape[0], np.int64)
+            for g in cur:
+                hit += (A[:, items] == g).any(axis=1)
+            copies = len(cur) - hit
+            moved += copies > 0
+            gb += copies * spec.size / spec.tp
+        if prob.max_moves >= 0:
+            ok &= moved <= prob.max_moves
+        ok &= gb <= prob.max_migrated_gb * (1 + 1e-9) + 1e-12
+    del rows
+    if not ok.any():
+        return np.inf, None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kv = np.where(inst.gpu_mem[None, :] - S > 0, W / (inst.gpu_mem[None, :] - S), np.where(W > 0, np.inf, 0.0))
+    best = np.where(ok, kv.max(axis=1), np.inf)
+    k = int(np.argmin(best))
+    return float(best[k]), A[k]
+
+
+def check_placement(prob, p):
+    """Assert that ``p`` keeps every rule of ``prob`` (the independent check of the tests) and
+    return the number of moved models."""
+    from kvgpu.kernels.deltas import fits
+
+    a = p.assignment
+    inst = prob.items
+    assert a.shape == (inst.n_models,) and ((0 <= a) & (a < inst.n_gpus)).all()
+    S = np.bincount(a, weights=inst.sizes, minlength=inst.n_gpus)
+    assert fits(S, inst.gpu_mem).all(), "memory broken"
+    for m, spec in enumerate(prob.specs):
+        items = np.nonzero(prob.model_of == m)[0]
+        gs = a[items].tolist()
+        assert len(set(gs)) == len(gs), f"{spec.where}: shards share a GPU"
+        if spec.pin is not None:
+            assert gs == list(spec.pin), f"{spec.where}: pin broken"
+        assert not set(gs) & set(spec.forbid), f"{spec.where}: forbidden GPU used"
+    if prob.node_group.shape[0]:
+        for k in set(prob.node_group.tolist()) - {-1}:
+            nodes = {int(prob.node_of[g]) for g in a[prob.node_group == k]}
+            assert len(nodes) == 1, "tp shards straddle nodes"
+    moved = 0
+    if prob.is_replan:
+        gb = 0.0
+        for m, spec in enumerate(prob.specs):
+            items = np.nonzero(prob.model_of == m)[0]
+            cur = {int(g) for g in prob.cur[items] if g >= 0}
+            copies = len(cur) - len(cur & set(a[items].tolist()))
+            moved += copies > 0
+            gb += copies * spec.size / spec.tp
+        if prob.max_moves >= 0:
+            assert moved <= prob.max_moves, "over the move budget"
+        assert gb <= prob.max_migrated_gb * (1 + 1e-9) + 1e-12, "over the GB budget"
+        assert p.moved_models == moved
+    return moved
+
+
+def check_plan_executable(prob, p):
+    """Replay ``p.plan`` from the current placement: every step lands where there is room
+    (unless the plan says it needs a cycle broken), and it ends at ``p.assignment``."""
+    from kvgpu.kernels.deltas import fits
+
+    inst = prob.items
+    used = np.zeros(inst.n_gpus)
+    sets = {m: set() for m in range(len(prob.specs))}
+    for i in np.nonzero(prob.cur >= 0)[0]:
+        used[prob.cur[i]] += inst.sizes[i]
+        sets[int(prob.model_of[i])].add(int(prob.cur[i]))
+    name_to_model = {(s.name or f"#{m}"): m for m, s in enumerate(prob.specs)}
+    for step in p.plan:
+        m = name_to_model[step.model]
+        size = inst.sizes[np.nonzero(prob.model_of == m)[0][0]]
+        if p.plan_note is None:
+            assert fits(used[step.dst] + size, inst.gpu_mem[step.dst]), f"step {step} does not fit"
+        used[step.dst] += size
+        if step.src >= 0:
+            assert step.src in sets[m]
+            sets[m].discard(step.src)
+            used[step.src] -= size
+        sets[m].add(step.dst)
+    for m in sets:
+        assert sets[m] == set(p.assignment[prob.model_of == m].tolist())

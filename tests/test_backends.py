@@ -47,17 +47,17 @@ def test_numba_local_search_matches_seed(seed_functions):
     for k, (c, inst, a, p) in enumerate(_starts(seed_functions)):
         args = (inst.sizes, inst.demand, inst.gpu_mem)
         a1, p1 = a.copy(), p.copy()
-        cpu.refine_peak(*args, a1, p1, 2, 12)
+        cpu.refine_peak(*args, a1, p1, 2, 12, *_no_rules(a1, args[2]))
         assert a1.tolist() == c["refine_peak"]["assignment"], k
         a2, p2 = a.copy(), p.copy()
-        cpu.improve_local(*args, a2, p2, 4000)
+        cpu.improve_local(*args, a2, p2, 4000, *_no_rules(a2, args[2]))
         assert a2.tolist() == c["improve_local"]["assignment"], k
-        cpu.improve_local(*args, a1, p1, 1500)
+        cpu.improve_local(*args, a1, p1, 1500, *_no_rules(a1, args[2]))
         assert a1.tolist() == c["refine_peak_then_polish"]["assignment"], k
 
 
 def test_numba_start_bound_equals_reference(seed_cases):
-    from kvgpu import bounds
+    from kvgpu import seed_bound as bounds
     for c in seed_cases[:60]:
         inst = make_instance(c["models"], c["gpu_num"])
         assert cpu.start_bound(inst.sizes, inst.demand, inst.gpu_mem) == bounds.seed_start_bound(*inst.py)
@@ -145,3 +145,11 @@ def test_heterogeneous_gpus_reference_numpy_numba_agree():
     assert (got == want).all()
     for k, inst in enumerate(insts):
         assert R.assignment_of(R.seed_pipeline(inst), inst.n_models) == got[k, :inst.n_models].tolist(), k
+
+
+def _no_rules(assign, M):
+    """``(rules, rule state)`` of an instance without rules, for the kernels' local search."""
+    from kvgpu.kernels import rules
+
+    r = rules.no_rules()
+    return r, rules.new_state(r, assign, M.shape[0])

@@ -17,7 +17,7 @@ from kvgpu.batch.pack import pack_lanes, regret_insertion
 from kvgpu.batch.state import Batch, score
 from kvgpu.kernels.params import (BEST_FIT, DUAL_MOST_FREE_SHARE, FEAS_ORDERING, FEAS_POLICY, FIRST_FIT, MOST_FREE,
                                    SIZE_ORDER, T_FACTORS)
-from kvgpu.problem import NoPlacementFound
+from kvgpu.errors import NoPlacementFound
 
 LAZY_MIN_LANES = 128
 

@@ -20,6 +20,7 @@ import numpy as np
 from numba import prange
 
 from kvgpu.kernels import deltas, params
+from kvgpu.kernels.rules import new_state, no_rules, restricted, transfer_apply, transfer_check
 
 _jit = numba.njit(cache=True, inline="always")
 safe_div = _jit(deltas.safe_div)
@@ -639,8 +640,26 @@ def _state(s, w, M, assign, pos):
 
 
 @njit
-def improve_local(s, w, M, assign, pos, max_iters):
-    """In place; see :func:`kvgpu.reference.improve_local`."""
+def _allowed(rules, rstate, src, dst, a, b):
+    """Does the transfer of ``a`` src -> dst (and ``b`` back, -1: none) keep the cluster's rules
+    and migration budget (:mod:`kvgpu.kernels.rules`)?  Always True without rules, so the seed
+    pipeline takes its own decisions."""
+    if not restricted(rules):
+        return True
+    return transfer_check(rules, rstate, src, dst, a, -1, b, -1)[0]
+
+
+@njit
+def _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b, rules, rstate):
+    transfer_apply(rules, rstate, src, dst, a, -1, b, -1)
+    return _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b)
+
+
+@njit
+def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
+    """In place; see :func:`kvgpu.reference.improve_local`.  Only transfers that keep ``rules``
+    (pins, anti-affinity, nodes, the migration budget; ``rstate`` their bookkeeping, updated)
+    are considered; without rules this is the seed's step exactly."""
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(max_iters):
@@ -655,7 +674,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
                 if d == worst:
                     continue
                 new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(t3, worst, d))
-                if new + EPS < best:
+                if new + EPS < best and _allowed(rules, rstate, worst, d, a, -1):
                     best, ba, bd = new, a, d
         bb = -1
         if ba < 0:
@@ -668,7 +687,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
                     others = _max_excluding(t3, worst, d)
                     for q in range(start[d], start[d + 1]):
                         new = _eval(S, W, M, s, w, worst, d, a, mem[q], others)
-                        if new + EPS < cur:
+                        if new + EPS < cur and _allowed(rules, rstate, worst, d, a, mem[q]):
                             ba, bd, bb = a, d, mem[q]
                             break
                     if ba >= 0:
@@ -677,7 +696,7 @@ def improve_local(s, w, M, assign, pos, max_iters):
                     break
         if ba < 0:
             break
-        stamp = _apply(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, bb)
+        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, bb, rules, rstate)
     if G > 1:
         for _ in range(12):
             worst = _argmax_first(kv, -1)
@@ -690,16 +709,17 @@ def improve_local(s, w, M, assign, pos, max_iters):
             for p in range(start[worst], start[worst + 1]):
                 for q in range(start[second], start[second + 1]):
                     new = _eval(S, W, M, s, w, worst, second, mem[p], mem[q], others)
-                    if new + EPS < best:
+                    if new + EPS < best and _allowed(rules, rstate, worst, second, mem[p], mem[q]):
                         best, ba, bb = new, mem[p], mem[q]
             if ba < 0:
                 break
-            stamp = _apply(S, W, kv, M, s, w, assign, pos, stamp, worst, second, ba, bb)
+            stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, second, ba, bb, rules, rstate)
 
 
 @njit
-def refine_peak(s, w, M, assign, pos, passes, top_k):
-    """In place; see :func:`kvgpu.reference.refine_peak`."""
+def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
+    """In place; see :func:`kvgpu.reference.refine_peak`.  Donations that break ``rules`` are
+    skipped (see :func:`improve_local`)."""
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(passes):
@@ -728,11 +748,11 @@ def refine_peak(s, w, M, assign, pos, passes, top_k):
             for t in range(nt):
                 d = targets[t]
                 new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(t3, worst, d))
-                if new + EPS < best:
+                if new + EPS < best and _allowed(rules, rstate, worst, d, a, -1):
                     best, ba, bd = new, a, d
         if ba < 0:
             break
-        stamp = _apply(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, -1)
+        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, -1, rules, rstate)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -783,6 +803,8 @@ def seed_instance(s, w, M, assign, pos):
                 break
     if nc == 0:
         return False
+    rules = no_rules()
+    rstate = new_state(rules, assign, M.shape[0])
     sc = np.empty((nc, 3))
     starts_a = ca[:nc].copy()
     starts_p = cp[:nc].copy()
@@ -798,14 +820,14 @@ def seed_instance(s, w, M, assign, pos):
             cp[c] = cp[dup]
             sc[c] = sc[dup]
         else:
-            improve_local(s, w, M, ca[c], cp[c], 4000)
+            improve_local(s, w, M, ca[c], cp[c], 4000, rules, rstate)
             _score(s, w, M, ca[c], cp[c], sc[c])
         if pick < 0 or _lex_less(sc[c], sc[pick], 3):
             pick = c
     assign[:] = ca[pick]
     pos[:] = cp[pick]
-    refine_peak(s, w, M, assign, pos, 2, 12)
-    improve_local(s, w, M, assign, pos, 1500)
+    refine_peak(s, w, M, assign, pos, 2, 12, rules, rstate)
+    improve_local(s, w, M, assign, pos, 1500, rules, rstate)
     return True
 
 

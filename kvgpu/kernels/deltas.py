@@ -57,9 +57,40 @@ def transfer_loads(S_src, W_src, S_dst, W_dst, s_out, w_out, s_in, w_in):
             S_dst + s_out - s_in, W_dst + w_out - w_in)
 
 
+def mem_unit(M):
+    """The unit slacks are measured in: 1 (GB) for memories of at least 1 GB, else ``M`` itself,
+    so that a slack never overfills GPUs measured in tiny units while the seed's absolute
+    ``+1e-12`` stays exact for real GPUs (scalars or arrays)."""
+    return (M < 1.0) * M + (M >= 1.0) * 1.0
+
+
 def fits(S_after, M):
-    """Memory rule with the seed's slack: ``S' <= M + EPS`` (scalars or arrays)."""
-    return S_after <= M + EPS
+    """Memory rule with the seed's slack: ``S' <= M + EPS`` (relative below 1 GB, see
+    :func:`mem_unit`; scalars or arrays)."""
+    return S_after <= M + EPS * ((M < 1.0) * M + (M >= 1.0) * 1.0)  # mem_unit, inlined for numba
+
+
+#: Relative tolerance of the score comparison: two terms closer than this are equal, so the
+#: order in which a sum was taken never decides between two placements.
+SCORE_RTOL = 1e-9
+
+
+def better(a0, a1, a2, b0, b1, b2):
+    """Is the score ``(max, second, mean)`` ``a`` better than ``b``?  Lexicographic, each term
+    compared with the relative tolerance ``SCORE_RTOL``.  This is the one comparison of
+    placements kvgpu makes (search, re-placement, tests); only the seed pipeline's internal
+    candidate selection keeps the seed's exact rule, which its reproduction needs."""
+    for a, b in ((a0, b0), (a1, b1), (a2, b2)):
+        if a == b:
+            continue
+        if not (abs(a) < INF and abs(b) < INF):
+            return a < b
+        tol = SCORE_RTOL * max(abs(a), abs(b))
+        if a < b - tol:
+            return True
+        if a > b + tol:
+            return False
+    return False
 
 
 def overflow(load, cap):

@@ -15,8 +15,13 @@ limit, so it never hangs:
 :func:`certify_instance` narrows ``[lo, U]`` -- ``lo`` a proven lower bound, ``U`` the value of
 the best placement -- by asking first whether anything beats ``U`` at all (usually "no", which
 proves ``U`` optimal in one search), then by bisection.  Soundness: the capacity test has a slack
-of ``CAP_SLACK`` GB, which only makes "feasible" easier, so an "infeasible" answer is a proof;
-a "feasible" answer is used through the placement it returns, whose own max KVPR is measured.
+of ``CAP_SLACK`` GB, which only lets more branches through; every complete placement is then
+checked exactly (:func:`_holds`), and one that passes only by the slack is rejected and the search
+goes on.  So "infeasible" is a proof, and "feasible" comes with a placement whose max KVPR is at
+most ``T``: a proof never stops at a slack artefact (an instance whose only placement is the
+answer is proven optimal).  Everything keeps the cluster's rules (:mod:`kvgpu.kernels.rules`):
+allowed GPUs, anti-affinity, nodes and the migration budget, so rule instances and small
+re-placements are proven too.
 """
 
 from __future__ import annotations
@@ -25,31 +30,56 @@ import numba
 import numpy as np
 from numba import prange
 
-from kvgpu.kernels.cpu import _score, fits
 from kvgpu.kernels import params
+from kvgpu.kernels.cpu import _score, fits, safe_div
 from kvgpu.kernels.params import CAP_SLACK
+from kvgpu.kernels.rules import budget_held, may_place, new_state, no_rules, place, restricted, unplace
+from kvgpu.kernels.search import mem_unit
 
 njit = numba.njit(cache=True)
 
 FEASIBLE, INFEASIBLE, UNKNOWN = 1, 0, -1
 RTOL = params.OPTIMAL_RTOL
+INF = np.inf
+FLOAT_MAX = np.finfo(np.float64).max
 #: Largest instance (models) decided by the subset DP (2^n states, 17 bytes each).
 DP_MAX_MODELS = 20
 
 
 @njit
-def feasible(s, w, M, T, node_limit, out):
-    """Is there a placement with max KVPR <= ``T``?  Returns ``(FEASIBLE | INFEASIBLE | UNKNOWN,
-    work used)``; on FEASIBLE ``out`` (n,) holds the GPU of each model.  Work counts search
-    nodes or DP states."""
+def feasible(s, w, M, T, node_limit, out, rules, gclass):
+    """Is there a placement with max KVPR <= ``T`` (``T = inf``: one that fits in memory) that
+    keeps ``rules`` (:mod:`kvgpu.kernels.rules`)?  Returns ``(FEASIBLE | INFEASIBLE | UNKNOWN,
+    work used)``; on FEASIBLE ``out`` (n,) holds the GPU of each model, checked exactly (a
+    placement that passes only by the capacity slack is not taken).  ``gclass`` (G,) int64:
+    GPUs with equal class are interchangeable under the rules ((0,): by memory).  Work counts
+    search nodes or DP states."""
     a = s + w / T
     n = s.shape[0]
     uniform = True
     for g in range(M.shape[0]):
         uniform = uniform and M[g] == M[0]
-    if uniform and n <= DP_MAX_MODELS and (1 << n) <= node_limit:
-        return _feasible_dp(a, M[0], M.shape[0], out), 1 << n
-    return _feasible_dfs(s, a, M, node_limit, out)
+    if uniform and not restricted(rules) and n <= DP_MAX_MODELS and (1 << n) <= node_limit:
+        status = _feasible_dp(a, M[0], M.shape[0], out)
+        if status == INFEASIBLE or _holds(s, w, M, T, out):
+            return status, 1 << n
+        # the DP's packing passes only by the slack; the exhaustive search looks for another
+    return _feasible_dfs(s, w, a, M, T, node_limit, out, rules, gclass)
+
+
+@njit
+def _holds(s, w, M, T, assign):
+    """Does ``assign`` fit in memory with every GPU at KVPR <= ``T``, computed exactly?"""
+    G = M.shape[0]
+    S = np.zeros(G)
+    W = np.zeros(G)
+    for i in range(s.shape[0]):
+        S[assign[i]] += s[i]
+        W[assign[i]] += w[i]
+    for g in range(G):
+        if not fits(S[g], M[g]) or safe_div(W[g], M[g] - S[g]) > T:
+            return False
+    return True
 
 
 @njit
@@ -104,10 +134,37 @@ def _add(nb, nl, ai, C):
 
 
 @njit
-def _feasible_dfs(s, a, M, node_limit, out):
+def _twins(order, rules):
+    """``twin[k]``: the item at depth ``k`` is interchangeable with the one at ``k - 1`` (shards
+    or replicas of one model with the same allowed GPUs, node group and newness), so it only
+    takes a higher GPU id -- the other orders are the same placements."""
+    n = order.shape[0]
+    twin = np.zeros(n, np.bool_)
+    allowed, group, node_group, cur = rules[0], rules[1], rules[2], rules[4]
+    if group.shape[0] == 0:
+        return twin
+    for k in range(1, n):
+        i, j = order[k], order[k - 1]
+        same = group[i] >= 0 and group[i] == group[j]
+        if same and node_group.shape[0]:
+            same = node_group[i] == node_group[j]
+        if same and cur.shape[0]:
+            same = (cur[i] < 0) == (cur[j] < 0)
+        if same and allowed.shape[0]:
+            for g in range(allowed.shape[1]):
+                if allowed[i, g] != allowed[j, g]:
+                    same = False
+                    break
+        twin[k] = same
+    return twin
+
+
+@njit
+def _feasible_dfs(s, w, a, M, T, node_limit, out, rules, gclass):
     n = s.shape[0]
     G = M.shape[0]
-    order = np.argsort(-a, kind="mergesort")
+    order = np.argsort(-a, kind="mergesort")  # a model's shards are equal: they stay together
+    twin = _twins(order, rules)
     rest = np.zeros(n + 1)  # rest[k]: total item size from depth k on
     amin = np.full(n + 1, np.inf)  # amin[k]: smallest item from depth k on
     for k in range(n - 1, -1, -1):
@@ -116,33 +173,44 @@ def _feasible_dfs(s, a, M, node_limit, out):
     load = np.zeros(G)
     used = np.zeros(G)
     choice = np.full(n, -1, np.int64)
+    placed = np.full(n, -1, np.int64)
+    rstate = new_state(rules, placed, G)
     k = 0
     nodes = 0
     while True:
         if k == n:
             for d in range(n):
                 out[order[d]] = choice[d]
-            return FEASIBLE, nodes
+            if _holds(s, w, M, T, out):
+                return FEASIBLE, nodes
+            k -= 1  # passes only by the capacity slack: not a placement at T, search on
         i = order[k]
         g = choice[k]
         if g >= 0:  # back here after the subtree below choice g failed: take item i off g
             load[g] -= a[i]
             used[g] -= s[i]
-        g += 1
-        placed = False
+            unplace(rules, rstate, i, g)
+            g += 1
+        else:
+            g = choice[k - 1] + 1 if twin[k] else 0
+        lo = choice[k - 1] + 1 if twin[k] else 0
+        placed_ok = False
         while g < G:
-            if load[g] + a[i] <= M[g] + CAP_SLACK and fits(used[g] + s[i], M[g]) and not _same_as_earlier(
-                    M, load, used, g):
-                load[g] += a[i]
-                used[g] += s[i]
-                if _room(M, load, amin[k + 1]) + CAP_SLACK * G >= rest[k + 1]:
-                    placed = True
-                    break
-                load[g] -= a[i]
-                used[g] -= s[i]
+            if load[g] + a[i] <= M[g] + CAP_SLACK * mem_unit(M[g]) and fits(used[g] + s[i], M[g]) and may_place(
+                    rules, rstate, i, g) and not _same_as_earlier(M, load, used, g, lo, gclass, rules, rstate, i):
+                place(rules, rstate, i, g)
+                if budget_held(rules, rstate):
+                    load[g] += a[i]
+                    used[g] += s[i]
+                    if _room(M, load, amin[k + 1]) + CAP_SLACK * G >= rest[k + 1]:
+                        placed_ok = True
+                        break
+                    load[g] -= a[i]
+                    used[g] -= s[i]
+                unplace(rules, rstate, i, g)
             g += 1
         nodes += 1
-        if placed:
+        if placed_ok:
             choice[k] = g
             k += 1
             if k < n:
@@ -157,11 +225,16 @@ def _feasible_dfs(s, a, M, node_limit, out):
 
 
 @njit
-def _same_as_earlier(M, load, used, g):
-    """GPU ``g`` is in the same state as an earlier GPU (same memory, load and use), so placing
-    there was already tried."""
-    for h in range(g):
-        if M[h] == M[g] and load[h] == load[g] and used[h] == used[g]:
+def _same_as_earlier(M, load, used, g, lo, gclass, rules, rstate, i):
+    """GPU ``g`` is in the same state as an earlier GPU ``h >= lo`` (the same class -- memory,
+    and under rules the same allowed items, node and no current model --, load and use, and
+    neither holds an item of ``i``'s group), so placing there was already tried."""
+    grp = rules[1][i] if rules[1].shape[0] else -1
+    if grp >= 0 and rstate[0][grp, g] > 0:
+        return False
+    for h in range(lo, g):
+        same_class = gclass[h] == gclass[g] if gclass.shape[0] else M[h] == M[g]
+        if same_class and load[h] == load[g] and used[h] == used[g] and (grp < 0 or rstate[0][grp, h] == 0):
             return True
     return False
 
@@ -179,10 +252,11 @@ def _room(M, load, smallest):
 
 
 @njit
-def certify_instance(s, w, M, lo, assign, pos, node_limit):
+def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
     """Narrow ``[lo, U]`` for one instance, ``U`` the max KVPR of ``assign``/``pos`` (improved in
-    place when a better placement turns up).  Returns ``(lo, nodes)``: ``lo`` a proven lower bound;
-    ``U <= lo * (1 + RTOL)`` means optimal (proven).  ``node_limit`` caps the total work."""
+    place when a better placement turns up; every placement keeps ``rules``).  Returns
+    ``(lo, nodes)``: ``lo`` a proven lower bound; ``U <= lo * (1 + RTOL)`` means optimal
+    (proven).  ``node_limit`` caps the total work."""
     n = s.shape[0]
     sc = np.empty(3)
     _score(s, w, M, assign, pos, sc)
@@ -191,24 +265,25 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit):
     used = 0
     first = True
     while U > lo * (1.0 + RTOL) and U > 0.0 and used < node_limit:
-        # first ask "anything below U?" (one search proves an optimum), then bisect
-        T = U * (1.0 - 0.5 * RTOL) if first else 0.5 * (lo + U)
-        first = False
-        if T <= 0.0 or not np.isfinite(T):
+        if U == INF:  # is any placement finite?  (if not, the optimum is inf, proven)
+            T = FLOAT_MAX
+        elif first:  # "anything below U?" (one search proves an optimum), then bisect
+            T = U * (1.0 - 0.5 * RTOL)
+            first = False
+        else:
+            T = 0.5 * (lo + U)
+        if T <= 0.0:
             break
-        status, nodes = feasible(s, w, M, T, node_limit - used, out)
+        status, nodes = feasible(s, w, M, T, node_limit - used, out, rules, gclass)
         used += nodes
         if status == INFEASIBLE:
-            lo = max(lo, T)
+            lo = INF if T == FLOAT_MAX else max(lo, T)
         elif status == FEASIBLE:
             sc2 = np.empty(3)
             _score(s, w, M, out, np.arange(n), sc2)
-            if sc2[0] < U:
-                U = sc2[0]
-                assign[:] = out
-                pos[:] = np.arange(n)
-            else:  # within the capacity slack of U: nothing more to learn at this precision
-                break
+            U = sc2[0]  # <= T < U: strictly better, checked by feasible()
+            assign[:] = out
+            pos[:] = np.arange(n)
         else:
             break
     return lo, used
@@ -216,22 +291,27 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit):
 
 @numba.njit(cache=True, parallel=True)
 def certify_batch(sizes, demand, gpu_mem, n_models, n_gpus, lo, node_limit, assign, pos, used):
-    """:func:`certify_instance` for every instance of a compacted batch, in parallel; ``lo``
-    (B,) is raised in place, ``assign``/``pos`` (B, N) improved in place, ``used`` (B,) work."""
+    """:func:`certify_instance` for every instance of a compacted batch (no rules), in
+    parallel; ``lo`` (B,) is raised in place, ``assign``/``pos`` (B, N) improved in place,
+    ``used`` (B,) work."""
+    rules = no_rules()
+    gclass = np.empty(0, np.int64)
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
         lo[b], used[b] = certify_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lo[b], assign[b, :n],
-                                          pos[b, :n], node_limit)
+                                          pos[b, :n], node_limit, rules, gclass)
 
 
 @numba.njit(cache=True, parallel=True)
 def pack_memory_batch(sizes, gpu_mem, n_models, n_gpus, node_limit, assign, pos, status):
-    """Fit the models in memory, ignoring demand (the exact search with ``w = 0``), for the
+    """Fit the models in memory, ignoring demand (the exact search at ``T = inf``), for the
     instances where the seed's heuristics found no packing; ``status`` (B,) FEASIBLE,
     INFEASIBLE (proven: the models do not fit) or UNKNOWN (work limit)."""
+    rules = no_rules()
+    gclass = np.empty(0, np.int64)
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
         s = sizes[b, :n]
-        status[b], _ = feasible(s, np.zeros(n), gpu_mem[b, :G], 1.0, node_limit, assign[b, :n])
+        status[b], _ = feasible(s, np.zeros(n), gpu_mem[b, :G], np.inf, node_limit, assign[b, :n], rules, gclass)
         for i in range(n):
             pos[b, i] = i

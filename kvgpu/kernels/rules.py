@@ -1,9 +1,34 @@
-"""numba kernel for clusters with rules (pins, forbidden GPUs, anti-affinity of shards and
-replicas; see :mod:`kvgpu.cluster`): a greedy start that respects them, then the repair search
-of :mod:`kvgpu.kernels.search` under the same rules.
+"""The rules of a real cluster inside the kernels, as small allocation-free scalar functions.
 
-The seed pipeline knows no rules, so it is not used here; the start places the most constrained
-items first (fewest allowed GPUs, then largest), each where the global max KVPR rises least.
+A constrained instance is a plain instance of *items* (a model split into ``tp`` shards times
+``replicas`` copies; :mod:`kvgpu.problem` builds them) plus these rules, all carried in one
+tuple so that every kernel takes the same arguments whether rules exist or not:
+
+``rules = (allowed, group, node_group, node_of, cur, mfirst, mcount, mig_gb, K, max_gb)``
+
+* ``allowed`` (n, G) uint8 -- GPUs each item may use (pins, forbidden GPUs); (0, 0): all.
+* ``group`` (n,) int64 -- anti-affinity: items with the same id >= 0 sit on distinct GPUs
+  (the shards and replicas of one model); (0,): none.
+* ``node_group`` (n,) int64 -- items with the same id >= 0 sit inside one node (the tp shards of
+  one replica); ``node_of`` (G,) int64 the node of each GPU; (0,): no nodes.
+* ``cur`` (n,) int64 -- re-placement: the GPU each item runs on now, -1 for a new one; (0,):
+  not a re-placement.  ``mfirst`` / ``mcount`` (n,) int64: the first item and the item count
+  of each item's model (a model's items are consecutive); ``mig_gb`` (n,) float64 the GB a
+  migration of the item copies.  A model is *moved* when one of its running items ends on a
+  GPU that is not among the model's current GPUs (its shards are interchangeable); at most
+  ``K`` models (``K < 0``: no limit) and ``max_gb`` GB (``inf``: no limit) may move.
+
+The mutable bookkeeping of a placement is the tuple
+``state = (gcount, ncount, nnode, away, used)``: ``gcount`` (groups, G) items of each
+anti-affinity group per GPU, ``ncount`` / ``nnode`` (node groups,) placed items of each node group
+and their node, ``away`` (n,) per model (indexed by its first item) items not on a current GPU,
+``used`` (2,) float64 moved models and migrated GB.  :func:`new_state` allocates it once per
+search; everything else only reads and updates it.
+
+Items are added and removed with :func:`place` / :func:`unplace` (greedy starts, exact search);
+a transfer of up to two items each way between GPUs ``g`` and ``h`` (a move, a swap, a
+two-for-one exchange) is checked with :func:`transfer_check` and applied with
+:func:`transfer_apply`.  Without rules every check is a few comparisons of empty arrays.
 """
 
 from __future__ import annotations
@@ -11,65 +36,230 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from kvgpu.kernels.cpu import INF, _kvprs, _max_excluding, _sort_desc, _top3, fits, safe_div
-from kvgpu.kernels.search import improve_instance
-
+_inline = numba.njit(cache=True, inline="always")
 njit = numba.njit(cache=True)
 
+#: Relative slack of the migrated-GB budget (sums of shard sizes round).
+GB_RTOL = 1e-9
+
 
 @njit
-def least_peak_gpu(S, W, M, si, wi, allowed, taken):
-    """The GPU where a model ``(si, wi)`` raises the global max KVPR least (first among equals),
-    among those it fits on in memory, ``allowed`` (G,) uint8 (empty: all) and not ``taken``
-    (G,) uint8 (empty: none); -1 if none."""
-    G = M.shape[0]
-    t3 = _top3(_kvprs(S, W, M))
-    best, bg = INF, -1
-    for g in range(G):
-        if not fits(S[g] + si, M[g]) or (allowed.shape[0] and not allowed[g]) or (taken.shape[0] and taken[g]):
+def no_rules():
+    """``rules`` for an instance without any (see the module doc)."""
+    e = np.empty(0, np.int64)
+    return (np.empty((0, 0), np.uint8), e, e, e, e, e, e, np.empty(0), np.int64(-1), np.inf)
+
+
+@_inline
+def restricted(rules):
+    """Does the instance carry any rule (pins, groups, nodes, a current placement)?"""
+    return rules[0].shape[0] > 0 or rules[1].shape[0] > 0 or rules[2].shape[0] > 0 or rules[4].shape[0] > 0
+
+
+@_inline
+def budgeted(rules):
+    """Is it a re-placement (some items have a current GPU that moving away from costs)?"""
+    return rules[4].shape[0] > 0
+
+
+@njit
+def new_state(rules, assign, G):
+    """Bookkeeping of ``assign`` (n,) (entries < 0: not placed) under ``rules``; allocates."""
+    group, node_group, cur = rules[1], rules[2], rules[4]
+    ng = 0
+    for i in range(group.shape[0]):
+        ng = max(ng, group[i] + 1)
+    nn = 0
+    for i in range(node_group.shape[0]):
+        nn = max(nn, node_group[i] + 1)
+    state = (np.zeros((ng, G), np.int64), np.zeros(nn, np.int64), np.full(nn, -1, np.int64),
+             np.zeros(cur.shape[0], np.int64), np.zeros(2))
+    for i in range(assign.shape[0]):
+        if assign[i] >= 0:
+            place(rules, state, i, assign[i])
+    return state
+
+
+@njit
+def reset_state(rules, state, assign):
+    """Recompute ``state`` in place for the placement ``assign`` (no allocation)."""
+    gcount, ncount, nnode, away, used = state
+    gcount[:] = 0
+    ncount[:] = 0
+    nnode[:] = -1
+    away[:] = 0
+    used[:] = 0.0
+    for i in range(assign.shape[0]):
+        if assign[i] >= 0:
+            place(rules, state, i, assign[i])
+
+
+@_inline
+def home(rules, i, g):
+    """Is item ``i`` on ``g`` free of migration cost: ``g`` is one of the current GPUs of its
+    model (a model's shards are interchangeable), or the item is new (``cur[i] < 0``), or there
+    is no current placement?  Counting per item never counts fewer migrations than a model's
+    shards really need (``mcount - |final GPUs & current GPUs|``), so the budget always holds."""
+    cur = rules[4]
+    if cur.shape[0] == 0 or cur[i] < 0:
+        return True
+    m0 = rules[5][i]
+    for j in range(m0, m0 + rules[6][i]):
+        if cur[j] == g:
+            return True
+    return False
+
+
+@_inline
+def _count_move(rules, state, i, delta):
+    """``away`` of item ``i``'s model changes by ``delta``: the budget's (models, GB) change."""
+    away = state[3]
+    m0 = rules[5][i]
+    before = away[m0] > 0
+    away[m0] += delta
+    state[4][0] += (1.0 if away[m0] > 0 else 0.0) - (1.0 if before else 0.0)
+    state[4][1] += delta * rules[7][i]
+
+
+@njit
+def place(rules, state, i, h):
+    """Add item ``i`` on GPU ``h`` to the bookkeeping (no checks: see :func:`may_place`)."""
+    group, node_group = rules[1], rules[2]
+    if group.shape[0] and group[i] >= 0:
+        state[0][group[i], h] += 1
+    if node_group.shape[0] and node_group[i] >= 0:
+        k = node_group[i]
+        state[1][k] += 1
+        state[2][k] = rules[3][h]
+    if budgeted(rules) and not home(rules, i, h):
+        _count_move(rules, state, i, 1)
+
+
+@njit
+def unplace(rules, state, i, g):
+    """Take item ``i`` off GPU ``g`` in the bookkeeping."""
+    group, node_group = rules[1], rules[2]
+    if group.shape[0] and group[i] >= 0:
+        state[0][group[i], g] -= 1
+    if node_group.shape[0] and node_group[i] >= 0:
+        k = node_group[i]
+        state[1][k] -= 1
+        if state[1][k] == 0:
+            state[2][k] = -1
+    if budgeted(rules) and not home(rules, i, g):
+        _count_move(rules, state, i, -1)
+
+
+@njit
+def may_place(rules, state, i, h):
+    """Can item ``i`` (not placed) go to GPU ``h``: allowed there, no item of its anti-affinity
+    group there, inside its node group's node?  Memory and budget are the caller's."""
+    allowed, group, node_group = rules[0], rules[1], rules[2]
+    if allowed.shape[0] and not allowed[i, h]:
+        return False
+    if group.shape[0] and group[i] >= 0 and state[0][group[i], h] > 0:
+        return False
+    if node_group.shape[0] and node_group[i] >= 0:
+        k = node_group[i]
+        if state[1][k] > 0 and state[2][k] != rules[3][h]:
+            return False
+    return True
+
+
+@_inline
+def within_budget(rules, state, d_moved, d_gb):
+    """Does a change of (moved models, migrated GB) keep the budget?  A change that does not add
+    to either is always allowed (a start over budget may only improve)."""
+    if not budgeted(rules):
+        return True
+    used = state[4]
+    K, max_gb = rules[8], rules[9]
+    if K >= 0 and used[0] + d_moved > K and d_moved > 0:
+        return False
+    if d_gb > 0 and used[1] + d_gb > max_gb * (1.0 + GB_RTOL) + 1e-12:
+        return False
+    return True
+
+
+@_inline
+def budget_held(rules, state):
+    """Is the placement's bookkeeping within the budget (moved models, migrated GB)?"""
+    if not budgeted(rules):
+        return True
+    used = state[4]
+    return (rules[8] < 0 or used[0] <= rules[8]) and used[1] <= rules[9] * (1.0 + GB_RTOL) + 1e-12
+
+
+@_inline
+def _leaves(rules, x, g, h, gb):
+    """Budget effect of item ``x`` going from ``g`` to ``h``: ``(change of away, GB)``."""
+    d = (0 if home(rules, x, h) else 1) - (0 if home(rules, x, g) else 1)
+    return d, gb + d * rules[7][x]
+
+
+@_inline
+def _group_ok(rules, state, k, dst, x1, x2, y1, y2):
+    """After the transfer, at most one item of group ``k`` on ``dst``, which receives ``x1``,
+    ``x2`` and gives ``y1``, ``y2`` (-1: none)."""
+    group = rules[1]
+    c = state[0][k, dst]
+    for x in (x1, x2):
+        if x >= 0 and group[x] == k:
+            c += 1
+    for y in (y1, y2):
+        if y >= 0 and group[y] == k:
+            c -= 1
+    return c <= 1
+
+
+@njit
+def transfer_check(rules, state, g, h, x1, x2, y1, y2):
+    """May items ``x1``, ``x2`` go from GPU ``g`` to ``h`` while ``y1``, ``y2`` go from ``h`` to
+    ``g`` (-1: none)?  Returns ``(ok, change of moved models, change of migrated GB)``; memory
+    is the caller's."""
+    if not restricted(rules):
+        return True, 0.0, 0.0
+    allowed, group, node_group = rules[0], rules[1], rules[2]
+    for x, dst in ((x1, h), (x2, h), (y1, g), (y2, g)):
+        if x < 0:
             continue
-        new = max(safe_div(W[g] + wi, M[g] - S[g] - si), _max_excluding(t3, g, g))
-        if bg < 0 or new < best:
-            best, bg = new, g
-    return bg
+        if allowed.shape[0] and not allowed[x, dst]:
+            return False, 0.0, 0.0
+        if node_group.shape[0] and node_group[x] >= 0 and rules[3][g] != rules[3][h]:
+            return False, 0.0, 0.0  # the rest of its node group stays in the other node
+    if group.shape[0]:
+        for x in (x1, x2):  # swapping a model's own shards changes nothing: never a step
+            for y in (y1, y2):
+                if x >= 0 and y >= 0 and group[x] >= 0 and group[x] == group[y]:
+                    return False, 0.0, 0.0
+        for x in (x1, x2):
+            if x >= 0 and group[x] >= 0 and not _group_ok(rules, state, group[x], h, x1, x2, y1, y2):
+                return False, 0.0, 0.0
+        for y in (y1, y2):
+            if y >= 0 and group[y] >= 0 and not _group_ok(rules, state, group[y], g, y1, y2, x1, x2):
+                return False, 0.0, 0.0
+    if not budgeted(rules):
+        return True, 0.0, 0.0
+    # items of one transfer belong to distinct models (a model's items never share a GPU, and
+    # its own shards are never swapped), so each model's away count changes by at most one here
+    away = state[3]
+    d_moved = 0.0
+    d_gb = 0.0
+    for x, src, dst in ((x1, g, h), (x2, g, h), (y1, h, g), (y2, h, g)):
+        if x < 0:
+            continue
+        d, d_gb = _leaves(rules, x, src, dst, d_gb)
+        a = away[rules[5][x]]
+        d_moved += (1.0 if a + d > 0 else 0.0) - (1.0 if a > 0 else 0.0)
+    return within_budget(rules, state, d_moved, d_gb), d_moved, d_gb
 
 
 @njit
-def greedy_start(s, w, M, allowed, group, assign):
-    """Fill ``assign`` (n,); returns -1, or the first item that fits on no allowed GPU free of
-    its group (then the rules, as far as this greedy order sees, leave it no room)."""
-    n = s.shape[0]
-    G = M.shape[0]
-    n_allowed = np.zeros(n)
-    for i in range(n):
-        for g in range(G):
-            n_allowed[i] += allowed[i, g]
-    order = _sort_desc(np.arange(n), -n_allowed, s, s)  # fewest allowed GPUs, then largest
-    S = np.zeros(G)
-    W = np.zeros(G)
-    taken = np.zeros((n, G), np.uint8)  # taken[k, g]: group k already on GPU g
-    free = np.zeros(0, np.uint8)
-    for i in order:
-        bg = least_peak_gpu(S, W, M, s[i], w[i], allowed[i], taken[group[i]] if group[i] >= 0 else free)
-        if bg < 0:
-            return i
-        assign[i] = bg
-        S[bg] += s[i]
-        W[bg] += w[i]
-        if group[i] >= 0:
-            taken[group[i], bg] = 1
-    return -1
-
-
-@njit
-def solve_with_rules(s, w, M, lb, allowed, group, effort, seed, assign, pos):
-    """Greedy start, then ``effort`` rounds of repair under the rules; returns -1 or the item
-    the start could not place."""
-    failed = greedy_start(s, w, M, allowed, group, assign)
-    if failed >= 0:
-        return failed
-    for i in range(s.shape[0]):
-        pos[i] = i
-    rules = (np.empty(0, np.int64), -1, allowed, group)
-    improve_instance(s, w, M, lb, assign, pos, effort, seed, rules)
-    return -1
+def transfer_apply(rules, state, g, h, x1, x2, y1, y2):
+    """Update the bookkeeping for a transfer checked by :func:`transfer_check`."""
+    if not restricted(rules):
+        return
+    for x, src, dst in ((x1, g, h), (x2, g, h), (y1, h, g), (y2, h, g)):
+        if x >= 0:
+            unplace(rules, state, x, src)
+            place(rules, state, x, dst)

@@ -1,0 +1,314 @@
+"""The one path of every solve: a problem -> a start -> search -> proof -> a placement.
+
+* **Start.** A plain instance (no shards, pins, nodes or current placement) starts from the
+  seed pipeline, run by the chosen backend (:mod:`kvgpu.backends`); where the seed's heuristics
+  pack nothing, an exact search fits the models in memory.  A constrained instance starts from
+  a placement that keeps its rules (:mod:`kvgpu.kernels.start`: greedy, then an overflow repair),
+  and when that fails from the exact search (:mod:`kvgpu.kernels.exact`), which also proves
+  infeasibility.
+* **Search** (``mode="search"``): :mod:`kvgpu.kernels.search`, the same kernels with or without
+  rules; never worse than the start.
+* **Proof** (``exact``): :func:`kvgpu.kernels.exact.certify_instance` raises the lower bound
+  (:mod:`kvgpu.bounds`) until the answer is proven optimal or the work runs out.
+
+:func:`solve_batch_plain` runs a batch of plain instances (what :func:`kvgpu.solve_batch` and
+sweeps call); :func:`solve_problem` runs one :class:`kvgpu.problem.Problem` (what
+:func:`kvgpu.solve`, :func:`kvgpu.replan` and ``kvgpu certify`` call) -- a plain one as a batch
+of one, so both take the same path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvgpu import backends, bounds, migration
+from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
+from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
+from kvgpu.kernels.params import OPTIMAL_RTOL
+from kvgpu.problem import Problem
+from kvgpu.results import BatchResult, Placement
+from kvgpu.schema import integer
+
+MODES = ("search", "seed")
+#: Search rounds per instance unless ``effort=`` says otherwise.
+DEFAULT_EFFORT = 30
+#: Work (search nodes / DP states) per instance of a proof unless ``exact_work=`` says.
+DEFAULT_EXACT_WORK = 20_000_000
+#: ``exact=None`` (the default of :func:`kvgpu.solve`) proves problems of at most this many
+#: items, with at most ``AUTO_EXACT_WORK`` of work -- a fraction of a second -- so small
+#: answers come with their proof.
+AUTO_EXACT_ITEMS, AUTO_EXACT_WORK = 24, 2_000_000
+#: Largest values the options take (beyond them a run would not end in a lifetime).
+MAX_EFFORT, MAX_WORK = 10**7, 10**13
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated solver options (see :func:`options`)."""
+
+    backend: str
+    mode: str
+    effort: int
+    patience: int
+    seed: int
+    exact: bool | None
+    exact_work: int
+
+    def proof_work(self, n_items: int) -> int:
+        """Work of the proof for a problem of ``n_items`` items (0: no proof)."""
+        if self.exact is None:
+            return min(self.exact_work, AUTO_EXACT_WORK) if n_items <= AUTO_EXACT_ITEMS else 0
+        return self.exact_work if self.exact else 0
+
+
+def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, patience=None, seed=0,
+            exact: bool | None = False, exact_work=DEFAULT_EXACT_WORK) -> Options:
+    """Check every option once, whatever the entry point; raises :class:`kvgpu.InvalidInstance`
+    naming the option (or :class:`kvgpu.BackendUnavailable`)."""
+    from kvgpu.kernels.search import default_patience
+
+    if not isinstance(mode, str) or mode not in MODES:
+        raise InvalidInstance(f"mode: {mode!r} is not available; choose one of {MODES}")
+    if not isinstance(backend, str) or backend not in backends.BACKENDS:
+        raise InvalidInstance(f"backend: {backend!r} is unknown; choose one of {backends.BACKENDS}")
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise InvalidInstance(f"exact: must be True, False or None (auto), got {exact!r}")
+    effort = integer(effort, "effort", 0, MAX_EFFORT)
+    patience = default_patience(effort) if patience is None else integer(patience, "patience", 1, MAX_EFFORT)
+    seed = integer(seed, "seed", 0, 2**63 - 1)
+    exact_work = integer(exact_work, "exact_work", 1, MAX_WORK)
+    if mode == "seed":
+        effort = 0
+    used = backends.resolve(backend)
+    return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work)
+
+
+def _need_numba(what: str) -> None:
+    ok, why = backends.probe()["numba"]
+    if not ok:
+        raise BackendUnavailable(f"{what} runs in numba kernels: {why} (or use mode='seed', exact=False)")
+
+
+# ----------------------------------------------------------------------------- plain batches
+
+INFEASIBLE, NOT_FOUND = "infeasible (proven)", "no placement found"
+
+
+def _objective(batch: Batch, assign, pos):
+    S, W = gpu_loads(batch, assign, pos)
+    kv = kvpr(batch.xp, S, W, batch.gpu_mem, batch.gpu_mask, pad=np.nan)
+    with np.errstate(invalid="ignore"):
+        return kv, np.max(np.where(np.isnan(kv), -np.inf, kv), axis=1)
+
+
+def _start(batch: Batch, opts: Options, status: np.ndarray):
+    """Seed placements; where the seed packs nothing, an exact memory-only packing (with
+    search or proof) or a status (``status`` (B,) object, filled in)."""
+    B = batch.shape[0]
+    try:
+        assign, pos = backends.solve_seed(batch, opts.backend)
+        return assign, pos
+    except NoPlacementFound as e:
+        bad = np.asarray(e.instances, dtype=np.int64)
+    good = np.setdiff1d(np.arange(B), bad)
+    assign = np.full(batch.sizes.shape, -1, np.int64)
+    pos = np.full(batch.sizes.shape, -1, np.int64)
+    if good.size:
+        assign[good], pos[good] = backends.solve_seed(batch.take(good), opts.backend)
+    if opts.mode == "seed" and not opts.exact:
+        status[bad] = NOT_FOUND  # the seed's heuristics only: not a proof
+        return assign, pos
+    _need_numba("packing what the seed could not")
+    from kvgpu.kernels import exact
+    from kvgpu.numba_engine import pack_memory
+
+    a, p, st = pack_memory(batch.take(bad), max(opts.exact_work, DEFAULT_EXACT_WORK))
+    assign[bad], pos[bad] = a, p
+    status[bad[st == exact.INFEASIBLE]] = INFEASIBLE
+    status[bad[st == exact.UNKNOWN]] = NOT_FOUND
+    return assign, pos
+
+
+def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") -> BatchResult:
+    """Solve ``B`` plain instances (padded arrays): seed, search, proof (module doc).
+
+    ``infeasible="raise"`` raises :class:`kvgpu.NoPlacementFound` naming the instances without a
+    placement (``.proven`` when the exact search proved every one of them infeasible);
+    ``"mark"`` returns them with ``status`` set and NaN figures."""
+    if infeasible not in ("raise", "mark"):
+        raise InvalidInstance(f"infeasible: choose 'raise' or 'mark', got {infeasible!r}")
+    B = batch.shape[0]
+    status = np.full(B, "ok", dtype=object)
+    assign, pos = _start(batch, opts, status)
+    failed = np.nonzero(status != "ok")[0]
+    if failed.size and infeasible == "raise":
+        proven = bool((status[failed] == INFEASIBLE).all())
+        why = ("the models do not fit in GPU memory (proven by exact search)" if proven else
+               "no placement fitting the models in memory was found" +
+               (" by the seed's packings (mode='seed')" if opts.mode == "seed" else " within the search's work"))
+        raise NoPlacementFound(f"instance(s) {failed[:10].tolist()}: {why}", failed.tolist(), proven=proven)
+    ok = np.nonzero(status == "ok")[0]
+    kv = np.full(batch.gpu_mem.shape, np.nan)
+    max_kvpr = np.full(B, np.nan)
+    lb = np.full(B, np.nan)
+    engines = opts.backend
+    if ok.size:
+        sub = batch.take(ok)
+        a, p = assign[ok], pos[ok]
+        k, m = _objective(sub, a, p)
+        lo = bounds.lower_bound(sub, m)
+        work = opts.proof_work(int(sub.n_models.max()))
+        if opts.effort or work:
+            _need_numba("mode 'search'" if opts.effort else "exact=True")
+            from kvgpu.numba_engine import improve
+
+            a, p, lo = improve(sub, a, p, lo, opts.effort, opts.patience, opts.seed, work)
+            k, m = _objective(sub, a, p)
+            if opts.backend != "numba":
+                engines = f"{opts.backend}+numba"
+        assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
+    assign[failed] = -1
+    return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+
+
+# ----------------------------------------------------------------------------- one problem
+
+def _kvpr_of(problem: Problem, assign, pos) -> np.ndarray:
+    b = batch_from_instances([problem.items])
+    N = b.sizes.shape[1]
+    a = np.full((1, N), -1, np.int64)
+    p = np.full((1, N), -1, np.int64)
+    n = problem.items.n_models
+    a[0, :n], p[0, :n] = assign, pos
+    kv, _ = _objective(b, a, p)
+    return kv[0, :problem.n_gpus]
+
+
+def _scope(problem: Problem, certified: bool) -> str:
+    if not (problem.max_moves >= 0 or math.isfinite(problem.max_migrated_gb)):
+        return "every placement"
+    if certified:
+        return "every placement within the migration budget (exact search)"
+    return "every placement, without the migration budget (so also those within it)"
+
+
+def _no_placement(problem: Problem, status: int, work: int, start_status: int) -> NoPlacementFound:
+    from kvgpu.kernels import exact, start
+
+    what = "memory, the rules (pins, forbidden GPUs, shards on distinct GPUs, nodes)"
+    if problem.is_replan and (problem.max_moves >= 0 or math.isfinite(problem.max_migrated_gb)):
+        what += " and the migration budget"
+    if status == exact.INFEASIBLE:
+        msg = f"no placement keeps the {what} (proven by exact search)"
+    else:
+        msg = (f"no placement keeping the {what} was found; the exact search gave up after {work} nodes, so "
+               f"this is not a proof (raise exact_work to decide)")
+    if start_status == start.OVER_BUDGET:
+        msg += "; the models whose current GPUs break their rules must move, beyond the budget"
+    return NoPlacementFound(msg, [0], proven=status == exact.INFEASIBLE)
+
+
+def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """Start, search and proof under the rules: ``(assign, pos, lower bound, certified)``."""
+    from kvgpu.kernels import exact, search, start
+
+    if opts.mode == "seed":
+        raise InvalidInstance("mode='seed' runs the seed pipeline, which knows no shards, pins, forbidden GPUs, "
+                              "nodes or current placements; these models need mode='search'")
+    if opts.backend in ("numpy", "cuda"):
+        raise InvalidInstance(f"backend={opts.backend!r} runs the seed pipeline, which models with tp, replicas, "
+                              f"pin, forbid, nodes or a current placement do not use: they run in numba kernels "
+                              f"(backend='auto' or 'numba')")
+    _need_numba("models with rules")
+    inst = problem.items
+    s, w, M = inst.sizes, inst.demand, inst.gpu_mem
+    rules, gclass = problem.kernel_rules(), np.ascontiguousarray(problem.gpu_class)
+    n = inst.n_models
+    assign = np.empty(n, np.int64)
+    pos = np.empty(n, np.int64)
+    work = opts.proof_work(n)
+    st = start.solve_start(s, w, M, rules, opts.seed, assign, pos)
+    if st != start.STARTED:  # decide exactly: find a placement, or prove there is none
+        budget = work or AUTO_EXACT_WORK
+        found, used = exact.feasible(s, w, M, np.inf, budget, assign, rules, gclass)
+        if found != exact.FEASIBLE:
+            raise _no_placement(problem, found, used, st)
+        pos[:] = np.arange(n)
+    mx = float(np.max(_kvpr_of(problem, assign, pos)))
+    lb = bounds.problem_bound(problem, mx)
+    if opts.effort:
+        search.improve_instance(s, w, M, lb, assign, pos, opts.effort, opts.patience, opts.seed, rules)
+        mx = float(np.max(_kvpr_of(problem, assign, pos)))
+        lb = max(lb, bounds.problem_bound(problem, mx))
+    certified = False
+    if work:
+        lo, _ = exact.certify_instance(s, w, M, lb, assign, pos, work, rules, gclass)
+        certified = lo > lb
+        lb = lo
+    return assign, pos, lb, certified
+
+
+def solve_problem(problem: Problem, opts: Options) -> Placement:
+    """Solve one problem (module doc); a re-placement also gets its baseline, its plan and the
+    ``min_gain`` rule.  Raises :class:`kvgpu.NoPlacementFound` when nothing fits."""
+    if not problem.has_rules:
+        res = solve_batch_plain(batch_from_instances([problem.items]), opts)
+        n = problem.items.n_models
+        a = res.assignment[0, :n].astype(np.int64)
+        return Placement(problem, a, res.kvpr[0, :problem.n_gpus], float(res.lower_bound[0]), mode=opts.mode,
+                         backend=res.backend)
+    assign, pos, lb, certified = _solve_ruled(problem, opts)
+    kv = _kvpr_of(problem, assign, pos)
+    out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified))
+    if not problem.is_replan:
+        return Placement(problem, assign, kv, float(min(lb, kv.max())), **out)
+    return _replan_result(problem, opts, assign, kv, lb, out)
+
+
+def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Placement:
+    """A re-placement's figures: the peak now, the baseline (new models placed, nothing that
+    runs moved), ``min_gain``, and the plan in an executable order."""
+    start_kvpr = _running_peak(problem)
+    baseline = None
+    if problem.max_moves != 0:
+        try:
+            b_assign, b_pos, _, _ = _solve_ruled(problem.with_budget(0), Options(
+                opts.backend, opts.mode, opts.effort, opts.patience, opts.seed, False, opts.exact_work))
+            baseline = (b_assign, _kvpr_of(problem, b_assign, b_pos))
+        except NoPlacementFound:
+            baseline = None
+    else:
+        baseline = (assign, kv)
+    note = None
+    base_kvpr = None if baseline is None else float(baseline[1].max())
+    if base_kvpr is not None and problem.min_gain > 0 and math.isfinite(base_kvpr) and base_kvpr > 0:
+        gain = 1.0 - float(kv.max()) / base_kvpr
+        if gain < problem.min_gain and baseline[0] is not assign:
+            note = (f"the best plan found gains {100 * gain:.3g}%, below min_gain {100 * problem.min_gain:.3g}%: "
+                    f"nothing that runs is moved")
+            assign, kv = baseline
+            lb = min(lb, float(kv.max()))
+            out["bound_scope"] = _scope(problem, False)
+    steps, plan_note = migration.plan(problem, assign)
+    return Placement(problem, assign, kv, float(min(lb, kv.max())), plan=steps, plan_note=plan_note,
+                     start_kvpr=start_kvpr, baseline_kvpr=base_kvpr, note=note, **out)
+
+
+def _running_peak(problem: Problem) -> float:
+    """Max KVPR of the cluster as it runs now: its running shards on their current GPUs."""
+    inst = problem.items
+    run = problem.cur >= 0
+    S = np.bincount(problem.cur[run], weights=inst.sizes[run], minlength=problem.n_gpus)
+    W = np.bincount(problem.cur[run], weights=inst.demand[run], minlength=problem.n_gpus)
+    free = inst.gpu_mem - S
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kv = np.where(free > 0, W / np.where(free > 0, free, 1.0), np.where(W > 0, np.inf, 0.0))
+    return float(kv.max())
+
+
+def is_optimal(max_kvpr: float, lower_bound: float) -> bool:
+    """The bound meets the objective (to ``OPTIMAL_RTOL``)."""
+    return max_kvpr <= lower_bound * (1 + OPTIMAL_RTOL)

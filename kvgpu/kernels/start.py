@@ -1,0 +1,179 @@
+"""numba kernels that find a first placement under the rules: feasibility first.
+
+The seed pipeline knows no rules, so a constrained instance (:mod:`kvgpu.kernels.rules`) starts
+here: running models stay where they are when the rules allow it (:func:`keep_current`), the
+others are placed greedily, most constrained first, each where the peak rises least -- or,
+when memory leaves it no room, where it overfills memory least (:func:`greedy_start`).  An
+overfull start is then repaired by the search of :mod:`kvgpu.kernels.search` at ``T = inf``
+(the load is the memory alone), which minimises the total overflow under the rules and the
+migration budget (:func:`make_feasible`).  What this cannot decide is left to the exact search
+of :mod:`kvgpu.kernels.exact`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from kvgpu.kernels.cpu import INF, _kvprs, _max_excluding, _sort_desc, _top3, fits, safe_div
+from kvgpu.kernels.rules import budget_held, may_place, new_state, place, reset_state
+from kvgpu.kernels.search import _rand, new_scratch, repair, repair_steps
+
+njit = numba.njit(cache=True)
+
+#: Outcomes of :func:`solve_start`.
+STARTED, NO_ROOM, OVER_BUDGET = 0, 1, 2
+#: Restarts of the overflow repair (each from a new greedy start), and its step budget as a
+#: multiple of one search attempt's.
+FEASIBLE_RESTARTS, FEASIBLE_STEP_FACTOR = 8, 4
+
+
+@njit
+def keep_current(rules, rstate, assign):
+    """Re-placement: every item whose current GPU the rules allow (taken in index order, so the
+    first shard of a doubled-up model stays) is kept there; the others get -1."""
+    cur = rules[4]
+    for i in range(assign.shape[0]):
+        assign[i] = -1
+        if cur[i] >= 0 and may_place(rules, rstate, i, cur[i]):
+            assign[i] = cur[i]
+            place(rules, rstate, i, cur[i])
+
+
+@njit
+def _node_has_room(s, S, M, rules, rstate, i, node, need):
+    """Does ``node`` offer ``need`` GPUs item ``i`` may use (and, with ``s``, has room on)?"""
+    node_of = rules[3]
+    cnt = 0
+    for g in range(M.shape[0]):
+        if node_of[g] == node and may_place(rules, rstate, i, g) and (s < 0 or fits(S[g] + s, M[g])):
+            cnt += 1
+    return cnt >= need
+
+
+@njit
+def _choose(s, w, M, S, W, rules, rstate, i, need):
+    """The GPU for item ``i``: among those the rules allow (and, for the first shard of a node
+    group of ``need`` items, in a node with ``need`` such GPUs), the one where the peak rises
+    least among those with room, else the one overfilled least; -1 if the rules allow none."""
+    G = M.shape[0]
+    t3 = _top3(_kvprs(S, W, M))
+    first = need > 1 and rules[2][i] >= 0 and rstate[1][rules[2][i]] == 0
+    best, bg = INF, -1
+    over, og = INF, -1
+    for g in range(G):
+        if not may_place(rules, rstate, i, g):
+            continue
+        if fits(S[g] + s[i], M[g]):
+            if first and not _node_has_room(s[i], S, M, rules, rstate, i, rules[3][g], need):
+                continue
+            new = max(safe_div(W[g] + w[i], M[g] - S[g] - s[i]), _max_excluding(t3, g, g))
+            if bg < 0 or new < best:
+                best, bg = new, g
+        elif bg < 0:
+            if first and not _node_has_room(-1.0, S, M, rules, rstate, i, rules[3][g], need):
+                continue
+            o = S[g] + s[i] - M[g]
+            if og < 0 or o < over:
+                over, og = o, g
+    return bg if bg >= 0 else og
+
+
+@njit
+def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
+    """Place every item with ``assign[i] < 0`` (the others are fixed and in ``rstate``), most
+    constrained first (fewest allowed GPUs, then most items in the model, then largest; a
+    model's items together), each by :func:`_choose`.  ``jitter > 0`` perturbs the sizes in
+    the order (restarts).  Returns the number of items the rules left no GPU (0: all placed,
+    memory possibly overfull)."""
+    n = s.shape[0]
+    G = M.shape[0]
+    allowed, node_group = rules[0], rules[2]
+    k0 = np.zeros(n)
+    k1 = np.zeros(n)
+    k2 = np.zeros(n)
+    size_ng = np.zeros(n, np.int64)
+    for i in range(n):
+        na = G
+        if allowed.shape[0]:
+            na = 0
+            for g in range(G):
+                na += allowed[i, g]
+        k0[i] = -na
+        k2[i] = s[i] * (1.0 + jitter * _rand(state))
+    group = rules[1]
+    if group.shape[0]:
+        for i in range(n):
+            if group[i] >= 0:
+                for j in range(n):
+                    if group[j] == group[i]:
+                        k1[i] += 1.0
+    if node_group.shape[0]:
+        for i in range(n):
+            if node_group[i] >= 0:
+                for j in range(n):
+                    if node_group[j] == node_group[i]:
+                        size_ng[i] += 1
+    S = np.zeros(G)
+    W = np.zeros(G)
+    for i in range(n):
+        if assign[i] >= 0:
+            S[assign[i]] += s[i]
+            W[assign[i]] += w[i]
+    failed = 0
+    for i in _sort_desc(np.arange(n), k0, k1, k2):
+        if assign[i] >= 0:
+            continue
+        g = _choose(s, w, M, S, W, rules, rstate, i, size_ng[i])
+        if g < 0:
+            failed += 1
+            continue
+        assign[i] = g
+        place(rules, rstate, i, g)
+        S[g] += s[i]
+        W[g] += w[i]
+    return failed
+
+
+@njit
+def _overfull(s, M, assign):
+    S = np.zeros(M.shape[0])
+    for i in range(s.shape[0]):
+        S[assign[i]] += s[i]
+    for g in range(M.shape[0]):
+        if not fits(S[g], M[g]):
+            return True
+    return False
+
+
+@njit
+def solve_start(s, w, M, rules, seed, assign, pos):
+    """A first placement that keeps the rules, the memory and the budget: ``STARTED``, or
+    ``NO_ROOM`` (the rules left an item no GPU, or the overflow repair gave up), or
+    ``OVER_BUDGET`` (the items whose current GPUs break their rules, moved, exceed the budget).
+    Neither failure is a proof; the exact search decides small instances.  Fills
+    ``assign``/``pos`` (n,)."""
+    n = s.shape[0]
+    G = M.shape[0]
+    state = np.empty(1, np.uint64)
+    state[0] = np.uint64(seed) * np.uint64(2862933555777941757) + np.uint64(3037000493)
+    base = np.full(n, -1, np.int64)
+    rstate = new_state(rules, base, G)
+    if rules[4].shape[0]:
+        keep_current(rules, rstate, base)
+    scratch = new_scratch(n, G)
+    steps = FEASIBLE_STEP_FACTOR * repair_steps(n, G)
+    for attempt in range(FEASIBLE_RESTARTS):
+        assign[:] = base
+        reset_state(rules, rstate, assign)
+        if greedy_start(s, w, M, rules, rstate, assign, 0.0 if attempt == 0 else 0.3, state) > 0:
+            continue
+        if not budget_held(rules, rstate):
+            return OVER_BUDGET  # the models whose current GPUs break their rules must move
+        for i in range(n):
+            pos[i] = i
+        if not _overfull(s, M, assign):
+            return STARTED
+        if repair(s, w, M, assign, pos, INF, steps, state, scratch, rules, rstate) and not _overfull(s, M, assign):
+            return STARTED
+    return NO_ROOM

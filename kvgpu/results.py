@@ -1,0 +1,304 @@
+"""What a solve returns: :class:`Placement` (one problem), :class:`BatchResult` (a batch) and
+:class:`Move` (one step of a re-placement), in an operator's terms.
+
+KVPR -- KV cache pressure -- of a GPU is its demand divided by the GB it has left for the KV
+cache: ``sum(req_rate / slo) / (memory - reserve - model weights)``, in requests/s per second of
+SLO per GB.  The lower bound proves that no placement does better, so the gap
+``max_kvpr / lower_bound - 1`` is an *upper limit* on how far the answer is from the optimum.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from kvgpu.errors import KvgpuWarning
+from kvgpu.kernels.deltas import EPS, mem_unit
+from kvgpu.kernels.params import OPTIMAL_RTOL
+from kvgpu.problem import Problem
+
+#: How the unit of KVPR reads in tables and JSON.
+KVPR_UNIT = "req/s per s of SLO per GB of KV cache"
+
+
+class Move(NamedTuple):
+    """One step of a re-placement: ``model`` (its name, or ``#index``) copies a shard of
+    ``size_gb`` GB from GPU ``src`` to ``dst``; ``src = -1`` loads a new model."""
+
+    model: str
+    src: int
+    dst: int
+    size_gb: float = 0.0
+
+
+def _json_float(x) -> float | str:
+    x = float(x)
+    if math.isnan(x):
+        return "NaN"
+    return x if math.isfinite(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def gap_of(max_kvpr, lower_bound):
+    """``max_kvpr / lower_bound - 1`` (0 where they are equal, inf where the bound is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(max_kvpr == lower_bound, 0.0, np.asarray(max_kvpr) / lower_bound - 1)
+
+
+@dataclass
+class Placement:
+    """A placement of one problem.
+
+    Attributes
+    ----------
+    problem : kvgpu.problem.Problem -- what was solved (models, GPUs, rules).
+    assignment : ndarray (n,) int64 -- GPU of each item (a model, or a shard of a model with
+        ``tp``/``replicas``; ``problem.model_of`` maps items to models), in input order.
+    kvpr : ndarray (G,) float64 -- KV cache pressure of each GPU (``inf`` where a GPU with
+        demand has no memory left for the KV cache), :data:`KVPR_UNIT`.
+    lower_bound : float -- proven: no placement has a lower max KVPR.
+    proven : bool -- the exact search proved the answer optimal (see :attr:`proven_optimal`).
+    bound_scope : str -- which placements ``lower_bound`` is proven for, in words.
+    plan : list[Move] -- re-placement: the steps in an order that keeps every GPU within its
+        memory at every step (migrations and loads of new models); ``plan_note`` says when no
+        such order exists and what spare room one needs.
+    start_kvpr : float | None -- re-placement: the max KVPR of the cluster as it runs now (new
+        models not yet placed); ``baseline_kvpr``: with the new models placed and nothing that
+        runs moved (None when that is impossible); ``note``: e.g. why nothing moved (min_gain).
+    """
+
+    problem: Problem
+    assignment: np.ndarray
+    kvpr: np.ndarray
+    lower_bound: float
+    proven: bool = False
+    mode: str = "search"
+    backend: str = "numba"
+    bound_scope: str = "every placement"
+    plan: list = field(default_factory=list)
+    plan_note: str | None = None
+    start_kvpr: float | None = None
+    baseline_kvpr: float | None = None
+    note: str | None = None
+    warnings: list = field(default_factory=list)
+    used: np.ndarray = field(init=False, repr=False)
+    demand: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        inst = self.problem.items
+        G = inst.n_gpus
+        self.used = np.bincount(self.assignment, weights=inst.sizes, minlength=G)
+        self.demand = np.bincount(self.assignment, weights=inst.demand, minlength=G)
+        self.warnings = list(self.warnings) + self._zero_kv_warnings()
+        for msg in self.warnings:
+            warnings.warn(msg, KvgpuWarning, stacklevel=3)
+
+    def _zero_kv_warnings(self) -> list[str]:
+        out = []
+        mem = self.problem.items.gpu_mem
+        for g in np.nonzero(self.kv_free <= EPS * mem_unit(mem))[0].tolist():
+            names = [self._name(i) for i in np.nonzero(self.assignment == g)[0].tolist()]
+            if names:
+                out.append(f"GPU {g} is left with {max(self.kv_free[g], 0.0):.3g} GB for the KV cache "
+                           f"(models: {', '.join(names)}): a serving engine would not start there")
+        return out
+
+    # -- figures ----------------------------------------------------------------------------
+    @property
+    def instance(self):
+        """The plain items (sizes, demand, usable memory) -- ``problem.items``."""
+        return self.problem.items
+
+    @property
+    def model_of(self) -> np.ndarray:
+        return self.problem.model_of
+
+    @property
+    def kv_free(self) -> np.ndarray:
+        """(G,) float64: GB each GPU has left for the KV cache (memory - reserve - models)."""
+        return self.problem.items.gpu_mem - self.used
+
+    @property
+    def max_kvpr(self) -> float:
+        return float(self.kvpr.max())
+
+    @property
+    def gap(self) -> float:
+        """``max_kvpr / lower_bound - 1``: an upper limit on the distance from the optimum."""
+        return float(gap_of(self.max_kvpr, self.lower_bound))
+
+    @property
+    def proven_optimal(self) -> bool:
+        """Proven optimal: by the exact search, or the lower bound meets the objective (to a
+        relative ``OPTIMAL_RTOL``)."""
+        return self.proven or self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL)
+
+    @property
+    def status(self) -> str:
+        """``"optimal (proven)"`` or how far from the optimum the answer can be, in words."""
+        if self.proven_optimal:
+            return "optimal (proven)"
+        return (f"at most {100 * self.gap:.2f}% above the optimum (the optimum is in "
+                f"[{self.lower_bound:.6g}, {self.max_kvpr:.6g}]; not proven optimal)")
+
+    @property
+    def moves(self) -> list:
+        """The migrations of running models (the plan without the loads of new models)."""
+        return [m for m in self.plan if m.src >= 0]
+
+    @property
+    def moved_models(self) -> int:
+        """How many models a re-placement moves (the budget ``max_moves`` counts these)."""
+        return len({m.model for m in self.moves})
+
+    @property
+    def gain(self) -> float | None:
+        """Relative improvement of the max KVPR over the baseline (new models placed, nothing
+        that runs moved); None without a baseline (the new models need room made first)."""
+        ref = self.baseline_kvpr
+        if ref is None or not math.isfinite(ref) or ref <= 0:
+            return None
+        return 1.0 - self.max_kvpr / ref
+
+    def gpus_of_models(self) -> list[list[int]]:
+        """The GPU(s) of every input model: one for a plain model, ``tp * replicas`` for one
+        split into shards and replicas."""
+        out: list[list[int]] = [[] for _ in self.problem.specs]
+        for m, g in zip(self.model_of.tolist(), self.assignment.tolist()):
+            out[m].append(g)
+        return out
+
+    def by_gpu(self) -> dict[int, list]:
+        """``{gpu_id: [model, ...]}`` for every GPU (empty ones too), the caller's own objects
+        (a sharded model is listed on each of its GPUs)."""
+        out: dict[int, list] = {g: [] for g in range(self.problem.n_gpus)}
+        for i, g in enumerate(self.assignment.tolist()):
+            out[g].append(self.problem.items.objects[i])
+        return out
+
+    def _name(self, i: int) -> str:
+        n = self.problem.items.names[i]
+        return n if n is not None else f"#{i}"
+
+    def count(self) -> str:
+        """``"N models"`` (and the shard count when models are split), for titles."""
+        n_models, n_items = len(self.problem.specs), self.problem.items.n_models
+        return f"{n_models} models" + (f" as {n_items} shards/replicas" if n_items != n_models else "")
+
+    # -- output -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain-JSON form: per-GPU rows and the summary figures, with units."""
+        p = self.problem
+        gpus = []
+        for g in range(p.n_gpus):
+            idx = np.nonzero(self.assignment == g)[0].tolist()
+            gpus.append({"gpu": g, "memory_gb": float(p.memory[g]), "reserved_gb": float(p.reserve[g]),
+                         "models_gb": float(self.used[g]), "kv_free_gb": float(self.kv_free[g]),
+                         "demand": float(self.demand[g]), "kvpr": _json_float(self.kvpr[g]),
+                         "models": [self._name(i) for i in idx]})
+        out = {"max_kvpr": _json_float(self.max_kvpr), "lower_bound": _json_float(self.lower_bound),
+               "gap": _json_float(self.gap), "proven_optimal": self.proven_optimal, "status": self.status,
+               "bound_scope": self.bound_scope,
+               "units": {"kvpr": KVPR_UNIT, "demand": "req_rate / slo (req/s per s of SLO)", "memory": "GB",
+                         "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum"},
+               "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
+               "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus}
+        if p.is_replan:
+            out["replan"] = {"moved_models": self.moved_models, "start_kvpr": _json_float(self.start_kvpr),
+                             "baseline_kvpr": None if self.baseline_kvpr is None else _json_float(self.baseline_kvpr),
+                             "gain": self.gain, "note": self.note, "plan_note": self.plan_note,
+                             "plan": [{"model": m.model, "from": m.src, "to": m.dst, "size_gb": m.size_gb}
+                                      for m in self.plan]}
+        return out
+
+    def __str__(self) -> str:
+        p = self.problem
+        reserve = bool(p.reserve.any())
+        head = f"{'GPU':>4} {'mem GB':>7} " + (f"{'resv GB':>7} " if reserve else "") + \
+            f"{'models GB':>9} {'KV free GB':>10} {'demand':>9} {'KVPR':>10}  models"
+        rows = [f"KVPR = demand / GB left for the KV cache ({KVPR_UNIT}); demand = req_rate / slo", head]
+        worst = int(np.argmax(self.kvpr)) if self.kvpr.size else -1
+        for g in range(p.n_gpus):
+            idx = np.nonzero(self.assignment == g)[0].tolist()
+            rows.append(f"{g:>4} {p.memory[g]:>7.1f} " + (f"{p.reserve[g]:>7.1f} " if reserve else "")
+                        + f"{self.used[g]:>9.1f} {self.kv_free[g]:>10.1f} {self.demand[g]:>9.4f} "
+                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {', '.join(self._name(i) for i in idx)}")
+        if p.is_replan:
+            rows.append(self._replan_lines())
+        proven = "optimal (proven)" if self.proven_optimal else "not proven optimal"
+        rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f}   "
+                    f"gap {100 * self.gap:.2f}% (an upper limit on the distance from the optimum)   {proven}")
+        rows.append(f"({self.count()}, {p.n_gpus} GPUs, mode={self.mode}, backend={self.backend}"
+                    + ("" if self.bound_scope == "every placement" else f"; bound: {self.bound_scope}") + ")")
+        return "\n".join(rows)
+
+    def _replan_lines(self) -> str:
+        lines = []
+        if self.plan:
+            steps = ", ".join(f"{m.model} {'new' if m.src < 0 else m.src}->{m.dst}" for m in self.plan)
+            lines.append(f"plan ({self.moved_models} model(s) moved, in this order): {steps}")
+        else:
+            lines.append("plan: nothing to move")
+        if self.plan_note:
+            lines.append(f"note: {self.plan_note}")
+        if self.note:
+            lines.append(f"note: {self.note}")
+        fig = f"peak KVPR now {self.start_kvpr:.6f}"
+        if self.baseline_kvpr is not None:
+            fig += f", with the new models and nothing moved {self.baseline_kvpr:.6f}"
+        elif self.problem.cur.shape[0] and (self.problem.cur < 0).any():
+            fig += ", the new models need running ones to move first"
+        else:
+            fig += ", nothing can stay where it is (rules)"
+        fig += f", after the plan {self.max_kvpr:.6f}"
+        if self.gain is not None:
+            fig += f" (gain {100 * self.gain:.2f}%)"
+        lines.append(fig)
+        return "\n".join(lines)
+
+
+@dataclass
+class BatchResult:
+    """Placements of a batch.
+
+    Attributes
+    ----------
+    assignment : ndarray (B, N) int64 -- GPU id per model slot, -1 for padding (and for an
+        instance without a placement).
+    kvpr : ndarray (B, G) float64 -- per-GPU KVPR (``nan`` for padded GPUs).
+    max_kvpr : ndarray (B,) float64; lower_bound : ndarray (B,) float64 (``nan`` where no
+        placement was found).
+    status : ndarray (B,) object -- ``"ok"``, ``"infeasible (proven)"`` or ``"no placement
+        found"`` (only with ``infeasible="mark"``; otherwise those raise).
+    proven : ndarray (B,) bool -- optimality proven by the exact search.
+    backend : str -- every engine that ran (e.g. ``"numba"``, ``"numpy+numba"``).
+    """
+
+    assignment: np.ndarray
+    kvpr: np.ndarray
+    max_kvpr: np.ndarray
+    lower_bound: np.ndarray
+    backend: str = "numba"
+    status: np.ndarray | None = None
+    proven: np.ndarray | None = None
+
+    def __post_init__(self):
+        B = self.max_kvpr.shape[0]
+        if self.status is None:
+            self.status = np.full(B, "ok", dtype=object)
+        if self.proven is None:
+            self.proven = np.zeros(B, bool)
+
+    @property
+    def gap(self) -> np.ndarray:
+        """(B,) ``max_kvpr / lower_bound - 1``: upper limits on the distance from the optimum."""
+        return gap_of(self.max_kvpr, self.lower_bound)
+
+    @property
+    def proven_optimal(self) -> np.ndarray:
+        """(B,) bool: proven by the exact search, or the lower bound meets the objective."""
+        with np.errstate(invalid="ignore"):
+            return self.proven | (self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL))

@@ -1,0 +1,255 @@
+"""Real clusters as one constrained problem: tp shards, replicas, pins, forbidden GPUs, nodes and
+re-placement under a budget -- every answer valid, never a false refusal, optimal on tiny
+instances (brute force is the oracle), and the cases of real operators."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import brute_force_problem, check_placement, check_plan_executable, close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvgpu
+from kvgpu.problem import build_problem
+
+DATA = Path(__file__).parent / "data" / "clusters"
+
+
+def case(name):
+    return json.loads((DATA / name).read_text())
+
+
+@st.composite
+def cluster_problems(draw):
+    """2-4 GPUs of mixed memory, 2-6 models with tp, replicas, pin, forbid, sometimes nodes of 2
+    GPUs; half of them re-placements (running models on valid GPUs, some new) with a budget of
+    0-2 moves (sometimes a GB budget).  At most 8 items, so brute force stays quick."""
+    G = draw(st.sampled_from([2, 3, 4, 4]))
+    mem = draw(st.lists(st.sampled_from([24.0, 40.0, 48.0, 80.0]), min_size=G, max_size=G))
+    nodes = G == 4 and draw(st.booleans())
+    models, items = [], 0
+    for i in range(draw(st.integers(2, 6))):
+        m = {"name": f"m{i}", "size": draw(st.integers(2, 40)) + draw(st.sampled_from([0.0, 0.5])),
+             "req_rate": draw(st.integers(0, 9)), "slo": draw(st.sampled_from([0.5, 1, 2, 5]))}
+        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid"]))
+        k = 1
+        if kind == "tp":
+            m["tp"] = k = draw(st.integers(2, 2 if nodes else min(3, G)))
+        elif kind == "replicas":
+            m["replicas"] = k = 2
+        elif kind == "pin":
+            m["pin"] = draw(st.integers(0, G - 1))
+        elif kind == "forbid":
+            m["forbid"] = draw(st.lists(st.integers(0, G - 1), min_size=1, max_size=G - 1, unique=True))
+        if items + k > 8:
+            break
+        items += k
+        models.append(m)
+    replan = draw(st.sampled_from([False, True, True]))
+    kw = {"gpus_per_node": 2} if nodes else {}
+    if replan:  # a current placement that runs: each shard where its weights fit, else the model is new
+        used = [0.0] * G
+        for m in models:
+            k = m.get("tp", 1) * m.get("replicas", 1)
+            shard = m["size"] / m.get("tp", 1)
+            gpus = [g for g in draw(st.permutations(range(G))) if used[g] + shard <= mem[g]][:k]
+            if draw(st.integers(0, 3)) == 0 or len(gpus) < k:
+                m["cur_gpu_id"] = -1
+                continue
+            for g in gpus:
+                used[g] += shard
+            m["cur_gpu_id"] = gpus if k > 1 else gpus[0]
+        kw["max_moves"] = draw(st.integers(0, 2))
+        if draw(st.integers(0, 3)) == 0:
+            kw["max_migrated_gb"] = draw(st.sampled_from([0.0, 10.0, 40.0]))
+    return models, G, mem, kw
+
+
+def _problem_or_skip(models, G, mem, kw):
+    try:
+        return build_problem(models, G, mem, **kw)
+    except kvgpu.InvalidInstance:
+        return None  # a draw that breaks an input rule (checked by the tests of bad input)
+
+
+RESULTS = {"optimal": 0, "total": 0}
+
+
+@settings(max_examples=220, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems())
+def test_every_answer_valid_never_a_false_refusal_and_optimal(draw):
+    models, G, mem, kw = draw
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    opt, _ = brute_force_problem(prob)
+    try:
+        p = kvgpu.solve(models, G, gpu_mem=mem, **kw)
+    except kvgpu.NoPlacementFound as e:
+        assert opt == np.inf, f"refused, but brute force places it at {opt}"
+        assert e.proven  # tiny instances are decided exactly
+        return
+    assert opt < np.inf or np.isinf(p.max_kvpr)
+    check_placement(p.problem, p)
+    if p.problem.is_replan:
+        check_plan_executable(p.problem, p)
+    assert p.max_kvpr >= opt * (1 - 1e-9)  # brute force is the optimum
+    assert p.lower_bound <= opt * (1 + 1e-9) or opt == np.inf
+    RESULTS["total"] += 1
+    RESULTS["optimal"] += bool(close(p.max_kvpr, opt))
+    if p.proven_optimal:
+        assert close(p.max_kvpr, opt), "proven optimal but brute force does better"
+
+
+def test_optimal_on_at_least_98_percent():
+    """The share of the hypothesis draws above where search (and the default proof of small
+    instances) reached brute force's optimum (runs after it; skipped if run alone)."""
+    if RESULTS["total"] < 50:
+        pytest.skip("run with test_every_answer_valid_never_a_false_refusal_and_optimal")
+    assert RESULTS["optimal"] / RESULTS["total"] >= 0.98
+
+
+@pytest.mark.parametrize("name", ["tp_feasible_refused.json", "rules_feasible_refused_a.json",
+                                  "rules_feasible_refused_b.json", "rules_feasible_refused_c.json"])
+def test_feasible_rule_instances_are_placed_at_the_optimum(name):
+    c = case(name)
+    prob = build_problem(c["models"], c["gpus"], c["gpu_mem"])
+    opt, _ = brute_force_problem(prob)
+    assert opt < np.inf
+    p = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"])
+    check_placement(prob, p)
+    assert close(p.max_kvpr, opt) and p.proven_optimal
+    if name == "tp_feasible_refused.json":
+        assert close(p.max_kvpr, 16.666667, rtol=1e-6)
+
+
+def test_search_alone_places_rule_instances_the_greedy_start_refuses():
+    """Without the default proof: the start's overflow repair finds the placement too."""
+    for name in ("tp_feasible_refused.json", "rules_feasible_refused_a.json", "rules_feasible_refused_b.json",
+                 "rules_feasible_refused_c.json"):
+        c = case(name)
+        p = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], exact=False)
+        check_placement(p.problem, p)
+
+
+def test_rule_keys_that_change_nothing_change_nothing():
+    c = case("tiebreak_with_rule_keys.json")
+    plain = [{k: v for k, v in m.items() if k != "tp"} for m in c["models"]]
+    a = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"])
+    b = kvgpu.solve(plain, c["gpus"], gpu_mem=c["gpu_mem"])
+    assert a.assignment.tolist() == b.assignment.tolist()
+    assert np.allclose(sorted(a.kvpr, reverse=True), [0.4, 13 / 54, 2.4 / 66.5], rtol=1e-6)
+
+
+def test_search_is_never_worse_than_seed_mode_on_the_score_tuple():
+    from kvgpu.kernels.deltas import better
+    from kvgpu.problem import score_tuple
+
+    c = case("search_second_max_worse.json")
+    seed = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], mode="seed")
+    for s in range(6):
+        found = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], seed=s)
+        assert not better(*score_tuple(seed.kvpr), *score_tuple(found.kvpr))
+
+
+def test_tp_shards_stay_inside_a_node():
+    import yaml
+
+    c = yaml.safe_load((DATA / "tp_inside_node.yaml").read_text())
+    for kw in ({"gpus_per_node": 4}, {"nodes": [[0, 1, 2, 3], [4, 5, 6, 7]]}):
+        p = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], **kw)
+        check_placement(p.problem, p)
+        for gs in p.gpus_of_models():
+            assert len({g // 4 for g in gs}) == 1
+        assert p.proven_optimal or p.gap <= 0.01
+    spread = [dict(m, same_node=False) if m.get("tp", 1) > 1 else m for m in c["models"]]
+    p = kvgpu.solve(spread, c["gpus"], gpu_mem=c["gpu_mem"], gpus_per_node=4)
+    check_placement(p.problem, p)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"nodes": [[0, 1], [1, 2, 3]]}, "GPU 1 is already in nodes[0]"),
+    ({"nodes": [[0, 1], [2]]}, "GPU 3 is in no node"),
+    ({"nodes": [[0, 1], [2, 3]], "gpus_per_node": 2}, "give one of them"),
+    ({"gpus_per_node": 0}, "gpus_per_node"),
+])
+def test_bad_nodes_are_named(kw, message):
+    with pytest.raises(kvgpu.InvalidInstance, match=message.replace("[", r"\[").replace("]", r"\]")):
+        kvgpu.solve([{"name": "a", "size": 10, "req_rate": 1, "slo": 1}], 4, **kw)
+
+
+def test_node_rules_that_cannot_hold_are_refused_clearly():
+    big = {"name": "big", "size": 100, "req_rate": 1, "slo": 1, "tp": 4}
+    with pytest.raises(kvgpu.InvalidInstance, match="no node has 4 GPUs"):
+        kvgpu.solve([big], 4, gpus_per_node=2)
+    with pytest.raises(kvgpu.InvalidInstance, match="same_node applies to the tp shards"):
+        kvgpu.solve([{"name": "a", "size": 1, "req_rate": 1, "slo": 1, "same_node": True}], 4, gpus_per_node=2)
+    with pytest.raises(kvgpu.InvalidInstance, match="pins of replica 0 span nodes"):
+        kvgpu.solve([dict(big, tp=2, pin=[1, 2])], 4, gpus_per_node=2)
+    with pytest.raises(kvgpu.InvalidInstance, match="needs the cluster's nodes"):
+        kvgpu.solve([dict(big, tp=2, same_node=True)], 4)
+
+
+def test_rules_are_refused_by_the_seed_pipeline_and_its_backends():
+    m = [{"name": "a", "size": 10, "req_rate": 1, "slo": 1, "pin": 0}]
+    with pytest.raises(kvgpu.InvalidInstance, match="mode='seed' runs the seed pipeline"):
+        kvgpu.solve(m, 2, mode="seed")
+    with pytest.raises(kvgpu.InvalidInstance, match="backend='numpy' runs the seed pipeline"):
+        kvgpu.solve(m, 2, backend="numpy")
+    with pytest.raises(kvgpu.InvalidInstance, match="backend: 'bogus' is unknown"):
+        kvgpu.solve([dict(m[0], tp=2, pin=None)], 2, backend="bogus")
+
+
+def test_certify_proves_an_instance_whose_only_placement_is_the_answer():
+    c = case("certify_only_placement.json")
+    p = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], exact=True)
+    assert p.proven_optimal and p.status == "optimal (proven)"
+    assert close(p.max_kvpr, 761.6)
+
+
+def test_infeasible_rule_instances_are_proven_and_big_ones_say_they_are_not():
+    two_big = [{"name": "a", "size": 70, "req_rate": 1, "slo": 1, "tp": 2},
+               {"name": "b", "size": 70, "req_rate": 1, "slo": 1, "pin": [0]}]
+    with pytest.raises(kvgpu.NoPlacementFound, match="proven by exact search") as e:
+        kvgpu.solve(two_big, 2, gpu_mem=[60, 80])
+    assert e.value.proven
+
+
+def test_rules_and_mixed_memory_bounds_are_tight_on_small_clusters():
+    """The bound sees pins and memory classes: the README's cluster is proven (or within 1%)."""
+    import yaml
+
+    c = yaml.safe_load((Path(__file__).parents[1] / "examples" / "cluster.yaml").read_text())
+    p = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], exact=False)
+    q = kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"])
+    assert p.gap <= 0.25 and (q.proven_optimal or q.gap <= 0.01)
+
+
+def test_problem_bound_is_valid_against_brute_force():
+    from kvgpu.bounds import problem_bound
+
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(60):
+        G = int(rng.integers(2, 5))
+        mem = rng.choice([24.0, 40.0, 80.0], G).tolist()
+        models = []
+        for i in range(int(rng.integers(2, 6))):
+            m = {"name": f"m{i}", "size": float(rng.integers(2, 40)), "req_rate": float(rng.integers(0, 9)), "slo": 1}
+            r = rng.integers(0, 4)
+            if r == 0:
+                m["pin"] = int(rng.integers(0, G))
+            elif r == 1:
+                m["forbid"] = [int(rng.integers(0, G))]
+            models.append(m)
+        try:
+            prob = build_problem(models, G, mem)
+        except kvgpu.InvalidInstance:
+            continue
+        opt, _ = brute_force_problem(prob)
+        if not np.isfinite(opt):
+            continue
+        assert problem_bound(prob, opt * 1.5) <= opt * (1 + 1e-9)
+        checked += 1
+    assert checked > 20
