@@ -3,62 +3,126 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import sys
+import warnings
 from importlib import resources
 
-from kvgpu import backends
+from kvgpu import backends, schema
 from kvgpu.api import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, solve
 from kvgpu.backends import BACKENDS
-from kvgpu.io import read_models, write_placement
-from kvgpu.problem import InvalidInstance, NoPlacementFound
+from kvgpu.errors import InvalidInstance, KvgpuWarning, NoPlacementFound
+from kvgpu.io import PLACEMENT_SUFFIXES, atomic_output, check_output_path, read_models, write_placement
+
+# the formats matplotlib's Agg backend writes (checked before solving, not after)
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".eps", ".ps")
+
+
+class _UsageError(Exception):
+    """A bad command line: one ``kvgpu: error:`` line, exit status 2 (argparse would print the
+    usage too, and raise SystemExit from inside :func:`main`)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _int_option(flag: str):
+    """argparse type for an integer option with the range the API uses (:data:`schema.OPTION_RANGES`):
+    ``--gpus 1e12`` or ``--effort 10**20`` is one clean line, not a traceback later."""
+    lo, hi = schema.OPTION_RANGES[flag.lstrip("-").replace("-", "_")]
+
+    def parse(text: str) -> int:
+        try:
+            return schema.integer(text, flag, lo, hi)
+        except InvalidInstance as e:  # not a ValueError to argparse: it would print its own words
+            raise _UsageError(str(e)) from None
+    return parse
 
 
 def _gpu_mem(text: str):
-    parts = [p for p in text.split(",") if p.strip()]
     try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--gpu-mem takes a number or a comma-separated list, got {text!r}")
-    return vals[0] if len(vals) == 1 else vals
+        mem = schema.per_gpu([p for p in text.split(",") if p.strip()] or text, "--gpu-mem", 0.0, lo_open=True)
+    except InvalidInstance as e:
+        raise _UsageError(f"{e} (one number, or one per GPU as 40,80,141)") from None
+    return mem[0] if len(mem) == 1 else list(mem)
 
 
 def _add_solve_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpus", type=int, help="number of GPUs (default: from the file, else required)")
+    lo, hi = schema.OPTION_RANGES["gpus"]
+    p.add_argument("--gpus", type=_int_option("--gpus"), help=f"number of GPUs, {lo}..{hi} "
+                   "(default: from the file, else required)")
     p.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU: one number, or one per GPU as 40,80,80 "
                    "(default: from the file, else 80)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--mode", choices=MODES, default="search",
                    help="search (default): the seed pipeline plus search beyond it; seed: the seed pipeline only")
-    p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, help="search rounds per instance (mode search)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the search (results repeat for a seed)")
+    p.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
+                   help="search rounds per instance (mode search)")
+    p.add_argument("--seed", type=_int_option("--seed"), default=0,
+                   help="random seed of the search (results repeat for a seed)")
     p.add_argument("--exact", action="store_true", help="also prove optimality (or the interval of the optimum)")
-    p.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
+    p.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
                    help="work limit of the proof: search nodes / DP states per instance")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
     p.add_argument("--out", help="also write the placement to this .json or .csv file")
-    p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file")
+    p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file "
+                   "(.png, .svg, .pdf, ...)")
 
 
-def _solve_and_print(models, opts, args, header: str | None = None) -> int:
+def _check_outputs(args) -> None:
+    """Refuse bad --out / --plot paths before the solve, not after it."""
+    if args.out:
+        check_output_path(args.out, PLACEMENT_SUFFIXES, "--out")
+    if args.plot:
+        check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InvalidInstance("--plot needs matplotlib (pip install matplotlib)")
+
+
+# TEMPORARY, until kvgpu.solve takes ModelSpec records (the lead's change): the records as the
+# dicts today's solve reads, refusing what it cannot take rather than dropping it silently.
+_NOT_YET = {"nodes", "gpus_per_node", "reserve_gb"}
+
+
+def _solve_input(specs: list, opts: dict) -> list[dict]:
+    given = sorted(_NOT_YET & set(opts))
+    if given:
+        raise InvalidInstance(f"{', '.join(given)}: not supported by this version's solver yet")
+    out = []
+    for s in specs:
+        if s.overhead_gb or s.same_node is not None or (s.cur_gpu is not None and len(s.cur_gpu) > 1):
+            raise InvalidInstance(f"{s.where}: overhead_gb, same_node and a list of current GPUs are not "
+                                  f"supported by this version's solver yet")
+        out.append(s.to_dict())
+    return out
+
+
+def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     gpus = args.gpus if args.gpus is not None else opts.get("gpus")
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
+    models = _solve_input(specs, opts)
     if args.cmd == "replan":
         placement = solve(models, gpus, gpu_mem=gpu_mem, max_moves=args.max_moves, effort=args.effort, seed=args.seed)
     else:
         placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
                           seed=args.seed, exact=args.exact or args.cmd == "certify", exact_work=args.exact_work)
-    if args.out:
-        write_placement(placement, args.out)
-    if args.plot:
-        from kvgpu import plot
-        plot.placement(placement, args.plot)
+    # both files appear together, or neither: each goes to a temporary file, renamed at the end
+    with contextlib.ExitStack() as outputs:
+        if args.out:
+            write_placement(placement, outputs.enter_context(atomic_output(args.out)))
+        if args.plot:
+            from kvgpu import plot
+            plot.placement(placement, outputs.enter_context(atomic_output(args.plot)))
     # nothing is printed before the solve succeeded
     if args.json:
-        print(json.dumps(placement.to_dict(), indent=1))
+        print(json.dumps(placement.to_dict(), indent=1, allow_nan=False))
     elif args.cmd == "certify":
         print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g}")
     else:
@@ -86,8 +150,35 @@ def _sweep(args) -> int:
     return 0
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(default):
+    """``warnings.showwarning`` printing a KvgpuWarning as one ``kvgpu: warning:`` line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KvgpuWarning):
+            print(f"kvgpu: warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvgpu", description="Place LLMs on GPUs minimising the worst "
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0, or
+    2 after one ``kvgpu: error: ...`` line on stderr for any bad input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", KvgpuWarning)
+        warnings.showwarning = _show_warning(warnings.showwarning)
+        try:
+            return _main(argv)
+        except _UsageError as e:
+            print(f"kvgpu: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+
+
+def _main(argv) -> int:
+    parser = _Parser(prog="kvgpu", description="Place LLMs on GPUs minimising the worst "
                                      "GPU's KV cache pressure (demand / free memory).")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("solve", help="solve the models of a JSON or CSV file")
@@ -100,7 +191,8 @@ def main(argv=None) -> int:
     pr = sub.add_parser("replan", help="re-place a running cluster: models carry cur_gpu_id (-1 if new); "
                         "at most --max-moves of them move")
     pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
-    pr.add_argument("--max-moves", type=int, required=True, help="most models that may change GPU")
+    pr.add_argument("--max-moves", type=_int_option("--max-moves"), required=True,
+                    help="most models that may change GPU")
     _add_solve_options(pr)
     pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
                         "re-running resumes")
@@ -122,15 +214,15 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "sweep":
             return _sweep(args)
+        _check_outputs(args)
         if args.cmd in ("solve", "certify", "replan"):
-            models, opts = read_models(args.file)
-        else:
-            data = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())
-            models, opts = data["models"], {"gpus": data["gpus"], "gpu_mem": data["gpu_mem"]}
-            return _solve_and_print(models, opts, args, header=data["description"])
-        return _solve_and_print(models, opts, args)
-    except (InvalidInstance, NoPlacementFound, ValueError) as e:
-        print(f"kvgpu: error: {e}", file=sys.stderr)
+            specs, opts = read_models(args.file)
+            return _solve_and_print(specs, opts, args)
+        with resources.as_file(resources.files("kvgpu").joinpath("data/demo.json")) as demo:
+            specs, opts = read_models(demo)
+        return _solve_and_print(specs, opts, args, header=opts.get("description"))
+    except (InvalidInstance, NoPlacementFound, ValueError, OSError) as e:
+        print(f"kvgpu: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
