@@ -66,30 +66,34 @@ def read_text(path: str | Path) -> str:
         data = Path(path).read_bytes()
     except OSError as e:
         raise InvalidInstance(f"{name}: cannot read ({e.strerror or e})") from None
-    for bom, codec in _BOMS:
-        if data.startswith(bom):
-            try:
-                text = data.decode(codec)
-            except UnicodeDecodeError as e:
-                raise InvalidInstance(f"{name}: not valid {codec.upper()} text after its byte-order mark "
-                                      f"(byte {e.start})") from None
-            break
-    else:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data.count(b"\n", 0, e.start) + 1
-            try:
-                text = data.decode("cp1252")
-            except UnicodeDecodeError:  # bytes 0x81, 0x8d, 0x8f, 0x90, 0x9d: undefined there
-                text = data.decode("latin-1")
-            warnings.warn(f"{name}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); read as Windows-1252 "
-                          f"(Latin-1); save the file as UTF-8 to be sure of its text", KvgpuWarning, stacklevel=2)
+    text = _decode(data, name)
     nul = text.find("\x00")
     if nul >= 0:
         raise InvalidInstance(f"{name}, line {text.count(chr(10), 0, nul) + 1}: a NUL character: not a text file, "
                               f"or UTF-16 without a byte-order mark (save it as UTF-8)")
     return text
+
+
+def _decode(data: bytes, name: str) -> str:
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError as e:
+                raise InvalidInstance(f"{name}: not valid {codec.upper()} text after its byte-order mark "
+                                      f"(byte {e.start})") from None
+    if b"\x00" in data:  # refused by the caller; not to be mistaken for Latin-1 text first
+        return data.decode("latin-1")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        warnings.warn(f"{name}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); read as Windows-1252 "
+                      f"(Latin-1); save the file as UTF-8 to be sure of its text", KvgpuWarning, stacklevel=3)
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:  # bytes 0x81, 0x8d, 0x8f, 0x90, 0x9d are undefined there
+        return data.decode("latin-1")
 
 
 def _line_of(text: str) -> Any:
@@ -153,7 +157,7 @@ def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dic
         unknown = [k for k in data if not isinstance(k, str) or k not in FILE_KEYS]
         if unknown:
             k = unknown[0]
-            where = f"{name}, line {lines.keys[k]}" if k in lines.keys else name
+            where = _at(name, lines, k)
             if not isinstance(k, str):
                 raise InvalidInstance(f"{where}: top-level key {k!r} is not text (keys: {', '.join(FILE_KEYS)})")
             guess = difflib.get_close_matches(k, FILE_KEYS, 1, 0.6)
@@ -161,7 +165,7 @@ def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dic
                 f" (did you mean {guess[0]!r}?)" if guess else f" (known: {', '.join(FILE_KEYS)})"))
         for key, value in data.items():
             if key != "models":
-                label = f"{name}, line {lines.keys[key]}: {key}" if key in lines.keys else f"{name}: {key}"
+                label = f"{_at(name, lines, key)}: {key}"
                 options[key] = _OPTIONS[key](value, label)
         if "nodes" in options and "gpus_per_node" in options:
             raise InvalidInstance(f"{name}: give 'nodes' or 'gpus_per_node', not both")
@@ -169,18 +173,28 @@ def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dic
             raise InvalidInstance(f"{name}: no 'models' list (keys given: {', '.join(map(str, data))})")
         models = data["models"]
         if not isinstance(models, list):
-            where = f"{name}, line {lines.keys['models']}" if "models" in lines.keys else name
-            raise InvalidInstance(f"{where}: 'models' must be a list of models, got {type(models).__name__}")
+            raise InvalidInstance(f"{_at(name, lines, 'models')}: 'models' must be a list of models, "
+                                  f"got {_type(models)}")
     elif isinstance(data, list):
         models = data
     else:
         raise InvalidInstance(f"{name}: expected a list of models or an object with a 'models' list, "
-                              f"got {'an empty file' if data is None else type(data).__name__}")
+                              f"got {'an empty file' if data is None else _type(data)}")
     at = lines.models if lines.models is not None and len(lines.models) == len(models) else None
     where = [f"{name}, line {at[i]}, model {i}" if at else f"{name}, model {i}" for i in range(len(models))]
     for w, m in zip(where, models):
         _no_duplicate(m, w)
     return model_specs(models, where), options
+
+
+def _at(name: str, lines: _Lines, key: Any) -> str:
+    """``"file, line n"`` of a top-level key (YAML's ``5:`` is found by its text), or ``"file"``."""
+    line = lines.keys.get(key) if isinstance(key, str) else lines.keys.get(str(key))
+    return f"{name}, line {line}" if line else name
+
+
+def _type(value: Any) -> str:
+    return "dict" if isinstance(value, dict) else type(value).__name__
 
 
 def _nodes(value: Any, label: str) -> list[list[int]]:
@@ -342,8 +356,9 @@ def _yaml_document(text: str, name: str) -> tuple[Any, _Lines]:
         import yaml
     except ImportError:
         raise InvalidInstance(f"{name}: reading YAML needs PyYAML (pip install pyyaml)") from None
-    loader = _yaml_loader()(text)
+    loader = None
     try:
+        loader = _yaml_loader()(text)  # its reader refuses some characters right away
         node = loader.get_single_node()
         data = None if node is None else loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
@@ -352,7 +367,7 @@ def _yaml_document(text: str, name: str) -> tuple[Any, _Lines]:
         raise InvalidInstance(f"{name}{where}: invalid YAML ({e.problem or e.context or e})") from None
     except yaml.reader.ReaderError as e:
         raise InvalidInstance(f"{name}, line {text.count(chr(10), 0, e.position) + 1}: invalid YAML "
-                              f"(character {e.character!r} is not allowed)") from None
+                              f"(character U+{e.character:04X} is not allowed)") from None
     except yaml.YAMLError as e:
         raise InvalidInstance(f"{name}: invalid YAML ({e})") from None
     except RecursionError:
@@ -360,7 +375,8 @@ def _yaml_document(text: str, name: str) -> tuple[Any, _Lines]:
     except (ValueError, OverflowError) as e:  # a date like 2024-02-30, an int of 5000 digits
         raise InvalidInstance(f"{name}: invalid YAML value ({str(e).split(';')[0]})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     keys: dict = {}
     models = None
     if isinstance(node, yaml.SequenceNode):

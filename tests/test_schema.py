@@ -1,11 +1,13 @@
 """kvgpu.schema: every form of models read into the same records, every bad value refused with
 an InvalidInstance naming the model, the field and the rule (cases 02, 11, 12, 20 of the issue's
 inputs, and the classes they stand for)."""
+import ast
 import decimal
 import fractions
 import math
 from collections import namedtuple
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ import kvgpu
 from kvgpu.schema import (KEYS, MAX_COUNT, MAX_GPU_ID, OPTION_RANGES, ModelSpec, check_keys, choice,
                           current_placement, gpu_memory, integer, model_specs, number, per_gpu)
 
+INPUTS = Path(__file__).parent / "data" / "inputs"
 ROWS = [("chat", 16.0, 4.0, 2.0), ("code", 26.0, 2.0, 1.0), ("rag", 7.6, 6.0, 5.0)]
 DICTS = [{"name": n, "size": s, "req_rate": r, "slo": o} for n, s, r, o in ROWS]
 
@@ -317,6 +320,16 @@ def test_case_20_options_are_clean_invalid_instance(case):
         OPTION_CASES[case]()
     name = case.split("=")[0].split(" ")[0]
     assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_20_every_option_case_has_a_validator_test():
+    tree = ast.parse((INPUTS / "20_api_non_invalidinstance.py").read_text())
+    cases = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "cases")
+    names = [k.value.split(" (")[0] for k in cases.keys]
+    lead = {"solve_batch B=0", "solve_batch N=0", "DataFrame, NaN cur_gpu_id", "current=[None, 1]",
+            "current=[nan, 1]", "rules + backend='bogus'", "replan + mode='bogus'"}
+    # those are read right (test_schema: NaN/None mean new) or are batch-array shapes (the lead's)
+    assert {n for n in names if n not in lead} <= set(OPTION_CASES), set(names) - lead - set(OPTION_CASES)
 
 
 def test_good_options():
