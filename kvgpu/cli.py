@@ -45,11 +45,12 @@ def _int_option(flag: str):
 
 
 def _gpu_mem(text: str):
+    parts = [p for p in text.split(",") if p.strip()]
     try:
-        mem = schema.per_gpu([p for p in text.split(",") if p.strip()] or text, "--gpu-mem", 0.0, lo_open=True)
+        mem = schema.per_gpu(parts if len(parts) > 1 else text, "--gpu-mem", 0.0, lo_open=True)
     except InvalidInstance as e:
         raise _UsageError(f"{e} (one number, or one per GPU as 40,80,141)") from None
-    return mem[0] if len(mem) == 1 else list(mem)
+    return list(mem) if isinstance(mem, tuple) else mem
 
 
 def _add_solve_options(p: argparse.ArgumentParser) -> None:

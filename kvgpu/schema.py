@@ -147,7 +147,7 @@ class ModelSpec:
 
     @property
     def demand(self) -> float:
-        """``req_rate / slo`` in requests/s per second of SLO (finite)."""
+        """``req_rate / slo`` (finite: checked at construction)."""
         return self.req_rate / self.slo
 
     def to_dict(self) -> dict:
@@ -606,9 +606,12 @@ def model_specs(models: Any, where: Sequence[str] | None = None) -> list[ModelSp
             specs.append(m)
             continue
         base = where[i] if where is not None else f"model {i}"
-        label = base + _name_suffix(m)
-        if isinstance(m, Mapping) or (hasattr(m, "keys") and hasattr(m, "__getitem__") and not isinstance(m, type)):
-            vals = _from_mapping(m if isinstance(m, Mapping) else {k: m[k] for k in m.keys()}, label)
+        row = m
+        if not isinstance(m, Mapping) and hasattr(m, "keys") and hasattr(m, "__getitem__") and not isinstance(m, type):
+            row = {k: m[k] for k in m.keys()}  # a pandas Series (df.iterrows()) and other mapping-likes
+        label = base + _name_suffix(row)
+        if isinstance(row, Mapping):
+            vals = _from_mapping(row, label)
         elif isinstance(m, (list, tuple, np.ndarray)) and not hasattr(m, "_fields"):
             vals = _from_triple(m, label)
         elif m is None or isinstance(m, (str, bytes, numbers.Number, bool, np.generic)):
@@ -627,10 +630,7 @@ def _name_suffix(m: Any) -> str:
     """`` ('chat')`` for messages about a model, read leniently (the name itself is checked
     later; a bad name must not hide the real error)."""
     for k in KEYS["name"]:
-        try:
-            v = m.get(k) if isinstance(m, Mapping) else getattr(m, k, None)
-        except Exception:  # noqa: BLE001 -- odd mapping types; the name is only decoration
-            return ""
+        v = m.get(k) if isinstance(m, Mapping) else getattr(m, k, None)
         if isinstance(v, str) and v.strip():
             return f" ({v!r})"
     return ""
