@@ -199,7 +199,7 @@ def _type(value: Any) -> str:
 
 def _nodes(value: Any, label: str) -> list[list[int]]:
     if not isinstance(value, list) or not all(isinstance(n, list) for n in value):
-        raise InvalidInstance(f"{label} must be a list of lists of GPU ids (one list per node), got {value!r:.60}")
+        raise InvalidInstance(f"{label} must be a list of lists of GPU ids (one list per node), got {_type(value)}")
     seen: dict[int, int] = {}
     out = []
     for k, node in enumerate(value):

@@ -70,7 +70,8 @@ def test_replan_max_moves_range(capsys, tmp_path):
 
 
 def test_missing_and_unknown_files(capsys, tmp_path):
-    assert "nope.csv: cannot read (No such file or directory)" in fails(capsys, "solve", tmp_path / "nope.csv", "--gpus", 2)
+    line = fails(capsys, "solve", tmp_path / "nope.csv", "--gpus", 2)
+    assert "nope.csv: cannot read (No such file or directory)" in line
     (tmp_path / "m.xlsx").write_bytes(b"PK")
     assert "m.xlsx: models are read from .csv, .json, .yaml, .yml files" in fails(capsys, "solve", tmp_path / "m.xlsx")
 

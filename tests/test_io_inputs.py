@@ -56,7 +56,8 @@ def test_05_06_small_and_tiny_values_read_exactly():
 
 def test_11_size_and_model_size_conflict_refused():
     refused(INPUTS / "11_size_and_model_size_conflict.json",
-            r"line 1, model 0 \('a'\): keys 'model_size' \(70\) and 'size' \(10\) both give 'size', with different values")
+            r"line 1, model 0 \('a'\): keys 'model_size' \(70\) and 'size' \(10\) both give 'size', "
+            r"with different values")
 
 
 def test_12_typo_keys_refused_with_suggestions():
@@ -85,7 +86,8 @@ def test_14_pandas_export_read_right():
 
 
 def test_15_yaml_int_key_refused():
-    refused(INPUTS / "15_yaml_int_key.yaml", r"15_yaml_int_key.yaml, line 3, model 0 \('a'\): key 5 is not a field name")
+    refused(INPUTS / "15_yaml_int_key.yaml",
+            r"15_yaml_int_key.yaml, line 3, model 0 \('a'\): key 5 is not a field name")
 
 
 def test_16_gpu_mem_null_refused():
@@ -98,7 +100,8 @@ def test_17_negative_size_names_line_3():
 
 
 def test_18_latin1_read_with_a_warning():
-    with pytest.warns(kvgpu.KvgpuWarning, match=r"18_latin1.csv, line 2: not UTF-8 \(byte 0xe9\); read as Windows-1252"):
+    with pytest.warns(kvgpu.KvgpuWarning,
+                      match=r"18_latin1.csv, line 2: not UTF-8 \(byte 0xe9\); read as Windows-1252"):
         specs, _ = read_models(INPUTS / "18_latin1.csv")
     assert [s.name for s in specs] == ["café"]
 
@@ -117,7 +120,8 @@ def test_02_generator_of_the_case_keeps_every_model():
 
 # ---------------------------------------------------------------- encodings
 
-MODELS = [{"name": "chat-é", "size": 16, "req_rate": 4, "slo": 2}, {"name": "code €", "size": 26.5, "req_rate": 2, "slo": 1}]
+MODELS = [{"name": "chat-é", "size": 16, "req_rate": 4, "slo": 2},
+          {"name": "code €", "size": 26.5, "req_rate": 2, "slo": 1}]
 
 
 def as_csv(models, delim=","):
@@ -192,7 +196,8 @@ def test_pandas_csv_round_trip_and_index_column(tmp_path):
     assert [(s.tp, s.pin, s.forbid, s.cur_gpu, s.same_node) for s in specs] == \
         [(2, None, (), (0,), None), (1, (1,), (0, 2), None, None), (1, None, (), None, True)]
     frame.to_csv(f)  # with the index: a first column without a name
-    refused(f, r"m.csv, line 1: the first column has no name \(a pandas index\? write the CSV with to_csv\(index=False\)\)")
+    refused(f, r"m.csv, line 1: the first column has no name "
+               r"\(a pandas index\? write the CSV with to_csv\(index=False\)\)")
     pd.read_csv(f).to_csv(f, index=False)  # the index read back and written again
     refused(f, r"m.csv, line 1: the first column has no name \(a pandas index\?")
 
@@ -207,10 +212,12 @@ def test_pandas_csv_round_trip_and_index_column(tmp_path):
     ("name,size,req_rate,slo\na,1,1,1,\n", r"m.csv, line 2: 5 values for 4 columns"),
     ("name,size,req_rate,slo\n\n\na,1,1,0\n", r"m.csv, line 4 \('a'\): field 'slo' must be > 0"),
     ('name,size,req_rate,slo\n"two\nlines",1,1,1\nb,x,1,1\n', r"m.csv, line 4 \('b'\): field 'size' must be a number"),
-    ("name,size,req_rate,slo\r\na,1,1,1\r\nb,1,yes,1\r\n", r"m.csv, line 3 \('b'\): field 'req_rate' must be a number, got 'yes'"),
+    ("name,size,req_rate,slo\r\na,1,1,1\r\nb,1,yes,1\r\n",
+     r"m.csv, line 3 \('b'\): field 'req_rate' must be a number, got 'yes'"),
     ("name,size,req_rate,slo,tp\na,1,1,1,2.5\n", r"line 2 \('a'\): field 'tp' must be an integer, got '2.5'"),
     ("name,size,req_rate,slo\na,16,5,1\nb,16,4,-2\n", r"m.csv, line 3 \('b'\): field 'slo' must be > 0"),
-    ("name;size;req_rate;slo\na;16,5;1;1\n", r"line 2 \('a'\): field 'size' must be a number, got '16,5' \(a decimal comma"),
+    ("name;size;req_rate;slo\na;16,5;1;1\n",
+     r"line 2 \('a'\): field 'size' must be a number, got '16,5' \(a decimal comma"),
 ])
 def test_bad_csv_names_file_line_and_field(tmp_path, text, pattern):
     f = tmp_path / "m.csv"
@@ -234,7 +241,8 @@ def test_csv_blank_lines_separators_and_header_only(tmp_path):
 # ---------------------------------------------------------------- JSON and YAML
 
 @pytest.mark.parametrize("suffix, text, pattern", [
-    (".json", '{"gpus": 2, "gpu": 3, "models": []}', r"m.json, line 1: unknown top-level key 'gpu' \(did you mean 'gpus'\?\)"),
+    (".json", '{"gpus": 2, "gpu": 3, "models": []}',
+     r"m.json, line 1: unknown top-level key 'gpu' \(did you mean 'gpus'\?\)"),
     (".json", '{"gpus": 2, "models": [{"size": 1, "size": 2, "req_rate": 1, "slo": 1}]}',
      r"m.json, line 1, model 0: key 'size' appears twice"),
     (".json", '{"gpus": 2, "gpus": 3, "models": []}', r"m.json: key 'gpus' appears twice"),
@@ -253,12 +261,13 @@ def test_csv_blank_lines_separators_and_header_only(tmp_path):
     (".json", '{"gpus": 2, "gpu_mem": [80, [80]], "models": []}', r"gpu_mem must be one number or a flat list"),
     (".json", '{"gpus": 2, "reserve_gb": -1, "models": []}', r"line 1: reserve_gb must be >= 0, got -1"),
     (".json", '{"nodes": [[0, 1], [1, 2]], "models": []}', r"nodes: GPU 1 is in node 0 and node 1"),
-    (".json", '{"nodes": [0, 1], "models": []}', r"nodes must be a list of lists of GPU ids"),
+    (".json", '{"nodes": [0, 1], "models": []}', r"nodes must be a list of lists of GPU ids \(one list per node\), got list"),
     (".json", '{"nodes": [[0], []], "models": []}', r"nodes: node 1 has no GPUs"),
     (".json", '{"nodes": [[0]], "gpus_per_node": 1, "models": []}', r"give 'nodes' or 'gpus_per_node', not both"),
     (".json", '{"description": 5, "models": []}', r"description must be text, got int"),
     (".yaml", "gpus: true\nmodels: []\n", r"m.yaml, line 1: gpus must be an integer, got True \(a boolean\)"),
-    (".yaml", "- {name: a, size: yes, req_rate: 1, slo: 1}\n", r"m.yaml, line 1, model 0 \('a'\): field 'size' must be a number, got True"),
+    (".yaml", "- {name: a, size: yes, req_rate: 1, slo: 1}\n",
+     r"m.yaml, line 1, model 0 \('a'\): field 'size' must be a number, got True"),
     (".yaml", "models:\n  - {name: a, size: 1, req_rate: 1, slo: 1}\n  - {name: b, size: 1, size: 2}\n",
      r"m.yaml, line 3: invalid YAML \(key 'size' appears twice\)"),
     (".yaml", "gpus: 2\ngpus: 3\nmodels: []\n", r"m.yaml, line 2: invalid YAML \(key 'gpus' appears twice\)"),
@@ -268,7 +277,8 @@ def test_csv_blank_lines_separators_and_header_only(tmp_path):
     (".yaml", "", r"m.yaml: expected a list of models .* got an empty file"),
     (".yaml", "- a\n---\n- b\n", r"m.yaml, line 2: invalid YAML \(but found another document\)"),
     (".yaml", "- {size: 2024-02-30, req_rate: 1, slo: 1}\n", r"m.yaml: invalid YAML value \(day is out of range"),
-    (".yaml", "- {size: 2024-02-03, req_rate: 1, slo: 1}\n", r"model 0: field 'size' must be a number, got datetime.date"),
+    (".yaml", "- {size: 2024-02-03, req_rate: 1, slo: 1}\n",
+     r"model 0: field 'size' must be a number, got datetime.date"),
     (".yaml", "- !!python/object:os.system {}\n", r"m.yaml, line 1: invalid YAML \(could not determine a constructor"),
     (".yaml", "- {size: \x07}\n", r"m.yaml, line 1: invalid YAML \(character U\+0007 is not allowed\)"),
     (".yaml", "x: " + "[" * 5000 + "]" * 5000, r"m.yaml: invalid YAML \(nested too deeply\)"),
@@ -281,8 +291,9 @@ def test_bad_json_and_yaml_name_file_line_and_field(tmp_path, suffix, text, patt
 
 def test_file_options_typed_and_model_lines(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("# cluster\ndescription: two nodes\ngpus: 4\ngpu_mem: [80, 80, '141', 141.0]\nnodes: [[0, 1], [2, 3]]\n"
-                 "reserve_gb: 2\nmodels:\n  - name: a\n    size: 10\n    req_rate: 1\n    slo: 1\n\n"
+    f.write_text("# cluster\ndescription: two nodes\ngpus: 4\ngpu_mem: [80, 80, '141', 141.0]\n"
+                 "nodes: [[0, 1], [2, 3]]\nreserve_gb: 2\n"
+                 "models:\n  - name: a\n    size: 10\n    req_rate: 1\n    slo: 1\n\n"
                  "  - {name: b, size: 20, req_rate: 2, slo: 1, same_node: yes, tp: 2}\n")
     specs, opts = read_quietly(f)
     assert opts == {"description": "two nodes", "gpus": 4, "gpu_mem": [80.0, 80.0, 141.0, 141.0],
@@ -290,8 +301,8 @@ def test_file_options_typed_and_model_lines(tmp_path):
     assert [s.where for s in specs] == [f"{f}, line 8, model 0 ('a')", f"{f}, line 13, model 1 ('b')"]
     assert (specs[1].same_node, specs[1].tp) == (True, 2)
     j = tmp_path / "c.json"
-    j.write_text(json.dumps({"gpus_per_node": 8, "models": [{"name": "a", "size": 1, "req_rate": 1, "slo": 1},
-                                                            {"name": "b", "size": 1, "req_rate": 1, "slo": 1}]}, indent=2))
+    two = [{"name": n, "size": 1, "req_rate": 1, "slo": 1} for n in "ab"]
+    j.write_text(json.dumps({"gpus_per_node": 8, "models": two}, indent=2))
     specs, opts = read_quietly(j)
     assert opts == {"gpus_per_node": 8}
     assert [s.where for s in specs] == [f"{j}, line 4, model 0 ('a')", f"{j}, line 10, model 1 ('b')"]
@@ -347,7 +358,8 @@ def test_random_documents_give_clean_errors_or_valid_records(tmp_path, doc, suff
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.lists(st.sampled_from(["name", "size", "model_size", "req_rate", "slo", "tp", "pin", "forbid",
-                                        "cur_gpu_id", "same_node", "replica", "", "Unnamed: 0"]), min_size=1, max_size=6),
+                                        "cur_gpu_id", "same_node", "replica", "", "Unnamed: 0"]),
+                       min_size=1, max_size=6),
        rows=st.lists(st.lists(st.sampled_from(["", "1", "2.0", "-1", "x", "0;1", "1e400", "true", "nan", " 3 ", "é"]),
                               max_size=7), max_size=4))
 def test_random_csv_cells_give_clean_errors_or_valid_records(tmp_path, header, rows):
@@ -378,7 +390,8 @@ SPECS = st.builds(
 def write_csv(specs) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)  # "\r\n" lines: a "\r" in a name is then quoted too
-    cols = ["name", "size", "req_rate", "slo", "tp", "replicas", "pin", "forbid", "cur_gpu_id", "overhead_gb", "same_node"]
+    cols = ["name", "size", "req_rate", "slo", "tp", "replicas", "pin", "forbid", "cur_gpu_id", "overhead_gb",
+            "same_node"]
     w.writerow(cols)
     ids = lambda t: ";".join(map(str, t)) if t else ""  # noqa: E731
     for s in specs:
@@ -389,8 +402,8 @@ def write_csv(specs) -> str:
 
 
 def content(specs):
-    return [(s.name, s.size, s.req_rate, s.slo, s.tp, s.replicas, s.pin, s.forbid, s.cur_gpu, s.overhead_gb, s.same_node)
-            for s in specs]
+    return [(s.name, s.size, s.req_rate, s.slo, s.tp, s.replicas, s.pin, s.forbid, s.cur_gpu, s.overhead_gb,
+             s.same_node) for s in specs]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

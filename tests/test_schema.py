@@ -199,7 +199,8 @@ def test_missing_fields_and_totals():
         model_specs([dict(BASE, req_rate=1e308)] * 2)
     with pytest.raises(kvgpu.InvalidInstance, match="the total size overflows"):
         model_specs([dict(BASE, size=1e308)] * 2)
-    with pytest.raises(kvgpu.InvalidInstance, match="attributes 'size' \\(2\\) and 'model_size' \\(1\\) both give 'size'"):
+    with pytest.raises(kvgpu.InvalidInstance,
+                       match="attributes 'size' \\(2\\) and 'model_size' \\(1\\) both give 'size'"):
         model_specs([namedtuple("M", "model_size size req_rate slo")(1, 2, 1, 1)])
 
 
@@ -357,7 +358,8 @@ ALL_KEYS = [k for keys in KEYS.values() for k in keys]
 def valid(s: ModelSpec) -> bool:
     return (math.isfinite(s.size) and s.size >= 0 and math.isfinite(s.req_rate) and s.req_rate >= 0
             and math.isfinite(s.slo) and s.slo > 0 and math.isfinite(s.demand)
-            and type(s.tp) is int and 1 <= s.tp <= MAX_COUNT and type(s.replicas) is int and 1 <= s.replicas <= MAX_COUNT
+            and type(s.tp) is int and 1 <= s.tp <= MAX_COUNT
+            and type(s.replicas) is int and 1 <= s.replicas <= MAX_COUNT
             and all(type(g) is int and 0 <= g <= MAX_GPU_ID for g in (s.pin or ()) + s.forbid + (s.cur_gpu or ()))
             and (s.pin is None or len(s.pin) > 0) and math.isfinite(s.overhead_gb) and s.overhead_gb >= 0
             and s.same_node in (None, True, False) and (s.name is None or isinstance(s.name, str)))
