@@ -3,55 +3,110 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import sys
+import warnings
 from importlib import resources
 
-from kvgpu import backends
+from kvgpu import backends, schema
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES
-from kvgpu.errors import InvalidInstance, NoPlacementFound
-from kvgpu.io import read_models, write_placement
+from kvgpu.errors import InvalidInstance, KvgpuWarning, NoPlacementFound
+from kvgpu.io import PLACEMENT_SUFFIXES, atomic_output, check_output_path, read_models, write_placement
+
+# the formats matplotlib's Agg backend writes (checked before solving, not after)
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".eps", ".ps")
+
+
+class _UsageError(Exception):
+    """A bad command line: one ``kvgpu: error:`` line, exit status 2 (argparse would print the
+    usage too, and raise SystemExit from inside :func:`main`)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _int_option(flag: str):
+    """argparse type for an integer option with the range the API uses (:data:`schema.OPTION_RANGES`):
+    ``--gpus 1e12`` or ``--effort 10**20`` is one clean line, not a traceback later."""
+    lo, hi = schema.OPTION_RANGES[flag.lstrip("-").replace("-", "_")]
+
+    def parse(text: str) -> int:
+        try:
+            return schema.integer(text, flag, lo, hi)
+        except InvalidInstance as e:  # not a ValueError to argparse: it would print its own words
+            raise _UsageError(str(e)) from None
+    return parse
+
+
+def _num_option(flag: str, lo: float, hi: float | None = None):
+    """argparse type for a number option, checked as the API checks it (one clean line)."""
+    def parse(text: str) -> float:
+        try:
+            return schema.number(text, flag, lo, hi)
+        except InvalidInstance as e:
+            raise _UsageError(str(e)) from None
+    return parse
 
 
 def _gpu_mem(text: str):
     parts = [p for p in text.split(",") if p.strip()]
     try:
-        vals = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--gpu-mem takes a number or a comma-separated list, got {text!r}")
-    return vals[0] if len(vals) == 1 else vals
+        mem = schema.per_gpu(parts if len(parts) > 1 else text, "--gpu-mem", 0.0, lo_open=True)
+    except InvalidInstance as e:
+        raise _UsageError(f"{e} (one number, or one per GPU as 40,80,141)") from None
+    return list(mem) if isinstance(mem, tuple) else mem
 
 
 def _add_solve_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpus", type=int, help="number of GPUs (default: from the file, else required)")
+    lo, hi = schema.OPTION_RANGES["gpus"]
+    p.add_argument("--gpus", type=_int_option("--gpus"), help=f"number of GPUs, {lo}..{hi} "
+                   "(default: from the file, else required)")
     p.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU: one number, or one per GPU as 40,80,80 "
                    "(default: from the file, else 80)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--mode", choices=MODES, default="search",
                    help="search (default): the seed pipeline plus search beyond it; seed: the seed pipeline only")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (consecutive ids): a model's tp shards stay "
-                   "inside one node (default: from the file's gpus_per_node or nodes, else no nodes)")
-    p.add_argument("--reserve-gb", type=float, help="GB kept off every GPU for the serving engine (activations, "
-                   "CUDA context) (default: from the file, else 0)")
-    p.add_argument("--effort", type=int, default=DEFAULT_EFFORT,
+    p.add_argument("--gpus-per-node", type=_int_option("--gpus-per-node"),
+                   help="GPUs per node (consecutive ids): a model's tp shards stay inside one node "
+                   "(default: the file's gpus_per_node or nodes, else no nodes)")
+    p.add_argument("--reserve-gb", type=_num_option("--reserve-gb", 0.0),
+                   help="GB kept off every GPU for the serving engine: activations, CUDA context "
+                   "(default: the file's reserve_gb, else 0)")
+    p.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
                    help="search rounds per instance (mode search; default %(default)s)")
-    p.add_argument("--patience", type=int, help="stop after this many rounds without a better placement "
-                   "(default: max(6, effort / 5))")
-    p.add_argument("--seed", type=int, default=0, help="random stream of the search: the same seed repeats the "
-                   "answer, another is an independent restart (default %(default)s)")
+    p.add_argument("--patience", type=_int_option("--patience"),
+                   help="stop after this many rounds without a better placement (default: max(6, effort / 5))")
+    p.add_argument("--seed", type=_int_option("--seed"), default=0,
+                   help="random stream of the search: the same seed repeats the answer, another one is an "
+                   "independent restart (default %(default)s)")
     p.add_argument("--exact", action="store_true", help="also prove optimality (or the interval of the optimum); "
                    "instances of at most 24 shards are proven by default")
-    p.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
+    p.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
                    help="work limit of the proof: search nodes / DP states per instance (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
     p.add_argument("--out", help="also write the placement to this .json or .csv file")
-    p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file")
+    p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file "
+                   "(.png, .svg, .pdf, ...)")
 
 
-def _solve_and_print(models, opts, args, header: str | None = None) -> int:
+def _check_outputs(args) -> None:
+    """Refuse bad --out / --plot paths before the solve, not after it."""
+    if args.out:
+        check_output_path(args.out, PLACEMENT_SUFFIXES, "--out")
+    if args.plot:
+        check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise InvalidInstance("--plot needs matplotlib (pip install matplotlib)")
+
+
+def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     gpus = args.gpus if args.gpus is not None else opts.get("gpus")
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
@@ -66,17 +121,19 @@ def _solve_and_print(models, opts, args, header: str | None = None) -> int:
     if args.cmd == "replan":
         budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
     exact = True if (args.exact or args.cmd == "certify") else None
-    placement = solve(models, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
+    placement = solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
                       patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work, **cluster,
                       **budget)
-    if args.out:
-        write_placement(placement, args.out)
-    if args.plot:
-        from kvgpu import plot
-        plot.placement(placement, args.plot)
+    # both files appear together, or neither: each goes to a temporary file, renamed at the end
+    with contextlib.ExitStack() as outputs:
+        if args.out:
+            write_placement(placement, outputs.enter_context(atomic_output(args.out)))
+        if args.plot:
+            from kvgpu import plot
+            plot.placement(placement, outputs.enter_context(atomic_output(args.plot)))
     # nothing is printed before the solve succeeded
     if args.json:
-        print(json.dumps(placement.to_dict(), indent=1))
+        print(json.dumps(placement.to_dict(), indent=1, allow_nan=False))
     elif args.cmd == "certify":
         print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g} "
               f"(bound on {placement.bound_scope})")
@@ -105,8 +162,35 @@ def _sweep(args) -> int:
     return 0
 
 
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _show_warning(default):
+    """``warnings.showwarning`` printing a KvgpuWarning as one ``kvgpu: warning:`` line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KvgpuWarning):
+            print(f"kvgpu: warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvgpu", description="Place LLMs on GPUs minimising the worst "
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0, or
+    2 after one ``kvgpu: error: ...`` line on stderr for any bad input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", KvgpuWarning)
+        warnings.showwarning = _show_warning(warnings.showwarning)
+        try:
+            return _main(argv)
+        except _UsageError as e:
+            print(f"kvgpu: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+
+
+def _main(argv) -> int:
+    parser = _Parser(prog="kvgpu", description="Place LLMs on GPUs minimising the worst "
                                      "GPU's KV cache pressure (demand / free memory).")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("solve", help="solve the models of a JSON or CSV file")
@@ -119,10 +203,13 @@ def main(argv=None) -> int:
     pr = sub.add_parser("replan", help="re-place a running cluster: models carry cur_gpu_id (-1 if new); "
                         "at most --max-moves of them move")
     pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
-    pr.add_argument("--max-moves", type=int, help="most models that may change GPU (default: no limit)")
-    pr.add_argument("--max-migrated-gb", type=float, help="most GB of model weights copied (default: no limit)")
-    pr.add_argument("--min-gain", type=float, help="move nothing that runs unless the max KVPR improves by at least "
-                    "this share (e.g. 0.01), over placing the new models alone (default 0)")
+    pr.add_argument("--max-moves", type=_int_option("--max-moves"),
+                    help="most models that may change GPU (default: no limit)")
+    pr.add_argument("--max-migrated-gb", type=_num_option("--max-migrated-gb", 0.0),
+                    help="most GB of model weights copied (default: no limit)")
+    pr.add_argument("--min-gain", type=_num_option("--min-gain", 0.0, 1.0),
+                    help="move nothing that runs unless the max KVPR improves by at least this share (e.g. 0.01) "
+                    "over placing the new models alone (default 0)")
     _add_solve_options(pr)
     pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
                         "re-running resumes")
@@ -144,15 +231,15 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "sweep":
             return _sweep(args)
+        _check_outputs(args)
         if args.cmd in ("solve", "certify", "replan"):
-            models, opts = read_models(args.file)
-        else:
-            data = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())
-            models, opts = data["models"], {"gpus": data["gpus"], "gpu_mem": data["gpu_mem"]}
-            return _solve_and_print(models, opts, args, header=data["description"])
-        return _solve_and_print(models, opts, args)
-    except (InvalidInstance, NoPlacementFound, ValueError) as e:
-        print(f"kvgpu: error: {e}", file=sys.stderr)
+            specs, opts = read_models(args.file)
+            return _solve_and_print(specs, opts, args)
+        with resources.as_file(resources.files("kvgpu").joinpath("data/demo.json")) as demo:
+            specs, opts = read_models(demo)
+        return _solve_and_print(specs, opts, args, header=opts.get("description"))
+    except (InvalidInstance, NoPlacementFound, ValueError, OSError) as e:
+        print(f"kvgpu: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -30,7 +30,7 @@ from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.params import OPTIMAL_RTOL
 from kvgpu.problem import Problem
 from kvgpu.results import BatchResult, Placement
-from kvgpu.schema import integer
+from kvgpu.schema import OPTION_RANGES, integer
 
 MODES = ("search", "seed")
 #: Search rounds per instance unless ``effort=`` says otherwise.
@@ -41,8 +41,6 @@ DEFAULT_EXACT_WORK = 20_000_000
 #: items, with at most ``AUTO_EXACT_WORK`` of work -- a fraction of a second -- so small
 #: answers come with their proof.
 AUTO_EXACT_ITEMS, AUTO_EXACT_WORK = 24, 2_000_000
-#: Largest values the options take (beyond them a run would not end in a lifetime).
-MAX_EFFORT, MAX_WORK = 10**7, 10**13
 
 
 @dataclass(frozen=True)
@@ -76,10 +74,11 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
         raise InvalidInstance(f"backend: {backend!r} is unknown; choose one of {backends.BACKENDS}")
     if exact is not None and not isinstance(exact, (bool, np.bool_)):
         raise InvalidInstance(f"exact: must be True, False or None (auto), got {exact!r}")
-    effort = integer(effort, "effort", 0, MAX_EFFORT)
-    patience = default_patience(effort) if patience is None else integer(patience, "patience", 1, MAX_EFFORT)
-    seed = integer(seed, "seed", 0, 2**63 - 1)
-    exact_work = integer(exact_work, "exact_work", 1, MAX_WORK)
+    effort = integer(effort, "effort", *OPTION_RANGES["effort"])
+    patience = default_patience(effort) if patience is None else integer(patience, "patience",
+                                                                         *OPTION_RANGES["patience"])
+    seed = integer(seed, "seed", *OPTION_RANGES["seed"])
+    exact_work = integer(exact_work, "exact_work", *OPTION_RANGES["exact_work"])
     if mode == "seed":
         effort = 0
     used = backends.resolve(backend)

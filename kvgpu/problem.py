@@ -36,7 +36,7 @@ import numpy as np
 
 from kvgpu.errors import InvalidInstance, KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
-from kvgpu.schema import ModelSpec, gpu_memory, integer, model_specs, number
+from kvgpu.schema import OPTION_RANGES, ModelSpec, current_placement, gpu_memory, integer, model_specs, number, per_gpu
 
 DEFAULT_GPU_MEM = 80.0
 
@@ -187,14 +187,15 @@ def _node_map(G: int, nodes, gpus_per_node) -> np.ndarray:
 
 
 def _reserve(G: int, reserve_gb) -> np.ndarray:
+    """GB kept off each GPU: one number for all, or one per GPU."""
     if reserve_gb is None:
         return np.zeros(G)
-    if np.ndim(reserve_gb) == 0:
-        return np.full(G, number(reserve_gb, "reserve_gb", 0.0, math.inf))
-    vals = list(reserve_gb)
-    if len(vals) != G:
-        raise InvalidInstance(f"reserve_gb: {len(vals)} values given for {G} GPUs")
-    return np.array([number(v, f"reserve_gb[{g}]", 0.0, math.inf) for g, v in enumerate(vals)])
+    vals = per_gpu(reserve_gb, "reserve_gb", 0.0)
+    if isinstance(vals, tuple):
+        if len(vals) != G:
+            raise InvalidInstance(f"reserve_gb gives {len(vals)} values for {G} GPUs (give one number, or one per GPU)")
+        return np.asarray(vals, dtype=np.float64)
+    return np.full(G, float(vals))
 
 
 def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
@@ -202,22 +203,7 @@ def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
     -1 / None for new) overrides the models' ``cur_gpu_id``."""
     if current is None:
         return [m.cur_gpu for m in specs]
-    if isinstance(current, (str, bytes, dict)) or not hasattr(current, "__len__"):
-        raise InvalidInstance(f"current: expected one GPU id (or list, -1 for new) per model, got {current!r}")
-    if len(current) != len(specs):
-        raise InvalidInstance(f"current: {len(current)} entries given for {len(specs)} models")
-    out = []
-    for m, c in zip(specs, current):
-        ids = c if isinstance(c, (list, tuple, np.ndarray)) else [c]
-        vals = []
-        for x in ids:
-            if x is None or (isinstance(x, float) and math.isnan(x)):
-                continue
-            v = integer(x, f"{m.where}: current GPU", -1, 2**31 - 1)
-            if v >= 0:
-                vals.append(v)
-        out.append(tuple(vals) or None)
-    return out
+    return current_placement(current, len(specs))
 
 
 def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, *, nodes=None,
@@ -243,7 +229,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_of = _node_map(G, nodes, gpus_per_node)
     cur_models = _current(specs, current)
     replan = any(c is not None for c in cur_models) or max_moves is not None or max_migrated_gb is not None
-    K = -1 if max_moves is None else integer(max_moves, "max_moves", 0, 2**31 - 1)
+    K = -1 if max_moves is None else integer(max_moves, "max_moves", *OPTION_RANGES["max_moves"])
     max_gb = math.inf if max_migrated_gb is None else number(max_migrated_gb, "max_migrated_gb", 0.0, math.inf)
     gain = 0.0 if min_gain is None else number(min_gain, "min_gain", 0.0, 1.0)
     if gain and not replan:

@@ -36,11 +36,11 @@ def test_solve_csv_table_and_gpu_mem_list(tmp_path):
 
 
 @pytest.mark.parametrize("content, suffix, message", [
-    ("name,size,req_rate,slo\na,10,1,1\nb,ten,1,1\n", ".csv", "line 3: field 'model_size' must be a number"),
-    ("name,size,req_rate\na,10,1\n", ".csv", "line 2: missing field 'slo'"),
+    ("name,size,req_rate,slo\na,10,1,1\nb,ten,1,1\n", ".csv", "line 3 ('b'): field 'size' must be a number"),
+    ("name,size,req_rate\na,10,1\n", ".csv", "line 2 ('a'): missing field 'slo'"),
     ('[{"name": "a", "size": 10, "req_rate": 1, "slo": 1},\n {"name": "b", "size": 10, "req_rate": 1 "slo": 1}]',
      ".json", "line 2: invalid JSON"),
-    ('[{"name": "a", "size": 10, "req_rate": 1, "slo": 0}]', ".json", "model 0 ('a'): slo must be > 0"),
+    ('[{"name": "a", "size": 10, "req_rate": 1, "slo": 0}]', ".json", "line 1, model 0 ('a'): field 'slo' must be > 0"),
     ('[{"name": "a", "size": 100, "req_rate": 1, "slo": 1}]', ".json", "larger than every GPU"),
 ])
 def test_bad_files_get_clear_errors(tmp_path, content, suffix, message):

@@ -34,7 +34,7 @@ def test_bad_yaml_and_dataframe_rows_are_named(tmp_path):
     with pytest.raises(kvgpu.InvalidInstance, match=r"bad.yaml, line \d+: invalid YAML"):
         read_models(ym)
     ym.write_text("- {name: a, size: ten, req_rate: 1, slo: 1}\n")
-    with pytest.raises(kvgpu.InvalidInstance, match=r"bad.yaml, model 0: field 'model_size' must be a number"):
+    with pytest.raises(kvgpu.InvalidInstance, match=r"bad.yaml, line 1, model 0 \('a'\): field 'size' must be a number"):
         read_models(ym)
     df = pd.DataFrame([["a", 10, 1, 1], ["b", 10, 1, 0]], columns=["name", "size", "req_rate", "slo"])
     with pytest.raises(kvgpu.InvalidInstance, match=r"model 1 \('b'\): slo must be > 0"):
@@ -51,6 +51,6 @@ def test_placement_written_as_json_and_csv(tmp_path):
     assert [r["model"] for r in rows] == ["chat", "code", "rag"]
     assert [int(r["gpu"]) for r in rows] == p.assignment.tolist()
     assert np.isclose(max(float(r["gpu_kvpr"]) for r in rows), p.max_kvpr)
-    with pytest.raises(ValueError, match="placements are written as .json or .csv"):
+    with pytest.raises(kvgpu.InvalidInstance, match="placements are written as .json or .csv"):
         write_placement(p, tmp_path / "p.txt")
-    assert not (tmp_path / "p.txt").exists() and not (tmp_path / "p.txt.tmp").exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.csv", "p.json"]  # nothing else, no temporary file
