@@ -143,22 +143,34 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
 
 
 def _sweep(args) -> int:
+    """``kvgpu sweep``: spec, output folder and plot file checked before a Dask client starts or
+    anything is solved; environment failures (folders, scheduler) are one line, exit status 2."""
     from kvgpu import sweep
 
-    client = sweep.dask_client(args.dask, args.dask_local) if (args.dask or args.dask_local) else None
     try:
-        df = sweep.run(args.spec, args.out, client=client, progress=not args.no_progress)
-    finally:
-        if client is not None:
-            client.close()
-    print(f"{len(df)} rows in {args.out}")
-    if len(df):
-        summary = df.groupby(["gpus", "mode", "effort"]).agg(instances=("key", "size"), gap_mean=("gap", "mean"),
-                                                             gap_worst=("gap", "max"), s_per_instance=("time_s", "mean"))
-        print(summary.to_string(float_format=lambda v: f"{v:.4g}"))
-    if args.plot and len(df):
-        from kvgpu import plot
-        plot.sweep(df, args.plot)
+        spec = sweep.load_spec(args.spec)
+        if args.dask_local is not None:
+            sweep.check_local_workers(args.dask_local)
+        sweep.prepare_output(args.out)
+        if args.plot:
+            from kvgpu import plot
+            plot.check_target(args.plot)
+        client = sweep.dask_client(args.dask, args.dask_local) if (args.dask or args.dask_local is not None) else None
+        try:
+            df = sweep.run(spec, args.out, client=client, progress=not args.no_progress)
+        finally:
+            if client is not None:
+                client.close()
+        failed = int((df["status"] != sweep.OK).sum())
+        print(f"{len(df)} rows in {args.out}" +
+              (f" ({failed} without a placement: see column 'status')" if failed else ""))
+        if len(df):
+            print(_sweep_summary(df, sweep.OK).to_string(float_format=lambda v: f"{v:.4g}"))
+            if args.plot:
+                plot.sweep(df, args.plot)
+    except OSError as e:  # the folders, the scheduler: not the input, but no traceback either
+        print(f"kvgpu: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -174,6 +186,16 @@ def _show_warning(default):
         else:
             default(message, category, filename, lineno, file, line)
     return show
+
+
+def _sweep_summary(df, ok: str):
+    """Per cluster size, mode and effort: instances, those without a placement, gap (in percent)
+    and time per instance over the placed ones."""
+    placed = df["status"] == ok
+    g = df.assign(gap_pct=100 * df["gap"].where(placed), time_s=df["time_s"].where(placed), failed=~placed)
+    g = g.groupby(["gpus", "mode", "effort"])
+    return g.agg(**{"instances": ("key", "size"), "failed": ("failed", "sum"), "gap_mean_%": ("gap_pct", "mean"),
+                    "gap_worst_%": ("gap_pct", "max"), "s_per_instance": ("time_s", "mean")})
 
 
 def main(argv=None) -> int:
@@ -218,8 +240,8 @@ def _main(argv) -> int:
     pw.add_argument("--out", required=True, help="Parquet folder (created; existing rows are kept and skipped)")
     where = pw.add_mutually_exclusive_group()
     where.add_argument("--dask", metavar="tcp://HOST:PORT", help="run the batches on this Dask scheduler")
-    where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N workers")
-    pw.add_argument("--plot", help="draw gap and time against cluster size to this image file")
+    where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N worker processes")
+    pw.add_argument("--plot", help="draw gap (%%) and time per instance against cluster size to this image file")
     pw.add_argument("--no-progress", action="store_true", help="no progress bar")
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)

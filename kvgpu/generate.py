@@ -54,14 +54,62 @@ def cluster(rng: np.random.Generator, gpus: int, models: int, fill: float = 0.7)
     return make_instance(m, gpus)
 
 
-# ----------------------------------------------------------------------------- quality-bench families
-# Each draws models until the total size reaches ``fill`` of the GPU memory (the draw that
-# crosses it is dropped), retrying until best-fit decreasing packs them (so they are feasible).
+# ----------------------------------------------------------------------------- size and demand draws
+# Every family below, and every sweep row (:mod:`kvgpu.sweep`), draws from these.  ``n=None``
+# draws one value (the quality-bench families add models one at a time until a fill level).
 
 #: Sizes (GB) of common open LLM checkpoints in fp16 (3B, 6.5-7B, 13-14B, 16B, 26B, 28B).
 LLM_SIZES = np.array([3.0, 6.5, 14.0, 16.0, 26.0, 28.0])
+#: How common each of :data:`LLM_SIZES` is (small checkpoints more so).
+LLM_SHARES = np.array([0.25, 0.3, 0.2, 0.1, 0.08, 0.07])
 #: Memories (GB) of A100-40, A100/H100-80 and H200-141 GPUs, for heterogeneous clusters.
 HETERO_MEMS = np.array([40.0, 80.0, 141.0])
+
+#: Model size distributions, ``draw(rng, n) -> (n,)`` GB (a scalar for ``n=None``): ``uniform``
+#: integers 10-30 GB (ADRS's), ``llm`` :data:`LLM_SIZES` by :data:`LLM_SHARES`, ``small`` 1-8 GB.
+SIZES = {"uniform": lambda rng, n=None: rng.integers(10, 31, n),
+         "llm": lambda rng, n=None: rng.choice(LLM_SIZES, n, p=LLM_SHARES),
+         "small": lambda rng, n=None: rng.uniform(1.0, 8.0, n)}
+
+
+def _zipf_rates(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Skewed popularity: rate ~ 100 / rank^1.1, ranks shuffled over the models."""
+    return 100.0 / rng.permutation(np.arange(1, n + 1)) ** 1.1
+
+
+#: Request rate distributions, ``draw(rng, n) -> (n,)`` req/s: ``uniform`` integers 1-9
+#: (ADRS's), ``zipf`` :func:`_zipf_rates`.
+POPULARITY = {"uniform": lambda rng, n: rng.integers(1, 10, n), "zipf": _zipf_rates}
+
+
+def demand(rng: np.random.Generator, n: int, popularity: str = "uniform",
+           slo: tuple[int, int] = (5, 9)) -> tuple[np.ndarray, np.ndarray]:
+    """``(req_rate (n,), slo (n,))``: rates from :data:`POPULARITY`, integer SLOs (s) in ``slo``
+    (both ends included)."""
+    rate = POPULARITY[popularity](rng, n)
+    return rate, rng.integers(slo[0], slo[1] + 1, n)
+
+
+def fixed_count(rng: np.random.Generator, gpus: int, models: int, *, sizes: str = "uniform",
+                popularity: str = "uniform", gpu_mem: float = 80.0, max_fill: float = 0.95) -> Instance:
+    """``models`` models on ``gpus`` GPUs of ``gpu_mem`` GB (the sweeps' instances).
+
+    Sizes from :data:`SIZES`, scaled down where they would use more than ``max_fill`` of the
+    cluster's memory, and each at most one GPU; rates from :data:`POPULARITY`, SLOs 5-9 s.
+    The models may not pack (bin packing can fail at any fill): sweeps record such instances.
+    """
+    s = SIZES[sizes](rng, models).astype(float)
+    cap = max_fill * gpu_mem * gpus
+    if s.sum() > cap:
+        s = s * (cap / s.sum())
+    s = np.minimum(s, gpu_mem)
+    rate, slo = demand(rng, models, popularity)
+    return make_instance(np.stack([s, rate, slo], axis=1).astype(float), gpus, gpu_mem)
+
+
+# ----------------------------------------------------------------------------- quality-bench families
+# Each draws models until the total size reaches ``fill`` of the GPU memory (the draw that
+# crosses it is dropped), retrying until best-fit decreasing packs them (so they are feasible).
 
 
 def _fill_up(rng, gpu_mem, fill, draw_size, draw_demand) -> Instance:
@@ -82,34 +130,25 @@ def _fill_up(rng, gpu_mem, fill, draw_size, draw_demand) -> Instance:
 
 def uniform(rng: np.random.Generator, gpus: int, fill: float = 0.92) -> Instance:
     """Integer sizes 10-30 GB on ``gpus`` x 80 GB up to ``fill``; rates 1-9, SLOs 5-9 (ADRS's)."""
-    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: rng.integers(10, 31),
-                    lambda n: (rng.integers(1, 10, n), rng.integers(5, 10, n)))
-
-
-def _zipf_demand(rng, n):
-    """Skewed popularity: rate ~ 1 / rank^1.1 (ranks shuffled), SLOs 2-10."""
-    rate = 100.0 / rng.permutation(np.arange(1, n + 1)) ** 1.1
-    return rate, rng.integers(2, 11, n)
+    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: SIZES["uniform"](rng), lambda n: demand(rng, n))
 
 
 def llm(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
-    """Realistic checkpoints (:data:`LLM_SIZES`, small ones more common) with Zipf popularity."""
-    p = np.array([0.25, 0.3, 0.2, 0.1, 0.08, 0.07])
-    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: rng.choice(LLM_SIZES, p=p),
-                    lambda n: _zipf_demand(rng, n))
+    """Realistic checkpoints (:data:`LLM_SIZES`, small ones more common) with Zipf popularity, SLOs 2-10."""
+    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: SIZES["llm"](rng),
+                    lambda n: demand(rng, n, "zipf", slo=(2, 10)))
 
 
 def small(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
     """Many small models: 1-8 GB (about 15 per GPU), rates 1-9, SLOs 1-9."""
-    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: rng.uniform(1.0, 8.0),
-                    lambda n: (rng.integers(1, 10, n), rng.integers(1, 10, n)))
+    return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: SIZES["small"](rng),
+                    lambda n: demand(rng, n, slo=(1, 9)))
 
 
 def hetero(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
     """GPUs of 40, 80 and 141 GB mixed; integer sizes 5-35 GB; rates 1-9, SLOs 5-9."""
     mem = rng.choice(HETERO_MEMS, gpus)
-    return _fill_up(rng, mem, fill, lambda: rng.integers(5, 36),
-                    lambda n: (rng.integers(1, 10, n), rng.integers(5, 10, n)))
+    return _fill_up(rng, mem, fill, lambda: rng.integers(5, 36), lambda n: demand(rng, n))
 
 
 FAMILIES = {"uniform": uniform, "llm": llm, "small": small, "hetero": hetero}

@@ -1,67 +1,245 @@
-"""Pictures (matplotlib, the ``plot`` extra): a placement, and a sweep's quality and time."""
+"""Pictures (matplotlib, the ``plot`` extra): a placement, and a sweep's quality and time.
+
+Every image is written to a temporary file in the target folder and renamed when complete, so a
+failed run leaves the previous image untouched.  The format follows the file's suffix (PNG, SVG,
+PDF, ...).
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import numpy as np
+
+from kvgpu.io import atomic_output
+
+#: KVPR's unit: demand (req_rate / slo, requests/s per second of SLO) per GB of KV cache.
+KVPR_UNIT = "req/s per s of SLO per GB"
+KVPR_LABEL = f"KVPR: demand per GB of KV cache\n({KVPR_UNIT})"
+#: Clusters with more GPUs are drawn as distributions over the GPUs, not one bar per GPU.
+BARS_UP_TO = 64
+
+_WEIGHTS, _FREE, _OK, _WORST, _INF = "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8c1c13"
+_DPI = 110
+#: Legends go above their axes, outside the plotting area: never over a bar.
+_ABOVE = dict(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False, borderaxespad=0.2)
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'kvgpu[plot]'") from None
+        raise ImportError("plots need matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def placement(p, path: str | Path) -> None:
-    """Per GPU: memory split into model weights and the KV cache space left (top), and KVPR with
-    the lower bound as a line (bottom); the worst GPU is marked.  Saved to ``path``."""
-    plt = _pyplot()
-    G = p.instance.n_gpus
-    x = np.arange(G)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * G + 2), 6), sharex=True)
-    ax1.bar(x, p.used, color="#4c72b0", label="model weights")
-    ax1.bar(x, p.instance.gpu_mem - p.used, bottom=p.used, color="#dd8452", alpha=0.6, label="free for KV cache")
-    ax1.set(ylabel="GB")
-    ax1.set_title(f"{p._count()} on {G} GPUs", loc="left", fontsize=10)
-    ax1.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
-    kv = np.where(np.isfinite(p.kvpr), p.kvpr, np.nan)
-    worst = int(np.nanargmax(kv)) if np.isfinite(kv).any() else 0
-    colors = ["#c44e52" if g == worst else "#55a868" for g in range(G)]
-    ax2.bar(x, kv, color=colors)
-    ax2.axhline(p.lower_bound, color="black", linestyle="--", linewidth=1,
-                label=f"lower bound {p.lower_bound:.4g} (gap {100 * p.gap:.2f}%)")
-    ax2.set(xlabel="GPU", ylabel="KV cache pressure", xticks=x)
-    ax2.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def check_target(path: str | Path) -> str:
+    """The image format of ``path`` (its suffix); raises ``OSError`` with a one-line message if
+    its folder does not exist or cannot be written, ``ValueError`` if matplotlib cannot write
+    that format.  Cheap: call it before a long computation whose result is to be drawn."""
+    path = Path(path)
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in formats:
+        raise ValueError(f"{path}: cannot draw into a {path.suffix or 'suffix-less'} file; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OSError(f"{path}: cannot write the image: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OSError(f"{path}: cannot write the image: folder {folder} is not writable")
+    if path.is_dir():
+        raise OSError(f"{path}: cannot write the image: this path is a folder")
+    return fmt
+
+
+def _save(fig, path: str | Path) -> None:
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        fmt = check_target(path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- a placement
+
+def _kv_free(p) -> np.ndarray:
+    """(G,) GB left for the KV cache per GPU."""
+    free = getattr(p, "kv_free", None)
+    return np.asarray(free if free is not None else p.instance.gpu_mem - p.used, dtype=float)
+
+
+def _headline(p) -> str:
+    n = len(p.gpus_of_models())
+    items = f" as {p.instance.n_models} shards/replicas" if p.model_of is not None else ""
+    lb = p.lower_bound
+    if not math.isfinite(p.max_kvpr):
+        verdict = "a GPU has demand but no memory left for the KV cache"
+    elif p.proven_optimal:
+        verdict = "optimal (proven)"
+    elif math.isfinite(p.gap):
+        verdict = f"gap {100 * p.gap:.2f}% (an upper limit on the distance from the optimum)"
+    else:
+        verdict = "gap unbounded (lower bound 0)"
+    return (f"{n} models{items} on {p.instance.n_gpus} GPUs\n"
+            f"max KVPR {p.max_kvpr:.4g}, lower bound {lb:.4g}: {verdict}")
+
+
+def _kvpr_top(kv: np.ndarray, lb: float) -> float:
+    """The top of the KVPR axis: room above the finite values, and above the bound unless a GPU
+    is infinite (then the bound can be any size; the finite GPUs set the scale).  1 if all are 0."""
+    finite = kv[np.isfinite(kv)]
+    top = float(finite.max()) if finite.size else 0.0
+    if math.isfinite(lb) and finite.size == kv.size:
+        top = max(top, lb)
+    return 1.18 * top if top > 0 else 1.0
+
+
+def _bound_line(ax, lb: float, top: float) -> None:
+    """The lower bound as a dashed line, or only in the legend when it is above the axis."""
+    if not math.isfinite(lb) or lb > top:
+        ax.plot([], [], color="black", linestyle="--", linewidth=1, label=f"lower bound {lb:.4g} (above the axis)")
+    else:
+        ax.axhline(lb, color="black", linestyle="--", linewidth=1, label=f"lower bound {lb:.4g}")
+
+
+def placement(p, path: str | Path) -> None:
+    """Draw a :class:`kvgpu.Placement` to ``path`` (see :func:`placement_figure`)."""
+    _save(placement_figure(p), path)
+
+
+def placement_figure(p):
+    """The picture of a :class:`kvgpu.Placement` as a matplotlib Figure (close it when done).
+
+    Up to :data:`BARS_UP_TO` GPUs, one bar per GPU: its memory split into model weights and the
+    GB left for the KV cache (top), and its KVPR with the lower bound as a line (bottom); the
+    worst GPU in red, a GPU with infinite KVPR (no memory left while it has demand) as a hatched
+    bar to the top of the axis marked "inf".  Larger clusters as distributions: the per-GPU
+    KVPR sorted (top) and a histogram of the GB left for the KV cache (bottom), so the image
+    keeps its width.  Legends sit above the axes, never over the data.
+    """
+    plt = _pyplot()
+    kv = np.asarray(p.kvpr, dtype=float)
+    fig = _bars(plt, p, kv) if kv.shape[0] <= BARS_UP_TO else _distributions(plt, p, kv)
+    fig.suptitle(_headline(p), x=0.01, ha="left", fontsize=10)
+    return fig
+
+
+def _bars(plt, p, kv):
+    G = kv.shape[0]
+    x = np.arange(G)
+    free = _kv_free(p)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(min(max(7.0, 0.3 * G + 2.5), 22.0), 7.0), sharex=True,
+                                   layout="constrained")
+    ax1.bar(x, p.used, color=_WEIGHTS, label="model weights")
+    ax1.bar(x, free, bottom=p.used, color=_FREE, alpha=0.6, label="left for KV cache")
+    ax1.set(ylabel="GPU memory (GB)")
+    ax1.legend(**_ABOVE)
+
+    top = _kvpr_top(kv, p.lower_bound)
+    inf = ~np.isfinite(kv)
+    finite = np.where(inf, np.nan, kv)
+    worst = int(np.nanargmax(finite)) if np.isfinite(finite).any() else -1
+    mark = worst if worst >= 0 and not inf.any() else -1  # an infinite GPU is the worst one
+    rest = x != mark
+    ax2.bar(x[rest], np.nan_to_num(finite[rest]), color=_OK, label="KVPR per GPU")
+    if mark >= 0:
+        ax2.bar([mark], [finite[mark]], color=_WORST, label="max KVPR")
+    if inf.any():
+        ax2.bar(x[inf], top, color="white", edgecolor=_INF, hatch="//", linewidth=1.2,
+                label="infinite KVPR (no memory left for KV cache)")
+        for g in x[inf]:
+            ax2.text(g, top * 0.97, "inf", ha="center", va="top", fontsize=9, fontweight="bold", color=_INF,
+                     bbox=dict(facecolor="white", edgecolor="none", pad=1))
+    _bound_line(ax2, p.lower_bound, top)
+    ax2.set_ylim(0, top)
+    ax2.set(xlabel="GPU", ylabel=KVPR_LABEL)
+    step = max(1, math.ceil(G / 32))
+    ax2.set_xticks(x[::step])
+    ax2.legend(**_ABOVE)
+    return fig
+
+
+def _distributions(plt, p, kv):
+    G = kv.shape[0]
+    free = _kv_free(p)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9.0, 7.0), layout="constrained")
+
+    n_inf = int((~np.isfinite(kv)).sum())
+    order = np.sort(np.where(np.isfinite(kv), kv, -np.inf))[::-1]  # inf first, as the largest
+    top = _kvpr_top(kv, p.lower_bound)
+    heights = np.where(np.isfinite(order), order, 0)
+    ax1.fill_between(np.arange(G + 1), np.append(heights, heights[-1]), step="post", color=_OK, alpha=0.7,
+                     label="KVPR per GPU, largest first")
+    if n_inf:
+        ax1.bar(0, top, width=n_inf, align="edge", color="white", edgecolor=_INF, hatch="//", linewidth=1.2,
+                label=f"{n_inf} GPU(s) with infinite KVPR (no memory left for KV cache)")
+        ax1.text(n_inf / 2, top * 0.97, "inf", ha="center", va="top", fontsize=9, fontweight="bold", color=_INF,
+                 bbox=dict(facecolor="white", edgecolor="none", pad=1))
+    _bound_line(ax1, p.lower_bound, top)
+    ax1.set_xlim(0, G)
+    ax1.set_ylim(0, top)
+    ax1.set(xlabel=f"GPUs, sorted by KVPR (of {G})", ylabel=KVPR_LABEL)
+    ax1.legend(**_ABOVE)
+
+    ax2.hist(free, bins=min(40, max(10, G // 10)), color=_FREE, alpha=0.8, edgecolor="white",
+             label="GPUs by GB left for KV cache")
+    ax2.set(xlabel="GB left for the KV cache (GPU memory - model weights)", ylabel="GPUs")
+    ax2.legend(**_ABOVE)
+    return fig
+
+
+# ----------------------------------------------------------------------------- a sweep
 
 def sweep(df, path: str | Path) -> None:
-    """Gap to the lower bound and time per instance against cluster size, one line per mode
-    (and effort); saved to ``path`` (PNG, SVG or PDF by suffix)."""
+    """Draw a sweep's rows (:func:`kvgpu.sweep.read`) to ``path`` (see :func:`sweep_figure`)."""
+    _save(sweep_figure(df), path)
+
+
+def sweep_figure(df):
+    """A sweep's rows as a matplotlib Figure (close it when done): per cluster size (GPUs), the
+    gap to the lower bound in percent (mean solid, worst dashed) and the time per instance of
+    that size, one colour per mode (and effort).  Rows whose ``status`` is not ``ok`` (no
+    placement) are left out of the figures and counted in the legend and the title."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    from kvgpu.sweep import OK
+
+    df = df.assign(placed=df["status"].eq(OK) if "status" in df.columns else True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     for (mode, effort), grp in df.groupby(["mode", "effort"]):
-        g = grp.groupby("gpus").agg(gap=("gap", "mean"), time=("time_s", "mean")).sort_index()
-        label = mode if mode == "seed" else f"{mode} (effort {effort})"
-        ax1.plot(g.index, 100 * g["gap"], marker="o", label=label)
-        ax2.plot(g.index, g["time"], marker="o", label=label)
-    ax1.set(xlabel="GPUs", ylabel="mean gap to the lower bound (%)", title="quality")
-    ax2.set(yscale="log", xlabel="GPUs", ylabel="seconds per instance", title="time")
+        placed = grp[grp["placed"]]
+        g = placed.groupby("gpus").agg(mean=("gap", "mean"), worst=("gap", "max"), time=("time_s", "mean"))
+        failed = len(grp) - len(placed)
+        label = (mode if mode == "seed" else f"{mode} (effort {effort})") + \
+            (f", {failed} of {len(grp)} without a placement" if failed else "")
+        line, = ax1.plot(g.index, 100 * g["mean"], marker="o", label=label)
+        ax1.plot(g.index, 100 * g["worst"], linestyle="--", marker=".", color=line.get_color())
+        ax2.plot(g.index, g["time"], marker="o", color=line.get_color())
+    ax1.set(xlabel="GPUs", ylabel="gap to the lower bound (%)\nsolid: mean, dashed: worst", title="quality")
+    ax1.set_ylim(bottom=0)
+    ax2.set(yscale="log", xlabel="GPUs", ylabel="seconds per instance (mean)", title="time")
     sizes = sorted(df["gpus"].unique().tolist())
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(g) for g in sizes])
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)
-        ax.legend()
+    n_failed = int((~df["placed"]).sum())
+    fig.suptitle(f"{len(df) - n_failed} instances placed" +
+                 (f"; {n_failed} without a placement, left out" if n_failed else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
+               frameon=False)
+    return fig

@@ -17,116 +17,233 @@ Spec (YAML or a dict); every grid entry may be one value or a list:
     batch_size: 64              # instances per solve_batch call (one task on Dask)
     backend: auto
 
+The instances are drawn by :func:`kvgpu.generate.fixed_count`, from a random generator seeded
+by the row's parameters only, so a row is the same instance on every machine and in any batch.
+
 Output: a Parquet dataset (a folder of part files, each batch written to a temporary name and
-renamed, so a killed run leaves only whole parts); each row holds the parameters, ``key`` (the
-instance's identity), ``models``, ``max_kvpr``, ``lower_bound``, ``gap``, ``time_s`` (the
-batch's wall time over its instances), ``backend``.  Re-running with the same output skips the
-keys already there.  Batches run locally or as tasks on a Dask cluster, with identical rows
-(except ``time_s``): an instance depends only on its parameters, and every solver mode gives an
-instance the same answer whatever batch it is in.
+renamed, so a killed run leaves only whole parts); one row per instance with the parameters,
+``key`` (the instance's identity), ``models``, ``status``, ``max_kvpr``, ``lower_bound``,
+``gap`` (a fraction: ``max_kvpr / lower_bound - 1``), ``time_s`` (the batch's wall time over
+its instances; a batch holds instances of one shape) and ``backend``.  ``status`` is
+:data:`OK`, or, for an instance whose models cannot be placed in GPU memory,
+:data:`INFEASIBLE` (proven) or :data:`NOT_FOUND` (the solver gave up); such rows have NaN
+figures and the sweep goes on.  Re-running with the same output skips the keys already there,
+failed ones included.  Batches run locally or as tasks on a Dask cluster, with identical rows
+(except ``time_s``).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
+import math
+import numbers
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from kvgpu import generate
 from kvgpu.errors import InvalidInstance
-from kvgpu.problem import Instance, make_instance
+from kvgpu.io import read_text
+from kvgpu.schema import choice, integer, number
 
 GRID = ("gpus", "gpu_mem", "models_per_gpu", "sizes", "popularity", "seed", "mode", "effort")
 DEFAULTS = {"gpu_mem": [80.0], "models_per_gpu": [3], "sizes": ["uniform"], "popularity": ["uniform"],
             "seeds": 3, "mode": ["search"], "effort": [30], "batch_size": 64, "backend": "auto"}
-SIZES = {"uniform": lambda rng, n: rng.integers(10, 31, n).astype(float),
-         "llm": lambda rng, n: rng.choice([3.0, 6.5, 14.0, 16.0, 26.0, 28.0], n, p=[.25, .3, .2, .1, .08, .07]),
-         "small": lambda rng, n: rng.uniform(1.0, 8.0, n)}
-POPULARITY = ("uniform", "zipf")
+KEYS = ("gpus", *DEFAULTS)
 #: Sizes are scaled down so that the models use at most this share of the cluster's memory.
 MAX_FILL = 0.95
 
+#: ``status`` of a row: placed; no placement exists (proven); none found (the solver gave up).
+from kvgpu.engine import INFEASIBLE, NOT_FOUND  # noqa: E402 -- the statuses rows carry
+OK = "ok"
 
-def load_spec(spec: dict | str | Path) -> dict:
-    """The spec with defaults filled in and every rule checked (errors name the key)."""
+# Limits that keep a typo (an extra zero, a GB value in MB) from allocating the machine away.
+MAX_GPUS = 100_000
+MAX_MODELS = 1_000_000  # per instance
+MAX_GPU_MEM = 1e6  # GB
+MAX_EFFORT = 100_000
+MAX_BATCH = 100_000
+MAX_ROWS = 1_000_000
+MAX_SEED = 2**63 - 1
+MAX_LOCAL_WORKERS = 256
+#: Seconds to wait for a Dask scheduler before giving up.
+CONNECT_TIMEOUT_S = 5
+
+# Output columns and their Parquet types: every part has this schema, so the folder reads as one
+# table whatever the rows of a part (all failed, models_per_gpu written as 3 or 3.5, ...).
+_COLUMNS = {"gpus": "int64", "gpu_mem": "float64", "models_per_gpu": "float64", "sizes": "string",
+            "popularity": "string", "seed": "int64", "mode": "string", "effort": "int64", "key": "string",
+            "models": "int64", "status": "string", "max_kvpr": "float64", "lower_bound": "float64",
+            "gap": "float64", "time_s": "float64", "backend": "string"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A checked sweep spec: ``grid`` holds one non-empty list of values per :data:`GRID` key."""
+
+    grid: dict
+    batch_size: int
+    backend: str
+
+
+def _values(v, label: str, rule) -> list:
+    """``rule(value, label)`` applied to one value or to each of a non-empty list of them (the
+    value rules of :mod:`kvgpu.schema`, so a spec is checked as every other input is)."""
+    vals = list(v) if isinstance(v, (list, tuple)) else [v]
+    if not vals:
+        raise InvalidInstance(f"{label} an empty list gives no rows; give at least one value")
+    return [rule(x, label) for x in vals]
+
+
+def _seeds(v, label: str) -> list[int]:
+    """``seeds: n`` means seeds 0 .. n-1; a list names them."""
+    if isinstance(v, (list, tuple)):
+        return _values(v, label, lambda x, lab: integer(x, lab, 0, MAX_SEED))
+    try:
+        return list(range(integer(v, label, 1, MAX_ROWS)))
+    except InvalidInstance:
+        raise InvalidInstance(f"{label} must be a count of seeds from 1 to {MAX_ROWS} (seeds 0 .. n-1) or a list "
+                              f"of seeds, got {v!r}") from None
+
+
+def _scalar(rule):
+    def check(v, label):
+        if isinstance(v, (list, tuple)):
+            raise InvalidInstance(f"{label} takes one value, not a list, got {v!r}")
+        return rule(v, label)
+    return check
+
+
+def _rules() -> dict:
+    from kvgpu.backends import BACKENDS
+    from kvgpu.engine import MODES
+
+    def each(rule):
+        return lambda v, label: _values(v, label, rule)
+
+    return {"gpus": each(lambda x, lab: integer(x, lab, 1, MAX_GPUS)),
+            "gpu_mem": each(lambda x, lab: number(x, lab, 0.0, MAX_GPU_MEM, lo_open=True)),
+            "models_per_gpu": each(lambda x, lab: number(x, lab, 0.0, MAX_MODELS, lo_open=True)),
+            "sizes": each(lambda x, lab: choice(x, lab, sorted(generate.SIZES))),
+            "popularity": each(lambda x, lab: choice(x, lab, list(generate.POPULARITY))),
+            "seeds": _seeds,
+            "mode": each(lambda x, lab: choice(x, lab, MODES)),
+            "effort": each(lambda x, lab: integer(x, lab, 0, MAX_EFFORT)),
+            "batch_size": _scalar(lambda x, lab: integer(x, lab, 1, MAX_BATCH)),
+            "backend": _scalar(lambda x, lab: choice(x, lab, BACKENDS))}
+
+
+# ----------------------------------------------------------------------------- reading a spec
+
+def _read_yaml(path: Path) -> tuple[Any, dict]:
+    """The YAML document of ``path`` and the line (1-based) of each top-level key; refuses
+    a key given twice (YAML would keep the last one silently)."""
+    import yaml
+
+    text = read_text(path)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise InvalidInstance(f"{path}{f', line {mark.line + 1}' if mark else ''}: invalid YAML "
+                              f"({getattr(e, 'problem', None) or 'syntax'})") from None
+    finally:
+        loader.dispose()
+    lines: dict = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, _ in node.value:
+            if key.value in lines:
+                raise InvalidInstance(f"{path}, line {key.start_mark.line + 1}: key {key.value!r} given twice "
+                                      f"(first on line {lines[key.value]})")
+            lines[key.value] = key.start_mark.line + 1
+    return data, lines
+
+
+def load_spec(spec: dict | str | Path) -> Spec:
+    """The checked spec of a dict or a YAML file, defaults filled in.
+
+    Raises :class:`kvgpu.InvalidInstance` naming the file and line (for a file) and the key of
+    any bad value: unknown keys (with the closest known one), values of the wrong type
+    (booleans are not numbers), out of range (negative, zero counts, huge values), empty lists,
+    or a grid of more than :data:`MAX_ROWS` rows or instances of more than :data:`MAX_MODELS`.
+    """
+    if isinstance(spec, Spec):
+        return spec
+    lines: dict = {}
+    where = "sweep spec"
     if not isinstance(spec, dict):
-        import yaml
-
-        p = Path(spec)
-        try:
-            spec = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise InvalidInstance(f"{p}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise InvalidInstance(f"{p}{f', line {mark.line + 1}' if mark else ''}: invalid YAML") from None
+        where = str(spec)
+        spec, lines = _read_yaml(Path(spec))
         if not isinstance(spec, dict):
-            raise InvalidInstance(f"{p}: a sweep spec is a mapping of grid keys (gpus, sizes, ...)")
-    unknown = set(spec) - set(DEFAULTS) - {"gpus"}
-    if unknown:
-        raise InvalidInstance(f"sweep spec: unknown key(s) {sorted(unknown)}; known: {sorted(set(DEFAULTS) | {'gpus'})}")
+            raise InvalidInstance(f"{where}: a sweep spec is a mapping of grid keys (gpus, sizes, ...)")
+
+    def at(key) -> str:
+        return f"{where}, line {lines[str(key)]}" if str(key) in lines else where
+
+    for k in spec:
+        if k not in KEYS:
+            close = difflib.get_close_matches(str(k), KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
+            raise InvalidInstance(f"{at(k)}: unknown key {k!r}{hint}")
     if "gpus" not in spec:
-        raise InvalidInstance("sweep spec: 'gpus' is required (a GPU count or a list of them)")
-    s = {**DEFAULTS, **spec}
-    for k in ("gpus", "gpu_mem", "models_per_gpu", "sizes", "popularity", "mode", "effort"):
-        if not isinstance(s[k], (list, tuple)):
-            s[k] = [s[k]]
-    s["seed"] = list(range(int(s["seeds"]))) if isinstance(s["seeds"], int) else list(s["seeds"])
-    for g in s["gpus"]:
-        if not (isinstance(g, int) and g >= 1):
-            raise InvalidInstance(f"sweep spec: gpus must be positive integers, got {g!r}")
-    for v in s["sizes"]:
-        if v not in SIZES:
-            raise InvalidInstance(f"sweep spec: sizes {v!r} unknown; choose from {sorted(SIZES)}")
-    for v in s["popularity"]:
-        if v not in POPULARITY:
-            raise InvalidInstance(f"sweep spec: popularity {v!r} unknown; choose from {list(POPULARITY)}")
-    for v in s["mode"]:
-        if v not in ("seed", "search"):
-            raise InvalidInstance(f"sweep spec: mode {v!r} unknown; choose seed or search")
-    if not (isinstance(s["batch_size"], int) and s["batch_size"] >= 1):
-        raise InvalidInstance(f"sweep spec: batch_size must be a positive integer, got {s['batch_size']!r}")
-    return s
+        raise InvalidInstance(f"{where}: 'gpus' is required (a GPU count or a list of them)")
+    vals = {}
+    for k, rule in _rules().items():
+        vals[k] = rule(spec.get(k, DEFAULTS.get(k)), f"{at(k)}: {k}:")
+    vals["seed"] = vals.pop("seeds")
+    grid = {k: vals[k] for k in GRID}
+    models = max(vals["gpus"]) * max(vals["models_per_gpu"])
+    if models > MAX_MODELS:
+        raise InvalidInstance(f"{where}: gpus x models_per_gpu gives instances of {models:.6g} models; "
+                              f"at most {MAX_MODELS} are allowed")
+    rows = math.prod(len(v) for v in grid.values())
+    if rows > MAX_ROWS:
+        raise InvalidInstance(f"{where}: the grid has {rows} rows (the product of the lengths of "
+                              f"gpus, gpu_mem, models_per_gpu, sizes, popularity, seeds, mode and effort); "
+                              f"at most {MAX_ROWS} are allowed")
+    return Spec(grid, vals["batch_size"], vals["backend"])
 
 
-def expand(spec: dict) -> list[dict]:
+def expand(spec: Spec) -> list[dict]:
     """One row of parameters per instance and mode, each with its ``key``."""
     rows = []
-    for vals in itertools.product(*(spec[k] for k in GRID)):
+    for vals in itertools.product(*(spec.grid[k] for k in GRID)):
         row = dict(zip(GRID, vals))
-        row["gpu_mem"] = float(row["gpu_mem"])
-        row["effort"] = int(row["effort"]) if row["mode"] == "search" else 0
+        row["effort"] = row["effort"] if row["mode"] == "search" else 0
         row["key"] = "|".join(f"{k}={row[k]}" for k in GRID)
         rows.append(row)
     return list({r["key"]: r for r in rows}.values())  # seed mode ignores effort: one row
 
 
-def instance(row: dict) -> Instance:
-    """The instance of a row: a function of its parameters only (the same on every machine)."""
-    sizes_id = sorted(SIZES).index(row["sizes"])
+# ----------------------------------------------------------------------------- instances, batches
+
+def _rng(row: dict) -> np.random.Generator:
+    """A generator seeded by the row's instance parameters only (not mode or effort)."""
     seed = [int(row["seed"]), int(row["gpus"]), int(round(row["gpu_mem"] * 100)),
-            int(round(row["models_per_gpu"] * 1000)), sizes_id, POPULARITY.index(row["popularity"])]
-    rng = np.random.default_rng(seed)
+            int(round(row["models_per_gpu"] * 1000)), sorted(generate.SIZES).index(row["sizes"]),
+            list(generate.POPULARITY).index(row["popularity"])]
+    return np.random.default_rng(seed)
+
+
+def instance(row: dict):
+    """The :class:`kvgpu.problem.Instance` of a row: a function of its parameters only."""
     G = int(row["gpus"])
-    n = max(1, int(round(row["models_per_gpu"] * G)))
-    s = SIZES[row["sizes"]](rng, n)
-    cap = MAX_FILL * row["gpu_mem"] * G
-    if s.sum() > cap:
-        s = s * (cap / s.sum())
-    s = np.minimum(s, row["gpu_mem"])
-    if row["popularity"] == "zipf":
-        rate = 100.0 / rng.permutation(np.arange(1, n + 1)) ** 1.1
-    else:
-        rate = rng.integers(1, 10, n).astype(float)
-    slo = rng.integers(5, 10, n).astype(float)
-    return make_instance(np.stack([s, rate, slo], axis=1), G, row["gpu_mem"])
+    return generate.fixed_count(_rng(row), G, max(1, int(round(row["models_per_gpu"] * G))), sizes=row["sizes"],
+                                popularity=row["popularity"], gpu_mem=float(row["gpu_mem"]), max_fill=MAX_FILL)
 
 
 def solve_rows(rows: list[dict], backend: str = "auto") -> list[dict]:
-    """Solve one batch (all rows share mode and effort); the result rows.  Runs on Dask workers."""
+    """Solve one batch (all rows share mode and effort); the result rows, each with its
+    ``status`` (an instance without a placement keeps NaN figures and the sweep goes on).
+    Runs on Dask workers."""
     from kvgpu.api import solve_batch
     from kvgpu.batch.state import batch_from_instances
 
@@ -134,32 +251,73 @@ def solve_rows(rows: list[dict], backend: str = "auto") -> list[dict]:
     b = batch_from_instances(insts)
     t0 = time.perf_counter()
     res = solve_batch(b.sizes, b.demand, b.gpu_mem, model_mask=b.model_mask, gpu_mask=b.gpu_mask, backend=backend,
-                      mode=rows[0]["mode"], effort=max(rows[0]["effort"], 0))
+                      mode=rows[0]["mode"], effort=rows[0]["effort"], infeasible="mark")
     per = (time.perf_counter() - t0) / len(rows)
-    return [{**r, "models": inst.n_models, "max_kvpr": float(res.max_kvpr[k]),
+    return [{**r, "models": inst.n_models, "status": str(res.status[k]), "max_kvpr": float(res.max_kvpr[k]),
              "lower_bound": float(res.lower_bound[k]), "gap": float(res.gap[k]), "time_s": per,
              "backend": res.backend} for k, (r, inst) in enumerate(zip(rows, insts))]
 
 
 def batches(rows: list[dict], size: int) -> list[list[dict]]:
-    """Rows grouped by (mode, effort) -- one solver call each -- then cut into ``size`` chunks,
-    bigger clusters first so the slow batches start early."""
-    rows = sorted(rows, key=lambda r: (r["mode"], r["effort"], -r["gpus"] * r["models_per_gpu"], r["key"]))
+    """Rows grouped by mode, effort and instance shape -- one solver call each, so that
+    ``time_s`` is the time of one shape -- then cut into ``size`` chunks, bigger clusters first
+    so the slow batches start early."""
+    def shape(r):
+        return r["mode"], r["effort"], -r["gpus"] * r["models_per_gpu"], r["gpus"], r["gpu_mem"]
+
     out = []
-    for _, grp in itertools.groupby(rows, key=lambda r: (r["mode"], r["effort"])):
+    for _, grp in itertools.groupby(sorted(rows, key=lambda r: (shape(r), r["key"])), key=shape):
         grp = list(grp)
         out += [grp[i:i + size] for i in range(0, len(grp), size)]
     return out
 
 
-def done_keys(out: Path) -> set[str]:
-    if not out.exists():
-        return set()
+# ----------------------------------------------------------------------------- the output folder
+
+def prepare_output(out: str | Path) -> Path:
+    """Create the Parquet folder ``out`` if needed (its parent must exist) and check that it can
+    be written, before any solving; clears temporary parts left by a killed run (their rows are
+    redone).  Raises ``OSError`` with a one-line message naming the path."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInstance(f"{out}: sweep output is a folder of Parquet parts; this is a file")
+    if not out.parent.is_dir():
+        raise OSError(f"{out}: cannot create the output folder: {out.parent} does not exist")
+    try:
+        out.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OSError(f"{out}: cannot create or write the output folder ({e.strerror or e})") from None
+    for stale in out.glob(".part-*.tmp"):
+        stale.unlink()
+    return out
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet"))
+
+
+def done_keys(out: str | Path) -> set[str]:
+    """The keys of the rows already in the folder ``out``."""
     import pyarrow.parquet as pq
 
-    parts = sorted(out.glob("part-*.parquet"))
-    return set().union(*(set(pq.read_table(p, columns=["key"]).column("key").to_pylist()) for p in parts)) \
-        if parts else set()
+    return {k for p in _parts(Path(out)) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()}
+
+
+def read(out: str | Path):
+    """All rows of the folder ``out`` as a pandas DataFrame sorted by ``key`` (parts written
+    before rows had a ``status`` get ``ok``)."""
+    import pandas as pd
+
+    parts = [pd.read_parquet(p) for p in _parts(Path(out))]
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=t if t != "string" else object) for c, t in _COLUMNS.items()})
+    df = pd.concat(parts, ignore_index=True)
+    if "status" not in df:
+        df["status"] = OK
+    df["status"] = df["status"].fillna(OK)
+    return df.sort_values("key", kind="stable").reset_index(drop=True)
 
 
 def _write_part(out: Path, rows: list[dict]) -> Path:
@@ -169,32 +327,30 @@ def _write_part(out: Path, rows: list[dict]) -> Path:
     name = hashlib.sha1("\n".join(r["key"] for r in rows).encode()).hexdigest()[:16]
     final = out / f"part-{name}.parquet"
     tmp = out / f".part-{name}.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    schema = pa.schema([(c, pa.string() if t == "string" else pa.from_numpy_dtype(np.dtype(t)))
+                        for c, t in _COLUMNS.items()])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     tmp.replace(final)  # atomic: a killed run leaves whole parts only
     return final
 
 
-def run(spec: dict | str | Path, out: str | Path, *, client=None, progress: bool = True) -> Any:
-    """Run (or resume) a sweep into the Parquet folder ``out``; returns all its rows as a pandas
-    DataFrame.  ``client``: a ``dask.distributed.Client`` to run the batches as tasks."""
-    import pandas as pd
+# ----------------------------------------------------------------------------- running
 
+def run(spec: Spec | dict | str | Path, out: str | Path, *, client=None, progress: bool = True) -> Any:
+    """Run (or resume) a sweep into the Parquet folder ``out``; returns all its rows as a pandas
+    DataFrame (:func:`read`).  ``client``: a ``dask.distributed.Client`` to run the batches as
+    tasks.  The spec and the folder are checked before anything is solved."""
     s = load_spec(spec)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InvalidInstance(f"{out}: sweep output is a folder of Parquet parts; this path is a file")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".part-*.tmp"):  # left by a run killed while writing; its rows are redone
-        stale.unlink()
+    out = prepare_output(out)
     done = done_keys(out)
     todo = [r for r in expand(s) if r["key"] not in done]
-    work = batches(todo, s["batch_size"])
+    work = batches(todo, s.batch_size)
     bar = _progress(len(work), progress, skipped=len(done))
-    for rows in _results(work, s["backend"], client):
+    for rows in _results(work, s.backend, client):
         _write_part(out, rows)
         bar.update(1)
     bar.close()
-    return pd.read_parquet(out) if any(out.glob("part-*.parquet")) else pd.DataFrame()
+    return read(out)
 
 
 def _results(work: list[list[dict]], backend: str, client) -> Iterable[list[dict]]:
@@ -216,11 +372,25 @@ def _progress(total: int, enabled: bool, skipped: int):
                 desc=f"sweep ({skipped} rows already done)" if skipped else "sweep")
 
 
-def dask_client(address: str | None = None, local_workers: int | None = None):
-    """A ``dask.distributed.Client`` for an existing scheduler (``tcp://HOST:PORT``) or a new
-    LocalCluster of ``local_workers`` single-threaded worker processes."""
+def dask_client(address: str | None = None, local_workers: int | None = None, *,
+                timeout: float = CONNECT_TIMEOUT_S):
+    """A ``dask.distributed.Client`` for an existing scheduler (``tcp://HOST:PORT``, reached
+    within ``timeout`` seconds or ``ConnectionError``) or a new LocalCluster of
+    ``local_workers`` (1 to :data:`MAX_LOCAL_WORKERS`) single-threaded worker processes."""
     from dask.distributed import Client, LocalCluster
 
     if address:
-        return Client(address)
-    return Client(LocalCluster(n_workers=int(local_workers), threads_per_worker=1))
+        try:
+            return Client(address, timeout=timeout)
+        except ValueError as e:  # a malformed address: dask says what is wrong with it
+            raise InvalidInstance(f"Dask scheduler address {address!r}: {e}") from None
+        except OSError:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s "
+                                  f"(is it running, and is the address right?)") from None
+    return Client(LocalCluster(n_workers=check_local_workers(local_workers), threads_per_worker=1))
+
+
+def check_local_workers(n) -> int:
+    """``n`` as a count of local Dask worker processes (1 to :data:`MAX_LOCAL_WORKERS`; 0 or a
+    negative count would wait for workers forever); else :class:`kvgpu.InvalidInstance`."""
+    return integer(n, "local_workers (--dask-local): the number of worker processes", 1, MAX_LOCAL_WORKERS)
