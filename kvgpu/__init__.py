@@ -6,10 +6,12 @@
 [0]
 """
 from kvgpu.api import BatchResult, Placement, compute_model_placement, solve, solve_batch
+from kvgpu.capacity import GpuType, HeadroomResult, SizeResult, headroom, size
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.problem import make_instance
 from kvgpu.replan import Move, replan
 
 __all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "KvgpuWarning", "Move", "Placement", "compute_model_placement",
            "make_instance", "NoPlacementFound", "replan", "solve", "solve_batch"]
+__all__ += ["GpuType", "HeadroomResult", "SizeResult", "headroom", "size"]  # capacity planning
 __version__ = "0.1.0"
