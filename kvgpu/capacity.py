@@ -8,11 +8,12 @@ model with ``tp`` / ``replicas``) occupies ``a_i = s_i + w_i / X`` GB of a GPU. 
 
 * an item with ``a_i`` above the largest memory fits on no GPU: no number of GPUs meets ``X``;
 * GPUs of one memory need at least as many bins as a bin packing of the ``a_i`` needs: the
-  Martello-Toth bound L2 (it contains the volume bound ``ceil(sum a / M)``), and at least
-  ``tp * replicas`` GPUs for a model whose shards need distinct GPUs;
+  Martello-Toth bound L2 (it contains the volume bound ``ceil(sum a / M)``); at least
+  ``n / q`` GPUs when no GPU holds more than ``q`` items (the ``q + 1`` smallest overflow it);
+  and at least ``tp * replicas`` GPUs for a model whose shards need distinct GPUs;
 * with several GPU types, the items that fit on no type below type ``t`` must go to types
-  ``>= t``: their volume, their L2 count (bins relaxed to the largest memory) and their shards
-  bound the GPUs of those types.
+  ``>= t``: their volume, their L2 count (in bins of the largest memory present), how many of
+  them each type can hold, and their shards bound the GPUs of those types.
 
 Adding a GPU, or replacing one with a larger, never hurts (an empty GPU has KVPR 0), so "no
 placement meets ``X`` on mix ``c``" carries over to every mix with no more GPUs of each type.
@@ -52,6 +53,8 @@ MAX_GPUS = 100_000
 MAX_ROWS = 20_000
 #: Most :func:`kvgpu.solve` calls of one :func:`size`; rows beyond it are reported as not searched.
 MAX_SOLVES = 400
+#: Cheaper mixes a summary lists (the ones not proven first).
+_SHOWN = 12
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ class SizeResult:
     placement : Placement -- a placement on the answer's GPUs (type by type, in ``types``
         order) with ``placement.max_kvpr <= max_kvpr``.
     cheaper : list[MixStatus] -- every row's most expensive mix cheaper than the answer (with
-        one type: the mix of one GPU fewer, when that is at least one GPU).
+        one type: the mix of one GPU fewer, when that is at least one GPU); together they cover
+        every cheaper mix of at most ``max_gpus`` GPUs (by default one per shard / replica: more
+        GPUs than that only add empty ones, so a cheaper mix of fewer GPUs would work too).
     count_lower_bound : int -- a proven lower bound on the number of GPUs of any mix meeting the
         target (the answer's own count when the single-type answer is proven).
     priced : bool -- types were given with prices (``gpu_types``), not as one ``gpu_mem``.
@@ -166,10 +171,16 @@ class SizeResult:
             lines.append("no cheaper mix exists (no fewer GPUs of any type leave one)")
             return "\n".join(lines)
         lines.append("cheaper mixes (each stands for every mix with no more GPUs of each type):")
-        for m in self.cheaper:
+        # the ones not proven matter most, then those nearest the answer's cost
+        shown = sorted(self.cheaper, key=lambda m: (m.proven, -m.cost))[:_SHOWN]
+        for m in sorted(shown, key=lambda m: m.cost):
             lines.append(f"  {self._mix(m.counts):<40} cost {m.cost:<9.6g} "
                          f"{'impossible (proven: ' if m.proven else 'not found ('}{m.reason})")
         unproven = sum(not m.proven for m in self.cheaper)
+        if len(shown) < len(self.cheaper):
+            rest = [m for m in self.cheaper if all(m is not x for x in shown)]
+            lines.append(f"  ... and {len(rest)} cheaper mixes more, "
+                         f"{sum(m.proven for m in rest)} of them proven impossible (to_dict / --json lists all)")
         lines.append("every cheaper mix is proven impossible: this is the cheapest" if not unproven else
                      f"{unproven} of {len(self.cheaper)} cheaper mixes not proven impossible: a cheaper mix may exist")
         return "\n".join(lines)
@@ -254,8 +265,8 @@ def _positive(value, what: str) -> float:
 
 
 def _work(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise InvalidInstance(f"exact_work: must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 2 ** 62:
+        raise InvalidInstance(f"exact_work: must be an integer from 0 to 2**62, got {value!r}")
     return int(value)
 
 
@@ -467,7 +478,8 @@ class _Sizer:
             cap = float((c[t:] * self.mem[t:]).sum())
             what = "the models" if t == 0 else f"the {k.n} shards/models that fit only on GPUs of >= {self.mem[t]:g} GB"
             if not avail:
-                return f"at that target {what} need a GPU of >= {self.mem[t]:g} GB"
+                return (f"at that target {k.n} shards/models fit only on GPUs of >= {self.mem[t]:g} GB, and there "
+                        f"are none")
             if k.shards > avail:
                 return (f"{self._model_name(k.model)} needs {k.shards} distinct GPUs (tp x replicas)" +
                         (f" of >= {self.mem[t]:g} GB" if t else ""))
@@ -722,12 +734,11 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
 def _settle(sizer: _Sizer, budget: float) -> list[MixStatus]:
     """Each row's most expensive mix cheaper than ``budget`` (dominated ones dropped), tried by
     the solver if not yet, then by ``exact=True`` where no proof is known."""
-    tops = []
-    for pre in _prefixes(sizer, budget):
-        hi = sizer.cheaper_cap(pre, budget)
-        if hi >= 0 and sum(pre) + hi > 0:
-            tops.append(pre + (hi,))
-    tops = [m for m in tops if not any(o != m and all(x >= y for x, y in zip(o, m)) for o in tops)]
+    top = {pre: sizer.cheaper_cap(pre, budget) for pre in _prefixes(sizer, budget)}
+    # a row's top falls as its prefix grows, so a top is dominated exactly when one more GPU of
+    # some smaller type keeps the same top
+    tops = [pre + (c,) for pre, c in top.items() if c >= 0 and sum(pre) + c > 0 and not any(
+        top.get(pre[:i] + (pre[i] + 1,) + pre[i + 1:]) == c for i in range(len(pre)))]
     out = []
     for m in sorted(tops, key=lambda m: (_cost(m, sizer.types), m)):
         why = sizer.proof(m)

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ def items_of(models):
     out = []
     for i, m in enumerate(models):
         tp, rep = m.get("tp", 1), m.get("replicas", 1)
-        out += [(m["size"] / tp, m["req_rate"] / m["slo"] / (tp * rep), i)] * (tp * rep)
+        size = m["size"] if "size" in m else m["model_size"]
+        out += [(size / tp, m["req_rate"] / m["slo"] / (tp * rep), i)] * (tp * rep)
     return out
 
 
@@ -189,6 +191,16 @@ def test_not_proven_without_exact_work_then_proven_with_it():
     assert "2 cannot (proven: exact search" in tight.summary()
 
 
+def test_one_gpu_and_a_max_gpus_the_solver_cannot_meet():
+    r = kvgpu.size([{"name": "a", "size": 20, "req_rate": 1, "slo": 1}], 0.1)
+    assert r.gpus == 1 and r.proven and r.cheaper == [] and r.summary().startswith("1 GPU of 80 GB meets max KVPR 0.1")
+    models = [{"name": f"m{i}", "size": s, "req_rate": q, "slo": o}
+              for i, (s, q, o) in enumerate([(7, 3, 2), (28, 6, 3), (8, 7, 9), (43, 3, 3), (14, 4, 6)])]
+    with pytest.raises(kvgpu.NoPlacementFound, match="found with up to 2 GPUs.*not proven impossible") as e:
+        kvgpu.size(models, 0.1032, max_gpus=2, exact_work=0)  # the bounds allow 2; 3 are needed
+    assert not e.value.proven
+
+
 def test_bin_packing_and_cardinality_bounds_prove_the_count():
     """Five 30 GB models: at most two share a GPU, so 3 GPUs, proven without any exact search."""
     models = [{"name": f"m{i}", "size": 30, "req_rate": 0.1, "slo": 1} for i in range(5)]
@@ -271,6 +283,19 @@ def test_mix_summary_and_json():
     assert all(m["proven_impossible"] and m["cost"] < 5 for m in d["cheaper"])
 
 
+def test_long_mix_lists_are_cut_in_the_summary():
+    demo = json.loads(resources.files("kvgpu").joinpath("data/demo.json").read_text())
+    types = [{"name": "A10", "memory": 24, "price": 0.8}, {"name": "L40", "memory": 48, "price": 1.2},
+             {"name": "H100", "memory": 80, "price": 2.0}, {"name": "H200", "memory": 141, "price": 3.5}]
+    r = kvgpu.size(demo["models"], 0.075, gpu_types=types)
+    check_placement(r, demo["models"], 0.075)
+    assert len(r.cheaper) > 12 and all(m.cost < r.cost for m in r.cheaper)
+    lines = r.summary().splitlines()
+    assert sum(ln.startswith("  ") and "cost" in ln for ln in lines) == 12
+    assert f"... and {len(r.cheaper) - 12} cheaper mixes more" in r.summary()
+    assert len(r.to_dict()["cheaper"]) == len(r.cheaper)
+
+
 # -- headroom -----------------------------------------------------------------------------------
 
 
@@ -351,7 +376,9 @@ M = [{"name": "a", "size": 20, "req_rate": 2, "slo": 1}, {"name": "b", "size": 3
     (dict(max_kvpr=0.1, max_gpus=True), "max_gpus: must be an integer from 1"),
     (dict(max_kvpr=0.1, max_gpus=10 ** 20), "max_gpus: must be an integer from 1"),
     (dict(max_kvpr=0.07, max_gpus=1), "max_gpus: 1 GPUs cannot meet max KVPR 0.07"),
-    (dict(max_kvpr=0.1, exact_work=-1), "exact_work: must be a non-negative integer"),
+    (dict(max_kvpr=0.1, exact_work=-1), "exact_work: must be an integer from 0"),
+    (dict(max_kvpr=0.1, exact_work=10 ** 20), "exact_work: must be an integer from 0"),
+    (dict(max_kvpr=0.1, exact_work=1.5), "exact_work: must be an integer from 0"),
 ])
 def test_bad_options_name_the_field(kwargs, message):
     with pytest.raises(kvgpu.InvalidInstance, match=message):
