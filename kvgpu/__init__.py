@@ -6,11 +6,14 @@
 [0]
 """
 from kvgpu.api import compute_model_placement, replan, solve, solve_batch
+from kvgpu.capacity import GpuType, HeadroomResult, SizeResult, headroom, size
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.problem import Problem, build_problem, make_instance
 from kvgpu.results import BatchResult, Move, Placement
+from kvgpu.schema import ModelSpec, model_specs
 
-__all__ = ["BackendUnavailable", "BatchResult", "InvalidInstance", "KvgpuWarning", "Move", "NoPlacementFound",
-           "Placement", "Problem", "build_problem", "compute_model_placement", "make_instance", "replan", "solve",
+__all__ = ["BackendUnavailable", "BatchResult", "GpuType", "HeadroomResult", "InvalidInstance", "KvgpuWarning",
+           "ModelSpec", "Move", "NoPlacementFound", "Placement", "Problem", "SizeResult", "build_problem",
+           "compute_model_placement", "headroom", "make_instance", "model_specs", "replan", "size", "solve",
            "solve_batch"]
 __version__ = "0.2.0"

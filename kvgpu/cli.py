@@ -1,4 +1,4 @@
-"""Command line: ``kvgpu solve|certify|replan FILE``, ``kvgpu demo``, ``kvgpu info``."""
+"""Command line: ``kvgpu solve|certify|replan|size FILE``, ``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
@@ -142,6 +142,40 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     return 0
 
 
+def _size(args) -> int:
+    """``kvgpu size``: the fewest GPUs / cheapest mix meeting --max-kvpr, or --headroom of a cluster."""
+    from kvgpu import capacity
+
+    try:
+        target = float(args.max_kvpr)
+    except ValueError:
+        raise InvalidInstance(f"--max-kvpr: must be a number (demand per GB of KV cache), got {args.max_kvpr!r}")
+    models, opts = read_models(args.file)
+    work = dict(effort=args.effort, seed=args.seed, exact_work=args.exact_work)
+    if args.headroom:
+        if args.gpu_types or args.max_gpus is not None:
+            raise InvalidInstance("--headroom tests one cluster (--gpus N, --gpu-mem); --gpu-types and --max-gpus "
+                                  "are for sizing")
+        gpus = args.gpus if args.gpus is not None else opts.get("gpus")
+        if gpus is None:
+            raise InvalidInstance("--headroom needs the cluster: give --gpus N")
+        gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
+        result = capacity.headroom(models, gpus, max_kvpr=target, gpu_mem=gpu_mem, **work)
+    else:
+        if args.gpus is not None:
+            raise InvalidInstance("--gpus is for --headroom; sizing finds the number of GPUs")
+        if args.gpu_types and args.gpu_mem is not None:
+            raise InvalidInstance("give --gpu-mem (one GPU type) or --gpu-types (several, with prices), not both")
+        types = capacity.parse_gpu_types(args.gpu_types) if args.gpu_types else None
+        gpu_mem = None if types else (args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem"))
+        result = capacity.size(models, target, gpu_mem=gpu_mem, gpu_types=types, max_gpus=args.max_gpus, **work)
+        if "gpus" in opts:  # said once the answer stands, so an error stays one line
+            print(f"kvgpu: note: {args.file} gives gpus: {opts['gpus']}, not used: sizing finds the number of GPUs "
+                  f"(--headroom tests that cluster)", file=sys.stderr)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result)
+    return 0
+
+
 def _sweep(args) -> int:
     """``kvgpu sweep``: spec, output folder and plot file checked before a Dask client starts or
     anything is solved; environment failures (folders, scheduler) are one line, exit status 2."""
@@ -243,6 +277,23 @@ def _main(argv) -> int:
     where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N worker processes")
     pw.add_argument("--plot", help="draw gap (%%) and time per instance against cluster size to this image file")
     pw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pz = sub.add_parser("size", help="capacity planning: the fewest GPUs (or cheapest mix of GPU types) whose "
+                        "max KVPR stays at or below --max-kvpr; or --headroom of a cluster")
+    pz.add_argument("file", help="models, as for solve (pin/forbid are refused: GPU ids need a cluster)")
+    pz.add_argument("--max-kvpr", required=True, metavar="X", help="target max KVPR (demand per GB of KV cache)")
+    pz.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU (default: from the file, else 80); with "
+                    "--headroom one per GPU may be given")
+    pz.add_argument("--gpu-types", metavar="NAME:GB:PRICE,...", help="GPU types to mix, e.g. H100:80:2.0,H200:141:3.5"
+                    " (the answer is the cheapest mix)")
+    pz.add_argument("--max-gpus", type=int, help="most GPUs to consider (default: one per model shard/replica)")
+    pz.add_argument("--headroom", action="store_true", help="instead: how much all request rates can grow on the "
+                    "cluster of --gpus N (and --gpu-mem) under --max-kvpr")
+    pz.add_argument("--gpus", type=int, help="the cluster for --headroom (default: from the file)")
+    pz.add_argument("--effort", type=int, default=DEFAULT_EFFORT, help="search rounds per solver call")
+    pz.add_argument("--seed", type=int, default=0, help="random seed of the search")
+    pz.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
+                    help="proof work per cluster size tried (0: bounds only)")
+    pz.add_argument("--json", action="store_true", help="print the answer as JSON")
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
@@ -253,6 +304,8 @@ def _main(argv) -> int:
     try:
         if args.cmd == "sweep":
             return _sweep(args)
+        if args.cmd == "size":
+            return _size(args)
         _check_outputs(args)
         if args.cmd in ("solve", "certify", "replan"):
             specs, opts = read_models(args.file)

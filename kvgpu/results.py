@@ -35,7 +35,8 @@ class Move(NamedTuple):
     size_gb: float = 0.0
 
 
-def _json_float(x) -> float | str:
+def json_float(x) -> float | str:
+    """A float for JSON, which has no infinity or NaN: those as the strings "Infinity", "NaN"."""
     x = float(x)
     if math.isnan(x):
         return "NaN"
@@ -197,18 +198,18 @@ class Placement:
             idx = np.nonzero(self.assignment == g)[0].tolist()
             gpus.append({"gpu": g, "memory_gb": float(p.memory[g]), "reserved_gb": float(p.reserve[g]),
                          "models_gb": float(self.used[g]), "kv_free_gb": float(self.kv_free[g]),
-                         "demand": float(self.demand[g]), "kvpr": _json_float(self.kvpr[g]),
+                         "demand": float(self.demand[g]), "kvpr": json_float(self.kvpr[g]),
                          "models": [self._name(i) for i in idx]})
-        out = {"max_kvpr": _json_float(self.max_kvpr), "lower_bound": _json_float(self.lower_bound),
-               "gap": _json_float(self.gap), "proven_optimal": self.proven_optimal, "status": self.status,
+        out = {"max_kvpr": json_float(self.max_kvpr), "lower_bound": json_float(self.lower_bound),
+               "gap": json_float(self.gap), "proven_optimal": self.proven_optimal, "status": self.status,
                "bound_scope": self.bound_scope,
                "units": {"kvpr": KVPR_UNIT, "demand": "req_rate / slo (req/s per s of SLO)", "memory": "GB",
                          "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum"},
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
                "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus}
         if p.is_replan:
-            out["replan"] = {"moved_models": self.moved_models, "start_kvpr": _json_float(self.start_kvpr),
-                             "baseline_kvpr": None if self.baseline_kvpr is None else _json_float(self.baseline_kvpr),
+            out["replan"] = {"moved_models": self.moved_models, "start_kvpr": json_float(self.start_kvpr),
+                             "baseline_kvpr": None if self.baseline_kvpr is None else json_float(self.baseline_kvpr),
                              "gain": self.gain, "note": self.note, "plan_note": self.plan_note,
                              "plan": [{"model": m.model, "from": m.src, "to": m.dst, "size_gb": m.size_gb}
                                       for m in self.plan]}
