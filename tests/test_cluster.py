@@ -69,9 +69,9 @@ def test_a_model_bigger_than_any_gpu_fits_as_shards():
 
 
 @pytest.mark.parametrize("model, message", [
-    ({"tp": 0}, "model 0 ('x'): tp must be a positive integer, got 0"),
+    ({"tp": 0}, "model 0 ('x'): field 'tp' must be an integer from 1 to 65536, got 0"),
     ({"tp": 3, "replicas": 2}, "tp x replicas = 6 shards need 6 distinct GPUs; the cluster has 4"),
-    ({"pin": 7}, "pin GPU id 7 is not one of 0..3"),
+    ({"pin": 7}, "model 0 ('x'): pin names GPU 7, not one of 0..3"),
     ({"tp": 2, "pin": 1}, "pin gives 1 GPU(s) for 2 shard(s)"),
     ({"tp": 2, "pin": [1, 1]}, "pin repeats a GPU"),
     ({"pin": 2, "forbid": [2]}, "pinned to GPU 2, which it also forbids"),
@@ -83,11 +83,6 @@ def test_bad_rules_are_named(model, message):
     m = {"name": "x", "model_size": 10, "req_rate": 1, "slo": 1, **model}
     with pytest.raises(kvgpu.InvalidInstance, match=re.escape(message)):
         kvgpu.solve([m], 4)
-
-
-def test_rules_need_search_mode():
-    with pytest.raises(kvgpu.InvalidInstance, match="placed by mode='search'"):
-        kvgpu.solve([{"model_size": 10, "req_rate": 1, "slo": 1, "pin": 0}], 2, mode="seed")
 
 
 def test_rules_from_a_csv_file(tmp_path):

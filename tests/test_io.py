@@ -37,7 +37,7 @@ def test_bad_yaml_and_dataframe_rows_are_named(tmp_path):
     with pytest.raises(kvgpu.InvalidInstance, match=r"bad.yaml, line 1, model 0 \('a'\): field 'size' must be a number"):
         read_models(ym)
     df = pd.DataFrame([["a", 10, 1, 1], ["b", 10, 1, 0]], columns=["name", "size", "req_rate", "slo"])
-    with pytest.raises(kvgpu.InvalidInstance, match=r"model 1 \('b'\): slo must be > 0"):
+    with pytest.raises(kvgpu.InvalidInstance, match=r"model 1 \('b'\): field 'slo' must be > 0, got 0"):
         kvgpu.solve(df, 2)
 
 

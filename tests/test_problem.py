@@ -18,19 +18,19 @@ OK = [m(20, 4, 5, "a"), m(30, 2, 5, "b")]
 
 @pytest.mark.parametrize("models, gpus, gpu_mem, pattern", [
     ([m(90, 1, 1, "huge")], 2, 80, r"model 0 \('huge'\).*larger than every GPU"),
-    (OK + [m(10, 1, 0, "zero-slo")], 2, 80, r"model 2 \('zero-slo'\).*slo must be > 0"),
-    (OK + [m(10, 1, -2, "neg-slo")], 2, 80, r"model 2 \('neg-slo'\).*slo must be > 0"),
-    (OK + [m(-1, 1, 1, "neg-size")], 2, 80, r"model 2 \('neg-size'\).*model_size must be >= 0"),
-    (OK + [m(10, -1, 1, "neg-rate")], 2, 80, r"model 2 \('neg-rate'\).*req_rate must be >= 0"),
-    (OK + [m(math.nan, 1, 1, "nan")], 2, 80, r"model 2 \('nan'\).*'model_size' must be finite"),
+    (OK + [m(10, 1, 0, "zero-slo")], 2, 80, r"model 2 \('zero-slo'\): field 'slo' must be > 0, got 0"),
+    (OK + [m(10, 1, -2, "neg-slo")], 2, 80, r"model 2 \('neg-slo'\): field 'slo' must be > 0, got -2"),
+    (OK + [m(-1, 1, 1, "neg-size")], 2, 80, r"model 2 \('neg-size'\): field 'model_size' must be >= 0"),
+    (OK + [m(10, -1, 1, "neg-rate")], 2, 80, r"model 2 \('neg-rate'\): field 'req_rate' must be >= 0"),
+    (OK + [m(math.nan, 1, 1, "nan")], 2, 80, r"model 2 \('nan'\): field 'model_size' has no value \(got nan\)"),
     (OK + [m(10, math.inf, 1, "inf-rate")], 2, 80, r"model 2 \('inf-rate'\).*'req_rate' must be finite"),
     (OK + [m(10, 1, math.inf, "inf-slo")], 2, 80, r"model 2 \('inf-slo'\).*'slo' must be finite"),
     (OK + [m("ten", 1, 1, "text")], 2, 80, r"model 2 \('text'\).*'model_size' must be a number"),
     ([{"name": "x", "model_size": 1, "slo": 1}], 2, 80, r"model 0 \('x'\).*missing field 'req_rate'"),
-    ([m(70, 1, 1), m(70, 1, 1), m(70, 1, 1)], 2, 80, r"total size 210.0 GB is above the total GPU memory 160.0"),
-    (OK, 0, 80, r"need at least one GPU"),
-    (OK, 2, [80, -1], r"gpu_mem\[1\].*positive finite"),
-    (OK, 2, [80, 80, 80], r"3 values given for 2 GPUs"),
+    ([m(70, 1, 1), m(70, 1, 1), m(70, 1, 1)], 2, 80, r"total size 210 GB is above the total GPU memory 160 GB"),
+    (OK, 0, 80, r"gpus must be an integer from 1 to 1000000, got 0"),
+    (OK, 2, [80, -1], r"gpu_mem\[1\] must be > 0, got -1"),
+    (OK, 2, [80, 80, 80], r"gpu_mem gives 3 values for 2 GPUs"),
 ])
 def test_invalid_input_is_refused(models, gpus, gpu_mem, pattern):
     with pytest.raises(InvalidInstance, match=pattern):

@@ -64,9 +64,10 @@ def test_new_models_are_placed_without_costing_moves():
 
 
 @pytest.mark.parametrize("current, message", [
-    ([0, 0, 5], "model 2 ('c'): cur_gpu_id must be -1 (new) or a GPU id 0..1, got 5"),
-    ([0, 0], "current: 2 GPU ids given for 3 models"),
-    ([0, 0, 0], "current placement: GPU 0 holds 90.0 GB of models, more than its 80.0 GB"),
+    ([0, 0, 5], "model 2 ('c'): cur_gpu_id names GPU 5, not one of 0..1"),
+    ([0, 0], "current gives 2 entries for 3 models"),
+    ([0, 0, 0], "current placement: GPU 0 holds 90 GB of models, more than its 80 GB"),
+    ([0, [0, 1], 1], "model 1 ('b'): cur_gpu_id gives 2 GPUs for 1 shard(s)"),
 ])
 def test_bad_current_placements_are_named(current, message):
     models = [{"name": n, "model_size": 30, "req_rate": 1, "slo": 1} for n in "abc"]
@@ -81,6 +82,7 @@ def test_replan_cli_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvgpu.cli", "replan", str(f), "--gpus", "2", "--max-moves", "1",
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "moves (1): " in r.stdout
+    assert "plan (1 model(s) moved, in this order): " in r.stdout
     d = json.loads(out.read_text())
-    assert len(d["moves"]) == 1 and d["mode"] == "replan"
+    assert d["replan"]["moved_models"] == 1 and d["mode"] == "search"
+    assert [s["from"] for s in d["replan"]["plan"]].count(-1) == 1  # d, the new model, is loaded

@@ -253,3 +253,78 @@ def test_problem_bound_is_valid_against_brute_force():
         assert problem_bound(prob, opt * 1.5) <= opt * (1 + 1e-9)
         checked += 1
     assert checked > 20
+
+
+# ----------------------------------------------------------------------------- re-placement cases
+
+def _replan(name, **kw):
+    c = case(name)
+    p = kvgpu.replan(c["models"], c["gpus"], gpu_mem=c.get("gpu_mem", 80), **kw)
+    check_placement(p.problem, p)
+    check_plan_executable(p.problem, p)
+    return p
+
+
+def test_replan_keeps_tp_shards_apart_and_pins():
+    with pytest.warns(kvgpu.KvgpuWarning, match="cur_gpu_id gives 1 GPU"):
+        p = _replan("replan_keeps_rules.json", max_moves=2)
+    gpus = p.gpus_of_models()
+    assert len(set(gpus[0])) == 2 and gpus[3] == [2]  # the tp=2 model on two GPUs, the pin honoured
+    assert p.moved_models <= 2
+
+
+@pytest.mark.parametrize("K, want", [(1, 2.222222), (2, 1.627907)])
+def test_a_new_model_may_need_a_running_one_to_move_first(K, want):
+    p = _replan("replan_new_model_needs_room.json", max_moves=K)
+    assert close(p.max_kvpr, want, rtol=1e-6) and p.moved_models <= K
+    if K == 1:
+        assert [m.model for m in p.moves] == ["phi-3-mini"] and p.assignment[-1] == 0
+    assert p.baseline_kvpr is None and "need running ones to move first" in str(p)
+
+
+def test_one_move_makes_room_and_the_plan_moves_first():
+    p = _replan("replan_one_move_makes_room.json", max_moves=1)
+    assert [(m.model, m.src) for m in p.plan] == [("b", 0), ("e", -1)]
+    with pytest.raises(kvgpu.NoPlacementFound, match="proven by exact search"):
+        _replan("replan_one_move_makes_room.json", max_moves=0)
+
+
+def test_new_and_running_models_are_placed_jointly():
+    p = _replan("replan_new_models_jointly.json", max_moves=1)
+    assert close(p.max_kvpr, 0.132979, rtol=1e-5)
+    assert [m.model for m in p.moves] == ["m3"]
+
+
+def test_min_gain_keeps_a_cluster_still_for_a_tiny_gain():
+    free = _replan("replan_tiny_gain.json", max_moves=4)
+    assert close(free.max_kvpr, 0.164271, rtol=1e-5) and free.moved_models == 2
+    assert free.gain is not None and free.gain < 0.01
+    still = _replan("replan_tiny_gain.json", max_moves=4, min_gain=0.01)
+    assert still.moves == [] and "below min_gain" in still.note
+    assert close(still.max_kvpr, still.baseline_kvpr)
+    with pytest.raises(kvgpu.InvalidInstance, match="min_gain"):
+        kvgpu.solve([{"name": "a", "size": 1, "req_rate": 1, "slo": 1}], 2, min_gain=0.1)
+
+
+def test_a_swap_of_two_full_gpus_is_named_as_a_cycle():
+    models = [{"name": "a", "size": 50, "req_rate": 9, "slo": 1, "cur_gpu_id": 0, "pin": 1},
+              {"name": "b", "size": 50, "req_rate": 1, "slo": 1, "cur_gpu_id": 1, "pin": 0}]
+    p = kvgpu.replan(models, 2, gpu_mem=60, max_moves=2)
+    check_plan_executable(p.problem, p)
+    assert p.plan_note is not None and "wait for each other" in p.plan_note and "GB spare on GPU" in p.plan_note
+
+
+def test_zero_kv_memory_is_a_warning_and_the_bound_is_proven_infinite():
+    from kvgpu.io import read_models
+
+    specs, _ = read_models(DATA / "no_kv_memory_left.csv")
+    with pytest.warns(kvgpu.KvgpuWarning, match="GPU 0 is left with 0 GB for the KV cache .*llama-3.1-70b"):
+        p = kvgpu.solve(specs, 1)
+    assert p.max_kvpr == np.inf and p.lower_bound == np.inf and p.proven_optimal
+
+
+def test_the_budget_of_migrated_gb_holds():
+    c = case("replan_new_model_needs_room.json")
+    p = kvgpu.replan(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], max_migrated_gb=10)
+    check_placement(p.problem, p)
+    assert sum(m.size_gb for m in p.moves) <= 10
