@@ -74,8 +74,9 @@ def pair(xp, ss, ws, vs, P):
     k = min(N_PAIR, ss.shape[1])
     s, w, v = ss[:, :k], ws[:, :k], vs[:, :k]
     i, j = (xp.asarray(t) for t in np.triu_indices(k, 1))
-    # sizes are descending: unless the two largest exceed one GPU, no pair does
-    if i.size == 0 or not bool(((s[:, 0] + s[:, 1] > P[:, 1]) & v[:, 1]).any()):
+    # sizes are descending: unless the two largest exceed one GPU, no pair does (and one GPU
+    # holds every pair, or nothing)
+    if i.size == 0 or P.shape[1] < 3 or not bool(((s[:, 0] + s[:, 1] > P[:, 1]) & v[:, 1]).any()):
         return xp.zeros(s.shape[0])
     ok = (s[:, i] + s[:, j] > P[:, 1:2]) & v[:, i] & v[:, j]
     return xp.where(ok, bounded_div(xp, w[:, i] + w[:, j], P[:, 2:3] - s[:, i] - s[:, j]), 0.0).max(axis=1)

@@ -140,6 +140,11 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") ->
     if infeasible not in ("raise", "mark"):
         raise InvalidInstance(f"infeasible: choose 'raise' or 'mark', got {infeasible!r}")
     B = batch.shape[0]
+    if batch.shape[1] == 0:  # no model slots at all: every GPU idle, KVPR 0, trivially optimal
+        kv = np.where(batch.gpu_mask, 0.0, np.nan)
+        zero = np.zeros(B)
+        return BatchResult(np.zeros((B, 0), np.int64), kv, zero, zero.copy(), backend=opts.backend,
+                           proven=np.ones(B, bool))
     status = np.full(B, "ok", dtype=object)
     assign, pos = _start(batch, opts, status)
     failed = np.nonzero(status != "ok")[0]

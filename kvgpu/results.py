@@ -225,7 +225,7 @@ class Placement:
         for g in range(p.n_gpus):
             idx = np.nonzero(self.assignment == g)[0].tolist()
             rows.append(f"{g:>4} {p.memory[g]:>7.1f} " + (f"{p.reserve[g]:>7.1f} " if reserve else "")
-                        + f"{self.used[g]:>9.1f} {self.kv_free[g]:>10.1f} {self.demand[g]:>9.4f} "
+                        + f"{self.used[g]:>9.1f} {max(self.kv_free[g], 0.0):>10.1f} {self.demand[g]:>9.4f} "
                         f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {', '.join(self._name(i) for i in idx)}")
         if p.is_replan:
             rows.append(self._replan_lines())

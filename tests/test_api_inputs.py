@@ -1,0 +1,81 @@
+"""Bad input through the API, as users pass it: every case of the inputs set ends in
+kvgpu.InvalidInstance naming the field, or in a correct answer -- never another exception."""
+import math
+import runpy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvgpu
+
+INPUTS = Path(__file__).parent / "data" / "inputs"
+
+
+def _case_20():
+    """The API calls of case 20, by their labels (the file prints instead of asserting)."""
+    code = (INPUTS / "20_api_non_invalidinstance.py").read_text()
+    code = code[:code.index("for k, f in cases.items():")]
+    return runpy._run_code(compile(code, "case20", "exec"), {})["cases"]
+
+
+ACCEPTED = {"current=[None, 1]", "current=[nan, 1]", "DataFrame, NaN cur_gpu_id"}  # None / NaN: a new model
+
+
+@pytest.mark.parametrize("label", list(_case_20()))
+def test_case_20_api_inputs_are_refused_or_read_right(label):
+    call = _case_20()[label]
+    if label in ACCEPTED:
+        p = call()
+        check = p.problem
+        assert check.is_replan and sorted(check.cur.tolist()) in ([-1, 0], [-1, 1])  # one new, one running
+        return
+    if label == "solve_batch N=0":  # no model slots: a valid batch of empty clusters
+        r = call()
+        assert r.assignment.shape == (2, 0) and (r.max_kvpr == 0).all() and r.proven_optimal.all()
+        return
+    with pytest.raises(kvgpu.InvalidInstance) as e:
+        call()
+    field = label.split("=")[0].split(" ")[-1].strip("'(")
+    assert field.split("[")[0] in str(e.value) or "models" in str(e.value) or "field 'size'" in str(e.value)
+
+
+def test_a_generator_of_models_keeps_every_model():
+    out = runpy.run_path(str(INPUTS / "02_generator_models_dropped.py"), run_name="case02")
+    p = out["p"]
+    assert p.assignment.shape == (4,) and sum(len(v) for v in p.by_gpu().values()) == 4
+    models = [{"name": f"m{i}", "size": 10 + i, "req_rate": 1 + i, "slo": 1} for i in range(4)]
+    assert kvgpu.solve(iter(models), gpus=2).max_kvpr == pytest.approx(kvgpu.solve(models, 2).max_kvpr)
+
+
+def test_one_gpu_filled_by_rounding_is_answered_not_a_crash():
+    m = [{"name": "a", "size": 0.1, "req_rate": 1, "slo": 1}, {"name": "b", "size": 0.2, "req_rate": 1, "slo": 1}]
+    with pytest.warns(kvgpu.KvgpuWarning, match="GPU 0 is left with 0 GB"):
+        p = kvgpu.solve(m, 1, gpu_mem=0.3)
+    assert p.max_kvpr == math.inf and p.proven_optimal
+
+
+def test_slack_is_relative_for_tiny_units():
+    tiny = [{"name": f"e{i}", "size": 1e-12, "req_rate": 1, "slo": 1} for i in range(3)]
+    with pytest.raises(kvgpu.InvalidInstance, match="total size 3e-12 GB is above the total GPU memory 2e-12 GB"):
+        kvgpu.solve(tiny, 2, gpu_mem=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kvgpu.KvgpuWarning)
+        p = kvgpu.solve(tiny[:2], 2, gpu_mem=1e-12)
+    assert (p.used <= 1e-12 * (1 + 1e-9)).all()
+    scale = kvgpu.solve([dict(m, size=m["size"] * 1e12) for m in tiny[:2]], 2, gpu_mem=1.0)
+    assert p.assignment.tolist() == scale.assignment.tolist()
+
+
+def test_every_option_is_checked_whatever_the_path():
+    m = [{"name": "a", "size": 10, "req_rate": 1, "slo": 1, "tp": 2}]
+    for kw, field in (({"effort": -1}, "effort"), ({"patience": 0}, "patience"), ({"seed": -1}, "seed"),
+                      ({"exact": "yes"}, "exact"), ({"backend": "gpu"}, "backend"), ({"mode": "fast"}, "mode"),
+                      ({"reserve_gb": -1}, "reserve_gb"), ({"reserve_gb": 80}, "reserve_gb"),
+                      ({"max_moves": -1}, "max_moves"), ({"max_migrated_gb": "x"}, "max_migrated_gb")):
+        for models in (m, [dict(m[0], tp=1)]):
+            with pytest.raises(kvgpu.InvalidInstance, match=field):
+                kvgpu.solve(models, 2, **kw)
+    with pytest.raises(kvgpu.InvalidInstance, match="infeasible"):
+        kvgpu.solve_batch(np.ones((1, 2)), np.ones((1, 2)), np.full((1, 2), 80.0), infeasible="skip")
