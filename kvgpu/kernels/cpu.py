@@ -639,7 +639,7 @@ def _state(s, w, M, assign, pos):
     return S, W, _kvprs(S, W, M), stamp
 
 
-@njit
+@numba.njit(cache=True, inline="always")
 def _allowed(rules, rstate, src, dst, a, b):
     """Does the transfer of ``a`` src -> dst (and ``b`` back, -1: none) keep the cluster's rules
     and migration budget (:mod:`kvgpu.kernels.rules`)?  Always True without rules, so the seed

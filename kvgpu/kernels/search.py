@@ -28,8 +28,8 @@ from numba import prange
 
 from kvgpu.kernels import deltas, params
 from kvgpu.kernels.cpu import _argmax_first, _kvprs, _loads, _score, fits, improve_local, refine_peak, safe_div
-from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state, transfer_apply,
-                                 transfer_check, unplace)
+from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
+                                 restricted, transfer_apply, transfer_check, unplace)
 
 njit = numba.njit(cache=True)
 _inline = numba.njit(cache=True, inline="always")
@@ -38,6 +38,7 @@ mem_unit = _inline(deltas.mem_unit)
 better = _inline(deltas.better)
 
 INF = np.inf
+EPS = deltas.EPS
 CAP_SLACK = params.CAP_SLACK
 #: Two deltas closer than this are ties (broken at random).
 TIE = 1e-12
@@ -85,13 +86,6 @@ def _cap(M, g):
     """Capacity of GPU ``g`` in the overflow test: its memory plus a slack, so that rounding
     (~1e-13 GB) never reads as overflow; it only makes a target easier, never a proof wrong."""
     return M[g] + CAP_SLACK * mem_unit(M[g])
-
-
-@_inline
-def _mem_ok(S_after, S_before, M):
-    """A GPU's memory after a transfer: within ``M``, or at least not fuller than before (an
-    overfull start may only get better)."""
-    return fits(S_after, M) or S_after <= S_before
 
 
 @njit
@@ -240,17 +234,17 @@ def _random_member(assign, g, state):
 
 
 @njit
-def _pick_overflowing(A, M, state):
-    """A random GPU whose load exceeds its capacity; -1 if none."""
+def _pick_overflowing(A, cap, state):
+    """A random GPU whose load exceeds its capacity ``cap`` (G,); -1 if none."""
     cnt = 0
     for g in range(A.shape[0]):
-        if A[g] > _cap(M, g):
+        if A[g] > cap[g]:
             cnt += 1
     if cnt == 0:
         return -1
     k = _rand_int(state, cnt)
     for g in range(A.shape[0]):
-        if A[g] > _cap(M, g):
+        if A[g] > cap[g]:
             if k == 0:
                 return g
             k -= 1
@@ -276,13 +270,16 @@ def _lists_into(assign, G, lst, start):
 
 
 @_inline
-def _exchange(S, A, M, wgt, g, h, aX, sX, aY, sY, og):
+def _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aY, sY, og):
     """GPU ``g`` gives models of total load ``aX`` / size ``sX`` to ``h`` and takes ``aY`` /
-    ``sY`` back: ``(fits in memory, weighted overflow change, overflow change)``."""
-    if not (_mem_ok(S[g] - sX + sY, S[g], M[g]) and _mem_ok(S[h] - sY + sX, S[h], M[h])):
+    ``sY`` back: ``(fits in memory, weighted overflow change, overflow change)``.  ``cap``,
+    ``mfit`` (G,): each GPU's capacity in the overflow test (:func:`_cap`) and the memory a
+    model set may fill (:func:`kvgpu.kernels.deltas.fits`), precomputed."""
+    Sg, Sh = S[g] - sX + sY, S[h] - sY + sX
+    if not ((Sg <= mfit[g] or Sg <= S[g]) and (Sh <= mfit[h] or Sh <= S[h])):  # memory kept, or not worse
         return False, 0.0, 0.0
-    dg = overflow(A[g] - aX + aY, _cap(M, g)) - og
-    dh = overflow(A[h] - aY + aX, _cap(M, h)) - overflow(A[h], _cap(M, h))
+    dg = overflow(A[g] - aX + aY, cap[g]) - og
+    dh = overflow(A[h] - aY + aX, cap[h]) - overflow(A[h], cap[h])
     return True, wgt[g] * dg + wgt[h] * dh, dg + dh
 
 
@@ -314,18 +311,17 @@ def _tie_take(d, best_d, ties, state):
 
 
 @njit
-def _consider(S, A, M, wgt, g, h, aX, sX, aY, sY, og, x1, x2, y1, y2, tabu_gpu, tabu_until, step, F, best_F,
-              best_d, ties, state, rules, rstate):
-    """Score one exchange between ``g`` and ``h`` (see :func:`repair`): ``(take, d, ties)``."""
-    ok, d, raw = _exchange(S, A, M, wgt, g, h, aX, sX, aY, sY, og)
-    if not ok or d > best_d + TIE:
-        return False, d, ties
-    if _blocked(tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, F + raw, best_F):
-        return False, d, ties
-    if not transfer_check(rules, rstate, g, h, x1, x2, y1, y2)[0]:
-        return False, d, ties
-    take, ties = _tie_take(d, best_d, ties, state)
-    return take, d, ties
+def _admit(d, best_d, ties, F_after, best_F, tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, state, rules,
+           rstate):
+    """An exchange between ``g`` and ``h`` that fits in memory and scores ``d`` (no worse than
+    the best so far, ``best_d``): is it taken (tabu, rules, ties; see :func:`repair`)?  Returns
+    ``(take, ties)``.  Called only for the few candidates near the best, so the scan itself
+    stays a tight loop."""
+    if _blocked(tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, F_after, best_F):
+        return False, ties
+    if restricted(rules) and not transfer_check(rules, rstate, g, h, x1, x2, y1, y2)[0]:
+        return False, ties
+    return _tie_take(d, best_d, ties, state)
 
 
 @njit
@@ -346,12 +342,12 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
 
     Memory: no step makes a GPU exceed its memory, or an overfull one fuller.  Every step keeps
     ``rules`` (:mod:`kvgpu.kernels.rules`; ``rstate``, their bookkeeping of ``assign``, is
-    updated).  ``scratch = (tabu_gpu, tabu_until, mem, lst)`` (n,) int64, ``(S, W, A, wgt)``
-    (G,) float64 and ``start`` (G + 1,) int64.
+    updated).  ``scratch = (tabu_gpu, tabu_until, mem, lst)`` (n,) int64, ``(S, W, A, wgt, cap,
+    mfit)`` (G,) float64 and ``start`` (G + 1,) int64 (:func:`new_scratch`).
     """
     n = s.shape[0]
     G = M.shape[0]
-    tabu_gpu, tabu_until, mem, lst, S, W, A, wgt, start = scratch
+    tabu_gpu, tabu_until, mem, lst, S, W, A, wgt, cap, mfit, start = scratch
     S[:] = 0.0
     W[:] = 0.0
     for i in range(n):
@@ -359,15 +355,17 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
         W[assign[i]] += w[i]
     F = 0.0
     for g in range(G):
+        cap[g] = _cap(M, g)
+        mfit[g] = M[g] + EPS * mem_unit(M[g])
         A[g] = S[g] + W[g] / T
-        F += overflow(A[g], _cap(M, g))
+        F += overflow(A[g], cap[g])
         wgt[g] = 1.0
     best_F = F
     tabu_until[:] = -1
     stamp = pos.max() + 1
     step = 0
     while step < steps:
-        g = _pick_overflowing(A, M, state)
+        g = _pick_overflowing(A, cap, state)
         if g < 0:
             return True
         m = 0
@@ -375,7 +373,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
             if assign[i] == g:
                 mem[m] = i
                 m += 1
-        og = overflow(A[g], _cap(M, g))
+        og = overflow(A[g], cap[g])
         best_d = INF
         bi, bi2, bj, bj2, bh, ties = -1, -1, -1, -1, -1, 0
         for p in range(m):
@@ -388,8 +386,11 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                 aj = s[j] + w[j] / T if j >= 0 else 0.0
                 sj = s[j] if j >= 0 else 0.0
                 jj = j if j >= 0 else -1
-                take, d, ties = _consider(S, A, M, wgt, g, h, ai, s[i], aj, sj, og, i, -1, jj, -1, tabu_gpu,
-                                          tabu_until, step, F, best_F, best_d, ties, state, rules, rstate)
+                ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aj, sj, og)
+                take = False
+                if ok and d <= best_d + TIE:
+                    take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
+                                        i, -1, jj, -1, state, rules, rstate)
                 if take:
                     best_d, bi, bi2, bj, bj2, bh = d, i, -1, jj, -1, h
         pair_evals = 0
@@ -410,8 +411,11 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                         sj = s[j] if j >= 0 else 0.0
                         jj = j if j >= 0 else -1
                         pair_evals += 1
-                        take, d, ties = _consider(S, A, M, wgt, g, h, aX, sX, aj, sj, og, i, i2, jj, -1, tabu_gpu,
-                                                  tabu_until, step, F, best_F, best_d, ties, state, rules, rstate)
+                        ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
+                        take = False
+                        if ok and d <= best_d + TIE:
+                            take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
+                                                i, i2, jj, -1, state, rules, rstate)
                         if take:
                             best_d, bi, bi2, bj, bj2, bh = d, i, i2, jj, -1, h
                 i = mem[p]
@@ -424,16 +428,18 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                             j, j2 = lst[u], lst[v]
                             aY = s[j] + w[j] / T + s[j2] + w[j2] / T
                             pair_evals += 1
-                            take, d, ties = _consider(S, A, M, wgt, g, h, ai, s[i], aY, s[j] + s[j2], og, i, -1, j,
-                                                      j2, tabu_gpu, tabu_until, step, F, best_F, best_d, ties,
-                                                      state, rules, rstate)
+                            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aY, s[j] + s[j2], og)
+                            take = False
+                            if ok and d <= best_d + TIE:
+                                take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
+                                                    i, -1, j, j2, state, rules, rstate)
                             if take:
                                 best_d, bi, bi2, bj, bj2, bh = d, i, -1, j, j2, h
         if bi < 0:
             return False
         if best_d >= -TIE:  # no improving step: a local minimum of the weighted overflow
             for h in range(G):
-                if A[h] > _cap(M, h):
+                if A[h] > cap[h]:
                     wgt[h] += 1.0
         transfer_apply(rules, rstate, g, bh, bi, bi2, bj, bj2)
         tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
@@ -452,19 +458,19 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
         A[bh] = S[bh] + W[bh] / T
         F = 0.0
         for h in range(G):
-            F += overflow(A[h], _cap(M, h))
+            F += overflow(A[h], cap[h])
         if F < best_F:
             best_F = F
         single = max(1, m * (n + G))
         step += 1 + (pair_evals + single - 1) // single
-    return _pick_overflowing(A, M, state) < 0
+    return _pick_overflowing(A, cap, state) < 0
 
 
 @njit
 def new_scratch(n, G):
     """Working memory of :func:`repair`."""
     return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
-            np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G + 1, np.int64))
+            np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G + 1, np.int64))
 
 
 @njit
