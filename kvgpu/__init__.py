@@ -11,9 +11,10 @@ from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPl
 from kvgpu.problem import Problem, build_problem, make_instance
 from kvgpu.results import BatchResult, Move, Placement
 from kvgpu.schema import ModelSpec, model_specs
+from kvgpu.warmup import warmup
 
 __all__ = ["BackendUnavailable", "BatchResult", "GpuType", "HeadroomResult", "InvalidInstance", "KvgpuWarning",
            "ModelSpec", "Move", "NoPlacementFound", "Placement", "Problem", "SizeResult", "build_problem",
            "compute_model_placement", "headroom", "make_instance", "model_specs", "replan", "size", "solve",
-           "solve_batch"]
+           "solve_batch", "warmup"]
 __version__ = "0.2.0"

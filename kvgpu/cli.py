@@ -11,6 +11,7 @@ import sys
 import warnings
 from importlib import resources
 
+import kvgpu
 from kvgpu import backends, schema
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
@@ -248,6 +249,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     parser = _Parser(prog="kvgpu", description="Place LLMs on GPUs minimising the worst "
                                      "GPU's KV cache pressure (demand / free memory).")
+    parser.add_argument("--version", action="version", version=f"kvgpu {kvgpu.__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("solve", help="solve the models of a JSON or CSV file")
     ps.add_argument("file", help="JSON list of {name, size, req_rate, slo} or CSV with that header")
@@ -297,9 +299,20 @@ def _main(argv) -> int:
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
+    pwu = sub.add_parser("warmup", help="compile the numba kernels ahead of time (first run only; later runs load "
+                         "them from the cache in under a second)")
+    pwu.add_argument("--jobs", type=_int_option("--jobs"), help="compile in this many processes side by side "
+                     "(default: one per CPU core)")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         print(backends.info())
+        return 0
+    if args.cmd == "warmup":
+        from kvgpu.warmup import GROUPS, warmup
+
+        spent = warmup(jobs=args.jobs, announce=True)
+        for g, sec in spent.items():
+            print(f"{g:<7} {'compiled' if sec else 'cached  '}  {GROUPS[g][0]}")
         return 0
     try:
         if args.cmd == "sweep":

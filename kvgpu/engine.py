@@ -131,6 +131,20 @@ def _start(batch: Batch, opts: Options, status: np.ndarray):
     return assign, pos
 
 
+def _compile_first(opts: Options, B: int, n_items: int) -> None:
+    """Every numba kernel group the run will use, compiled side by side up front on a first run
+    (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them."""
+    groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort else [])
+    groups += ["exact"] if opts.proof_work(n_items) else []
+    if not groups or not backends.probe()["numba"][0]:
+        return
+    from kvgpu import warmup
+
+    warmup.ensure(groups)
+    if B > 1:
+        warmup.ensure(["batch"])
+
+
 def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") -> BatchResult:
     """Solve ``B`` plain instances (padded arrays): seed, search, proof (module doc).
 
@@ -145,6 +159,7 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") ->
         zero = np.zeros(B)
         return BatchResult(np.zeros((B, 0), np.int64), kv, zero, zero.copy(), backend=opts.backend,
                            proven=np.ones(B, bool))
+    _compile_first(opts, B, int(batch.n_models.max()))
     status = np.full(B, "ok", dtype=object)
     assign, pos = _start(batch, opts, status)
     failed = np.nonzero(status != "ok")[0]
@@ -227,6 +242,8 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
                               f"pin, forbid, nodes or a current placement do not use: they run in numba kernels "
                               f"(backend='auto' or 'numba')")
     _need_numba("models with rules")
+    from kvgpu import warmup
+
     inst = problem.items
     s, w, M = inst.sizes, inst.demand, inst.gpu_mem
     rules, gclass = problem.kernel_rules(), np.ascontiguousarray(problem.gpu_class)
@@ -234,8 +251,10 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
     assign = np.empty(n, np.int64)
     pos = np.empty(n, np.int64)
     work = opts.proof_work(n)
+    warmup.ensure(["start"] + (["search"] if opts.effort else []) + (["exact"] if work else []))
     st = start.solve_start(s, w, M, rules, opts.seed, assign, pos)
     if st != start.STARTED:  # decide exactly: find a placement, or prove there is none
+        warmup.ensure(["exact"])
         budget = work or AUTO_EXACT_WORK
         found, used = exact.feasible(s, w, M, np.inf, budget, assign, rules, gclass)
         if found != exact.FEASIBLE:

@@ -30,16 +30,39 @@ def _expand(batch: Batch, a, p, pm, pg):
     return assign, pos
 
 
+def _kernels(B: int, groups: list[str]) -> bool:
+    """Compile (or load) what ``B`` instances need -- the instance kernels of ``groups``, and
+    the parallel batch kernels beyond one instance -- saying so on a first run
+    (:func:`kvgpu.warmup.ensure`).  Returns True when one instance runs without them."""
+    from kvgpu import warmup
+
+    warmup.ensure(groups)
+    if B == 1:
+        return True
+    warmup.ensure(["batch"])
+    return False
+
+
+def _one(arrays):
+    """The one instance of compacted ``arrays``: ``(s, w, M)`` and its model count."""
+    n, G = int(arrays[3][0]), int(arrays[4][0])
+    return arrays[0][0, :n], arrays[1][0, :n], arrays[2][0, :G], n
+
+
 def solve_seed(batch: Batch):
     """Same contract as :func:`kvgpu.batch.pipeline.solve_seed` (NumPy arrays in and out;
     raises :class:`kvgpu.NoPlacementFound` naming the instances no candidate packs)."""
-    from kvgpu.kernels import cpu  # compile on first use (then cached on disk)
+    from kvgpu.kernels import cpu
 
     arrays, pm, pg = _compacted(batch)
     a = np.full(arrays[0].shape, -1, np.int64)
     p = np.full(arrays[0].shape, -1, np.int64)
     ok = np.zeros(batch.shape[0], bool)
-    cpu.seed_batch(*arrays, a, p, ok)
+    if _kernels(batch.shape[0], ["seed"]):
+        s, w, M, n = _one(arrays)
+        ok[0] = cpu.seed_instance(s, w, M, a[0, :n], p[0, :n])
+    else:
+        cpu.seed_batch(*arrays, a, p, ok)
     if not ok.all():
         bad = np.nonzero(~ok)[0].tolist()
         raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}", bad)
@@ -51,12 +74,18 @@ def pack_memory(batch: Batch, work: int):
     ``(assign, pos, status)``, ``status`` (B,) one of :data:`kvgpu.kernels.exact.FEASIBLE`,
     ``INFEASIBLE`` (proven) or ``UNKNOWN`` (not found within ``work`` nodes)."""
     from kvgpu.kernels import exact
+    from kvgpu.kernels.rules import no_rules
 
     arrays, pm, pg = _compacted(batch)
     a = np.full(arrays[0].shape, -1, np.int64)
     p = np.full(arrays[0].shape, -1, np.int64)
     status = np.zeros(batch.shape[0], np.int64)
-    exact.pack_memory_batch(arrays[0], arrays[2], arrays[3], arrays[4], int(work), a, p, status)
+    if _kernels(batch.shape[0], ["exact"]):
+        s, _, M, n = _one(arrays)
+        status[0], _ = exact.feasible(s, np.zeros(n), M, np.inf, int(work), a[0, :n], no_rules(), np.empty(0, np.int64))
+        p[0, :n] = np.arange(n)
+    else:
+        exact.pack_memory_batch(arrays[0], arrays[2], arrays[3], arrays[4], int(work), a, p, status)
     a[status != exact.FEASIBLE] = -1
     assign, pos = _expand(batch, a, p, pm, pg)
     return assign, pos, status
@@ -70,6 +99,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
     (:func:`kvgpu.kernels.exact.certify_instance`).  ``lb`` (B,): proven lower bounds.
     Returns ``(assign, pos, lb)``, ``lb`` raised by the proof where it got further."""
     from kvgpu.kernels import exact, search
+    from kvgpu.kernels.rules import no_rules
 
     arrays, pm, pg = _compacted(batch)
     B = batch.shape[0]
@@ -81,9 +111,19 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
     p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
     a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
     lo = np.array(lb, dtype=float)
-    if effort > 0:
-        search.improve_batch(*arrays, lo, int(effort), int(patience), int(seed), a, p)
-    if exact_work > 0:
-        exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
+    groups = (["search"] if effort > 0 else []) + (["exact"] if exact_work > 0 else [])
+    if _kernels(B, groups):
+        s, w, M, n = _one(arrays)
+        if effort > 0:
+            search.improve_instance(s, w, M, lo[0], a[0, :n], p[0, :n], int(effort), int(patience), int(seed),
+                                    no_rules())
+        if exact_work > 0:
+            lo[0], _ = exact.certify_instance(s, w, M, lo[0], a[0, :n], p[0, :n], int(exact_work), no_rules(),
+                                              np.empty(0, np.int64))
+    else:
+        if effort > 0:
+            search.improve_batch(*arrays, lo, int(effort), int(patience), int(seed), a, p)
+        if exact_work > 0:
+            exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
     assign, pos = _expand(batch, a, p, pm, pg)
     return assign, pos, lo

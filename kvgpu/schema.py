@@ -56,6 +56,7 @@ OPTION_RANGES = {
     "max_moves": (0, 2**62),
     "patience": (1, 1_000_000),
     "gpus_per_node": (1, MAX_GPUS),
+    "jobs": (1, 1024),
 }
 
 #: field of :class:`ModelSpec` -> the keys that give it (first: kvgpu's own name; then the

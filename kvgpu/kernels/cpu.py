@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import prange
 
+from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
 from kvgpu.kernels.rules import new_state, no_rules, restricted, transfer_apply, transfer_check
 
-_jit = numba.njit(cache=True, inline="always")
+_jit = kernel(inline=True)
 safe_div = _jit(deltas.safe_div)
 transfer_loads = _jit(deltas.transfer_loads)
 fits = _jit(deltas.fits)
@@ -41,7 +41,7 @@ T_FACTORS = np.array(params.T_FACTORS)
 R1, R2 = params.RETUNE_FRACTIONS
 DUAL = params.DUAL_MOST_FREE_SHARE
 
-njit = numba.njit(cache=True)
+njit = kernel()
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -316,7 +316,7 @@ def _sum(x):
     return tot
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best):
     """The GPU a pack puts the next model ``(si, wi)`` on, or -1 if it fits nowhere: the
     lexicographically least key of policy ``pol`` over the GPUs that fit (memory, and the
@@ -435,7 +435,7 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
 @njit
 def _feasible(s, w, M, P, orders, T, assign, pos):
     for v in range(7):
-        if pack(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], 0, assign, pos):
+        if pack(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], np.int64(0), assign, pos):
             return True
     return False
 
@@ -639,19 +639,19 @@ def _state(s, w, M, assign, pos):
     return S, W, _kvprs(S, W, M), stamp
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _allowed(rules, rstate, src, dst, a, b):
     """Does the transfer of ``a`` src -> dst (and ``b`` back, -1: none) keep the cluster's rules
     and migration budget (:mod:`kvgpu.kernels.rules`)?  Always True without rules, so the seed
     pipeline takes its own decisions."""
     if not restricted(rules):
         return True
-    return transfer_check(rules, rstate, src, dst, a, -1, b, -1)[0]
+    return transfer_check(rules, rstate, src, dst, a, np.int64(-1), b, np.int64(-1))[0]
 
 
 @njit
 def _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b, rules, rstate):
-    transfer_apply(rules, rstate, src, dst, a, -1, b, -1)
+    transfer_apply(rules, rstate, src, dst, a, np.int64(-1), b, np.int64(-1))
     return _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b)
 
 
@@ -663,7 +663,7 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(max_iters):
-        worst = _argmax_first(kv, -1)
+        worst = _argmax_first(kv, np.int64(-1))
         t3 = _top3(kv)
         mem, start = _lists(assign, pos, G)
         best = kv[worst]
@@ -673,8 +673,8 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
             for d in range(G):
                 if d == worst:
                     continue
-                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(t3, worst, d))
-                if new + EPS < best and _allowed(rules, rstate, worst, d, a, -1):
+                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), _max_excluding(t3, worst, d))
+                if new + EPS < best and _allowed(rules, rstate, worst, d, a, np.int64(-1)):
                     best, ba, bd = new, a, d
         bb = -1
         if ba < 0:
@@ -699,7 +699,7 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
         stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, bb, rules, rstate)
     if G > 1:
         for _ in range(12):
-            worst = _argmax_first(kv, -1)
+            worst = _argmax_first(kv, np.int64(-1))
             second = _argmax_first(kv, worst)
             t3 = _top3(kv)
             mem, start = _lists(assign, pos, G)
@@ -723,7 +723,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(passes):
-        worst = _argmax_first(kv, -1)
+        worst = _argmax_first(kv, np.int64(-1))
         by_kv = np.argsort(kv, kind="mergesort")
         targets = np.full(2, -1)
         nt = 0
@@ -747,12 +747,12 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
                 continue
             for t in range(nt):
                 d = targets[t]
-                new = _eval(S, W, M, s, w, worst, d, a, -1, _max_excluding(t3, worst, d))
-                if new + EPS < best and _allowed(rules, rstate, worst, d, a, -1):
+                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), _max_excluding(t3, worst, d))
+                if new + EPS < best and _allowed(rules, rstate, worst, d, a, np.int64(-1)):
                     best, ba, bd = new, a, d
         if ba < 0:
             break
-        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, -1, rules, rstate)
+        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, np.int64(-1), rules, rstate)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -788,17 +788,18 @@ def seed_instance(s, w, M, assign, pos):
         for f in range(6):
             for policy in range(3):
                 for ordering in range(3):
-                    if pack(s, w, M, P, orders, T_high * T_FACTORS[f], ordering, policy, 0, ca[nc], cp[nc]):
+                    if pack(s, w, M, P, orders, T_high * T_FACTORS[f], np.int64(ordering), np.int64(policy), np.int64(0),
+                            ca[nc], cp[nc]):
                         nc += 1
     if regret_insertion(s, w, M, ca[nc], cp[nc]):
         nc += 1
-    if pack(s, w, M, P, orders, 0.0, SIZE_ORDER, BEST_FIT, int(DUAL * n), ca[nc], cp[nc]):
+    if pack(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(BEST_FIT), np.int64(DUAL * n), ca[nc], cp[nc]):
         nc += 1
-    if pack(s, w, M, P, orders, 0.0, 2, BEST_FIT, 0, ca[nc], cp[nc]):
+    if pack(s, w, M, P, orders, 0.0, np.int64(2), np.int64(BEST_FIT), np.int64(0), ca[nc], cp[nc]):
         nc += 1
     if nc == 0:
         for policy in (BEST_FIT, MOST_FREE, FIRST_FIT):
-            if pack(s, w, M, P, orders, 0.0, SIZE_ORDER, policy, 0, ca[0], cp[0]):
+            if pack(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(policy), np.int64(0), ca[0], cp[0]):
                 nc = 1
                 break
     if nc == 0:
@@ -831,7 +832,7 @@ def seed_instance(s, w, M, assign, pos):
     return True
 
 
-@numba.njit(cache=True, parallel=True)
+@kernel(parallel=True)
 def seed_batch(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok):
     """The seed pipeline for every instance of a compacted batch (real entries first), in parallel.
 

@@ -26,17 +26,17 @@ re-placements are proven too.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
+from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import params
 from kvgpu.kernels.cpu import _score, fits, safe_div
 from kvgpu.kernels.params import CAP_SLACK
 from kvgpu.kernels.rules import budget_held, may_place, new_state, no_rules, place, restricted, unplace
 from kvgpu.kernels.search import mem_unit
 
-njit = numba.njit(cache=True)
+njit = kernel()
 
 FEASIBLE, INFEASIBLE, UNKNOWN = 1, 0, -1
 RTOL = params.OPTIMAL_RTOL
@@ -125,7 +125,7 @@ def _feasible_dp(a, C, G, out):
     return FEASIBLE
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _add(nb, nl, ai, C):
     """Place an item of size ``ai`` after bins ``nb`` with ``nl`` in the last (bins of ``C``)."""
     if nl + ai <= C + CAP_SLACK:
@@ -289,7 +289,7 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
     return lo, used
 
 
-@numba.njit(cache=True, parallel=True)
+@kernel(parallel=True)
 def certify_batch(sizes, demand, gpu_mem, n_models, n_gpus, lo, node_limit, assign, pos, used):
     """:func:`certify_instance` for every instance of a compacted batch (no rules), in
     parallel; ``lo`` (B,) is raised in place, ``assign``/``pos`` (B, N) improved in place,
@@ -302,7 +302,7 @@ def certify_batch(sizes, demand, gpu_mem, n_models, n_gpus, lo, node_limit, assi
                                           pos[b, :n], node_limit, rules, gclass)
 
 
-@numba.njit(cache=True, parallel=True)
+@kernel(parallel=True)
 def pack_memory_batch(sizes, gpu_mem, n_models, n_gpus, node_limit, assign, pos, status):
     """Fit the models in memory, ignoring demand (the exact search at ``T = inf``), for the
     instances where the seed's heuristics found no packing; ``status`` (B,) FEASIBLE,

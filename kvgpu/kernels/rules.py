@@ -33,11 +33,12 @@ two-for-one exchange) is checked with :func:`transfer_check` and applied with
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-_inline = numba.njit(cache=True, inline="always")
-njit = numba.njit(cache=True)
+from kvgpu.kernels.jit import kernel
+
+_inline = kernel(inline=True)
+njit = kernel()
 
 #: Relative slack of the migrated-GB budget (sums of shard sizes round).
 GB_RTOL = 1e-9
@@ -132,7 +133,7 @@ def place(rules, state, i, h):
         state[1][k] += 1
         state[2][k] = rules[3][h]
     if budgeted(rules) and not home(rules, i, h):
-        _count_move(rules, state, i, 1)
+        _count_move(rules, state, i, np.int64(1))
 
 
 @njit
@@ -147,7 +148,7 @@ def unplace(rules, state, i, g):
         if state[1][k] == 0:
             state[2][k] = -1
     if budgeted(rules) and not home(rules, i, g):
-        _count_move(rules, state, i, -1)
+        _count_move(rules, state, i, np.int64(-1))
 
 
 @njit

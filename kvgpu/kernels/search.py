@@ -22,17 +22,17 @@ worse than the start, so the answer is never worse than the seed's; the work is 
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
+from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
 from kvgpu.kernels.cpu import _argmax_first, _kvprs, _loads, _score, fits, improve_local, refine_peak, safe_div
 from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
-njit = numba.njit(cache=True)
-_inline = numba.njit(cache=True, inline="always")
+njit = kernel()
+_inline = kernel(inline=True)
 overflow = _inline(deltas.overflow)
 mem_unit = _inline(deltas.mem_unit)
 better = _inline(deltas.better)
@@ -111,8 +111,8 @@ def _move_random(s, w, M, assign, pos, S, W, kv, src, stamp, state, rules, rstat
     start = _rand_int(state, G)
     for k in range(G):
         d = (start + k) % G
-        if d != src and fits(S[d] + s[a], M[d]) and transfer_check(rules, rstate, src, d, a, -1, -1, -1)[0]:
-            transfer_apply(rules, rstate, src, d, a, -1, -1, -1)
+        if d != src and fits(S[d] + s[a], M[d]) and transfer_check(rules, rstate, src, d, a, np.int64(-1), np.int64(-1), np.int64(-1))[0]:
+            transfer_apply(rules, rstate, src, d, a, np.int64(-1), np.int64(-1), np.int64(-1))
             S[src] -= s[a]
             W[src] -= w[a]
             S[d] += s[a]
@@ -203,7 +203,7 @@ def _perturb(s, w, M, assign, pos, moves, state, rules, rstate, members, old):
     stamp = pos.max() + 1
     grouped_nodes = rules[2].shape[0] > 0
     for _ in range(moves):
-        worst = _argmax_first(kv, -1)
+        worst = _argmax_first(kv, np.int64(-1))
         src = worst
         if G > 1 and _rand(state) < 0.3:
             src = _argmax_first(kv, worst)
@@ -385,12 +385,12 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                     continue
                 aj = s[j] + w[j] / T if j >= 0 else 0.0
                 sj = s[j] if j >= 0 else 0.0
-                jj = j if j >= 0 else -1
+                jj = j if j >= 0 else np.int64(-1)
                 ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aj, sj, og)
                 take = False
                 if ok and d <= best_d + TIE:
                     take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
-                                        i, -1, jj, -1, state, rules, rstate)
+                                        i, np.int64(-1), jj, np.int64(-1), state, rules, rstate)
                 if take:
                     best_d, bi, bi2, bj, bj2, bh = d, i, -1, jj, -1, h
         pair_evals = 0
@@ -409,13 +409,13 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                             continue
                         aj = s[j] + w[j] / T if j >= 0 else 0.0
                         sj = s[j] if j >= 0 else 0.0
-                        jj = j if j >= 0 else -1
+                        jj = j if j >= 0 else np.int64(-1)
                         pair_evals += 1
                         ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
                         take = False
                         if ok and d <= best_d + TIE:
                             take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
-                                                i, i2, jj, -1, state, rules, rstate)
+                                                i, i2, jj, np.int64(-1), state, rules, rstate)
                         if take:
                             best_d, bi, bi2, bj, bj2, bh = d, i, i2, jj, -1, h
                 i = mem[p]
@@ -432,7 +432,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                             take = False
                             if ok and d <= best_d + TIE:
                                 take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
-                                                    i, -1, j, j2, state, rules, rstate)
+                                                    i, np.int64(-1), j, j2, state, rules, rstate)
                             if take:
                                 best_d, bi, bi2, bj, bj2, bh = d, i, -1, j, j2, h
         if bi < 0:
@@ -595,7 +595,7 @@ def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
             last_gain = it + 1
 
 
-@numba.njit(cache=True, parallel=True)
+@kernel(parallel=True)
 def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, seed, assign, pos):
     """:func:`improve_instance` for every instance of a compacted batch (no rules), in parallel.
     ``lb`` (B,): a proven lower bound per instance; ``assign``/``pos`` (B, N) in and out."""

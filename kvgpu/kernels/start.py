@@ -12,14 +12,14 @@ of :mod:`kvgpu.kernels.exact`.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
+from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.cpu import INF, _kvprs, _max_excluding, _sort_desc, _top3, fits, safe_div
 from kvgpu.kernels.rules import budget_held, may_place, new_state, place, reset_state
 from kvgpu.kernels.search import _rand, new_scratch, repair, repair_steps
 
-njit = numba.njit(cache=True)
+njit = kernel()
 
 #: Outcomes of :func:`solve_start`.
 STARTED, NO_ROOM, OVER_BUDGET = 0, 1, 2
