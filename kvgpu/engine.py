@@ -138,11 +138,11 @@ def _compile_first(opts: Options, B: int, n_items: int) -> None:
     groups += ["exact"] if opts.proof_work(n_items) else []
     if not groups or not backends.probe()["numba"][0]:
         return
-    from kvgpu import warmup
+    from kvgpu.warmup import ensure
 
-    warmup.ensure(groups)
+    ensure(groups)
     if B > 1:
-        warmup.ensure(["batch"])
+        ensure(["batch"])
 
 
 def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") -> BatchResult:
@@ -242,7 +242,7 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
                               f"pin, forbid, nodes or a current placement do not use: they run in numba kernels "
                               f"(backend='auto' or 'numba')")
     _need_numba("models with rules")
-    from kvgpu import warmup
+    from kvgpu.warmup import ensure
 
     inst = problem.items
     s, w, M = inst.sizes, inst.demand, inst.gpu_mem
@@ -251,10 +251,10 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
     assign = np.empty(n, np.int64)
     pos = np.empty(n, np.int64)
     work = opts.proof_work(n)
-    warmup.ensure(["start"] + (["search"] if opts.effort else []) + (["exact"] if work else []))
+    ensure(["start"] + (["search"] if opts.effort else []) + (["exact"] if work else []))
     st = start.solve_start(s, w, M, rules, opts.seed, assign, pos)
     if st != start.STARTED:  # decide exactly: find a placement, or prove there is none
-        warmup.ensure(["exact"])
+        ensure(["exact"])
         budget = work or AUTO_EXACT_WORK
         found, used = exact.feasible(s, w, M, np.inf, budget, assign, rules, gclass)
         if found != exact.FEASIBLE:

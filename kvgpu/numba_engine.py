@@ -34,12 +34,12 @@ def _kernels(B: int, groups: list[str]) -> bool:
     """Compile (or load) what ``B`` instances need -- the instance kernels of ``groups``, and
     the parallel batch kernels beyond one instance -- saying so on a first run
     (:func:`kvgpu.warmup.ensure`).  Returns True when one instance runs without them."""
-    from kvgpu import warmup
+    from kvgpu.warmup import ensure
 
-    warmup.ensure(groups)
+    ensure(groups)
     if B == 1:
         return True
-    warmup.ensure(["batch"])
+    ensure(["batch"])
     return False
 
 
