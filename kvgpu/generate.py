@@ -152,3 +152,33 @@ def hetero(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
 
 
 FAMILIES = {"uniform": uniform, "llm": llm, "small": small, "hetero": hetero}
+
+
+# ----------------------------------------------------------------------------- real clusters
+#: Checkpoints served with tensor parallelism: (name, size GB, tp) -- 70B on 4 or 8 GPUs, 32B
+#: and 27B on 2, and single-GPU 7-14B models; shares of the draws.
+TP_MODELS = (("llama-70b", 140.0, 4), ("llama-70b-tp8", 140.0, 8), ("qwen-32b", 64.0, 2), ("gemma-27b", 54.0, 2),
+             ("qwen-14b", 28.0, 1), ("llama-8b", 16.0, 1), ("mistral-7b", 14.5, 1))
+TP_SHARES = np.array([0.06, 0.02, 0.12, 0.1, 0.2, 0.3, 0.2])
+
+
+def tp_cluster(rng: np.random.Generator, gpus: int, fill: float = 0.8, gpus_per_node: int = 8,
+               popularity: str = "uniform") -> tuple[list, dict]:
+    """A cluster of nodes (``gpus_per_node`` x 80 GB) serving a mix of tensor-parallel and
+    single-GPU models (``popularity`` of :data:`POPULARITY`); popular small models get 2 replicas.  Models are
+    drawn until their weights reach ``fill`` of the memory.  Returns ``(models, options)`` for
+    :func:`kvgpu.solve` (``options``: gpus, gpu_mem, gpus_per_node)."""
+    models, used, cap = [], 0.0, fill * 80.0 * gpus
+    while True:
+        name, size, tp = TP_MODELS[int(rng.choice(len(TP_MODELS), p=TP_SHARES))]
+        if tp > gpus_per_node or used + size > cap:
+            break
+        models.append({"name": f"{name}-{len(models)}", "size": size, "tp": tp})
+        used += size
+    rate, slo = demand(rng, len(models), popularity, slo=(2, 10))
+    for m, r, o in zip(models, rate, slo):
+        m.update(req_rate=float(r), slo=float(o))
+        if m["tp"] == 1 and r >= 8 and used + m["size"] <= 0.9 * 80.0 * gpus:
+            m["replicas"] = 2
+            used += m["size"]
+    return models, {"gpus": gpus, "gpu_mem": 80.0, "gpus_per_node": gpus_per_node}
