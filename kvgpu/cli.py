@@ -326,6 +326,10 @@ def _main(argv) -> int:
         with resources.as_file(resources.files("kvgpu").joinpath("data/demo.json")) as demo:
             specs, opts = read_models(demo)
         return _solve_and_print(specs, opts, args, header=opts.get("description"))
+    except ImportError as e:  # an optional package a feature needs (YAML, sweeps, pictures)
+        print(f"kvgpu: error: {_one_line(e)}; this feature needs the optional packages of kvgpu's extras: "
+              f"pip install -e '.[all]' in the kvgpu checkout (README, 'Extras')", file=sys.stderr)
+        return 2
     except (InvalidInstance, NoPlacementFound, ValueError, OSError) as e:
         print(f"kvgpu: error: {_one_line(e)}", file=sys.stderr)
         return 2
