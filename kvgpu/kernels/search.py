@@ -88,6 +88,17 @@ def _cap(M, g):
     return M[g] + CAP_SLACK * mem_unit(M[g])
 
 
+@_inline
+def _collect(ids, value, out):
+    """Write the items ``i`` with ``ids[i] == value`` into ``out`` (index order); their count."""
+    m = 0
+    for i in range(ids.shape[0]):
+        if ids[i] == value:
+            out[m] = i
+            m += 1
+    return m
+
+
 @njit
 def _move_random(s, w, M, assign, pos, S, W, kv, src, stamp, state, rules, rstate):
     """Move a random model of GPU ``src`` to a random GPU where it fits and the rules allow it.
@@ -141,12 +152,9 @@ def _relocate_group(s, w, M, assign, pos, S, W, kv, a, stamp, state, rules, rsta
     here = node_of[assign[a]]
     if nn < 2:
         return stamp
-    m = 0
-    for i in range(n):
-        if node_group[i] == k:
-            members[m] = i
-            old[m] = assign[i]
-            m += 1
+    m = _collect(node_group, k, members)
+    for q in range(m):
+        old[q] = assign[members[q]]
     first = _rand_int(state, nn)
     for t in range(nn):
         node = (first + t) % nn
@@ -368,11 +376,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
         g = _pick_overflowing(A, cap, state)
         if g < 0:
             return True
-        m = 0
-        for i in range(n):
-            if assign[i] == g:
-                mem[m] = i
-                m += 1
+        m = _collect(assign, g, mem)
         og = overflow(A[g], cap[g])
         best_d = INF
         bi, bi2, bj, bj2, bh, ties = -1, -1, -1, -1, -1, 0

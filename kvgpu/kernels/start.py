@@ -80,6 +80,25 @@ def _choose(s, w, M, S, W, rules, rstate, i, need):
 
 
 @njit
+def _member_counts(ids, n):
+    """(n,) float64: how many items share each item's group id (0 for -1, or without ids)."""
+    out = np.zeros(n)
+    if ids.shape[0] == 0:
+        return out
+    k = 0
+    for i in range(n):
+        k = max(k, ids[i] + 1)
+    cnt = np.zeros(k)
+    for i in range(n):
+        if ids[i] >= 0:
+            cnt[ids[i]] += 1.0
+    for i in range(n):
+        if ids[i] >= 0:
+            out[i] = cnt[ids[i]]
+    return out
+
+
+@njit
 def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
     """Place every item with ``assign[i] < 0`` (the others are fixed and in ``rstate``), most
     constrained first (fewest allowed GPUs, then most items in the model, then largest; a
@@ -90,9 +109,7 @@ def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
     G = M.shape[0]
     allowed, node_group = rules[0], rules[2]
     k0 = np.zeros(n)
-    k1 = np.zeros(n)
     k2 = np.zeros(n)
-    size_ng = np.zeros(n, np.int64)
     for i in range(n):
         na = G
         if allowed.shape[0]:
@@ -101,19 +118,8 @@ def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
                 na += allowed[i, g]
         k0[i] = -na
         k2[i] = s[i] * (1.0 + jitter * _rand(state))
-    group = rules[1]
-    if group.shape[0]:
-        for i in range(n):
-            if group[i] >= 0:
-                for j in range(n):
-                    if group[j] == group[i]:
-                        k1[i] += 1.0
-    if node_group.shape[0]:
-        for i in range(n):
-            if node_group[i] >= 0:
-                for j in range(n):
-                    if node_group[j] == node_group[i]:
-                        size_ng[i] += 1
+    k1 = _member_counts(rules[1], n)
+    size_ng = _member_counts(node_group, n).astype(np.int64)
     S = np.zeros(G)
     W = np.zeros(G)
     for i in range(n):
