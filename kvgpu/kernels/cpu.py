@@ -62,7 +62,7 @@ def _before(k0, k1, k2, i, j):
 
 
 @njit
-def _sort_desc(idx, k0, k1, k2):
+def sort_desc(idx, k0, k1, k2):
     """``idx`` sorted by ``(k0, k1, k2)[idx]`` descending, stable (keys indexed by model).
     Short lists use an allocation-free insertion sort, long ones three stable argsorts."""
     out = idx.copy()
@@ -94,7 +94,8 @@ def _mem_prefix(M):
 
 
 @njit
-def _kvprs(S, W, M):
+def kvprs(S, W, M):
+    """(G,) KVPR of each GPU from its size ``S``, demand ``W`` and memory ``M`` (G,)."""
     kv = np.empty(S.shape[0])
     for g in range(S.shape[0]):
         kv[g] = safe_div(W[g], M[g] - S[g])
@@ -102,7 +103,7 @@ def _kvprs(S, W, M):
 
 
 @njit
-def _top3(kv):
+def top3(kv):
     """The three largest ``(v0, i0, v1, i1, v2, i2)`` (first id among equals), padded with
     ``(-inf, -1)``; scalars, so the hot loops allocate nothing."""
     v0 = v1 = v2 = -INF
@@ -119,8 +120,8 @@ def _top3(kv):
 
 
 @njit
-def _max_excluding(t3, a, b):
-    """Max KVPR over the GPUs other than ``a`` and ``b``, from :func:`_top3` in O(1)."""
+def max_excluding(t3, a, b):
+    """Max KVPR over the GPUs other than ``a`` and ``b``, from :func:`top3` in O(1)."""
     v0, i0, v1, i1, v2, i2 = t3
     if i0 >= 0 and i0 != a and i0 != b:
         return v0
@@ -132,7 +133,8 @@ def _max_excluding(t3, a, b):
 
 
 @njit
-def _argmax_first(v, skip):
+def argmax_first(v, skip):
+    """The first index of the largest value of ``v``, skipping index ``skip`` (-1: none)."""
     best = -1
     for g in range(v.shape[0]):
         if g != skip and (best < 0 or v[g] > v[best]):
@@ -141,7 +143,8 @@ def _argmax_first(v, skip):
 
 
 @njit
-def _lex_less(a, b, n):
+def lex_less(a, b, n):
+    """``a[:n] < b[:n]`` lexicographically, exactly (the seed's own candidate selection)."""
     for k in range(n):
         if a[k] < b[k]:
             return True
@@ -151,7 +154,7 @@ def _lex_less(a, b, n):
 
 
 @njit
-def _loads(assign, pos, s, w, G):
+def list_loads(assign, pos, s, w, G):
     """S, W summed in each GPU's list order (stamp order), as the reference sums its lists."""
     S = np.zeros(G)
     W = np.zeros(G)
@@ -271,7 +274,7 @@ def _retune_bound(s, w, P, G, remaining, placed_size, first):
         ts += s[i]
     b = max(_individual(s, w, remaining, P[1]), _div(tw, P[G] - placed_size - ts))
     if first:
-        order = _sort_desc(remaining, s, s, s)  # by size, largest first, stable
+        order = sort_desc(remaining, s, s, s)  # by size, largest first, stable
         b = max(b, _pair(s, w, order, P, N_PAIR))
         b = max(b, _kprefix(s, w, order, P, min(G, params.K_PREFIX_RETUNE)))
     return b
@@ -304,7 +307,7 @@ def _orders(s, w, P):
     out = np.empty((4, n), np.int64)
     for o in range(1, 4):
         k0, k1, k2 = _order_keys(s, w, 0.0, P[1], o)
-        out[o] = _sort_desc(np.arange(n), k0, k1, k2)
+        out[o] = sort_desc(np.arange(n), k0, k1, k2)
     return out
 
 
@@ -324,7 +327,7 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
     (``W + T S``), ``kv`` (G,) are the pack's running state; ``key``, ``best`` (5,) scratch.
     Plain scalar code: the CPU packs and the CUDA packing kernel both call it."""
     G = M.shape[0]
-    t3 = _top3(kv) if pol == MINMAX or pol == HYBRID else (0.0, -1, 0.0, -1, 0.0, -1)
+    t3 = top3(kv) if pol == MINMAX or pol == HYBRID else (0.0, -1, 0.0, -1, 0.0, -1)
     Tf = a = mean_frac = 0.0
     if pol == HYBRID:
         Tf = max(T, 1e-12)
@@ -362,7 +365,7 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
                 key[1] = newlocal
                 nk = 2
             else:
-                newmax = max(newlocal, _max_excluding(t3, g, g))
+                newmax = max(newlocal, max_excluding(t3, g, g))
                 if pol == MINMAX:
                     key[0], key[1], key[2], key[3] = newmax, newlocal, resid, -free_after
                     nk = 4
@@ -370,7 +373,7 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
                     J = newmax / Tf + a * newlocal / Tf + 0.05 * abs((S[g] + si) / M[g] - mean_frac)
                     key[0], key[1], key[2], key[3], key[4] = J, newmax, newlocal, resid, -free_after
                     nk = 5
-        if best_g < 0 or _lex_less(key, best, nk):
+        if best_g < 0 or lex_less(key, best, nk):
             best_g = g
             for q in range(nk):
                 best[q] = key[q]
@@ -388,7 +391,7 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
     M_total = _sum(M)
     if ordering == 0:
         k0, k1, k2 = _order_keys(s, w, T, m_max, 0)
-        order = _sort_desc(np.arange(n), k0, k1, k2)
+        order = sort_desc(np.arange(n), k0, k1, k2)
     else:
         order = orders[ordering]  # only ordering 0 is re-sorted in place
     S = np.zeros(G)
@@ -428,7 +431,7 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
                             load[h] = W[h] + T * S[h]
                         if ordering == 0 and r == 0:
                             q0, q1, q2 = _order_keys(s, w, T, m_max, 0)
-                            order[k + 1:] = _sort_desc(rem, q0, q1, q2)
+                            order[k + 1:] = sort_desc(rem, q0, q1, q2)
     return True
 
 
@@ -534,7 +537,7 @@ def regret_insertion(s, w, M, assign, pos):
     for i in range(n):
         cnt[i], all_in[i] = _rescan(s, w, M, S, W, lg, lv, i)
     for k in range(n):
-        v0, i0, v1, i1, v2, i2 = _top3(kv)
+        v0, i0, v1, i1, v2, i2 = top3(kv)
         other_top = v1 if i1 >= 0 else -INF  # max over GPUs other than i0
         pick, pick_g = -1, -1
         best_regret, best_newmax = -INF, INF
@@ -634,9 +637,9 @@ def _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b):
 @njit
 def _state(s, w, M, assign, pos):
     """Per-GPU ``S``, ``W`` (list-order sums), KVPR, and the next insertion stamp."""
-    S, W = _loads(assign, pos, s, w, M.shape[0])
+    S, W = list_loads(assign, pos, s, w, M.shape[0])
     stamp = pos.max() + 1 if pos.shape[0] else 0
-    return S, W, _kvprs(S, W, M), stamp
+    return S, W, kvprs(S, W, M), stamp
 
 
 @kernel(inline=True)
@@ -663,8 +666,8 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(max_iters):
-        worst = _argmax_first(kv, np.int64(-1))
-        t3 = _top3(kv)
+        worst = argmax_first(kv, np.int64(-1))
+        t3 = top3(kv)
         mem, start = _lists(assign, pos, G)
         best = kv[worst]
         ba, bd = -1, -1
@@ -673,7 +676,7 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
             for d in range(G):
                 if d == worst:
                     continue
-                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), _max_excluding(t3, worst, d))
+                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), max_excluding(t3, worst, d))
                 if new + EPS < best and _allowed(rules, rstate, worst, d, a, np.int64(-1)):
                     best, ba, bd = new, a, d
         bb = -1
@@ -684,7 +687,7 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
                 for d in range(G):
                     if d == worst:
                         continue
-                    others = _max_excluding(t3, worst, d)
+                    others = max_excluding(t3, worst, d)
                     for q in range(start[d], start[d + 1]):
                         new = _eval(S, W, M, s, w, worst, d, a, mem[q], others)
                         if new + EPS < cur and _allowed(rules, rstate, worst, d, a, mem[q]):
@@ -699,11 +702,11 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
         stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, bb, rules, rstate)
     if G > 1:
         for _ in range(12):
-            worst = _argmax_first(kv, np.int64(-1))
-            second = _argmax_first(kv, worst)
-            t3 = _top3(kv)
+            worst = argmax_first(kv, np.int64(-1))
+            second = argmax_first(kv, worst)
+            t3 = top3(kv)
             mem, start = _lists(assign, pos, G)
-            others = _max_excluding(t3, worst, second)
+            others = max_excluding(t3, worst, second)
             best = kv[worst]
             ba, bb = -1, -1
             for p in range(start[worst], start[worst + 1]):
@@ -723,7 +726,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(passes):
-        worst = _argmax_first(kv, np.int64(-1))
+        worst = argmax_first(kv, np.int64(-1))
         by_kv = np.argsort(kv, kind="mergesort")
         targets = np.full(2, -1)
         nt = 0
@@ -736,9 +739,9 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
         if nt == 0 or lst.shape[0] == 0:
             break
         zeros = np.zeros(s.shape[0])
-        by_w = _sort_desc(lst, w, zeros, zeros)[:max(1, top_k // 2)]
-        by_s = _sort_desc(lst, s, zeros, zeros)[:max(1, top_k - by_w.shape[0])]
-        t3 = _top3(kv)
+        by_w = sort_desc(lst, w, zeros, zeros)[:max(1, top_k // 2)]
+        by_s = sort_desc(lst, s, zeros, zeros)[:max(1, top_k - by_w.shape[0])]
+        t3 = top3(kv)
         best = kv[worst]
         ba, bd = -1, -1
         for j in range(by_w.shape[0] + by_s.shape[0]):
@@ -747,7 +750,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
                 continue
             for t in range(nt):
                 d = targets[t]
-                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), _max_excluding(t3, worst, d))
+                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), max_excluding(t3, worst, d))
                 if new + EPS < best and _allowed(rules, rstate, worst, d, a, np.int64(-1)):
                     best, ba, bd = new, a, d
         if ba < 0:
@@ -758,9 +761,10 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
 # ----------------------------------------------------------------------------- pipeline
 
 @njit
-def _score(s, w, M, assign, pos, out):
-    S, W = _loads(assign, pos, s, w, M.shape[0])
-    kv = _kvprs(S, W, M)
+def score_of(s, w, M, assign, pos, out):
+    """The score ``(max, second, mean KVPR)`` of a placement into ``out`` (3,)."""
+    S, W = list_loads(assign, pos, s, w, M.shape[0])
+    kv = kvprs(S, W, M)
     G = kv.shape[0]
     srt = np.sort(kv)[::-1]
     tot = 0.0
@@ -822,8 +826,8 @@ def seed_instance(s, w, M, assign, pos):
             sc[c] = sc[dup]
         else:
             improve_local(s, w, M, ca[c], cp[c], 4000, rules, rstate)
-            _score(s, w, M, ca[c], cp[c], sc[c])
-        if pick < 0 or _lex_less(sc[c], sc[pick], 3):
+            score_of(s, w, M, ca[c], cp[c], sc[c])
+        if pick < 0 or lex_less(sc[c], sc[pick], 3):
             pick = c
     assign[:] = ca[pick]
     pos[:] = cp[pick]

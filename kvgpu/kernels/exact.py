@@ -31,7 +31,7 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import params
-from kvgpu.kernels.cpu import _score, fits, safe_div
+from kvgpu.kernels.cpu import score_of, fits, safe_div
 from kvgpu.kernels.params import CAP_SLACK
 from kvgpu.kernels.rules import budget_held, may_place, new_state, no_rules, place, restricted, unplace
 from kvgpu.kernels.search import mem_unit
@@ -259,7 +259,7 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
     (proven).  ``node_limit`` caps the total work."""
     n = s.shape[0]
     sc = np.empty(3)
-    _score(s, w, M, assign, pos, sc)
+    score_of(s, w, M, assign, pos, sc)
     U = sc[0]
     out = np.empty(n, np.int64)
     used = 0
@@ -280,7 +280,7 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
             lo = INF if T == FLOAT_MAX else max(lo, T)
         elif status == FEASIBLE:
             sc2 = np.empty(3)
-            _score(s, w, M, out, np.arange(n), sc2)
+            score_of(s, w, M, out, np.arange(n), sc2)
             U = sc2[0]  # <= T < U: strictly better, checked by feasible()
             assign[:] = out
             pos[:] = np.arange(n)

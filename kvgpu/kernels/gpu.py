@@ -4,7 +4,7 @@
   (models of the worst GPU x all GPUs), swaps (x all other models) and donations -- one CUDA
   thread per candidate.  Each thread calls the same scalar functions as the numba CPU kernels
   (:mod:`kvgpu.kernels.deltas`, compiled here as device functions, and the O(1) "max over the
-  other GPUs" of :func:`kvgpu.kernels.cpu._max_excluding` from the top-3 KVPRs), so it performs
+  other GPUs" of :func:`kvgpu.kernels.cpu.max_excluding` from the top-3 KVPRs), so it performs
   the same floating-point operations as the NumPy/CuPy evaluator and returns identical values.
 * :func:`choose` makes the per-step GPU choice of the candidate packs, one thread per lane,
   with :func:`kvgpu.kernels.cpu.choose_gpu` -- the source the CPU packs run, compiled again for
@@ -43,9 +43,9 @@ safe_div = _device(deltas.safe_div)
 transfer_loads = _device(deltas.transfer_loads)
 fits = _device(deltas.fits)
 transfer_new_max = _device(deltas.transfer_new_max)
-max_excluding = _retarget(cpu._max_excluding)
-choose_gpu = _retarget(cpu.choose_gpu, _top3=_retarget(cpu._top3), _max_excluding=max_excluding,
-                       _lex_less=_retarget(cpu._lex_less), fits=fits, safe_div=safe_div)
+max_excluding = _retarget(cpu.max_excluding)
+choose_gpu = _retarget(cpu.choose_gpu, top3=_retarget(cpu.top3), max_excluding=max_excluding,
+                       lex_less=_retarget(cpu.lex_less), fits=fits, safe_div=safe_div)
 
 #: Threads per block of the element-wise kernels.
 THREADS = 128

@@ -27,7 +27,7 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.cpu import _argmax_first, _kvprs, _loads, _score, fits, improve_local, refine_peak, safe_div
+from kvgpu.kernels.cpu import argmax_first, kvprs, list_loads, score_of, fits, improve_local, refine_peak, safe_div
 from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
@@ -65,7 +65,7 @@ def default_patience(effort: int) -> int:
 
 
 @njit
-def _rand(state):
+def rand_uniform(state):
     """xorshift64*: a uniform float in [0, 1) from the one-element uint64 ``state``."""
     x = state[0]
     x ^= x >> np.uint64(12)
@@ -78,7 +78,7 @@ def _rand(state):
 @_inline
 def _rand_int(state, k):
     """Uniform integer in ``[0, k)``."""
-    return min(int(_rand(state) * k), k - 1)
+    return min(int(rand_uniform(state) * k), k - 1)
 
 
 @_inline
@@ -206,16 +206,16 @@ def _perturb(s, w, M, assign, pos, moves, state, rules, rstate, members, old):
     they fit in memory and the rules allow it (moved models go to the end of their new GPU's
     list); a model in a node group sometimes takes its whole group to another node instead."""
     G = M.shape[0]
-    S, W = _loads(assign, pos, s, w, G)
-    kv = _kvprs(S, W, M)
+    S, W = list_loads(assign, pos, s, w, G)
+    kv = kvprs(S, W, M)
     stamp = pos.max() + 1
     grouped_nodes = rules[2].shape[0] > 0
     for _ in range(moves):
-        worst = _argmax_first(kv, np.int64(-1))
+        worst = argmax_first(kv, np.int64(-1))
         src = worst
-        if G > 1 and _rand(state) < 0.3:
-            src = _argmax_first(kv, worst)
-        if grouped_nodes and _rand(state) < 0.5:
+        if G > 1 and rand_uniform(state) < 0.3:
+            src = argmax_first(kv, worst)
+        if grouped_nodes and rand_uniform(state) < 0.5:
             a = _random_member(assign, src, state)
             if a >= 0 and rules[2][a] >= 0:
                 stamp = _relocate_group(s, w, M, assign, pos, S, W, kv, a, stamp, state, rules, rstate, members, old)
@@ -398,7 +398,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                 if take:
                     best_d, bi, bi2, bj, bj2, bh = d, i, -1, jj, -1, h
         pair_evals = 0
-        if best_d >= -TIE and _rand(state) < PAIR_SHARE:
+        if best_d >= -TIE and rand_uniform(state) < PAIR_SHARE:
             # stuck with single moves and swaps: try two models for one, and one for two; the
             # extra evaluations count against the step budget, so an attempt's work stays bounded
             _lists_into(assign, G, lst, start)
@@ -495,7 +495,7 @@ def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate):
     G = M.shape[0]
     key = np.empty(n)
     for i in range(n):
-        key[i] = -(s[i] + w[i] / T) * (1.0 + JITTER * _rand(state))
+        key[i] = -(s[i] + w[i] / T) * (1.0 + JITTER * rand_uniform(state))
         assign[i] = -1
     reset_state(rules, rstate, assign)
     S[:] = 0.0
@@ -526,7 +526,7 @@ def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate):
 def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, start_sc, sc):
     """Replace the best by the candidate if its score is better (with tolerance) and not worse
     than the start's, so a chain of near-ties can never drift above where the search began."""
-    _score(s, w, M, cand_a, cand_p, sc)
+    score_of(s, w, M, cand_a, cand_p, sc)
     if better(sc[0], sc[1], sc[2], best_sc[0], best_sc[1], best_sc[2]) and not better(
             start_sc[0], start_sc[1], start_sc[2], sc[0], sc[1], sc[2]):
         best_sc[:] = sc
@@ -558,7 +558,7 @@ def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
     state[0] = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
     rstate = new_state(rules, assign, G)
     best_sc = np.empty(3)
-    _score(s, w, M, assign, pos, best_sc)
+    score_of(s, w, M, assign, pos, best_sc)
     start_sc = best_sc.copy()
     cur_a = np.empty(n, np.int64)
     cur_p = np.empty(n, np.int64)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from kvgpu.kernels.jit import kernel
-from kvgpu.kernels.cpu import INF, _kvprs, _max_excluding, _sort_desc, _top3, fits, safe_div
+from kvgpu.kernels.cpu import INF, kvprs, max_excluding, sort_desc, top3, fits, safe_div
 from kvgpu.kernels.rules import budget_held, may_place, new_state, place, reset_state
-from kvgpu.kernels.search import _rand, new_scratch, repair, repair_steps
+from kvgpu.kernels.search import rand_uniform, new_scratch, repair, repair_steps
 
 njit = kernel()
 
@@ -57,7 +57,7 @@ def _choose(s, w, M, S, W, rules, rstate, i, need):
     group of ``need`` items, in a node with ``need`` such GPUs), the one where the peak rises
     least among those with room, else the one overfilled least; -1 if the rules allow none."""
     G = M.shape[0]
-    t3 = _top3(_kvprs(S, W, M))
+    t3 = top3(kvprs(S, W, M))
     first = need > 1 and rules[2][i] >= 0 and rstate[1][rules[2][i]] == 0
     best, bg = INF, -1
     over, og = INF, -1
@@ -67,7 +67,7 @@ def _choose(s, w, M, S, W, rules, rstate, i, need):
         if fits(S[g] + s[i], M[g]):
             if first and not _node_has_room(s[i], S, M, rules, rstate, i, rules[3][g], need):
                 continue
-            new = max(safe_div(W[g] + w[i], M[g] - S[g] - s[i]), _max_excluding(t3, g, g))
+            new = max(safe_div(W[g] + w[i], M[g] - S[g] - s[i]), max_excluding(t3, g, g))
             if bg < 0 or new < best:
                 best, bg = new, g
         elif bg < 0:
@@ -117,7 +117,7 @@ def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
             for g in range(G):
                 na += allowed[i, g]
         k0[i] = -na
-        k2[i] = s[i] * (1.0 + jitter * _rand(state))
+        k2[i] = s[i] * (1.0 + jitter * rand_uniform(state))
     k1 = _member_counts(rules[1], n)
     size_ng = _member_counts(node_group, n).astype(np.int64)
     S = np.zeros(G)
@@ -127,7 +127,7 @@ def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
             S[assign[i]] += s[i]
             W[assign[i]] += w[i]
     failed = 0
-    for i in _sort_desc(np.arange(n), k0, k1, k2):
+    for i in sort_desc(np.arange(n), k0, k1, k2):
         if assign[i] >= 0:
             continue
         g = _choose(s, w, M, S, W, rules, rstate, i, size_ng[i])
