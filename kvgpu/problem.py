@@ -229,6 +229,9 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_of = _node_map(G, nodes, gpus_per_node)
     cur_models = _current(specs, current)
     replan = any(c is not None for c in cur_models) or max_moves is not None or max_migrated_gb is not None
+    if (max_moves is not None or max_migrated_gb is not None) and all(c is None for c in cur_models):
+        warnings.warn("max_moves / max_migrated_gb limit migrations, but no model runs anywhere now (no cur_gpu_id, "
+                      "no current=): every model is placed as new", KvgpuWarning, stacklevel=3)
     K = -1 if max_moves is None else integer(max_moves, "max_moves", *OPTION_RANGES["max_moves"])
     max_gb = math.inf if max_migrated_gb is None else number(max_migrated_gb, "max_migrated_gb", 0.0, math.inf)
     gain = 0.0 if min_gain is None else number(min_gain, "min_gain", 0.0, 1.0)

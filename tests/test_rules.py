@@ -328,3 +328,13 @@ def test_the_budget_of_migrated_gb_holds():
     p = kvgpu.replan(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], max_migrated_gb=10)
     check_placement(p.problem, p)
     assert sum(m.size_gb for m in p.moves) <= 10
+
+
+def test_a_budget_without_a_running_model_is_said_not_ignored():
+    import yaml
+
+    c = yaml.safe_load((Path(__file__).parents[1] / "examples" / "cluster.yaml").read_text())
+    with pytest.warns(kvgpu.KvgpuWarning, match="no model runs anywhere now"):
+        p = kvgpu.replan(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], max_moves=0)
+    check_placement(p.problem, p)
+    assert p.proven_optimal and close(p.max_kvpr, kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"]).max_kvpr)
