@@ -230,6 +230,37 @@ def _no_placement(problem: Problem, status: int, work: int, start_status: int) -
     return NoPlacementFound(msg, [0], proven=status == exact.INFEASIBLE)
 
 
+def _forced_moves(problem: Problem) -> list[int]:
+    """Models that must move in any placement: one of their current GPUs is allowed for none of
+    their shards (a new pin or forbid), so the shard there has to leave."""
+    if not (problem.is_replan and problem.allowed.shape[0]):
+        return []
+    out = []
+    for m in range(len(problem.specs)):
+        items = np.nonzero(problem.model_of == m)[0]
+        cur = problem.cur[items]
+        ok = problem.allowed[items].any(axis=0)  # GPUs some shard of the model may use
+        if (cur >= 0).any() and not ok[cur[cur >= 0]].all():
+            out.append(m)
+    return out
+
+
+def _check_forced(problem: Problem) -> None:
+    """Refuse at once, with a proof, when the forced moves alone break the budget."""
+    forced = _forced_moves(problem)
+    if not forced:
+        return
+    gb = sum(problem.specs[m].size / problem.specs[m].tp for m in forced)
+    names = ", ".join(problem.specs[m].where for m in forced)
+    if 0 <= problem.max_moves < len(forced):
+        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules now forbid and must move ({names}), "
+                               f"more than max_moves={problem.max_moves} (proven)", [0], proven=True)
+    if gb > problem.max_migrated_gb * (1 + 1e-9) + 1e-12:
+        raise NoPlacementFound(f"models that run on GPUs their rules now forbid must move ({names}): at least "
+                               f"{gb:g} GB, more than max_migrated_gb={problem.max_migrated_gb:g} (proven)", [0],
+                               proven=True)
+
+
 def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """Start, search and proof under the rules: ``(assign, pos, lower bound, certified)``."""
     from kvgpu.kernels import exact, search, start
@@ -242,6 +273,7 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
                               f"pin, forbid, nodes or a current placement do not use: they run in numba kernels "
                               f"(backend='auto' or 'numba')")
     _need_numba("models with rules")
+    _check_forced(problem)
     from kvgpu.warmup import ensure
 
     inst = problem.items

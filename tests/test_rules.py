@@ -338,3 +338,17 @@ def test_a_budget_without_a_running_model_is_said_not_ignored():
         p = kvgpu.replan(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], max_moves=0)
     check_placement(p.problem, p)
     assert p.proven_optimal and close(p.max_kvpr, kvgpu.solve(c["models"], c["gpus"], gpu_mem=c["gpu_mem"]).max_kvpr)
+
+
+def test_models_whose_pins_changed_must_move_and_count():
+    models = [{"name": "a", "size": 10, "req_rate": 1, "slo": 1, "cur_gpu_id": 0, "pin": 1},
+              {"name": "b", "size": 10, "req_rate": 1, "slo": 1, "cur_gpu_id": 1, "forbid": [1]},
+              {"name": "c", "size": 10, "req_rate": 1, "slo": 1, "cur_gpu_id": 0}]
+    with pytest.raises(kvgpu.NoPlacementFound, match=r"2 model\(s\) run on GPUs their rules now forbid") as e:
+        kvgpu.replan(models, 3, max_moves=1)
+    assert e.value.proven and "('a')" in str(e.value) and "('b')" in str(e.value)
+    with pytest.raises(kvgpu.NoPlacementFound, match="max_migrated_gb=15"):
+        kvgpu.replan(models, 3, max_migrated_gb=15)
+    p = kvgpu.replan(models, 3, max_moves=2)
+    check_placement(p.problem, p)
+    assert {m.model for m in p.moves} == {"a", "b"}
