@@ -28,7 +28,7 @@ from kvgpu import backends, bounds, migration
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
 from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.params import OPTIMAL_RTOL
-from kvgpu.problem import Problem
+from kvgpu.problem import Instance, Problem
 from kvgpu.results import BatchResult, Placement
 from kvgpu.schema import OPTION_RANGES, integer
 
@@ -195,6 +195,19 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") ->
 
 # ----------------------------------------------------------------------------- one problem
 
+def _useful_gpus(problem: Problem, opts: Options) -> np.ndarray | None:
+    """With more GPUs than models, GPUs of equal memory beyond one per model stay empty in some
+    optimal placement (any placement uses at most one GPU per model, and equal GPUs are
+    interchangeable): the ids of the GPUs worth solving on, or None to keep them all.  Not in
+    seed mode, which reproduces the seed on the whole cluster."""
+    n, G = problem.items.n_models, problem.n_gpus
+    if opts.mode == "seed" or G <= max(n, 1):
+        return None
+    mem = problem.items.gpu_mem
+    keep = np.concatenate([np.nonzero(mem == m)[0][:max(n, 1)] for m in np.unique(mem)])
+    return np.sort(keep) if keep.size < G else None
+
+
 def _kvpr_of(problem: Problem, assign, pos) -> np.ndarray:
     b = batch_from_instances([problem.items])
     N = b.sizes.shape[1]
@@ -310,11 +323,20 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
     """Solve one problem (module doc); a re-placement also gets its baseline, its plan and the
     ``min_gain`` rule.  Raises :class:`kvgpu.NoPlacementFound` when nothing fits."""
     if not problem.has_rules:
-        res = solve_batch_plain(batch_from_instances([problem.items]), opts)
-        n = problem.items.n_models
+        keep = _useful_gpus(problem, opts)
+        items = problem.items
+        sub = items if keep is None else Instance(items.sizes, items.demand, items.gpu_mem[keep], items.names,
+                                                    items.objects)
+        res = solve_batch_plain(batch_from_instances([sub]), opts)
+        n = items.n_models
         a = res.assignment[0, :n].astype(np.int64)
-        return Placement(problem, a, res.kvpr[0, :problem.n_gpus], float(res.lower_bound[0]), mode=opts.mode,
-                         backend=res.backend)
+        kv = res.kvpr[0, :sub.n_gpus]
+        if keep is not None:  # back to the cluster's GPU ids; the GPUs left out stay empty
+            a = keep[a]
+            full = np.zeros(problem.n_gpus)
+            full[keep] = kv
+            kv = full
+        return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend)
     assign, pos, lb, certified = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)
     out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified))

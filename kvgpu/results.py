@@ -21,6 +21,8 @@ from kvgpu.kernels.deltas import EPS, mem_unit
 from kvgpu.kernels.params import OPTIMAL_RTOL
 from kvgpu.problem import Problem
 
+#: Tables list every GPU up to this many; beyond, the GPUs without models are summed up in a line.
+TABLE_ALL_GPUS = 64
 #: How the unit of KVPR reads in tables and JSON.
 KVPR_UNIT = "req/s per s of SLO per GB of KV cache"
 
@@ -85,14 +87,19 @@ class Placement:
     baseline_kvpr: float | None = None
     note: str | None = None
     warnings: list = field(default_factory=list)
+    #: (G,) float64: GB of model weights (and overheads) on each GPU.
     used: np.ndarray = field(init=False, repr=False)
+    #: (G,) float64: demand (``sum req_rate / slo``) on each GPU.
     demand: np.ndarray = field(init=False, repr=False)
+    #: (G,) float64: GB each GPU has left for the KV cache (memory - reserve - models).
+    kv_free: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         inst = self.problem.items
         G = inst.n_gpus
         self.used = np.bincount(self.assignment, weights=inst.sizes, minlength=G)
         self.demand = np.bincount(self.assignment, weights=inst.demand, minlength=G)
+        self.kv_free = inst.gpu_mem - self.used
         self.warnings = list(self.warnings) + self._zero_kv_warnings()
         for msg in self.warnings:
             warnings.warn(msg, KvgpuWarning, stacklevel=3)
@@ -117,10 +124,6 @@ class Placement:
     def model_of(self) -> np.ndarray:
         return self.problem.model_of
 
-    @property
-    def kv_free(self) -> np.ndarray:
-        """(G,) float64: GB each GPU has left for the KV cache (memory - reserve - models)."""
-        return self.problem.items.gpu_mem - self.used
 
     @property
     def max_kvpr(self) -> float:
@@ -180,6 +183,13 @@ class Placement:
             out[g].append(self.problem.items.objects[i])
         return out
 
+    def _members(self) -> list[list[int]]:
+        """The items of every GPU, in input order (one pass, not one per GPU)."""
+        out: list[list[int]] = [[] for _ in range(self.problem.n_gpus)]
+        for i, g in enumerate(self.assignment.tolist()):
+            out[g].append(i)
+        return out
+
     def _name(self, i: int) -> str:
         n = self.problem.items.names[i]
         return n if n is not None else f"#{i}"
@@ -194,8 +204,7 @@ class Placement:
         """Plain-JSON form: per-GPU rows and the summary figures, with units."""
         p = self.problem
         gpus = []
-        for g in range(p.n_gpus):
-            idx = np.nonzero(self.assignment == g)[0].tolist()
+        for g, idx in enumerate(self._members()):
             gpus.append({"gpu": g, "memory_gb": float(p.memory[g]), "reserved_gb": float(p.reserve[g]),
                          "models_gb": float(self.used[g]), "kv_free_gb": float(self.kv_free[g]),
                          "demand": float(self.demand[g]), "kvpr": json_float(self.kvpr[g]),
@@ -222,11 +231,16 @@ class Placement:
             f"{'models GB':>9} {'KV free GB':>10} {'demand':>9} {'KVPR':>10}  models"
         rows = [f"KVPR = demand / GB left for the KV cache ({KVPR_UNIT}); demand = req_rate / slo", head]
         worst = int(np.argmax(self.kvpr)) if self.kvpr.size else -1
-        for g in range(p.n_gpus):
-            idx = np.nonzero(self.assignment == g)[0].tolist()
+        members = self._members()
+        idle = [g for g, idx in enumerate(members) if not idx] if p.n_gpus > TABLE_ALL_GPUS else []
+        for g, idx in enumerate(members):
+            if idle and not idx:
+                continue
             rows.append(f"{g:>4} {p.memory[g]:>7.1f} " + (f"{p.reserve[g]:>7.1f} " if reserve else "")
                         + f"{self.used[g]:>9.1f} {max(self.kv_free[g], 0.0):>10.1f} {self.demand[g]:>9.4f} "
                         f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {', '.join(self._name(i) for i in idx)}")
+        if idle:
+            rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
         if p.is_replan:
             rows.append(self._replan_lines())
         proven = "optimal (proven)" if self.proven_optimal else "not proven optimal"

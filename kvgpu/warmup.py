@@ -16,6 +16,7 @@ them in well under a second.  The first compile takes a while, so:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -78,6 +79,7 @@ def _compile(group: str) -> None:
         raise ValueError(f"unknown kernel group {group!r}; choose from {sorted(GROUPS)}")
 
 
+@functools.lru_cache(maxsize=None)
 def _key() -> str:
     """What the numba cache depends on: the kernels' source, kvgpu, numba, Python, the CPU."""
     import numba

@@ -278,6 +278,16 @@ def _lists_into(assign, G, lst, start):
 
 
 @_inline
+def _partner(j, G, assign, s, w, T):
+    """The other side of an exchange in :func:`repair`'s scans: ``j < 0`` is GPU ``j + G``
+    taking the models with nothing back, else model ``j`` coming back from its GPU.  Returns
+    ``(GPU, its load at T, its size, j or -1)``."""
+    if j < 0:
+        return j + G, 0.0, 0.0, np.int64(-1)
+    return assign[j], s[j] + w[j] / T, s[j], j
+
+
+@_inline
 def _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aY, sY, og):
     """GPU ``g`` gives models of total load ``aX`` / size ``sX`` to ``h`` and takes ``aY`` /
     ``sY`` back: ``(fits in memory, weighted overflow change, overflow change)``.  ``cap``,
@@ -384,12 +394,9 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
             i = mem[p]
             ai = s[i] + w[i] / T
             for j in range(-G, n):  # j < 0: move i to GPU j + G; else swap i with model j
-                h = j + G if j < 0 else assign[j]
+                h, aj, sj, jj = _partner(j, G, assign, s, w, T)
                 if h == g:
                     continue
-                aj = s[j] + w[j] / T if j >= 0 else 0.0
-                sj = s[j] if j >= 0 else 0.0
-                jj = j if j >= 0 else np.int64(-1)
                 ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aj, sj, og)
                 take = False
                 if ok and d <= best_d + TIE:
@@ -408,12 +415,9 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
                     aX = s[i] + w[i] / T + s[i2] + w[i2] / T
                     sX = s[i] + s[i2]
                     for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
-                        h = j + G if j < 0 else assign[j]
+                        h, aj, sj, jj = _partner(j, G, assign, s, w, T)
                         if h == g:
                             continue
-                        aj = s[j] + w[j] / T if j >= 0 else 0.0
-                        sj = s[j] if j >= 0 else 0.0
-                        jj = j if j >= 0 else np.int64(-1)
                         pair_evals += 1
                         ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
                         take = False
