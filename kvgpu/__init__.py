@@ -5,6 +5,7 @@
 >>> p.assignment.tolist()
 [0]
 """
+from kvgpu import io  # noqa: F401 -- kvgpu.io.read_models / write_placement after `import kvgpu`
 from kvgpu.api import compute_model_placement, replan, solve, solve_batch
 from kvgpu.capacity import GpuType, HeadroomResult, SizeResult, headroom, size
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from kvgpu import engine
 from kvgpu.batch.state import make_batch
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK
-from kvgpu.problem import DEFAULT_GPU_MEM, build_problem, validate_batch
+from kvgpu.problem import DEFAULT_GPU_MEM, build_problem, oversized, validate_batch
 from kvgpu.results import BatchResult, Placement
 
 _OPTIONS_DOC = """
@@ -87,8 +89,13 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work)
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
-    validate_batch(batch)
-    return engine.solve_batch_plain(batch, opts, infeasible)
+    if infeasible != "mark":
+        validate_batch(batch)
+        return engine.solve_batch_plain(batch, opts, infeasible)
+    over, _ = oversized(batch)
+    if (~over).any():
+        validate_batch(batch.take(np.nonzero(~over)[0]))
+    return engine.solve_batch_plain(batch, opts, infeasible, proven_infeasible=over)
 
 
 solve.__doc__ += _OPTIONS_DOC

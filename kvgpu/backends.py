@@ -47,7 +47,8 @@ def _probe_cuda() -> tuple[bool, str]:
     try:
         cupy = importlib.import_module("cupy")
     except Exception as e:  # noqa: BLE001
-        return False, f"cupy is not importable ({type(e).__name__}); install the gpu extra (pip install -e '.[gpu]' in the kvgpu checkout)"
+        return False, (f"cupy is not importable ({type(e).__name__}); install the gpu extra "
+                       f"(pip install -e '.[gpu]' in the kvgpu checkout)")
     try:
         n = cupy.cuda.runtime.getDeviceCount()
         if n < 1:
@@ -61,10 +62,12 @@ def _probe_cuda() -> tuple[bool, str]:
         from numba import cuda
 
         if not cuda.is_available():
-            return False, "numba's CUDA target finds no device (install the gpu extra: pip install -e '.[gpu]' in the kvgpu checkout)"
+            return False, ("numba's CUDA target finds no device (install the gpu extra: pip install -e '.[gpu]' in "
+                           "the kvgpu checkout)")
         importlib.import_module("kvgpu.kernels.gpu")
     except Exception as e:  # noqa: BLE001
-        return False, f"numba's CUDA target is not usable ({type(e).__name__}: {e}); install the gpu extra (pip install -e '.[gpu]' in the kvgpu checkout)"
+        return False, (f"numba's CUDA target is not usable ({type(e).__name__}: {e}); install the gpu extra "
+                       f"(pip install -e '.[gpu]' in the kvgpu checkout)")
     return True, f"{name}, cupy {cupy.__version__}"
 
 

@@ -228,11 +228,14 @@ class HeadroomResult:
 
     def summary(self) -> str:
         p, X = self.placement, f"{self.max_kvpr:.6g}"
-        G = _gpus(p.instance.n_gpus)
-        if self.factor >= 1:
-            head = f"{G} sustain every request rate x{self.factor:.4g} under max KVPR {X}"
+        n = p.instance.n_gpus
+        G, s = _gpus(n), "s" if n == 1 else ""
+        if not math.isfinite(self.factor):
+            head = f"{G} sustain{s} any request rate under max KVPR {X} (the models have no demand)"
+        elif self.factor >= 1:
+            head = f"{G} sustain{s} every request rate x{self.factor:.4g} under max KVPR {X}"
         else:
-            head = f"{G} meet max KVPR {X} only if every request rate shrinks to x{self.factor:.4g}"
+            head = f"{G} meet{s} max KVPR {X} only if every request rate shrinks to x{self.factor:.4g}"
         head += f" (placement found: max KVPR {p.max_kvpr:.4g} at today's rates)"
         if self.proven:
             return head + f"; that is the most (proven: the placement is optimal)"

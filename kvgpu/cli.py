@@ -46,9 +46,12 @@ def _int_option(flag: str):
     return parse
 
 
-def _num_option(flag: str, lo: float, hi: float | None = None):
-    """argparse type for a number option, checked as the API checks it (one clean line)."""
+def _num_option(flag: str, lo: float, hi: float | None = None, unlimited: bool = False):
+    """argparse type for a number option, checked as the API checks it (one clean line);
+    ``unlimited``: ``inf`` is accepted and means no limit."""
     def parse(text: str) -> float:
+        if unlimited and text.strip().lower() in ("inf", "infinity"):
+            return float("inf")
         try:
             return schema.number(text, flag, lo, hi)
         except InvalidInstance as e:
@@ -56,13 +59,21 @@ def _num_option(flag: str, lo: float, hi: float | None = None):
     return parse
 
 
-def _gpu_mem(text: str):
-    parts = [p for p in text.split(",") if p.strip()]
-    try:
-        mem = schema.per_gpu(parts if len(parts) > 1 else text, "--gpu-mem", 0.0, lo_open=True)
-    except InvalidInstance as e:
-        raise _UsageError(f"{e} (one number, or one per GPU as 40,80,141)") from None
-    return list(mem) if isinstance(mem, tuple) else mem
+def _per_gpu_option(flag: str, lo: float, lo_open: bool):
+    """argparse type for one number or a comma-separated list of one per GPU (no empty items)."""
+    def parse(text: str):
+        parts = text.split(",")
+        if len(parts) > 1 and any(not p.strip() for p in parts):
+            raise _UsageError(f"{flag} {text!r}: an empty item in the list (one number, or one per GPU as 40,80,141)")
+        try:
+            val = schema.per_gpu(parts if len(parts) > 1 else text, flag, lo, lo_open=lo_open)
+        except InvalidInstance as e:
+            raise _UsageError(f"{e} (one number, or one per GPU as 40,80,141)") from None
+        return list(val) if isinstance(val, tuple) else val
+    return parse
+
+
+_gpu_mem = _per_gpu_option("--gpu-mem", 0.0, True)
 
 
 def _add_solve_options(p: argparse.ArgumentParser) -> None:
@@ -77,9 +88,9 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=_int_option("--gpus-per-node"),
                    help="GPUs per node (consecutive ids): a model's tp shards stay inside one node "
                    "(default: the file's gpus_per_node or nodes, else no nodes)")
-    p.add_argument("--reserve-gb", type=_num_option("--reserve-gb", 0.0),
-                   help="GB kept off every GPU for the serving engine: activations, CUDA context "
-                   "(default: the file's reserve_gb, else 0)")
+    p.add_argument("--reserve-gb", type=_per_gpu_option("--reserve-gb", 0.0, False),
+                   help="GB kept off each GPU for the serving engine (activations, CUDA context): one number, "
+                   "or one per GPU as 4,4,8 (default: the file's reserve_gb, else 0)")
     p.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
                    help="search rounds per instance (mode search; default %(default)s)")
     p.add_argument("--patience", type=_int_option("--patience"),
@@ -98,7 +109,11 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
 
 
 def _check_outputs(args) -> None:
-    """Refuse bad --out / --plot paths before the solve, not after it."""
+    """Refuse bad --out / --plot paths before the solve, not after it -- and never the input."""
+    source = getattr(args, "file", None)
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path and source and os.path.exists(path) and os.path.samefile(path, source):
+            raise InvalidInstance(f"{flag} {path}: that is the input file; write the answer elsewhere")
     if args.out:
         check_output_path(args.out, PLACEMENT_SUFFIXES, "--out")
     if args.plot:
@@ -122,9 +137,15 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     if args.cmd == "replan":
         budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
     exact = True if (args.exact or args.cmd == "certify") else None
-    placement = solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
-                      patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work, **cluster,
-                      **budget)
+    try:
+        placement = solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
+                          patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work, **cluster,
+                          **budget)
+    except InvalidInstance as e:  # a cluster-level rule (memory list, nodes, totals): say which file
+        source = getattr(args, "file", None)
+        if source and not str(e).startswith(str(source)):
+            raise InvalidInstance(f"{source} (with the command line's options): {e}") from None
+        raise
     # both files appear together, or neither: each goes to a temporary file, renamed at the end
     with contextlib.ExitStack() as outputs:
         if args.out:
@@ -190,6 +211,7 @@ def _sweep(args) -> int:
         if args.plot:
             from kvgpu import plot
             plot.check_target(args.plot)
+            check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
         client = sweep.dask_client(args.dask, args.dask_local) if (args.dask or args.dask_local is not None) else None
         try:
             df = sweep.run(spec, args.out, client=client, progress=not args.no_progress)
@@ -263,8 +285,8 @@ def _main(argv) -> int:
     pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
     pr.add_argument("--max-moves", type=_int_option("--max-moves"),
                     help="most models that may change GPU (default: no limit)")
-    pr.add_argument("--max-migrated-gb", type=_num_option("--max-migrated-gb", 0.0),
-                    help="most GB of model weights copied (default: no limit)")
+    pr.add_argument("--max-migrated-gb", type=_num_option("--max-migrated-gb", 0.0, unlimited=True),
+                    help="most GB of model weights copied (default: inf, no limit)")
     pr.add_argument("--min-gain", type=_num_option("--min-gain", 0.0, 1.0),
                     help="move nothing that runs unless the max KVPR improves by at least this share (e.g. 0.01) "
                     "over placing the new models alone (default 0)")
@@ -330,6 +352,8 @@ def _main(argv) -> int:
         print(f"kvgpu: error: {_one_line(e)}; this feature needs the optional packages of kvgpu's extras: "
               f"pip install -e '.[all]' in the kvgpu checkout (README, 'Extras')", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output cut short by the reader (| head): not an error of ours
+        raise
     except (InvalidInstance, NoPlacementFound, ValueError, OSError) as e:
         print(f"kvgpu: error: {_one_line(e)}", file=sys.stderr)
         return 2

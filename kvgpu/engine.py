@@ -145,14 +145,18 @@ def _compile_first(opts: Options, B: int, n_items: int) -> None:
         ensure(["batch"])
 
 
-def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") -> BatchResult:
+def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
+                      proven_infeasible: np.ndarray | None = None) -> BatchResult:
     """Solve ``B`` plain instances (padded arrays): seed, search, proof (module doc).
 
     ``infeasible="raise"`` raises :class:`kvgpu.NoPlacementFound` naming the instances without a
     placement (``.proven`` when the exact search proved every one of them infeasible);
-    ``"mark"`` returns them with ``status`` set and NaN figures."""
+    ``"mark"`` returns them with ``status`` set and NaN figures; ``proven_infeasible`` (B,) bool
+    marks instances already known to have none (their sizes alone do not fit)."""
     if infeasible not in ("raise", "mark"):
         raise InvalidInstance(f"infeasible: choose 'raise' or 'mark', got {infeasible!r}")
+    if proven_infeasible is not None and proven_infeasible.any():
+        return _without(batch, opts, proven_infeasible)
     B = batch.shape[0]
     if batch.shape[1] == 0:  # no model slots at all: every GPU idle, KVPR 0, trivially optimal
         kv = np.where(batch.gpu_mask, 0.0, np.nan)
@@ -191,6 +195,21 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise") ->
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+
+
+def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
+    """Solve the instances not in ``skip`` (B,) bool; those get status INFEASIBLE, NaN figures."""
+    B = batch.shape[0]
+    nan = np.full(B, np.nan)
+    out = BatchResult(np.full(batch.sizes.shape, -1, np.int64), np.full(batch.gpu_mem.shape, np.nan), nan, nan.copy(),
+                      backend=opts.backend, status=np.where(skip, INFEASIBLE, "ok").astype(object))
+    rest = np.nonzero(~skip)[0]
+    if rest.size:
+        r = solve_batch_plain(batch.take(rest), opts, "mark")
+        out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
+            r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
+        out.status[rest], out.proven[rest], out.backend = r.status, r.proven, r.backend
+    return out
 
 
 # ----------------------------------------------------------------------------- one problem

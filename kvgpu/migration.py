@@ -63,7 +63,7 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
         return out, None
     short = [(used[dst] + float(inst.sizes[i]) - M[dst], dst) for _, i, _, dst in pending]
     need, g = min(short)
-    names = sorted({problem.specs[m].name or f"#{m}" for m, _, _, _ in pending})
+    names = sorted({_label(problem, m) for m, _, _, _ in pending})
     out += [_move(problem, m, src, dst) for m, _, src, dst in pending]
     note = (f"the last {len(pending)} step(s) ({', '.join(names)}) wait for each other: no order keeps every GPU "
             f"within its memory; {need:.3g} GB spare on GPU {g} (or stopping one of these models while the "
@@ -71,6 +71,16 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
     return out, note
 
 
+def _label(problem: Problem, m: int) -> str:
+    """The model's name; with its input position when the name is not unique (or missing)."""
+    name = problem.specs[m].name
+    if name is None:
+        return f"#{m}"
+    if sum(s.name == name for s in problem.specs) > 1:
+        return f"{name} (model {m})"
+    return name
+
+
 def _move(problem: Problem, m: int, src: int, dst: int) -> Move:
     spec = problem.specs[m]
-    return Move(spec.name or f"#{m}", int(src), int(dst), float(spec.size / spec.tp))
+    return Move(_label(problem, m), int(src), int(dst), float(spec.size / spec.tp), m)

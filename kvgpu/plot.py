@@ -81,8 +81,7 @@ def _kv_free(p) -> np.ndarray:
 
 
 def _headline(p) -> str:
-    n = len(p.gpus_of_models())
-    items = f" as {p.instance.n_models} shards/replicas" if p.model_of is not None else ""
+    count = p.count()
     lb = p.lower_bound
     if not math.isfinite(p.max_kvpr):
         verdict = "a GPU has demand but no memory left for the KV cache"
@@ -92,7 +91,7 @@ def _headline(p) -> str:
         verdict = f"gap {100 * p.gap:.2f}% (an upper limit on the distance from the optimum)"
     else:
         verdict = "gap unbounded (lower bound 0)"
-    return (f"{n} models{items} on {p.instance.n_gpus} GPUs\n"
+    return (f"{count} on {p.instance.n_gpus} GPUs\n"
             f"max KVPR {p.max_kvpr:.4g}, lower bound {lb:.4g}: {verdict}")
 
 

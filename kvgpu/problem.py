@@ -233,7 +233,8 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         warnings.warn("max_moves / max_migrated_gb limit migrations, but no model runs anywhere now (no cur_gpu_id, "
                       "no current=): every model is placed as new", KvgpuWarning, stacklevel=3)
     K = -1 if max_moves is None else integer(max_moves, "max_moves", *OPTION_RANGES["max_moves"])
-    max_gb = math.inf if max_migrated_gb is None else number(max_migrated_gb, "max_migrated_gb", 0.0, math.inf)
+    unlimited = max_migrated_gb is None or (isinstance(max_migrated_gb, float) and max_migrated_gb == math.inf)
+    max_gb = math.inf if unlimited else number(max_migrated_gb, "max_migrated_gb", 0.0, math.inf)
     gain = 0.0 if min_gain is None else number(min_gain, "min_gain", 0.0, 1.0)
     if gain and not replan:
         raise InvalidInstance("min_gain applies to re-placement: the models carry no cur_gpu_id and no current= "
@@ -279,11 +280,12 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             if max(room) < m.tp:
                 raise InvalidInstance(f"{m.where}: its tp={m.tp} shards must share a node, but no node has {m.tp} "
                                       f"GPUs it may use (set same_node: false to let them span nodes)")
-            if pins is not None:
+            if pins is not None:  # shards are interchangeable: group the pinned GPUs node by node
+                pins = sorted(pins, key=lambda g: (int(node_of[g]), g))
                 for r in range(m.replicas):
                     if len({int(node_of[g]) for g in pins[r * m.tp:(r + 1) * m.tp]}) > 1:
-                        raise InvalidInstance(f"{m.where}: the pins of replica {r} span nodes, but its tp shards "
-                                              f"must share a node (same_node: false lets them span)")
+                        raise InvalidInstance(f"{m.where}: its pins cannot be split into {m.replicas} replica(s) of "
+                                              f"{m.tp} shards inside one node each (same_node: false lets them span)")
         cur_ids = cur_models[i]
         if cur_ids is not None:
             if any(g >= G for g in cur_ids):
@@ -330,6 +332,11 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     model_of_a = np.asarray(model_of, np.int64)
     if replan:
         _check_current_memory(specs, model_of_a, cur_a, mem)
+        run = cur_a >= 0
+        held = np.bincount(cur_a[run], weights=sizes_a[run], minlength=G)
+        for g in np.nonzero(held > usable + EPS * mem_unit(usable))[0].tolist():
+            warnings.warn(f"current placement: GPU {g} holds {held[g]:g} GB with overhead_gb, more than its "
+                          f"{usable[g]:g} GB after reserve_gb: models there must move", KvgpuWarning, stacklevel=3)
     items = Instance(sizes_a, np.asarray(demand, float), usable, names, objects)
     allowed_a = np.asarray(allow_rows, np.uint8).reshape(n, G) if pinned else np.empty((0, 0), np.uint8)
     group_a = np.asarray(group, np.int64) if multi else _EMPTY_I
@@ -391,18 +398,30 @@ def validate_batch(batch) -> None:
     nog = batch.n_gpus == 0
     if bool(nog.any()):
         raise InvalidInstance(f"instance {int(xp.argwhere(nog)[0, 0])}: no GPUs (gpu_mask is all False)")
+    over, why = oversized(batch)
+    if over.any():
+        raise InvalidInstance(why)
+
+
+def oversized(batch) -> tuple[np.ndarray, str]:
+    """Instances of a batch that provably have no placement for their sizes alone -- a model
+    larger than every GPU, or more GB of models than GPUs -- as a (B,) bool mask, and the
+    reason for the first of them (empty when none)."""
+    xp = batch.xp
+    s, mm, gm = batch.sizes, batch.model_mask, batch.gpu_mem
     top = gm.max(axis=1)[:, None]
     big = mm & (s > top + EPS * mem_unit(top))
-    if bool(big.any()):
-        b, n = (int(v) for v in xp.argwhere(big)[0])
-        raise InvalidInstance(f"instance {b}, model {n}: model_size {float(s[b, n])} GB is larger than every GPU "
-                              f"(largest has {float(gm[b].max())} GB)")
     tot = gm.sum(axis=1)
     over = s.sum(axis=1) > tot + EPS * mem_unit(tot)
-    if bool(over.any()):
+    why = ""
+    if bool(big.any()):
+        b, n = (int(v) for v in xp.argwhere(big)[0])
+        why = (f"instance {b}, model {n}: model_size {float(s[b, n])} GB is larger than every GPU "
+               f"(largest has {float(gm[b].max())} GB)")
+    elif bool(over.any()):
         b = int(xp.argwhere(over)[0, 0])
-        raise InvalidInstance(f"instance {b}: total size {float(s[b].sum())} GB is above the total GPU memory "
-                              f"{float(gm[b].sum())} GB")
+        why = f"instance {b}: total size {float(s[b].sum())} GB is above the total GPU memory {float(gm[b].sum())} GB"
+    return np.asarray(big.any(axis=1) | over), why
 
 
 def score_tuple(kvprs: Sequence[float]) -> tuple[float, float, float]:

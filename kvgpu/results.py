@@ -29,12 +29,14 @@ KVPR_UNIT = "req/s per s of SLO per GB of KV cache"
 
 class Move(NamedTuple):
     """One step of a re-placement: ``model`` (its name, or ``#index``) copies a shard of
-    ``size_gb`` GB from GPU ``src`` to ``dst``; ``src = -1`` loads a new model."""
+    ``size_gb`` GB from GPU ``src`` to ``dst``; ``src = -1`` loads a new model.  ``index`` is
+    the model's position in the input (names need not be unique)."""
 
     model: str
     src: int
     dst: int
     size_gb: float = 0.0
+    index: int = -1
 
 
 def json_float(x) -> float | str:
@@ -156,7 +158,7 @@ class Placement:
     @property
     def moved_models(self) -> int:
         """How many models a re-placement moves (the budget ``max_moves`` counts these)."""
-        return len({m.model for m in self.moves})
+        return len({m.index for m in self.moves})
 
     @property
     def gain(self) -> float | None:
@@ -220,8 +222,8 @@ class Placement:
             out["replan"] = {"moved_models": self.moved_models, "start_kvpr": json_float(self.start_kvpr),
                              "baseline_kvpr": None if self.baseline_kvpr is None else json_float(self.baseline_kvpr),
                              "gain": self.gain, "note": self.note, "plan_note": self.plan_note,
-                             "plan": [{"model": m.model, "from": m.src, "to": m.dst, "size_gb": m.size_gb}
-                                      for m in self.plan]}
+                             "plan": [{"model": m.model, "index": m.index, "from": m.src, "to": m.dst,
+                                       "size_gb": m.size_gb} for m in self.plan]}
         return out
 
     def __str__(self) -> str:
@@ -264,10 +266,8 @@ class Placement:
         fig = f"peak KVPR now {self.start_kvpr:.6f}"
         if self.baseline_kvpr is not None:
             fig += f", with the new models and nothing moved {self.baseline_kvpr:.6f}"
-        elif self.problem.cur.shape[0] and (self.problem.cur < 0).any():
-            fig += ", the new models need running ones to move first"
         else:
-            fig += ", nothing can stay where it is (rules)"
+            fig += ", no placement keeps everything that runs where it is (new models, rules or memory)"
         fig += f", after the plan {self.max_kvpr:.6f}"
         if self.gain is not None:
             fig += f" (gain {100 * self.gain:.2f}%)"

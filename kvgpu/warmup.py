@@ -138,7 +138,10 @@ def _jit_disabled() -> bool:
     return bool(config.DISABLE_JIT)
 
 
-def ensure(groups, announce: bool = True, jobs: int | None = None) -> list[str]:
+_FIRST_RUN = ", first run only, about {est} s ('kvgpu warmup' does it ahead of time)"
+
+
+def ensure(groups, announce: bool | str = True, jobs: int | None = None) -> list[str]:
     """Make sure the kernel ``groups`` are compiled; returns those that had to be.  Cold groups
     compile side by side in child processes (at most ``jobs``, default the CPU count), after one
     line on stderr (``announce``); warm ones cost a file check each."""
@@ -148,8 +151,8 @@ def ensure(groups, announce: bool = True, jobs: int | None = None) -> list[str]:
     jobs = max(1, min(len(cold), jobs or os.cpu_count() or 1))
     est = _estimate(cold, jobs)
     if announce:
-        print(f"kvgpu: compiling kernels ({', '.join(cold)}), first run only, about {est} s "
-              f"('kvgpu warmup' does it ahead of time)", file=sys.stderr, flush=True)
+        tail = announce if isinstance(announce, str) else _FIRST_RUN
+        print(f"kvgpu: compiling kernels ({', '.join(cold)}){tail.format(est=est)}", file=sys.stderr, flush=True)
     if jobs == 1 or len(cold) == 1:
         for g in cold:
             _compile(g)
@@ -185,6 +188,7 @@ def warmup(groups=None, jobs: int | None = None, announce: bool = False) -> dict
         if g not in GROUPS:
             raise ValueError(f"unknown kernel group {g!r}; choose from {sorted(GROUPS)}")
     t0 = time.perf_counter()
-    done = ensure(groups, announce=announce, jobs=jobs)
+    done = ensure(groups, announce=", about {est} s, once for this kvgpu, numba and CPU" if announce else False,
+                  jobs=jobs)
     spent = time.perf_counter() - t0
     return {g: (round(spent, 1) if g in done else 0.0) for g in groups}

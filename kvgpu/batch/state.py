@@ -20,6 +20,7 @@ import numpy as np
 
 from kvgpu._namespace import get_namespace
 from kvgpu.batch.arrays import argsort_stable, seq_sum
+from kvgpu.errors import InvalidInstance
 from kvgpu.kernels.deltas import INF, safe_div_array
 from kvgpu.problem import Instance
 
@@ -63,15 +64,15 @@ def make_batch(sizes, demand, gpu_mem, model_mask=None, gpu_mask=None) -> Batch:
     demand = xp.asarray(demand, dtype=xp.float64)
     gpu_mem = xp.asarray(gpu_mem, dtype=xp.float64)
     if sizes.ndim != 2 or demand.shape != sizes.shape:
-        raise ValueError(f"sizes and demand must both have shape (B, N); got {sizes.shape} and {demand.shape}")
+        raise InvalidInstance(f"sizes and demand must both have shape (B, N); got {sizes.shape} and {demand.shape}")
     if gpu_mem.ndim == 1 and gpu_mem.shape[0] == sizes.shape[0]:
-        raise ValueError("gpu_mem must have shape (B, G); use gpu_mem[:, None] for one GPU per instance")
+        raise InvalidInstance("gpu_mem must have shape (B, G); use gpu_mem[:, None] for one GPU per instance")
     if gpu_mem.ndim != 2 or gpu_mem.shape[0] != sizes.shape[0]:
-        raise ValueError(f"gpu_mem must have shape (B, G) with B = {sizes.shape[0]}; got {gpu_mem.shape}")
+        raise InvalidInstance(f"gpu_mem must have shape (B, G) with B = {sizes.shape[0]}; got {gpu_mem.shape}")
     model_mask = xp.ones(sizes.shape, bool) if model_mask is None else xp.asarray(model_mask, dtype=bool)
     gpu_mask = xp.ones(gpu_mem.shape, bool) if gpu_mask is None else xp.asarray(gpu_mask, dtype=bool)
     if model_mask.shape != sizes.shape or gpu_mask.shape != gpu_mem.shape:
-        raise ValueError("model_mask must match sizes (B, N) and gpu_mask must match gpu_mem (B, G)")
+        raise InvalidInstance("model_mask must match sizes (B, N) and gpu_mask must match gpu_mem (B, G)")
     return Batch(xp.where(model_mask, sizes, 0.0), xp.where(model_mask, demand, 0.0), model_mask,
                  xp.where(gpu_mask, gpu_mem, 0.0), gpu_mask)
 

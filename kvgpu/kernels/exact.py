@@ -34,7 +34,7 @@ from kvgpu.kernels import params
 from kvgpu.kernels.cpu import score_of, fits, safe_div
 from kvgpu.kernels.params import CAP_SLACK
 from kvgpu.kernels.rules import budget_held, may_place, new_state, no_rules, place, restricted, unplace
-from kvgpu.kernels.search import mem_unit
+from kvgpu.kernels.search import POLISH_ITERS, mem_unit, polish_second
 
 njit = kernel()
 
@@ -264,6 +264,7 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
     out = np.empty(n, np.int64)
     used = 0
     first = True
+    found = False
     while U > lo * (1.0 + RTOL) and U > 0.0 and used < node_limit:
         if U == INF:  # is any placement finite?  (if not, the optimum is inf, proven)
             T = FLOAT_MAX
@@ -284,8 +285,11 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
             U = sc2[0]  # <= T < U: strictly better, checked by feasible()
             assign[:] = out
             pos[:] = np.arange(n)
+            found = True
         else:
             break
+    if found:  # the exact search only cares for the max: tend the runner-up GPUs too
+        polish_second(s, w, M, assign, pos, POLISH_ITERS, rules, new_state(rules, assign, M.shape[0]))
     return lo, used
 
 

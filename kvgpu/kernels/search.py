@@ -27,7 +27,8 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.cpu import argmax_first, kvprs, list_loads, score_of, fits, improve_local, refine_peak, safe_div
+from kvgpu.kernels.cpu import (argmax_first, fits, improve_local, kvprs, list_loads, refine_peak, safe_div,
+                              score_of)
 from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
@@ -57,6 +58,8 @@ TENURE_MIN, TENURE_SPAN = 3, 8
 REPAIR_STEPS_BASE, REPAIR_STEPS_PER_MODEL, REPAIR_SCANS_PER_MODEL = 20, 20, 25_000
 #: Repair targets ``T = best * (1 - frac)``; ``frac`` doubles on success, halves on failure.
 FRAC_START, FRAC_MIN, FRAC_MAX = 0.05, 1e-4, 0.2
+#: Steps of :func:`polish_second` after a search.
+POLISH_ITERS = 200
 
 
 def default_patience(effort: int) -> int:
@@ -137,66 +140,86 @@ def _move_random(s, w, M, assign, pos, S, W, kv, src, stamp, state, rules, rstat
 
 
 @njit
-def _relocate_group(s, w, M, assign, pos, S, W, kv, a, stamp, state, rules, rstate, members, old):
-    """Move the node group of item ``a`` (the tp shards of one replica, which must share a
-    node) as a whole to a random other node, each shard to the allowed GPU there with the most
-    free memory; undone if memory, rules or budget do not allow it.  ``members``, ``old`` (n,)
-    int64 working memory.  Returns the next stamp."""
-    node_group, node_of = rules[2], rules[3]
-    k = node_group[a]
-    n = s.shape[0]
-    G = M.shape[0]
+def _node_count(rules, G):
     nn = 0
     for g in range(G):
-        nn = max(nn, node_of[g] + 1)
-    here = node_of[assign[a]]
+        nn = max(nn, rules[3][g] + 1)
+    return nn
+
+
+@njit
+def _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, node):
+    """Move the ``m`` items ``members`` (a node group, now on GPUs ``old``) into ``node``, each
+    to the GPU there it may use with the most free memory.  True if all fit within the rules and
+    the budget (``S``, ``W``, ``assign``, ``rstate`` updated); otherwise nothing changes."""
+    node_of = rules[3]
+    G = M.shape[0]
+    for q in range(m):  # take the group off, then place it shard by shard in ``node``
+        unplace(rules, rstate, members[q], old[q])
+        S[old[q]] -= s[members[q]]
+        W[old[q]] -= w[members[q]]
+        assign[members[q]] = -1
+    placed = 0
+    for q in range(m):
+        i = members[q]
+        best, room = -1, -INF
+        for g in range(G):
+            if node_of[g] == node and fits(S[g] + s[i], M[g]) and may_place(rules, rstate, i, g):
+                if M[g] - S[g] > room:
+                    best, room = g, M[g] - S[g]
+        if best < 0:
+            break
+        place(rules, rstate, i, best)
+        S[best] += s[i]
+        W[best] += w[i]
+        assign[i] = best
+        placed += 1
+    if placed == m and budget_held(rules, rstate):
+        return True
+    _group_back(s, w, assign, S, W, rules, rstate, members, old, placed, m)
+    return False
+
+
+@njit
+def _group_back(s, w, assign, S, W, rules, rstate, members, old, placed, m):
+    """Undo :func:`_group_to`: the first ``placed`` members leave their new GPUs, all go home."""
+    for q in range(placed):
+        i = members[q]
+        unplace(rules, rstate, i, assign[i])
+        S[assign[i]] -= s[i]
+        W[assign[i]] -= w[i]
+    for q in range(m):
+        i = members[q]
+        assign[i] = old[q]
+        place(rules, rstate, i, old[q])
+        S[old[q]] += s[i]
+        W[old[q]] += w[i]
+
+
+@njit
+def _relocate_group(s, w, M, assign, pos, S, W, kv, a, stamp, state, rules, rstate, members, old):
+    """Move the node group of item ``a`` (the tp shards of one replica, which must share a
+    node) as a whole to a random other node (:func:`_group_to`); nothing happens if memory,
+    rules or budget do not allow it anywhere.  ``members``, ``old`` (n,) int64 working memory.
+    Returns the next stamp."""
+    G = M.shape[0]
+    nn = _node_count(rules, G)
+    here = rules[3][assign[a]]
     if nn < 2:
         return stamp
-    m = _collect(node_group, k, members)
+    m = _collect(rules[2], rules[2][a], members)
     for q in range(m):
         old[q] = assign[members[q]]
     first = _rand_int(state, nn)
     for t in range(nn):
         node = (first + t) % nn
-        if node == here:
-            continue
-        for q in range(m):  # take the group off, then place it shard by shard in ``node``
-            unplace(rules, rstate, members[q], old[q])
-            S[old[q]] -= s[members[q]]
-            assign[members[q]] = -1
-        placed = 0
-        for q in range(m):
-            i = members[q]
-            best, room = -1, -INF
-            for g in range(G):
-                if node_of[g] == node and fits(S[g] + s[i], M[g]) and may_place(rules, rstate, i, g):
-                    if M[g] - S[g] > room:
-                        best, room = g, M[g] - S[g]
-            if best < 0:
-                break
-            place(rules, rstate, i, best)
-            S[best] += s[i]
-            assign[i] = best
-            placed += 1
-        if placed == m and budget_held(rules, rstate):
+        if node != here and _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, node):
             for q in range(m):
-                i = members[q]
-                W[old[q]] -= w[i]
-                W[assign[i]] += w[i]
-                pos[i] = stamp
+                pos[members[q]] = stamp
                 stamp += 1
             for g in range(G):
                 kv[g] = safe_div(W[g], M[g] - S[g])
             return stamp
-        for q in range(placed):  # undo
-            i = members[q]
-            unplace(rules, rstate, i, assign[i])
-            S[assign[i]] -= s[i]
-        for q in range(m):
-            i = members[q]
-            assign[i] = old[q]
-            place(rules, rstate, i, old[q])
-            S[old[q]] += s[i]
     return stamp
 
 
@@ -601,6 +624,174 @@ def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
         improve_local(s, w, M, cur_a, cur_p, 1500, rules, rstate)
         if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, start_sc, sc):
             last_gain = it + 1
+    reset_state(rules, rstate, assign)
+    polish_second(s, w, M, assign, pos, POLISH_ITERS, rules, rstate)
+
+
+@njit
+def _top4(kv, v, ix):
+    """The four largest of ``kv`` (first index among equals) into ``v``, ``ix`` (4,), padded
+    with ``(-inf, -1)``."""
+    for k in range(4):
+        v[k] = -INF
+        ix[k] = -1
+    for g in range(kv.shape[0]):
+        x = kv[g]
+        for k in range(4):
+            if ix[k] < 0 or x > v[k]:
+                for q in range(3, k, -1):
+                    v[q] = v[q - 1]
+                    ix[q] = ix[q - 1]
+                v[k] = x
+                ix[k] = g
+                break
+
+
+@_inline
+def _two_largest(a, b, v, ix, src, dst):
+    """The two largest of ``a``, ``b`` and the KVPRs of the GPUs other than ``src``, ``dst``
+    (from :func:`_top4`)."""
+    m1, m2 = (a, b) if a >= b else (b, a)
+    taken = 0
+    for k in range(4):
+        if taken == 2 or ix[k] < 0:
+            break
+        if ix[k] == src or ix[k] == dst:
+            continue
+        x = v[k]
+        taken += 1
+        if x > m1:
+            m1, m2 = x, m1
+        elif x > m2:
+            m2 = x
+    return m1, m2
+
+
+@njit
+def _best_group_move(s, w, M, assign, S, W, kv, rules, rstate, ix, b1, b2, members, old):
+    """The node group (tp shards of a replica) on one of the two worst GPUs ``ix[:2]`` whose
+    move to another node gives the best score (max, second), if better than ``(b1, b2)``:
+    ``(group, node)``, or ``(-1, -1)``.  Each try is made and undone (:func:`_group_to`)."""
+    node_group = rules[2]
+    G = M.shape[0]
+    if node_group.shape[0] == 0 or _node_count(rules, G) < 2:
+        return -1, -1
+    bk, bnode = -1, -1
+    for k in range(2):
+        for a in range(s.shape[0]):
+            if assign[a] != ix[k] or node_group[a] < 0:
+                continue
+            grp = node_group[a]
+            m = _collect(node_group, grp, members)
+            for q in range(m):
+                old[q] = assign[members[q]]
+            here = rules[3][assign[a]]
+            for node in range(_node_count(rules, G)):
+                if node == here or not _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, node):
+                    continue
+                m1, m2 = -INF, -INF
+                for g in range(G):
+                    x = safe_div(W[g], M[g] - S[g])
+                    if x > m1:
+                        m1, m2 = x, m1
+                    elif x > m2:
+                        m2 = x
+                if better(m1, m2, 0.0, b1, b2, 0.0):
+                    b1, b2, bk, bnode = m1, m2, grp, node
+                placed = m
+                _group_back(s, w, assign, S, W, rules, rstate, members, old, placed, m)
+    return bk, bnode
+
+
+@_inline
+def _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY):
+    """Models of size ``sX`` and demand ``wX`` go from ``src`` to ``dst``, ``sY``/``wY`` back:
+    ``(fits in memory, new largest KVPR, new second largest)``."""
+    Ss, Sd = S[src] - sX + sY, S[dst] + sX - sY
+    if not (fits(Ss, M[src]) and fits(Sd, M[dst])):
+        return False, 0.0, 0.0
+    m1, m2 = _two_largest(safe_div(W[src] - wX + wY, M[src] - Ss), safe_div(W[dst] + wX - wY, M[dst] - Sd), v, ix,
+                          src, dst)
+    return True, m1, m2
+
+
+@njit
+def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
+    """Lower the second-largest KVPR without raising the largest, in place: the best exchange
+    between one of the two worst GPUs and any GPU -- a move, a swap, two models for one or none,
+    one for two -- by the score (max, second) compared with the tolerance of
+    :func:`kvgpu.kernels.deltas.better`, while one improves (at most ``max_iters``).  Memory and
+    ``rules`` hold (``rstate`` updated).  The search proper drives the largest KVPR; under rules
+    or after a proof nothing else tends the runner-up GPU, which the score's second term ranks."""
+    G = M.shape[0]
+    n = s.shape[0]
+    if G < 3 or n == 0:
+        return
+    S, W = list_loads(assign, pos, s, w, G)
+    kv = kvprs(S, W, M)
+    v = np.empty(4)
+    ix = np.empty(4, np.int64)
+    lst = np.empty(n, np.int64)
+    start = np.empty(G + 1, np.int64)
+    members = np.empty(n, np.int64)
+    old = np.empty(n, np.int64)
+    none = np.int64(-1)
+    stamp = pos.max() + 1
+    for _ in range(max_iters):
+        _top4(kv, v, ix)
+        _lists_into(assign, G, lst, start)
+        b1, b2 = v[0], v[1]
+        bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
+        for k in range(2):
+            src = ix[k]
+            for p in range(start[src], start[src + 1]):
+                for q in range(p, start[src + 1]):  # q == p: one model; else two
+                    x1 = lst[p]
+                    x2 = lst[q] if q > p else none
+                    sX = s[x1] + (s[x2] if x2 >= 0 else 0.0)
+                    wX = w[x1] + (w[x2] if x2 >= 0 else 0.0)
+                    for dst in range(G):
+                        if dst == src:
+                            continue
+                        for u in range(start[dst] - 1, start[dst + 1]):  # u < start: nothing back
+                            y1 = lst[u] if u >= start[dst] else none
+                            last = start[dst + 1] if x2 < 0 and y1 >= 0 else u + 1
+                            for r in range(u, last):  # r == u: one model back (or none); else two
+                                y2 = lst[r] if r > u else none
+                                sY = (s[y1] if y1 >= 0 else 0.0) + (s[y2] if y2 >= 0 else 0.0)
+                                wY = (w[y1] if y1 >= 0 else 0.0) + (w[y2] if y2 >= 0 else 0.0)
+                                ok, m1, m2 = _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY)
+                                if not ok or not better(m1, m2, 0.0, b1, b2, 0.0):
+                                    continue
+                                if not transfer_check(rules, rstate, src, dst, x1, x2, y1, y2)[0]:
+                                    continue
+                                b1, b2, bx1, bx2, by1, by2, bsrc, bdst = m1, m2, x1, x2, y1, y2, src, dst
+        bk, bnode = _best_group_move(s, w, M, assign, S, W, kv, rules, rstate, ix, b1, b2, members, old)
+        if bk >= 0:  # a whole tp group to another node beats every single exchange
+            m = _collect(rules[2], bk, members)
+            for q in range(m):
+                old[q] = assign[members[q]]
+            _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, bnode)
+            for q in range(m):
+                pos[members[q]] = stamp
+                stamp += 1
+            for g in range(G):
+                kv[g] = safe_div(W[g], M[g] - S[g])
+            continue
+        if bx1 < 0:
+            return
+        transfer_apply(rules, rstate, bsrc, bdst, bx1, bx2, by1, by2)
+        for x, frm, to in ((bx1, bsrc, bdst), (bx2, bsrc, bdst), (by1, bdst, bsrc), (by2, bdst, bsrc)):
+            if x >= 0:
+                S[frm] -= s[x]
+                W[frm] -= w[x]
+                S[to] += s[x]
+                W[to] += w[x]
+                assign[x] = to
+                pos[x] = stamp
+                stamp += 1
+        kv[bsrc] = safe_div(W[bsrc], M[bsrc] - S[bsrc])
+        kv[bdst] = safe_div(W[bdst], M[bdst] - S[bdst])
 
 
 @kernel(parallel=True)
