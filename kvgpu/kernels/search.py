@@ -742,31 +742,40 @@ def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
         _lists_into(assign, G, lst, start)
         b1, b2 = v[0], v[1]
         bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
-        for k in range(2):
-            src = ix[k]
-            for p in range(start[src], start[src + 1]):
-                for q in range(p, start[src + 1]):  # q == p: one model; else two
-                    x1 = lst[p]
-                    x2 = lst[q] if q > p else none
-                    sX = s[x1] + (s[x2] if x2 >= 0 else 0.0)
-                    wX = w[x1] + (w[x2] if x2 >= 0 else 0.0)
-                    for dst in range(G):
-                        if dst == src:
-                            continue
-                        for u in range(start[dst] - 1, start[dst + 1]):  # u < start: nothing back
-                            y1 = lst[u] if u >= start[dst] else none
-                            last = start[dst + 1] if x2 < 0 and y1 >= 0 else u + 1
-                            for r in range(u, last):  # r == u: one model back (or none); else two
-                                y2 = lst[r] if r > u else none
-                                sY = (s[y1] if y1 >= 0 else 0.0) + (s[y2] if y2 >= 0 else 0.0)
-                                wY = (w[y1] if y1 >= 0 else 0.0) + (w[y2] if y2 >= 0 else 0.0)
-                                ok, m1, m2 = _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY)
-                                if not ok or not better(m1, m2, 0.0, b1, b2, 0.0):
-                                    continue
-                                if not transfer_check(rules, rstate, src, dst, x1, x2, y1, y2)[0]:
-                                    continue
-                                b1, b2, bx1, bx2, by1, by2, bsrc, bdst = m1, m2, x1, x2, y1, y2, src, dst
-        bk, bnode = _best_group_move(s, w, M, assign, S, W, kv, rules, rstate, ix, b1, b2, members, old)
+        bk, bnode = -1, -1
+        for pairs in range(2):  # single moves and swaps first; two-model exchanges only when stuck
+            if pairs and bx1 >= 0:
+                break
+            for k in range(2):
+                src = ix[k]
+                for p in range(start[src], start[src + 1]):
+                    for q in range(p, start[src + 1] if pairs else p + 1):  # q == p: one model; else two
+                        x1 = lst[p]
+                        x2 = lst[q] if q > p else none
+                        sX = s[x1] + (s[x2] if x2 >= 0 else 0.0)
+                        wX = w[x1] + (w[x2] if x2 >= 0 else 0.0)
+                        for dst in range(G):
+                            if dst == src:
+                                continue
+                            for u in range(start[dst] - 1, start[dst + 1]):  # u < start: nothing back
+                                y1 = lst[u] if u >= start[dst] else none
+                                last = start[dst + 1] if pairs and x2 < 0 and y1 >= 0 else u + 1
+                                for r in range(u, last):  # r == u: one model back (or none); else two
+                                    y2 = lst[r] if r > u else none
+                                    if pairs and x2 < 0 and y2 < 0:
+                                        continue  # scanned as a single already
+                                    sY = (s[y1] if y1 >= 0 else 0.0) + (s[y2] if y2 >= 0 else 0.0)
+                                    wY = (w[y1] if y1 >= 0 else 0.0) + (w[y2] if y2 >= 0 else 0.0)
+                                    ok, m1, m2 = _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY)
+                                    if not ok or not better(m1, m2, 0.0, b1, b2, 0.0):
+                                        continue
+                                    if not transfer_check(rules, rstate, src, dst, x1, x2, y1, y2)[0]:
+                                        continue
+                                    b1, b2, bx1, bx2, by1, by2, bsrc, bdst = m1, m2, x1, x2, y1, y2, src, dst
+            if not pairs:
+                bk, bnode = _best_group_move(s, w, M, assign, S, W, kv, rules, rstate, ix, b1, b2, members, old)
+                if bk >= 0:
+                    break
         if bk >= 0:  # a whole tp group to another node beats every single exchange
             m = _collect(rules[2], bk, members)
             for q in range(m):
