@@ -7,11 +7,12 @@ them in well under a second.  The first compile takes a while, so:
   (:func:`ensure`): the seed pipeline, the search, the exact search, the start under rules,
   and the parallel batch kernels -- a single instance never needs the batch kernels;
 * before compiling, one line on stderr says so and how long it takes;
-* groups that are not cached yet compile side by side in child processes, one per CPU core
-  (they share nothing until the cache), which on two cores halves the wait;
-* a stamp per group (:func:`_stamp`) remembers that a group is cached for this kvgpu, numba,
-  Python and CPU, so a warm call costs one file check per group.  A stale stamp costs nothing
-  worse than numba compiling on first use, as it would anyway.
+* a group is made of compile units (:data:`UNITS`) that other groups share; the cold units
+  are handed out to one process per CPU core (:func:`plan`), each unit once its callees are
+  cached by another process, so the big kernels compile once and two cores share the wait;
+* a stamp per unit (:func:`_stamp`) remembers that it is cached for this kvgpu, numba,
+  Python and CPU, so a warm call costs a few file checks.  A stale stamp costs nothing worse
+  than numba compiling on first use, as it would anyway.
 """
 
 from __future__ import annotations
@@ -25,14 +26,35 @@ import sys
 import time
 from pathlib import Path
 
-#: Compile groups: (what it is for, about how many seconds it takes cold on 2 cores).
+#: Compile groups: what each is for, and the compile units it needs.
 GROUPS = {
-    "seed": ("the seed pipeline for one instance", 24),
-    "search": ("search beyond the seed for one instance", 24),
-    "exact": ("exact search and proofs", 13),
-    "start": ("first placements under rules and budgets", 11),
-    "batch": ("the parallel batch kernels (many instances at once)", 40),
+    "seed": ("the seed pipeline for one instance", ("core", "candidates", "seed")),
+    "search": ("search beyond the seed for one instance", ("core", "repair", "polish", "search")),
+    "exact": ("exact search and proofs", ("core", "polish", "exact")),
+    "start": ("first placements under rules and budgets", ("core", "repair", "start")),
+    "batch": ("the parallel batch kernels (many instances at once)",
+              ("core", "candidates", "seed", "repair", "polish", "search", "exact", "batch")),
 }
+
+#: Compile units, in the order they are handed out: (units whose kernels it calls, about how
+#: many seconds it takes cold on this project's 2-core reference machine).  A unit compiles
+#: its callees too, unless another process has cached them first -- which is what the order
+#: and :func:`plan` arrange; a unit started early only compiles something twice.
+UNITS = {
+    "core": ((), 9),            # improve_local, refine_peak, the score: under every mode
+    "repair": ((), 4),          # the bin-packing repair at a target
+    "polish": ((), 5),          # the second-largest KVPR's polish
+    "candidates": ((), 11),     # the seed's candidate packings
+    "seed": (("core", "candidates"), 3),
+    "search": (("core", "repair", "polish"), 8),
+    "exact": (("core", "polish"), 6),
+    "start": (("core", "repair"), 4),
+    "batch": (("seed", "search", "exact"), 36),
+}
+
+#: Seconds a process spends on its first compile before any unit's own work (numba and LLVM
+#: starting, the rule bookkeeping every unit calls).
+PROCESS_START = 4
 
 
 def _example():
@@ -44,29 +66,55 @@ def _example():
     return s, w, M, np.array([0, 1, 1], np.int64), np.arange(3, dtype=np.int64), rules.no_rules()
 
 
-def _compile(group: str) -> None:
-    """Compile (or load) the kernels of ``group`` with the argument types the engine uses."""
+def _compile(unit: str) -> None:
+    """Compile (or load) the kernels of ``unit`` with the argument types the engine uses."""
     import numpy as np
 
+    from kvgpu.kernels import rules as r
+
     s, w, M, a, p, rules = _example()
-    if group == "seed":
+    rstate = r.new_state(rules, a, M.shape[0])
+    if unit == "core":
         from kvgpu.kernels import cpu
 
-        cpu.seed_instance(s, w, M, a, p)
-    elif group == "search":
+        cpu.improve_local(s, w, M, a.copy(), p.copy(), 1, rules, rstate)
+        cpu.refine_peak(s, w, M, a.copy(), p.copy(), 1, 1, rules, rstate)
+        cpu.score_of(s, w, M, a, p, np.empty(3))
+    elif unit == "repair":
         from kvgpu.kernels import search
 
-        search.improve_instance(s, w, M, 0.01, a, p, 1, 1, 0, rules)
-    elif group == "exact":
+        search.repair(s, w, M, a.copy(), p.copy(), 1.0, 1, np.ones(1, np.uint64), search.new_scratch(3, 2),
+                      rules, rstate)
+    elif unit == "polish":
+        from kvgpu.kernels import search
+
+        search.polish_second(s, w, M, a.copy(), p.copy(), 1, rules, rstate)
+    elif unit == "candidates":
+        from kvgpu.kernels import cpu
+
+        P = cpu.mem_prefix(M)
+        orders = cpu.model_orders(s, w, P)
+        cpu.search_T(s, w, M, P, orders)
+        cpu.pack(s, w, M, P, orders, 1.0, np.int64(0), np.int64(0), np.int64(0), a.copy(), p.copy())
+        cpu.regret_insertion(s, w, M, a.copy(), p.copy())
+    elif unit == "seed":
+        from kvgpu.kernels import cpu
+
+        cpu.seed_instance(s, w, M, a.copy(), p.copy())
+    elif unit == "search":
+        from kvgpu.kernels import search
+
+        search.improve_instance(s, w, M, 0.01, a.copy(), p.copy(), 1, 1, 0, rules)
+    elif unit == "exact":
         from kvgpu.kernels import exact
 
-        exact.certify_instance(s, w, M, 0.01, a, p, 100, rules, np.empty(0, np.int64))
+        exact.certify_instance(s, w, M, 0.01, a.copy(), p.copy(), 100, rules, np.empty(0, np.int64))
         exact.feasible(s, np.zeros(3), M, np.inf, 100, a.copy(), rules, np.empty(0, np.int64))
-    elif group == "start":
+    elif unit == "start":
         from kvgpu.kernels import start
 
-        start.solve_start(s, w, M, rules, 0, a, p)
-    elif group == "batch":
+        start.solve_start(s, w, M, rules, 0, a.copy(), p.copy())
+    elif unit == "batch":
         from kvgpu.kernels import cpu, exact, search
 
         B = lambda x: np.ascontiguousarray(x[None])  # noqa: E731
@@ -76,7 +124,28 @@ def _compile(group: str) -> None:
         exact.certify_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 100, B(a), B(p), np.zeros(1, np.int64))
         exact.pack_memory_batch(B(s), B(M), n, G, 100, B(a), B(p), np.zeros(1, np.int64))
     else:
-        raise ValueError(f"unknown kernel group {group!r}; choose from {sorted(GROUPS)}")
+        raise ValueError(f"unknown compile unit {unit!r}; choose from {sorted(UNITS)}")
+
+
+def plan(units, jobs: int) -> tuple[list[list[str]], float]:
+    """Hand ``units`` out to ``jobs`` processes (list scheduling): the process free first takes
+    the unit it can start first -- once the units it calls are done, in :data:`UNITS` order on
+    ties -- so that each finds its callees cached by the others (:func:`_child` waits for
+    them).  Returns the unit list of each process and the estimated seconds until all are done."""
+    left = [u for u in UNITS if u in set(units)]
+    lanes = [[] for _ in range(max(1, jobs))]
+    free = [float(PROCESS_START)] * len(lanes)
+    done: dict[str, float] = {}
+    while left:
+        k = free.index(min(free))
+        eligible = [u for u in left if not any(d in left for d in UNITS[u][0])]
+        ready = [max([free[k]] + [done.get(d, 0.0) for d in UNITS[u][0]]) for u in eligible]
+        i = ready.index(min(ready))
+        u = eligible[i]
+        left.remove(u)
+        lanes[k].append(u)
+        free[k] = done[u] = ready[i] + UNITS[u][1]
+    return [lane for lane in lanes if lane], max(free)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,18 +183,18 @@ def _stamp_dir() -> Path:
     return Path.home() / ".cache" / "kvgpu"
 
 
-def _stamp(group: str) -> Path:
-    return _stamp_dir() / f"kvgpu-warm-{group}-{_key()}"
+def _stamp(unit: str) -> Path:
+    return _stamp_dir() / f"kvgpu-warm-{unit}-{_key()}"
 
 
 def cached(group: str) -> bool:
     """Has ``group`` been compiled and cached for this kvgpu, numba, Python and CPU?"""
-    return _stamp(group).exists()
+    return all(_stamp(u).exists() for u in GROUPS[group][1])
 
 
-def _mark(group: str) -> None:
+def _mark(unit: str) -> None:
     try:
-        p = _stamp(group)
+        p = _stamp(unit)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     except OSError:
@@ -142,42 +211,36 @@ _FIRST_RUN = ", first run only, about {est} s ('kvgpu warmup' does it ahead of t
 
 
 def ensure(groups, announce: bool | str = True, jobs: int | None = None) -> list[str]:
-    """Make sure the kernel ``groups`` are compiled; returns those that had to be.  Cold groups
-    compile side by side in child processes (at most ``jobs``, default the CPU count), after one
-    line on stderr (``announce``); warm ones cost a file check each."""
+    """Make sure the kernel ``groups`` are compiled; returns those that had to be.  Their cold
+    units compile side by side in child processes (at most ``jobs``, default the CPU count;
+    :func:`plan`), after one line on stderr (``announce``); warm ones cost a file check each."""
     cold = [g for g in dict.fromkeys(groups) if not cached(g)]
     if not cold or _jit_disabled():
         return []
-    jobs = max(1, min(len(cold), jobs or os.cpu_count() or 1))
-    est = _estimate(cold, jobs)
+    units = [u for g in cold for u in GROUPS[g][1] if not _stamp(u).exists()]
+    lanes, est = plan(units, jobs or os.cpu_count() or 1)
     if announce:
         tail = announce if isinstance(announce, str) else _FIRST_RUN
+        est = int(round(est / 5.0)) * 5 or 5
         print(f"kvgpu: compiling kernels ({', '.join(cold)}){tail.format(est=est)}", file=sys.stderr, flush=True)
-    if jobs == 1 or len(cold) == 1:
-        for g in cold:
-            _compile(g)
-            _mark(g)
-        return cold
-    procs = {g: subprocess.Popen([sys.executable, "-c", f"from kvgpu.warmup import _child; _child({g!r})"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for g in cold}
-    for g, proc in procs.items():
+    procs = [(lane, subprocess.Popen([sys.executable, "-c", f"from kvgpu.warmup import _child; _child({lane!r})"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) for lane in lanes[1:]]
+    _child(lanes[0])  # this process takes a share too: it has kvgpu imported already
+    for lane, proc in procs:
         if proc.wait() != 0:  # compile here instead, where an error is raised as usual
-            _compile(g)
-            _mark(g)
+            _child(lane)
     return cold
 
 
-def _child(group: str) -> None:
-    _compile(group)
-    _mark(group)
-
-
-def _estimate(groups, jobs: int) -> int:
-    """Seconds: the groups spread over ``jobs`` processes, longest first."""
-    load = [0.0] * jobs
-    for g in sorted(groups, key=lambda g: -GROUPS[g][1]):
-        load[load.index(min(load))] += GROUPS[g][1]
-    return int(round(max(load) / 5.0)) * 5 or 5
+def _child(units) -> None:
+    """Compile ``units`` in order, each once the units it calls are cached (by another process
+    of :func:`ensure`) -- or, should that process fail, after a while by itself."""
+    for u in units:
+        deadline = time.monotonic() + 60 + 2 * sum(UNITS[d][1] for d in UNITS[u][0])
+        while not all(_stamp(d).exists() for d in UNITS[u][0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _compile(u)
+        _mark(u)
 
 
 def warmup(groups=None, jobs: int | None = None, announce: bool = False) -> dict:

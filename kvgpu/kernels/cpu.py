@@ -20,6 +20,7 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
+from kvgpu.kernels.sorting import argsort_stable, sorted_desc
 from kvgpu.kernels.rules import new_state, no_rules, restricted, transfer_apply, transfer_check
 
 _jit = kernel(inline=True)
@@ -80,13 +81,14 @@ def sort_desc(idx, k0, k1, k2):
         vals = np.empty(n)
         for j in range(n):
             vals[j] = -key[out[j]]
-        out = out[np.argsort(vals, kind="mergesort")]
+        out = out[argsort_stable(vals)]
     return out
 
 
 @njit
-def _mem_prefix(M):
-    srt = np.sort(M)[::-1]
+def mem_prefix(M):
+    """(G + 1,) sums of the ``k`` largest GPU memories, ``k = 0..G`` (GB)."""
+    srt = sorted_desc(M)
     P = np.zeros(M.shape[0] + 1)
     for k in range(M.shape[0]):
         P[k + 1] = P[k] + srt[k]
@@ -158,7 +160,7 @@ def list_loads(assign, pos, s, w, G):
     """S, W summed in each GPU's list order (stamp order), as the reference sums its lists."""
     S = np.zeros(G)
     W = np.zeros(G)
-    for i in np.argsort(pos, kind="mergesort"):
+    for i in argsort_stable(pos):
         if assign[i] >= 0:
             S[assign[i]] += s[i]
             W[assign[i]] += w[i]
@@ -249,9 +251,9 @@ def start_bound(s, w, M):
     """The seed's ``low_T`` (see :func:`kvgpu.bounds.seed_start_bound`)."""
     G = M.shape[0]
     n = s.shape[0]
-    P = _mem_prefix(M)
+    P = mem_prefix(M)
     idx = np.arange(n)
-    order = idx[np.argsort(-s, kind="mergesort")]
+    order = idx[argsort_stable(-s)]
     tw = 0.0
     ts = 0.0
     for i in range(n):
@@ -301,7 +303,7 @@ def _order_keys(s, w, T, m_max, ordering):
 
 
 @njit
-def _orders(s, w, P):
+def model_orders(s, w, P):
     """The T-independent model orderings 1, 2, 3 (row 0 is filled per pack, it depends on T)."""
     n = s.shape[0]
     out = np.empty((4, n), np.int64)
@@ -383,8 +385,8 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
 @njit
 def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
     """One pack (see :func:`kvgpu.reference.pack` and ``memory_pack``); fills ``assign``/``pos``
-    and returns whether every model found a GPU.  ``P`` is :func:`_mem_prefix` of ``M`` and
-    ``orders`` comes from :func:`_orders` (both computed once per instance)."""
+    and returns whether every model found a GPU.  ``P`` is :func:`mem_prefix` of ``M`` and
+    ``orders`` comes from :func:`model_orders` (both computed once per instance)."""
     n = s.shape[0]
     G = M.shape[0]
     m_max = P[1]
@@ -727,7 +729,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     S, W, kv, stamp = _state(s, w, M, assign, pos)
     for _ in range(passes):
         worst = argmax_first(kv, np.int64(-1))
-        by_kv = np.argsort(kv, kind="mergesort")
+        by_kv = argsort_stable(kv)
         targets = np.full(2, -1)
         nt = 0
         for g in by_kv:
@@ -766,7 +768,7 @@ def score_of(s, w, M, assign, pos, out):
     S, W = list_loads(assign, pos, s, w, M.shape[0])
     kv = kvprs(S, W, M)
     G = kv.shape[0]
-    srt = np.sort(kv)[::-1]
+    srt = sorted_desc(kv)
     tot = 0.0
     for g in range(G):
         tot += kv[g]
@@ -785,8 +787,8 @@ def seed_instance(s, w, M, assign, pos):
     ca = np.empty((C, n), np.int64)
     cp = np.empty((C, n), np.int64)
     nc = 0
-    P = _mem_prefix(M)
-    orders = _orders(s, w, P)
+    P = mem_prefix(M)
+    orders = model_orders(s, w, P)
     T_high = search_T(s, w, M, P, orders)
     if T_high > 0:
         for f in range(6):

@@ -34,6 +34,7 @@ from kvgpu.kernels import params
 from kvgpu.kernels.cpu import score_of, fits, safe_div
 from kvgpu.kernels.params import CAP_SLACK
 from kvgpu.kernels.rules import budget_held, may_place, new_state, no_rules, place, restricted, unplace
+from kvgpu.kernels.sorting import argsort_stable
 from kvgpu.kernels.search import POLISH_ITERS, mem_unit, polish_second
 
 njit = kernel()
@@ -163,7 +164,7 @@ def _twins(order, rules):
 def _feasible_dfs(s, w, a, M, T, node_limit, out, rules, gclass):
     n = s.shape[0]
     G = M.shape[0]
-    order = np.argsort(-a, kind="mergesort")  # a model's shards are equal: they stay together
+    order = argsort_stable(-a)  # a model's shards are equal: they stay together
     twin = _twins(order, rules)
     rest = np.zeros(n + 1)  # rest[k]: total item size from depth k on
     amin = np.full(n + 1, np.inf)  # amin[k]: smallest item from depth k on

@@ -29,6 +29,7 @@ from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
 from kvgpu.kernels.cpu import (argmax_first, fits, improve_local, kvprs, list_loads, refine_peak, safe_div,
                               score_of)
+from kvgpu.kernels.sorting import argsort_stable
 from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
@@ -528,7 +529,7 @@ def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate):
     S[:] = 0.0
     A[:] = 0.0
     k = 0
-    for i in np.argsort(key):
+    for i in argsort_stable(key):
         ai = s[i] + w[i] / T
         best, best_r = -1, INF
         for g in range(G):
