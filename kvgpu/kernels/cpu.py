@@ -168,17 +168,18 @@ def list_loads(assign, pos, s, w, G):
 
 
 @njit
-def _lists(assign, pos, G):
-    """Models grouped by GPU in list order: ``(members, start)`` with GPU g's models at
-    ``members[start[g]:start[g+1]]`` (counting sort by GPU, then insertion sort by stamp)."""
+def _lists_into(assign, pos, members, start, fill):
+    """Models grouped by GPU in list order, into working memory: GPU g's models at
+    ``members[start[g]:start[g+1]]`` (``members`` (n,), ``start`` (G+1,), ``fill`` (G,) int64;
+    counting sort by GPU, then insertion sort by stamp)."""
     n = assign.shape[0]
-    start = np.zeros(G + 1, np.int64)
+    G = fill.shape[0]
+    start[:] = 0
     for i in range(n):
         start[assign[i] + 1] += 1
     for g in range(G):
         start[g + 1] += start[g]
-    fill = start[:G].copy()
-    members = np.empty(n, np.int64)
+        fill[g] = start[g]
     for i in range(n):
         g = assign[i]
         b = fill[g]
@@ -187,7 +188,39 @@ def _lists(assign, pos, G):
             b -= 1
         members[b] = i
         fill[g] += 1
-    return members, start
+
+
+@njit
+def _top_into(members, lo, hi, key, out):
+    """The ``k = out.shape[0]`` (or fewer) of ``members[lo:hi]`` with the largest ``key``, largest
+    first, equal keys in list order (a stable sort's first ``k``); returns how many."""
+    k = 0
+    for p in range(lo, hi):
+        x = members[p]
+        b = min(k, out.shape[0] - 1)
+        if k == out.shape[0] and not key[x] > key[out[b]]:
+            continue
+        while b > 0 and key[x] > key[out[b - 1]]:
+            out[b] = out[b - 1]
+            b -= 1
+        out[b] = x
+        k = min(k + 1, out.shape[0])
+    return k
+
+
+@njit
+def _two_lowest(kv, skip):
+    """The two GPUs other than ``skip`` with the lowest KVPR, the first id among equals (a stable
+    ascending sort's first two); -1 where there are fewer."""
+    g1, g2 = -1, -1
+    for g in range(kv.shape[0]):
+        if g == skip:
+            continue
+        if g1 < 0 or kv[g] < kv[g1]:
+            g1, g2 = g, g1
+        elif g2 < 0 or kv[g] < kv[g2]:
+            g2 = g
+    return g1, g2
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -667,10 +700,11 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
     are considered; without rules this is the seed's step exactly."""
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
+    mem, start, fill = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), np.empty(G, np.int64)
     for _ in range(max_iters):
         worst = argmax_first(kv, np.int64(-1))
         t3 = top3(kv)
-        mem, start = _lists(assign, pos, G)
+        _lists_into(assign, pos, mem, start, fill)
         best = kv[worst]
         ba, bd = -1, -1
         for p in range(start[worst], start[worst + 1]):
@@ -707,7 +741,7 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
             worst = argmax_first(kv, np.int64(-1))
             second = argmax_first(kv, worst)
             t3 = top3(kv)
-            mem, start = _lists(assign, pos, G)
+            _lists_into(assign, pos, mem, start, fill)
             others = max_excluding(t3, worst, second)
             best = kv[worst]
             ba, bb = -1, -1
@@ -727,28 +761,26 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     skipped (see :func:`improve_local`)."""
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
+    mem, start, fill = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), np.empty(G, np.int64)
+    by_w = np.empty(max(1, top_k // 2), np.int64)
+    by_s = np.empty(max(1, top_k), np.int64)
+    targets = np.empty(2, np.int64)
     for _ in range(passes):
         worst = argmax_first(kv, np.int64(-1))
-        by_kv = argsort_stable(kv)
-        targets = np.full(2, -1)
-        nt = 0
-        for g in by_kv:
-            if g != worst and nt < 2:
-                targets[nt] = g
-                nt += 1
-        mem, start = _lists(assign, pos, G)
-        lst = mem[start[worst]:start[worst + 1]]
-        if nt == 0 or lst.shape[0] == 0:
+        targets[0], targets[1] = _two_lowest(kv, worst)
+        nt = 0 if targets[0] < 0 else (1 if targets[1] < 0 else 2)
+        _lists_into(assign, pos, mem, start, fill)
+        lo, hi = start[worst], start[worst + 1]
+        if nt == 0 or hi == lo:
             break
-        zeros = np.zeros(s.shape[0])
-        by_w = sort_desc(lst, w, zeros, zeros)[:max(1, top_k // 2)]
-        by_s = sort_desc(lst, s, zeros, zeros)[:max(1, top_k - by_w.shape[0])]
+        nw = _top_into(mem, lo, hi, w, by_w)
+        ns = _top_into(mem, lo, hi, s, by_s[:max(1, top_k - nw)])
         t3 = top3(kv)
         best = kv[worst]
         ba, bd = -1, -1
-        for j in range(by_w.shape[0] + by_s.shape[0]):
-            a = by_w[j] if j < by_w.shape[0] else by_s[j - by_w.shape[0]]
-            if j >= by_w.shape[0] and (by_w == a).any():
+        for j in range(nw + ns):
+            a = by_w[j] if j < nw else by_s[j - nw]
+            if j >= nw and (by_w[:nw] == a).any():
                 continue
             for t in range(nt):
                 d = targets[t]

@@ -367,6 +367,24 @@ def _admit(d, best_d, ties, F_after, best_F, tabu_gpu, tabu_until, step, g, h, x
 
 
 @njit
+def _apply_transfer(s, w, S, W, assign, pos, stamp, g, h, x1, x2, y1, y2, rules, rstate):
+    """Move ``x1``, ``x2`` from GPU ``g`` to ``h`` and ``y1``, ``y2`` back (-1: none), updating
+    the loads ``S``, ``W`` (G,), the rule bookkeeping and the list stamps; returns the next
+    stamp.  The one way the search applies a transfer it has checked."""
+    transfer_apply(rules, rstate, g, h, x1, x2, y1, y2)
+    for x, src, dst in ((x1, g, h), (x2, g, h), (y1, h, g), (y2, h, g)):
+        if x >= 0:
+            S[src] -= s[x]
+            W[src] -= w[x]
+            S[dst] += s[x]
+            W[dst] += w[x]
+            assign[x] = dst
+            pos[x] = stamp
+            stamp += 1
+    return stamp
+
+
+@njit
 def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
     """Try to bring every GPU to KVPR <= ``T``; in place, True on success.
 
@@ -473,17 +491,10 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
             for h in range(G):
                 if A[h] > cap[h]:
                     wgt[h] += 1.0
-        transfer_apply(rules, rstate, g, bh, bi, bi2, bj, bj2)
+        stamp = _apply_transfer(s, w, S, W, assign, pos, stamp, g, bh, bi, bi2, bj, bj2, rules, rstate)
         tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
-        for x, src, dst in ((bi, g, bh), (bi2, g, bh), (bj, bh, g), (bj2, bh, g)):
+        for x, src in ((bi, g), (bi2, g), (bj, bh), (bj2, bh)):
             if x >= 0:
-                S[src] -= s[x]
-                W[src] -= w[x]
-                S[dst] += s[x]
-                W[dst] += w[x]
-                assign[x] = dst
-                pos[x] = stamp
-                stamp += 1
                 tabu_gpu[x] = src
                 tabu_until[x] = step + tenure
         A[g] = S[g] + W[g] / T
@@ -790,16 +801,7 @@ def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
             continue
         if bx1 < 0:
             return
-        transfer_apply(rules, rstate, bsrc, bdst, bx1, bx2, by1, by2)
-        for x, frm, to in ((bx1, bsrc, bdst), (bx2, bsrc, bdst), (by1, bdst, bsrc), (by2, bdst, bsrc)):
-            if x >= 0:
-                S[frm] -= s[x]
-                W[frm] -= w[x]
-                S[to] += s[x]
-                W[to] += w[x]
-                assign[x] = to
-                pos[x] = stamp
-                stamp += 1
+        stamp = _apply_transfer(s, w, S, W, assign, pos, stamp, bsrc, bdst, bx1, bx2, by1, by2, rules, rstate)
         kv[bsrc] = safe_div(W[bsrc], M[bsrc] - S[bsrc])
         kv[bdst] = safe_div(W[bdst], M[bdst] - S[bdst])
 
