@@ -18,6 +18,7 @@ them in well under a second.  The first compile takes a while, so:
 from __future__ import annotations
 
 import functools
+import math
 import hashlib
 import os
 import platform
@@ -221,7 +222,7 @@ def ensure(groups, announce: bool | str = True, jobs: int | None = None) -> list
     lanes, est = plan(units, jobs or os.cpu_count() or 1)
     if announce:
         tail = announce if isinstance(announce, str) else _FIRST_RUN
-        est = int(round(est / 5.0)) * 5 or 5
+        est = 5 * math.ceil(est / 5.0)  # whole 5 s, rounded up: the run itself comes after
         print(f"kvgpu: compiling kernels ({', '.join(cold)}){tail.format(est=est)}", file=sys.stderr, flush=True)
     procs = [(lane, subprocess.Popen([sys.executable, "-c", f"from kvgpu.warmup import _child; _child({lane!r})"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)) for lane in lanes[1:]]

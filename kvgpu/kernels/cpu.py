@@ -168,26 +168,41 @@ def list_loads(assign, pos, s, w, G):
 
 
 @njit
-def _lists_into(assign, pos, members, start, fill):
-    """Models grouped by GPU in list order, into working memory: GPU g's models at
-    ``members[start[g]:start[g+1]]`` (``members`` (n,), ``start`` (G+1,), ``fill`` (G,) int64;
-    counting sort by GPU, then insertion sort by stamp)."""
+def gpu_lists_into(assign, order, members, start):
+    """Models grouped by GPU, into working memory (a counting sort, O(n + G)): GPU g's models are
+    ``members[start[g]:start[g + 1]]`` in the sequence of ``order`` (n,) -- the index order, or
+    the list order (models by insertion stamp) the seed's lists keep.  ``members`` (n,) and
+    ``start`` (G + 1,) int64."""
     n = assign.shape[0]
-    G = fill.shape[0]
+    G = start.shape[0] - 1
     start[:] = 0
     for i in range(n):
         start[assign[i] + 1] += 1
     for g in range(G):
         start[g + 1] += start[g]
-        fill[g] = start[g]
-    for i in range(n):
+    for k in range(n - 1, -1, -1):  # from the back: start[g + 1] ends at g's first slot
+        i = order[k]
         g = assign[i]
-        b = fill[g]
-        while b > start[g] and pos[members[b - 1]] > pos[i]:
-            members[b] = members[b - 1]
-            b -= 1
-        members[b] = i
-        fill[g] += 1
+        start[g + 1] -= 1
+        members[start[g + 1]] = i
+    for g in range(G):
+        start[g] = start[g + 1]
+    start[G] = n
+
+
+@njit
+def _to_back(order, a, b):
+    """``a`` then ``b`` (-1: none) to the end of the list order ``order`` (n,): they were just
+    given the newest stamps."""
+    k = 0
+    for j in range(order.shape[0]):
+        x = order[j]
+        if x != a and x != b:
+            order[k] = x
+            k += 1
+    order[k] = a
+    if b >= 0:
+        order[k + 1] = b
 
 
 @njit
@@ -688,8 +703,9 @@ def _allowed(rules, rstate, src, dst, a, b):
 
 
 @njit
-def _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b, rules, rstate):
+def _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, src, dst, a, b, rules, rstate):
     transfer_apply(rules, rstate, src, dst, a, np.int64(-1), b, np.int64(-1))
+    _to_back(order, a, b)
     return _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b)
 
 
@@ -700,11 +716,11 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
     are considered; without rules this is the seed's step exactly."""
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
-    mem, start, fill = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), np.empty(G, np.int64)
+    mem, start, order = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), argsort_stable(pos)
     for _ in range(max_iters):
         worst = argmax_first(kv, np.int64(-1))
         t3 = top3(kv)
-        _lists_into(assign, pos, mem, start, fill)
+        gpu_lists_into(assign, order, mem, start)
         best = kv[worst]
         ba, bd = -1, -1
         for p in range(start[worst], start[worst + 1]):
@@ -735,13 +751,13 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
                     break
         if ba < 0:
             break
-        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, bb, rules, rstate)
+        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, bb, rules, rstate)
     if G > 1:
         for _ in range(12):
             worst = argmax_first(kv, np.int64(-1))
             second = argmax_first(kv, worst)
             t3 = top3(kv)
-            _lists_into(assign, pos, mem, start, fill)
+            gpu_lists_into(assign, order, mem, start)
             others = max_excluding(t3, worst, second)
             best = kv[worst]
             ba, bb = -1, -1
@@ -752,7 +768,7 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
                         best, ba, bb = new, mem[p], mem[q]
             if ba < 0:
                 break
-            stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, second, ba, bb, rules, rstate)
+            stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, second, ba, bb, rules, rstate)
 
 
 @njit
@@ -761,7 +777,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     skipped (see :func:`improve_local`)."""
     G = M.shape[0]
     S, W, kv, stamp = _state(s, w, M, assign, pos)
-    mem, start, fill = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), np.empty(G, np.int64)
+    mem, start, order = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), argsort_stable(pos)
     by_w = np.empty(max(1, top_k // 2), np.int64)
     by_s = np.empty(max(1, top_k), np.int64)
     targets = np.empty(2, np.int64)
@@ -769,7 +785,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
         worst = argmax_first(kv, np.int64(-1))
         targets[0], targets[1] = _two_lowest(kv, worst)
         nt = 0 if targets[0] < 0 else (1 if targets[1] < 0 else 2)
-        _lists_into(assign, pos, mem, start, fill)
+        gpu_lists_into(assign, order, mem, start)
         lo, hi = start[worst], start[worst + 1]
         if nt == 0 or hi == lo:
             break
@@ -789,7 +805,7 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
                     best, ba, bd = new, a, d
         if ba < 0:
             break
-        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, stamp, worst, bd, ba, np.int64(-1), rules, rstate)
+        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, np.int64(-1), rules, rstate)
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -27,8 +27,8 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.cpu import (argmax_first, fits, improve_local, kvprs, list_loads, refine_peak, safe_div,
-                              score_of)
+from kvgpu.kernels.cpu import (argmax_first, fits, gpu_lists_into, improve_local, kvprs, list_loads, refine_peak,
+                              safe_div, score_of)
 from kvgpu.kernels.sorting import argsort_stable
 from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
@@ -284,24 +284,6 @@ def _pick_overflowing(A, cap, state):
 
 
 @_inline
-def _lists_into(assign, G, lst, start):
-    """Models grouped by GPU (counting sort, no allocation): GPU g's are
-    ``lst[start[g]:start[g + 1]]``, in index order."""
-    start[:] = 0
-    for i in range(assign.shape[0]):
-        start[assign[i] + 1] += 1
-    for g in range(G):
-        start[g + 1] += start[g]
-    for i in range(assign.shape[0] - 1, -1, -1):  # from the back: start[g + 1] ends at g's first slot
-        g = assign[i]
-        start[g + 1] -= 1
-        lst[start[g + 1]] = i
-    for g in range(G):
-        start[g] = start[g + 1]
-    start[G] = assign.shape[0]
-
-
-@_inline
 def _partner(j, G, assign, s, w, T):
     """The other side of an exchange in :func:`repair`'s scans: ``j < 0`` is GPU ``j + G``
     taking the models with nothing back, else model ``j`` coming back from its GPU.  Returns
@@ -403,11 +385,12 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
     Memory: no step makes a GPU exceed its memory, or an overfull one fuller.  Every step keeps
     ``rules`` (:mod:`kvgpu.kernels.rules`; ``rstate``, their bookkeeping of ``assign``, is
     updated).  ``scratch = (tabu_gpu, tabu_until, mem, lst)`` (n,) int64, ``(S, W, A, wgt, cap,
-    mfit)`` (G,) float64 and ``start`` (G + 1,) int64 (:func:`new_scratch`).
+    mfit)`` (G,) float64, ``start`` (G + 1,) int64 and ``ident`` = ``arange(n)``
+    (:func:`new_scratch`).
     """
     n = s.shape[0]
     G = M.shape[0]
-    tabu_gpu, tabu_until, mem, lst, S, W, A, wgt, cap, mfit, start = scratch
+    tabu_gpu, tabu_until, mem, lst, S, W, A, wgt, cap, mfit, start, ident = scratch
     S[:] = 0.0
     W[:] = 0.0
     for i in range(n):
@@ -450,7 +433,7 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
         if best_d >= -TIE and rand_uniform(state) < PAIR_SHARE:
             # stuck with single moves and swaps: try two models for one, and one for two; the
             # extra evaluations count against the step budget, so an attempt's work stays bounded
-            _lists_into(assign, G, lst, start)
+            gpu_lists_into(assign, ident, lst, start)
             for p in range(m):
                 for q in range(p + 1, m):
                     i, i2 = mem[p], mem[q]
@@ -513,7 +496,8 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
 def new_scratch(n, G):
     """Working memory of :func:`repair`."""
     return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
-            np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G + 1, np.int64))
+            np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G + 1, np.int64),
+            np.arange(n))
 
 
 @njit
@@ -745,13 +729,14 @@ def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
     ix = np.empty(4, np.int64)
     lst = np.empty(n, np.int64)
     start = np.empty(G + 1, np.int64)
+    ident = np.arange(n)
     members = np.empty(n, np.int64)
     old = np.empty(n, np.int64)
     none = np.int64(-1)
     stamp = pos.max() + 1
     for _ in range(max_iters):
         _top4(kv, v, ix)
-        _lists_into(assign, G, lst, start)
+        gpu_lists_into(assign, ident, lst, start)
         b1, b2 = v[0], v[1]
         bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
         bk, bnode = -1, -1
