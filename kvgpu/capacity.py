@@ -40,7 +40,7 @@ import numpy as np
 
 from kvgpu.api import solve
 from kvgpu.bounds import L2_DELTA, l2_exceeds
-from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK
+from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, options
 from kvgpu.errors import InvalidInstance, NoPlacementFound
 from kvgpu.problem import DEFAULT_GPU_MEM, build_problem
 from kvgpu.results import Placement, json_float
@@ -262,12 +262,6 @@ def _positive(value, what: str) -> float:
     if not (math.isfinite(x) and x > 0):
         raise InvalidInstance(f"{what}: must be a positive finite number, got {value!r}")
     return x
-
-
-def _work(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= 2 ** 62:
-        raise InvalidInstance(f"exact_work: must be an integer from 0 to 2**62, got {value!r}")
-    return int(value)
 
 
 def _count(value, what: str) -> int:
@@ -640,6 +634,7 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
         largest GPU is above it), or the solver found none within ``max_gpus``.
     """
     X = _positive(max_kvpr, "max_kvpr")
+    opts = options(effort=effort, seed=seed, exact_work=exact_work)  # a bad option is said as such, before any solve
     if gpu_types is not None and gpu_mem is not None:
         raise InvalidInstance("give gpu_mem (one GPU type) or gpu_types (several, with prices), not both")
     if gpu_types is not None:
@@ -660,7 +655,7 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
             f"split its demand", [0], proven=True)
     n_items = items.a.size
     cap = n_items if max_gpus is None else _count(max_gpus, "max_gpus")
-    sizer = _Sizer(recs, items, types, X, cap, effort, seed, _work(exact_work))
+    sizer = _Sizer(recs, items, types, X, cap, opts.effort, opts.seed, opts.exact_work)
     zeros = (0,) * (len(types) - 1)
     least = sizer.least_allowed(zeros, cap)
     if least is None:
@@ -729,7 +724,7 @@ def headroom(models: Any, gpus: int, *, max_kvpr: float, gpu_mem: float | Sequen
     (``exact_work`` > 0 runs the proof).  A factor below 1 is how far demand must shrink.
     """
     X = _positive(max_kvpr, "max_kvpr")
-    exact = _work(exact_work) > 0
+    exact = options(effort=effort, seed=seed, exact_work=exact_work).exact_work > 0
     p = solve(models, gpus, gpu_mem=gpu_mem, effort=effort, seed=seed, exact=exact,
               exact_work=exact_work if exact else DEFAULT_EXACT_WORK)
     factor = X / p.max_kvpr if p.max_kvpr > 0 else math.inf

@@ -144,7 +144,11 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     except InvalidInstance as e:  # a cluster-level rule (memory list, nodes, totals): say which file
         source = getattr(args, "file", None)
         if source and not str(e).startswith(str(source)):
-            raise InvalidInstance(f"{source} (with the command line's options): {e}") from None
+            flags = [f for f, v in (("--gpus", args.gpus), ("--gpu-mem", args.gpu_mem),
+                                    ("--gpus-per-node", args.gpus_per_node), ("--reserve-gb", args.reserve_gb))
+                     if v is not None]
+            given = f" (with {', '.join(flags)} from the command line)" if flags else ""
+            raise InvalidInstance(f"{source}{given}: {e}") from None
         raise
     # both files appear together, or neither: each goes to a temporary file, renamed at the end
     with contextlib.ExitStack() as outputs:
@@ -298,7 +302,8 @@ def _main(argv) -> int:
     pw.add_argument("--out", required=True, help="Parquet folder (created; existing rows are kept and skipped)")
     where = pw.add_mutually_exclusive_group()
     where.add_argument("--dask", metavar="tcp://HOST:PORT", help="run the batches on this Dask scheduler")
-    where.add_argument("--dask-local", type=int, metavar="N", help="start a Dask LocalCluster of N worker processes")
+    where.add_argument("--dask-local", type=_int_option("--dask-local"), metavar="N",
+                       help="start a Dask LocalCluster of N worker processes")
     pw.add_argument("--plot", help="draw gap (%%) and time per instance against cluster size to this image file")
     pw.add_argument("--no-progress", action="store_true", help="no progress bar")
     pz = sub.add_parser("size", help="capacity planning: the fewest GPUs (or cheapest mix of GPU types) whose "
@@ -309,14 +314,17 @@ def _main(argv) -> int:
                     "--headroom one per GPU may be given")
     pz.add_argument("--gpu-types", metavar="NAME:GB:PRICE,...", help="GPU types to mix, e.g. H100:80:2.0,H200:141:3.5"
                     " (the answer is the cheapest mix)")
-    pz.add_argument("--max-gpus", type=int, help="most GPUs to consider (default: one per model shard/replica)")
+    pz.add_argument("--max-gpus", type=_int_option("--max-gpus"),
+                    help="most GPUs to consider (default: one per model shard/replica)")
     pz.add_argument("--headroom", action="store_true", help="instead: how much all request rates can grow on the "
                     "cluster of --gpus N (and --gpu-mem) under --max-kvpr")
-    pz.add_argument("--gpus", type=int, help="the cluster for --headroom (default: from the file)")
-    pz.add_argument("--effort", type=int, default=DEFAULT_EFFORT, help="search rounds per solver call")
-    pz.add_argument("--seed", type=int, default=0, help="random seed of the search")
-    pz.add_argument("--exact-work", type=int, default=DEFAULT_EXACT_WORK,
-                    help="proof work per cluster size tried (0: bounds only)")
+    pz.add_argument("--gpus", type=_int_option("--gpus"), help="the cluster for --headroom (default: from the file)")
+    pz.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
+                    help="search rounds per solver call (default %(default)s)")
+    pz.add_argument("--seed", type=_int_option("--seed"), default=0,
+                    help="random stream of the search (default %(default)s)")
+    pz.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
+                    help="proof work per cluster size tried (0: bounds only; default %(default)s)")
     pz.add_argument("--json", action="store_true", help="print the answer as JSON")
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)

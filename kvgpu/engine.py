@@ -75,11 +75,15 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
     if exact is not None and not isinstance(exact, (bool, np.bool_)):
         raise InvalidInstance(f"exact: must be True, False or None (auto), got {exact!r}")
     effort = integer(effort, "effort", *OPTION_RANGES["effort"])
+    patience_given = patience is not None
     patience = default_patience(effort) if patience is None else integer(patience, "patience",
                                                                          *OPTION_RANGES["patience"])
     seed = integer(seed, "seed", *OPTION_RANGES["seed"])
     exact_work = integer(exact_work, "exact_work", *OPTION_RANGES["exact_work"])
     if mode == "seed":
+        if effort not in (0, DEFAULT_EFFORT) or patience_given or seed:
+            raise InvalidInstance("effort, patience and seed steer search mode; mode='seed' runs the seed pipeline "
+                                  "alone (drop them, or use mode='search')")
         effort = 0
     used = backends.resolve(backend)
     return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work)

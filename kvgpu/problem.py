@@ -166,6 +166,9 @@ def _node_map(G: int, nodes, gpus_per_node) -> np.ndarray:
         raise InvalidInstance("nodes and gpus_per_node: give one of them, not both")
     if gpus_per_node is not None:
         k = integer(gpus_per_node, "gpus_per_node", 1, G)
+        if G % k:
+            warnings.warn(f"gpus_per_node={k} does not divide the {G} GPUs: the last node has {G % k} GPU(s)",
+                          KvgpuWarning, stacklevel=4)
         return np.arange(G, dtype=np.int64) // k
     if nodes is None:
         return _EMPTY_I
@@ -175,6 +178,9 @@ def _node_map(G: int, nodes, gpus_per_node) -> np.ndarray:
     for k, node in enumerate(nodes):
         if isinstance(node, (str, bytes, dict)) or not hasattr(node, "__iter__"):
             raise InvalidInstance(f"nodes[{k}]: expected a list of GPU ids, got {node!r}")
+        node = list(node)
+        if not node:
+            raise InvalidInstance(f"nodes[{k}]: an empty node (every node holds at least one GPU)")
         for x in node:
             g = integer(x, f"nodes[{k}]", 0, G - 1)
             if node_of[g] >= 0:

@@ -57,6 +57,8 @@ OPTION_RANGES = {
     "patience": (1, 1_000_000),
     "gpus_per_node": (1, MAX_GPUS),
     "jobs": (1, 1024),
+    "max_gpus": (1, MAX_GPUS),
+    "dask_local": (1, 256),
 }
 
 #: field of :class:`ModelSpec` -> the keys that give it (first: kvgpu's own name; then the

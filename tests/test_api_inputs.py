@@ -79,3 +79,31 @@ def test_every_option_is_checked_whatever_the_path():
                 kvgpu.solve(models, 2, **kw)
     with pytest.raises(kvgpu.InvalidInstance, match="infeasible"):
         kvgpu.solve_batch(np.ones((1, 2)), np.ones((1, 2)), np.full((1, 2), 80.0), infeasible="skip")
+
+
+TWO = [{"name": "a", "size": 10, "req_rate": 1, "slo": 1, "tp": 2}, {"name": "b", "size": 20, "req_rate": 2, "slo": 1}]
+PLAIN = [dict(m, tp=1) for m in TWO]
+
+
+@pytest.mark.parametrize("kw", [{"effort": 100}, {"patience": 3}, {"seed": 5}])
+def test_seed_mode_refuses_search_options(kw):
+    with pytest.raises(kvgpu.InvalidInstance, match="steer search mode"):
+        kvgpu.solve(PLAIN, 2, mode="seed", **kw)
+    kvgpu.solve(PLAIN, 2, mode="seed", effort=0)  # no search asked for: consistent
+
+
+@pytest.mark.parametrize("kw, field", [({"effort": -3}, "effort"), ({"seed": -1}, "seed"), ({"seed": 2**70}, "seed"),
+                                       ({"effort": None}, "effort"), ({"effort": True}, "effort")])
+def test_size_and_headroom_refuse_bad_options_as_such(kw, field):
+    with pytest.raises(kvgpu.InvalidInstance, match=f"^{field} must be"):
+        kvgpu.size(TWO, 0.1, **kw)
+    with pytest.raises(kvgpu.InvalidInstance, match=f"^{field} must be"):
+        kvgpu.headroom(TWO, 2, max_kvpr=0.1, **kw)
+
+
+def test_nodes_empty_refused_and_uneven_gpus_per_node_said():
+    with pytest.raises(kvgpu.InvalidInstance, match=r"nodes\[1\]: an empty node"):
+        kvgpu.solve(TWO, 4, nodes=[[0, 1, 2, 3], []])
+    with pytest.warns(kvgpu.KvgpuWarning, match="gpus_per_node=2 does not divide the 5 GPUs: the last node has 1"):
+        p = kvgpu.solve(TWO, 5, gpus_per_node=2)
+    assert sorted(p.gpus_of_models()[0]) in ([0, 1], [2, 3])  # the tp pair fills a node of two, not GPU 4

@@ -376,9 +376,9 @@ M = [{"name": "a", "size": 20, "req_rate": 2, "slo": 1}, {"name": "b", "size": 3
     (dict(max_kvpr=0.1, max_gpus=True), "max_gpus: must be an integer from 1"),
     (dict(max_kvpr=0.1, max_gpus=10 ** 20), "max_gpus: must be an integer from 1"),
     (dict(max_kvpr=0.07, max_gpus=1), "max_gpus: 1 GPUs cannot meet max KVPR 0.07"),
-    (dict(max_kvpr=0.1, exact_work=-1), "exact_work: must be an integer from 0"),
-    (dict(max_kvpr=0.1, exact_work=10 ** 20), "exact_work: must be an integer from 0"),
-    (dict(max_kvpr=0.1, exact_work=1.5), "exact_work: must be an integer from 0"),
+    (dict(max_kvpr=0.1, exact_work=-1), "exact_work must be an integer from 0"),
+    (dict(max_kvpr=0.1, exact_work=10 ** 20), "exact_work must be an integer from 0"),
+    (dict(max_kvpr=0.1, exact_work=1.5), "exact_work must be an integer, got 1.5"),
 ])
 def test_bad_options_name_the_field(kwargs, message):
     with pytest.raises(kvgpu.InvalidInstance, match=message):

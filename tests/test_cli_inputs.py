@@ -171,3 +171,36 @@ def test_no_traceback_for_a_case_from_a_copy(capsys, tmp_path):
     shutil.copy(INPUTS / "17_csv_error_no_line.csv", g)
     line = fails(capsys, "certify", g, "--gpus", 2)
     assert line.startswith(f"kvgpu: error: {g}, line 3 ('b'): field 'size'")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--mode", "seed", "--effort", "100"], "effort, patience and seed steer search mode"),
+    (["--mode", "seed", "--patience", "3"], "effort, patience and seed steer search mode"),
+    (["--mode", "seed", "--seed", "5"], "effort, patience and seed steer search mode"),
+])
+def test_seed_mode_refuses_search_options_rather_than_dropping_them(capsys, tmp_path, argv, words):
+    f = tmp_path / "m.csv"
+    f.write_text(GOOD)
+    assert words in fails(capsys, "solve", f, "--gpus", 2, *argv)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--effort", "-3"], "--effort must be an integer from 0 to"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to"),
+    (["--max-gpus", "x"], "--max-gpus must be an integer, got 'x'"),
+    (["--headroom", "--gpus", "two"], "--gpus must be an integer, got 'two'"),
+])
+def test_size_options_are_refused_as_options(capsys, tmp_path, argv, words):
+    f = tmp_path / "m.csv"
+    f.write_text(GOOD)
+    assert words in fails(capsys, "size", f, "--max-kvpr", "0.1", *argv)
+
+
+def test_a_cluster_error_names_only_the_flags_given(capsys, tmp_path):
+    f = tmp_path / "m.json"
+    f.write_text('{"gpus": 1, "gpu_mem": 20, "models": [{"name": "a", "size": 16, "req_rate": 1, "slo": 1},'
+                 ' {"name": "b", "size": 16, "req_rate": 1, "slo": 1}]}')
+    line = fails(capsys, "solve", f)
+    assert line.startswith(f"kvgpu: error: {f}: ") and "command line" not in line
+    line = fails(capsys, "solve", f, "--gpu-mem", 20)
+    assert line.startswith(f"kvgpu: error: {f} (with --gpu-mem from the command line): ")

@@ -171,13 +171,13 @@ def test_cli_refuses_every_case_19_spec_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "o.parquet").exists()  # nothing created for a spec that was refused
 
 
-@pytest.mark.parametrize("n", ["-1", "0"])
+@pytest.mark.parametrize("n", ["-1", "0", "257"])
 def test_cli_refuses_a_local_cluster_without_workers(tmp_path, capsys, n):
     (tmp_path / "s.yaml").write_text("gpus: 4\nseeds: 1\n")
     code, _, err, secs = _cli(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o.parquet"),
                                "--dask-local", n], capsys)
-    assert code == 2 and err == f"kvgpu: error: local_workers (--dask-local): the number of worker processes " \
-                                f"must be an integer from 1 to {sweep.MAX_LOCAL_WORKERS}, got {n}\n"
+    assert code == 2 and err == f"kvgpu: error: --dask-local must be an integer from 1 to {sweep.MAX_LOCAL_WORKERS}, " \
+                                f"got '{n}'\n"
     assert secs < 5 and not (tmp_path / "o.parquet").exists()
 
 

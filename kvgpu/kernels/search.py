@@ -61,6 +61,9 @@ REPAIR_STEPS_BASE, REPAIR_STEPS_PER_MODEL, REPAIR_SCANS_PER_MODEL = 20, 20, 25_0
 FRAC_START, FRAC_MIN, FRAC_MAX = 0.05, 1e-4, 0.2
 #: Steps of :func:`polish_second` after a search.
 POLISH_ITERS = 200
+#: Work limits of :func:`polish_second`, in exchanges scanned: in all, and for one scan of the
+#: two-model exchanges (quadratic in the models per GPU: skipped where GPUs hold hundreds).
+POLISH_SCANS, POLISH_PAIR_SCANS = 5e7, 4e6
 
 
 def default_patience(effort: int) -> int:
@@ -716,7 +719,8 @@ def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
     """Lower the second-largest KVPR without raising the largest, in place: the best exchange
     between one of the two worst GPUs and any GPU -- a move, a swap, two models for one or none,
     one for two -- by the score (max, second) compared with the tolerance of
-    :func:`kvgpu.kernels.deltas.better`, while one improves (at most ``max_iters``).  Memory and
+    :func:`kvgpu.kernels.deltas.better`, while one improves (at most ``max_iters``, and at most
+    ``POLISH_SCANS`` exchanges scanned, so the work stays bounded with many models per GPU).  Memory and
     ``rules`` hold (``rstate`` updated).  The search proper drives the largest KVPR; under rules
     or after a proof nothing else tends the runner-up GPU, which the score's second term ranks."""
     G = M.shape[0]
@@ -734,15 +738,27 @@ def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
     old = np.empty(n, np.int64)
     none = np.int64(-1)
     stamp = pos.max() + 1
+    work = 0.0
     for _ in range(max_iters):
         _top4(kv, v, ix)
         gpu_lists_into(assign, ident, lst, start)
+        c0 = start[ix[0] + 1] - start[ix[0]]
+        c1 = start[ix[1] + 1] - start[ix[1]]
+        sq = 0.0
+        for g in range(G):
+            sq += (start[g + 1] - start[g]) ** 2
+        work += (c0 + c1) * (n + G)
+        if work > POLISH_SCANS:
+            return
+        pair_work = (c0 * c0 + c1 * c1) / 2.0 * n + (c0 + c1) * sq / 2.0
         b1, b2 = v[0], v[1]
         bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
         bk, bnode = -1, -1
         for pairs in range(2):  # single moves and swaps first; two-model exchanges only when stuck
-            if pairs and bx1 >= 0:
+            if pairs and (bx1 >= 0 or pair_work > POLISH_PAIR_SCANS or work + pair_work > POLISH_SCANS):
                 break
+            if pairs:
+                work += pair_work
             for k in range(2):
                 src = ix[k]
                 for p in range(start[src], start[src + 1]):
