@@ -129,23 +129,29 @@ def _compile(unit: str) -> None:
 
 
 def plan(units, jobs: int) -> tuple[list[list[str]], float]:
-    """Hand ``units`` out to ``jobs`` processes (list scheduling): the process free first takes
-    the unit it can start first -- once the units it calls are done, in :data:`UNITS` order on
-    ties -- so that each finds its callees cached by the others (:func:`_child` waits for
-    them).  Returns the unit list of each process and the estimated seconds until all are done."""
+    """Hand ``units`` out to ``jobs`` processes (list scheduling): each time, the unit and process
+    that can start first -- once the units it calls are done (:func:`_child` waits for them) --
+    ties going to :data:`UNITS` order, then to the process that compiled one of its callees
+    (they are in its memory).  Returns the unit list of each process and the estimated seconds
+    until all are done."""
     left = [u for u in UNITS if u in set(units)]
     lanes = [[] for _ in range(max(1, jobs))]
     free = [float(PROCESS_START)] * len(lanes)
     done: dict[str, float] = {}
     while left:
-        k = free.index(min(free))
-        eligible = [u for u in left if not any(d in left for d in UNITS[u][0])]
-        ready = [max([free[k]] + [done.get(d, 0.0) for d in UNITS[u][0]]) for u in eligible]
-        i = ready.index(min(ready))
-        u = eligible[i]
+        picks = []
+        for i, u in enumerate(left):
+            deps = UNITS[u][0]
+            if any(d in left for d in deps):
+                continue
+            ready = max([0.0] + [done.get(d, 0.0) for d in deps])
+            for k in range(len(lanes)):
+                holds = any(d in lanes[k] for d in deps)
+                picks.append((max(free[k], ready), i, not holds, k, u))
+        start, _, _, k, u = min(picks)
         left.remove(u)
         lanes[k].append(u)
-        free[k] = done[u] = ready[i] + UNITS[u][1]
+        free[k] = done[u] = start + UNITS[u][1]
     return [lane for lane in lanes if lane], max(free)
 
 
