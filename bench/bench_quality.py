@@ -8,7 +8,7 @@ budgets (gain per allowed move).  Per row: mean and worst gap to the best lower 
 (the largest over all runs, so every mode is measured against the same bound), and the time per
 instance (numba backend, one batch per row, kernels compiled before timing).
 
-    python bench/bench_quality.py            # the full table (about 10 minutes on 2 cores)
+    python bench/bench_quality.py            # the full table (about 5 minutes on 2 cores)
     python bench/bench_quality.py --quick    # 16 and 64 GPUs only
 """
 

@@ -301,7 +301,7 @@ def start_bound(s, w, M):
     n = s.shape[0]
     P = mem_prefix(M)
     idx = np.arange(n)
-    order = idx[argsort_stable(-s)]
+    order = argsort_stable(-s)
     tw = 0.0
     ts = 0.0
     for i in range(n):
