@@ -44,13 +44,13 @@ from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, options
 from kvgpu.errors import InvalidInstance, NoPlacementFound
 from kvgpu.problem import DEFAULT_GPU_MEM, build_problem
 from kvgpu.results import Placement, json_float
-from kvgpu.schema import model_specs
+from kvgpu.schema import OPTION_RANGES, model_specs
 
 #: Relative margin of the bounds' comparisons: a mix is excluded only when it misses by more,
 #: so rounding never turns into a false proof.
 _MARGIN = L2_DELTA
 #: Most GPUs sizing considers (one GPU per shard / replica always suffices, see :func:`size`).
-MAX_GPUS = 100_000
+MAX_GPUS = OPTION_RANGES["max_gpus"][1]
 #: Most rows (combinations of the counts of all types but the largest) :func:`size` walks.
 MAX_ROWS = 20_000
 #: Most :func:`kvgpu.solve` calls of one :func:`size`; rows beyond it are reported as not searched.

@@ -9,13 +9,14 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from importlib import resources
 
 import kvgpu
 from kvgpu import backends, schema
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
-from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES
+from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, options
 from kvgpu.errors import InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.io import PLACEMENT_SUFFIXES, atomic_output, check_output_path, read_models, write_placement
 
@@ -137,6 +138,8 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     if args.cmd == "replan":
         budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
     exact = True if (args.exact or args.cmd == "certify") else None
+    # the options alone first: their errors are about the command line, not the file
+    options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work)
     try:
         placement = solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
                           patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work, **cluster,
@@ -211,17 +214,24 @@ def _sweep(args) -> int:
         spec = sweep.load_spec(args.spec)
         if args.dask_local is not None:
             sweep.check_local_workers(args.dask_local)
+        created = not Path(args.out).exists()
         sweep.prepare_output(args.out)
-        if args.plot:
-            from kvgpu import plot
-            plot.check_target(args.plot)
-            check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
-        client = sweep.dask_client(args.dask, args.dask_local) if (args.dask or args.dask_local is not None) else None
         try:
-            df = sweep.run(spec, args.out, client=client, progress=not args.no_progress)
-        finally:
-            if client is not None:
-                client.close()
+            if args.plot:
+                from kvgpu import plot
+                plot.check_target(args.plot)
+                check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
+            client = sweep.dask_client(args.dask, args.dask_local) if (args.dask or args.dask_local is not None) \
+                else None
+            try:
+                df = sweep.run(spec, args.out, client=client, progress=not args.no_progress)
+            finally:
+                if client is not None:
+                    client.close()
+        except BaseException:  # a run that wrote nothing leaves no folder it made
+            if created and Path(args.out).is_dir() and not any(Path(args.out).iterdir()):
+                Path(args.out).rmdir()
+            raise
         failed = int((df["status"] != sweep.OK).sum())
         print(f"{len(df)} rows in {args.out}" +
               (f" ({failed} without a placement: see column 'status')" if failed else ""))

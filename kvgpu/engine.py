@@ -82,8 +82,8 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
     exact_work = integer(exact_work, "exact_work", *OPTION_RANGES["exact_work"])
     if mode == "seed":
         if effort not in (0, DEFAULT_EFFORT) or patience_given or seed:
-            raise InvalidInstance("effort, patience and seed steer search mode; mode='seed' runs the seed pipeline "
-                                  "alone (drop them, or use mode='search')")
+            raise InvalidInstance("effort, patience and seed (--effort, --patience, --seed) steer search mode; mode "
+                                  "'seed' runs the seed pipeline alone (drop them, or use mode 'search')")
         effort = 0
     used = backends.resolve(backend)
     return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work)

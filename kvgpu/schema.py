@@ -57,7 +57,7 @@ OPTION_RANGES = {
     "patience": (1, 1_000_000),
     "gpus_per_node": (1, MAX_GPUS),
     "jobs": (1, 1024),
-    "max_gpus": (1, MAX_GPUS),
+    "max_gpus": (1, 100_000),  # sizing (kvgpu.capacity) tries at most this many GPUs
     "dask_local": (1, 256),
 }
 

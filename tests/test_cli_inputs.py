@@ -174,9 +174,9 @@ def test_no_traceback_for_a_case_from_a_copy(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--mode", "seed", "--effort", "100"], "effort, patience and seed steer search mode"),
-    (["--mode", "seed", "--patience", "3"], "effort, patience and seed steer search mode"),
-    (["--mode", "seed", "--seed", "5"], "effort, patience and seed steer search mode"),
+    (["--mode", "seed", "--effort", "100"], "steer search mode; mode 'seed' runs the seed pipeline alone"),
+    (["--mode", "seed", "--patience", "3"], "steer search mode; mode 'seed' runs the seed pipeline alone"),
+    (["--mode", "seed", "--seed", "5"], "steer search mode; mode 'seed' runs the seed pipeline alone"),
 ])
 def test_seed_mode_refuses_search_options_rather_than_dropping_them(capsys, tmp_path, argv, words):
     f = tmp_path / "m.csv"
@@ -204,3 +204,10 @@ def test_a_cluster_error_names_only_the_flags_given(capsys, tmp_path):
     assert line.startswith(f"kvgpu: error: {f}: ") and "command line" not in line
     line = fails(capsys, "solve", f, "--gpu-mem", 20)
     assert line.startswith(f"kvgpu: error: {f} (with --gpu-mem from the command line): ")
+
+
+def test_size_max_gpus_range_is_the_apis(capsys, tmp_path):
+    f = tmp_path / "m.csv"
+    f.write_text(GOOD)
+    assert "--max-gpus must be an integer from 1 to 100000, got '500000'" in fails(
+        capsys, "size", f, "--max-kvpr", "0.1", "--max-gpus", 500000)

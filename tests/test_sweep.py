@@ -189,8 +189,11 @@ def test_cli_fails_quickly_and_cleanly_on_an_unreachable_scheduler(tmp_path, cap
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("kvgpu: error: cannot reach the Dask scheduler at tcp://127.0.0.1:1 within 5 s")
     assert secs < 10
+    assert not (tmp_path / "o.parquet").exists()  # a run that wrote nothing leaves no folder it made
+    (tmp_path / "o.parquet").mkdir()
     code, _, err, _ = _cli(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o.parquet"),
                             "--dask", "nonsense"], capsys)
+    assert (tmp_path / "o.parquet").is_dir()  # but a folder the user had stays
     assert code == 2 and err.startswith("kvgpu: error: Dask scheduler address 'nonsense': ") and err.count("\n") == 1
 
 
