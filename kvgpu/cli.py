@@ -54,6 +54,11 @@ def _num_option(flag: str, lo: float, hi: float | None = None, unlimited: bool =
         if unlimited and text.strip().lower() in ("inf", "infinity"):
             return float("inf")
         try:
+            if unlimited and float(text) == float("inf"):  # 1e400: beyond any limit, as inf
+                return float("inf")
+        except ValueError:
+            pass
+        try:
             return schema.number(text, flag, lo, hi)
         except InvalidInstance as e:
             raise _UsageError(str(e)) from None

@@ -139,6 +139,8 @@ def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
     """
     name = str(path)
     suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():
+        raise InvalidInstance(f"{name}: is a folder; give a model file ({', '.join(MODEL_SUFFIXES)})")
     if suffix not in MODEL_SUFFIXES:
         raise InvalidInstance(f"{name}: models are read from {', '.join(MODEL_SUFFIXES)} files, "
                               f"not {suffix or 'a file without a suffix'!r}")

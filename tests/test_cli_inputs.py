@@ -211,3 +211,19 @@ def test_size_max_gpus_range_is_the_apis(capsys, tmp_path):
     f.write_text(GOOD)
     assert "--max-gpus must be an integer from 1 to 100000, got '500000'" in fails(
         capsys, "size", f, "--max-kvpr", "0.1", "--max-gpus", 500000)
+
+
+def test_a_folder_given_as_the_model_file_is_said(capsys, tmp_path):
+    assert f"{tmp_path}: is a folder; give a model file" in fails(capsys, "solve", tmp_path, "--gpus", 2)
+
+
+def test_a_migration_limit_beyond_floats_is_no_limit_like_inf(capsys, tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_text("name,size,req_rate,slo,cur_gpu_id\na,10,1,1,0\nb,20,1,1,0\n")
+    outs = []
+    for limit in ("inf", "1e400"):
+        assert main(["replan", str(f), "--gpus", "2", "--max-migrated-gb", limit, "--json"]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["assignment"])
+    assert outs[0] == outs[1] and len(set(outs[0])) == 2  # unlimited: one of the two moves off GPU 0
+    assert "--max-migrated-gb must be finite, got 'nan'" in fails(capsys, "replan", f, "--gpus", 2,
+                                                                   "--max-migrated-gb", "nan")

@@ -178,7 +178,7 @@ def test_utf16_without_bom_and_broken_text_after_a_bom(tmp_path):
 def test_unreadable_and_unknown_files(tmp_path):
     refused(tmp_path / "missing.csv", r"missing.csv: cannot read \(No such file or directory\)")
     (tmp_path / "d.json").mkdir()
-    refused(tmp_path / "d.json", r"d.json: cannot read")
+    refused(tmp_path / "d.json", r"d.json: is a folder; give a model file")
     (tmp_path / "m.txt").write_text("[]")
     refused(tmp_path / "m.txt", r"m.txt: models are read from .csv, .json, .yaml, .yml files, not '.txt'")
 
