@@ -242,9 +242,14 @@ def ensure(groups, announce: bool | str = True, jobs: int | None = None) -> list
 def _child(units) -> None:
     """Compile ``units`` in order, each once the units it calls are cached (by another process
     of :func:`ensure`) -- or, should that process fail, after a while by itself."""
+    try:  # stamps that cannot be written would never appear: then nothing is waited for
+        _stamp_dir().mkdir(parents=True, exist_ok=True)
+        stamps = os.access(_stamp_dir(), os.W_OK)
+    except OSError:
+        stamps = False
     for u in units:
         deadline = time.monotonic() + 60 + 2 * sum(UNITS[d][1] for d in UNITS[u][0])
-        while not all(_stamp(d).exists() for d in UNITS[u][0]) and time.monotonic() < deadline:
+        while stamps and not all(_stamp(d).exists() for d in UNITS[u][0]) and time.monotonic() < deadline:
             time.sleep(0.1)
         _compile(u)
         _mark(u)

@@ -74,3 +74,16 @@ def test_argsort_stable_is_numpys_stable_argsort(values):
     np.testing.assert_array_equal(sorted_desc(x), np.sort(x)[::-1])
     ints = np.floor(np.nan_to_num(x, posinf=9, neginf=-9) % 7).astype(np.int64)
     np.testing.assert_array_equal(argsort_stable(ints), np.argsort(ints, kind="stable"))
+
+
+def test_a_process_never_waits_for_stamps_that_cannot_be_written(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    monkeypatch.setattr(warm, "_stamp_dir", lambda: ro)
+    monkeypatch.setattr(warm.os, "access", lambda path, mode: False)  # as for a user without rights
+    compiled = []
+    monkeypatch.setattr(warm, "_compile", compiled.append)
+    monkeypatch.setattr(warm.time, "sleep", lambda s: pytest.fail("waited for a stamp that cannot appear"))
+    warm._child(["seed"])  # its callees (core, candidates) are compiled elsewhere, or by seed itself
+    assert compiled == ["seed"]
