@@ -51,10 +51,8 @@ def _num_option(flag: str, lo: float, hi: float | None = None, unlimited: bool =
     """argparse type for a number option, checked as the API checks it (one clean line);
     ``unlimited``: ``inf`` is accepted and means no limit."""
     def parse(text: str) -> float:
-        if unlimited and text.strip().lower() in ("inf", "infinity"):
-            return float("inf")
         try:
-            if unlimited and float(text) == float("inf"):  # 1e400: beyond any limit, as inf
+            if unlimited and float(text) == float("inf"):  # inf, infinity, or 1e400: beyond any limit
                 return float("inf")
         except ValueError:
             pass

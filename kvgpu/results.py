@@ -126,7 +126,6 @@ class Placement:
     def model_of(self) -> np.ndarray:
         return self.problem.model_of
 
-
     @property
     def max_kvpr(self) -> float:
         return float(self.kvpr.max())
