@@ -31,13 +31,19 @@ _OPTIONS_DOC = """
     one, equal to ``max_kvpr`` when optimal; ``exact=None`` proves problems of at most
     ``kvgpu.engine.AUTO_EXACT_ITEMS`` items with a little work.  ``backend``: "numpy", "numba",
     "cuda" or "auto" (see :mod:`kvgpu.backends`) runs the seed pipeline; search, proofs and
-    every instance with rules run in numba kernels."""
+    every instance with rules run in numba kernels.  ``decompose``: plain clusters of
+    ``kvgpu.decompose.AUTO_GPUS`` GPUs and more (``None``, default), every plain one (``True``) or
+    none (``False``) are split into groups solved as one batch, then repaired between groups
+    (:mod:`kvgpu.decompose`; search mode, no rules); ``dask``: a ``dask.distributed.Client`` or a
+    scheduler address ``tcp://HOST:PORT`` on which those batches run as tasks, with the same
+    answer as here for the same ``seed``."""
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, nodes=None,
           gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None, min_gain=None,
           backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT, patience: int | None = None,
-          seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK) -> Placement:
+          seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK, decompose: bool | None = None,
+          dask=None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
@@ -52,7 +58,7 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     :class:`kvgpu.NoPlacementFound` when no placement keeps memory, rules and budget (saying
     whether that is proven).
     """
-    opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work)
+    opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain)
@@ -79,7 +85,8 @@ def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",
                 mode: str = "search", effort: int = DEFAULT_EFFORT, patience: int | None = None, seed: int = 0,
-                exact: bool = False, exact_work: int = DEFAULT_EXACT_WORK, infeasible: str = "raise") -> BatchResult:
+                exact: bool = False, exact_work: int = DEFAULT_EXACT_WORK, infeasible: str = "raise",
+                decompose: bool | None = None, dask=None) -> BatchResult:
     """Solve ``B`` padded plain instances at once.
 
     ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
@@ -87,7 +94,7 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     ``infeasible="mark"`` returns instances without a placement with their ``status`` instead of
     raising :class:`kvgpu.NoPlacementFound`.
     """
-    opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work)
+    opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
     if infeasible != "mark":
         validate_batch(batch)

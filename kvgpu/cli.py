@@ -14,6 +14,7 @@ from importlib import resources
 
 import kvgpu
 from kvgpu import backends, schema
+from kvgpu import decompose as decomposition
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, options
@@ -106,6 +107,13 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
                    "instances of at most 24 shards are proven by default")
     p.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
                    help="work limit of the proof: search nodes / DP states per instance (default %(default)s)")
+    p.add_argument("--decompose", choices=("auto", "on", "off"), default="auto",
+                   help="split a big plain cluster into groups solved as one batch, then repair between them: "
+                   "auto (default) from %d GPUs, on, off" % decomposition.AUTO_GPUS)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--dask", metavar="tcp://HOST:PORT", help="run a decomposition's batches on this Dask scheduler")
+    where.add_argument("--dask-local", type=_int_option("--dask-local"), metavar="N",
+                       help="run a decomposition's batches on a Dask LocalCluster of N worker processes")
     p.add_argument("--json", action="store_true", help="print the placement as JSON")
     p.add_argument("--out", help="also write the placement to this .json or .csv file")
     p.add_argument("--plot", help="also draw the placement (per-GPU memory and KVPR) to this image file "
@@ -141,12 +149,28 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     if args.cmd == "replan":
         budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
     exact = True if (args.exact or args.cmd == "certify") else None
+    decompose = {"auto": None, "on": True, "off": False}[args.decompose]
     # the options alone first: their errors are about the command line, not the file
-    options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work)
+    options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work, decompose)
+    decomposition.check(decompose, mode=args.mode, rules=False, dask=bool(args.dask or args.dask_local is not None))
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.dask or args.dask_local is not None:
+            from kvgpu import sweep
+
+            if args.dask_local is not None:
+                sweep.check_local_workers(args.dask_local)
+            client = sweep.dask_client(args.dask, args.dask_local)
+            stack.callback(client.close)
+        placement = _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget)
+    return _print_placement(placement, args, header)
+
+
+def _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget):
     try:
-        placement = solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
-                          patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work, **cluster,
-                          **budget)
+        return solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
+                     patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work,
+                     decompose=decompose, dask=client, **cluster, **budget)
     except InvalidInstance as e:  # a cluster-level rule (memory list, nodes, totals): say which file
         source = getattr(args, "file", None)
         if source and not str(e).startswith(str(source)):
@@ -156,6 +180,9 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
             given = f" (with {', '.join(flags)} from the command line)" if flags else ""
             raise InvalidInstance(f"{source}{given}: {e}") from None
         raise
+
+
+def _print_placement(placement, args, header) -> int:
     # both files appear together, or neither: each goes to a temporary file, renamed at the end
     with contextlib.ExitStack() as outputs:
         if args.out:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvgpu import backends, bounds, migration
+from kvgpu import decompose as decomposition
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
 from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.params import OPTIMAL_RTOL
@@ -54,6 +55,10 @@ class Options:
     seed: int
     exact: bool | None
     exact_work: int
+    #: Decompose big plain clusters: True, False, or None (automatic, :mod:`kvgpu.decompose`).
+    decompose: bool | None = None
+    #: Where a decomposition's batches run: a :mod:`kvgpu.decompose` executor (None: here).
+    executor: object = None
 
     def proof_work(self, n_items: int) -> int:
         """Work of the proof for a problem of ``n_items`` items (0: no proof)."""
@@ -63,9 +68,12 @@ class Options:
 
 
 def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, patience=None, seed=0,
-            exact: bool | None = False, exact_work=DEFAULT_EXACT_WORK) -> Options:
+            exact: bool | None = False, exact_work=DEFAULT_EXACT_WORK, decompose: bool | None = None,
+            dask=None) -> Options:
     """Check every option once, whatever the entry point; raises :class:`kvgpu.InvalidInstance`
-    naming the option (or :class:`kvgpu.BackendUnavailable`)."""
+    naming the option (or :class:`kvgpu.BackendUnavailable`; ``ConnectionError`` for a Dask
+    scheduler that cannot be reached).  ``dask``: a ``dask.distributed.Client`` or a scheduler
+    address, where the batches of a decomposition run."""
     from kvgpu.kernels.search import default_patience
 
     if not isinstance(mode, str) or mode not in MODES:
@@ -85,8 +93,11 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
             raise InvalidInstance("effort, patience and seed (--effort, --patience, --seed) steer search mode; mode "
                                   "'seed' runs the seed pipeline alone (drop them, or use mode 'search')")
         effort = 0
+    decomposition.check(decompose, mode=mode, rules=False, dask=dask is not None)
     used = backends.resolve(backend)
-    return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work)
+    ex = None if dask is None else decomposition.executor(dask)
+    return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work,
+                   None if decompose is None else bool(decompose), ex)
 
 
 def _need_numba(what: str) -> None:
@@ -167,6 +178,13 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         zero = np.zeros(B)
         return BatchResult(np.zeros((B, 0), np.int64), kv, zero, zero.copy(), backend=opts.backend,
                            proven=np.ones(B, bool))
+    big = _decomposed(batch, opts)
+    if big.any():
+        return _solve_decomposed(batch, opts, big, infeasible)
+    if opts.executor is not None:
+        raise InvalidInstance(f"dask (--dask, --dask-local) runs the group solves of a decomposed cluster, and no "
+                              f"cluster here is decomposed (automatic from {decomposition.AUTO_GPUS} GPUs): pass "
+                              f"decompose=True (--decompose on), or drop dask")
     _compile_first(opts, B, int(batch.n_models.max()))
     status = np.full(B, "ok", dtype=object)
     assign, pos = _start(batch, opts, status)
@@ -199,6 +217,68 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+
+
+def _decomposed(batch: Batch, opts: Options) -> np.ndarray:
+    """(B,) bool: the instances solved by decomposition (:mod:`kvgpu.decompose`)."""
+    if opts.mode == "seed" or opts.decompose is False:
+        return np.zeros(batch.shape[0], bool)
+    return np.array([decomposition.chosen(int(g), opts.decompose) for g in batch.n_gpus], bool)
+
+
+def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: str) -> BatchResult:
+    """The instances ``big`` (B,) by decomposition, one after the other (each is a batch of
+    groups), the others as one batch; figures and proofs as :func:`solve_batch_plain`'s."""
+    from dataclasses import replace
+
+    _need_numba("decomposition (the repair between groups)")
+    B, N, G = batch.shape
+    out = BatchResult(np.full((B, N), -1, np.int64), np.full((B, G), np.nan), np.full(B, np.nan),
+                      np.full(B, np.nan), backend=opts.backend, decomposed=big.copy())
+    whole = replace(opts, decompose=False, executor=None)
+    rest = np.nonzero(~big)[0]
+    if rest.size:
+        r = solve_batch_plain(batch.take(rest), whole, infeasible)
+        out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
+            r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
+        out.status[rest] = r.status
+    engines = {r.backend} if rest.size else set()
+    if opts.effort:
+        from kvgpu.warmup import ensure
+
+        ensure(["fleet"])  # the groups' seed pipeline and a proof say so themselves (numba_engine)
+    for b in np.nonzero(big)[0]:
+        mi, gi = np.nonzero(batch.model_mask[b])[0], np.nonzero(batch.gpu_mask[b])[0]
+        one = batch.take(np.array([b]))
+        one = Batch(one.sizes[:, mi], one.demand[:, mi], one.model_mask[:, mi], one.gpu_mem[:, gi],
+                    one.gpu_mask[:, gi])
+        s, w, M = one.sizes[0], one.demand[0], one.gpu_mem[0]
+        lb0 = float(bounds.lower_bound(one, 2.0 * bounds.simple_bound(one) + 1e-9)[0])
+        res = decomposition.solve(s, w, M, lb0, backend=opts.backend, effort=opts.effort, patience=opts.patience,
+                                  seed=opts.seed, ex=opts.executor)
+        if res is None:  # the seed packs no partition into groups: the cluster whole
+            r = solve_batch_plain(one, whole, infeasible)
+            a, k, m, lo, st = r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
+            engines.add(r.backend)
+            out.decomposed[b] = False
+        else:
+            a, p, _ = res
+            a, p = a[None], p[None]
+            lo = np.array([lb0])
+            work = opts.proof_work(s.shape[0])
+            if work:
+                from kvgpu.numba_engine import improve
+
+                a, p, lo = improve(one, a, p, lo, 0, opts.patience, opts.seed, work)
+            k, m = _objective(one, a, p)
+            lo = np.minimum(np.maximum(lo, bounds.lower_bound(one, m)), m)
+            st = np.array(["ok"], dtype=object)
+            engines.add(opts.backend if opts.backend == "numba" else f"{opts.backend}+numba")
+        out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
+        out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
+        out.status[b] = st[0]
+    out.backend = "+".join(sorted(set("+".join(sorted(engines)).split("+")), key=["numpy", "cuda", "numba"].index))
+    return out
 
 
 def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
@@ -359,7 +439,15 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
             full = np.zeros(problem.n_gpus)
             full[keep] = kv
             kv = full
-        return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend)
+        note = None
+        if res.decomposed[0]:
+            note = ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
+                    "(decompose=False solves the cluster whole)")
+        elif opts.decompose:
+            note = ("decompose=True: the seed's packings fit no split of these models into groups, so the cluster "
+                    "was solved whole")
+        return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend, note=note)
+    decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
     assign, pos, lb, certified = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)
     out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified))

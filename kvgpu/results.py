@@ -244,6 +244,8 @@ class Placement:
             rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
         if p.is_replan:
             rows.append(self._replan_lines())
+        elif self.note:
+            rows.append(f"note: {self.note}")
         proven = "optimal (proven)" if self.proven_optimal else "not proven optimal"
         rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f}   "
                     f"gap {100 * self.gap:.2f}% (an upper limit on the distance from the optimum)   {proven}")
@@ -289,6 +291,7 @@ class BatchResult:
         found"`` (only with ``infeasible="mark"``; otherwise those raise).
     proven : ndarray (B,) bool -- optimality proven by the exact search.
     backend : str -- every engine that ran (e.g. ``"numba"``, ``"numpy+numba"``).
+    decomposed : ndarray (B,) bool -- solved by decomposition into groups (:mod:`kvgpu.decompose`).
     """
 
     assignment: np.ndarray
@@ -298,6 +301,7 @@ class BatchResult:
     backend: str = "numba"
     status: np.ndarray | None = None
     proven: np.ndarray | None = None
+    decomposed: np.ndarray | None = None
 
     def __post_init__(self):
         B = self.max_kvpr.shape[0]
@@ -305,6 +309,8 @@ class BatchResult:
             self.status = np.full(B, "ok", dtype=object)
         if self.proven is None:
             self.proven = np.zeros(B, bool)
+        if self.decomposed is None:
+            self.decomposed = np.zeros(B, bool)
 
     @property
     def gap(self) -> np.ndarray:

@@ -35,6 +35,7 @@ GROUPS = {
     "start": ("first placements under rules and budgets", ("core", "repair", "start")),
     "batch": ("the parallel batch kernels (many instances at once)",
               ("core", "candidates", "seed", "repair", "polish", "search", "exact", "batch")),
+    "fleet": ("the repair between the groups of a decomposed cluster", ("core", "repair", "fleet")),
 }
 
 #: Compile units, in the order they are handed out: (units whose kernels it calls, about how
@@ -51,6 +52,7 @@ UNITS = {
     "exact": (("core", "polish"), 6),
     "start": (("core", "repair"), 4),
     "batch": (("seed", "search", "exact"), 36),
+    "fleet": (("repair",), 8),
 }
 
 #: Seconds a process spends on its first compile before any unit's own work (numba and LLVM
@@ -115,6 +117,12 @@ def _compile(unit: str) -> None:
         from kvgpu.kernels import start
 
         start.solve_start(s, w, M, rules, 0, a.copy(), p.copy())
+    elif unit == "fleet":
+        from kvgpu.kernels import fleet
+
+        B = lambda x: np.ascontiguousarray(x[None])  # noqa: E731
+        fleet.repair_batch(B(s), B(w), B(M), np.array([3]), np.array([2]), np.array([1.0]), 1, np.zeros(1, np.int64),
+                           B(a), B(p), np.zeros(1, np.bool_))
     elif unit == "batch":
         from kvgpu.kernels import cpu, exact, search
 

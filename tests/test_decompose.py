@@ -1,0 +1,195 @@
+"""Decomposition of big clusters (kvgpu.decompose): partition, lanes, the repair between groups,
+the options that steer it, and Dask giving the local answer."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import kvgpu
+from kvgpu import decompose
+from kvgpu.batch.state import batch_from_instances
+from kvgpu.bounds import lower_bound, simple_bound
+from kvgpu.errors import InvalidInstance
+from kvgpu.generate import hetero, uniform
+
+
+def _models(inst):
+    return [dict(model_size=float(s), req_rate=float(w), slo=1.0) for s, w in zip(inst.sizes, inst.demand)]
+
+
+def _bound(inst):
+    b = batch_from_instances([inst])
+    return float(lower_bound(b, 2 * simple_bound(b) + 1e-9)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 9), st.integers(8, 80))
+def test_partition_balances_the_load_at_the_target(seed, K, G):
+    """Every GPU is in a group, groups differ by at most one GPU and hold the same memory mix,
+    and (LPT) each group's load at T is within one model's load of its share."""
+    rng = np.random.default_rng(seed)
+    K = min(K, G)
+    s, w = rng.uniform(1, 30, 4 * G), rng.uniform(0.1, 9, 4 * G)
+    M = rng.choice([40.0, 80.0, 141.0], G)
+    T = 0.3
+    gg, mg = decompose.partition(s, w, M, T, K)
+    counts = np.bincount(gg, minlength=K)
+    assert counts.max() - counts.min() <= 1
+    for m in np.unique(M):  # dealt largest first, round robin: each memory class spread evenly
+        c = np.bincount(gg[M == m], minlength=K)
+        assert c.max() - c.min() <= 1 + (counts.max() - counts.min())
+    load = s + w / T
+    room = np.bincount(gg, weights=M, minlength=K) - np.bincount(mg, weights=load, minlength=K)
+    # the group a model joins has the most room; so the room left differs by at most one load
+    assert room.max() - room.min() <= load.max() + 1e-9
+
+
+def test_lanes_hold_each_lanes_gpus_and_models_in_local_ids():
+    rng = np.random.default_rng(1)
+    G, n = 20, 60
+    s, w, M = rng.uniform(1, 10, n), rng.uniform(0, 5, n), np.full(G, 80.0)
+    assign = rng.integers(0, G, n)
+    pos = rng.permutation(n)
+    gpu_lane = np.where(np.arange(G) % 3 == 2, -1, np.arange(G) % 3)  # lane 2 empty of GPUs -> -1
+    gpu_lane[gpu_lane == 2] = -1
+    D = 2
+    sz, dm, mem, nm, ng, a, p, (mo, ms), (go, gs) = decompose._lanes(gpu_lane[assign], gpu_lane, D, s, w, M, assign,
+                                                                       pos)
+    for d in range(D):
+        gids = go[gs[d]:gs[d + 1]]
+        mids = mo[ms[d]:ms[d + 1]]
+        assert set(gids) == set(np.nonzero(gpu_lane == d)[0]) and ng[d] == gids.size
+        assert set(mids) == set(np.nonzero(gpu_lane[assign] == d)[0]) and nm[d] == mids.size
+        assert (gids[a[d, :nm[d]]] == assign[mids]).all()  # local ids map back to the GPUs
+        assert (sz[d, :nm[d]] == s[mids]).all() and (p[d, :nm[d]] == pos[mids]).all()
+        assert (mem[d, :ng[d]] == M[gids]).all()
+
+
+@pytest.mark.parametrize("family", [uniform, hetero])
+def test_decomposition_keeps_memory_and_is_never_worse_than_its_groups(family):
+    inst = family(np.random.default_rng(7), 96)
+    lb = _bound(inst)
+    start = decompose.solve(inst.sizes, inst.demand, inst.gpu_mem, lb, backend="numba", effort=0, patience=6, seed=0)
+    a0, _, rep0 = start
+    assert rep0.groups == 3 and rep0.draws == 0
+    a, p, rep = decompose.solve(inst.sizes, inst.demand, inst.gpu_mem, lb, backend="numba", effort=30, patience=6,
+                                seed=0)
+    assert sorted(p.tolist()) == list(range(inst.n_models))  # dense list stamps
+    G = inst.n_gpus
+    S = np.bincount(a, weights=inst.sizes, minlength=G)
+    assert (S <= inst.gpu_mem + 1e-9).all()
+    kv = lambda x: (np.bincount(x, weights=inst.demand, minlength=G)  # noqa: E731
+                    / (inst.gpu_mem - np.bincount(x, weights=inst.sizes, minlength=G))).max()
+    assert rep.draws > 0 and kv(a) < kv(a0)  # the repair between groups gained
+    assert kv(a) >= lb * (1 - 1e-12)
+
+
+def test_same_seed_same_answer_another_seed_a_restart():
+    inst = uniform(np.random.default_rng(3), 80)
+    lb = _bound(inst)
+    run = lambda seed: decompose.solve(inst.sizes, inst.demand, inst.gpu_mem, lb, backend="numba",  # noqa: E731
+                                       effort=30, patience=6, seed=seed)[0]
+    assert (run(0) == run(0)).all()
+    assert not (run(0) == run(1)).all()
+
+
+def test_solve_and_solve_batch_decompose_on_request_and_say_so():
+    inst = uniform(np.random.default_rng(4), 64)
+    p = kvgpu.solve(_models(inst), 64, decompose=True)
+    whole = kvgpu.solve(_models(inst), 64, decompose=False)
+    assert p.note and "decomposition" in p.note and whole.note is None
+    assert p.lower_bound == pytest.approx(whole.lower_bound)
+    assert p.max_kvpr <= p.lower_bound * 1.02  # within 2% of the bound on 64 GPUs
+    b = batch_from_instances([inst, uniform(np.random.default_rng(5), 16)])
+    r = kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, model_mask=b.model_mask, gpu_mask=b.gpu_mask, decompose=True)
+    assert r.decomposed.tolist() == [True, True]
+    assert r.max_kvpr[0] == pytest.approx(p.max_kvpr)  # the same answer as one instance alone
+    mem_used = np.zeros(b.gpu_mem.shape)
+    for k in range(2):
+        real = b.model_mask[k]
+        mem_used[k] = np.bincount(r.assignment[k, real], weights=b.sizes[k, real], minlength=b.gpu_mem.shape[1])
+    assert (mem_used <= b.gpu_mem + 1e-9).all()
+
+
+def test_automatic_from_the_threshold(monkeypatch):
+    inst = uniform(np.random.default_rng(4), 40)
+    b = batch_from_instances([inst])
+    assert not kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem).decomposed[0]
+    monkeypatch.setattr(decompose, "AUTO_GPUS", 32)
+    assert kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem).decomposed[0]
+    assert not kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, decompose=False).decomposed[0]
+    assert not kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, mode="seed").decomposed[0]  # the seed, whole
+
+
+def test_a_split_the_seed_cannot_pack_is_solved_whole_and_said():
+    # two models of 70 GB per pair of 80 GB GPUs only fit one per GPU: groups of the partition
+    # by load cannot all pack, the cluster whole does
+    models = [dict(model_size=70.0 if i % 2 else 5.0, req_rate=1.0 + i, slo=1.0) for i in range(8)]
+    p = kvgpu.solve(models, 4, decompose=True)
+    assert (np.bincount(p.assignment, weights=[m["model_size"] for m in models], minlength=4) <= 80).all()
+    if "decomposition" not in (p.note or ""):
+        assert "solved whole" in p.note
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(decompose=True, mode="seed"), "mode 'seed'"),
+    (dict(decompose="yes"), "decompose: must be True, False or None"),
+    (dict(decompose=False, dask="tcp://127.0.0.1:1"), "decompose=False"),
+    (dict(mode="seed", dask="tcp://127.0.0.1:1"), "mode 'seed'"),
+])
+def test_options_that_cannot_apply_are_refused(kwargs, words):
+    inst = uniform(np.random.default_rng(1), 8)
+    with pytest.raises(InvalidInstance, match=words):
+        kvgpu.solve(_models(inst), 8, **kwargs)
+
+
+def test_rules_are_refused_with_decompose_and_with_dask():
+    models = [dict(model_size=10.0, req_rate=1.0, slo=1.0, tp=2), dict(model_size=10.0, req_rate=1.0, slo=1.0)]
+    with pytest.raises(InvalidInstance, match="clusters without rules"):
+        kvgpu.solve(models, 4, decompose=True)
+    models = [dict(model_size=10.0, req_rate=1.0, slo=1.0, pin=0), dict(model_size=10.0, req_rate=1.0, slo=1.0)]
+    with pytest.raises(InvalidInstance, match="solved whole"):
+        kvgpu.solve(models, 4, dask=_FakeClient())
+
+
+class _FakeClient:
+    """Enough of a dask Client to be accepted (never used: the solve is refused first)."""
+
+    def submit(self, *a, **k):
+        raise AssertionError("not reached")
+
+    def gather(self, f):
+        raise AssertionError("not reached")
+
+
+def test_dask_without_a_decomposed_cluster_is_refused():
+    inst = uniform(np.random.default_rng(1), 8)
+    with pytest.raises(InvalidInstance, match="no cluster here is decomposed"):
+        kvgpu.solve(_models(inst), 8, dask=_FakeClient())
+
+
+def test_dask_local_cluster_gives_the_local_answer():
+    pytest.importorskip("distributed")
+    from kvgpu import sweep
+
+    inst = uniform(np.random.default_rng(9), 96)
+    local = kvgpu.solve(_models(inst), 96, decompose=True, seed=3)
+    client = sweep.dask_client(local_workers=2)
+    try:
+        remote = kvgpu.solve(_models(inst), 96, decompose=True, seed=3, dask=client)
+    finally:
+        client.close()
+    assert (remote.assignment == local.assignment).all()
+    assert remote.max_kvpr == local.max_kvpr and "decomposition" in remote.note
+
+
+def test_cli_flags(tmp_path, capsys):
+    from kvgpu import cli
+
+    inst = uniform(np.random.default_rng(2), 64)
+    f = tmp_path / "m.csv"
+    f.write_text("model_size,req_rate,slo\n" + "".join(f"{s},{w},1\n" for s, w in zip(inst.sizes, inst.demand)))
+    assert cli.main(["solve", str(f), "--gpus", "64", "--decompose", "on"]) == 0
+    assert "solved by decomposition" in capsys.readouterr().out
+    assert cli.main(["solve", str(f), "--gpus", "64", "--decompose", "off", "--dask-local", "2"]) == 2
+    assert "decompose=False" in capsys.readouterr().err
