@@ -20,7 +20,7 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.sorting import argsort_stable, sorted_desc
+from kvgpu.kernels.sorting import argsort_into, argsort_stable, sorted_desc
 from kvgpu.kernels.rules import new_state, no_rules, restricted, transfer_apply, transfer_check
 
 _jit = kernel(inline=True)
@@ -709,6 +709,112 @@ def _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, src, dst, a, b, r
     return _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b)
 
 
+#: :func:`best_swap` scans every pair below this many (the window's sort is not worth it).
+SWAP_WINDOW_PAIRS = 4096
+
+
+@njit
+def _swap_row(S, W, M, s, w, src, dst, a, others, best, mem, q_lo, q_hi, rules, rstate):
+    """The seed's record scan of one row: model ``a`` of ``src`` against ``dst``'s list
+    positions ``mem[q]`` for ``q`` in ``[q_lo, q_hi)`` in list order.  ``(best, b)``, ``b = -1``
+    where no pair beats ``best``."""
+    bb = -1
+    for q in range(q_lo, q_hi):
+        new = _eval(S, W, M, s, w, src, dst, a, mem[q], others)
+        if new + EPS < best and _allowed(rules, rstate, src, dst, a, mem[q]):
+            best, bb = new, mem[q]
+    return best, bb
+
+
+@njit
+def best_swap(S, W, M, s, w, src, dst, others, best, mem, start, keys, idx, tmp, rules, rstate):
+    """The best swap of a model of GPU ``src`` with one of ``dst`` -- the seed's scan of every pair
+    in list order (rows: ``src``'s models), keeping each pair whose new max KVPR beats the best so
+    far by ``EPS``: ``(a, b)``, or ``(-1, -1)``.
+
+    The same decision in far fewer evaluations on long lists: a pair beats ``B0 = best`` only if
+    both GPUs end below ``B0``, which (all demands positive, so a GPU's KVPR is finite exactly when
+    it has room left) reads ``key(a) + W_dst - B0 F_dst < key(b) < key(a) + B0 F_src - W_src`` with
+    ``key(x) = w_x + B0 s_x`` and ``F`` the free GB.  ``dst``'s models sorted by ``key`` give each
+    row's candidates as one range, widened by a relative 1e-7 against rounding; they are scanned in
+    list order with the exact test, and every other pair fails it.  A row whose range holds more
+    than an eighth of the list is scanned whole.  ``keys`` (n,) float64, ``idx``, ``tmp`` (n,) int64
+    working memory; ``mem``/``start`` the GPU lists (:func:`gpu_lists_into`)."""
+    p_lo, p_hi = start[src], start[src + 1]
+    q_lo, q_hi = start[dst], start[dst + 1]
+    m = q_hi - q_lo
+    ba, bb = -1, -1
+    if others + EPS >= best:  # the new max is at least the other GPUs' max: nothing can beat best
+        return ba, bb
+    positive = True
+    for p in range(p_lo, p_hi):
+        positive = positive and w[mem[p]] > 0.0
+    for q in range(q_lo, q_hi):
+        positive = positive and w[mem[q]] > 0.0
+    if (p_hi - p_lo) * m < SWAP_WINDOW_PAIRS or not positive:
+        for p in range(p_lo, p_hi):
+            best, b = _swap_row(S, W, M, s, w, src, dst, mem[p], others, best, mem, q_lo, q_hi, rules, rstate)
+            if b >= 0:
+                ba, bb = mem[p], b
+        return ba, bb
+    B0 = best
+    k, order, work = keys[:m], idx[:m], tmp[:m]
+    for q in range(m):
+        j = mem[q_lo + q]
+        k[q] = w[j] + B0 * s[j]
+    argsort_into(k, order, work)
+    lo_off = W[dst] - B0 * (M[dst] - S[dst])
+    hi_off = B0 * (M[src] - S[src]) - W[src]
+    slack = 1e-7 * (1.0 + abs(W[src]) + abs(W[dst]) + B0 * (abs(M[src]) + abs(M[dst]) + abs(S[src]) + abs(S[dst])))
+    for p in range(p_lo, p_hi):
+        a = mem[p]
+        ka = w[a] + B0 * s[a]
+        lo = _first_above(k, order, ka + lo_off - slack - 1e-7 * abs(ka))
+        hi = _first_above(k, order, ka + hi_off + slack + 1e-7 * abs(ka))
+        if hi <= lo:
+            continue
+        if 8 * (hi - lo) > m:
+            best, b = _swap_row(S, W, M, s, w, src, dst, a, others, best, mem, q_lo, q_hi, rules, rstate)
+        else:
+            cand = work[:hi - lo]
+            for c in range(hi - lo):
+                cand[c] = order[lo + c]
+            _insertion_sort(cand)  # list order
+            b = -1
+            for c in range(hi - lo):
+                q = q_lo + cand[c]
+                new = _eval(S, W, M, s, w, src, dst, a, mem[q], others)
+                if new + EPS < best and _allowed(rules, rstate, src, dst, a, mem[q]):
+                    best, b = new, mem[q]
+        if b >= 0:
+            ba, bb = a, b
+    return ba, bb
+
+
+@njit
+def _first_above(k, order, x):
+    """The first position ``i`` of the ascending ``k[order]`` with ``k[order[i]] > x``."""
+    lo, hi = 0, order.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if k[order[mid]] > x:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@njit
+def _insertion_sort(x):
+    for i in range(1, x.shape[0]):
+        v = x[i]
+        j = i
+        while j > 0 and x[j - 1] > v:
+            x[j] = x[j - 1]
+            j -= 1
+        x[j] = v
+
+
 @njit
 def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
     """In place; see :func:`kvgpu.reference.improve_local`.  Only transfers that keep ``rules``
@@ -753,19 +859,14 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
             break
         stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, bb, rules, rstate)
     if G > 1:
+        keys, idx, tmp = np.empty(s.shape[0]), np.empty(s.shape[0], np.int64), np.empty(s.shape[0], np.int64)
         for _ in range(12):
             worst = argmax_first(kv, np.int64(-1))
             second = argmax_first(kv, worst)
             t3 = top3(kv)
             gpu_lists_into(assign, order, mem, start)
-            others = max_excluding(t3, worst, second)
-            best = kv[worst]
-            ba, bb = -1, -1
-            for p in range(start[worst], start[worst + 1]):
-                for q in range(start[second], start[second + 1]):
-                    new = _eval(S, W, M, s, w, worst, second, mem[p], mem[q], others)
-                    if new + EPS < best and _allowed(rules, rstate, worst, second, mem[p], mem[q]):
-                        best, ba, bb = new, mem[p], mem[q]
+            ba, bb = best_swap(S, W, M, s, w, worst, second, max_excluding(t3, worst, second), kv[worst], mem, start,
+                               keys, idx, tmp, rules, rstate)
             if ba < 0:
                 break
             stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, second, ba, bb, rules, rstate)

@@ -1,0 +1,121 @@
+"""Fleet scale: GPUs, models, time, peak memory and gap to the lower bound, 256 to 16,384 GPUs.
+
+Two families (:mod:`kvgpu.generate`): ``uniform`` (10-30 GB models, 92% of memory) and ``llm``
+(realistic checkpoint sizes, Zipf popularity, 85%), one instance per size, solved through
+:func:`kvgpu.solve_batch` with the numba backend at default effort -- search mode (big clusters
+decomposed, :mod:`kvgpu.decompose`) and seed mode beside it where it finishes within
+``--seed-limit`` seconds.  Each run is a fresh process, so its peak memory (max RSS) is its own
+and its time includes loading the compiled kernels (they are compiled once, first).  Also: 5,000
+small models on 2 GPUs (seed and search mode), and the fitted exponent of time against the
+number of models (least squares on log-log, search rows of each family).  Figures go to
+``bench/results/scale.json``.
+
+    python bench/bench_scale.py                   # 256, 1,024, 4,096, 16,384 GPUs
+    python bench/bench_scale.py --gpus 256 1024   # fewer sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import queue
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def _instance(family: str, gpus: int):
+    from kvgpu.generate import fixed_count, llm, uniform
+
+    rng = np.random.default_rng(2026 + gpus)
+    if family == "uniform":
+        return uniform(rng, gpus, 0.92)
+    if family == "llm":
+        return llm(rng, gpus, 0.85)
+    return fixed_count(rng, gpus, 5000)  # "many": 5,000 models on `gpus` GPUs
+
+
+def _run(family, gpus, mode, out):
+    import kvgpu
+    from kvgpu.batch.state import batch_from_instances
+
+    inst = _instance(family, gpus)
+    b = batch_from_instances([inst])
+    t0 = time.perf_counter()
+    r = kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, backend="numba", mode=mode)
+    wall = time.perf_counter() - t0
+    out.put({"models": inst.n_models, "wall_s": wall, "max_kvpr": float(r.max_kvpr[0]),
+             "lower_bound": float(r.lower_bound[0]), "decomposed": bool(r.decomposed[0]),
+             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def measure(family, gpus, mode, limit_s):
+    """One solve in a fresh process; None when it does not finish within ``limit_s``."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run, args=(family, gpus, mode, q))
+    p.start()
+    try:
+        res = q.get(timeout=limit_s)
+    except queue.Empty:
+        p.kill()
+        res = None
+    p.join()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    ap.add_argument("--families", nargs="+", default=["uniform", "llm"])
+    ap.add_argument("--seed-limit", type=float, default=300.0, help="seconds a seed-mode run may take")
+    ap.add_argument("--limit", type=float, default=1800.0, help="seconds a search run may take")
+    ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    args = ap.parse_args()
+    from kvgpu.warmup import warmup
+
+    warmup(["batch", "fleet"])
+    rows = []
+    print(f"{'family':<8} {'GPUs':>6} {'models':>7} {'mode':<7} {'time s':>9} {'peak MB':>8} {'gap %':>8}  note")
+
+    def row(family, gpus, mode, limit):
+        r = measure(family, gpus, mode, limit)
+        if r is None:
+            print(f"{family:<8} {gpus:>6} {'':>7} {mode:<7} {'> %g' % limit:>9} {'':>8} {'':>8}  did not finish")
+            rows.append({"family": family, "gpus": gpus, "mode": mode, "finished": False, "limit_s": limit})
+            return None
+        gap = r["max_kvpr"] / r["lower_bound"] - 1
+        note = "decomposed" if r["decomposed"] else "whole"
+        print(f"{family:<8} {gpus:>6} {r['models']:>7} {mode:<7} {r['wall_s']:>9.2f} {r['peak_mb']:>8.0f} "
+              f"{100 * gap:>8.3f}  {note}", flush=True)
+        rows.append({"family": family, "gpus": gpus, "mode": mode, "finished": True, "gap": gap, **r})
+        return r
+
+    for family in args.families:
+        for g in args.gpus:
+            row(family, g, "search", args.limit)
+            row(family, g, "seed", args.seed_limit)
+    for mode in ("seed", "search"):
+        row("many", 2, mode, args.limit)
+    fits = {}
+    for family in args.families:
+        done = [r for r in rows if r["family"] == family and r["mode"] == "search" and r["finished"]]
+        if len(done) >= 2:
+            slope = float(np.polyfit(np.log([r["models"] for r in done]), np.log([r["wall_s"] for r in done]), 1)[0])
+            fits[family] = slope
+            print(f"{family}: search time ~ models^{slope:.2f} ({done[0]['gpus']} to {done[-1]['gpus']} GPUs)")
+    result = {"machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": mp.cpu_count()},
+              "rows": rows, "time_exponent_in_models": fits}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
