@@ -28,12 +28,14 @@ The work is counted in targets (``effort`` of them, at most), never in seconds, 
 ``seed`` gives the same placement on every machine and with or without Dask.  Memory is
 ``O(N + G)``: lanes and groups are padded to their own sizes, never ``N x G``.
 
-The constants were chosen on the fleet benchmark (``bench/bench_scale.py``, uniform 10-30 GB
-models 92% full, and the LLM-size mix), 2 CPU cores: groups of 32 GPUs keep the seed pipeline
-of a group near 20 ms; lanes of 128 GPUs and 2,000 repair steps a lane reach within 0.3% of the
-bound on 1,024 GPUs in a few seconds (lanes of 8-16 GPUs stalled near 0.35-1%, lanes of 256 were
-slower per round without a better end); whole-cluster search is kept below
-:data:`AUTO_GPUS` GPUs, where it is still fast and a little closer to the bound.
+The constants were chosen on the fleet benchmark (``bench/bench_scale.py``: uniform 10-30 GB
+models 92% full, the LLM-size mix, and mixed 40/80/141 GB GPUs), 2 CPU cores: groups of 32 GPUs
+keep a group's seed pipeline near 20 ms; lanes of 8-16 GPUs stalled 0.35-1% above the bound on
+1,024 GPUs, lanes of 128 reach 0.15-0.25%; 300 tabu steps a lane, doubled at each draw without
+progress, cost a fifth of a fixed 1,000 (5.6 against 44 CPU-seconds on 1,024 uniform GPUs) at
+the same gap on uniform clusters, 0.20% against 0.14% on mixed memories.  Below :data:`AUTO_GPUS`
+GPUs the whole-cluster search is kept: there it is fast enough and a little closer to the bound
+on uniform clusters (256 GPUs: 0.17% whole, 0.22% decomposed).
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ from kvgpu.errors import InvalidInstance, NoPlacementFound
 
 #: GPUs per group of the partition.
 GROUP_GPUS = 32
-#: GPUs per lane of the repair between groups, and tabu steps of a lane's repair.
-LANE_GPUS, LANE_STEPS = 128, 2000
+#: GPUs per lane of the repair between groups; tabu steps of a lane's repair at a target's first
+#: draw, doubled after each draw that leaves as many GPUs above the target (cheap where a target
+#: is easy, more search where it is hard).
+LANE_GPUS, LANE_STEPS = 128, 300
 #: ``decompose=None`` decomposes plain clusters of at least this many GPUs (and 2 groups).
 AUTO_GPUS = 512
 #: Draws at one target without fewer GPUs above it before the target counts as unreachable.
-REDRAWS = 2
+REDRAWS = 3
 #: Most draws at one target (each with fewer GPUs above it than the last).
 MAX_DRAWS = 12
 #: Each target is this share of the way from the max KVPR down to the bisection's lower end.
@@ -230,14 +234,14 @@ def seed_groups(sizes, demand, gpu_mem, n_models, n_gpus, backend: str):
     return a, p, ok
 
 
-def repair_lanes(sizes, demand, gpu_mem, n_models, n_gpus, T, seeds, assign, pos):
-    """:func:`kvgpu.kernels.fleet.repair_batch` on a chunk of lanes: ``(assign, pos, ok)``.  A
-    task function (module level, so Dask can ship it)."""
+def repair_lanes(sizes, demand, gpu_mem, n_models, n_gpus, T, seeds, assign, pos, steps):
+    """:func:`kvgpu.kernels.fleet.repair_batch` with ``steps`` tabu steps on a chunk of lanes:
+    ``(assign, pos, ok)``.  A task function (module level, so Dask can ship it)."""
     from kvgpu.kernels.fleet import repair_batch
 
     a, p = assign.copy(), pos.copy()
     ok = np.zeros(sizes.shape[0], np.bool_)
-    repair_batch(sizes, demand, gpu_mem, n_models, n_gpus, T, LANE_STEPS, seeds, a, p, ok)
+    repair_batch(sizes, demand, gpu_mem, n_models, n_gpus, T, int(steps), seeds, a, p, ok)
     return a, p, ok
 
 
@@ -330,7 +334,7 @@ def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: i
             lo, cycle_gain = lb, False
         T = max(lb, U - STEP * (U - lo))
         report.targets += 1
-        stuck, reached = 0, False
+        stuck, reached, steps = 0, False, LANE_STEPS
         for _ in range(MAX_DRAWS):
             S, W, kv = _kvpr(s, w, M, assign)
             hot = int((kv > T).sum())
@@ -342,7 +346,7 @@ def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: i
             sz, dm, mem, nm, ng, a, p, (morder, mstart), (gorder, gstart) = _lanes(
                 model_lane, gpu_lane, D, s, w, M, assign, pos)
             seeds = rng.integers(0, 2 ** 62, D, dtype=np.int64)
-            a, p, ok = _run(ex, repair_lanes, (sz, dm, mem, nm, ng, np.full(D, T), seeds, a, p))
+            a, p, ok = _run(ex, repair_lanes, (sz, dm, mem, nm, ng, np.full(D, T), seeds, a, p), (steps,))
             report.draws += 1
             for d in np.nonzero(ok)[0]:
                 m = morder[mstart[d]:mstart[d + 1]]
@@ -350,7 +354,10 @@ def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: i
                 pos[m] = p[d, :m.shape[0]]
             _dense(pos)  # a GPU's models are in one lane: their order is the lane's
             after = int((_kvpr(s, w, M, assign)[2] > T).sum())
-            stuck = 0 if after < hot else stuck + 1
+            if after < hot:
+                stuck = 0
+            else:
+                stuck, steps = stuck + 1, 2 * steps
             if after == 0:
                 reached = True
                 break
