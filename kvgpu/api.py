@@ -34,9 +34,8 @@ _OPTIONS_DOC = """
     every instance with rules run in numba kernels.  ``decompose``: plain clusters of
     ``kvgpu.decompose.AUTO_GPUS`` GPUs and more (``None``, default), every plain one (``True``) or
     none (``False``) are split into groups solved as one batch, then repaired between groups
-    (:mod:`kvgpu.decompose`; search mode, no rules); ``dask``: a ``dask.distributed.Client`` or a
-    scheduler address ``tcp://HOST:PORT`` on which those batches run as tasks, with the same
-    answer as here for the same ``seed``."""
+    (:mod:`kvgpu.decompose`; search mode, no rules); ``dask``: a ``dask.distributed.Client`` on
+    which those batches run as tasks, with the same answer as here for the same ``seed``."""
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, nodes=None,

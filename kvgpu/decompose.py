@@ -128,17 +128,13 @@ class DaskExecutor:
 
 
 def executor(dask=None):
-    """The executor for ``dask``: None (local), a ``dask.distributed.Client``, or a scheduler
-    address ``tcp://HOST:PORT`` (connected with :func:`kvgpu.sweep.dask_client`)."""
+    """The executor for ``dask``: None (here) or a ``dask.distributed.Client`` (the caller's, who
+    closes it; ``kvgpu.sweep.dask_client`` makes one for an address or a LocalCluster)."""
     if dask is None:
         return LocalExecutor()
-    if isinstance(dask, str):
-        from kvgpu.sweep import dask_client
-
-        return DaskExecutor(dask_client(dask))
-    if not hasattr(dask, "submit") or not hasattr(dask, "gather"):
-        raise InvalidInstance(f"dask: give a dask.distributed.Client or a scheduler address tcp://HOST:PORT, "
-                              f"got {type(dask).__name__}")
+    if not hasattr(dask, "submit") or not hasattr(dask, "gather") or not hasattr(dask, "scheduler_info"):
+        raise InvalidInstance(f"dask: give a dask.distributed.Client (e.g. Client('tcp://HOST:PORT')), got "
+                              f"{type(dask).__name__}")
     return DaskExecutor(dask)
 
 

@@ -71,9 +71,8 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
             exact: bool | None = False, exact_work=DEFAULT_EXACT_WORK, decompose: bool | None = None,
             dask=None) -> Options:
     """Check every option once, whatever the entry point; raises :class:`kvgpu.InvalidInstance`
-    naming the option (or :class:`kvgpu.BackendUnavailable`; ``ConnectionError`` for a Dask
-    scheduler that cannot be reached).  ``dask``: a ``dask.distributed.Client`` or a scheduler
-    address, where the batches of a decomposition run."""
+    naming the option (or :class:`kvgpu.BackendUnavailable`).  ``dask``: a
+    ``dask.distributed.Client`` where the batches of a decomposition run."""
     from kvgpu.kernels.search import default_patience
 
     if not isinstance(mode, str) or mode not in MODES:

@@ -136,6 +136,7 @@ def test_a_split_the_seed_cannot_pack_is_solved_whole_and_said():
     (dict(decompose="yes"), "decompose: must be True, False or None"),
     (dict(decompose=False, dask="tcp://127.0.0.1:1"), "decompose=False"),
     (dict(mode="seed", dask="tcp://127.0.0.1:1"), "mode 'seed'"),
+    (dict(dask="tcp://127.0.0.1:1"), "give a dask.distributed.Client"),
 ])
 def test_options_that_cannot_apply_are_refused(kwargs, words):
     inst = uniform(np.random.default_rng(1), 8)
@@ -154,6 +155,9 @@ def test_rules_are_refused_with_decompose_and_with_dask():
 
 class _FakeClient:
     """Enough of a dask Client to be accepted (never used: the solve is refused first)."""
+
+    def scheduler_info(self):
+        raise AssertionError("not reached")
 
     def submit(self, *a, **k):
         raise AssertionError("not reached")
