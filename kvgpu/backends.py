@@ -96,6 +96,19 @@ def solve_seed(batch, backend: str):
     return run(batch)
 
 
+def lower_bound(batch, hi, backend: str):
+    """The reported lower bound (:func:`kvgpu.bounds.lower_bound`) of a NumPy batch, ``hi`` (B,)
+    the achieved max KVPRs: compiled (:mod:`kvgpu.kernels.bound`, the same values) when the
+    numba backend runs, else the array code, so the numpy backend never compiles anything."""
+    if backend == "numba":
+        from kvgpu.numba_engine import lower_bound as run
+
+        return run(batch, hi)
+    from kvgpu.bounds import lower_bound as run
+
+    return run(batch, hi)
+
+
 def info() -> str:
     """A readable report of the backends (``kvgpu info``)."""
     lines = [f"{name:<6} {'yes' if ok else 'no ':<4} {why}" for name, (ok, why) in probe().items()]

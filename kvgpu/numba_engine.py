@@ -69,6 +69,24 @@ def solve_seed(batch: Batch):
     return _expand(batch, a, p, pm, pg)
 
 
+def lower_bound(batch: Batch, hi):
+    """:func:`kvgpu.bounds.lower_bound` in compiled code (:mod:`kvgpu.kernels.bound`), the same
+    values: ``hi`` (B,) float64 achieved max KVPRs; returns (B,) float64."""
+    from kvgpu.kernels import bound
+
+    hi = np.ascontiguousarray(hi, dtype=np.float64)
+    if hi.shape != (batch.shape[0],):
+        raise ValueError(f"hi must have shape ({batch.shape[0]},), one value per instance; got {hi.shape}")
+    arrays = tuple(np.ascontiguousarray(x) for x in (batch.sizes, batch.demand, batch.model_mask, batch.gpu_mem,
+                                                     batch.gpu_mask))
+    out = np.empty(batch.shape[0])
+    if _kernels(batch.shape[0], ["seed"]):
+        out[0] = bound.instance_bound(*(x[0] for x in arrays), hi[0])
+    else:
+        bound.lower_bound_batch(*arrays, hi, out)
+    return out
+
+
 def pack_memory(batch: Batch, work: int):
     """Placements that fit in memory, by exact search (for instances the seed could not pack):
     ``(assign, pos, status)``, ``status`` (B,) one of :data:`kvgpu.kernels.exact.FEASIBLE`,
