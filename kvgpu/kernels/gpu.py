@@ -134,8 +134,6 @@ def engine(xp) -> ArrayEngine:
 
 
 def _performance_warning():
-    try:
-        from numba.core.errors import NumbaPerformanceWarning
-    except ImportError:  # pragma: no cover - very old numba
-        return Warning
-    return NumbaPerformanceWarning
+    from kvgpu.backends import performance_warning
+
+    return performance_warning()
