@@ -14,8 +14,28 @@ from kvgpu.batch.state import Batch
 from kvgpu.errors import NoPlacementFound
 
 
+def _front_packed(batch: Batch):
+    """``(n_models, n_gpus)`` (B,) int64 when every row's real models and GPUs are its first
+    slots -- how :func:`kvgpu.batch.state.batch_from_instances` and most callers pad -- else
+    None.  Such a batch compacts by slicing, with no permutation to apply and undo."""
+    n = batch.model_mask.sum(axis=1)
+    g = batch.gpu_mask.sum(axis=1)
+    N, G = batch.sizes.shape[1], batch.gpu_mem.shape[1]
+    models_first = (batch.model_mask == (np.arange(N) < n[:, None])).all()
+    if models_first and (batch.gpu_mask == (np.arange(G) < g[:, None])).all():
+        return n.astype(np.int64), g.astype(np.int64)
+    return None
+
+
 def _compacted(batch: Batch):
-    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed."""
+    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed;
+    the permutations are None where the batch is already front-packed (:func:`_front_packed`)."""
+    packed = _front_packed(batch)
+    if packed is not None:
+        n, g = packed
+        N, G = max(1, int(n.max())), max(1, int(g.max()))
+        c = np.ascontiguousarray
+        return (c(batch.sizes[:, :N]), c(batch.demand[:, :N]), c(batch.gpu_mem[:, :G]), n, g), None, None
     sub, pm, pg = compact(batch)
     arrays = (np.ascontiguousarray(sub.sizes), np.ascontiguousarray(sub.demand), np.ascontiguousarray(sub.gpu_mem),
               sub.n_models.astype(np.int64), sub.n_gpus.astype(np.int64))
@@ -23,10 +43,14 @@ def _compacted(batch: Batch):
 
 
 def _expand(batch: Batch, a, p, pm, pg):
+    """Compact results ``a``, ``p`` (B, N') back to the batch's slots (B, N), -1 for padding."""
     B, N, _ = batch.shape
     assign = np.full((B, N), -1, np.int64)
     pos = np.full((B, N), -1, np.int64)
-    scatter_back(np, assign, pos, np.arange(B), a, p, pm, pg)
+    if pm is None:  # front-packed: compact ids are the batch's own
+        assign[:, :a.shape[1]], pos[:, :a.shape[1]] = a, p
+    else:
+        scatter_back(np, assign, pos, np.arange(B), a, p, pm, pg)
     return assign, pos
 
 
@@ -121,13 +145,18 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
 
     arrays, pm, pg = _compacted(batch)
     B = batch.shape[0]
-    inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
-    np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
-    a_orig = np.take_along_axis(assign, pm, axis=1)
-    real = np.take_along_axis(batch.model_mask, pm, axis=1)
-    a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
-    p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
-    a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
+    if pm is None:  # front-packed: the batch's GPU slots are the compact ids
+        n = arrays[0].shape[1]
+        real = batch.model_mask[:, :n]
+        a, p = np.where(real, assign[:, :n], -1), np.where(real, pos[:, :n], -1)
+    else:
+        inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
+        np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
+        a_orig = np.take_along_axis(assign, pm, axis=1)
+        real = np.take_along_axis(batch.model_mask, pm, axis=1)
+        a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
+        p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
+    a, p = np.ascontiguousarray(a, dtype=np.int64), np.ascontiguousarray(p, dtype=np.int64)
     lo = np.array(lb, dtype=float)
     groups = (["search"] if effort > 0 else []) + (["exact"] if exact_work > 0 else [])
     if _kernels(B, groups):

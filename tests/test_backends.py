@@ -244,3 +244,36 @@ def test_performance_warning_is_numba_cudas_own_class_when_installed(monkeypatch
     errors.NumbaPerformanceWarning = CudaPerformanceWarning
     monkeypatch.setitem(sys.modules, "numba.cuda.core.errors", errors)
     assert backends.performance_warning() is CudaPerformanceWarning
+
+
+def test_numba_backend_same_answers_whatever_the_slot_order():
+    """Real models and GPUs spread among padding slots (the general compaction) or first in
+    every row (the sliced fast path): the same placements, seed and search, in the own slots."""
+    from kvgpu import numba_engine
+    from kvgpu.batch.state import Batch
+
+    rng = np.random.default_rng(12)
+    insts = [varied(rng, g_range=(3, 9), per_gpu=(1, 3)) for _ in range(10)] + [adrs_like(rng) for _ in range(10)]
+    b = batch_from_instances(insts)
+    B, N, G = b.shape
+    N2, G2 = N + 3, G + 2  # extra padding, real entries spread over each row in their order
+    pm = np.array([np.sort(rng.choice(N2, N, replace=False)) for _ in range(B)])
+    pg = np.array([np.sort(rng.choice(G2, G, replace=False)) for _ in range(B)])
+
+    def scatter(x, perm, width):
+        out = np.zeros((B, width), x.dtype)
+        out[np.arange(B)[:, None], perm[:, :x.shape[1]]] = x
+        return out
+
+    s = Batch(scatter(b.sizes, pm, N2), scatter(b.demand, pm, N2), scatter(b.model_mask, pm, N2),
+              scatter(b.gpu_mem, pg, G2), scatter(b.gpu_mask, pg, G2))
+    assert numba_engine._front_packed(b) is not None and numba_engine._front_packed(s) is None
+    rows = np.arange(B)[:, None]
+    a1, p1 = numba_engine.solve_seed(b)
+    a2, p2 = numba_engine.solve_seed(s)
+    back = lambda a: np.where(a >= 0, pg[np.arange(B)[:, None], np.maximum(a, 0)], -1)  # noqa: E731
+    assert (a2[rows, pm[:, :N]] == back(a1)).all() and (p2[rows, pm[:, :N]] == p1).all()
+    lb = np.zeros(B)
+    i1, _, _ = numba_engine.improve(b, a1, p1, lb, 4, 2, 3)
+    i2, _, _ = numba_engine.improve(s, a2, p2, lb, 4, 2, 3)
+    assert (i2[rows, pm[:, :N]] == back(i1)).all()

@@ -113,16 +113,17 @@ def _simple(s, w, v, M, gm, P):
     vs = np.empty(N, np.bool_)
     for j in range(N):
         ss[j], ws[j], vs[j] = s[perm[j]], w[perm[j]], v[perm[j]]
-    # pairs among the largest that cannot share a GPU
+    # pairs among the largest that cannot share a GPU; sizes descend, so unless the two largest
+    # exceed one GPU no pair does (the array code's shortcut, and most instances' case)
     k = min(N_PAIR, N)
-    if k >= 2 and G >= 2:
+    if k >= 2 and G >= 2 and vs[1] and ss[0] + ss[1] > P[1]:
         for i in range(k):
             for j in range(i + 1, k):
                 if vs[i] and vs[j] and ss[i] + ss[j] > P[1]:
                     best = max(best, _div(ws[i] + ws[j], P[2] - ss[i] - ss[j]))
-    # windowed triplets whose size exceeds two GPUs
+    # windowed triplets whose size exceeds two GPUs (likewise: only if the three largest do)
     k = min(N_TRIPLET, N)
-    if G >= 3 and n_gpus >= 3:
+    if k >= 3 and G >= 3 and n_gpus >= 3 and vs[2] and ss[0] + ss[1] + ss[2] > P[2]:
         for a in range(k):
             for b in range(a + 1, min(k, a + WINDOW + 1)):
                 for c in range(b + 1, min(k, b + WINDOW + 1)):
@@ -140,6 +141,19 @@ def _simple(s, w, v, M, gm, P):
 
 
 @kernel
+def _insertion_sort(x, n):
+    """Sort ``x[:n]`` ascending in place: on short rows (up to a few dozen items) this beats a
+    general sort; only the values matter, so stability is irrelevant."""
+    for i in range(1, n):
+        v = x[i]
+        j = i - 1
+        while j >= 0 and x[j] > v:
+            x[j + 1] = x[j]
+            j -= 1
+        x[j + 1] = v
+
+
+@kernel
 def _l2_exceeds(r, valid, n_bins, ra, cs):
     """:func:`kvgpu.bounds.l2_exceeds` of one lane; ``ra`` (N,) and ``cs`` (N+1,) are scratch."""
     N = r.shape[0]
@@ -153,7 +167,10 @@ def _l2_exceeds(r, valid, n_bins, ra, cs):
         ra[j] = min(max(x, 0.0), 1.0 + d)
     if too_big:  # an item larger than every bin: impossible, whatever the counts say
         return True
-    ra.sort()
+    if N <= 64:
+        _insertion_sort(ra, N)
+    else:  # quadratic no more
+        ra.sort()
     cs[0] = 0.0
     for j in range(N):
         cs[j + 1] = cs[j] + ra[N - 1 - j]
