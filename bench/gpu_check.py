@@ -60,10 +60,12 @@ def _simulated():
     import fake_cupy
 
     cp = fake_cupy.install()
-    from kvgpu import backends
+    from kvgpu import backends, cuda_engine
 
     backends._probe_cuda = lambda: (True, "numba CUDA simulator + NumPy stand-in for CuPy")
     backends.probe.cache_clear()
+    if hasattr(cuda_engine, "array_module"):  # an engine that picks NumPy under the simulator gets the stand-in,
+        cuda_engine.array_module = lambda: cp  # so that its host copies are seen (and refused when implicit)
     return cp
 
 
