@@ -123,7 +123,8 @@ def _chunks(xp, L, per_lane):
 
 @quiet_fp
 def improve_local(batch: Batch, assign, pos, max_iters: int = 4000, engine: ArrayEngine | None = None):
-    """Batched :func:`kvgpu.reference.improve_local`; returns the new ``(assign, pos)``."""
+    """Batched :func:`kvgpu.reference.improve_local`; returns the new ``(assign, pos)``.  ``engine``:
+    see :class:`kvgpu.batch.array_engine.ArrayEngine` (None: the plain array code)."""
     st = LaneState(batch, assign, pos, engine)
     xp = st.xp
     L, N, G = batch.shape
@@ -213,7 +214,8 @@ def _pair_swaps(st: LaneState, lanes, rounds: int = 12):
 
 @quiet_fp
 def refine_peak(batch: Batch, assign, pos, passes: int = 2, top_k: int = 12, engine: ArrayEngine | None = None):
-    """Batched :func:`kvgpu.reference.refine_peak`; returns the new ``(assign, pos)``."""
+    """Batched :func:`kvgpu.reference.refine_peak`; returns the new ``(assign, pos)``.  ``engine``:
+    see :class:`kvgpu.batch.array_engine.ArrayEngine` (None: the plain array code)."""
     st = LaneState(batch, assign, pos, engine)
     xp = st.xp
     L, N, G = batch.shape
