@@ -17,8 +17,9 @@ What it counts (:data:`COUNTS`, reset with :func:`reset`):
 * ``syncs``: each point where real CuPy waits for the device and copies to the host --
   :func:`asnumpy`, ``.get()``, ``.item()``, ``.tolist()``, ``int()`` / ``float()`` / ``bool()``
   / ``operator.index`` of a device array, :func:`nonzero` (and ``flatnonzero``, ``argwhere``,
-  ``unique``), boolean-mask indexing (its size is data) -- and ``copy_to_host`` of a numba
-  device array under the simulator;
+  ``unique``), boolean-mask indexing (its size is data), ``copy_to_host`` of a numba device
+  array under the simulator, and a kernel launched on a host NumPy array (numba copies it back
+  after the kernel);
 * ``launches``: numba CUDA kernel launches (device functions called from kernels do not count);
 * ``calls``: CuPy functions and array methods called (each one a kernel or more on a GPU).
 
@@ -300,17 +301,28 @@ def _count_launches():
     if getattr(sim_kernel.FakeCUDAKernel, "_kvgpu_counted", False):
         return
     launch = sim_kernel.FakeCUDAKernel.__call__
+    inside = [0]  # launches in progress: the simulator's own copies there are not the caller's
 
     def counted(self, *args):
-        if not self._device:
-            COUNTS["launches"] += 1
-            args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
-        return launch(self, *args)
+        if self._device:
+            return launch(self, *args)
+        COUNTS["launches"] += 1
+        # a host NumPy argument is copied to the device and back by numba, which waits for the
+        # kernel: a sync on a GPU.  A device array is passed as its buffer: the simulator then
+        # copies that in and out too, but a GPU would not, so those copies are not counted.
+        COUNTS["syncs"] += sum(1 for a in args if isinstance(a, np.ndarray) and a.ndim > 0)
+        args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
+        inside[0] += 1
+        try:
+            return launch(self, *args)
+        finally:
+            inside[0] -= 1
 
     copy_to_host = sim_arrays.FakeCUDAArray.copy_to_host
 
     def counted_copy(self, *args, **kwargs):
-        _sync()
+        if not inside[0]:
+            _sync()
         return copy_to_host(self, *args, **kwargs)
 
     sim_kernel.FakeCUDAKernel.__call__ = counted
