@@ -7,8 +7,14 @@ objective equals the reference's (or the numpy engine's where the reference is s
 numba kernels are compiled (or loaded from cache) on a warm-up instance first; that time is
 reported apart.  Figures go to ``bench/results/backends.json``.
 
+The rows ``solve_batch[numba]`` time what users call -- ``kvgpu.solve_batch(..., backend="numba",
+mode="seed")``: validation, the seed pipeline, the objective and the reported lower bound -- in
+the same run as the reference, and the CPU target of the GPU issue (>= 200x the reference per
+instance on 10,000 ADRS-shaped instances) is printed from that row.
+
     python bench/bench_backends.py            # 10,000 ADRS-shaped; 100 x 64/160; 1 x 1024/4096
     python bench/bench_backends.py --quick    # 1,000; 10; 1 x 256/1024
+    python bench/bench_backends.py --target   # only the CPU target: reference vs solve_batch[numba]
 """
 
 from __future__ import annotations
@@ -47,6 +53,21 @@ def _run(kind, count, seed, engine, out):
         t0 = time.perf_counter()
         obj = [R.score(R.seed_pipeline(i), i)[0] for i in insts]
         wall = time.perf_counter() - t0
+    elif engine.startswith("solve_batch["):
+        import kvgpu
+
+        backend = engine[len("solve_batch["):-1]
+        b = batch_from_instances(insts)
+        arrays = (b.sizes, b.demand, b.gpu_mem)
+        t0 = time.perf_counter()
+        one = batch_from_instances(_instances("adrs", 2, 0))
+        kvgpu.solve_batch(one.sizes, one.demand, one.gpu_mem, model_mask=one.model_mask, gpu_mask=one.gpu_mask,
+                          backend=backend, mode="seed")
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = kvgpu.solve_batch(*arrays, model_mask=b.model_mask, gpu_mask=b.gpu_mask, backend=backend, mode="seed")
+        wall = time.perf_counter() - t0
+        obj = np.asarray(res.max_kvpr).tolist()
     else:
         b = batch_from_instances(insts)
         if engine != "numpy":
@@ -93,23 +114,30 @@ def scaling_fit(gpus):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
+    ap.add_argument("--target", action="store_true", help="only the CPU target row (10,000 ADRS-shaped)")
+    ap.add_argument("--out", default=None, help="default: bench/results/backends.json (cpu_target.json with --target)")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / ("cpu_target.json" if args.target else "backends.json"))
     from kvgpu import backends
 
     usable = [b for b in ("numpy", "numba", "cuda") if backends.probe()[b][0]]
-    if args.quick:
+    if args.target:
+        workloads = [("adrs", 10000, "ADRS-shaped")]
+    elif args.quick:
         workloads = [("adrs", 1000, "ADRS-shaped"), ((64, 160), 10, "64 GPUs / 160 models"),
                      ((256, 1024), 1, "256 GPUs / 1024 models")]
     else:
         workloads = [("adrs", 10000, "ADRS-shaped"), ((64, 160), 100, "64 GPUs / 160 models"),
                      ((1024, 4096), 1, "1024 GPUs / 4096 models")]
     rows = []
-    print(f"{'workload':<24} {'engine':<10} {'inst':>6} {'inst/s':>10} {'ms/inst':>10} {'vs ref':>8} "
+    print(f"{'workload':<24} {'engine':<19} {'inst':>6} {'inst/s':>10} {'ms/inst':>10} {'vs ref':>8} "
           f"{'peak MB':>8} {'same obj':>9}  note")
     for kind, count, label in workloads:
         big = kind != "adrs" and kind[0] >= 1024
         engines = (["reference"] if not big else []) + [e for e in usable if not (big and e == "numpy")]
+        engines += ["solve_batch[numba]"] if "numba" in usable and not big else []
+        if args.target:
+            engines = ["reference", "solve_batch[numba]"]
         results = {e: measure(kind, count, 7, e) for e in engines}
         base = "reference" if "reference" in results else "numba"
         for e, r in results.items():
@@ -123,12 +151,17 @@ def main():
                    "compile_s": r["compile_s"]}
             rows.append(row)
             ratio = f"{ref_per / per:>7.1f}x" if ref_per else f"{'-':>8}"
-            print(f"{label:<24} {e:<10} {count:>6} {count / r['wall_s']:>10.1f} {1e3 * per:>10.3f} {ratio} "
+            print(f"{label:<24} {e:<19} {count:>6} {count / r['wall_s']:>10.1f} {1e3 * per:>10.3f} {ratio} "
                   f"{r['peak_mb']:>8.0f} {100 * same:>8.2f}%  {note}")
+        if "solve_batch[numba]" in results and "reference" in results:
+            ratio = results["reference"]["wall_s"] / results["solve_batch[numba]"]["wall_s"]
+            print(f"CPU target: kvgpu.solve_batch(backend='numba', mode='seed') on {count:,} {label}: "
+                  f"{1e6 * results['solve_batch[numba]']['wall_s'] / count:.1f} us/instance, "
+                  f"{ratio:.1f}x the reference per instance (target >= 200x)")
         if big:
             print(f"{'':<24} reference and numpy skipped at this size (the pure-Python pipeline needs hours; "
                   f"the numpy engine's per-step overhead makes it far slower than numba)")
-    scaling = scaling_fit([64, 128, 256] if args.quick else [64, 128, 256, 512, 1024])
+    scaling = None if args.target else scaling_fit([64, 128, 256] if args.quick else [64, 128, 256, 512, 1024])
     result = {"machine": {"python": platform.python_version(), "numpy": np.__version__,
                           "cpus": mp.cpu_count()}, "mode": "seed",
               "backends": {k: list(v) for k, v in backends.probe().items()}, "rows": rows,

@@ -7,11 +7,13 @@ instances), checks the options once (:func:`kvgpu.engine.options`) and hands bot
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
 
-from kvgpu import engine
+from kvgpu import backends, engine
+from kvgpu._namespace import device_namespace
 from kvgpu.batch.state import make_batch
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK
 from kvgpu.problem import DEFAULT_GPU_MEM, build_problem, oversized, validate_batch
@@ -31,7 +33,9 @@ _OPTIONS_DOC = """
     one, equal to ``max_kvpr`` when optimal; ``exact=None`` proves problems of at most
     ``kvgpu.engine.AUTO_EXACT_ITEMS`` items with a little work.  ``backend``: "numpy", "numba",
     "cuda" or "auto" (see :mod:`kvgpu.backends`) runs the seed pipeline; search, proofs and
-    every instance with rules run in numba kernels.  ``decompose``: plain clusters of
+    every instance with rules run in numba kernels.  ``"auto"`` picks the GPU only for jobs of at
+    least ``kvgpu.backends.GPU_MIN_WORK`` (sum over instances of models x GPUs); instances with
+    rules stay on the CPU.  ``decompose``: plain clusters of
     ``kvgpu.decompose.AUTO_GPUS`` GPUs and more (``None``, default), every plain one (``True``) or
     none (``False``) are split into groups solved as one batch, then repaired between groups
     (:mod:`kvgpu.decompose`; search mode, no rules); ``dask``: a ``dask.distributed.Client`` on
@@ -61,6 +65,9 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain)
+    if backend == "auto":  # rules run in numba kernels only: such a problem is a CPU job whatever its size
+        work = 0 if problem.has_rules else backends.work_of(problem.items.n_models, problem.n_gpus)
+        opts = dataclasses.replace(opts, backend=backends.resolve("auto", work))
     return engine.solve_problem(problem, opts)
 
 
@@ -92,16 +99,30 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     ``infeasible="mark"`` returns instances without a placement with their ``status`` instead of
     raising :class:`kvgpu.NoPlacementFound`.
+
+    CuPy arrays (all of them on the GPU) are accepted: they are copied to the host once, and the
+    result's ``assignment``, ``kvpr``, ``max_kvpr`` and ``lower_bound`` come back as CuPy arrays,
+    copied to the device once (``status`` and ``proven`` stay NumPy).  The ``cuda`` backend moves
+    its own compacted copy to the device, as for NumPy input.
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
+    cp = device_namespace(sizes, demand, gpu_mem, model_mask, gpu_mask)
+    if cp is not None:  # one copy in of each array; the solve's bookkeeping is host code
+        sizes, demand, gpu_mem, model_mask, gpu_mask = (None if a is None else cp.asnumpy(a)
+                                                        for a in (sizes, demand, gpu_mem, model_mask, gpu_mask))
     batch = make_batch(sizes, demand, gpu_mem, model_mask, gpu_mask)
+    if backend == "auto":  # now the size of the job is known
+        opts = dataclasses.replace(opts, backend=backends.resolve("auto", backends.work_of(batch.n_models,
+                                                                                           batch.n_gpus)))
     if infeasible != "mark":
         validate_batch(batch)
-        return engine.solve_batch_plain(batch, opts, infeasible)
-    over, _ = oversized(batch)
-    if (~over).any():
-        validate_batch(batch.take(np.nonzero(~over)[0]))
-    return engine.solve_batch_plain(batch, opts, infeasible, proven_infeasible=over)
+        res = engine.solve_batch_plain(batch, opts, infeasible)
+    else:
+        over, _ = oversized(batch)
+        if (~over).any():
+            validate_batch(batch.take(np.nonzero(~over)[0]))
+        res = engine.solve_batch_plain(batch, opts, infeasible, proven_infeasible=over)
+    return res if cp is None else res.to_device(cp)
 
 
 solve.__doc__ += _OPTIONS_DOC

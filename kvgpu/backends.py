@@ -4,10 +4,13 @@
 ``numba``  compiled CPU kernels (:mod:`kvgpu.kernels.cpu`), one instance per thread.
 ``cuda``   CuPy arrays + numba CUDA kernels (:mod:`kvgpu.cuda_engine`); needs the ``gpu`` extra and a
            CUDA device.
-``auto``   cuda if usable, else numba if importable, else numpy; never raises.
+``auto``   by the size of the job (:func:`resolve`): cuda for big batches when usable, else
+           numba if importable, else numpy; never raises.
 
 The probe is cached and exception-safe: a broken optional install makes a backend
-unavailable (with the reason), never breaks ``import kvgpu``.
+unavailable (with the reason), never breaks ``import kvgpu``.  The cuda probe goes as far as
+compiling and launching a tiny numba CUDA kernel, so ``auto`` never picks a cuda that would
+then fail on its first launch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,37 @@ import numpy as np
 from kvgpu.errors import BackendUnavailable
 
 BACKENDS = ("auto", "numpy", "numba", "cuda")
+
+#: ``auto`` sends a job to the GPU only from this much work: the sum over its instances of
+#: ``n_models * n_gpus`` (what one local-search step scans).  Why this size: the numba backend
+#: solves an ADRS-shaped instance (14 models x 7 GPUs, work ~100) in ~0.1-0.2 ms on one core, so
+#: below ~100,000 (about 1,000 such instances) a CPU is done within the tens of milliseconds that
+#: a device solve spends on fixed costs (context, compile cache, launches, copies, syncs), and
+#: the batch would hold fewer instances than an H200 has thread blocks resident (132 SMs x
+#: several blocks each), leaving most of it idle.  One small instance or a tiny batch so stays on
+#: the CPU; re-tune with ``bench/gpu_check.sh``'s device timings.
+GPU_MIN_WORK = 100_000
+
+
+def work_of(n_models, n_gpus) -> int:
+    """The work estimate of a job for :func:`resolve`: ``sum(n_models * n_gpus)``.
+
+    Parameters
+    ----------
+    n_models, n_gpus : int or array-like of int, shape (B,)
+        Real models and GPUs of each instance (a padded batch's mask sums).
+
+    Returns
+    -------
+    int
+    """
+    n = np.asarray(n_models, dtype=np.int64)
+    g = np.asarray(n_gpus, dtype=np.int64)
+    if n.shape != g.shape:
+        raise ValueError(f"n_models and n_gpus must have one shape, got {n.shape} and {g.shape}")
+    if (n < 0).any() or (g < 0).any():
+        raise ValueError("n_models and n_gpus must not be negative")
+    return int((n * g).sum())
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,9 +71,10 @@ def probe() -> dict[str, tuple[bool, str]]:
 
 
 def _probe_cuda() -> tuple[bool, str]:
-    """Usable only with a real device, CuPy and numba's CUDA target; any failure says why.
-    Under the CUDA simulator ``numba.cuda.is_available()`` is True but there is no device, and
-    without a driver CuPy imports but its calls raise, so each step is tried, not assumed."""
+    """Usable only with a real device, CuPy and numba's CUDA target that compiles and launches
+    a kernel; any failure says why.  Under the CUDA simulator ``numba.cuda.is_available()`` is
+    True but there is no device, and without a driver CuPy imports but its calls raise, so each
+    step is tried, not assumed."""
     if os.environ.get("KVGPU_DISABLE_GPU") == "1":
         return False, "disabled by KVGPU_DISABLE_GPU=1"
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -64,21 +99,64 @@ def _probe_cuda() -> tuple[bool, str]:
         if not cuda.is_available():
             return False, ("numba's CUDA target finds no device (install the gpu extra: pip install -e '.[gpu]' in "
                            "the kvgpu checkout)")
-        importlib.import_module("kvgpu.kernels.gpu")
+        importlib.import_module("kvgpu.cuda_engine")
     except Exception as e:  # noqa: BLE001
         return False, (f"numba's CUDA target is not usable ({type(e).__name__}: {e}); install the gpu extra "
                        f"(pip install -e '.[gpu]' in the kvgpu checkout)")
+    try:
+        _launch_probe_kernel()
+    except Exception as e:  # noqa: BLE001 -- a compile (NVVM, PTX version) or launch failure
+        return False, (f"numba cannot compile or launch a CUDA kernel here ({type(e).__name__}: {e}); "
+                       f"check the driver and the numba / numba-cuda pair of the gpu extra")
     return True, f"{name}, cupy {cupy.__version__}"
 
 
-def resolve(backend: str) -> str:
-    """The concrete backend for ``backend``; raises :class:`BackendUnavailable` for an explicit
-    request that cannot run here, ``ValueError`` for an unknown name."""
+def _launch_probe_kernel() -> None:
+    """Compile and launch :func:`kvgpu.kernels.cuda_probe.fill` on the device; raises if the
+    kernel does not run or returns a wrong answer."""
+    from kvgpu.kernels import cuda_probe
+
+    got = cuda_probe.run()
+    if got != cuda_probe.EXPECTED:
+        raise RuntimeError(f"the probe kernel returned {got}, expected {cuda_probe.EXPECTED}")
+
+
+def performance_warning() -> type[Warning]:
+    """The class of numba's "this launch leaves the GPU idle" warning: numba-cuda's own
+    (``numba.cuda.core.errors``, not a subclass of numba's) when numba-cuda is installed, else
+    the one of numba's built-in CUDA target."""
+    try:
+        from numba.cuda.core.errors import NumbaPerformanceWarning  # numba-cuda
+    except ImportError:
+        try:
+            from numba.core.errors import NumbaPerformanceWarning
+        except ImportError:  # pragma: no cover - numba missing: nothing would warn
+            return Warning
+    return NumbaPerformanceWarning
+
+
+def resolve(backend: str, work: int | None = None) -> str:
+    """The concrete backend for ``backend``.
+
+    Parameters
+    ----------
+    backend : str
+        One of :data:`BACKENDS`.
+    work : int or None
+        The job's work estimate (:func:`work_of`).  ``auto`` picks cuda only when it is usable and
+        ``work >= GPU_MIN_WORK``; ``None`` (unknown size) keeps the old choice, cuda when usable.
+
+    Raises :class:`BackendUnavailable` for an explicit request that cannot run here,
+    ``ValueError`` for an unknown name or a negative ``work``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; choose one of {BACKENDS}")
+    if work is not None and (isinstance(work, bool) or not isinstance(work, (int, np.integer)) or work < 0):
+        raise ValueError(f"work must be a non-negative integer (see kvgpu.backends.work_of), got {work!r}")
     avail = probe()
     if backend == "auto":
-        return next(b for b in ("cuda", "numba", "numpy") if avail[b][0])
+        big = work is None or work >= GPU_MIN_WORK
+        return next(b for b in ("cuda", "numba", "numpy") if avail[b][0] and (b != "cuda" or big))
     usable, reason = avail[backend]
     if not usable:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
@@ -96,7 +174,22 @@ def solve_seed(batch, backend: str):
     return run(batch)
 
 
+def lower_bound(batch, hi, backend: str):
+    """The reported lower bound (:func:`kvgpu.bounds.lower_bound`) of a NumPy batch, ``hi`` (B,)
+    the achieved max KVPRs: compiled (:mod:`kvgpu.kernels.bound`, the same values) when the
+    numba backend runs, else the array code, so the numpy backend never compiles anything."""
+    if backend == "numba":
+        from kvgpu.numba_engine import lower_bound as run
+
+        return run(batch, hi)
+    from kvgpu.bounds import lower_bound as run
+
+    return run(batch, hi)
+
+
 def info() -> str:
     """A readable report of the backends (``kvgpu info``)."""
     lines = [f"{name:<6} {'yes' if ok else 'no ':<4} {why}" for name, (ok, why) in probe().items()]
-    return "\n".join(["backend usable  detail"] + lines + [f"auto -> {resolve('auto')}"])
+    return "\n".join(["backend usable  detail"] + lines + [
+        f"auto -> {resolve('auto')} (from {GPU_MIN_WORK:,} units of work, sum of models x GPUs; "
+        f"{resolve('auto', 0)} below)"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import cupy as cp
 
-from kvgpu.batch import hooks
 from kvgpu.batch.pipeline import solve_seed as array_seed
 from kvgpu.batch.state import Batch
 from kvgpu.kernels import gpu
@@ -24,6 +23,5 @@ def to_device(batch: Batch) -> Batch:
 
 def solve_seed(batch: Batch):
     """Same contract as :func:`kvgpu.batch.pipeline.solve_seed`; NumPy arrays in and out."""
-    with hooks.use(**gpu.KERNELS):
-        assign, pos = array_seed(to_device(batch))
+    assign, pos = array_seed(to_device(batch), gpu.engine(cp))
     return cp.asnumpy(assign), cp.asnumpy(pos)

@@ -203,7 +203,7 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         sub = batch.take(ok)
         a, p = assign[ok], pos[ok]
         k, m = _objective(sub, a, p)
-        lo = bounds.lower_bound(sub, m)
+        lo = backends.lower_bound(sub, m, opts.backend)
         work = opts.proof_work(int(sub.n_models.max()))
         if opts.effort or work:
             _need_numba("mode 'search'" if opts.effort else "exact=True")

@@ -14,8 +14,28 @@ from kvgpu.batch.state import Batch
 from kvgpu.errors import NoPlacementFound
 
 
+def _front_packed(batch: Batch):
+    """``(n_models, n_gpus)`` (B,) int64 when every row's real models and GPUs are its first
+    slots -- how :func:`kvgpu.batch.state.batch_from_instances` and most callers pad -- else
+    None.  Such a batch compacts by slicing, with no permutation to apply and undo."""
+    n = batch.model_mask.sum(axis=1)
+    g = batch.gpu_mask.sum(axis=1)
+    N, G = batch.sizes.shape[1], batch.gpu_mem.shape[1]
+    models_first = (batch.model_mask == (np.arange(N) < n[:, None])).all()
+    if models_first and (batch.gpu_mask == (np.arange(G) < g[:, None])).all():
+        return n.astype(np.int64), g.astype(np.int64)
+    return None
+
+
 def _compacted(batch: Batch):
-    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed."""
+    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed;
+    the permutations are None where the batch is already front-packed (:func:`_front_packed`)."""
+    packed = _front_packed(batch)
+    if packed is not None:
+        n, g = packed
+        N, G = max(1, int(n.max())), max(1, int(g.max()))
+        c = np.ascontiguousarray
+        return (c(batch.sizes[:, :N]), c(batch.demand[:, :N]), c(batch.gpu_mem[:, :G]), n, g), None, None
     sub, pm, pg = compact(batch)
     arrays = (np.ascontiguousarray(sub.sizes), np.ascontiguousarray(sub.demand), np.ascontiguousarray(sub.gpu_mem),
               sub.n_models.astype(np.int64), sub.n_gpus.astype(np.int64))
@@ -23,11 +43,33 @@ def _compacted(batch: Batch):
 
 
 def _expand(batch: Batch, a, p, pm, pg):
+    """Compact results ``a``, ``p`` (B, N') back to the batch's slots (B, N), -1 for padding."""
     B, N, _ = batch.shape
     assign = np.full((B, N), -1, np.int64)
     pos = np.full((B, N), -1, np.int64)
-    scatter_back(np, assign, pos, np.arange(B), a, p, pm, pg)
+    if pm is None:  # front-packed: compact ids are the batch's own
+        assign[:, :a.shape[1]], pos[:, :a.shape[1]] = a, p
+    else:
+        scatter_back(np, assign, pos, np.arange(B), a, p, pm, pg)
     return assign, pos
+
+
+def compact_placement(batch: Batch, assign, pos, pm, pg):
+    """A placement in batch slots (``assign``/``pos`` (B, N) int64, -1 for padding) in the compact
+    ids of :func:`_compacted` (``pm``, ``pg`` its model and GPU permutations, None for a
+    front-packed batch): ``(a, p)`` (B, N') int64, contiguous."""
+    if pm is None:  # front-packed: the batch's GPU slots are the compact ids
+        width = max(1, int(batch.model_mask.sum(axis=1).max()))
+        real = batch.model_mask[:, :width]
+        a, p = np.where(real, assign[:, :width], -1), np.where(real, pos[:, :width], -1)
+    else:
+        inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
+        np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
+        a_orig = np.take_along_axis(assign, pm, axis=1)
+        real = np.take_along_axis(batch.model_mask, pm, axis=1)
+        a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
+        p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
+    return np.ascontiguousarray(a, dtype=np.int64), np.ascontiguousarray(p, dtype=np.int64)
 
 
 def _kernels(B: int, groups: list[str]) -> bool:
@@ -69,6 +111,24 @@ def solve_seed(batch: Batch):
     return _expand(batch, a, p, pm, pg)
 
 
+def lower_bound(batch: Batch, hi):
+    """:func:`kvgpu.bounds.lower_bound` in compiled code (:mod:`kvgpu.kernels.bound`), the same
+    values: ``hi`` (B,) float64 achieved max KVPRs; returns (B,) float64."""
+    from kvgpu.kernels import bound
+
+    hi = np.ascontiguousarray(hi, dtype=np.float64)
+    if hi.shape != (batch.shape[0],):
+        raise ValueError(f"hi must have shape ({batch.shape[0]},), one value per instance; got {hi.shape}")
+    arrays = tuple(np.ascontiguousarray(x) for x in (batch.sizes, batch.demand, batch.model_mask, batch.gpu_mem,
+                                                     batch.gpu_mask))
+    out = np.empty(batch.shape[0])
+    if _kernels(batch.shape[0], ["seed"]):
+        out[0] = bound.instance_bound(*(x[0] for x in arrays), hi[0])
+    else:
+        bound.lower_bound_batch(*arrays, hi, out)
+    return out
+
+
 def pack_memory(batch: Batch, work: int):
     """Placements that fit in memory, by exact search (for instances the seed could not pack):
     ``(assign, pos, status)``, ``status`` (B,) one of :data:`kvgpu.kernels.exact.FEASIBLE`,
@@ -103,13 +163,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
 
     arrays, pm, pg = _compacted(batch)
     B = batch.shape[0]
-    inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
-    np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
-    a_orig = np.take_along_axis(assign, pm, axis=1)
-    real = np.take_along_axis(batch.model_mask, pm, axis=1)
-    a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
-    p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
-    a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
+    a, p = compact_placement(batch, assign, pos, pm, pg)
     lo = np.array(lb, dtype=float)
     groups = (["search"] if effort > 0 else []) + (["exact"] if exact_work > 0 else [])
     if _kernels(B, groups):

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kvgpu._namespace import get_namespace
 from kvgpu.errors import KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
 from kvgpu.kernels.params import OPTIMAL_RTOL
@@ -48,9 +49,11 @@ def json_float(x) -> float | str:
 
 
 def gap_of(max_kvpr, lower_bound):
-    """``max_kvpr / lower_bound - 1`` (0 where they are equal, inf where the bound is 0)."""
+    """``max_kvpr / lower_bound - 1`` (0 where they are equal, inf where the bound is 0); NumPy or
+    CuPy arrays (the result is of their kind) or floats."""
+    xp = get_namespace(max_kvpr, lower_bound)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(max_kvpr == lower_bound, 0.0, np.asarray(max_kvpr) / lower_bound - 1)
+        return xp.where(max_kvpr == lower_bound, 0.0, xp.asarray(max_kvpr) / lower_bound - 1)
 
 
 @dataclass
@@ -292,6 +295,10 @@ class BatchResult:
     proven : ndarray (B,) bool -- optimality proven by the exact search.
     backend : str -- every engine that ran (e.g. ``"numba"``, ``"numpy+numba"``).
     decomposed : ndarray (B,) bool -- solved by decomposition into groups (:mod:`kvgpu.decompose`).
+
+    When :func:`kvgpu.solve_batch` was given CuPy arrays, ``assignment``, ``kvpr``, ``max_kvpr``
+    and ``lower_bound`` are CuPy arrays (same shapes and dtypes); ``status`` and ``proven`` stay
+    NumPy, and :attr:`gap` / :attr:`proven_optimal` are CuPy arrays too.
     """
 
     assignment: np.ndarray
@@ -320,5 +327,12 @@ class BatchResult:
     @property
     def proven_optimal(self) -> np.ndarray:
         """(B,) bool: proven by the exact search, or the lower bound meets the objective."""
+        xp = get_namespace(self.max_kvpr)
         with np.errstate(invalid="ignore"):
-            return self.proven | (self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL))
+            return xp.asarray(self.proven) | (self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL))
+
+    def to_device(self, cp) -> "BatchResult":
+        """This result with ``assignment``, ``kvpr``, ``max_kvpr`` and ``lower_bound`` copied to the
+        GPU by ``cp`` (the CuPy module), once each."""
+        return BatchResult(cp.asarray(self.assignment), cp.asarray(self.kvpr), cp.asarray(self.max_kvpr),
+                           cp.asarray(self.lower_bound), backend=self.backend, status=self.status, proven=self.proven)

@@ -29,12 +29,12 @@ from pathlib import Path
 
 #: Compile groups: what each is for, and the compile units it needs.
 GROUPS = {
-    "seed": ("the seed pipeline for one instance", ("core", "candidates", "seed")),
+    "seed": ("the seed pipeline and its lower bound for one instance", ("core", "candidates", "seed", "bound")),
     "search": ("search beyond the seed for one instance", ("core", "repair", "polish", "search")),
     "exact": ("exact search and proofs", ("core", "polish", "exact")),
     "start": ("first placements under rules and budgets", ("core", "repair", "start")),
     "batch": ("the parallel batch kernels (many instances at once)",
-              ("core", "candidates", "seed", "repair", "polish", "search", "exact", "batch")),
+              ("core", "candidates", "seed", "bound", "repair", "polish", "search", "exact", "batch")),
     "fleet": ("the repair between the groups of a decomposed cluster", ("core", "repair", "fleet")),
 }
 
@@ -48,10 +48,11 @@ UNITS = {
     "polish": ((), 5),          # the second-largest KVPR's polish
     "candidates": ((), 11),     # the seed's candidate packings
     "seed": (("core", "candidates"), 3),
+    "bound": ((), 3),           # the reported lower bound (kvgpu.kernels.bound)
     "search": (("core", "repair", "polish"), 8),
     "exact": (("core", "polish"), 6),
     "start": (("core", "repair"), 4),
-    "batch": (("seed", "search", "exact"), 36),
+    "batch": (("seed", "bound", "search", "exact"), 38),
     "fleet": (("repair",), 8),
 }
 
@@ -104,6 +105,10 @@ def _compile(unit: str) -> None:
         from kvgpu.kernels import cpu
 
         cpu.seed_instance(s, w, M, a.copy(), p.copy())
+    elif unit == "bound":
+        from kvgpu.kernels import bound
+
+        bound.instance_bound(s, w, np.ones(3, np.bool_), M, np.ones(2, np.bool_), 1.0)
     elif unit == "search":
         from kvgpu.kernels import search
 
@@ -124,11 +129,13 @@ def _compile(unit: str) -> None:
         fleet.repair_batch(B(s), B(w), B(M), np.array([3]), np.array([2]), np.array([1.0]), 1, np.zeros(1, np.int64),
                            B(a), B(p), np.zeros(1, np.bool_))
     elif unit == "batch":
-        from kvgpu.kernels import cpu, exact, search
+        from kvgpu.kernels import bound, cpu, exact, search
 
         B = lambda x: np.ascontiguousarray(x[None])  # noqa: E731
         n, G = np.array([3]), np.array([2])
         cpu.seed_batch(B(s), B(w), B(M), n, G, B(a), B(p), np.zeros(1, np.bool_))
+        bound.lower_bound_batch(B(s), B(w), np.ones((1, 3), np.bool_), B(M), np.ones((1, 2), np.bool_),
+                                np.ones(1), np.empty(1))
         search.improve_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 1, 1, 0, B(a), B(p))
         exact.certify_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 100, B(a), B(p), np.zeros(1, np.int64))
         exact.pack_memory_batch(B(s), B(M), n, G, 100, B(a), B(p), np.zeros(1, np.int64))

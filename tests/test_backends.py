@@ -153,3 +153,127 @@ def _no_rules(assign, M):
 
     r = rules.no_rules()
     return r, rules.new_state(r, assign, M.shape[0])
+
+
+@pytest.fixture
+def cuda_usable(monkeypatch):
+    """The probe says a device is usable (nothing may actually run there)."""
+    avail = {"numpy": (True, "numpy"), "numba": (True, "numba"), "cuda": (True, "a test device")}
+    monkeypatch.setattr(backends, "probe", lambda: avail)
+    return avail
+
+
+def test_auto_keeps_small_jobs_on_the_cpu(cuda_usable):
+    big = backends.GPU_MIN_WORK
+    assert backends.resolve("auto", 0) == "numba"
+    assert backends.resolve("auto", big - 1) == "numba"
+    assert backends.resolve("auto", big) == "cuda"
+    assert backends.resolve("auto") == "cuda"  # size unknown: as before
+    assert backends.resolve("cuda", 1) == "cuda"  # an explicit request is obeyed
+    cuda_usable["numba"] = (False, "no numba")
+    assert backends.resolve("auto", 5) == "numpy"
+    assert backends.work_of([14, 3], [7, 2]) == 14 * 7 + 3 * 2
+    with pytest.raises(ValueError, match="work must be a non-negative integer"):
+        backends.resolve("auto", -1)
+    with pytest.raises(ValueError, match="work must be a non-negative integer"):
+        backends.resolve("auto", 2.5)
+    with pytest.raises(ValueError, match="n_models and n_gpus must have one shape"):
+        backends.work_of([1, 2], [3])
+
+
+def test_auto_solves_a_small_batch_and_one_problem_on_the_cpu(cuda_usable):
+    """With a device said usable, ``auto`` still runs a tiny batch and a single problem -- with
+    and without rules -- on numba (the cuda backend is never entered: it would need CuPy)."""
+    rng = np.random.default_rng(3)
+    b = batch_from_instances([adrs_like(rng) for _ in range(3)])
+    res = kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, model_mask=b.model_mask, gpu_mask=b.gpu_mask, mode="seed")
+    assert res.backend == "numba"
+    assert kvgpu.solve([[10, 1, 1], [20, 2, 1], [30, 1, 2]], 2).backend == "numba"
+    pinned = [{"model_size": 10, "req_rate": 1, "slo": 1, "pin": 0}, {"model_size": 20, "req_rate": 2, "slo": 1}]
+    assert kvgpu.solve(pinned, 2).backend == "numba"
+
+
+def test_cuda_probe_launches_a_kernel(monkeypatch):
+    """Device, driver and CuPy answer but numba cannot launch: cuda is unusable, with the reason,
+    and auto picks a CPU backend."""
+    import types
+
+    fake = types.SimpleNamespace(__version__="13.0", arange=lambda n: np.arange(n), cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"H200"})))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "kvgpu.cuda_engine", types.ModuleType("kvgpu.cuda_engine"))
+    monkeypatch.delenv("KVGPU_DISABLE_GPU", raising=False)
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    from numba import cuda
+
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+
+    def no_launch():
+        raise RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+
+    monkeypatch.setattr(backends, "_launch_probe_kernel", no_launch)
+    backends.probe.cache_clear()
+    try:
+        ok, why = backends.probe()["cuda"]
+        assert not ok and "cannot compile or launch a CUDA kernel" in why and "UNSUPPORTED_PTX" in why
+        assert backends.resolve("auto", 10**9) in ("numba", "numpy")
+        monkeypatch.setattr(backends, "_launch_probe_kernel", lambda: None)
+        backends.probe.cache_clear()
+        assert backends.probe()["cuda"] == (True, "H200, cupy 13.0")
+        assert backends.resolve("auto", 10**9) == "cuda"
+    finally:
+        backends.probe.cache_clear()
+
+
+def test_performance_warning_is_numba_cudas_own_class_when_installed(monkeypatch):
+    import types
+
+    from numba.core.errors import NumbaPerformanceWarning
+
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None:  # numba's built-in CUDA target
+        assert backends.performance_warning() is NumbaPerformanceWarning
+
+    class CudaPerformanceWarning(Warning):  # numba-cuda's: not a subclass of numba's
+        pass
+
+    for name in ("numba.cuda", "numba.cuda.core"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    errors = types.ModuleType("numba.cuda.core.errors")
+    errors.NumbaPerformanceWarning = CudaPerformanceWarning
+    monkeypatch.setitem(sys.modules, "numba.cuda.core.errors", errors)
+    assert backends.performance_warning() is CudaPerformanceWarning
+
+
+def test_numba_backend_same_answers_whatever_the_slot_order():
+    """Real models and GPUs spread among padding slots (the general compaction) or first in
+    every row (the sliced fast path): the same placements, seed and search, in the own slots."""
+    from kvgpu import numba_engine
+    from kvgpu.batch.state import Batch
+
+    rng = np.random.default_rng(12)
+    insts = [varied(rng, g_range=(3, 9), per_gpu=(1, 3)) for _ in range(10)] + [adrs_like(rng) for _ in range(10)]
+    b = batch_from_instances(insts)
+    B, N, G = b.shape
+    N2, G2 = N + 3, G + 2  # extra padding, real entries spread over each row in their order
+    pm = np.array([np.sort(rng.choice(N2, N, replace=False)) for _ in range(B)])
+    pg = np.array([np.sort(rng.choice(G2, G, replace=False)) for _ in range(B)])
+
+    def scatter(x, perm, width):
+        out = np.zeros((B, width), x.dtype)
+        out[np.arange(B)[:, None], perm[:, :x.shape[1]]] = x
+        return out
+
+    s = Batch(scatter(b.sizes, pm, N2), scatter(b.demand, pm, N2), scatter(b.model_mask, pm, N2),
+              scatter(b.gpu_mem, pg, G2), scatter(b.gpu_mask, pg, G2))
+    assert numba_engine._front_packed(b) is not None and numba_engine._front_packed(s) is None
+    rows = np.arange(B)[:, None]
+    a1, p1 = numba_engine.solve_seed(b)
+    a2, p2 = numba_engine.solve_seed(s)
+    back = lambda a: np.where(a >= 0, pg[np.arange(B)[:, None], np.maximum(a, 0)], -1)  # noqa: E731
+    assert (a2[rows, pm[:, :N]] == back(a1)).all() and (p2[rows, pm[:, :N]] == p1).all()
+    lb = np.zeros(B)
+    i1, _, _ = numba_engine.improve(b, a1, p1, lb, 4, 2, 3)
+    i2, _, _ = numba_engine.improve(s, a2, p2, lb, 4, 2, 3)
+    assert (i2[rows, pm[:, :N]] == back(i1)).all()

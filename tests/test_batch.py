@@ -90,3 +90,54 @@ def test_batch_result_does_not_depend_on_batch_company(adrs50):
     for k, inst in enumerate(insts):
         a_one, _ = seed_pipeline(batch_from_instances([inst]))
         assert a_one[0, :inst.n_models].tolist() == a_mix[k, :inst.n_models].tolist()
+
+
+def test_array_engine_is_passed_down_not_shared_between_threads():
+    """Two solves at once, one with its own ``transfers`` step: only that solve's thread calls it
+    (a module-level switch would leak it into the other), and both make the plain engine's
+    placements."""
+    import threading
+
+    from kvgpu.batch.array_engine import NUMPY, ArrayEngine
+    from kvgpu.batch.pipeline import solve_seed
+
+    rng = np.random.default_rng(41)
+    b = batch_from_instances([varied(rng, g_range=(4, 8), per_gpu=(1, 3)) for _ in range(6)])
+    want = solve_seed(b)
+    callers, started = set(), threading.Barrier(2)
+
+    def spy(*args):
+        callers.add(threading.get_ident())
+        return local.array_transfers(*args)
+
+    spied = ArrayEngine(np, transfers=spy)
+    out, idents = {}, {}
+
+    def run(name, engine):
+        idents[name] = threading.get_ident()
+        started.wait()
+        out[name] = solve_seed(b, engine)
+
+    threads = [threading.Thread(target=run, args=("spied", spied)), threading.Thread(target=run, args=("plain", NUMPY))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert callers == {idents["spied"]}
+    for name in out:
+        assert (out[name][0] == want[0]).all() and (out[name][1] == want[1]).all(), name
+
+
+def test_array_engine_refuses_a_mismatched_namespace():
+    from types import SimpleNamespace
+
+    from kvgpu.batch.array_engine import ArrayEngine
+    from kvgpu.batch.pipeline import solve_seed
+
+    b = batch_from_instances([make_instance([[10, 1, 1], [20, 2, 1]], 2)])
+    with pytest.raises(TypeError, match="the engine computes with fake_xp but the batch holds numpy"):
+        solve_seed(b, ArrayEngine(SimpleNamespace(__name__="fake_xp")))
+    with pytest.raises(TypeError, match="engine must be a kvgpu.batch.array_engine.ArrayEngine"):
+        solve_seed(b, "numpy")
+    with pytest.raises(TypeError, match="ArrayEngine.choose must be a function or None"):
+        ArrayEngine(np, choose=3)

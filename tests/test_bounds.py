@@ -75,3 +75,62 @@ def test_count_below_matches_searchsorted(values, thresholds, inclusive):
     t = np.array(thresholds)[None, :]
     want = np.searchsorted(ra[0], t[0], side="right" if inclusive else "left")
     assert bounds._count_below(np, ra, t, inclusive)[0].tolist() == want.tolist()
+
+
+def _random_batch(rng, B, n_max, g_max, mems=(40.0, 80.0, 141.0)):
+    """Padded batch of random instances: mixed memories, masked-out models and GPUs anywhere in
+    the rows (not only at the end), sizes up to a whole GPU, demands from 0."""
+    from kvgpu.batch.state import make_batch
+
+    N, G = int(rng.integers(1, n_max + 1)), int(rng.integers(1, g_max + 1))
+    mem = rng.choice(mems, (B, G))
+    gm = rng.random((B, G)) < 0.85
+    gm[np.arange(B), rng.integers(0, G, B)] = True  # every instance has a GPU
+    mm = rng.random((B, N)) < 0.8
+    sizes = np.round(rng.uniform(0.5, 1.0, (B, N)) * rng.choice([10.0, 30.0, 70.0], (B, N)), 1)
+    demand = rng.integers(0, 10, (B, N)) / rng.integers(1, 10, (B, N))
+    return make_batch(sizes, demand, mem, mm, gm)
+
+
+def test_compiled_lower_bound_equals_the_array_code():
+    """kvgpu.kernels.bound gives bounds.lower_bound's values bit for bit: ADRS-shaped batches,
+    mixed memories and masks, one-GPU instances in wide batches, rows wide enough for NumPy's
+    pairwise summation to recurse, achieved values that are infinite or below the bound."""
+    import pytest
+
+    pytest.importorskip("numba")
+    from kvgpu import numba_engine
+    from kvgpu.generate import adrs_like
+    from kvgpu.kernels import bound
+
+    assert (bound.L2_DELTA, bound.VOLUME_RTOL) == (bounds.L2_DELTA, bounds.VOLUME_RTOL)
+    rng = np.random.default_rng(2024)
+    batches = [batch_from_instances([adrs_like(rng) for _ in range(300)])]
+    batches += [_random_batch(rng, 200, n, g) for n, g in [(3, 1), (6, 2), (20, 5), (40, 12), (12, 40)]]
+    batches += [_random_batch(rng, 12, 300, 140), _random_batch(rng, 400, 9, 4, mems=(80.0,))]
+    checked = 0
+    for b in batches:
+        simple = bounds.simple_bound(b)
+        his = [simple * rng.uniform(1.0, 3.0, simple.shape), np.full(simple.shape, np.inf), simple * 0.5]
+        for hi in his:
+            want = bounds.lower_bound(b, hi)
+            got = numba_engine.lower_bound(b, hi)
+            assert got.dtype == np.float64 and got.shape == want.shape
+            assert np.array_equal(got, want), np.nonzero(got != want)[0][:5]
+            checked += int((want > simple).sum())
+        one = b.take(np.array([0]))  # the single-instance kernel
+        assert np.array_equal(numba_engine.lower_bound(one, his[0][:1]), bounds.lower_bound(one, his[0][:1]))
+    assert checked > 100  # the bisection raised many of them, so it was compared too
+
+
+def test_pairwise_sum_is_numpys():
+    import pytest
+
+    pytest.importorskip("numba")
+    from kvgpu.kernels.bound import pairwise_sum
+
+    rng = np.random.default_rng(5)
+    for n in [1, 2, 7, 8, 9, 15, 16, 17, 127, 128, 129, 255, 256, 1000, 4099]:
+        x = rng.standard_normal((2, n)) * 10.0 ** rng.uniform(-6, 6, (2, n))
+        for row, want in zip(x, x.sum(axis=1)):
+            assert pairwise_sum(np.ascontiguousarray(row), 0, n) == want, n

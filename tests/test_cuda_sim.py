@@ -1,9 +1,13 @@
-"""Tier 2 of the backend tests: the numba CUDA kernels under numba's CUDA simulator.
+"""Tier 2 of the backend tests: the cuda backend under numba's CUDA simulator.
 
 The simulator runs in a subprocess (``NUMBA_ENABLE_CUDASIM=1`` must be set before numba is
-imported, and must not leak into the other tests).  Tier 3, a real GPU, is ``bench/gpu_check.sh``.
+imported, and must not leak into the other tests): ``bash bench/gpu_check.sh --simulate`` on a
+tiny setting -- the kernels against the array engine (``tests/cuda/sim_check.py``), and
+``solve_batch`` on CuPy arrays of the NumPy stand-in (``tests/cuda/fake_cupy.py``) against the
+numba backend.  Tier 3, a real GPU, is ``bash bench/gpu_check.sh``.
 """
 import os
+import re
 import subprocess
 import sys
 import types
@@ -13,19 +17,30 @@ import pytest
 
 from kvgpu import backends
 
-SIM_CHECK = Path(__file__).parent / "cuda" / "sim_check.py"
+ROOT = Path(__file__).resolve().parent.parent
+LAST = re.compile(r"gpu-check: seed parity (\d+)/(\d+), search parity (\d+)/(\d+), host syncs per solve_batch call "
+                  r"(\d+), kernel launches per call (\d+)")
 
 
-def _sim(*args):
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    return subprocess.run([sys.executable, str(SIM_CHECK), *args], capture_output=True, text=True, env=env,
-                          timeout=1200)
-
-
-def test_cuda_kernels_match_the_numpy_engine_under_the_simulator():
-    out = _sim("2", "2")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "seed pipeline equal on 4 instances (simulator)" in out.stdout
+def test_gpu_check_simulated_end_to_end(tmp_path):
+    """The simulated check on 2 instances: every step ok, the cuda path's placements equal the
+    numba backend's, syncs and launches counted, and the summary line last, in its format."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env.pop("NUMBA_ENABLE_CUDASIM", None)  # the script sets it for its own steps
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--simulate", "--instances", "2"],
+                         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    text = out.stdout
+    assert out.returncode == 0, text[-3000:] + out.stderr[-3000:]
+    assert "FAILED" not in text and "TIMEOUT" not in text, text[-3000:]
+    assert "seed pipeline equal on 4 instances (simulator)" in text  # kernels vs array engine
+    last = text.strip().splitlines()[-1]
+    m = LAST.fullmatch(last)
+    assert m, last
+    P, Q, R, S, H, L = map(int, m.groups())
+    assert (P, Q) == (2, 2)
+    assert R == S  # 0/0 until the cuda engine has improve(), then every instance equal
+    assert H > 0 and L > 0  # the stand-in saw the path's syncs and the simulator its launches
+    assert (tmp_path / "gpu_check_simulated.txt").read_text().strip().splitlines()[-1] == last
 
 
 def test_simulator_is_never_taken_for_a_device():

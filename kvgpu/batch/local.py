@@ -10,7 +10,7 @@ Scan order and tie-breaking are those of :mod:`kvgpu.reference`.
 
 from __future__ import annotations
 
-from kvgpu.batch import hooks
+from kvgpu.batch.array_engine import ArrayEngine, engine_for
 from kvgpu.batch.arrays import quiet_fp, argsort_stable, first_of_min, inverse_perm, max_excluding, sort_desc, top3
 from kvgpu.batch.state import Batch, gpu_loads, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array, transfer_loads, transfer_new_max_array
@@ -19,11 +19,54 @@ from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array, transfer_loads,
 CHUNK_ENTRIES = 1 << 21
 
 
-class LaneState:
-    """Placement state of ``L`` lanes: assign, pos (list order), S, W, the next stamp."""
+def _gather(xp, A, lanes, idx):
+    """``A[lanes[l], idx[l, ...]]`` for an (L, X) array ``A`` and ids ``idx`` of shape (L', ...)."""
+    if idx.shape[0] == 1 and lanes.shape[0] != 1:  # ids shared by all lanes (e.g. every GPU)
+        idx = xp.broadcast_to(idx, (lanes.shape[0],) + idx.shape[1:])
+    rows = lanes.reshape((-1,) + (1,) * (idx.ndim - 1))
+    return A[rows, idx]
 
-    def __init__(self, batch: Batch, assign, pos):
-        xp = batch.xp
+
+def array_transfers(xp, S, W, M, sizes, demand, lanes, t3, src, dst, a, b):
+    """The ``transfers`` step in array code: new global max KVPR and memory fit of transfers.
+
+    Parameters
+    ----------
+    S, W : (L, G) float64 -- per-GPU size and demand of every lane; ``M`` (L, G) float64 memories.
+    sizes, demand : (L, N) float64.
+    lanes : (L',) int64 -- the lanes evaluated; ``t3``: their :func:`kvgpu.batch.arrays.top3`.
+    src, dst, a, b : int64 arrays broadcastable to one shape (L', ...) -- model ``a`` moves from
+        GPU ``src`` to ``dst`` and, where ``b >= 0``, model ``b`` from ``dst`` to ``src``.
+
+    Returns
+    -------
+    (new, fits) : float64 and bool arrays of that shape.
+    """
+    # each id array is gathered at its own (broadcastable) shape; arithmetic broadcasts
+    if b.size == 1:
+        b = xp.broadcast_to(b, (lanes.shape[0],) + (1,) * (b.ndim - 1))
+    has_b = b >= 0
+    bb = xp.where(has_b, b, 0)
+    s_in = xp.where(has_b, _gather(xp, sizes, lanes, bb), 0.0)
+    w_in = xp.where(has_b, _gather(xp, demand, lanes, bb), 0.0)
+    Ss, Ws, Sd, Wd = transfer_loads(
+        _gather(xp, S, lanes, src), _gather(xp, W, lanes, src), _gather(xp, S, lanes, dst),
+        _gather(xp, W, lanes, dst), _gather(xp, sizes, lanes, a), _gather(xp, demand, lanes, a), s_in, w_in)
+    Ms, Md = _gather(xp, M, lanes, src), _gather(xp, M, lanes, dst)
+    ok = fits(Ss, Ms) & fits(Sd, Md)
+    new = transfer_new_max_array(safe_div_array(Ws, Ms - Ss, xp), safe_div_array(Wd, Md - Sd, xp),
+                                 max_excluding(xp, t3, src, dst), xp)
+    return new, ok
+
+
+class LaneState:
+    """Placement state of ``L`` lanes: assign, pos (list order), S, W, the next stamp; ``engine``
+    (:class:`kvgpu.batch.array_engine.ArrayEngine`, None: the plain array code) evaluates the
+    transfers."""
+
+    def __init__(self, batch: Batch, assign, pos, engine: ArrayEngine | None = None):
+        self.engine = engine_for(batch, engine)
+        xp = self.engine.xp
         self.b, self.xp = batch, xp
         self.assign, self.pos = assign.copy(), pos.copy()
         self.S, self.W = gpu_loads(batch, self.assign, self.pos)
@@ -43,36 +86,13 @@ class LaneState:
         idx = order[:, :K]
         return idx, xp.take_along_axis(on, idx, axis=1)
 
-    def gather(self, A, lanes, idx):
-        """``A[lanes[l], idx[l, ...]]`` for an (L, X) array ``A`` and ids ``idx`` of shape (L', ...)."""
-        if idx.shape[0] == 1 and lanes.shape[0] != 1:  # ids shared by all lanes (e.g. every GPU)
-            idx = self.xp.broadcast_to(idx, (lanes.shape[0],) + idx.shape[1:])
-        rows = lanes.reshape((-1,) + (1,) * (idx.ndim - 1))
-        return A[rows, idx]
-
     def eval_transfers(self, lanes, t3, src, dst, a, b):
         """New global max and memory fit of transfers: model ``a`` src -> dst and, where ``b >= 0``,
-        model ``b`` dst -> src.  All id arrays broadcast to one shape (L', ...)."""
-        xp, bt = self.xp, self.b
-        kernel = hooks.KERNELS["transfers"]
-        if kernel is not None:  # the CUDA kernel (kvgpu.kernels.gpu), same values
-            return kernel(xp, self.S, self.W, bt.gpu_mem, bt.sizes, bt.demand, lanes, t3, src, dst, a, b)
-        # each id array is gathered at its own (broadcastable) shape; arithmetic broadcasts
-        if b.size == 1:
-            b = xp.broadcast_to(b, (lanes.shape[0],) + (1,) * (b.ndim - 1))
-        has_b = b >= 0
-        bb = xp.where(has_b, b, 0)
-        s_in = xp.where(has_b, self.gather(bt.sizes, lanes, bb), 0.0)
-        w_in = xp.where(has_b, self.gather(bt.demand, lanes, bb), 0.0)
-        Ss, Ws, Sd, Wd = transfer_loads(
-            self.gather(self.S, lanes, src), self.gather(self.W, lanes, src),
-            self.gather(self.S, lanes, dst), self.gather(self.W, lanes, dst),
-            self.gather(bt.sizes, lanes, a), self.gather(bt.demand, lanes, a), s_in, w_in)
-        Ms, Md = self.gather(bt.gpu_mem, lanes, src), self.gather(bt.gpu_mem, lanes, dst)
-        ok = fits(Ss, Ms) & fits(Sd, Md)
-        new = transfer_new_max_array(safe_div_array(Ws, Ms - Ss, xp), safe_div_array(Wd, Md - Sd, xp),
-                                     max_excluding(xp, t3, src, dst), xp)
-        return new, ok
+        model ``b`` dst -> src.  All id arrays broadcast to one shape (L', ...).  Runs the engine's
+        ``transfers`` step (:func:`array_transfers` unless a kernel was given)."""
+        bt = self.b
+        step = self.engine.transfers or array_transfers
+        return step(self.xp, self.S, self.W, bt.gpu_mem, bt.sizes, bt.demand, lanes, t3, src, dst, a, b)
 
     def apply(self, lanes, src, dst, a, b):
         """Apply one transfer per lane (``b = -1`` for a move); moved models go to the list ends."""
@@ -102,9 +122,10 @@ def _chunks(xp, L, per_lane):
 
 
 @quiet_fp
-def improve_local(batch: Batch, assign, pos, max_iters: int = 4000):
-    """Batched :func:`kvgpu.reference.improve_local`; returns the new ``(assign, pos)``."""
-    st = LaneState(batch, assign, pos)
+def improve_local(batch: Batch, assign, pos, max_iters: int = 4000, engine: ArrayEngine | None = None):
+    """Batched :func:`kvgpu.reference.improve_local`; returns the new ``(assign, pos)``.  ``engine``:
+    see :class:`kvgpu.batch.array_engine.ArrayEngine` (None: the plain array code)."""
+    st = LaneState(batch, assign, pos, engine)
     xp = st.xp
     L, N, G = batch.shape
     for lanes in _chunks(xp, L, N * max(N, G)):
@@ -192,9 +213,10 @@ def _pair_swaps(st: LaneState, lanes, rounds: int = 12):
 
 
 @quiet_fp
-def refine_peak(batch: Batch, assign, pos, passes: int = 2, top_k: int = 12):
-    """Batched :func:`kvgpu.reference.refine_peak`; returns the new ``(assign, pos)``."""
-    st = LaneState(batch, assign, pos)
+def refine_peak(batch: Batch, assign, pos, passes: int = 2, top_k: int = 12, engine: ArrayEngine | None = None):
+    """Batched :func:`kvgpu.reference.refine_peak`; returns the new ``(assign, pos)``.  ``engine``:
+    see :class:`kvgpu.batch.array_engine.ArrayEngine` (None: the plain array code)."""
+    st = LaneState(batch, assign, pos, engine)
     xp = st.xp
     L, N, G = batch.shape
     lanes = xp.arange(L)

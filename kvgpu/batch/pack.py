@@ -9,7 +9,7 @@ as :func:`kvgpu.reference.pack` does one lane at a time.
 from __future__ import annotations
 
 from kvgpu.batch import bounds as bb
-from kvgpu.batch import hooks
+from kvgpu.batch.array_engine import ArrayEngine, engine_for
 from kvgpu.batch.arrays import quiet_fp, argsort_stable, inverse_perm, lex_argmin, max_excluding, seq_sum, sort_desc, top3
 from kvgpu.batch.state import Batch, kvpr
 from kvgpu.kernels.deltas import EPS, INF, fits, safe_div_array
@@ -111,9 +111,9 @@ class _Lanes:
         self.b = self.b.take(sel)
 
 
-def _choose(xp, ln: _Lanes, k, s, w):
+def _choose(engine: ArrayEngine, ln: _Lanes, k, s, w):
     """GPU per lane for the model ``(s, w)`` (L,) under each lane's policy; ``(g, any)``."""
-    kernel = hooks.KERNELS["choose"]
+    xp, kernel = engine.xp, engine.choose
     if kernel is not None:  # the CUDA kernel (kvgpu.kernels.gpu), same decisions
         return kernel(xp, ln.St, ln.Wt, ln.loadt, ln.kvt, ln.Mt, ln.M_total, ln.n_gpus, ln.T, ln.policy, ln.nmf, k,
                       s, w)
@@ -170,28 +170,30 @@ PACK_CHUNK_ENTRIES = 1 << 16
 
 
 @quiet_fp
-def pack_lanes(lanes_b: Batch, T, ordering, policy, n_most_free=None):
+def pack_lanes(lanes_b: Batch, T, ordering, policy, n_most_free=None, engine: ArrayEngine | None = None):
     """Pack every lane; returns ``(assign (L, N), pos (L, N), ok (L,))``.
 
     ``T`` (L,) float, ``ordering`` (L,) in 0..3, ``policy`` (L,) in 0..5; the first
     ``n_most_free`` (L,) models of a lane go to the GPU with most free memory.
     A lane whose model fits nowhere fails (``ok`` False, its arrays are garbage).
-    Lanes are independent and run in cache-sized chunks.
+    Lanes are independent and run in cache-sized chunks.  ``engine``: see
+    :class:`kvgpu.batch.array_engine.ArrayEngine` (None: the plain array code).
     """
-    xp = lanes_b.xp
+    engine = engine_for(lanes_b, engine)
+    xp = engine.xp
     L, N, G = lanes_b.shape
     T = xp.asarray(T, dtype=xp.float64)
     n_most_free = xp.zeros(L, dtype=xp.int64) if n_most_free is None else n_most_free
     step = max(256, PACK_CHUNK_ENTRIES // max(G, 1))
     if L <= step:
-        return _pack_chunk(lanes_b, T, ordering, policy, n_most_free)
-    parts = [_pack_chunk(lanes_b.take(sl), T[sl], ordering[sl], policy[sl], n_most_free[sl])
+        return _pack_chunk(lanes_b, T, ordering, policy, n_most_free, engine)
+    parts = [_pack_chunk(lanes_b.take(sl), T[sl], ordering[sl], policy[sl], n_most_free[sl], engine)
              for sl in (xp.arange(lo, min(L, lo + step)) for lo in range(0, L, step))]
     return tuple(xp.concatenate([p[k] for p in parts]) for k in range(3))
 
 
-def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free):
-    xp = lanes_b.xp
+def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free, engine: ArrayEngine):
+    xp = engine.xp
     L, N, G = lanes_b.shape
     grp = argsort_stable(xp, policy)
     b = lanes_b.take(grp)
@@ -210,7 +212,7 @@ def _pack_chunk(lanes_b: Batch, T, ordering, policy, n_most_free):
         r = xp.arange(ln.ids.shape[0])
         i = ln.order[:, k]
         s, w = ln.b.sizes[r, i], ln.b.demand[r, i]
-        g, anyfit = _choose(xp, ln, k, s, w)
+        g, anyfit = _choose(engine, ln, k, s, w)
         if not bool(anyfit.all()):
             ok[ln.ids[~anyfit]] = False
             sel = xp.nonzero(anyfit)[0]

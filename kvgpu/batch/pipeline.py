@@ -12,6 +12,7 @@ import numpy as np
 
 from kvgpu.batch import bounds as bb
 from kvgpu.batch import local
+from kvgpu.batch.array_engine import ArrayEngine, engine_for
 from kvgpu.batch.arrays import argsort_stable, quiet_fp, unique_rows
 from kvgpu.batch.pack import pack_lanes, regret_insertion
 from kvgpu.batch.state import Batch, score
@@ -22,7 +23,7 @@ from kvgpu.errors import NoPlacementFound
 LAZY_MIN_LANES = 128
 
 
-def feasible(batch: Batch, T):
+def feasible(batch: Batch, T, engine: ArrayEngine | None = None):
     """Per lane: does any of the seven packing variants pack at ``T`` (L,)?
 
     Wide batches run the variants lazily in the seed's order, each only on the lanes that no
@@ -34,7 +35,7 @@ def feasible(batch: Batch, T):
         V = len(FEAS_ORDERING)
         lanes = batch.take(xp.repeat(xp.arange(L), V))
         _, _, ok = pack_lanes(lanes, xp.repeat(T, V), xp.tile(xp.asarray(FEAS_ORDERING), L),
-                              xp.tile(xp.asarray(FEAS_POLICY), L))
+                              xp.tile(xp.asarray(FEAS_POLICY), L), engine=engine)
         return ok.reshape(L, V).any(axis=1)
     ok = xp.zeros(L, bool)
     for ordering, policy in zip(FEAS_ORDERING, FEAS_POLICY):
@@ -42,12 +43,12 @@ def feasible(batch: Batch, T):
         if todo.shape[0] == 0:
             break
         n = todo.shape[0]
-        _, _, f = pack_lanes(batch.take(todo), T[todo], xp.full(n, ordering), xp.full(n, policy))
+        _, _, f = pack_lanes(batch.take(todo), T[todo], xp.full(n, ordering), xp.full(n, policy), engine=engine)
         ok[todo[f]] = True
     return ok
 
 
-def search_T(batch: Batch):
+def search_T(batch: Batch, engine: ArrayEngine | None = None):
     """``(T_high (B,), found (B,))``: doubling from the seed's ``low_T``, then 40 bisection steps.
 
     A bisection step whose midpoint equals an end already tested (the interval is down to one
@@ -63,7 +64,7 @@ def search_T(batch: Batch):
         todo = xp.nonzero(~found)[0]
         if todo.shape[0] == 0:
             break
-        f = feasible(batch.take(todo), T[todo])
+        f = feasible(batch.take(todo), T[todo], engine)
         hi[todo[f]] = T[todo[f]]
         found[todo[f]] = True
         T[todo[~f]] *= 2
@@ -74,7 +75,7 @@ def search_T(batch: Batch):
         test = xp.nonzero((mid != hi_) & ~((mid == lo_) & lo_known))[0]
         if test.shape[0] == 0:
             break
-        f = feasible(batch.take(idx[test]), mid[test])
+        f = feasible(batch.take(idx[test]), mid[test], engine)
         hi_[test[f]] = mid[test[f]]
         lo_[test[~f]] = mid[test[~f]]
         lo_known[test[~f]] = True
@@ -82,12 +83,12 @@ def search_T(batch: Batch):
     return hi, found
 
 
-def candidates(batch: Batch):
+def candidates(batch: Batch, engine: ArrayEngine | None = None):
     """All step-1 candidates: ``(inst (C,), assign (C, N), pos (C, N))`` in the seed's order per instance."""
     xp = batch.xp
     B = batch.shape[0]
     n_models = batch.n_models
-    T_high, found = search_T(batch)
+    T_high, found = search_T(batch, engine)
     fi = xp.nonzero(found)[0]
     nF = fi.shape[0]
     # 54 parametric lanes per instance: T factor, then policy, then ordering
@@ -95,13 +96,13 @@ def candidates(batch: Batch):
     pol = xp.tile(xp.repeat(xp.arange(3), 3), 6 * nF)
     ordg = xp.tile(xp.arange(3), 18 * nF)
     inst_p = xp.repeat(fi, 54)
-    a_p, p_p, ok_p = pack_lanes(batch.take(inst_p), T_high[inst_p] * f_l, ordg, pol)
+    a_p, p_p, ok_p = pack_lanes(batch.take(inst_p), T_high[inst_p] * f_l, ordg, pol, engine=engine)
     a_r, p_r, ok_r = regret_insertion(batch)
     # memory packs: "dual" (size order, 30% to the most free GPU, the rest best fit) and density
     inst_m = xp.repeat(xp.arange(B), 2)
     ordm = xp.tile(xp.asarray([SIZE_ORDER, 2]), B)
     nmf = xp.where(ordm == SIZE_ORDER, (DUAL_MOST_FREE_SHARE * n_models[inst_m]).astype(xp.int64), 0)
-    a_m, p_m, ok_m = pack_lanes(batch.take(inst_m), xp.zeros(2 * B), ordm, xp.full(2 * B, BEST_FIT), nmf)
+    a_m, p_m, ok_m = pack_lanes(batch.take(inst_m), xp.zeros(2 * B), ordm, xp.full(2 * B, BEST_FIT), nmf, engine)
     inst = xp.concatenate([inst_p, xp.arange(B), inst_m])
     rank = xp.concatenate([xp.tile(xp.arange(54), nF), xp.full(B, 54), 55 + xp.tile(xp.arange(2), B)])
     assign = xp.concatenate([a_p, a_r, a_m])
@@ -115,7 +116,7 @@ def candidates(batch: Batch):
         inst_f = xp.repeat(missing, 3)
         polf = xp.tile(xp.asarray([BEST_FIT, MOST_FREE, FIRST_FIT]), missing.shape[0])
         a_f, p_f, ok_f = pack_lanes(batch.take(inst_f), xp.zeros(inst_f.shape[0]),
-                                    xp.full(inst_f.shape[0], SIZE_ORDER), polf)
+                                    xp.full(inst_f.shape[0], SIZE_ORDER), polf, engine=engine)
         first = ok_f.reshape(-1, 3)
         first = first & (xp.cumsum(first, axis=1) == 1)
         inst = xp.concatenate([inst, inst_f])
@@ -151,18 +152,20 @@ def select(xp, inst, B, scores):
 
 
 @quiet_fp
-def seed_pipeline(batch: Batch, trace: dict | None = None):
+def seed_pipeline(batch: Batch, trace: dict | None = None, engine: ArrayEngine | None = None):
     """The seed pipeline on every instance of ``batch``: returns ``(assign (B, N), pos (B, N))``.
 
     ``trace`` receives the score tuples (three (B,) arrays each) after selection, after
-    refine_peak and at the end.  Raises ``NoPlacementFound`` naming instances with no candidate.
+    refine_peak and at the end.  ``engine``: see :class:`kvgpu.batch.array_engine.ArrayEngine`
+    (None: the plain array code).  Raises ``NoPlacementFound`` naming instances with no candidate.
     """
-    xp = batch.xp
+    engine = engine_for(batch, engine)
+    xp = engine.xp
     B = batch.shape[0]
-    inst, assign, pos = candidates(batch)
+    inst, assign, pos = candidates(batch, engine)
     first, back = _dedupe(xp, inst, assign, pos)
     ub = batch.take(inst[first])
-    ua, up = local.improve_local(ub, assign[first], pos[first], 4000)
+    ua, up = local.improve_local(ub, assign[first], pos[first], 4000, engine)
     assign, pos = ua[back], up[back]
     sc = tuple(x[back] for x in score(ub, ua, up))
     pick = select(xp, inst, B, sc)
@@ -172,10 +175,10 @@ def seed_pipeline(batch: Batch, trace: dict | None = None):
     assign, pos = assign[pick], pos[pick]
     if trace is not None:
         trace["selected"] = tuple(x[pick] for x in sc)
-    assign, pos = local.refine_peak(batch, assign, pos)
+    assign, pos = local.refine_peak(batch, assign, pos, engine=engine)
     if trace is not None:
         trace["after_refine_peak"] = score(batch, assign, pos)
-    assign, pos = local.improve_local(batch, assign, pos, 1500)
+    assign, pos = local.improve_local(batch, assign, pos, 1500, engine)
     if trace is not None:
         trace["final"] = score(batch, assign, pos)
     return assign, pos
@@ -212,11 +215,14 @@ def compact(batch: Batch):
 
 
 @quiet_fp
-def solve_seed(batch: Batch):
+def solve_seed(batch: Batch, engine: ArrayEngine | None = None):
     """The seed pipeline on any padded batch, instances grouped by shape so that little work is
     spent on padding; returns ``assign (B, N)`` in the batch's own model and GPU slots (-1 for
-    padding) and ``pos (B, N)`` (list order)."""
-    xp = batch.xp
+    padding) and ``pos (B, N)`` (list order).  ``engine``: see
+    :class:`kvgpu.batch.array_engine.ArrayEngine` (None: the plain array code of the batch's
+    namespace)."""
+    engine = engine_for(batch, engine)
+    xp = engine.xp
     B, N, _ = batch.shape
     assign = xp.full((B, N), -1, dtype=xp.int64)
     pos = xp.full((B, N), -1, dtype=xp.int64)
@@ -227,7 +233,7 @@ def solve_seed(batch: Batch):
         idx = xp.asarray(idx)
         sub, pm, pg = compact(batch.take(idx))
         try:
-            a, p = seed_pipeline(sub)
+            a, p = seed_pipeline(sub, engine=engine)
         except NoPlacementFound as e:  # name the instances by their index in ``batch``
             bad = [int(idx[k]) for k in e.instances]
             raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) "

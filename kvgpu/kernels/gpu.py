@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 from numba import cuda
 
+from kvgpu.batch.array_engine import ArrayEngine
 from kvgpu.kernels import cpu, deltas
 from kvgpu.kernels.params import MOST_FREE
 
@@ -126,13 +127,13 @@ def choose(xp, St, Wt, loadt, kvt, Mt, M_total, n_gpus, T, policy, nmf, k, s, w)
     return g, anyfit.astype(bool)
 
 
-#: Both kernels, for :func:`kvgpu.batch.hooks.use`.
-KERNELS = {"transfers": eval_transfers, "choose": choose}
+def engine(xp) -> ArrayEngine:
+    """The batch engine on ``xp`` arrays (CuPy on a device, NumPy under the simulator) with both
+    hot steps in these kernels; pass it to :func:`kvgpu.batch.pipeline.solve_seed`."""
+    return ArrayEngine(xp, transfers=eval_transfers, choose=choose)
 
 
 def _performance_warning():
-    try:
-        from numba.core.errors import NumbaPerformanceWarning
-    except ImportError:  # pragma: no cover - very old numba
-        return Warning
-    return NumbaPerformanceWarning
+    from kvgpu.backends import performance_warning
+
+    return performance_warning()
