@@ -94,23 +94,27 @@ def device(fn):
 
     factory = _REGISTRY[id(f)][1]
     src = (factory() if factory is not None else None) or f
-    glb = dict(src.__globals__)
+    # only the names the code loads: a small namespace (the simulator scans it on every call)
+    glb = {"__builtins__": src.__globals__.get("__builtins__", __builtins__)}
     for name in _names(src.__code__):
-        callee = _py(glb.get(name))
-        if callee is not None and callee is not f:
-            glb[name] = device(callee)
+        if name not in src.__globals__:
+            continue  # an attribute name, or a builtin
+        obj = src.__globals__[name]
+        callee = _py(obj)
+        glb[name] = device(callee) if callee is not None and callee is not f else obj
     body = _pytypes.FunctionType(src.__code__, glb, src.__name__, src.__defaults__, src.__closure__)
-    got = cuda.jit(device=True)(body)
+    if config.ENABLE_CUDASIM and "cuda" not in glb:
+        got = body  # the simulator's device wrapper only swaps a ``cuda`` global: plain Python is the same, faster
+    else:
+        got = cuda.jit(device=True)(body)
     _DEVICE[id(f)] = got
     return got
 
 
 def _cuda_barrier():
-    from numba import cuda
+    from kvgpu.kernels import cuda_prims
 
-    def barrier():
-        cuda.syncthreads()
-    return barrier
+    return cuda_prims.barrier
 
 
 @kernel(inline=True, device=_cuda_barrier)
@@ -121,13 +125,9 @@ def barrier():
 
 
 def _cuda_fmul():
-    if config.ENABLE_CUDASIM:
-        return None  # the simulator runs Python: a * b already rounds once
-    from numba.cuda import libdevice
+    from kvgpu.kernels import cuda_prims
 
-    def fmul(a, b):
-        return libdevice.dmul_rn(a, b)  # rounded on its own: never contracted into an FMA
-    return fmul
+    return cuda_prims.FMUL
 
 
 def register(f, device=None):
