@@ -30,6 +30,18 @@ def _expand(batch: Batch, a, p, pm, pg):
     return assign, pos
 
 
+def compact_placement(batch: Batch, assign, pos, pm, pg):
+    """A placement in batch slots (``assign``/``pos`` (B, N), -1 for padding) in the compact ids
+    of :func:`_compacted` (``pm``, ``pg`` its model and GPU permutations): ``(a, p)`` (B, N')."""
+    inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
+    np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
+    a_orig = np.take_along_axis(assign, pm, axis=1)
+    real = np.take_along_axis(batch.model_mask, pm, axis=1)
+    a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
+    p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
+    return np.ascontiguousarray(a), np.ascontiguousarray(p)
+
+
 def _kernels(B: int, groups: list[str]) -> bool:
     """Compile (or load) what ``B`` instances need -- the instance kernels of ``groups``, and
     the parallel batch kernels beyond one instance -- saying so on a first run
@@ -103,13 +115,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
 
     arrays, pm, pg = _compacted(batch)
     B = batch.shape[0]
-    inv = np.full(batch.gpu_mem.shape, -1, np.int64)  # batch GPU slot -> compact GPU id
-    np.put_along_axis(inv, pg, np.broadcast_to(np.arange(pg.shape[1]), pg.shape), axis=1)
-    a_orig = np.take_along_axis(assign, pm, axis=1)
-    real = np.take_along_axis(batch.model_mask, pm, axis=1)
-    a = np.where(real, np.take_along_axis(inv, np.where(real, a_orig, 0), axis=1), -1)
-    p = np.where(real, np.take_along_axis(pos, pm, axis=1), -1)
-    a, p = np.ascontiguousarray(a), np.ascontiguousarray(p)
+    a, p = compact_placement(batch, assign, pos, pm, pg)
     lo = np.array(lb, dtype=float)
     groups = (["search"] if effort > 0 else []) + (["exact"] if exact_work > 0 else [])
     if _kernels(B, groups):

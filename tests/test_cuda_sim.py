@@ -28,6 +28,17 @@ def test_cuda_kernels_match_the_numpy_engine_under_the_simulator():
     assert "seed pipeline equal on 4 instances (simulator)" in out.stdout
 
 
+def test_device_kernels_make_the_numba_backends_placements_under_the_simulator():
+    """One thread block per instance (3 threads: the strided scans and their reductions) gives
+    the numba CPU backend's placements: the seed pipeline on 8 ADRS-shaped instances, the search
+    from a first-fit packing on 8 (every one of them moved); and the cuda engine's ``solve_seed``
+    / ``improve`` equal the numba engine's."""
+    out = _sim("--kernels", "8", "8", "3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("kernel parity: seed 8/8, search 8/8 (search moved 8; 3 threads a block); "
+            "cuda_engine equals numba_engine: True") in out.stdout, out.stdout
+
+
 def test_simulator_is_never_taken_for_a_device():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     out = subprocess.run([sys.executable, "-m", "kvgpu.cli", "info"], capture_output=True, text=True, env=env)
