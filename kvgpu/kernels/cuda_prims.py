@@ -1,7 +1,6 @@
 """The CUDA side of the primitives whose two targets differ (:mod:`kvgpu.kernels.jit`).
 
-Imported only when a device function is built; ``cuda`` is a module global here so that the
-CUDA simulator, which swaps that global for its own per-kernel module, runs them too.
+Imported only when a device function is built.
 """
 
 from numba import cuda
@@ -11,9 +10,19 @@ if not config.ENABLE_CUDASIM:
     from numba.cuda import libdevice
 
 
-def barrier():
-    """Every thread of the block waits for the others."""
-    cuda.syncthreads()
+if config.ENABLE_CUDASIM:
+    import threading
+
+    def barrier():
+        """Every thread of the block waits for the others.  The simulator runs a block's threads as
+        Python threads and swaps a device function's ``cuda`` global for its own module during
+        each call -- which races when threads call the same function at once -- so this calls
+        the simulated thread's barrier itself, as the simulator's ``cuda.syncthreads`` does."""
+        threading.current_thread().syncthreads()
+else:
+    def barrier():
+        """Every thread of the block waits for the others."""
+        cuda.syncthreads()
 
 
 def fmul(a, b):
