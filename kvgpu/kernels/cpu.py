@@ -595,11 +595,26 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
 
 
 @njit
-def _feasible(s, w, M, P, orders, T, assign, pos, fw, iw):
-    for v in range(7):
-        if pack_core(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], np.int64(0), assign, pos, fw, iw):
-            return True
-    return False
+def _feasible(s, w, M, P, orders, T, flags, fw, iw, tid, nt, lanes):
+    """Does one of the seven (ordering, policy) packs fit every model at ``T``?  Lane ``tid <
+    lanes`` tries every ``lanes``-th pack (stopping at its first success) in its own working
+    memory (fw (4G + 10 + 4n,), iw (7n,)); ``flags`` (lanes,) int64 collect the answers.  All
+    ``nt`` threads return the same answer -- whether any pack fits does not depend on the order."""
+    n = s.shape[0]
+    if tid < lanes:
+        ok = 0
+        for v in range(tid, 7, lanes):
+            if pack_core(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], np.int64(0), iw[:n], iw[n:2 * n], fw,
+                         iw[2 * n:]):
+                ok = 1
+                break
+        flags[tid] = ok
+    barrier()
+    any_ok = False
+    for t in range(lanes):
+        any_ok = any_ok or flags[t] == 1
+    barrier()  # every thread has read the flags before they are written again
+    return any_ok
 
 
 @njit
@@ -633,10 +648,50 @@ def search_T_core(s, w, M, P, orders, fw, iw):
 
 
 @njit
+def search_T_core(s, w, M, P, orders, fw, iw, tid, nt, lanes):
+    """``T_high`` of the seed (``-1`` if no T packs): doubling then 40 bisection steps, the packs
+    of each test shared by ``lanes`` threads (:func:`_feasible`; every thread of ``nt`` calls
+    this and gets the answer).  ``orders`` (4n,); fw (max(G + 1 + n, lanes (4G + 10 + 4n)) + 1,),
+    iw (max(3n + 2G, lanes 7n) + lanes,)."""
+    n = s.shape[0]
+    G = M.shape[0]
+    LF, LI = 4 * G + 10 + 4 * n, 7 * n
+    fbox, flags = fw[:1], iw[:lanes]
+    f_rest, i_rest = fw[1:], iw[lanes:]
+    if tid == 0:
+        fbox[0] = start_bound_core(s, w, M, f_rest, i_rest)
+    barrier()
+    lo = fbox[0]
+    f_lane, i_lane = f_rest[tid * LF:(tid + 1) * LF], i_rest[tid * LI:(tid + 1) * LI]
+    barrier()  # every thread has read the bound before the lanes reuse the memory
+    T = max(lo, 1e-9)
+    lo_known = T == lo
+    hi = -1.0
+    for _ in range(50):
+        if _feasible(s, w, M, P, orders, T, flags, f_lane, i_lane, tid, nt, lanes):
+            hi = T
+            break
+        T *= 2
+    if hi < 0:
+        return -1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if mid == hi or (mid == lo and lo_known):
+            continue  # the interval is one float wide: the answer is already known
+        if _feasible(s, w, M, P, orders, mid, flags, f_lane, i_lane, tid, nt, lanes):
+            hi = mid
+        else:
+            lo = mid
+            lo_known = True
+    return hi
+
+
+@njit
 def search_T(s, w, M, P, orders):
     """``T_high`` of the seed (CPU entry of :func:`search_T_core`; ``orders`` (4, n))."""
     n, G = s.shape[0], M.shape[0]
-    return search_T_core(s, w, M, P, orders.ravel(), np.empty(4 * G + 10 + 4 * n), np.empty(7 * n + 2 * G, np.int64))
+    return search_T_core(s, w, M, P, orders.ravel(), np.empty(4 * G + 11 + 4 * n), np.empty(7 * n + 2 * G + 1, np.int64),
+                         0, 1, 1)
 
 
 REGRET_KEEP = 32  # GPUs remembered per model by regret insertion (>= 3: one may be the argmax GPU)
@@ -1058,53 +1113,85 @@ def score_of(s, w, M, assign, pos, out):
     score_core(s, w, M, assign, pos, out, np.empty(3 * M.shape[0]), np.empty(2 * s.shape[0], np.int64))
 
 
-#: Most candidate placements of the seed: 6 factors x 3 policies x 3 orderings, regret, two
-#: memory packs (the fallback reuses the first slot).
+#: Candidate placements of the seed: 6 factors x 3 policies x 3 orderings, regret, two memory
+#: packs (the fallback reuses the first slot); slots for them.
+N_PACKED = 57
 N_CANDIDATES = 60
+#: Threads of a block that make candidate packings at once, each in its own working memory.
+PACK_LANES = 8
+
+
+@njit
+def _lane_work(n, G):
+    """``(floats, ints)`` of one lane's candidate pack (:func:`pack_core`, or a probe of
+    :func:`search_T_core` with its placement)."""
+    return 4 * G + 16 + 4 * n, 8 * n + 2 * G + 8
 
 
 @njit
 def seed_work(n, G, nt):
     """``(floats, ints)``: the working memory :func:`seed_instance_core` needs for ``n`` models,
-    ``G`` GPUs and ``nt`` threads (the largest need of its steps, on top of its own arrays)."""
+    ``G`` GPUs and ``nt`` threads (on top of its own arrays, the largest need of its steps: the
+    candidate lanes beside regret insertion's lists, or a local search)."""
     K = REGRET_KEEP
     C = N_CANDIDATES
-    tail_f = 4 * G + 16 + 4 * n + K * n + n * max(n, G)
-    tail_i = 8 * n + 3 * G + 32 + nt + K * n
-    return G + 1 + 3 * C + tail_f, 2 * C * n + C + 4 * n + 4 + tail_i
+    lanes = min(nt, PACK_LANES)
+    lf, li = _lane_work(n, G)
+    tail_f = lanes * lf + 3 * G + K * n + 3 * G + n * max(n, G) + 16
+    tail_i = lanes * li + 3 * n + K * n + 4 * n + 3 * G + 32 + nt
+    return G + 1 + 3 * C + tail_f, 2 * C * n + 2 * C + 4 * n + 4 + tail_i
 
 
 @njit
-def _candidates(s, w, M, P, orders, ca, cp, fw, iw):
+def _candidates(s, w, M, P, orders, ca, cp, okf, box, fw, iw, tid, nt, lanes):
     """The seed's candidate placements into ``ca``/``cp`` (C n,): candidate ``c`` at
-    ``[c n:(c + 1) n]``; returns how many.  Fills ``P`` (G + 1,) and ``orders`` (4n,)."""
+    ``[c n:(c + 1) n]``, in the reference's order; returns how many (every thread).  Fills ``P``
+    (G + 1,) and ``orders`` (4n,).  The first ``lanes`` threads each make every ``lanes``-th
+    candidate into its own slot (``okf`` (C,) says which packed), then thread 0 moves the
+    packed ones to the front, in order: the serial loop's result for any number of lanes."""
     n = s.shape[0]
-    mem_prefix_into(M, P, iw)
-    model_orders_into(s, w, P, orders, fw, iw)
-    nc = 0
-    T_high = search_T_core(s, w, M, P, orders, fw, iw)
-    if T_high > 0:
-        for f in range(6):
-            for policy in range(3):
-                for ordering in range(3):
-                    if pack_core(s, w, M, P, orders, T_high * T_FACTORS[f], np.int64(ordering), np.int64(policy),
-                                 np.int64(0), ca[nc * n:(nc + 1) * n], cp[nc * n:(nc + 1) * n], fw, iw):
-                        nc += 1
-    if regret_insertion_core(s, w, M, ca[nc * n:(nc + 1) * n], cp[nc * n:(nc + 1) * n], fw, iw):
-        nc += 1
-    if pack_core(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(BEST_FIT), np.int64(DUAL * n),
-                 ca[nc * n:(nc + 1) * n], cp[nc * n:(nc + 1) * n], fw, iw):
-        nc += 1
-    if pack_core(s, w, M, P, orders, 0.0, np.int64(2), np.int64(BEST_FIT), np.int64(0), ca[nc * n:(nc + 1) * n],
-                 cp[nc * n:(nc + 1) * n], fw, iw):
-        nc += 1
-    if nc == 0:
-        for q in range(3):
-            policy = BEST_FIT if q == 0 else (MOST_FREE if q == 1 else FIRST_FIT)
-            if pack_core(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(policy), np.int64(0), ca[:n], cp[:n],
-                         fw, iw):
-                return 1
-    return nc
+    G = M.shape[0]
+    if tid == 0:
+        mem_prefix_into(M, P, iw)
+        model_orders_into(s, w, P, orders, fw, iw)
+    barrier()
+    T_high = search_T_core(s, w, M, P, orders, fw, iw, tid, nt, lanes)
+    lf, li = _lane_work(n, G)
+    if tid < lanes:
+        for k in range(tid, N_PACKED, lanes):
+            a, p = ca[k * n:(k + 1) * n], cp[k * n:(k + 1) * n]
+            f_l, i_l = fw[tid * lf:(tid + 1) * lf], iw[tid * li:(tid + 1) * li]
+            if k < N_PACKED - 3:  # factor k // 9, policy (k // 3) % 3, ordering k % 3
+                ok = T_high > 0 and pack_core(s, w, M, P, orders, T_high * T_FACTORS[k // 9], np.int64(k % 3),
+                                              np.int64((k // 3) % 3), np.int64(0), a, p, f_l, i_l)
+            elif k == N_PACKED - 3:  # regret insertion's lists do not fit a lane: a region of their own
+                ok = regret_insertion_core(s, w, M, a, p, fw[lanes * lf:], iw[lanes * li:])
+            elif k == N_PACKED - 2:
+                ok = pack_core(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(BEST_FIT), np.int64(DUAL * n),
+                               a, p, f_l, i_l)
+            else:
+                ok = pack_core(s, w, M, P, orders, 0.0, np.int64(2), np.int64(BEST_FIT), np.int64(0), a, p, f_l, i_l)
+            okf[k] = ok
+    barrier()
+    if tid == 0:
+        nc = 0
+        for k in range(N_PACKED):
+            if okf[k]:
+                if k != nc:
+                    for i in range(n):
+                        ca[nc * n + i] = ca[k * n + i]
+                        cp[nc * n + i] = cp[k * n + i]
+                nc += 1
+        if nc == 0:
+            for q in range(3):
+                policy = BEST_FIT if q == 0 else (MOST_FREE if q == 1 else FIRST_FIT)
+                if pack_core(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(policy), np.int64(0), ca[:n],
+                             cp[:n], fw, iw):
+                    nc = 1
+                    break
+        box[0] = nc
+    barrier()
+    return box[0]
 
 
 @njit
@@ -1120,21 +1207,20 @@ def _same(x, a, b, n):
 def seed_instance_core(s, w, M, assign, pos, rules, rstate, fw, iw, tid, nt):
     """The seed pipeline on one instance; fills ``assign``/``pos``; False if nothing packed.
 
-    Every thread ``tid`` of ``nt`` calls it (module doc): thread 0 makes the candidate
-    placements, the threads share their local searches.  ``rules``/``rstate``: no rules
+    Every thread ``tid`` of ``nt`` calls it (module doc): up to :data:`PACK_LANES` threads make
+    the candidate placements, all share their local searches.  ``rules``/``rstate``: no rules
     (:func:`kvgpu.kernels.rules.no_rules`); fw, iw of :func:`seed_work` entries."""
     n = s.shape[0]
     G = M.shape[0]
     if n == 0:
         return True
     C = N_CANDIDATES
-    ca, cp, dup = iw[:C * n], iw[C * n:2 * C * n], iw[2 * C * n:2 * C * n + C]
-    o = 2 * C * n + C
+    ca, cp, dup, okf = iw[:C * n], iw[C * n:2 * C * n], iw[2 * C * n:2 * C * n + C], iw[2 * C * n + C:2 * C * n + 2 * C]
+    o = 2 * C * n + 2 * C
     orders, box, i_rest = iw[o:o + 4 * n], iw[o + 4 * n:o + 4 * n + 4], iw[o + 4 * n + 4:]
     P, sc, f_rest = fw[:G + 1], fw[G + 1:G + 1 + 3 * C], fw[G + 1 + 3 * C:]
+    nc = _candidates(s, w, M, P, orders, ca, cp, okf, box, f_rest, i_rest, tid, nt, min(nt, PACK_LANES))
     if tid == 0:
-        nc = _candidates(s, w, M, P, orders, ca, cp, f_rest, i_rest)
-        box[0] = nc
         for c in range(nc):  # improve_local is deterministic: an identical start gives the identical result
             dup[c] = -1
             for e in range(c):
