@@ -298,13 +298,13 @@ def _pick_overflowing(A, cap, state):
 
 
 @_inline
-def _partner(j, G, assign, s, w, T):
+def _partner(j, G, assign, s, ld):
     """The other side of an exchange in :func:`repair`'s scans: ``j < 0`` is GPU ``j + G``
     taking the models with nothing back, else model ``j`` coming back from its GPU.  Returns
-    ``(GPU, its load at T, its size, j or -1)``."""
+    ``(GPU, its load at T, its size, j or -1)``; ``ld`` (n,) the loads ``s + w / T``."""
     if j < 0:
         return j + G, 0.0, 0.0, np.int64(-1)
-    return assign[j], s[j] + w[j] / T, s[j], j
+    return assign[j], ld[j], s[j], j
 
 
 @_inline
@@ -390,37 +390,39 @@ NO_KEY = np.int64(2 ** 63 - 1)
 
 
 @njit
-def _scan_singles(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, g, og, T, F, best_F, step, salt,
+def _scan_singles(s, ld, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, g, og, F, best_F, step, salt,
                   rules, rstate, tid, nt):
     """The best move or swap of a model of GPU ``g`` (its ``m`` models ``mem[:m]``) among the
     candidates of thread ``tid`` of ``nt``: ``(delta, key, model, partner or -1, GPU)``.
-    Candidate ``k = p (n + G) + j + G``: model ``mem[p]`` and partner ``j`` (:func:`_partner`)."""
+    Candidate ``k = p (n + G) + j + G``: model ``mem[p]`` and partner ``j`` (:func:`_partner`);
+    ``ld`` (n,) the loads ``s + w / T``."""
     n = s.shape[0]
     G = S.shape[0]
     none = np.int64(-1)
     best_d, best_k, bi, bj, bh = INF, NO_KEY, none, none, none
     span = n + G
-    for k in range(tid, m * span, nt):
-        i = mem[k // span]
-        h, aj, sj, jj = _partner(k % span - G, G, assign, s, w, T)
-        if h == g:
-            continue
-        ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, s[i] + w[i] / T, s[i], aj, sj, og)
-        if not ok or d > best_d:
-            continue
-        key = _tie_key(salt, k)
-        if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, none, jj,
-                                                    none, rules, rstate):
-            best_d, best_k, bi, bj, bh = d, key, i, jj, h
+    for p in range(m):  # candidate k = p span + r, r = j + G; this thread's are k = tid (mod nt)
+        i = mem[p]
+        for r in range((tid - p * span) % nt, span, nt):
+            h, aj, sj, jj = _partner(r - G, G, assign, s, ld)
+            if h == g:
+                continue
+            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ld[i], s[i], aj, sj, og)
+            if not ok or d > best_d:
+                continue
+            key = _tie_key(salt, p * span + r)
+            if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, none, jj,
+                                                        none, rules, rstate):
+                best_d, best_k, bi, bj, bh = d, key, i, jj, h
     return best_d, best_k, bi, bj, bh
 
 
 @njit
-def _scan_pairs(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, lst, start, g, og, T, F, best_F,
+def _scan_pairs(s, ld, wT, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, lst, start, g, og, F, best_F,
                 step, salt, rules, rstate, tid, nt):
     """The best two-for-one (or two-for-none) and one-for-two exchange of GPU ``g`` among the
-    candidates of thread ``tid`` of ``nt`` (``lst``/``start``: models by GPU):
-    ``(delta, key, x1, x2, y1, y2, GPU, evaluations)``."""
+    candidates of thread ``tid`` of ``nt`` (``lst``/``start``: models by GPU; ``ld``, ``wT``
+    (n,): ``s + w / T`` and ``w / T``): ``(delta, key, x1, x2, y1, y2, GPU, evaluations)``."""
     n = s.shape[0]
     G = S.shape[0]
     none = np.int64(-1)
@@ -434,10 +436,10 @@ def _scan_pairs(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m
         if q <= p:
             continue
         i, i2 = mem[p], mem[q]
-        aX = s[i] + w[i] / T + s[i2] + w[i2] / T
+        aX = ld[i] + s[i2] + wT[i2]  # = s[i] + w[i] / T + s[i2] + w[i2] / T, summed in that order
         sX = s[i] + s[i2]
         for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
-            h, aj, sj, jj = _partner(j, G, assign, s, w, T)
+            h, aj, sj, jj = _partner(j, G, assign, s, ld)
             if h == g:
                 continue
             evals += 1
@@ -454,12 +456,11 @@ def _scan_pairs(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m
         h = assign[j]
         if h == g:
             continue
-        ai = s[i] + w[i] / T
         for v in range(u + 1, start[h + 1]):
             j2 = lst[v]
-            aY = s[j] + w[j] / T + s[j2] + w[j2] / T
+            aY = ld[j] + s[j2] + wT[j2]
             evals += 1
-            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aY, s[j] + s[j2], og)
+            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ld[i], s[i], aY, s[j] + s[j2], og)
             if not ok or d > best_d:
                 continue
             key = _tie_key(salt, base2 + k * n + v)
@@ -469,7 +470,7 @@ def _scan_pairs(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m
     return best_d, best_k, bi, bi2, bj, bj2, bh, evals
 
 
-@njit
+@_inline
 def _put(red_f, red_i, t, d, key, x1, x2, y1, y2, h, evals):
     """Thread ``t``'s best exchange into the reduction arrays (see :data:`RED`)."""
     red_f[t] = d
@@ -478,7 +479,7 @@ def _put(red_f, red_i, t, d, key, x1, x2, y1, y2, h, evals):
     red_i[o + 5], red_i[o + 6] = h, evals
 
 
-@njit
+@_inline
 def _reduce(red_f, red_i, nt, d, key, x1, x2, y1, y2, h):
     """The least ``(delta, key)`` of the threads' bests and ``(d, key, ...)``, and the total
     evaluations: ``(d, key, x1, x2, y1, y2, h, evaluations)``."""
@@ -513,13 +514,14 @@ def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, f
     ``rules`` (:mod:`kvgpu.kernels.rules`; ``rstate``, their bookkeeping of ``assign``, is
     updated).  ``scratch = (tabu_gpu, tabu_until, mem, lst)`` (n,) int64, ``(S, W, A, wgt, cap,
     mfit)`` (G,) float64, ``start`` (G + 1,) int64 and ``ident`` = ``arange(n)``
-    (:func:`new_scratch`); fw (nt + 2,), iw (8 + RED nt,) for the threads' reductions.
+    (:func:`new_scratch`); fw (nt + 2 + 2n,), iw (8 + RED nt,) for the models' loads at ``T``
+    and the threads' reductions.
     """
     n = s.shape[0]
     G = M.shape[0]
     tabu_gpu, tabu_until, mem, lst, S, W, A, wgt, cap, mfit, start, ident = scratch
     box, red_i = iw[:8], iw[8:8 + RED * nt]
-    red_f, fbox = fw[:nt], fw[nt:nt + 2]
+    red_f, fbox, ld, wT = fw[:nt], fw[nt:nt + 2], fw[nt + 2:nt + 2 + n], fw[nt + 2 + n:nt + 2 + 2 * n]
     none = np.int64(-1)
     stamp = 0
     step = 0
@@ -532,6 +534,8 @@ def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, f
             S[assign[i]] += s[i]
             W[assign[i]] += w[i]
             tabu_until[i] = -1
+            wT[i] = w[i] / T
+            ld[i] = s[i] + wT[i]  # a model's load at T, as s[i] + w[i] / T
         for g in range(G):
             cap[g] = _cap(M, g)
             mfit[g] = M[g] + fmul(EPS, mem_unit(M[g]))
@@ -560,7 +564,7 @@ def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, f
             return res
         m, salt, stp, Fs, bFs = box[1], box[2], box[3], fbox[0], fbox[1]
         og = overflow(A[g], cap[g])
-        d, key, x1, y1, h = _scan_singles(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, g, og, T,
+        d, key, x1, y1, h = _scan_singles(s, ld, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, g, og,
                                           Fs, bFs, stp, salt, rules, rstate, tid, nt)
         _put(red_f, red_i, tid, d, key, x1, none, y1, none, h, 0)
         barrier()
@@ -575,8 +579,9 @@ def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, f
         barrier()
         pair_evals = 0
         if box[4]:
-            d, key, x1, x2, y1, y2, h, ev = _scan_pairs(s, w, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m,
-                                                        lst, start, g, og, T, Fs, bFs, stp, salt, rules, rstate, tid, nt)
+            d, key, x1, x2, y1, y2, h, ev = _scan_pairs(s, ld, wT, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until,
+                                                        mem, m, lst, start, g, og, Fs, bFs, stp, salt, rules, rstate,
+                                                        tid, nt)
             _put(red_f, red_i, tid, d, key, x1, x2, y1, y2, h, ev)
             barrier()
             if tid == 0:
@@ -613,7 +618,7 @@ def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, f
 @njit
 def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
     """Try to bring every GPU to KVPR <= ``T`` (CPU entry of :func:`repair_core`)."""
-    return repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, np.empty(3),
+    return repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, np.empty(3 + 2 * s.shape[0]),
                        np.empty(8 + RED, np.int64), 0, 1)
 
 
@@ -707,7 +712,7 @@ def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, start_sc, sc,
 def improve_work(n, G, nt):
     """``(floats, ints)``: the working memory :func:`improve_instance_core` needs for ``n``
     models, ``G`` GPUs and ``nt`` threads."""
-    tail_f = 3 * G + 4 + n * max(n, G) + nt + 2
+    tail_f = 3 * G + 4 + n * max(n, G) + nt + 2 + 2 * n
     tail_i = 6 * n + 2 * G + 32 + RED * nt
     return 10 + 6 * G + tail_f, 9 * n + G + 5 + tail_i
 
