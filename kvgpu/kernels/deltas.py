@@ -75,7 +75,8 @@ def fmul(a, b):
 def fits(S_after, M):
     """Memory rule with the seed's slack: ``S' <= M + EPS`` (relative below 1 GB, see
     :func:`mem_unit`; scalars or arrays)."""
-    return S_after <= M + fmul(EPS, (M < 1.0) * M + (M >= 1.0) * 1.0)  # mem_unit, inlined for numba
+    # mem_unit, inlined for numba; its products by 0 or 1 are exact, so a fused add rounds alike
+    return S_after <= M + fmul(EPS, (M < 1.0) * M + (M >= 1.0) * 1.0)
 
 
 #: Relative tolerance of the score comparison: two terms closer than this are equal, so the

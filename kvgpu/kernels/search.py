@@ -936,7 +936,7 @@ def polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw):
         work += (c0 + c1) * (n + G)
         if work > POLISH_SCANS:
             return
-        pair_work = fmul((c0 * c0 + c1 * c1) / 2.0, n) + (c0 + c1) * sq / 2.0
+        pair_work = fmul((c0 * c0 + c1 * c1) / 2.0, n) + fmul(fmul(c0 + c1, sq), 0.5)  # x / 2 exactly, unfused
         b1, b2 = v[0], v[1]
         bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
         bk, bnode = -1, -1
