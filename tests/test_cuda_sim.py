@@ -18,8 +18,15 @@ import pytest
 from kvgpu import backends
 
 ROOT = Path(__file__).resolve().parent.parent
+SIM_CHECK = ROOT / "tests" / "cuda" / "sim_check.py"
 LAST = re.compile(r"gpu-check: seed parity (\d+)/(\d+), search parity (\d+)/(\d+), host syncs per solve_batch call "
                   r"(\d+), kernel launches per call (\d+)")
+
+
+def _sim(*args):
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    return subprocess.run([sys.executable, str(SIM_CHECK), *args], capture_output=True, text=True, env=env,
+                          timeout=1200)
 
 
 def test_gpu_check_simulated_end_to_end(tmp_path):
@@ -41,6 +48,17 @@ def test_gpu_check_simulated_end_to_end(tmp_path):
     assert R == S  # 0/0 until the cuda engine has improve(), then every instance equal
     assert H > 0 and L > 0  # the stand-in saw the path's syncs and the simulator its launches
     assert (tmp_path / "gpu_check_simulated.txt").read_text().strip().splitlines()[-1] == last
+
+
+def test_device_kernels_make_the_numba_backends_placements_under_the_simulator():
+    """One thread block per instance (3 threads: the strided scans and their reductions) gives
+    the numba CPU backend's placements: the seed pipeline on 8 ADRS-shaped instances, the search
+    from a first-fit packing on 8 (every one of them moved); and the cuda engine's ``solve_seed``
+    / ``improve`` equal the numba engine's."""
+    out = _sim("--kernels", "8", "8", "3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("kernel parity: seed 8/8, search 8/8 (search moved 8; 3 threads a block); "
+            "cuda_engine equals numba_engine: True") in out.stdout, out.stdout
 
 
 def test_simulator_is_never_taken_for_a_device():

@@ -9,6 +9,15 @@ decisions.  Compiled code is cached on disk (``cache=True``).
 Conventions inside the kernels (one instance): ``s``, ``w`` (n,) sizes and demands, ``M`` (G,)
 memories; a placement is ``assign`` (n,) GPU ids and ``pos`` (n,) insertion stamps (a GPU's list
 order is its models sorted by stamp); ``S``, ``W`` (G,) per-GPU size and demand.
+
+One source, two targets: the ``*_core`` functions allocate nothing -- their working memory is
+``fw`` (float64) and ``iw`` (int64), flat arrays of at least :func:`seed_work` entries, each
+function taking a prefix for itself and handing the rest to its callees -- and use no NumPy
+sorts, no exceptions and no recursion, so :func:`kvgpu.kernels.jit.device` compiles them as CUDA
+device functions too.  A core run by the ``nt`` threads of a CUDA block is called by every
+thread with its index ``tid``: the threads share the scans of :func:`improve_local_core` and
+thread 0 takes every other step, between barriers; the CPU calls it with ``(0, 1)``.  The
+functions without ``_core`` are the CPU entry points: they allocate and call the core.
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ import math
 import numpy as np
 from numba import prange
 
-from kvgpu.kernels.jit import kernel
+from kvgpu.kernels.jit import barrier, kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.sorting import argsort_into, argsort_stable, sorted_desc
+from kvgpu.kernels.deltas import fmul
+from kvgpu.kernels.sorting import argsort_into
 from kvgpu.kernels.rules import new_state, no_rules, restricted, transfer_apply, transfer_check
 
 _jit = kernel(inline=True)
@@ -63,10 +73,10 @@ def _before(k0, k1, k2, i, j):
 
 
 @njit
-def sort_desc(idx, k0, k1, k2):
-    """``idx`` sorted by ``(k0, k1, k2)[idx]`` descending, stable (keys indexed by model).
-    Short lists use an allocation-free insertion sort, long ones three stable argsorts."""
-    out = idx.copy()
+def sort_desc_inplace(out, k0, k1, k2, fw, iw):
+    """Sort the model ids ``out`` (m,) in place by ``(k0, k1, k2)[out]`` descending, stable
+    (keys indexed by model).  Short lists by an insertion sort, long ones by three stable
+    merge sorts.  ``out`` may be a view of the list being reordered; fw (m,), iw (3m,)."""
     n = out.shape[0]
     if n <= 48:
         for a in range(1, n):
@@ -76,31 +86,61 @@ def sort_desc(idx, k0, k1, k2):
                 out[b] = out[b - 1]
                 b -= 1
             out[b] = x
-        return out
-    for key in (k2, k1, k0):
-        vals = np.empty(n)
+        return
+    vals = fw[:n]
+    perm, tmp, cp = iw[:n], iw[n:2 * n], iw[2 * n:3 * n]
+    for r in range(3):  # least significant key first: stable sorts compose
+        key = k2 if r == 0 else (k1 if r == 1 else k0)
         for j in range(n):
             vals[j] = -key[out[j]]
-        out = out[argsort_stable(vals)]
+        argsort_into(vals, perm, tmp)
+        for j in range(n):
+            cp[j] = out[perm[j]]
+        for j in range(n):
+            out[j] = cp[j]
+
+
+@njit
+def sort_desc(idx, k0, k1, k2):
+    """``idx`` sorted by ``(k0, k1, k2)[idx]`` descending, stable (a new array; CPU entry of
+    :func:`sort_desc_inplace`)."""
+    n = idx.shape[0]
+    out = idx.copy()
+    sort_desc_inplace(out, k0, k1, k2, np.empty(n), np.empty(3 * n, np.int64))
     return out
 
 
 @njit
+def mem_prefix_into(M, P, iw):
+    """``P`` (G + 1,) = sums of the ``k`` largest GPU memories, ``k = 0..G`` (GB); iw (2G,)."""
+    G = M.shape[0]
+    idx = iw[:G]
+    argsort_into(M, idx, iw[G:2 * G])
+    P[0] = 0.0
+    for k in range(G):
+        P[k + 1] = P[k] + M[idx[G - 1 - k]]
+
+
+@njit
 def mem_prefix(M):
-    """(G + 1,) sums of the ``k`` largest GPU memories, ``k = 0..G`` (GB)."""
-    srt = sorted_desc(M)
-    P = np.zeros(M.shape[0] + 1)
-    for k in range(M.shape[0]):
-        P[k + 1] = P[k] + srt[k]
+    """(G + 1,) sums of the ``k`` largest GPU memories (CPU entry of :func:`mem_prefix_into`)."""
+    P = np.empty(M.shape[0] + 1)
+    mem_prefix_into(M, P, np.empty(2 * M.shape[0], np.int64))
     return P
 
 
 @njit
-def kvprs(S, W, M):
-    """(G,) KVPR of each GPU from its size ``S``, demand ``W`` and memory ``M`` (G,)."""
-    kv = np.empty(S.shape[0])
+def kvprs_into(S, W, M, kv):
+    """``kv`` (G,) = KVPR of each GPU from its size ``S``, demand ``W`` and memory ``M`` (G,)."""
     for g in range(S.shape[0]):
         kv[g] = safe_div(W[g], M[g] - S[g])
+
+
+@njit
+def kvprs(S, W, M):
+    """(G,) KVPR of each GPU (a new array; see :func:`kvprs_into`)."""
+    kv = np.empty(S.shape[0])
+    kvprs_into(S, W, M, kv)
     return kv
 
 
@@ -156,15 +196,38 @@ def lex_less(a, b, n):
 
 
 @njit
-def list_loads(assign, pos, s, w, G):
-    """S, W summed in each GPU's list order (stamp order), as the reference sums its lists."""
-    S = np.zeros(G)
-    W = np.zeros(G)
-    for i in argsort_stable(pos):
+def list_loads_into(assign, pos, s, w, S, W, order, tmp):
+    """``S``, ``W`` (G,) summed in each GPU's list order (stamp order), as the reference sums
+    its lists; ``order`` (n,) int64 receives that order (the stable argsort of ``pos``), ``tmp``
+    (n,) int64 is working memory."""
+    for g in range(S.shape[0]):
+        S[g] = 0.0
+        W[g] = 0.0
+    argsort_into(pos, order, tmp)
+    for k in range(order.shape[0]):
+        i = order[k]
         if assign[i] >= 0:
             S[assign[i]] += s[i]
             W[assign[i]] += w[i]
+
+
+@njit
+def list_loads(assign, pos, s, w, G):
+    """S, W (G,) summed in each GPU's list order (new arrays; see :func:`list_loads_into`)."""
+    S = np.empty(G)
+    W = np.empty(G)
+    n = assign.shape[0]
+    list_loads_into(assign, pos, s, w, S, W, np.empty(n, np.int64), np.empty(n, np.int64))
     return S, W
+
+
+@njit
+def next_stamp(pos):
+    """The stamp after the newest of ``pos`` (n,) (0 for no models)."""
+    top = -1
+    for i in range(pos.shape[0]):
+        top = max(top, pos[i])
+    return top + 1
 
 
 @njit
@@ -274,7 +337,8 @@ def _kprefix(s, w, order, P, k_max):
     for k in range(1, k_max + 1):
         ts = 0.0
         tw = 0.0
-        for i in order:
+        for q in range(order.shape[0]):
+            i = order[q]
             ts += s[i]
             tw += w[i]
             if ts > P[k - 1]:
@@ -289,19 +353,26 @@ def _kprefix(s, w, order, P, k_max):
 @njit
 def _individual(s, w, idx, m_max):
     best = 0.0
-    for i in idx:
+    for q in range(idx.shape[0]):
+        i = idx[q]
         best = max(best, _div(w[i], m_max - s[i]))
     return best
 
 
 @njit
-def start_bound(s, w, M):
-    """The seed's ``low_T`` (see :func:`kvgpu.bounds.seed_start_bound`)."""
+def start_bound_core(s, w, M, fw, iw):
+    """The seed's ``low_T`` (see :func:`kvgpu.bounds.seed_start_bound`); fw (G + 1 + n,),
+    iw (3n + 2G,)."""
     G = M.shape[0]
     n = s.shape[0]
-    P = mem_prefix(M)
-    idx = np.arange(n)
-    order = argsort_stable(-s)
+    P = fw[:G + 1]
+    neg = fw[G + 1:G + 1 + n]
+    order, idx = iw[:n], iw[n:2 * n]
+    mem_prefix_into(M, P, iw[2 * n:])
+    for i in range(n):
+        neg[i] = -s[i]
+        idx[i] = i
+    argsort_into(neg, order, iw[2 * n:3 * n])
     tw = 0.0
     ts = 0.0
     for i in range(n):
@@ -316,15 +387,27 @@ def start_bound(s, w, M):
 
 
 @njit
-def _retune_bound(s, w, P, G, remaining, placed_size, first):
+def start_bound(s, w, M):
+    """The seed's ``low_T`` (CPU entry of :func:`start_bound_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    return start_bound_core(s, w, M, np.empty(G + 1 + n), np.empty(3 * n + 2 * G, np.int64))
+
+
+@njit
+def _retune_bound(s, w, P, G, remaining, placed_size, first, fw, iw):
+    """fw (m,), iw (4m,) for the ``m`` remaining models."""
     tw = 0.0
     ts = 0.0
-    for i in remaining:
-        tw += w[i]
-        ts += s[i]
+    for q in range(remaining.shape[0]):
+        tw += w[remaining[q]]
+        ts += s[remaining[q]]
     b = max(_individual(s, w, remaining, P[1]), _div(tw, P[G] - placed_size - ts))
     if first:
-        order = sort_desc(remaining, s, s, s)  # by size, largest first, stable
+        m = remaining.shape[0]
+        order = iw[:m]
+        for q in range(m):
+            order[q] = remaining[q]
+        sort_desc_inplace(order, s, s, s, fw, iw[m:])  # by size, largest first, stable
         b = max(b, _pair(s, w, order, P, N_PAIR))
         b = max(b, _kprefix(s, w, order, P, min(G, params.K_PREFIX_RETUNE)))
     return b
@@ -333,39 +416,48 @@ def _retune_bound(s, w, P, G, remaining, placed_size, first):
 # ----------------------------------------------------------------------------- packing
 
 @njit
-def _order_keys(s, w, T, m_max, ordering):
-    n = s.shape[0]
-    k0 = np.empty(n)
-    k1 = np.empty(n)
-    k2 = np.zeros(n)
-    for i in range(n):
+def _order_keys(s, w, T, m_max, ordering, k0, k1, k2):
+    """The sort keys of model ordering ``ordering`` into ``k0``, ``k1``, ``k2`` (n,)."""
+    for i in range(s.shape[0]):
+        k2[i] = 0.0
         if ordering == 0:
-            k0[i], k1[i], k2[i] = w[i] + T * s[i], w[i], s[i]
+            k0[i], k1[i], k2[i] = w[i] + fmul(T, s[i]), w[i], s[i]
         elif ordering == 1:
             k0[i], k1[i] = safe_div(w[i], m_max - s[i]), s[i]
         elif ordering == 2:
             k0[i], k1[i] = safe_div(w[i], s[i]), w[i]
         else:
             k0[i], k1[i] = s[i], w[i]
-    return k0, k1, k2
+
+
+@njit
+def model_orders_into(s, w, P, orders, fw, iw):
+    """The T-independent model orderings 1, 2, 3 into ``orders`` (4n,) int64, ordering ``o`` at
+    ``orders[o n:(o + 1) n]`` (row 0 is filled per pack: it depends on T); fw (4n,), iw (3n,)."""
+    n = s.shape[0]
+    k0, k1, k2 = fw[:n], fw[n:2 * n], fw[2 * n:3 * n]
+    for o in range(1, 4):
+        _order_keys(s, w, 0.0, P[1], o, k0, k1, k2)
+        row = orders[o * n:(o + 1) * n]
+        for i in range(n):
+            row[i] = i
+        sort_desc_inplace(row, k0, k1, k2, fw[3 * n:], iw)
 
 
 @njit
 def model_orders(s, w, P):
-    """The T-independent model orderings 1, 2, 3 (row 0 is filled per pack, it depends on T)."""
+    """(4, n) the orderings of :func:`model_orders_into` (CPU entry)."""
     n = s.shape[0]
-    out = np.empty((4, n), np.int64)
-    for o in range(1, 4):
-        k0, k1, k2 = _order_keys(s, w, 0.0, P[1], o)
-        out[o] = sort_desc(np.arange(n), k0, k1, k2)
-    return out
+    out = np.zeros(4 * n, np.int64)
+    model_orders_into(s, w, P, out, np.empty(4 * n), np.empty(3 * n, np.int64))
+    return out.reshape((4, n))
 
 
 @njit
 def _sum(x):
     tot = 0.0
-    for v in x:
-        tot += v
+    for k in range(x.shape[0]):
+        tot += x[k]
     return tot
 
 
@@ -387,7 +479,8 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
         mean_kv /= G
         var = 0.0
         for g in range(G):
-            var += (kv[g] - mean_kv) ** 2
+            dv = kv[g] - mean_kv
+            var += fmul(dv, dv)
         var /= G
         a = 0.25 if var < 0.02 * Tf * Tf else 0.15
         sumS = 0.0
@@ -399,7 +492,7 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
     for g in range(G):
         if not fits(S[g] + si, M[g]):
             continue
-        resid = T * M[g] - (load[g] + wi + T * si)
+        resid = fmul(T, M[g]) - (load[g] + wi + fmul(T, si))
         if parametric and resid < -EPS:
             continue
         free_after = M[g] - (S[g] + si)
@@ -420,7 +513,7 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
                     key[0], key[1], key[2], key[3] = newmax, newlocal, resid, -free_after
                     nk = 4
                 else:
-                    J = newmax / Tf + a * newlocal / Tf + 0.05 * abs((S[g] + si) / M[g] - mean_frac)
+                    J = newmax / Tf + a * newlocal / Tf + fmul(0.05, abs((S[g] + si) / M[g] - mean_frac))
                     key[0], key[1], key[2], key[3], key[4] = J, newmax, newlocal, resid, -free_after
                     nk = 5
         if best_g < 0 or lex_less(key, best, nk):
@@ -431,25 +524,33 @@ def choose_gpu(S, W, load, kv, M, M_total, si, wi, T, pol, parametric, key, best
 
 
 @njit
-def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
+def pack_core(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos, fw, iw):
     """One pack (see :func:`kvgpu.reference.pack` and ``memory_pack``); fills ``assign``/``pos``
     and returns whether every model found a GPU.  ``P`` is :func:`mem_prefix` of ``M`` and
-    ``orders`` comes from :func:`model_orders` (both computed once per instance)."""
+    ``orders`` (4n,) comes from :func:`model_orders_into` (both computed once per instance).
+    fw (4G + 10 + 4n,), iw (5n,)."""
     n = s.shape[0]
     G = M.shape[0]
     m_max = P[1]
     M_total = _sum(M)
+    S, W, load, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G], fw[3 * G:4 * G]
+    key, best = fw[4 * G:4 * G + 5], fw[4 * G + 5:4 * G + 10]
+    k0, k1, k2 = fw[4 * G + 10:4 * G + 10 + n], fw[4 * G + 10 + n:4 * G + 10 + 2 * n], fw[4 * G + 10 + 2 * n:4 * G + 10 + 3 * n]
+    f_rest = fw[4 * G + 10 + 3 * n:]
+    i_rest = iw[n:]
     if ordering == 0:
-        k0, k1, k2 = _order_keys(s, w, T, m_max, 0)
-        order = sort_desc(np.arange(n), k0, k1, k2)
+        order = iw[:n]
+        _order_keys(s, w, T, m_max, 0, k0, k1, k2)
+        for i in range(n):
+            order[i] = i
+        sort_desc_inplace(order, k0, k1, k2, f_rest, i_rest)
     else:
-        order = orders[ordering]  # only ordering 0 is re-sorted in place
-    S = np.zeros(G)
-    W = np.zeros(G)
-    load = np.zeros(G)
-    kv = np.zeros(G)
-    key = np.empty(5)
-    best = np.empty(5)
+        order = orders[ordering * n:(ordering + 1) * n]  # only ordering 0 is re-sorted in place
+    for g in range(G):
+        S[g] = 0.0
+        W[g] = 0.0
+        load[g] = 0.0
+        kv[g] = 0.0
     parametric = policy < MOST_FREE
     r1 = max(1, int(R1 * n))
     r2 = max(1, int(R2 * n))
@@ -465,7 +566,7 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
         pos[i] = k
         S[g] += si
         W[g] += wi
-        load[g] += wi + T * si
+        load[g] += wi + fmul(T, si)
         kv[g] = safe_div(W[g], M[g] - S[g])
         if parametric and k + 1 < n:
             for r in range(2):
@@ -474,37 +575,70 @@ def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
                     for h in range(G):
                         placed += S[h]
                     rem = order[k + 1:]
-                    new_T = max(T, _retune_bound(s, w, P, G, rem, placed, r == 0))
+                    new_T = max(T, _retune_bound(s, w, P, G, rem, placed, r == 0, f_rest, i_rest))
                     if new_T > T + EPS:
                         T = new_T
                         for h in range(G):
-                            load[h] = W[h] + T * S[h]
+                            load[h] = W[h] + fmul(T, S[h])
                         if ordering == 0 and r == 0:
-                            q0, q1, q2 = _order_keys(s, w, T, m_max, 0)
-                            order[k + 1:] = sort_desc(rem, q0, q1, q2)
+                            _order_keys(s, w, T, m_max, 0, k0, k1, k2)
+                            sort_desc_inplace(rem, k0, k1, k2, f_rest, i_rest)
     return True
 
 
 @njit
-def _feasible(s, w, M, P, orders, T, assign, pos):
-    for v in range(7):
-        if pack(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], np.int64(0), assign, pos):
-            return True
-    return False
+def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
+    """One pack (CPU entry of :func:`pack_core`; ``orders`` (4, n) from :func:`model_orders`)."""
+    n, G = s.shape[0], M.shape[0]
+    return pack_core(s, w, M, P, orders.ravel(), T, ordering, policy, n_most_free, assign, pos,
+                     np.empty(4 * G + 10 + 4 * n), np.empty(5 * n, np.int64))
 
 
 @njit
-def search_T(s, w, M, P, orders):
-    """``T_high`` of the seed (``-1`` if no T packs): doubling then 40 bisection steps."""
+def _feasible(s, w, M, P, orders, T, flags, fw, iw, tid, nt, lanes):
+    """Does one of the seven (ordering, policy) packs fit every model at ``T``?  Lane ``tid <
+    lanes`` tries every ``lanes``-th pack (stopping at its first success) in its own working
+    memory (fw (4G + 10 + 4n,), iw (7n,)); ``flags`` (lanes,) int64 collect the answers.  All
+    ``nt`` threads return the same answer -- whether any pack fits does not depend on the order."""
     n = s.shape[0]
-    assign = np.empty(n, np.int64)
-    pos = np.empty(n, np.int64)
-    lo = start_bound(s, w, M)
+    if tid < lanes:
+        ok = 0
+        for v in range(tid, 7, lanes):
+            if pack_core(s, w, M, P, orders, T, FEAS_ORDERING[v], FEAS_POLICY[v], np.int64(0), iw[:n], iw[n:2 * n], fw,
+                         iw[2 * n:]):
+                ok = 1
+                break
+        flags[tid] = ok
+    barrier()
+    any_ok = False
+    for t in range(lanes):
+        any_ok = any_ok or flags[t] == 1
+    barrier()  # every thread has read the flags before they are written again
+    return any_ok
+
+
+@njit
+def search_T_core(s, w, M, P, orders, fw, iw, tid, nt, lanes):
+    """``T_high`` of the seed (``-1`` if no T packs): doubling then 40 bisection steps, the packs
+    of each test shared by ``lanes`` threads (:func:`_feasible`; every thread of ``nt`` calls
+    this and gets the answer).  ``orders`` (4n,); fw (max(G + 1 + n, lanes (4G + 10 + 4n)) + 1,),
+    iw (max(3n + 2G, lanes 7n) + lanes,)."""
+    n = s.shape[0]
+    G = M.shape[0]
+    LF, LI = 4 * G + 10 + 4 * n, 7 * n
+    fbox, flags = fw[:1], iw[:lanes]
+    f_rest, i_rest = fw[1:], iw[lanes:]
+    if tid == 0:
+        fbox[0] = start_bound_core(s, w, M, f_rest, i_rest)
+    barrier()
+    lo = fbox[0]
+    f_lane, i_lane = f_rest[tid * LF:(tid + 1) * LF], i_rest[tid * LI:(tid + 1) * LI]
+    barrier()  # every thread has read the bound before the lanes reuse the memory
     T = max(lo, 1e-9)
     lo_known = T == lo
     hi = -1.0
     for _ in range(50):
-        if _feasible(s, w, M, P, orders, T, assign, pos):
+        if _feasible(s, w, M, P, orders, T, flags, f_lane, i_lane, tid, nt, lanes):
             hi = T
             break
         T *= 2
@@ -514,12 +648,20 @@ def search_T(s, w, M, P, orders):
         mid = (lo + hi) / 2
         if mid == hi or (mid == lo and lo_known):
             continue  # the interval is one float wide: the answer is already known
-        if _feasible(s, w, M, P, orders, mid, assign, pos):
+        if _feasible(s, w, M, P, orders, mid, flags, f_lane, i_lane, tid, nt, lanes):
             hi = mid
         else:
             lo = mid
             lo_known = True
     return hi
+
+
+@njit
+def search_T(s, w, M, P, orders):
+    """``T_high`` of the seed (CPU entry of :func:`search_T_core`; ``orders`` (4, n))."""
+    n, G = s.shape[0], M.shape[0]
+    return search_T_core(s, w, M, P, orders.ravel(), np.empty(4 * G + 11 + 4 * n), np.empty(7 * n + 2 * G + 1, np.int64),
+                         0, 1, 1)
 
 
 REGRET_KEEP = 32  # GPUs remembered per model by regret insertion (>= 3: one may be the argmax GPU)
@@ -536,19 +678,21 @@ def _newlocal(s, w, M, S, W, i, g):
 @njit
 def _keep_insert(lg, lv, i, cnt, g, nl):
     """Insert ``(nl, g)`` into model ``i``'s ascending list (ties: smaller g first) of length
-    ``cnt``, dropping the last entry when full; returns the new length."""
-    K = lg.shape[1]
+    ``cnt``, dropping the last entry when full; returns the new length.  Model ``i``'s list is
+    ``lg``/``lv[i K:(i + 1) K]``, ``K = REGRET_KEEP``."""
+    K = REGRET_KEEP
+    o = i * K
     p = cnt
-    while p > 0 and (lv[i, p - 1] > nl or (lv[i, p - 1] == nl and lg[i, p - 1] > g)):
+    while p > 0 and (lv[o + p - 1] > nl or (lv[o + p - 1] == nl and lg[o + p - 1] > g)):
         p -= 1
     if p >= K:
         return cnt
     last = min(cnt, K - 1)
     for q in range(last, p, -1):
-        lg[i, q] = lg[i, q - 1]
-        lv[i, q] = lv[i, q - 1]
-    lg[i, p] = g
-    lv[i, p] = nl
+        lg[o + q] = lg[o + q - 1]
+        lv[o + q] = lv[o + q - 1]
+    lg[o + p] = g
+    lv[o + p] = nl
     return min(cnt + 1, K)
 
 
@@ -563,29 +707,33 @@ def _rescan(s, w, M, S, W, lg, lv, i):
         if nl == nl:  # fits
             n_fit += 1
             cnt = _keep_insert(lg, lv, i, cnt, g, nl)
-    return cnt, n_fit <= lg.shape[1]
+    return cnt, n_fit <= REGRET_KEEP
 
 
 @njit
-def regret_insertion(s, w, M, assign, pos):
+def regret_insertion_core(s, w, M, assign, pos, fw, iw):
     """Regret insertion (see :func:`kvgpu.reference.regret_insertion`) in O(N^2 + N G) rather than
     O(N^2 G): a GPU's resulting max KVPR is ``max(newlocal, max over the other GPUs)``, so for
     every GPU except the current argmax the order by (newmax, newlocal, id) is the order by
     (newlocal, id).  Each model therefore remembers its few smallest ``(newlocal, g)``; a placement
     changes only the receiving GPU's entries (O(1) per model) and a model's list is rebuilt only
-    when fewer than three entries remain known.  Decisions equal the reference's."""
+    when fewer than three entries remain known.  Decisions equal the reference's.
+    fw (3G + K n,), iw (3n + K n,), ``K = REGRET_KEEP``."""
     n = s.shape[0]
     G = M.shape[0]
-    S = np.zeros(G)
-    W = np.zeros(G)
-    kv = np.zeros(G)
-    placed = np.zeros(n, np.bool_)
-    lg = np.empty((n, REGRET_KEEP), np.int64)
-    lv = np.empty((n, REGRET_KEEP))
-    cnt = np.zeros(n, np.int64)
-    all_in = np.zeros(n, np.bool_)
+    K = REGRET_KEEP
+    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
+    lv = fw[3 * G:3 * G + K * n]
+    placed, cnt, all_in = iw[:n], iw[n:2 * n], iw[2 * n:3 * n]
+    lg = iw[3 * n:3 * n + K * n]
+    for g in range(G):
+        S[g] = 0.0
+        W[g] = 0.0
+        kv[g] = 0.0
     for i in range(n):
-        cnt[i], all_in[i] = _rescan(s, w, M, S, W, lg, lv, i)
+        placed[i] = 0
+        c, a = _rescan(s, w, M, S, W, lg, lv, i)
+        cnt[i], all_in[i] = c, a
     for k in range(n):
         v0, i0, v1, i1, v2, i2 = top3(kv)
         other_top = v1 if i1 >= 0 else -INF  # max over GPUs other than i0
@@ -600,7 +748,7 @@ def regret_insertion(s, w, M, assign, pos):
             taken = 0
             for q in range(cnt[i] + 1):
                 if q < cnt[i]:
-                    g, nl = lg[i, q], lv[i, q]
+                    g, nl = lg[i * K + q], lv[i * K + q]
                     if g == i0:
                         continue
                     if taken == 2:
@@ -626,7 +774,7 @@ def regret_insertion(s, w, M, assign, pos):
                 pick, pick_g, best_regret, best_newmax = i, g1, regret, m1
         if pick < 0:
             return False
-        placed[pick] = True
+        placed[pick] = 1
         assign[pick] = pick_g
         pos[pick] = k
         gp = pick_g
@@ -636,23 +784,33 @@ def regret_insertion(s, w, M, assign, pos):
         for i in range(n):  # only GPU gp changed: update each model's remembered entry for it
             if placed[i]:
                 continue
+            o = i * K
             at = -1
             for q in range(cnt[i]):
-                if lg[i, q] == gp:
+                if lg[o + q] == gp:
                     at = q
             if at < 0:
                 continue  # gp's key only grew: it stays behind every remembered entry
             for q in range(at, cnt[i] - 1):
-                lg[i, q] = lg[i, q + 1]
-                lv[i, q] = lv[i, q + 1]
+                lg[o + q] = lg[o + q + 1]
+                lv[o + q] = lv[o + q + 1]
             cnt[i] -= 1
             nl = _newlocal(s, w, M, S, W, i, gp)
             last = cnt[i] - 1
-            if nl == nl and (all_in[i] or (last >= 0 and (nl < lv[i, last] or (nl == lv[i, last] and gp < lg[i, last])))):
+            if nl == nl and (all_in[i] or (last >= 0 and (nl < lv[o + last] or (nl == lv[o + last] and gp < lg[o + last])))):
                 cnt[i] = _keep_insert(lg, lv, i, cnt[i], gp, nl)
             if cnt[i] < 3 and not all_in[i]:
-                cnt[i], all_in[i] = _rescan(s, w, M, S, W, lg, lv, i)
+                c, a = _rescan(s, w, M, S, W, lg, lv, i)
+                cnt[i], all_in[i] = c, a
     return True
+
+
+@njit
+def regret_insertion(s, w, M, assign, pos):
+    """Regret insertion (CPU entry of :func:`regret_insertion_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    return regret_insertion_core(s, w, M, assign, pos, np.empty(3 * G + REGRET_KEEP * n),
+                                 np.empty((3 + REGRET_KEEP) * n, np.int64))
 
 
 # ----------------------------------------------------------------------------- local search
@@ -685,11 +843,12 @@ def _apply(S, W, kv, M, s, w, assign, pos, stamp, src, dst, a, b):
 
 
 @njit
-def _state(s, w, M, assign, pos):
-    """Per-GPU ``S``, ``W`` (list-order sums), KVPR, and the next insertion stamp."""
-    S, W = list_loads(assign, pos, s, w, M.shape[0])
-    stamp = pos.max() + 1 if pos.shape[0] else 0
-    return S, W, kvprs(S, W, M), stamp
+def _state_into(s, w, M, assign, pos, S, W, kv, order, tmp):
+    """Per-GPU ``S``, ``W`` (list-order sums) and KVPR ``kv`` (G,); ``order`` (n,) the list
+    order; returns the next insertion stamp.  ``tmp`` (n,) int64 working memory."""
+    list_loads_into(assign, pos, s, w, S, W, order, tmp)
+    kvprs_into(S, W, M, kv)
+    return next_stamp(pos)
 
 
 @kernel(inline=True)
@@ -816,79 +975,181 @@ def _insertion_sort(x):
 
 
 @njit
-def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
-    """In place; see :func:`kvgpu.reference.improve_local`.  Only transfers that keep ``rules``
-    (pins, anti-affinity, nodes, the migration budget; ``rstate`` their bookkeeping, updated)
-    are considered; without rules this is the seed's step exactly."""
+def _move_scan(S, W, M, s, w, mem, lo, worst, t3, vals, tid, nt):
+    """``vals[k]``, ``k = p G + d``: the new max KVPR of moving the ``p``-th model of the worst
+    GPU's list (``mem[lo + p]``) to GPU ``d`` (NaN: no move -- ``d`` is the worst GPU, or it
+    does not fit).  Thread ``tid`` of ``nt`` fills every ``nt``-th entry."""
     G = M.shape[0]
-    S, W, kv, stamp = _state(s, w, M, assign, pos)
-    mem, start, order = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), argsort_stable(pos)
-    for _ in range(max_iters):
-        worst = argmax_first(kv, np.int64(-1))
-        t3 = top3(kv)
-        gpu_lists_into(assign, order, mem, start)
-        best = kv[worst]
-        ba, bd = -1, -1
-        for p in range(start[worst], start[worst + 1]):
-            a = mem[p]
-            for d in range(G):
-                if d == worst:
-                    continue
-                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), max_excluding(t3, worst, d))
-                if new + EPS < best and _allowed(rules, rstate, worst, d, a, np.int64(-1)):
-                    best, ba, bd = new, a, d
-        bb = -1
-        if ba < 0:
-            cur = kv[worst]
-            for p in range(start[worst], start[worst + 1]):
-                a = mem[p]
-                for d in range(G):
-                    if d == worst:
-                        continue
-                    others = max_excluding(t3, worst, d)
-                    for q in range(start[d], start[d + 1]):
-                        new = _eval(S, W, M, s, w, worst, d, a, mem[q], others)
-                        if new + EPS < cur and _allowed(rules, rstate, worst, d, a, mem[q]):
-                            ba, bd, bb = a, d, mem[q]
-                            break
-                    if ba >= 0:
-                        break
-                if ba >= 0:
-                    break
-        if ba < 0:
-            break
-        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, bb, rules, rstate)
-    if G > 1:
-        keys, idx, tmp = np.empty(s.shape[0]), np.empty(s.shape[0], np.int64), np.empty(s.shape[0], np.int64)
-        for _ in range(12):
-            worst = argmax_first(kv, np.int64(-1))
-            second = argmax_first(kv, worst)
-            t3 = top3(kv)
-            gpu_lists_into(assign, order, mem, start)
-            ba, bb = best_swap(S, W, M, s, w, worst, second, max_excluding(t3, worst, second), kv[worst], mem, start,
-                               keys, idx, tmp, rules, rstate)
-            if ba < 0:
-                break
-            stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, second, ba, bb, rules, rstate)
+    for k in range(tid, vals.shape[0], nt):
+        vals[k] = _move_value(S, W, M, s, w, worst, k % G, mem[lo + k // G], t3)
 
 
 @njit
-def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
-    """In place; see :func:`kvgpu.reference.refine_peak`.  Donations that break ``rules`` are
-    skipped (see :func:`improve_local`)."""
+def _first_swap(S, W, M, s, w, assign, mem, lo, hi, worst, t3, cur, rules, rstate, tid, nt):
+    """The first improving swap in the serial scan order (models of the worst GPU's list, then
+    target GPUs, then their models) among the candidates of thread ``tid`` of ``nt``: its index
+    ``p n + q`` (``mem[lo + p]`` for ``mem[q]``), or ``(hi - lo) n`` if none.  The smallest
+    index over all threads is the serial scan's choice, whatever the number of threads."""
+    n = s.shape[0]
+    nk = (hi - lo) * n
+    for k in range(tid, nk, nt):
+        q = k % n
+        if lo <= q < hi:
+            continue
+        a, b = mem[lo + k // n], mem[q]
+        d = assign[b]
+        new = _eval(S, W, M, s, w, worst, d, a, b, max_excluding(t3, worst, d))
+        if new + EPS < cur and _allowed(rules, rstate, worst, d, a, b):
+            return k
+    return nk
+
+
+@njit
+def improve_local_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw, tid, nt):
+    """In place; see :func:`kvgpu.reference.improve_local`.  Only transfers that keep ``rules``
+    (pins, anti-affinity, nodes, the migration budget; ``rstate`` their bookkeeping, updated)
+    are considered; without rules this is the seed's step exactly.
+
+    Run by every thread ``tid`` of ``nt`` (module doc): the threads evaluate a step's moves and
+    swaps, thread 0 picks and applies the step.  The pick is the serial scan's: a move is taken
+    when it beats the best so far by ``EPS`` (a chain over the scan order, so thread 0 walks the
+    evaluated values in that order), a swap is the first that improves (the smallest index).
+    One thread (the CPU) keeps no values: it scans in that order itself, and picks the best swap
+    of the two worst GPUs with :func:`best_swap`, so its memory stays O(n + G) on any cluster.
+    fw (3G + local_values(n, G, nt),), iw (4n + G + 5 + nt,)."""
     G = M.shape[0]
-    S, W, kv, stamp = _state(s, w, M, assign, pos)
-    mem, start, order = np.empty(s.shape[0], np.int64), np.empty(G + 1, np.int64), argsort_stable(pos)
-    by_w = np.empty(max(1, top_k // 2), np.int64)
-    by_s = np.empty(max(1, top_k), np.int64)
-    targets = np.empty(2, np.int64)
+    n = s.shape[0]
+    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
+    vals = fw[3 * G:]
+    mem, start, order = iw[:n], iw[n:n + G + 1], iw[n + G + 1:2 * n + G + 1]
+    box = iw[2 * n + G + 1:2 * n + G + 5]
+    red = iw[2 * n + G + 5:2 * n + G + 5 + nt]
+    tmp = iw[2 * n + G + 5 + nt:3 * n + G + 5 + nt]
+    none = np.int64(-1)
+    stamp = 0
+    if tid == 0:
+        stamp = _state_into(s, w, M, assign, pos, S, W, kv, order, tmp)
+    barrier()
+    for _ in range(max_iters):
+        worst = argmax_first(kv, none)
+        t3 = top3(kv)
+        if tid == 0:
+            gpu_lists_into(assign, order, mem, start)
+        barrier()
+        lo, hi = start[worst], start[worst + 1]
+        nc = (hi - lo) * G
+        if nt > 1:  # the threads evaluate every move, thread 0 walks them in scan order
+            _move_scan(S, W, M, s, w, mem, lo, worst, t3, vals[:nc], tid, nt)
+        barrier()
+        if tid == 0:
+            best = kv[worst]
+            ba, bd = none, none
+            for k in range(nc):
+                a, d = mem[lo + k // G], k % G
+                v = vals[k] if nt > 1 else _move_value(S, W, M, s, w, worst, d, a, t3)
+                if v + EPS < best and _allowed(rules, rstate, worst, d, a, none):
+                    best, ba, bd = v, a, d
+            box[0], box[1], box[2] = ba, bd, none
+        barrier()
+        if box[0] < 0:
+            red[tid] = _first_swap(S, W, M, s, w, assign, mem, lo, hi, worst, t3, kv[worst], rules, rstate, tid, nt)
+            barrier()
+            if tid == 0:
+                k = red[0]
+                for t in range(1, nt):
+                    k = min(k, red[t])
+                if k < (hi - lo) * n:
+                    box[0], box[1], box[2] = mem[lo + k // n], assign[mem[k % n]], mem[k % n]
+            barrier()
+        ba, bd, bb = box[0], box[1], box[2]
+        if ba < 0:
+            break
+        if tid == 0:
+            stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, bb, rules, rstate)
+        barrier()
+    if G > 1:
+        for _ in range(12):
+            worst = argmax_first(kv, none)
+            second = argmax_first(kv, worst)
+            t3 = top3(kv)
+            if tid == 0:
+                gpu_lists_into(assign, order, mem, start)
+            barrier()
+            others = max_excluding(t3, worst, second)
+            if nt == 1:  # one thread: the windowed scan, no values kept
+                box[0], box[1] = best_swap(S, W, M, s, w, worst, second, others, kv[worst], mem, start, vals[:n],
+                                           iw[3 * n + G + 6:4 * n + G + 6], tmp, rules, rstate)
+            else:
+                lo0, m0 = start[worst], start[worst + 1] - start[worst]
+                lo1, m1 = start[second], start[second + 1] - start[second]
+                for k in range(tid, m0 * m1, nt):
+                    vals[k] = _eval(S, W, M, s, w, worst, second, mem[lo0 + k // m1], mem[lo1 + k % m1], others)
+                barrier()
+                if tid == 0:
+                    best = kv[worst]
+                    ba, bb = none, none
+                    for k in range(m0 * m1):
+                        if vals[k] + EPS < best:
+                            a, b = mem[lo0 + k // m1], mem[lo1 + k % m1]
+                            if _allowed(rules, rstate, worst, second, a, b):
+                                best, ba, bb = vals[k], a, b
+                    box[0], box[1] = ba, bb
+            barrier()
+            ba, bb = box[0], box[1]
+            if ba < 0:
+                break
+            if tid == 0:
+                stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, second, ba, bb, rules,
+                                     rstate)
+            barrier()
+    barrier()
+
+
+@njit
+def local_values(n, G, nt):
+    """Floats :func:`improve_local_core` keeps for the values of a step's moves and swaps: every
+    one of them for ``nt > 1`` threads, ``n`` (the sort keys of :func:`best_swap`) for one."""
+    return n * max(n, G) if nt > 1 else n
+
+
+@njit
+def _move_value(S, W, M, s, w, worst, d, a, t3):
+    """New max KVPR of moving model ``a`` from the worst GPU to ``d`` (NaN: ``d`` is the worst
+    GPU, or it does not fit) -- an entry of :func:`_move_scan`."""
+    if d == worst:
+        return np.nan
+    return _eval(S, W, M, s, w, worst, d, a, np.int64(-1), max_excluding(t3, worst, d))
+
+
+@njit
+def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
+    """In place (CPU entry of :func:`improve_local_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    improve_local_core(s, w, M, assign, pos, max_iters, rules, rstate, np.empty(3 * G + local_values(n, G, 1)),
+                       np.empty(4 * n + G + 6, np.int64), 0, 1)
+
+
+@njit
+def refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, fw, iw):
+    """In place; see :func:`kvgpu.reference.refine_peak`.  Donations that break ``rules`` are
+    skipped (see :func:`improve_local_core`).  One thread: at most ``2 top_k`` donations a pass.
+    fw (3G,), iw (4n + G + 2 top_k + 5,)."""
+    G = M.shape[0]
+    n = s.shape[0]
+    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
+    mem, start, order, tmp = iw[:n], iw[n:n + G + 1], iw[n + G + 1:2 * n + G + 1], iw[2 * n + G + 1:3 * n + G + 1]
+    o = 3 * n + G + 1
+    nbw, nbs = max(1, top_k // 2), max(1, top_k)
+    by_w, by_s, targets = iw[o:o + nbw], iw[o + nbw:o + nbw + nbs], iw[o + nbw + nbs:o + nbw + nbs + 2]
+    none = np.int64(-1)
+    stamp = _state_into(s, w, M, assign, pos, S, W, kv, order, tmp)
     for _ in range(passes):
-        worst = argmax_first(kv, np.int64(-1))
+        worst = argmax_first(kv, none)
         targets[0], targets[1] = _two_lowest(kv, worst)
-        nt = 0 if targets[0] < 0 else (1 if targets[1] < 0 else 2)
+        n_tg = 0 if targets[0] < 0 else (1 if targets[1] < 0 else 2)
         gpu_lists_into(assign, order, mem, start)
         lo, hi = start[worst], start[worst + 1]
-        if nt == 0 or hi == lo:
+        if n_tg == 0 or hi == lo:
             break
         nw = _top_into(mem, lo, hi, w, by_w)
         ns = _top_into(mem, lo, hi, s, by_s[:max(1, top_k - nw)])
@@ -897,94 +1158,209 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
         ba, bd = -1, -1
         for j in range(nw + ns):
             a = by_w[j] if j < nw else by_s[j - nw]
-            if j >= nw and (by_w[:nw] == a).any():
+            seen = False
+            if j >= nw:
+                for q in range(nw):
+                    seen = seen or by_w[q] == a
+            if seen:
                 continue
-            for t in range(nt):
+            for t in range(n_tg):
                 d = targets[t]
-                new = _eval(S, W, M, s, w, worst, d, a, np.int64(-1), max_excluding(t3, worst, d))
-                if new + EPS < best and _allowed(rules, rstate, worst, d, a, np.int64(-1)):
+                new = _eval(S, W, M, s, w, worst, d, a, none, max_excluding(t3, worst, d))
+                if new + EPS < best and _allowed(rules, rstate, worst, d, a, none):
                     best, ba, bd = new, a, d
         if ba < 0:
             break
-        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, np.int64(-1), rules, rstate)
+        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, none, rules, rstate)
+
+
+@njit
+def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
+    """In place (CPU entry of :func:`refine_peak_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, np.empty(3 * G),
+                     np.empty(4 * n + G + 2 * max(1, top_k) + 5, np.int64))
 
 
 # ----------------------------------------------------------------------------- pipeline
 
 @njit
-def score_of(s, w, M, assign, pos, out):
-    """The score ``(max, second, mean KVPR)`` of a placement into ``out`` (3,)."""
-    S, W = list_loads(assign, pos, s, w, M.shape[0])
-    kv = kvprs(S, W, M)
-    G = kv.shape[0]
-    srt = sorted_desc(kv)
+def score_core(s, w, M, assign, pos, out, fw, iw):
+    """The score ``(max, second, mean KVPR)`` of a placement into ``out`` (3,); fw (3G,),
+    iw (2n,)."""
+    G = M.shape[0]
+    n = s.shape[0]
+    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
+    list_loads_into(assign, pos, s, w, S, W, iw[:n], iw[n:2 * n])
+    kvprs_into(S, W, M, kv)
+    v0, i0, v1, i1, v2, i2 = top3(kv)  # the two largest values, as a descending sort has them
     tot = 0.0
     for g in range(G):
         tot += kv[g]
-    out[0] = srt[0]
-    out[1] = srt[1] if G > 1 else 0.0
+    out[0] = v0
+    out[1] = v1 if G > 1 else 0.0
     out[2] = tot / G
 
 
 @njit
-def seed_instance(s, w, M, assign, pos):
-    """The seed pipeline on one instance; fills ``assign``/``pos``; False if nothing packed."""
+def score_of(s, w, M, assign, pos, out):
+    """The score ``(max, second, mean KVPR)`` into ``out`` (3,) (CPU entry of :func:`score_core`)."""
+    score_core(s, w, M, assign, pos, out, np.empty(3 * M.shape[0]), np.empty(2 * s.shape[0], np.int64))
+
+
+#: Candidate placements of the seed: 6 factors x 3 policies x 3 orderings, regret, two memory
+#: packs (the fallback reuses the first slot); slots for them.
+N_PACKED = 57
+N_CANDIDATES = 60
+#: Threads of a block that make candidate packings at once, each in its own working memory.
+PACK_LANES = 8
+
+
+@njit
+def _lane_work(n, G):
+    """``(floats, ints)`` of one lane's candidate pack (:func:`pack_core`, or a probe of
+    :func:`search_T_core` with its placement)."""
+    return 4 * G + 16 + 4 * n, 8 * n + 2 * G + 8
+
+
+@njit
+def seed_work(n, G, nt):
+    """``(floats, ints)``: the working memory :func:`seed_instance_core` needs for ``n`` models,
+    ``G`` GPUs and ``nt`` threads (on top of its own arrays, the largest need of its steps: the
+    candidate lanes beside regret insertion's lists, or a local search)."""
+    K = REGRET_KEEP
+    C = N_CANDIDATES
+    lanes = min(nt, PACK_LANES)
+    lf, li = _lane_work(n, G)
+    tail_f = lanes * lf + 3 * G + K * n + 3 * G + local_values(n, G, nt) + 16
+    tail_i = lanes * li + 3 * n + K * n + 4 * n + 3 * G + 32 + nt
+    return G + 1 + 3 * C + tail_f, 2 * C * n + 2 * C + 4 * n + 4 + tail_i
+
+
+@njit
+def _candidates(s, w, M, P, orders, ca, cp, okf, box, fw, iw, tid, nt, lanes):
+    """The seed's candidate placements into ``ca``/``cp`` (C n,): candidate ``c`` at
+    ``[c n:(c + 1) n]``, in the reference's order; returns how many (every thread).  Fills ``P``
+    (G + 1,) and ``orders`` (4n,).  The first ``lanes`` threads each make every ``lanes``-th
+    candidate into its own slot (``okf`` (C,) says which packed), then thread 0 moves the
+    packed ones to the front, in order: the serial loop's result for any number of lanes."""
     n = s.shape[0]
+    G = M.shape[0]
+    if tid == 0:
+        mem_prefix_into(M, P, iw)
+        model_orders_into(s, w, P, orders, fw, iw)
+    barrier()
+    T_high = search_T_core(s, w, M, P, orders, fw, iw, tid, nt, lanes)
+    lf, li = _lane_work(n, G)
+    if tid < lanes:
+        for k in range(tid, N_PACKED, lanes):
+            a, p = ca[k * n:(k + 1) * n], cp[k * n:(k + 1) * n]
+            f_l, i_l = fw[tid * lf:(tid + 1) * lf], iw[tid * li:(tid + 1) * li]
+            if k < N_PACKED - 3:  # factor k // 9, policy (k // 3) % 3, ordering k % 3
+                ok = T_high > 0 and pack_core(s, w, M, P, orders, T_high * T_FACTORS[k // 9], np.int64(k % 3),
+                                              np.int64((k // 3) % 3), np.int64(0), a, p, f_l, i_l)
+            elif k == N_PACKED - 3:  # regret insertion's lists do not fit a lane: a region of their own
+                ok = regret_insertion_core(s, w, M, a, p, fw[lanes * lf:], iw[lanes * li:])
+            elif k == N_PACKED - 2:
+                ok = pack_core(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(BEST_FIT), np.int64(DUAL * n),
+                               a, p, f_l, i_l)
+            else:
+                ok = pack_core(s, w, M, P, orders, 0.0, np.int64(2), np.int64(BEST_FIT), np.int64(0), a, p, f_l, i_l)
+            okf[k] = ok
+    barrier()
+    if tid == 0:
+        nc = 0
+        for k in range(N_PACKED):
+            if okf[k]:
+                if k != nc:
+                    for i in range(n):
+                        ca[nc * n + i] = ca[k * n + i]
+                        cp[nc * n + i] = cp[k * n + i]
+                nc += 1
+        if nc == 0:
+            for q in range(3):
+                policy = BEST_FIT if q == 0 else (MOST_FREE if q == 1 else FIRST_FIT)
+                if pack_core(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(policy), np.int64(0), ca[:n],
+                             cp[:n], fw, iw):
+                    nc = 1
+                    break
+        box[0] = nc
+    barrier()
+    return box[0]
+
+
+@njit
+def _same(x, a, b, n):
+    """Are ``x[a n:(a + 1) n]`` and ``x[b n:(b + 1) n]`` equal?"""
+    for i in range(n):
+        if x[a * n + i] != x[b * n + i]:
+            return False
+    return True
+
+
+@njit
+def seed_instance_core(s, w, M, assign, pos, rules, rstate, fw, iw, tid, nt):
+    """The seed pipeline on one instance; fills ``assign``/``pos``; False if nothing packed.
+
+    Every thread ``tid`` of ``nt`` calls it (module doc): up to :data:`PACK_LANES` threads make
+    the candidate placements, all share their local searches.  ``rules``/``rstate``: no rules
+    (:func:`kvgpu.kernels.rules.no_rules`); fw, iw of :func:`seed_work` entries."""
+    n = s.shape[0]
+    G = M.shape[0]
     if n == 0:
         return True
-    C = 60
-    ca = np.empty((C, n), np.int64)
-    cp = np.empty((C, n), np.int64)
-    nc = 0
-    P = mem_prefix(M)
-    orders = model_orders(s, w, P)
-    T_high = search_T(s, w, M, P, orders)
-    if T_high > 0:
-        for f in range(6):
-            for policy in range(3):
-                for ordering in range(3):
-                    if pack(s, w, M, P, orders, T_high * T_FACTORS[f], np.int64(ordering), np.int64(policy), np.int64(0),
-                            ca[nc], cp[nc]):
-                        nc += 1
-    if regret_insertion(s, w, M, ca[nc], cp[nc]):
-        nc += 1
-    if pack(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(BEST_FIT), np.int64(DUAL * n), ca[nc], cp[nc]):
-        nc += 1
-    if pack(s, w, M, P, orders, 0.0, np.int64(2), np.int64(BEST_FIT), np.int64(0), ca[nc], cp[nc]):
-        nc += 1
-    if nc == 0:
-        for policy in (BEST_FIT, MOST_FREE, FIRST_FIT):
-            if pack(s, w, M, P, orders, 0.0, np.int64(SIZE_ORDER), np.int64(policy), np.int64(0), ca[0], cp[0]):
-                nc = 1
-                break
+    C = N_CANDIDATES
+    ca, cp, dup, okf = iw[:C * n], iw[C * n:2 * C * n], iw[2 * C * n:2 * C * n + C], iw[2 * C * n + C:2 * C * n + 2 * C]
+    o = 2 * C * n + 2 * C
+    orders, box, i_rest = iw[o:o + 4 * n], iw[o + 4 * n:o + 4 * n + 4], iw[o + 4 * n + 4:]
+    P, sc, f_rest = fw[:G + 1], fw[G + 1:G + 1 + 3 * C], fw[G + 1 + 3 * C:]
+    nc = _candidates(s, w, M, P, orders, ca, cp, okf, box, f_rest, i_rest, tid, nt, min(nt, PACK_LANES))
+    if tid == 0:
+        for c in range(nc):  # improve_local is deterministic: an identical start gives the identical result
+            dup[c] = -1
+            for e in range(c):
+                if _same(ca, e, c, n) and _same(cp, e, c, n):
+                    dup[c] = e
+                    break
+    barrier()
+    nc = box[0]
     if nc == 0:
         return False
-    rules = no_rules()
-    rstate = new_state(rules, assign, M.shape[0])
-    sc = np.empty((nc, 3))
-    starts_a = ca[:nc].copy()
-    starts_p = cp[:nc].copy()
     pick = -1
     for c in range(nc):
-        dup = -1  # improve_local is deterministic: an identical start gives the identical result
-        for e in range(c):
-            if (starts_a[e] == starts_a[c]).all() and (starts_p[e] == starts_p[c]).all():
-                dup = e
-                break
-        if dup >= 0:
-            ca[c] = ca[dup]
-            cp[c] = cp[dup]
-            sc[c] = sc[dup]
-        else:
-            improve_local(s, w, M, ca[c], cp[c], 4000, rules, rstate)
-            score_of(s, w, M, ca[c], cp[c], sc[c])
-        if pick < 0 or lex_less(sc[c], sc[pick], 3):
-            pick = c
-    assign[:] = ca[pick]
-    pos[:] = cp[pick]
-    refine_peak(s, w, M, assign, pos, 2, 12, rules, rstate)
-    improve_local(s, w, M, assign, pos, 1500, rules, rstate)
+        e = dup[c]
+        if e < 0:
+            improve_local_core(s, w, M, ca[c * n:(c + 1) * n], cp[c * n:(c + 1) * n], 4000, rules, rstate, f_rest,
+                               i_rest, tid, nt)
+        if tid == 0:
+            if e >= 0:
+                for i in range(n):
+                    ca[c * n + i] = ca[e * n + i]
+                    cp[c * n + i] = cp[e * n + i]
+                for q in range(3):
+                    sc[3 * c + q] = sc[3 * e + q]
+            else:
+                score_core(s, w, M, ca[c * n:(c + 1) * n], cp[c * n:(c + 1) * n], sc[3 * c:3 * c + 3], f_rest, i_rest)
+            if pick < 0 or lex_less(sc[3 * c:3 * c + 3], sc[3 * pick:3 * pick + 3], 3):
+                pick = c
+    if tid == 0:
+        for i in range(n):
+            assign[i] = ca[pick * n + i]
+            pos[i] = cp[pick * n + i]
+        refine_peak_core(s, w, M, assign, pos, 2, 12, rules, rstate, f_rest, i_rest)
+    barrier()
+    improve_local_core(s, w, M, assign, pos, 1500, rules, rstate, f_rest, i_rest, tid, nt)
     return True
+
+
+@njit
+def seed_instance(s, w, M, assign, pos):
+    """The seed pipeline on one instance (CPU entry of :func:`seed_instance_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    nf, ni = seed_work(n, G, 1)
+    rules = no_rules()
+    return seed_instance_core(s, w, M, assign, pos, rules, new_state(rules, assign, G), np.empty(nf),
+                              np.empty(ni, np.int64), 0, 1)
 
 
 @kernel(parallel=True)

@@ -64,10 +64,19 @@ def mem_unit(M):
     return (M < 1.0) * M + (M >= 1.0) * 1.0
 
 
+def fmul(a, b):
+    """``a * b``, rounded on its own wherever it runs.  A CUDA compiler fuses ``a * b + c`` into
+    one multiply-add (rounded once, not twice), which can change a decision; every product
+    whose sum decides something is written ``fmul(a, b) + c``, which the device kernels compile
+    to a product that is never fused (:mod:`kvgpu.kernels.jit`).  Scalars or arrays."""
+    return a * b
+
+
 def fits(S_after, M):
     """Memory rule with the seed's slack: ``S' <= M + EPS`` (relative below 1 GB, see
     :func:`mem_unit`; scalars or arrays)."""
-    return S_after <= M + EPS * ((M < 1.0) * M + (M >= 1.0) * 1.0)  # mem_unit, inlined for numba
+    # mem_unit, inlined for numba; its products by 0 or 1 are exact, so a fused add rounds alike
+    return S_after <= M + fmul(EPS, (M < 1.0) * M + (M >= 1.0) * 1.0)
 
 
 #: Relative tolerance of the score comparison: two terms closer than this are equal, so the
@@ -85,7 +94,7 @@ def better(a0, a1, a2, b0, b1, b2):
             continue
         if not (abs(a) < INF and abs(b) < INF):
             return a < b
-        tol = SCORE_RTOL * max(abs(a), abs(b))
+        tol = fmul(SCORE_RTOL, max(abs(a), abs(b)))
         if a < b - tol:
             return True
         if a > b + tol:

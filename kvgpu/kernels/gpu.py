@@ -3,12 +3,12 @@
 * :func:`eval_transfers` evaluates every candidate transfer of a local-search step -- moves
   (models of the worst GPU x all GPUs), swaps (x all other models) and donations -- one CUDA
   thread per candidate.  Each thread calls the same scalar functions as the numba CPU kernels
-  (:mod:`kvgpu.kernels.deltas`, compiled here as device functions, and the O(1) "max over the
-  other GPUs" of :func:`kvgpu.kernels.cpu.max_excluding` from the top-3 KVPRs), so it performs
+  (:mod:`kvgpu.kernels.deltas` and the O(1) "max over the other GPUs" of
+  :func:`kvgpu.kernels.cpu.max_excluding` from the top-3 KVPRs, compiled as device functions), so it performs
   the same floating-point operations as the NumPy/CuPy evaluator and returns identical values.
 * :func:`choose` makes the per-step GPU choice of the candidate packs, one thread per lane,
   with :func:`kvgpu.kernels.cpu.choose_gpu` -- the source the CPU packs run, compiled again for
-  the device (:func:`_retarget`).
+  the device (:func:`kvgpu.kernels.jit.device`).
 
 Arrays stay where they are: CuPy arrays on the device (numba reads them through
 ``__cuda_array_interface__``, no host round trip), NumPy arrays under the CUDA simulator
@@ -18,35 +18,23 @@ Importing this module needs numba's CUDA target (``numba.cuda``), nothing else.
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import numpy as np
 from numba import cuda
 
 from kvgpu.batch.array_engine import ArrayEngine
-from kvgpu.kernels import cpu, deltas
+from kvgpu.kernels import cpu
+from kvgpu.kernels.jit import device
 from kvgpu.kernels.params import MOST_FREE
 
-_device = cuda.jit(device=True)
-
-
-def _retarget(dispatcher, **callees):
-    """The Python source of a numba CPU function, compiled as a CUDA device function whose calls
-    to ``callees`` go to their device versions (one source, two targets; this also works under
-    the CUDA simulator, which cannot call CPU-compiled functions)."""
-    fn = dispatcher.py_func
-    glb = dict(fn.__globals__, **callees)
-    return _device(types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__))
-
-
-safe_div = _device(deltas.safe_div)
-transfer_loads = _device(deltas.transfer_loads)
-fits = _device(deltas.fits)
-transfer_new_max = _device(deltas.transfer_new_max)
-max_excluding = _retarget(cpu.max_excluding)
-choose_gpu = _retarget(cpu.choose_gpu, top3=_retarget(cpu.top3), max_excluding=max_excluding,
-                       lex_less=_retarget(cpu.lex_less), fits=fits, safe_div=safe_div)
+# the CPU kernels' own source, compiled for the device (kvgpu.kernels.jit.device)
+safe_div = device(cpu.safe_div)
+transfer_loads = device(cpu.transfer_loads)
+fits = device(cpu.fits)
+transfer_new_max = device(cpu.transfer_new_max)
+max_excluding = device(cpu.max_excluding)
+choose_gpu = device(cpu.choose_gpu)
 
 #: Threads per block of the element-wise kernels.
 THREADS = 128

@@ -18,6 +18,13 @@ second max, mean, each with a relative tolerance) replaces the best placement, a
 worse than the start, so the answer is never worse than the seed's; the work is set by
 ``effort`` (rounds), not by wall time, so results are the same on every machine for a given
 ``seed``.
+
+Like :mod:`kvgpu.kernels.cpu`, the ``*_core`` functions allocate nothing and are run by every
+thread ``tid`` of ``nt`` of a CUDA block (the CPU calls them with ``(0, 1)``): the threads share
+a repair step's scan of moves and exchanges, thread 0 does the rest.  The repair step's choice
+is the least ``(delta, key)``, ``key`` a hash of the candidate and a per-step random salt
+(:func:`_tie_key`): an order-independent rule, so any number of threads scanning in any order
+choose what the serial loop chooses, and equal deltas are still broken at random.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from kvgpu.kernels.jit import kernel
+from kvgpu.kernels.jit import barrier, kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.cpu import (argmax_first, fits, gpu_lists_into, improve_local, kvprs, list_loads, refine_peak,
-                              safe_div, score_of)
-from kvgpu.kernels.sorting import argsort_stable
-from kvgpu.kernels.rules import (budget_held, budgeted, may_place, new_state, no_rules, place, reset_state,
+from kvgpu.kernels.cpu import (argmax_first, fits, gpu_lists_into, improve_local_core, kvprs_into, list_loads_into,
+                              local_values, next_stamp, refine_peak_core, safe_div, score_core)
+from kvgpu.kernels.deltas import fmul
+from kvgpu.kernels.sorting import argsort_into
+from kvgpu.kernels.rules import (budget_held, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
 njit = kernel()
@@ -42,7 +50,7 @@ better = _inline(deltas.better)
 INF = np.inf
 EPS = deltas.EPS
 CAP_SLACK = params.CAP_SLACK
-#: Two deltas closer than this are ties (broken at random).
+#: A repair step whose best delta is above ``-TIE`` does not improve (a local minimum).
 TIE = 1e-12
 #: The search stops once the best is within this relative gap of the lower bound (0.05%).
 STOP_GAP = 5e-4
@@ -92,7 +100,7 @@ def _rand_int(state, k):
 def _cap(M, g):
     """Capacity of GPU ``g`` in the overflow test: its memory plus a slack, so that rounding
     (~1e-13 GB) never reads as overflow; it only makes a target easier, never a proof wrong."""
-    return M[g] + CAP_SLACK * mem_unit(M[g])
+    return M[g] + fmul(CAP_SLACK, mem_unit(M[g]))
 
 
 @_inline
@@ -228,14 +236,17 @@ def _relocate_group(s, w, M, assign, pos, S, W, kv, a, stamp, state, rules, rsta
 
 
 @njit
-def _perturb(s, w, M, assign, pos, moves, state, rules, rstate, members, old):
+def _perturb(s, w, M, assign, pos, moves, state, rules, rstate, members, old, fw, iw):
     """Move ``moves`` random models, each off one of the two worst GPUs, to random GPUs where
     they fit in memory and the rules allow it (moved models go to the end of their new GPU's
-    list); a model in a node group sometimes takes its whole group to another node instead."""
+    list); a model in a node group sometimes takes its whole group to another node instead.
+    fw (3G,), iw (2n,) working memory."""
     G = M.shape[0]
-    S, W = list_loads(assign, pos, s, w, G)
-    kv = kvprs(S, W, M)
-    stamp = pos.max() + 1
+    n = s.shape[0]
+    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
+    list_loads_into(assign, pos, s, w, S, W, iw[:n], iw[n:2 * n])
+    kvprs_into(S, W, M, kv)
+    stamp = next_stamp(pos)
     grouped_nodes = rules[2].shape[0] > 0
     for _ in range(moves):
         worst = argmax_first(kv, np.int64(-1))
@@ -287,13 +298,13 @@ def _pick_overflowing(A, cap, state):
 
 
 @_inline
-def _partner(j, G, assign, s, w, T):
+def _partner(j, G, assign, s, ld):
     """The other side of an exchange in :func:`repair`'s scans: ``j < 0`` is GPU ``j + G``
     taking the models with nothing back, else model ``j`` coming back from its GPU.  Returns
-    ``(GPU, its load at T, its size, j or -1)``."""
+    ``(GPU, its load at T, its size, j or -1)``; ``ld`` (n,) the loads ``s + w / T``."""
     if j < 0:
         return j + G, 0.0, 0.0, np.int64(-1)
-    return assign[j], s[j] + w[j] / T, s[j], j
+    return assign[j], ld[j], s[j], j
 
 
 @_inline
@@ -307,7 +318,7 @@ def _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aY, sY, og):
         return False, 0.0, 0.0
     dg = overflow(A[g] - aX + aY, cap[g]) - og
     dh = overflow(A[h] - aY + aX, cap[h]) - overflow(A[h], cap[h])
-    return True, wgt[g] * dg + wgt[h] * dh, dg + dh
+    return True, fmul(wgt[g], dg) + fmul(wgt[h], dh), dg + dh
 
 
 @_inline
@@ -326,29 +337,31 @@ def _blocked(tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, F_after, best_F):
 
 
 @_inline
-def _tie_take(d, best_d, ties, state):
-    """Keep candidate ``d`` over the best so far? Strictly better wins; equal ones are kept
-    with probability 1/ties (a uniform pick among equals).  Returns ``(take, ties)``."""
-    if d < best_d - TIE:
-        return True, 1
-    if d <= best_d + TIE:
-        ties += 1
-        return _rand_int(state, ties) == 0, ties
-    return False, ties
+def _tie_key(salt, cand):
+    """A pseudo-random key in ``[0, 2^63)`` of candidate ``cand`` (a step's unique candidate
+    number) under the step's random ``salt`` (splitmix64): equal deltas are broken by it, the
+    same way whichever thread sees which candidate first."""
+    z = np.uint64(salt) + np.uint64(cand) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.int64(z >> np.uint64(1))
+
+
+@_inline
+def _less(d, key, best_d, best_key):
+    """``(d, key) < (best_d, best_key)`` lexicographically: the repair step's choice rule."""
+    return d < best_d or (d == best_d and key < best_key)
 
 
 @njit
-def _admit(d, best_d, ties, F_after, best_F, tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, state, rules,
-           rstate):
-    """An exchange between ``g`` and ``h`` that fits in memory and scores ``d`` (no worse than
-    the best so far, ``best_d``): is it taken (tabu, rules, ties; see :func:`repair`)?  Returns
-    ``(take, ties)``.  Called only for the few candidates near the best, so the scan itself
-    stays a tight loop."""
+def _admit(F_after, best_F, tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, rules, rstate):
+    """May an exchange between ``g`` and ``h`` that fits in memory be taken (tabu, rules; see
+    :func:`repair`)?  Called only for the few candidates that would be the best so far, so the
+    scan itself stays a tight loop."""
     if _blocked(tabu_gpu, tabu_until, step, g, h, x1, x2, y1, y2, F_after, best_F):
-        return False, ties
-    if restricted(rules) and not transfer_check(rules, rstate, g, h, x1, x2, y1, y2)[0]:
-        return False, ties
-    return _tie_take(d, best_d, ties, state)
+        return False
+    return not (restricted(rules) and not transfer_check(rules, rstate, g, h, x1, x2, y1, y2)[0])
 
 
 @njit
@@ -369,8 +382,119 @@ def _apply_transfer(s, w, S, W, assign, pos, stamp, g, h, x1, x2, y1, y2, rules,
     return stamp
 
 
+#: Entries of a thread's best exchange in the reductions of :func:`repair_core`: its delta in
+#: ``fw``, and ``(key, x1, x2, y1, y2, h, evaluations)`` in ``iw``.
+RED = 7
+#: A key above every :func:`_tie_key`.
+NO_KEY = np.int64(2 ** 63 - 1)
+
+
 @njit
-def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
+def _scan_singles(s, ld, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, g, og, F, best_F, step, salt,
+                  rules, rstate, tid, nt):
+    """The best move or swap of a model of GPU ``g`` (its ``m`` models ``mem[:m]``) among the
+    candidates of thread ``tid`` of ``nt``: ``(delta, key, model, partner or -1, GPU)``.
+    Candidate ``k = p (n + G) + j + G``: model ``mem[p]`` and partner ``j`` (:func:`_partner`);
+    ``ld`` (n,) the loads ``s + w / T``."""
+    n = s.shape[0]
+    G = S.shape[0]
+    none = np.int64(-1)
+    best_d, best_k, bi, bj, bh = INF, NO_KEY, none, none, none
+    span = n + G
+    for p in range(m):  # candidate k = p span + r, r = j + G; this thread's are k = tid (mod nt)
+        i = mem[p]
+        for r in range((tid - p * span) % nt, span, nt):
+            h, aj, sj, jj = _partner(r - G, G, assign, s, ld)
+            if h == g:
+                continue
+            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ld[i], s[i], aj, sj, og)
+            if not ok or d > best_d:
+                continue
+            key = _tie_key(salt, p * span + r)
+            if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, none, jj,
+                                                        none, rules, rstate):
+                best_d, best_k, bi, bj, bh = d, key, i, jj, h
+    return best_d, best_k, bi, bj, bh
+
+
+@njit
+def _scan_pairs(s, ld, wT, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, lst, start, g, og, F, best_F,
+                step, salt, rules, rstate, tid, nt):
+    """The best two-for-one (or two-for-none) and one-for-two exchange of GPU ``g`` among the
+    candidates of thread ``tid`` of ``nt`` (``lst``/``start``: models by GPU; ``ld``, ``wT``
+    (n,): ``s + w / T`` and ``w / T``): ``(delta, key, x1, x2, y1, y2, GPU, evaluations)``."""
+    n = s.shape[0]
+    G = S.shape[0]
+    none = np.int64(-1)
+    best_d, best_k, bi, bi2, bj, bj2, bh = INF, NO_KEY, none, none, none, none, none
+    evals = 0
+    span = n + G
+    base1 = m * span
+    base2 = base1 + m * m * span
+    for k in range(tid, m * m, nt):  # two of g's models for one elsewhere, or for none
+        p, q = k // m, k % m
+        if q <= p:
+            continue
+        i, i2 = mem[p], mem[q]
+        aX = ld[i] + s[i2] + wT[i2]  # = s[i] + w[i] / T + s[i2] + w[i2] / T, summed in that order
+        sX = s[i] + s[i2]
+        for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
+            h, aj, sj, jj = _partner(j, G, assign, s, ld)
+            if h == g:
+                continue
+            evals += 1
+            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
+            if not ok or d > best_d:
+                continue
+            key = _tie_key(salt, base1 + k * span + j + G)
+            if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, i2, jj,
+                                                        none, rules, rstate):
+                best_d, best_k, bi, bi2, bj, bj2, bh = d, key, i, i2, jj, none, h
+    for k in range(tid, m * n, nt):  # one of g's models for two on another GPU
+        i, u = mem[k // n], k % n
+        j = lst[u]
+        h = assign[j]
+        if h == g:
+            continue
+        for v in range(u + 1, start[h + 1]):
+            j2 = lst[v]
+            aY = ld[j] + s[j2] + wT[j2]
+            evals += 1
+            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ld[i], s[i], aY, s[j] + s[j2], og)
+            if not ok or d > best_d:
+                continue
+            key = _tie_key(salt, base2 + k * n + v)
+            if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, none, j,
+                                                        j2, rules, rstate):
+                best_d, best_k, bi, bi2, bj, bj2, bh = d, key, i, none, j, j2, h
+    return best_d, best_k, bi, bi2, bj, bj2, bh, evals
+
+
+@_inline
+def _put(red_f, red_i, t, d, key, x1, x2, y1, y2, h, evals):
+    """Thread ``t``'s best exchange into the reduction arrays (see :data:`RED`)."""
+    red_f[t] = d
+    o = t * RED
+    red_i[o], red_i[o + 1], red_i[o + 2], red_i[o + 3], red_i[o + 4] = key, x1, x2, y1, y2
+    red_i[o + 5], red_i[o + 6] = h, evals
+
+
+@_inline
+def _reduce(red_f, red_i, nt, d, key, x1, x2, y1, y2, h):
+    """The least ``(delta, key)`` of the threads' bests and ``(d, key, ...)``, and the total
+    evaluations: ``(d, key, x1, x2, y1, y2, h, evaluations)``."""
+    evals = 0
+    for t in range(nt):
+        o = t * RED
+        evals += red_i[o + 6]
+        if red_i[o + 1] >= 0 and (x1 < 0 or _less(red_f[t], red_i[o], d, key)):
+            d, key, x1, x2, y1, y2, h = red_f[t], red_i[o], red_i[o + 1], red_i[o + 2], red_i[o + 3], red_i[o + 4], \
+                red_i[o + 5]
+    return d, key, x1, x2, y1, y2, h, evals
+
+
+@njit
+def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, fw, iw, tid, nt):
     """Try to bring every GPU to KVPR <= ``T``; in place, True on success.
 
     At a target ``T`` a GPU's KVPR is ``<= T`` iff its load ``A = S + W / T`` is at most its
@@ -383,124 +507,137 @@ def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
     weights of the overflowing GPUs grow (breakout), so overflow is pushed to other GPUs.
     At a ``PAIR_SHARE`` of those stuck steps it also tries two models of the GPU for one
     elsewhere (or for none) and one for two, which changes how many models a GPU holds; that
-    extra work is charged to ``steps``, which bounds the work.
+    extra work is charged to ``steps``, which bounds the work.  The best is the least
+    ``(delta, key)`` (module doc): the threads ``tid`` of ``nt`` scan, thread 0 applies.
 
     Memory: no step makes a GPU exceed its memory, or an overfull one fuller.  Every step keeps
     ``rules`` (:mod:`kvgpu.kernels.rules`; ``rstate``, their bookkeeping of ``assign``, is
     updated).  ``scratch = (tabu_gpu, tabu_until, mem, lst)`` (n,) int64, ``(S, W, A, wgt, cap,
     mfit)`` (G,) float64, ``start`` (G + 1,) int64 and ``ident`` = ``arange(n)``
-    (:func:`new_scratch`).
+    (:func:`new_scratch`); fw (nt + 2 + 2n,), iw (8 + RED nt,) for the models' loads at ``T``
+    and the threads' reductions.
     """
     n = s.shape[0]
     G = M.shape[0]
     tabu_gpu, tabu_until, mem, lst, S, W, A, wgt, cap, mfit, start, ident = scratch
-    S[:] = 0.0
-    W[:] = 0.0
-    for i in range(n):
-        S[assign[i]] += s[i]
-        W[assign[i]] += w[i]
-    F = 0.0
-    for g in range(G):
-        cap[g] = _cap(M, g)
-        mfit[g] = M[g] + EPS * mem_unit(M[g])
-        A[g] = S[g] + W[g] / T
-        F += overflow(A[g], cap[g])
-        wgt[g] = 1.0
-    best_F = F
-    tabu_until[:] = -1
-    stamp = pos.max() + 1
+    box, red_i = iw[:8], iw[8:8 + RED * nt]
+    red_f, fbox, ld, wT = fw[:nt], fw[nt:nt + 2], fw[nt + 2:nt + 2 + n], fw[nt + 2 + n:nt + 2 + 2 * n]
+    none = np.int64(-1)
+    stamp = 0
     step = 0
-    while step < steps:
-        g = _pick_overflowing(A, cap, state)
+    F = best_F = 0.0
+    if tid == 0:
+        for g in range(G):
+            S[g] = 0.0
+            W[g] = 0.0
+        for i in range(n):
+            S[assign[i]] += s[i]
+            W[assign[i]] += w[i]
+            tabu_until[i] = -1
+            wT[i] = w[i] / T
+            ld[i] = s[i] + wT[i]  # a model's load at T, as s[i] + w[i] / T
+        for g in range(G):
+            cap[g] = _cap(M, g)
+            mfit[g] = M[g] + fmul(EPS, mem_unit(M[g]))
+            A[g] = S[g] + W[g] / T
+            F += overflow(A[g], cap[g])
+            wgt[g] = 1.0
+        best_F = F
+        stamp = next_stamp(pos)
+    while True:
+        if tid == 0:  # the step's GPU, or the end: box[0] = -1 success, -2 out of steps
+            if step >= steps:
+                box[0], box[1] = -2, _pick_overflowing(A, cap, state) < 0
+            else:
+                g = _pick_overflowing(A, cap, state)
+                box[0] = g
+                if g >= 0:
+                    box[1] = _collect(assign, g, mem)
+                    box[2] = np.int64(rand_uniform(state) * 4503599627370496.0)  # the step's tie salt
+                    box[3] = step
+                    fbox[0], fbox[1] = F, best_F
+        barrier()
+        g = box[0]
         if g < 0:
-            return True
-        m = _collect(assign, g, mem)
+            res = g == -1 or box[1] == 1
+            barrier()  # every thread has read the box before thread 0 reuses the memory
+            return res
+        m, salt, stp, Fs, bFs = box[1], box[2], box[3], fbox[0], fbox[1]
         og = overflow(A[g], cap[g])
-        best_d = INF
-        bi, bi2, bj, bj2, bh, ties = -1, -1, -1, -1, -1, 0
-        for p in range(m):
-            i = mem[p]
-            ai = s[i] + w[i] / T
-            for j in range(-G, n):  # j < 0: move i to GPU j + G; else swap i with model j
-                h, aj, sj, jj = _partner(j, G, assign, s, w, T)
-                if h == g:
-                    continue
-                ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aj, sj, og)
-                take = False
-                if ok and d <= best_d + TIE:
-                    take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
-                                        i, np.int64(-1), jj, np.int64(-1), state, rules, rstate)
-                if take:
-                    best_d, bi, bi2, bj, bj2, bh = d, i, -1, jj, -1, h
-        pair_evals = 0
-        if best_d >= -TIE and rand_uniform(state) < PAIR_SHARE:
+        d, key, x1, y1, h = _scan_singles(s, ld, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem, m, g, og,
+                                          Fs, bFs, stp, salt, rules, rstate, tid, nt)
+        _put(red_f, red_i, tid, d, key, x1, none, y1, none, h, 0)
+        barrier()
+        best_d, best_k, bi, bi2, bj, bj2, bh = INF, NO_KEY, none, none, none, none, none
+        if tid == 0:
+            best_d, best_k, bi, bi2, bj, bj2, bh, _ = _reduce(red_f, red_i, nt, best_d, best_k, bi, bi2, bj, bj2, bh)
             # stuck with single moves and swaps: try two models for one, and one for two; the
             # extra evaluations count against the step budget, so an attempt's work stays bounded
-            gpu_lists_into(assign, ident, lst, start)
-            for p in range(m):
-                for q in range(p + 1, m):
-                    i, i2 = mem[p], mem[q]
-                    aX = s[i] + w[i] / T + s[i2] + w[i2] / T
-                    sX = s[i] + s[i2]
-                    for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
-                        h, aj, sj, jj = _partner(j, G, assign, s, w, T)
-                        if h == g:
-                            continue
-                        pair_evals += 1
-                        ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
-                        take = False
-                        if ok and d <= best_d + TIE:
-                            take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
-                                                i, i2, jj, np.int64(-1), state, rules, rstate)
-                        if take:
-                            best_d, bi, bi2, bj, bj2, bh = d, i, i2, jj, -1, h
-                i = mem[p]
-                ai = s[i] + w[i] / T
-                for h in range(G):
-                    if h == g:
-                        continue
-                    for u in range(start[h], start[h + 1]):
-                        for v in range(u + 1, start[h + 1]):
-                            j, j2 = lst[u], lst[v]
-                            aY = s[j] + w[j] / T + s[j2] + w[j2] / T
-                            pair_evals += 1
-                            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ai, s[i], aY, s[j] + s[j2], og)
-                            take = False
-                            if ok and d <= best_d + TIE:
-                                take, ties = _admit(d, best_d, ties, F + raw, best_F, tabu_gpu, tabu_until, step, g, h,
-                                                    i, np.int64(-1), j, j2, state, rules, rstate)
-                            if take:
-                                best_d, bi, bi2, bj, bj2, bh = d, i, -1, j, j2, h
-        if bi < 0:
+            box[4] = best_d >= -TIE and rand_uniform(state) < PAIR_SHARE
+            if box[4]:
+                gpu_lists_into(assign, ident, lst, start)
+        barrier()
+        pair_evals = 0
+        if box[4]:
+            d, key, x1, x2, y1, y2, h, ev = _scan_pairs(s, ld, wT, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until,
+                                                        mem, m, lst, start, g, og, Fs, bFs, stp, salt, rules, rstate,
+                                                        tid, nt)
+            _put(red_f, red_i, tid, d, key, x1, x2, y1, y2, h, ev)
+            barrier()
+            if tid == 0:
+                best_d, best_k, bi, bi2, bj, bj2, bh, pair_evals = _reduce(red_f, red_i, nt, best_d, best_k, bi, bi2,
+                                                                           bj, bj2, bh)
+        if tid == 0:
+            box[5] = bi < 0
+            if bi >= 0:
+                if best_d >= -TIE:  # no improving step: a local minimum of the weighted overflow
+                    for q in range(G):
+                        if A[q] > cap[q]:
+                            wgt[q] += 1.0
+                stamp = _apply_transfer(s, w, S, W, assign, pos, stamp, g, bh, bi, bi2, bj, bj2, rules, rstate)
+                tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
+                for x, src in ((bi, g), (bi2, g), (bj, bh), (bj2, bh)):
+                    if x >= 0:
+                        tabu_gpu[x] = src
+                        tabu_until[x] = step + tenure
+                A[g] = S[g] + W[g] / T
+                A[bh] = S[bh] + W[bh] / T
+                F = 0.0
+                for q in range(G):
+                    F += overflow(A[q], cap[q])
+                if F < best_F:
+                    best_F = F
+                single = max(1, m * (n + G))
+                step += 1 + (pair_evals + single - 1) // single
+        barrier()
+        if box[5]:
+            barrier()
             return False
-        if best_d >= -TIE:  # no improving step: a local minimum of the weighted overflow
-            for h in range(G):
-                if A[h] > cap[h]:
-                    wgt[h] += 1.0
-        stamp = _apply_transfer(s, w, S, W, assign, pos, stamp, g, bh, bi, bi2, bj, bj2, rules, rstate)
-        tenure = TENURE_MIN + _rand_int(state, TENURE_SPAN)
-        for x, src in ((bi, g), (bi2, g), (bj, bh), (bj2, bh)):
-            if x >= 0:
-                tabu_gpu[x] = src
-                tabu_until[x] = step + tenure
-        A[g] = S[g] + W[g] / T
-        A[bh] = S[bh] + W[bh] / T
-        F = 0.0
-        for h in range(G):
-            F += overflow(A[h], cap[h])
-        if F < best_F:
-            best_F = F
-        single = max(1, m * (n + G))
-        step += 1 + (pair_evals + single - 1) // single
-    return _pick_overflowing(A, cap, state) < 0
+
+
+@njit
+def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
+    """Try to bring every GPU to KVPR <= ``T`` (CPU entry of :func:`repair_core`)."""
+    return repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, np.empty(3 + 2 * s.shape[0]),
+                       np.empty(8 + RED, np.int64), 0, 1)
 
 
 @njit
 def new_scratch(n, G):
-    """Working memory of :func:`repair`."""
+    """Working memory of :func:`repair` (allocated; see :func:`scratch_in`)."""
     return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
             np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G), np.empty(G + 1, np.int64),
             np.arange(n))
+
+
+@njit
+def scratch_in(n, G, fw, iw):
+    """The working memory of :func:`repair_core` as views of fw (6G,) and iw (5n + G + 1,); the
+    caller fills ``ident`` (the last) with ``arange(n)``."""
+    sc_i = (iw[:n], iw[n:2 * n], iw[2 * n:3 * n], iw[3 * n:4 * n])
+    ident = iw[4 * n:5 * n]
+    return (sc_i[0], sc_i[1], sc_i[2], sc_i[3], fw[:G], fw[G:2 * G], fw[2 * G:3 * G], fw[3 * G:4 * G],
+            fw[4 * G:5 * G], fw[5 * G:6 * G], iw[5 * n:5 * n + G + 1], ident)
 
 
 @njit
@@ -512,22 +649,25 @@ def repair_steps(n, G):
 
 
 @njit
-def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate):
+def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate, fw, iw):
     """A fresh start for :func:`repair` at target ``T``: models by ``s + w / T`` with random
     jitter, largest first, each on the GPU it fits best (least load room left), or -- when
     it fits nowhere under ``T`` -- on the GPU it overflows least; only GPUs the rules allow.
-    False if memory (or the rules) leave a model no GPU."""
+    False if memory (or the rules) leave a model no GPU.  fw (n,), iw (2n,)."""
     n = s.shape[0]
     G = M.shape[0]
-    key = np.empty(n)
+    key = fw[:n]
     for i in range(n):
-        key[i] = -(s[i] + w[i] / T) * (1.0 + JITTER * rand_uniform(state))
+        key[i] = -(s[i] + w[i] / T) * (1.0 + fmul(JITTER, rand_uniform(state)))
         assign[i] = -1
     reset_state(rules, rstate, assign)
-    S[:] = 0.0
-    A[:] = 0.0
-    k = 0
-    for i in argsort_stable(key):
+    for g in range(G):
+        S[g] = 0.0
+        A[g] = 0.0
+    order = iw[:n]
+    argsort_into(key, order, iw[n:2 * n])
+    for k in range(n):
+        i = order[k]
         ai = s[i] + w[i] / T
         best, best_r = -1, INF
         for g in range(G):
@@ -544,87 +684,134 @@ def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate):
         assign[i] = best
         place(rules, rstate, i, best)
         pos[i] = k
-        k += 1
     return True
 
 
 @njit
-def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, start_sc, sc):
+def _copy(src, dst):
+    for i in range(src.shape[0]):
+        dst[i] = src[i]
+
+
+@njit
+def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, start_sc, sc, fw, iw):
     """Replace the best by the candidate if its score is better (with tolerance) and not worse
-    than the start's, so a chain of near-ties can never drift above where the search began."""
-    score_of(s, w, M, cand_a, cand_p, sc)
+    than the start's, so a chain of near-ties can never drift above where the search began.
+    fw (3G,), iw (2n,) working memory."""
+    score_core(s, w, M, cand_a, cand_p, sc, fw, iw)
     if better(sc[0], sc[1], sc[2], best_sc[0], best_sc[1], best_sc[2]) and not better(
             start_sc[0], start_sc[1], start_sc[2], sc[0], sc[1], sc[2]):
-        best_sc[:] = sc
-        assign[:] = cand_a
-        pos[:] = cand_p
+        _copy(sc, best_sc)
+        _copy(cand_a, assign)
+        _copy(cand_p, pos)
         return True
     return False
 
 
 @njit
-def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
+def improve_work(n, G, nt):
+    """``(floats, ints)``: the working memory :func:`improve_instance_core` needs for ``n``
+    models, ``G`` GPUs and ``nt`` threads."""
+    tail_f = 3 * G + 4 + local_values(n, G, nt) + nt + 2 + 2 * n
+    tail_i = 6 * n + 2 * G + 32 + RED * nt
+    return 10 + 6 * G + tail_f, 9 * n + G + 5 + tail_i
+
+
+@njit
+def improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rules, rstate, fw, iw, state, tid, nt):
     """``effort`` search rounds from the placement ``assign``/``pos`` (in place; the result is
     never worse).  The random stream starts from ``seed`` alone, so an instance gets the same
     answer whatever batch it is solved in; another ``seed`` is an independent restart.
 
-    A round is (1) one :func:`repair` attempt at a target a little below the best max KVPR --
-    the step shrinks after a failure and grows after a success, never below the lower bound
-    ``lb``; odd rounds start it from a fresh packing (not in re-placements, where a fresh
+    A round is (1) one :func:`repair_core` attempt at a target a little below the best max
+    KVPR -- the step shrinks after a failure and grows after a success, never below the lower
+    bound ``lb``; odd rounds start it from a fresh packing (not in re-placements, where a fresh
     packing would move everything), even ones from the best placement -- and (2) one round of
     iterated local search: perturb the best placement and re-optimise it with the seed's
     ``improve_local`` / ``refine_peak``.  Rounds stop within ``STOP_GAP`` of ``lb`` or after
-    ``patience`` rounds without a better placement.  Every step keeps ``rules``.
+    ``patience`` rounds without a better placement.  Every step keeps ``rules`` (``rstate``
+    their bookkeeping of ``assign``).
+
+    Every thread ``tid`` of ``nt`` calls it (module doc); thread 0 decides.  fw, iw of
+    :func:`improve_work` entries; ``state`` (1,) uint64 the random state (seeded here).
     """
     n = s.shape[0]
     G = M.shape[0]
     if n == 0 or effort <= 0:
         return
-    state = np.empty(1, np.uint64)
-    state[0] = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
-    rstate = new_state(rules, assign, G)
-    best_sc = np.empty(3)
-    score_of(s, w, M, assign, pos, best_sc)
-    start_sc = best_sc.copy()
-    cur_a = np.empty(n, np.int64)
-    cur_p = np.empty(n, np.int64)
-    sc = np.empty(3)
-    scratch = new_scratch(n, G)
-    members = np.empty(n, np.int64)
-    old = np.empty(n, np.int64)
-    S, A = scratch[4], scratch[6]
+    best_sc, start_sc, sc, fbox = fw[:3], fw[3:6], fw[6:9], fw[9:10]
+    cur_a, cur_p, members, old, box = iw[:n], iw[n:2 * n], iw[2 * n:3 * n], iw[3 * n:4 * n], iw[4 * n:4 * n + 4]
+    scratch = scratch_in(n, G, fw[10:10 + 6 * G], iw[4 * n + 4:9 * n + G + 5])
+    S, A, ident = scratch[4], scratch[6], scratch[11]
+    f_rest, i_rest = fw[10 + 6 * G:], iw[9 * n + G + 5:]
     steps = repair_steps(n, G)
     fresh_ok = rules[8] < 0 and rules[9] == INF  # a fresh packing moves everything: not under a budget
     frac = FRAC_START
     last_gain = 0
+    if tid == 0:
+        state[0] = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
+        score_core(s, w, M, assign, pos, best_sc, f_rest, i_rest)
+        _copy(best_sc, start_sc)
+        for i in range(n):
+            ident[i] = i
     for it in range(effort):
-        U = best_sc[0]
-        if U <= lb * (1.0 + STOP_GAP) or it - last_gain >= patience:
+        if tid == 0:  # box[0]: stop; box[1]: a repair attempt at T = fbox[0] from cur_a/cur_p
+            U = best_sc[0]
+            box[0] = U <= lb * (1.0 + STOP_GAP) or it - last_gain >= patience
+            box[1] = 0
+            if not box[0] and U > 0.0:
+                T = max((U if U < INF else lb * 1e6) * (1.0 - frac), lb)
+                if T > 0.0:
+                    box[1] = 1
+                    fbox[0] = T
+                    if not (fresh_ok and it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A, rules, rstate,
+                                                                  f_rest, i_rest)):
+                        _copy(assign, cur_a)
+                        _copy(pos, cur_p)
+                        reset_state(rules, rstate, cur_a)
+        barrier()
+        if box[0]:
             break
-        if U > 0.0:
-            T = max((U if U < INF else lb * 1e6) * (1.0 - frac), lb)
-            if T > 0.0:
-                if not (fresh_ok and it % 2 == 1 and _pack_at(s, w, M, T, state, cur_a, cur_p, S, A, rules, rstate)):
-                    cur_a[:] = assign
-                    cur_p[:] = pos
-                    reset_state(rules, rstate, cur_a)
-                if repair(s, w, M, cur_a, cur_p, T, steps, state, scratch, rules, rstate):
-                    if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, start_sc, sc):
+        if box[1]:
+            ok = repair_core(s, w, M, cur_a, cur_p, fbox[0], steps, state, scratch, rules, rstate, f_rest, i_rest, tid,
+                             nt)
+            if tid == 0:
+                if ok:
+                    if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, start_sc, sc, f_rest, i_rest):
                         last_gain = it + 1
                     frac = min(frac * 2.0, FRAC_MAX)
                 else:
                     frac = max(frac * 0.5, FRAC_MIN)
-        cur_a[:] = assign
-        cur_p[:] = pos
-        reset_state(rules, rstate, cur_a)
-        _perturb(s, w, M, cur_a, cur_p, 1 + it % 3, state, rules, rstate, members, old)
-        improve_local(s, w, M, cur_a, cur_p, 4000, rules, rstate)
-        refine_peak(s, w, M, cur_a, cur_p, 2, 12, rules, rstate)
-        improve_local(s, w, M, cur_a, cur_p, 1500, rules, rstate)
-        if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, start_sc, sc):
-            last_gain = it + 1
-    reset_state(rules, rstate, assign)
-    polish_second(s, w, M, assign, pos, POLISH_ITERS, rules, rstate)
+        if tid == 0:
+            _copy(assign, cur_a)
+            _copy(pos, cur_p)
+            reset_state(rules, rstate, cur_a)
+            _perturb(s, w, M, cur_a, cur_p, 1 + it % 3, state, rules, rstate, members, old, f_rest, i_rest)
+        barrier()
+        improve_local_core(s, w, M, cur_a, cur_p, 4000, rules, rstate, f_rest, i_rest, tid, nt)
+        if tid == 0:
+            refine_peak_core(s, w, M, cur_a, cur_p, 2, 12, rules, rstate, f_rest, i_rest)
+        barrier()
+        improve_local_core(s, w, M, cur_a, cur_p, 1500, rules, rstate, f_rest, i_rest, tid, nt)
+        if tid == 0:
+            if _take_if_better(s, w, M, cur_a, cur_p, assign, pos, best_sc, start_sc, sc, f_rest, i_rest):
+                last_gain = it + 1
+        barrier()
+    if tid == 0:
+        reset_state(rules, rstate, assign)
+        polish_second_core(s, w, M, assign, pos, POLISH_ITERS, rules, rstate, f_rest, i_rest)
+    barrier()
+
+
+@njit
+def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
+    """``effort`` search rounds from ``assign``/``pos`` (CPU entry of :func:`improve_instance_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    if n == 0 or effort <= 0:
+        return
+    nf, ni = improve_work(n, G, 1)
+    improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rules, new_state(rules, assign, G),
+                          np.empty(nf), np.empty(ni, np.int64), np.empty(1, np.uint64), 0, 1)
 
 
 @njit
@@ -715,29 +902,28 @@ def _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY):
 
 
 @njit
-def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
+def polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw):
     """Lower the second-largest KVPR without raising the largest, in place: the best exchange
     between one of the two worst GPUs and any GPU -- a move, a swap, two models for one or none,
     one for two -- by the score (max, second) compared with the tolerance of
     :func:`kvgpu.kernels.deltas.better`, while one improves (at most ``max_iters``, and at most
     ``POLISH_SCANS`` exchanges scanned, so the work stays bounded with many models per GPU).  Memory and
     ``rules`` hold (``rstate`` updated).  The search proper drives the largest KVPR; under rules
-    or after a proof nothing else tends the runner-up GPU, which the score's second term ranks."""
+    or after a proof nothing else tends the runner-up GPU, which the score's second term ranks.
+    One thread; fw (3G + 4,), iw (6n + G + 5,)."""
     G = M.shape[0]
     n = s.shape[0]
     if G < 3 or n == 0:
         return
-    S, W = list_loads(assign, pos, s, w, G)
-    kv = kvprs(S, W, M)
-    v = np.empty(4)
-    ix = np.empty(4, np.int64)
-    lst = np.empty(n, np.int64)
-    start = np.empty(G + 1, np.int64)
-    ident = np.arange(n)
-    members = np.empty(n, np.int64)
-    old = np.empty(n, np.int64)
+    S, W, kv, v = fw[:G], fw[G:2 * G], fw[2 * G:3 * G], fw[3 * G:3 * G + 4]
+    lst, ident, members, old = iw[:n], iw[n:2 * n], iw[2 * n:3 * n], iw[3 * n:4 * n]
+    start, ix = iw[4 * n:4 * n + G + 1], iw[4 * n + G + 1:4 * n + G + 5]
+    list_loads_into(assign, pos, s, w, S, W, lst, iw[4 * n + G + 5:5 * n + G + 5])
+    kvprs_into(S, W, M, kv)
+    for i in range(n):
+        ident[i] = i
     none = np.int64(-1)
-    stamp = pos.max() + 1
+    stamp = next_stamp(pos)
     work = 0.0
     for _ in range(max_iters):
         _top4(kv, v, ix)
@@ -750,7 +936,7 @@ def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
         work += (c0 + c1) * (n + G)
         if work > POLISH_SCANS:
             return
-        pair_work = (c0 * c0 + c1 * c1) / 2.0 * n + (c0 + c1) * sq / 2.0
+        pair_work = fmul((c0 * c0 + c1 * c1) / 2.0, n) + fmul(fmul(c0 + c1, sq), 0.5)  # x / 2 exactly, unfused
         b1, b2 = v[0], v[1]
         bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
         bk, bnode = -1, -1
@@ -816,3 +1002,11 @@ def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience
         n, G = n_models[b], n_gpus[b]
         improve_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort,
                          patience, seed, rules)
+
+
+@njit
+def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
+    """Lower the second-largest KVPR (CPU entry of :func:`polish_second_core`)."""
+    n, G = s.shape[0], M.shape[0]
+    polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, np.empty(3 * G + 4),
+                       np.empty(6 * n + G + 5, np.int64))

@@ -54,7 +54,8 @@ def argsort_into(key, out, tmp):
         in_tmp = not in_tmp
         width *= 2
     if in_tmp:
-        out[:] = tmp
+        for k in range(n):  # a loop, not a slice assignment: the CUDA target compiles this too
+            out[k] = tmp[k]
 
 
 @kernel

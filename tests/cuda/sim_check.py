@@ -5,9 +5,15 @@ Checks, on small batches: the transfer kernel returns the values of the array ev
 packing-choice kernel the decisions of the array packs; and the whole seed pipeline with both
 kernels installed makes the NumPy engine's placements, decision for decision.  With
 ``--device`` the batch lives on the GPU as CuPy arrays (the cuda backend's path).
+
+``--kernels S R [T]``: the one-block-per-instance kernels of :mod:`kvgpu.kernels.device` (the
+``cuda`` backend) against the numba CPU backend -- the seed pipeline on ``S`` ADRS-shaped
+instances and the search (small effort) on ``R``, with ``T`` threads per block; prints
+``kernel parity: seed P/S, search Q/R``.
 """
 
 import sys
+import warnings
 
 import numpy as np
 
@@ -66,8 +72,83 @@ def main(device: bool, n_adrs: int, n_varied: int):
           f"({'device' if device else 'simulator'})")
 
 
+def kernel_parity(n_seed: int, n_search: int, nt: int, effort: int = 2, patience: int = 2, seed: int = 7):
+    """(equal seed placements, equal searched placements): the device kernels against the numba
+    CPU kernels, instance by instance (each solved alone on the CPU: no batch kernel compiles)."""
+    from kvgpu import numba_engine
+    from kvgpu.cuda_engine import array_module
+    from kvgpu.kernels import cpu, device, search
+    from kvgpu.kernels.rules import no_rules
+
+    xp = array_module()
+    rng = np.random.default_rng(11)
+    insts = [adrs_like(rng) for _ in range(max(n_seed, n_search))]
+    arrays, _, _ = numba_engine._compacted(batch_from_instances(insts))
+    dev = tuple(xp.asarray(x) for x in arrays)
+    B = len(insts)
+    a_cpu = np.full(arrays[0].shape, -1, np.int64)
+    p_cpu = a_cpu.copy()
+    for b in range(B):
+        n = int(arrays[3][b])
+        assert cpu.seed_instance(*(x[b, :n] for x in arrays[:2]), arrays[2][b, :int(arrays[4][b])], a_cpu[b, :n],
+                                 p_cpu[b, :n])
+    sub = tuple(x[:n_seed] for x in dev)
+    a_dev, p_dev, ok = device.seed(xp, *sub, nt=nt)
+    a_dev, p_dev = _host(a_dev), _host(p_dev)
+    seed_eq = sum(bool((a_dev[b] == a_cpu[b]).all() and (p_dev[b] == p_cpu[b]).all()) for b in range(n_seed))
+    lb = np.zeros(B)
+    # the search starts from a first-fit packing, far from the seed's answer, so that it moves
+    a_ff, p_ff = np.full_like(a_cpu, -1), np.full_like(p_cpu, -1)
+    for b in range(n_search):
+        n, G = int(arrays[3][b]), int(arrays[4][b])
+        s, w, M = arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G]
+        P = cpu.mem_prefix(M)
+        assert cpu.pack(s, w, M, P, cpu.model_orders(s, w, P), 0.0, np.int64(cpu.SIZE_ORDER), np.int64(cpu.FIRST_FIT),
+                        np.int64(0), a_ff[b, :n], p_ff[b, :n])
+    a_s, p_s = a_ff[:n_search].copy(), p_ff[:n_search].copy()
+    for b in range(n_search):
+        n, G = int(arrays[3][b]), int(arrays[4][b])
+        search.improve_instance(arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G], 0.0, a_s[b, :n], p_s[b, :n],
+                                effort, patience, seed, no_rules())
+    a_d, p_d = xp.array(a_ff[:n_search]), xp.array(p_ff[:n_search])  # copies: the kernel works in place
+    device.improve(xp, *(x[:n_search] for x in dev), xp.asarray(lb[:n_search]), effort, patience, seed, a_d, p_d, nt=nt)
+    a_d, p_d = _host(a_d), _host(p_d)
+    moved = sum(bool((a_s[b] != a_ff[b]).any()) for b in range(n_search))
+    search_eq = sum(bool((a_d[b] == a_s[b]).all() and (p_d[b] == p_s[b]).all()) for b in range(n_search))
+    return seed_eq, search_eq, moved
+
+
+def engine_parity():
+    """:mod:`kvgpu.cuda_engine` against :mod:`kvgpu.numba_engine` through their common contract
+    (batch slots, padding), on a one-instance batch: True if seed and search agree."""
+    from kvgpu import cuda_engine, numba_engine
+
+    rng = np.random.default_rng(5)
+    b = batch_from_instances([adrs_like(rng)])
+    a1, p1 = cuda_engine.solve_seed(b)
+    a2, p2 = numba_engine.solve_seed(b)
+    lb = np.zeros(1)
+    r1 = cuda_engine.improve(b, a1, p1, lb, 2, 2, 3)
+    r2 = numba_engine.improve(b, a2, p2, lb, 2, 2, 3)
+    return bool((a1 == a2).all() and (p1 == p2).all() and all((x == y).all() for x, y in zip(r1, r2)))
+
+
+def _host(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    # the simulator runs every thread of a block as a Python thread and polls them: a short
+    # switch interval makes its barriers fast; its uint64 hash arithmetic warns on wrap-around
+    sys.setswitchinterval(1e-4)
+    warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+    if "--kernels" in args:
+        nums = [int(a) for a in args if a.isdigit()] + [2, 2, 3][len([a for a in args if a.isdigit()]):]
+        s_eq, r_eq, moved = kernel_parity(nums[0], nums[1], nums[2])
+        print(f"kernel parity: seed {s_eq}/{nums[0]}, search {r_eq}/{nums[1]} (search moved {moved}; "
+              f"{nums[2]} threads a block); cuda_engine equals numba_engine: {engine_parity()}")
+        sys.exit(0)
     dev = "--device" in args
     nums = [int(a) for a in args if a.isdigit()] or [2, 2]
     main(dev, *nums)

@@ -1,0 +1,121 @@
+"""CUDA kernels of the whole solve: one thread block per instance.
+
+Each block runs an instance's seed pipeline (:func:`kvgpu.kernels.cpu.seed_instance_core`) or
+its search (:func:`kvgpu.kernels.search.improve_instance_core`) -- the very Python source the
+numba CPU backend compiles, compiled again as CUDA device functions by
+:func:`kvgpu.kernels.jit.device`.  The threads of the block share the scans of a step (the move
+and swap deltas of ``improve_local``, the moves and exchanges of the repair search) and reduce
+them to the choice the serial CPU loop makes; thread 0 applies it between barriers.  An instance's
+state and working memory live in global memory: one row per instance of two arrays allocated
+once per launch (:func:`work_arrays`).
+
+Arrays stay where they are: CuPy arrays on a device (numba reads them through
+``__cuda_array_interface__``), NumPy arrays under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``),
+which is how the tests run these kernels on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from numba import cuda
+
+from kvgpu.kernels import cpu, search
+from kvgpu.kernels.jit import device
+
+#: Threads per block on a device (one warp); the simulator runs a few (every thread is a
+#: Python thread there).
+THREADS = 32
+SIM_THREADS = 4
+
+_seed = device(cpu.seed_instance_core)
+_improve = device(search.improve_instance_core)
+
+
+def threads() -> int:
+    """Threads per block: :data:`THREADS`, or :data:`SIM_THREADS` under the simulator."""
+    from numba.core import config
+
+    return SIM_THREADS if config.ENABLE_CUDASIM else THREADS
+
+
+@cuda.jit
+def _seed_kernel(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, iw, e_u8, e_i2, e_i, e_f, used):
+    """Block ``b``: the seed pipeline of compacted instance ``b`` (no rules: the ``e_*`` are
+    empty arrays that make the rule tuples, ``used`` (B, 2) their budget bookkeeping)."""
+    b = cuda.blockIdx.x
+    n, G = n_models[b], n_gpus[b]
+    rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf)
+    rstate = (e_i2, e_i, e_i, e_i, used[b])
+    r = _seed(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n], rules, rstate, fw[b], iw[b],
+              cuda.threadIdx.x, cuda.blockDim.x)
+    if cuda.threadIdx.x == 0:
+        ok[b] = r
+
+
+@cuda.jit
+def _improve_kernel(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, seed, assign, pos, fw, iw, rng,
+                    e_u8, e_i2, e_i, e_f, used):
+    """Block ``b``: ``effort`` search rounds of compacted instance ``b`` from ``assign``/``pos``
+    (no rules; see :func:`_seed_kernel`), ``rng`` (B,) uint64 its random state."""
+    b = cuda.blockIdx.x
+    n, G = n_models[b], n_gpus[b]
+    rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf)
+    rstate = (e_i2, e_i, e_i, e_i, used[b])
+    _improve(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, patience, seed,
+             rules, rstate, fw[b], iw[b], rng[b:b + 1], cuda.threadIdx.x, cuda.blockDim.x)
+
+
+def _empties(xp, B):
+    """The empty rule arrays of the kernels, and ``used`` (B, 2)."""
+    return (xp.zeros((0, 0), xp.uint8), xp.zeros((0, 0), xp.int64), xp.zeros(0, xp.int64), xp.zeros(0),
+            xp.zeros((B, 2)))
+
+
+def work_arrays(xp, B, sizes):
+    """One row of working memory per instance: ``(fw (B, nf) float64, iw (B, ni) int64)``."""
+    nf, ni = sizes
+    return xp.empty((B, max(1, int(nf)))), xp.empty((B, max(1, int(ni))), xp.int64)
+
+
+def _launch(kern, B, nt, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _performance_warning())  # small batches leave most of a GPU idle
+        kern[B, nt](*args)
+
+
+def seed(xp, sizes, demand, gpu_mem, n_models, n_gpus, nt=None):
+    """The seed pipeline of a compacted batch (real models and GPUs first; sizes, demand (B, N),
+    gpu_mem (B, G) float64, n_models, n_gpus (B,) int64), one block per instance, in one launch.
+    Returns ``(assign, pos (B, N) int64, ok (B,) bool)`` as arrays of ``xp``."""
+    B, N = sizes.shape
+    G = gpu_mem.shape[1]
+    nt = nt or threads()
+    assign = xp.full((B, N), -1, xp.int64)
+    pos = xp.full((B, N), -1, xp.int64)
+    ok = xp.zeros(B, xp.uint8)
+    if B:
+        fw, iw = work_arrays(xp, B, cpu.seed_work(N, G, nt))
+        _launch(_seed_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, iw,
+                *_empties(xp, B))
+    return assign, pos, ok.astype(bool)
+
+
+def improve(xp, sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, seed_, assign, pos, nt=None):
+    """:func:`kvgpu.kernels.search.improve_batch` on the device: ``assign``/``pos`` (B, N) int64
+    are improved in place, one block per instance, in one launch."""
+    B, N = sizes.shape
+    G = gpu_mem.shape[1]
+    nt = nt or threads()
+    if B and effort > 0:
+        fw, iw = work_arrays(xp, B, search.improve_work(N, G, nt))
+        rng = xp.zeros(B, xp.uint64)
+        _launch(_improve_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, lb, int(effort), int(patience),
+                int(seed_), assign, pos, fw, iw, rng, *_empties(xp, B))
+
+
+def _performance_warning():
+    from kvgpu.backends import performance_warning
+
+    return performance_warning()
