@@ -206,16 +206,27 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         lo = backends.lower_bound(sub, m, opts.backend)
         work = opts.proof_work(int(sub.n_models.max()))
         if opts.effort or work:
-            _need_numba("mode 'search'" if opts.effort else "exact=True")
-            from kvgpu.numba_engine import improve
+            if opts.backend == "cuda":  # search on the device (one thread block per instance), a proof on the CPU
+                from kvgpu.cuda_engine import improve
+            else:
+                _need_numba("mode 'search'" if opts.effort else "exact=True")
+                from kvgpu.numba_engine import improve
 
             a, p, lo = improve(sub, a, p, lo, opts.effort, opts.patience, opts.seed, work)
             k, m = _objective(sub, a, p)
-            if opts.backend != "numba":
-                engines = f"{opts.backend}+numba"
+            engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work))
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+
+
+def _engines(backend: str, searched: bool, proved: bool) -> str:
+    """Every engine that ran: the seed's ``backend``; search in numba kernels, or on the device
+    for ``cuda``; a proof always in numba kernels."""
+    used = [backend]
+    if (searched and backend != "cuda") or proved:
+        used.append("numba")
+    return "+".join(dict.fromkeys(used))
 
 
 def _decomposed(batch: Batch, opts: Options) -> np.ndarray:
@@ -272,7 +283,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             k, m = _objective(one, a, p)
             lo = np.minimum(np.maximum(lo, bounds.lower_bound(one, m)), m)
             st = np.array(["ok"], dtype=object)
-            engines.add(opts.backend if opts.backend == "numba" else f"{opts.backend}+numba")
+            engines.add(_engines(opts.backend, searched=True, proved=True))  # the repair between groups is numba's
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
         out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
         out.status[b] = st[0]
