@@ -49,3 +49,45 @@ def test_best_swap_is_the_record_scan(seed, n, kind):
         got = cpu.best_swap(S, W, M, s, w, src, dst, others, best, mem, start, np.empty(n), np.empty(n, np.int64),
                             np.empty(n, np.int64), rules, new_state(rules, assign, G))
         assert tuple(got) == _record_scan(S, W, M, s, w, src, dst, others, best, mem, start)
+
+
+def _first_scan(S, W, M, s, w, assign, mem, lo, hi, worst, t3, cur):
+    n = s.shape[0]
+    for p in range(hi - lo):
+        for q in range(n):
+            if lo <= q < hi:
+                continue
+            a, b = mem[lo + p], mem[q]
+            d = assign[b]
+            Ss, Ws, Sd, Wd = transfer_loads(S[worst], W[worst], S[d], W[d], s[a], w[a], s[b], w[b])
+            if not (fits(Ss, M[worst]) and fits(Sd, M[d])):
+                continue
+            if transfer_new_max(safe_div(Ws, M[worst] - Ss), safe_div(Wd, M[d] - Sd),
+                                cpu.max_excluding(t3, worst, d)) + EPS < cur:
+                return p * n + q
+    return (hi - lo) * n
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.integers(6, 120), st.integers(2, 6), st.integers(1, 5))
+def test_first_swap_is_the_serial_scans_for_any_number_of_threads(seed, n, G, nt):
+    """improve_local's first improving swap: the smallest candidate over the threads of a block
+    is the serial scan's, which is the record of the scan in order (GPUs, then list order)."""
+    rng = np.random.default_rng(seed)
+    s, w = rng.integers(1, 8, n).astype(float), rng.integers(0, 9, n).astype(float)
+    assign = rng.integers(0, G, n)
+    M = np.bincount(assign, weights=s, minlength=G) * rng.uniform(1.05, 1.5, G) + 1.0
+    pos = rng.permutation(n).astype(np.int64)
+    S, W = cpu.list_loads(assign, pos, s, w, G)
+    kv = cpu.kvprs(S, W, M)
+    worst = int(np.argmax(kv))
+    mem, start = np.empty(n, np.int64), np.empty(G + 1, np.int64)
+    cpu.gpu_lists_into(assign, np.argsort(pos, kind="stable"), mem, start)
+    t3 = cpu.top3(kv)
+    rules = no_rules()
+    rs = new_state(rules, assign, G)
+    lo, hi = start[worst], start[worst + 1]
+    want = _first_scan(S, W, M, s, w, assign, mem, lo, hi, worst, t3, kv[worst])
+    got = min(cpu.first_swap(S, W, M, s, w, assign, mem, start, worst, t3, kv[worst], rules, rs, t, nt)
+              for t in range(nt))
+    assert got == want

@@ -985,23 +985,27 @@ def _move_scan(S, W, M, s, w, mem, lo, worst, t3, vals, tid, nt):
 
 
 @njit
-def _first_swap(S, W, M, s, w, assign, mem, lo, hi, worst, t3, cur, rules, rstate, tid, nt):
+def first_swap(S, W, M, s, w, assign, mem, start, worst, t3, cur, rules, rstate, tid, nt):
     """The first improving swap in the serial scan order (models of the worst GPU's list, then
     target GPUs, then their models) among the candidates of thread ``tid`` of ``nt``: its index
-    ``p n + q`` (``mem[lo + p]`` for ``mem[q]``), or ``(hi - lo) n`` if none.  The smallest
-    index over all threads is the serial scan's choice, whatever the number of threads."""
+    ``p n + q`` (``mem[start[worst] + p]`` for ``mem[q]``), or ``(hi - lo) n`` if none.  The
+    smallest index over all threads is the serial scan's choice, whatever the number of threads.
+    ``mem``/``start``: the GPU lists (:func:`gpu_lists_into`)."""
     n = s.shape[0]
-    nk = (hi - lo) * n
-    for k in range(tid, nk, nt):
-        q = k % n
-        if lo <= q < hi:
-            continue
-        a, b = mem[lo + k // n], mem[q]
-        d = assign[b]
-        new = _eval(S, W, M, s, w, worst, d, a, b, max_excluding(t3, worst, d))
-        if new + EPS < cur and _allowed(rules, rstate, worst, d, a, b):
-            return k
-    return nk
+    G = M.shape[0]
+    lo, hi = start[worst], start[worst + 1]
+    for p in range(hi - lo):
+        a, base = mem[lo + p], p * n
+        for d in range(G):
+            if d == worst:
+                continue
+            others = max_excluding(t3, worst, d)
+            q0 = start[d] + (tid - base - start[d]) % nt  # this thread's candidates: base + q = tid (mod nt)
+            for q in range(q0, start[d + 1], nt):
+                new = _eval(S, W, M, s, w, worst, d, a, mem[q], others)
+                if new + EPS < cur and _allowed(rules, rstate, worst, d, a, mem[q]):
+                    return base + q
+    return (hi - lo) * n
 
 
 @njit
@@ -1052,7 +1056,7 @@ def improve_local_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw, t
             box[0], box[1], box[2] = ba, bd, none
         barrier()
         if box[0] < 0:
-            red[tid] = _first_swap(S, W, M, s, w, assign, mem, lo, hi, worst, t3, kv[worst], rules, rstate, tid, nt)
+            red[tid] = first_swap(S, W, M, s, w, assign, mem, start, worst, t3, kv[worst], rules, rstate, tid, nt)
             barrier()
             if tid == 0:
                 k = red[0]
