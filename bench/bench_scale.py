@@ -78,8 +78,8 @@ def measure(family, gpus, mode, limit_s):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gpus", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    ap.add_argument("--families", nargs="+", default=["uniform", "llm"])
+    ap.add_argument("--gpus", type=int, nargs="*", default=[256, 1024, 4096, 16384])
+    ap.add_argument("--families", nargs="*", default=["uniform", "llm"])
     ap.add_argument("--seed-limit", type=float, default=300.0, help="seconds a seed-mode run may take")
     ap.add_argument("--limit", type=float, default=1800.0, help="seconds a search run may take")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
