@@ -113,10 +113,11 @@ def main():
     fits = {}
     for family in args.families:
         done = [r for r in rows if r["family"] == family and r["mode"] == "search" and r["finished"]]
-        if len(done) >= 2:
-            slope = float(np.polyfit(np.log([r["models"] for r in done]), np.log([r["wall_s"] for r in done]), 1)[0])
-            fits[family] = slope
-            print(f"{family}: search time ~ models^{slope:.2f} ({done[0]['gpus']} to {done[-1]['gpus']} GPUs)")
+        for what, rs in (("every search row", done), ("decomposed rows", [r for r in done if r["decomposed"]])):
+            if len(rs) >= 2:
+                slope = float(np.polyfit(np.log([r["models"] for r in rs]), np.log([r["wall_s"] for r in rs]), 1)[0])
+                fits[f"{family}, {what}"] = slope
+                print(f"{family}: search time ~ models^{slope:.2f} ({what}, {rs[0]['gpus']} to {rs[-1]['gpus']} GPUs)")
     result = {"machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": mp.cpu_count()},
               "rows": rows, "time_exponent_in_models": fits}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

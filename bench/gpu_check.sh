@@ -20,7 +20,11 @@ INSTALL=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --simulate) SIMULATE=1 ;;
-    --instances) INSTANCES="$2"; shift ;;
+    --instances)
+      if [ $# -lt 2 ] || ! [[ "$2" =~ ^[0-9]+$ ]]; then
+        echo "gpu_check.sh: --instances needs a count (--simulate, --instances N, --no-install)" >&2; exit 2
+      fi
+      INSTANCES="$2"; shift ;;
     --no-install) INSTALL=0 ;;
     *) echo "gpu_check.sh: unknown option $1 (--simulate, --instances N, --no-install)" >&2; exit 2 ;;
   esac

@@ -152,7 +152,11 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     decompose = {"auto": None, "on": True, "off": False}[args.decompose]
     # the options alone first: their errors are about the command line, not the file
     options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work, decompose)
-    decomposition.check(decompose, mode=args.mode, rules=False, dask=bool(args.dask or args.dask_local is not None))
+    use_dask = bool(args.dask or args.dask_local is not None)
+    decomposition.check(decompose, mode=args.mode, rules=False, dask=use_dask)
+    if use_dask and decompose is None and not decomposition.chosen(int(gpus), None):  # said before connecting
+        raise InvalidInstance(f"--dask / --dask-local run the group solves of a decomposed cluster, and {gpus} GPUs "
+                              f"are below the automatic {decomposition.AUTO_GPUS}: add --decompose on, or drop it")
     with contextlib.ExitStack() as stack:
         client = None
         if args.dask or args.dask_local is not None:

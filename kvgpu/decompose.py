@@ -13,8 +13,8 @@ the steps needed grow with the cluster); a cluster of ``G`` GPUs split into grou
    its share, and each group's fluid bound ``W_g / (M_g - S_g)`` is close to the global one.
 2. **Groups as one batch**: the seed pipeline of the chosen backend on all groups at once (the
    numba backend runs one group per CPU thread; with an executor on Dask, groups are tasks).  A
-   group that the seed's packings cannot fill makes the partition coarser (groups merged in
-   pairs) until every group packs.
+   group that the seed's packings cannot fill makes the partition coarser (a new partition into
+   half as many groups) until every group packs.
 3. **Repair between groups**: a bisection on a target ``T`` between the lower bound and the
    max KVPR.  A round *draws lanes* of about :data:`LANE_GPUS` GPUs -- the GPUs above ``T``
    spread over the lanes at random, each lane filled with GPUs that have the most room at ``T``,

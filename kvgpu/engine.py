@@ -182,7 +182,8 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         return _solve_decomposed(batch, opts, big, infeasible)
     if opts.executor is not None:
         raise InvalidInstance(f"dask (--dask, --dask-local) runs the group solves of a decomposed cluster, and no "
-                              f"cluster here is decomposed (automatic from {decomposition.AUTO_GPUS} GPUs): pass "
+                              f"cluster here is decomposed (automatic from {decomposition.AUTO_GPUS} GPUs, counting "
+                              f"at most one GPU per model of each memory size, the ones worth solving on): pass "
                               f"decompose=True (--decompose on), or drop dask")
     _compile_first(opts, B, int(batch.n_models.max()))
     status = np.full(B, "ok", dtype=object)
@@ -247,8 +248,8 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
                       np.full(B, np.nan), backend=opts.backend, decomposed=big.copy())
     whole = replace(opts, decompose=False, executor=None)
     rest = np.nonzero(~big)[0]
-    if rest.size:
-        r = solve_batch_plain(batch.take(rest), whole, infeasible)
+    if rest.size:  # "mark", so that a failure is said below with this batch's instance ids
+        r = solve_batch_plain(batch.take(rest), whole, "mark")
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
         out.status[rest] = r.status
@@ -267,7 +268,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         res = decomposition.solve(s, w, M, lb0, backend=opts.backend, effort=opts.effort, patience=opts.patience,
                                   seed=opts.seed, ex=opts.executor)
         if res is None:  # the seed packs no partition into groups: the cluster whole
-            r = solve_batch_plain(one, whole, infeasible)
+            r = solve_batch_plain(one, whole, "mark")
             a, k, m, lo, st = r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
             engines.add(r.backend)
             out.decomposed[b] = False
@@ -283,11 +284,18 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             k, m = _objective(one, a, p)
             lo = np.minimum(np.maximum(lo, bounds.lower_bound(one, m)), m)
             st = np.array(["ok"], dtype=object)
-            engines.add(_engines(opts.backend, searched=True, proved=True))  # the repair between groups is numba's
+            engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work)))
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
         out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
         out.status[b] = st[0]
     out.backend = "+".join(sorted(set("+".join(sorted(engines)).split("+")), key=["numpy", "cuda", "numba"].index))
+    failed = np.nonzero(out.status != "ok")[0]
+    if failed.size and infeasible == "raise":
+        proven = bool((out.status[failed] == INFEASIBLE).all())
+        raise NoPlacementFound(f"instance(s) {failed[:10].tolist()}: " + (
+            "the models do not fit in GPU memory (proven by exact search)" if proven else
+            "no placement fitting the models in memory was found within the search's work"), failed.tolist(),
+            proven=proven)
     return out
 
 
@@ -303,6 +311,7 @@ def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
         out.status[rest], out.proven[rest], out.backend = r.status, r.proven, r.backend
+        out.decomposed[rest] = r.decomposed
     return out
 
 
@@ -453,10 +462,13 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
         if res.decomposed[0]:
             note = ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
                     "(decompose=False solves the cluster whole)")
-        elif opts.decompose:
+        elif opts.decompose and decomposition.chosen(sub.n_gpus, True):
             note = ("decompose=True: the seed's packings fit no split of these models into groups, so the cluster "
                     "was solved whole")
-        return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend, note=note)
+        elif opts.decompose:
+            note = f"decompose=True: {sub.n_gpus} GPU(s) worth solving on, nothing to split; solved whole"
+        return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend, note=note,
+                         decomposed=bool(res.decomposed[0]))
     decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
     assign, pos, lb, certified = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)

@@ -92,6 +92,8 @@ class Placement:
     baseline_kvpr: float | None = None
     note: str | None = None
     warnings: list = field(default_factory=list)
+    #: Solved by decomposition into groups (:mod:`kvgpu.decompose`).
+    decomposed: bool = False
     #: (G,) float64: GB of model weights (and overheads) on each GPU.
     used: np.ndarray = field(init=False, repr=False)
     #: (G,) float64: demand (``sum req_rate / slo``) on each GPU.
@@ -219,7 +221,10 @@ class Placement:
                "units": {"kvpr": KVPR_UNIT, "demand": "req_rate / slo (req/s per s of SLO)", "memory": "GB",
                          "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum"},
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
-               "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus}
+               "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus,
+               "decomposed": self.decomposed}
+        if not p.is_replan and self.note:
+            out["note"] = self.note
         if p.is_replan:
             out["replan"] = {"moved_models": self.moved_models, "start_kvpr": json_float(self.start_kvpr),
                              "baseline_kvpr": None if self.baseline_kvpr is None else json_float(self.baseline_kvpr),
@@ -335,4 +340,5 @@ class BatchResult:
         """This result with ``assignment``, ``kvpr``, ``max_kvpr`` and ``lower_bound`` copied to the
         GPU by ``cp`` (the CuPy module), once each."""
         return BatchResult(cp.asarray(self.assignment), cp.asarray(self.kvpr), cp.asarray(self.max_kvpr),
-                           cp.asarray(self.lower_bound), backend=self.backend, status=self.status, proven=self.proven)
+                           cp.asarray(self.lower_bound), backend=self.backend, status=self.status, proven=self.proven,
+                           decomposed=self.decomposed)

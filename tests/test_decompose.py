@@ -217,3 +217,33 @@ def test_memory_grows_with_models_plus_gpus_not_their_product():
     finally:
         tracemalloc.stop()
     assert peak < dense / 8, (peak, dense)
+
+
+def test_failures_name_this_batchs_instances_and_marks_keep_decomposed():
+    """A batch mixing a decomposed instance and one whose models fit no GPU: the error names
+    the second (its index in this batch), with or without decomposition; marked, the first
+    keeps its decomposed flag."""
+    from kvgpu.errors import NoPlacementFound
+    from kvgpu.problem import Instance
+
+    bad = Instance(np.full(5, 50.0), np.ones(5), np.full(4, 80.0))  # fits in total, not on the GPUs
+    b = batch_from_instances([uniform(np.random.default_rng(9), 16), bad])
+    args = (b.sizes, b.demand, b.gpu_mem)
+    kw = dict(model_mask=b.model_mask, gpu_mask=b.gpu_mask)
+    for decompose in (True, False):
+        with pytest.raises(NoPlacementFound) as e:
+            kvgpu.solve_batch(*args, decompose=decompose, **kw)
+        assert e.value.instances == [1], (decompose, e.value)
+    r = kvgpu.solve_batch(*args, decompose=True, infeasible="mark", **kw)
+    assert r.decomposed.tolist() == [True, False] and r.status[1] != "ok" and np.isnan(r.max_kvpr[1])
+
+
+def test_json_says_decomposed_and_backend_names_only_what_ran():
+    inst = uniform(np.random.default_rng(4), 64)
+    p = kvgpu.solve(_models(inst), 64, decompose=True, backend="numpy", effort=0)
+    d = p.to_dict()
+    assert d["decomposed"] is True and "decomposition" in d["note"]
+    assert p.backend == "numpy"  # effort 0: no repair between groups, no numba
+    assert kvgpu.solve(_models(inst), 64, decompose=True, backend="numpy").backend == "numpy+numba"
+    one = kvgpu.solve(_models(inst)[:1], 8, decompose=True)
+    assert not one.decomposed and "nothing to split" in one.note
