@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvgpu.batch.state import Batch
+from kvgpu.kernels.deltas import safe_div_array
 from kvgpu.errors import InvalidInstance, NoPlacementFound
 
 #: GPUs per group of the partition.
@@ -276,12 +277,11 @@ def _start(s, w, M, T: float, backend: str, ex):
 # ----------------------------------------------------------------------------- stage 3
 
 def _kvpr(s, w, M, assign):
+    """``(S, W, KVPR)`` (G,) of a placement (sizes and demands summed by GPU)."""
     G = M.shape[0]
     S = np.bincount(assign, weights=s, minlength=G)
     W = np.bincount(assign, weights=w, minlength=G)
-    free = M - S
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return S, W, np.where(free > 0, W / np.where(free > 0, free, 1.0), np.where(W > 0, np.inf, 0.0))
+    return S, W, safe_div_array(W, M - S, np)
 
 
 def _dense(pos) -> None:

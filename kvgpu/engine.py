@@ -28,6 +28,7 @@ from kvgpu import backends, bounds, migration
 from kvgpu import decompose as decomposition
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
 from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
+from kvgpu.kernels.deltas import safe_div_array
 from kvgpu.kernels.params import OPTIMAL_RTOL
 from kvgpu.problem import Instance, Problem
 from kvgpu.results import BatchResult, Placement
@@ -513,10 +514,7 @@ def _running_peak(problem: Problem) -> float:
     run = problem.cur >= 0
     S = np.bincount(problem.cur[run], weights=inst.sizes[run], minlength=problem.n_gpus)
     W = np.bincount(problem.cur[run], weights=inst.demand[run], minlength=problem.n_gpus)
-    free = inst.gpu_mem - S
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kv = np.where(free > 0, W / np.where(free > 0, free, 1.0), np.where(W > 0, np.inf, 0.0))
-    return float(kv.max())
+    return float(safe_div_array(W, inst.gpu_mem - S, np).max())
 
 
 def is_optimal(max_kvpr: float, lower_bound: float) -> bool:
