@@ -238,7 +238,7 @@ class HeadroomResult:
             head = f"{G} meet{s} max KVPR {X} only if every request rate shrinks to x{self.factor:.4g}"
         head += f" (placement found: max KVPR {p.max_kvpr:.4g} at today's rates)"
         if self.proven:
-            return head + f"; that is the most (proven: the placement is optimal)"
+            return head + "; that is the most (proven: the placement is optimal)"
         return (head + f"; no placement sustains more than x{self.upper_limit:.4g} (proven by the lower bound "
                 f"{p.lower_bound:.4g} on max KVPR); in between is not proven")
 

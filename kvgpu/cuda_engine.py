@@ -17,7 +17,7 @@ from numba.core import config
 
 from kvgpu.batch.state import Batch
 from kvgpu.errors import NoPlacementFound
-from kvgpu.numba_engine import _compacted, _expand, compact_placement
+from kvgpu.numba_engine import compact_placement, compacted, expand
 
 
 def array_module():
@@ -40,11 +40,15 @@ def to_device(batch: Batch) -> Batch:
                                             batch.gpu_mask)))
 
 
-def _device_arrays(batch: Batch):
-    """``(device arrays for the kernels, model_perm, gpu_perm)``: compacted on the host
-    (:func:`kvgpu.numba_engine._compacted`), copied to the device once."""
-    arrays, pm, pg = _compacted(Batch(*(_host(x) for x in (batch.sizes, batch.demand, batch.model_mask,
-                                                            batch.gpu_mem, batch.gpu_mask))))
+def _on_host(batch: Batch) -> Batch:
+    """``batch`` with NumPy arrays (copied from the device where they are CuPy's)."""
+    return Batch(*(_host(x) for x in (batch.sizes, batch.demand, batch.model_mask, batch.gpu_mem, batch.gpu_mask)))
+
+
+def _device_arrays(host: Batch):
+    """``(device arrays for the kernels, model_perm, gpu_perm)`` of a host batch: compacted on the
+    host (:func:`kvgpu.numba_engine.compacted`), copied to the device once."""
+    arrays, pm, pg = compacted(host)
     xp = array_module()
     return tuple(xp.ascontiguousarray(xp.asarray(x)) for x in arrays), pm, pg
 
@@ -55,14 +59,14 @@ def solve_seed(batch: Batch):
     candidate packs.  ``batch`` may hold NumPy or CuPy arrays."""
     from kvgpu.kernels import device
 
-    host = Batch(*(_host(x) for x in (batch.sizes, batch.demand, batch.model_mask, batch.gpu_mem, batch.gpu_mask)))
+    host = _on_host(batch)
     arrays, pm, pg = _device_arrays(host)
     a, p, ok = device.seed(array_module(), *arrays)
     a, p, ok = _host(a), _host(p), _host(ok)
     if not ok.all():
         bad = np.nonzero(~ok)[0].tolist()
         raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}", bad)
-    return _expand(host, a, p, pm, pg)
+    return expand(host, a, p, pm, pg)
 
 
 def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int, exact_work: int = 0):
@@ -72,7 +76,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
     from kvgpu import numba_engine
     from kvgpu.kernels import device
 
-    host = Batch(*(_host(x) for x in (batch.sizes, batch.demand, batch.model_mask, batch.gpu_mem, batch.gpu_mask)))
+    host = _on_host(batch)
     assign, pos = _host(assign), _host(pos)
     lo = np.array(_host(lb), dtype=float)
     if effort > 0 and host.shape[0]:
@@ -81,7 +85,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
         a, p = compact_placement(host, assign, pos, pm, pg)
         a, p = xp.asarray(a), xp.asarray(p)
         device.improve(xp, *arrays, xp.asarray(lo), int(effort), int(patience), int(seed), a, p)
-        assign, pos = _expand(host, _host(a), _host(p), pm, pg)
+        assign, pos = expand(host, _host(a), _host(p), pm, pg)
     if exact_work > 0:
         assign, pos, lo = numba_engine.improve(host, assign, pos, lo, 0, patience, seed, exact_work)
     return assign, pos, lo

@@ -27,8 +27,10 @@ def _front_packed(batch: Batch):
     return None
 
 
-def _compacted(batch: Batch):
-    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed;
+def compacted(batch: Batch):
+    """``(arrays for the kernels, model_perm, gpu_perm)``: real models and GPUs first, trimmed --
+    ``(sizes (B, N') float64 GB, demand (B, N') float64, gpu_mem (B, G') float64 GB, n_models (B,)
+    int64, n_gpus (B,) int64)``, contiguous, what the batch kernels (CPU and device) take;
     the permutations are None where the batch is already front-packed (:func:`_front_packed`)."""
     packed = _front_packed(batch)
     if packed is not None:
@@ -42,8 +44,9 @@ def _compacted(batch: Batch):
     return arrays, pm, pg
 
 
-def _expand(batch: Batch, a, p, pm, pg):
-    """Compact results ``a``, ``p`` (B, N') back to the batch's slots (B, N), -1 for padding."""
+def expand(batch: Batch, a, p, pm, pg):
+    """Compact results ``a``, ``p`` (B, N') int64 (of :func:`compacted`'s ids) back to the batch's
+    slots: ``(assign, pos)`` (B, N) int64, -1 for padding."""
     B, N, _ = batch.shape
     assign = np.full((B, N), -1, np.int64)
     pos = np.full((B, N), -1, np.int64)
@@ -56,7 +59,7 @@ def _expand(batch: Batch, a, p, pm, pg):
 
 def compact_placement(batch: Batch, assign, pos, pm, pg):
     """A placement in batch slots (``assign``/``pos`` (B, N) int64, -1 for padding) in the compact
-    ids of :func:`_compacted` (``pm``, ``pg`` its model and GPU permutations, None for a
+    ids of :func:`compacted` (``pm``, ``pg`` its model and GPU permutations, None for a
     front-packed batch): ``(a, p)`` (B, N') int64, contiguous."""
     if pm is None:  # front-packed: the batch's GPU slots are the compact ids
         width = max(1, int(batch.model_mask.sum(axis=1).max()))
@@ -96,7 +99,7 @@ def solve_seed(batch: Batch):
     raises :class:`kvgpu.NoPlacementFound` naming the instances no candidate packs)."""
     from kvgpu.kernels import cpu
 
-    arrays, pm, pg = _compacted(batch)
+    arrays, pm, pg = compacted(batch)
     a = np.full(arrays[0].shape, -1, np.int64)
     p = np.full(arrays[0].shape, -1, np.int64)
     ok = np.zeros(batch.shape[0], bool)
@@ -108,7 +111,7 @@ def solve_seed(batch: Batch):
     if not ok.all():
         bad = np.nonzero(~ok)[0].tolist()
         raise NoPlacementFound(f"no candidate packing fits the models in GPU memory for instance(s) {bad[:10]}", bad)
-    return _expand(batch, a, p, pm, pg)
+    return expand(batch, a, p, pm, pg)
 
 
 def lower_bound(batch: Batch, hi):
@@ -136,7 +139,7 @@ def pack_memory(batch: Batch, work: int):
     from kvgpu.kernels import exact
     from kvgpu.kernels.rules import no_rules
 
-    arrays, pm, pg = _compacted(batch)
+    arrays, pm, pg = compacted(batch)
     a = np.full(arrays[0].shape, -1, np.int64)
     p = np.full(arrays[0].shape, -1, np.int64)
     status = np.zeros(batch.shape[0], np.int64)
@@ -147,7 +150,7 @@ def pack_memory(batch: Batch, work: int):
     else:
         exact.pack_memory_batch(arrays[0], arrays[2], arrays[3], arrays[4], int(work), a, p, status)
     a[status != exact.FEASIBLE] = -1
-    assign, pos = _expand(batch, a, p, pm, pg)
+    assign, pos = expand(batch, a, p, pm, pg)
     return assign, pos, status
 
 
@@ -161,7 +164,7 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
     from kvgpu.kernels import exact, search
     from kvgpu.kernels.rules import no_rules
 
-    arrays, pm, pg = _compacted(batch)
+    arrays, pm, pg = compacted(batch)
     B = batch.shape[0]
     a, p = compact_placement(batch, assign, pos, pm, pg)
     lo = np.array(lb, dtype=float)
@@ -179,5 +182,5 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
             search.improve_batch(*arrays, lo, int(effort), int(patience), int(seed), a, p)
         if exact_work > 0:
             exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
-    assign, pos = _expand(batch, a, p, pm, pg)
+    assign, pos = expand(batch, a, p, pm, pg)
     return assign, pos, lo

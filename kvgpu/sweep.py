@@ -38,7 +38,6 @@ import difflib
 import hashlib
 import itertools
 import math
-import numbers
 import tempfile
 import time
 from dataclasses import dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kvgpu.bounds import bounded_div, glob, individual, pair, per_lane, size_desc, triplet
 from kvgpu.bounds import mem_prefix  # noqa: F401 -- the engine's pack and pipeline use it from here
-from kvgpu.kernels.params import DEN_FLOOR, K_PREFIX_START
+from kvgpu.kernels.params import K_PREFIX_START
 
 
 def seed_kprefix(xp, ss, ws, vs, P, k_max):
