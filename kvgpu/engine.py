@@ -191,11 +191,7 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
     assign, pos = _start(batch, opts, status)
     failed = np.nonzero(status != "ok")[0]
     if failed.size and infeasible == "raise":
-        proven = bool((status[failed] == INFEASIBLE).all())
-        why = ("the models do not fit in GPU memory (proven by exact search)" if proven else
-               "no placement fitting the models in memory was found" +
-               (" by the seed's packings (mode='seed')" if opts.mode == "seed" else " within the search's work"))
-        raise NoPlacementFound(f"instance(s) {failed[:10].tolist()}: {why}", failed.tolist(), proven=proven)
+        raise _not_placed(status, failed, opts.mode)
     ok = np.nonzero(status == "ok")[0]
     kv = np.full(batch.gpu_mem.shape, np.nan)
     max_kvpr = np.full(B, np.nan)
@@ -220,6 +216,16 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+
+
+def _not_placed(status: np.ndarray, failed: np.ndarray, mode: str) -> NoPlacementFound:
+    """The error naming the instances ``failed`` of a batch (``status`` (B,) object), proven when
+    the exact search proved every one of them infeasible."""
+    proven = bool((status[failed] == INFEASIBLE).all())
+    why = ("the models do not fit in GPU memory (proven by exact search)" if proven else
+           "no placement fitting the models in memory was found" +
+           (" by the seed's packings (mode='seed')" if mode == "seed" else " within the search's work"))
+    return NoPlacementFound(f"instance(s) {failed[:10].tolist()}: {why}", failed.tolist(), proven=proven)
 
 
 def _engines(backend: str, searched: bool, proved: bool) -> str:
@@ -283,7 +289,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
 
                 a, p, lo = improve(one, a, p, lo, 0, opts.patience, opts.seed, work)
             k, m = _objective(one, a, p)
-            lo = np.minimum(np.maximum(lo, bounds.lower_bound(one, m)), m)
+            lo = np.minimum(np.maximum(lo, backends.lower_bound(one, m, opts.backend)), m)
             st = np.array(["ok"], dtype=object)
             engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work)))
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
@@ -292,11 +298,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
     out.backend = "+".join(sorted(set("+".join(sorted(engines)).split("+")), key=["numpy", "cuda", "numba"].index))
     failed = np.nonzero(out.status != "ok")[0]
     if failed.size and infeasible == "raise":
-        proven = bool((out.status[failed] == INFEASIBLE).all())
-        raise NoPlacementFound(f"instance(s) {failed[:10].tolist()}: " + (
-            "the models do not fit in GPU memory (proven by exact search)" if proven else
-            "no placement fitting the models in memory was found within the search's work"), failed.tolist(),
-            proven=proven)
+        raise _not_placed(out.status, failed, opts.mode)
     return out
 
 
