@@ -43,13 +43,13 @@ GROUPS = {
 #: its callees too, unless another process has cached them first -- which is what the order
 #: and :func:`plan` arrange; a unit started early only compiles something twice.
 UNITS = {
-    "core": ((), 9),            # improve_local, refine_peak, the score: under every mode
-    "repair": ((), 4),          # the bin-packing repair at a target
-    "polish": ((), 5),          # the second-largest KVPR's polish
-    "candidates": ((), 11),     # the seed's candidate packings
-    "seed": (("core", "candidates"), 3),
+    "core": ((), 12),            # improve_local, refine_peak, the score: under every mode
+    "repair": ((), 7),          # the bin-packing repair at a target
+    "polish": ((), 7),          # the second-largest KVPR's polish
+    "candidates": ((), 10),     # the seed's candidate packings
+    "seed": (("core", "candidates"), 5),
     "bound": ((), 3),           # the reported lower bound (kvgpu.kernels.bound)
-    "search": (("core", "repair", "polish"), 8),
+    "search": (("core", "repair", "polish"), 7),
     "exact": (("core", "polish"), 6),
     "start": (("core", "repair"), 4),
     "batch": (("seed", "bound", "search", "exact"), 38),
