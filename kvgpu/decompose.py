@@ -207,6 +207,16 @@ def _lanes(model_lane, gpu_lane, D, s, w, M, assign, pos):
     return sz, dm, mem, n_models.astype(np.int64), n_gpus.astype(np.int64), a, p, (morder, mstart), (gorder, gstart)
 
 
+def _scatter(lanes, a, p, models, gpus, assign, pos) -> None:
+    """Write the placements of ``lanes`` (their rows of ``a``/``p``, lane-local GPU ids) into the
+    cluster's ``assign``/``pos`` (n,); ``models``/``gpus``: the ``(order, start)`` of :func:`_lanes`."""
+    (morder, mstart), (gorder, gstart) = models, gpus
+    for d in lanes:
+        m = morder[mstart[d]:mstart[d + 1]]
+        assign[m] = gorder[gstart[d] + a[d, :m.shape[0]]]
+        pos[m] = p[d, :m.shape[0]]
+
+
 def seed_groups(sizes, demand, gpu_mem, n_models, n_gpus, backend: str):
     """The seed pipeline on a chunk of groups (compacted lanes): ``(assign, pos, ok)``, each
     lane's GPU ids local; ``ok`` False where the seed's packings fit nothing.  A task function
@@ -265,10 +275,7 @@ def _start(s, w, M, T: float, backend: str, ex):
         if ok.all():
             assign = np.empty(s.shape[0], np.int64)
             pos = np.empty(s.shape[0], np.int64)
-            for k in range(K):
-                m = morder[mstart[k]:mstart[k + 1]]
-                assign[m] = gorder[gstart[k] + a[k, :m.shape[0]]]
-                pos[m] = p[k, :m.shape[0]]
+            _scatter(range(K), a, p, (morder, mstart), (gorder, gstart), assign, pos)
             return assign, pos, K
         K //= 2
     return None
@@ -344,10 +351,7 @@ def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: i
             seeds = rng.integers(0, 2 ** 62, D, dtype=np.int64)
             a, p, ok = _run(ex, repair_lanes, (sz, dm, mem, nm, ng, np.full(D, T), seeds, a, p), (steps,))
             report.draws += 1
-            for d in np.nonzero(ok)[0]:
-                m = morder[mstart[d]:mstart[d + 1]]
-                assign[m] = gorder[gstart[d] + a[d, :m.shape[0]]]
-                pos[m] = p[d, :m.shape[0]]
+            _scatter(np.nonzero(ok)[0], a, p, (morder, mstart), (gorder, gstart), assign, pos)
             _dense(pos)  # a GPU's models are in one lane: their order is the lane's
             after = int((_kvpr(s, w, M, assign)[2] > T).sum())
             if after < hot:
