@@ -35,7 +35,7 @@ from numba import prange
 from kvgpu.kernels.jit import barrier, kernel
 from kvgpu.kernels import deltas, params
 from kvgpu.kernels.cpu import (argmax_first, fits, gpu_lists_into, improve_local_core, kvprs_into, list_loads_into,
-                              local_values, next_stamp, refine_peak_core, safe_div, score_core)
+                              local_values, next_stamp, own_first, refine_peak_core, safe_div, score_core)
 from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.sorting import argsort_into
 from kvgpu.kernels.rules import (budget_held, may_place, new_state, no_rules, place, reset_state,
@@ -403,7 +403,7 @@ def _scan_singles(s, ld, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, mem
     span = n + G
     for p in range(m):  # candidate k = p span + r, r = j + G; this thread's are k = tid (mod nt)
         i = mem[p]
-        for r in range((tid - p * span) % nt, span, nt):
+        for r in range(own_first(p * span, 0, tid, nt), span, nt):
             h, aj, sj, jj = _partner(r - G, G, assign, s, ld)
             if h == g:
                 continue
@@ -431,42 +431,43 @@ def _scan_pairs(s, ld, wT, assign, S, A, cap, mfit, wgt, tabu_gpu, tabu_until, m
     span = n + G
     base1 = m * span
     base2 = base1 + m * m * span
-    for k in range(tid, m * m, nt):  # two of g's models for one elsewhere, or for none
-        p, q = k // m, k % m
-        if q <= p:
-            continue
-        i, i2 = mem[p], mem[q]
-        aX = ld[i] + s[i2] + wT[i2]  # = s[i] + w[i] / T + s[i2] + w[i2] / T, summed in that order
-        sX = s[i] + s[i2]
-        for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
-            h, aj, sj, jj = _partner(j, G, assign, s, ld)
+    for p in range(m):  # two of g's models for one elsewhere, or for none: candidates k = p m + q, q > p
+        for q in range(own_first(p * m, p + 1, tid, nt), m, nt):  # nested: no division per candidate
+            k = p * m + q
+            i, i2 = mem[p], mem[q]
+            aX = ld[i] + s[i2] + wT[i2]  # = s[i] + w[i] / T + s[i2] + w[i2] / T, summed in that order
+            sX = s[i] + s[i2]
+            for j in range(-G, n):  # j < 0: both to GPU j + G; else both for model j
+                h, aj, sj, jj = _partner(j, G, assign, s, ld)
+                if h == g:
+                    continue
+                evals += 1
+                ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
+                if not ok or d > best_d:
+                    continue
+                key = _tie_key(salt, base1 + k * span + j + G)
+                if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, i2,
+                                                            jj, none, rules, rstate):
+                    best_d, best_k, bi, bi2, bj, bj2, bh = d, key, i, i2, jj, none, h
+    for p in range(m):  # one of g's models for two on another GPU: candidates k = p n + u
+        i = mem[p]
+        for u in range(own_first(p * n, 0, tid, nt), n, nt):
+            k = p * n + u
+            j = lst[u]
+            h = assign[j]
             if h == g:
                 continue
-            evals += 1
-            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, aX, sX, aj, sj, og)
-            if not ok or d > best_d:
-                continue
-            key = _tie_key(salt, base1 + k * span + j + G)
-            if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, i2, jj,
-                                                        none, rules, rstate):
-                best_d, best_k, bi, bi2, bj, bj2, bh = d, key, i, i2, jj, none, h
-    for k in range(tid, m * n, nt):  # one of g's models for two on another GPU
-        i, u = mem[k // n], k % n
-        j = lst[u]
-        h = assign[j]
-        if h == g:
-            continue
-        for v in range(u + 1, start[h + 1]):
-            j2 = lst[v]
-            aY = ld[j] + s[j2] + wT[j2]
-            evals += 1
-            ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ld[i], s[i], aY, s[j] + s[j2], og)
-            if not ok or d > best_d:
-                continue
-            key = _tie_key(salt, base2 + k * n + v)
-            if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i, none, j,
-                                                        j2, rules, rstate):
-                best_d, best_k, bi, bi2, bj, bj2, bh = d, key, i, none, j, j2, h
+            for v in range(u + 1, start[h + 1]):
+                j2 = lst[v]
+                aY = ld[j] + s[j2] + wT[j2]
+                evals += 1
+                ok, d, raw = _exchange(S, A, cap, mfit, wgt, g, h, ld[i], s[i], aY, s[j] + s[j2], og)
+                if not ok or d > best_d:
+                    continue
+                key = _tie_key(salt, base2 + k * n + v)
+                if _less(d, key, best_d, best_k) and _admit(F + raw, best_F, tabu_gpu, tabu_until, step, g, h, i,
+                                                            none, j, j2, rules, rstate):
+                    best_d, best_k, bi, bi2, bj, bj2, bh = d, key, i, none, j, j2, h
     return best_d, best_k, bi, bi2, bj, bj2, bh, evals
 
 
