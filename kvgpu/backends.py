@@ -176,9 +176,11 @@ def solve_seed(batch, backend: str):
 
 def lower_bound(batch, hi, backend: str):
     """The reported lower bound (:func:`kvgpu.bounds.lower_bound`) of a NumPy batch, ``hi`` (B,)
-    the achieved max KVPRs: compiled (:mod:`kvgpu.kernels.bound`, the same values) when the
-    numba backend runs, else the array code, so the numpy backend never compiles anything."""
-    if backend == "numba":
+    the achieved max KVPRs: compiled (:mod:`kvgpu.kernels.bound`, the same values) for a batch
+    of several instances on the numba backend, else the array code -- so the numpy backend
+    never compiles anything, and one instance (a few ms of array code, 50 ms at 4,096 GPUs)
+    does not compile the bound on a first run (6 CPU-seconds)."""
+    if backend == "numba" and batch.shape[0] > 1:
         from kvgpu.numba_engine import lower_bound as run
 
         return run(batch, hi)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 #: Compile groups: what each is for, and the compile units it needs.
 GROUPS = {
-    "seed": ("the seed pipeline and its lower bound for one instance", ("core", "candidates", "seed", "bound")),
+    "seed": ("the seed pipeline for one instance", ("core", "candidates", "seed")),
     "search": ("search beyond the seed for one instance", ("core", "repair", "polish", "search")),
     "exact": ("exact search and proofs", ("core", "polish", "exact")),
     "start": ("first placements under rules and budgets", ("core", "repair", "start")),

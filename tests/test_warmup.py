@@ -50,12 +50,12 @@ def test_ensure_compiles_cold_units_once_and_stamps_them(tmp_path, monkeypatch, 
     compiled = []
     monkeypatch.setattr(warm, "_compile", compiled.append)
     assert warm.ensure(["seed"], jobs=1) == ["seed"]
-    assert compiled == ["core", "candidates", "seed", "bound"]
+    assert compiled == ["core", "candidates", "seed"]
     assert "compiling kernels (seed), first run only" in capsys.readouterr().err
     # search shares the core: only its own units are compiled, and nothing when warm
     assert warm.ensure(["seed", "search"], jobs=1) == ["search"]
-    assert compiled[4:] == ["repair", "polish", "search"]
-    assert warm.ensure(["seed", "search"], jobs=1) == [] and len(compiled) == 7
+    assert compiled[3:] == ["repair", "polish", "search"]
+    assert warm.ensure(["seed", "search"], jobs=1) == [] and len(compiled) == 6
     assert capsys.readouterr().err.count("compiling") == 1
     assert warm.cached("seed") and warm.cached("search") and not warm.cached("exact")
 

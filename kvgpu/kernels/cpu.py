@@ -1368,13 +1368,20 @@ def seed_instance_core(s, w, M, assign, pos, rules, rstate, fw, iw, tid, nt):
 
 
 @njit
-def seed_instance(s, w, M, assign, pos):
-    """The seed pipeline on one instance (CPU entry of :func:`seed_instance_core`)."""
-    n, G = s.shape[0], M.shape[0]
-    nf, ni = seed_work(n, G, 1)
+def seed_memory(assign, G):
+    """What :func:`seed_instance_core` needs beyond the instance on one CPU thread, for the
+    models' ``assign`` (n,) and ``G`` GPUs: ``(rules, rstate, fw, iw)`` -- no rules, their
+    bookkeeping, working memory of :func:`seed_work`."""
+    nf, ni = seed_work(assign.shape[0], G, 1)
     rules = no_rules()
-    return seed_instance_core(s, w, M, assign, pos, rules, new_state(rules, assign, G), np.empty(nf),
-                              np.empty(ni, np.int64), 0, 1)
+    return rules, new_state(rules, assign, G), np.empty(nf), np.empty(ni, np.int64)
+
+
+def seed_instance(s, w, M, assign, pos):
+    """The seed pipeline on one instance (CPU entry of :func:`seed_instance_core`): a Python
+    function calling the compiled core, since a compiled entry would have numba optimise the
+    whole pipeline once more on a first run (about 3 CPU-seconds) for no speed."""
+    return seed_instance_core(s, w, M, assign, pos, *seed_memory(assign, M.shape[0]), 0, 1)
 
 
 @kernel(parallel=True)
@@ -1385,4 +1392,6 @@ def seed_batch(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok):
     outputs assign, pos (B, N) int64 (-1 for padding) and ok (B,) bool."""
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
-        ok[b] = seed_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n])
+        rules, rstate, fw, iw = seed_memory(assign[b, :n], G)
+        ok[b] = seed_instance_core(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n], rules,
+                                   rstate, fw, iw, 0, 1)

@@ -805,14 +805,22 @@ def improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rule
 
 
 @njit
+def improve_memory(rules, assign, G):
+    """What :func:`improve_instance_core` needs beyond the instance on one CPU thread, for the
+    models' ``assign`` (n,) on ``G`` GPUs under ``rules``: ``(rstate, fw, iw, state)`` -- the
+    rules' bookkeeping, working memory of :func:`improve_work`, the random state."""
+    nf, ni = improve_work(assign.shape[0], G, 1)
+    return new_state(rules, assign, G), np.empty(nf), np.empty(ni, np.int64), np.empty(1, np.uint64)
+
+
 def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
-    """``effort`` search rounds from ``assign``/``pos`` (CPU entry of :func:`improve_instance_core`)."""
-    n, G = s.shape[0], M.shape[0]
-    if n == 0 or effort <= 0:
+    """``effort`` search rounds from ``assign``/``pos`` (CPU entry of :func:`improve_instance_core`):
+    a Python function calling the compiled core, since a compiled entry would have numba
+    optimise the whole search once more on a first run (about 3 CPU-seconds) for no speed."""
+    if s.shape[0] == 0 or effort <= 0:
         return
-    nf, ni = improve_work(n, G, 1)
-    improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rules, new_state(rules, assign, G),
-                          np.empty(nf), np.empty(ni, np.int64), np.empty(1, np.uint64), 0, 1)
+    rstate, fw, iw, state = improve_memory(rules, assign, M.shape[0])
+    improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rules, rstate, fw, iw, state, 0, 1)
 
 
 @njit
@@ -1001,8 +1009,11 @@ def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience
     rules = no_rules()
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
-        improve_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort,
-                         patience, seed, rules)
+        if n == 0 or effort <= 0:
+            continue
+        rstate, fw, iw, state = improve_memory(rules, assign[b, :n], G)
+        improve_instance_core(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort,
+                              patience, seed, rules, rstate, fw, iw, state, 0, 1)
 
 
 @njit
