@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import prange
 
-from kvgpu.kernels.cpu import _insertion_sort
+from kvgpu.kernels.cpu import _insertion_sort, objective_core
 from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.params import DEN_FLOOR, N_PAIR, N_TRIPLET, WINDOW
@@ -279,6 +279,20 @@ def instance_bound_core(s, w, v, M, gm, hi, fw, iw):
         else:
             y = mid
     return x
+
+
+@kernel
+def finish_core(s, w, M, real, assign, pos, kv, lo, with_bound, fw, iw):
+    """The figures the engine reports for one placed instance (its real models and GPUs):
+    ``kv`` (G,) float64 each GPU's KVPR and the max ``m`` (:func:`kvgpu.kernels.cpu.
+    objective_core`); with ``with_bound``, the lower bound ``lo`` recomputed below ``m``
+    (:func:`instance_bound_core`; ``real`` (max(n, G),) bool all True, its masks), else ``lo``
+    kept (the bound before a search).  Returns ``(m, lo)``; the engine reports ``min(lo, m)``.
+    fw, iw: :func:`bound_work` entries (the objective's share comes first and is done before)."""
+    m = objective_core(s, w, M, assign, pos, kv, fw, iw)
+    if with_bound:
+        lo = instance_bound_core(s, w, real[:s.shape[0]], M, real[:M.shape[0]], m, fw, iw)
+    return m, lo
 
 
 @kernel
