@@ -157,8 +157,11 @@ def _pack_unseeded(batch: Batch, bad: np.ndarray, opts: Options, status: np.ndar
 
 def _compile_first(opts: Options, B: int, n_items: int) -> None:
     """Every numba kernel group the run will use, compiled side by side up front on a first run
-    (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them."""
-    groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort else [])
+    (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them.  The cuda
+    backend uses CPU kernels only for a proof (and, rarely, to pack what its seed did not: those
+    compile when needed)."""
+    on_cpu = opts.backend != "cuda"
+    groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort and on_cpu else [])
     groups += ["exact"] if opts.proof_work(n_items) else []
     if not groups or not backends.probe()["numba"][0]:
         return
