@@ -7,13 +7,14 @@ Steps (each prints what it found and writes ``DIR/STEP.json`` for :func:`summary
 ``env``       versions and the backend probe (on a device the cuda backend must be usable).
 ``probe``     compile and launch the probe kernel of :mod:`kvgpu.kernels.cuda_probe`.
 ``seed``      seed parity: ``kvgpu.solve_batch(..., backend="cuda", mode="seed")`` given CuPy arrays
-              against ``backend="numba"``, instance by instance (identical placements); with
-              ``--simulate`` it also counts host synchronisations and kernel launches per
-              ``solve_batch`` call (the NumPy stand-in for CuPy of ``tests/cuda/fake_cupy.py``), on
-              two batch sizes.
-``search``    search parity: ``kvgpu.cuda_engine.improve`` against ``kvgpu.numba_engine.improve``
-              from the same seed placements, same seed and effort -- only when the cuda engine has
-              ``improve``; otherwise ``0/0`` and why (nothing is run in its place).
+              against ``backend="numba"``, instance by instance: identical placements, per-GPU
+              KVPR, max KVPR and lower bound.  With ``--simulate`` it also counts host
+              synchronisations and kernel launches per ``solve_batch`` call (the NumPy stand-in
+              for CuPy of ``tests/cuda/fake_cupy.py``) at several batch sizes (2, 8 and 32
+              instances by default; :data:`COUNT_SIZES`), prints them per size, and fails when
+              the host syncs grow with the batch size.
+``search``    search parity: the same with ``mode="search"`` (effort :data:`SIM_EFFORT` under the
+              simulator, the default on a device), counts likewise.
 ``timings``   (device) 100,000 ADRS-shaped instances in search mode end to end, and 1,000
               instances of 64 GPUs / 160 models, on cuda and on numba in one run, with ratios.
 ``summary``   the per-step figures and, last, the one line
@@ -41,6 +42,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+#: Batch sizes at which ``--simulate`` counts syncs and launches (capped at ``--instances``).
+COUNT_SIZES = (2, 8, 32)
+#: Search rounds of the simulated search step: the simulator runs each GPU thread as a Python
+#: thread, and the counts must not depend on the rounds anyway (checked at several sizes).
+SIM_EFFORT = 4
 
 LAST_LINE = ("gpu-check: seed parity {P}/{Q}, search parity {R}/{S}, host syncs per solve_batch call {H}, "
              "kernel launches per call {L}")
@@ -71,14 +78,13 @@ def _simulated():
 
 def _instances(n: int, simulate: bool, seed: int):
     """``n`` instances: ADRS-shaped and varied ones on a device; small varied ones (3-4 GPUs),
-    and ADRS-shaped from the ninth on, under the simulator."""
+    and every fourth from the ninth on ADRS-shaped, under the simulator."""
     from kvgpu.generate import adrs_like, varied
 
     rng = np.random.default_rng(seed)
-    if simulate:
-        small = min(n, 8)
-        return ([varied(rng, g_range=(3, 4), per_gpu=(1, 2)) for _ in range(small)]
-                + [adrs_like(rng) for _ in range(n - small)])
+    if simulate:  # every fourth from the ninth ADRS-shaped: the simulator takes ~10x longer on those
+        return [adrs_like(rng) if i >= 8 and i % 4 == 3 else varied(rng, g_range=(3, 4), per_gpu=(1, 2))
+                for i in range(n)]
     k = (7 * n) // 10
     return [adrs_like(rng) for _ in range(k)] + [varied(rng, g_range=(5, 32)) for _ in range(n - k)]
 
@@ -114,84 +120,82 @@ def step_probe(a):
         sys.exit(1)
 
 
-def step_seed(a):
-    """Seed parity through solve_batch on CuPy input; counts per call under the simulator."""
+def _same_figures(got, want, cp) -> np.ndarray:
+    """(B,) bool: instances whose placement, per-GPU KVPR, max KVPR and lower bound are identical
+    (NaN where both are NaN) between a cuda result ``got`` (CuPy arrays) and ``want`` (NumPy)."""
+    same = np.ones(want.max_kvpr.shape[0], bool)
+    for name in ("assignment", "kvpr", "max_kvpr", "lower_bound"):
+        x, y = cp.asnumpy(getattr(got, name)), getattr(want, name)
+        eq = (x == y) | (np.isnan(x) & np.isnan(y)) if y.dtype.kind == "f" else x == y
+        same &= eq.reshape(eq.shape[0], -1).all(axis=1)
+    return same
+
+
+def _parity(a, mode: str, seed: int):
+    """``solve_batch(backend="cuda", mode=mode)`` on CuPy arrays against ``backend="numba"``: the
+    parity count of the whole batch and, under the simulator, the syncs and launches of one call
+    at each of :data:`COUNT_SIZES` (the first instances of the batch).  Returns ``(equal,
+    instances, counts)``; exits non-zero when the host syncs grow with the batch size."""
     cp = _simulated() if a.simulate else __import__("cupy")
     import kvgpu
     from kvgpu.batch.state import batch_from_instances
 
-    insts = _instances(a.instances, a.simulate, seed=2026)
-    b = batch_from_instances(insts)
-    want = kvgpu.solve_batch(*_args(b, np)[0], **_args(b, np)[1], backend="numba", mode="seed")
-    counts = []
-    sizes = sorted({min(2, len(insts)), len(insts)}) if a.simulate else [len(insts)]
-    got = None
+    kw = {"mode": mode}
+    if mode == "search" and a.simulate:
+        kw["effort"] = SIM_EFFORT
+    b = batch_from_instances(_instances(a.instances, a.simulate, seed=seed))
+    want = kvgpu.solve_batch(*_args(b, np)[0], **_args(b, np)[1], backend="numba", **kw)
+    B = b.shape[0]
+    sizes = sorted({min(k, B) for k in COUNT_SIZES} | {B}) if a.simulate else [B]
+    counts, same = [], None
     for n in sizes:
         sub = b.take(np.arange(n))
-        pos, kw = _args(sub, cp)
+        pos, kwa = _args(sub, cp)
         if a.simulate:
             cp.reset()
         t0 = time.perf_counter()
-        res = kvgpu.solve_batch(*pos, **kw, backend="cuda", mode="seed")
+        res = kvgpu.solve_batch(*pos, **kwa, backend="cuda", **kw)
         wall = time.perf_counter() - t0
+        c = dict(cp.COUNTS) if a.simulate else None  # before the comparison below copies results back
+        assert isinstance(res.assignment, cp.ndarray), "CuPy in, CuPy out"
+        same = _same_figures(res, want, cp) if n == B else same
         if a.simulate:
-            c = dict(cp.COUNTS)
             counts.append({"instances": n, **c})
-            print(f"solve_batch(cuda, seed) on {n} CuPy instances: {c['syncs']} host syncs, {c['launches']} kernel "
+            print(f"solve_batch(cuda, {mode}) on {n} CuPy instances: {c['syncs']} host syncs, {c['launches']} kernel "
                   f"launches, {c['calls']} CuPy calls, {wall:.1f} s (simulator)")
         else:
-            print(f"solve_batch(cuda, seed) on {n} CuPy instances: {wall:.2f} s")
-        got = res
-    assert isinstance(got.assignment, cp.ndarray), "CuPy in, CuPy out"
-    same = (cp.asnumpy(got.assignment) == want.assignment).all(axis=1)
-    P, Q = int(same.sum()), len(insts)
-    print(f"seed parity (cuda vs numba, identical placements): {P}/{Q}; backend names: cuda={got.backend!r}")
-    if P < Q:
+            print(f"solve_batch(cuda, {mode}) on {n} CuPy instances: {wall:.2f} s")
+    P = int(same.sum())
+    effort = f", effort {kw['effort']}" if "effort" in kw else ""
+    print(f"{mode} parity (cuda vs numba{effort}: identical placements, kvpr, max_kvpr, lower_bound): {P}/{B}; "
+          f"backend names: cuda={res.backend!r}")
+    if P < B:
         print(f"  differing instances: {np.nonzero(~same)[0][:20].tolist()}")
-    out = {"P": P, "Q": Q, "counts": counts}
+    if counts and max(c["syncs"] for c in counts) > counts[0]["syncs"]:
+        print(f"FAILED: host syncs per solve_batch call grow with the batch size: "
+              f"{[(c['instances'], c['syncs']) for c in counts]}")
+        sys.exit(1)
+    return P, B, counts
+
+
+def _figures(counts, **parity):
+    out = {**parity, "counts": counts}
     if counts:
         out["H"] = max(c["syncs"] for c in counts)
         out["L"] = max(c["launches"] for c in counts)
-    _save(a, out)
+    return out
+
+
+def step_seed(a):
+    """Seed parity through solve_batch on CuPy input; counts per call under the simulator."""
+    P, Q, counts = _parity(a, "seed", seed=2026)
+    _save(a, _figures(counts, P=P, Q=Q))
 
 
 def step_search(a):
-    """Search parity of the cuda engine's improve against numba's, from the same start."""
-    if a.simulate:
-        _simulated()
-    from kvgpu import cuda_engine, numba_engine
-    from kvgpu.batch.state import batch_from_instances, gpu_loads, kvpr
-    from kvgpu.bounds import lower_bound
-    from kvgpu.engine import DEFAULT_EFFORT
-    from kvgpu.kernels.search import default_patience
-
-    improve = getattr(cuda_engine, "improve", None)
-    if improve is None:
-        why = "kvgpu.cuda_engine has no improve() yet: search runs on the CPU (numba) after the seed"
-        print(f"search parity 0/0: {why}")
-        _save(a, {"R": 0, "S": 0, "why": why})
-        return
-    insts = _instances(a.instances, a.simulate, seed=77)
-    b = batch_from_instances(insts)
-    assign, pos = numba_engine.solve_seed(b)
-    S, W = gpu_loads(b, assign, pos)
-    lb = lower_bound(b, kvpr(np, S, W, b.gpu_mem, b.gpu_mask).max(axis=1))
-    effort = DEFAULT_EFFORT
-    args = (lb, effort, default_patience(effort), 0)
-    t0 = time.perf_counter()
-    a_cpu, _, _ = numba_engine.improve(b, assign.copy(), pos.copy(), *args, exact_work=0)
-    t1 = time.perf_counter()
-    a_gpu, _, _ = improve(b, assign.copy(), pos.copy(), *args, exact_work=0)
-    t2 = time.perf_counter()
-    if not isinstance(a_gpu, np.ndarray):  # the contract is NumPy out; accept CuPy too
-        a_gpu = sys.modules["cupy"].asnumpy(a_gpu)
-    same = (a_gpu == a_cpu).all(axis=1)
-    R, S_ = int(same.sum()), len(insts)
-    print(f"search parity (cuda_engine.improve vs numba_engine.improve, effort {effort}, seed 0): {R}/{S_} "
-          f"({t1 - t0:.2f} s numba, {t2 - t1:.2f} s cuda)")
-    if R < S_:
-        print(f"  differing instances: {np.nonzero(~same)[0][:20].tolist()}")
-    _save(a, {"R": R, "S": S_})
+    """Search parity through solve_batch on CuPy input; counts per call under the simulator."""
+    R, S, counts = _parity(a, "search", seed=77)
+    _save(a, _figures(counts, R=R, S=S))
 
 
 def step_timings(a):
@@ -229,15 +233,18 @@ def summary(a):
         return json.loads(f.read_text()) if f.exists() else None
 
     seed, search = load("seed"), load("search")
-    counts = load("counts") or seed  # on a device the counts come from a simulated run
+    # on a device the counts come from a simulated run of the same code (counts_seed, counts_search)
+    counted = [c for c in (load("counts_seed") or seed, load("counts_search") or search) if c and "H" in c]
     status = a.work / "status.txt"
     if status.exists():
         print(status.read_text().rstrip())
-    if search and "why" in search:
-        print(f"search: {search['why']}")
+    for name, c in zip(("seed", "search"), (load("counts_seed") or seed, load("counts_search") or search)):
+        for row in (c or {}).get("counts", []):
+            print(f"{name:<6} {row['instances']:>4} instances: {row['syncs']} host syncs, {row['launches']} launches")
     fig = {"P": seed["P"] if seed else 0, "Q": seed["Q"] if seed else 0,
            "R": search["R"] if search else 0, "S": search["S"] if search else 0,
-           "H": counts.get("H", "n/a") if counts else "n/a", "L": counts.get("L", "n/a") if counts else "n/a"}
+           "H": max(c["H"] for c in counted) if counted else "n/a",
+           "L": max(c["L"] for c in counted) if counted else "n/a"}
     print(LAST_LINE.format(**fig))
 
 
@@ -247,12 +254,12 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, required=True, help="folder of the steps' JSON results")
     ap.add_argument("--simulate", action="store_true")
     ap.add_argument("--instances", type=int, default=None,
-                    help="instances of the parity steps (default 8 simulated, 1000 on a device)")
+                    help="instances of the parity steps (default 32 simulated, 1000 on a device)")
     ap.add_argument("--big", type=int, default=100_000, help="ADRS-shaped instances of the timing step")
     ap.add_argument("--save-as", default=None, help="write the step's JSON under this name (e.g. counts)")
     a = ap.parse_args(argv)
     if a.instances is None:
-        a.instances = 8 if a.simulate else 1000
+        a.instances = max(COUNT_SIZES) if a.simulate else 1000
     if a.instances < 1:
         ap.error("--instances must be at least 1")
     a.work.mkdir(parents=True, exist_ok=True)

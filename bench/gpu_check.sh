@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh --simulate   the same checks on a CPU: kernels under the simulator,
 #                                        the CuPy path on tests/cuda/fake_cupy.py (counting host
 #                                        syncs and kernel launches); writes gpu_check_simulated.txt
-#   options: --instances N (parity steps; default 8 simulated, 1000 on a device), --no-install
+#   options: --instances N (parity steps; default 32 simulated, 1000 on a device), --no-install
 #
 # Every step runs under its own `timeout` and its status is recorded; a failing step does not
 # stop the others (no `set -e`).  The Python of the steps is bench/gpu_check.py.  The last line
@@ -86,9 +86,11 @@ step "seed parity" 1200 "$PY" bench/gpu_check.py seed "${COMMON[@]}"
 step "search parity" 1200 "$PY" bench/gpu_check.py search "${COMMON[@]}"
 if [ "$SIMULATE" = 0 ]; then
   # host syncs and launches are counted on the stand-in (real CuPy cannot be instrumented): the
-  # same code path, two small batches, under the simulator
-  step "sync/launch counts (sim)" 900 env NUMBA_ENABLE_CUDASIM=1 "$PY" bench/gpu_check.py seed --work "$WORK" \
-    --simulate --instances 4 --save-as counts
+  # same code path, seed and search mode, several small batches, under the simulator
+  step "sync/launch counts, seed (sim)" 900 env NUMBA_ENABLE_CUDASIM=1 "$PY" bench/gpu_check.py seed --work "$WORK" \
+    --simulate --instances 8 --save-as counts_seed
+  step "sync/launch counts, search (sim)" 900 env NUMBA_ENABLE_CUDASIM=1 "$PY" bench/gpu_check.py search \
+    --work "$WORK" --simulate --instances 8 --save-as counts_search
   step "timings" 600 "$PY" bench/gpu_check.py timings "${COMMON[@]}"
 fi
 date -u

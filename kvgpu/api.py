@@ -32,8 +32,9 @@ _OPTIONS_DOC = """
     most ``exact_work`` search nodes / DP states per instance: the lower bound becomes the proven
     one, equal to ``max_kvpr`` when optimal; ``exact=None`` proves problems of at most
     ``kvgpu.engine.AUTO_EXACT_ITEMS`` items with a little work.  ``backend``: "numpy", "numba",
-    "cuda" or "auto" (see :mod:`kvgpu.backends`) runs the seed pipeline; search, proofs and
-    every instance with rules run in numba kernels.  ``"auto"`` picks the GPU only for jobs of at
+    "cuda" or "auto" (see :mod:`kvgpu.backends`) runs the seed pipeline; "cuda" also the search
+    and the reported figures and bounds, on the device; search otherwise, proofs and every
+    instance with rules run in numba kernels.  ``"auto"`` picks the GPU only for jobs of at
     least ``kvgpu.backends.GPU_MIN_WORK`` (sum over instances of models x GPUs); instances with
     rules stay on the CPU.  ``decompose``: plain clusters of
     ``kvgpu.decompose.AUTO_GPUS`` GPUs and more (``None``, default), every plain one (``True``) or

@@ -23,6 +23,15 @@ is an upper limit on how far an answer can be from the optimum.  Three layers:
 
 Every bound is validated against brute force in the tests; classification and volumes carry a
 1e-9 safety margin so rounding never overstates.
+
+The bound of an instance does not depend on the padded layout of its batch -- how wide the rows
+are, where the padding sits -- as long as its real models keep their order (a stable
+compaction does), bit for bit, so a device that solves compacted rows reports the same value:
+every sum runs left to right (padding adds exact zeros), sorts are stable and put padding last
+(size-descending models) or first (ascending memories and item loads, padding being 0 there
+and never counted above a positive threshold), prefixes of memories are only read at indices up
+to the lane's own GPU count, and the pair and triplet terms are gated by that count, not by the
+padded width.  ``tests/test_bounds.py`` checks it against moved, widened and compacted padding.
 """
 
 from __future__ import annotations
@@ -69,8 +78,13 @@ def size_desc(xp, so, wo, valid):
     return take(so), take(wo), take(valid)
 
 
-def pair(xp, ss, ws, vs, P):
-    """Pairs among the 120 largest (``ss`` already size-descending) that cannot share a GPU."""
+def pair(xp, ss, ws, vs, P, n_gpus=None):
+    """Pairs among the 120 largest (``ss`` already size-descending) that cannot share a GPU.
+
+    With ``n_gpus`` (L,), only lanes of at least 2 GPUs: on one GPU the global term is at least
+    as large, and the lane's own GPU count rather than the padded width decides, so padding
+    never changes the reported bound.  Without (the seed's start bound, as the reference
+    computes it), every lane of a batch at least 2 GPUs wide."""
     k = min(N_PAIR, ss.shape[1])
     s, w, v = ss[:, :k], ws[:, :k], vs[:, :k]
     i, j = (xp.asarray(t) for t in np.triu_indices(k, 1))
@@ -79,6 +93,8 @@ def pair(xp, ss, ws, vs, P):
     if i.size == 0 or P.shape[1] < 3 or not bool(((s[:, 0] + s[:, 1] > P[:, 1]) & v[:, 1]).any()):
         return xp.zeros(s.shape[0])
     ok = (s[:, i] + s[:, j] > P[:, 1:2]) & v[:, i] & v[:, j]
+    if n_gpus is not None:
+        ok = ok & (n_gpus >= 2)[:, None]
     return xp.where(ok, bounded_div(xp, w[:, i] + w[:, j], P[:, 2:3] - s[:, i] - s[:, j]), 0.0).max(axis=1)
 
 
@@ -112,7 +128,7 @@ def simple_bound(batch):
     so, wo, v = batch.sizes, batch.demand, batch.model_mask
     ss, ws, vs = size_desc(xp, so, wo, v)
     out = xp.maximum(individual(xp, so, wo, v, P), glob(xp, so, wo, v, P, n_gpus, 0.0))
-    out = xp.maximum(out, pair(xp, ss, ws, vs, P))
+    out = xp.maximum(out, pair(xp, ss, ws, vs, P, n_gpus))
     out = xp.maximum(out, triplet(xp, ss, ws, vs, P, n_gpus))
     ts, tw = xp.cumsum(ss, axis=1), xp.cumsum(ws, axis=1)
     n = xp.arange(1, ss.shape[1] + 1)[None, :]
@@ -210,8 +226,10 @@ def lanes_impossible(xp, a, items, cap, bins, c):
     it = items & (a > c[:, None])
     bn = bins & (cap > c[:, None])
     capmax = xp.where(bn, cap, 0.0).max(axis=1) if cap.shape[1] else xp.zeros(a.shape[0])
-    volume = xp.where(bn, cap, 0.0).sum(axis=1)
-    load = xp.where(it, a, 0.0).sum(axis=1)
+    # left-to-right sums (not NumPy's pairwise ``.sum``, whose blocks shift with the padding):
+    # padding adds exact zeros, so a lane's sums are the same whatever its padded layout
+    volume = seq_sum(xp, xp.where(bn, cap, 0.0)) if cap.shape[1] else xp.zeros(a.shape[0])
+    load = seq_sum(xp, xp.where(it, a, 0.0)) if a.shape[1] else xp.zeros(a.shape[0])
     some = it.any(axis=1)
     none_room = some & (capmax <= 0)
     over_volume = load > volume * (1.0 + VOLUME_RTOL)

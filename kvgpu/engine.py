@@ -132,24 +132,36 @@ def _start(batch: Batch, opts: Options, status: np.ndarray):
     pos = np.full(batch.sizes.shape, -1, np.int64)
     if good.size:
         assign[good], pos[good] = backends.solve_seed(batch.take(good), opts.backend)
+    assign[bad], pos[bad] = _pack_unseeded(batch, bad, opts, status)
+    return assign, pos
+
+
+def _pack_unseeded(batch: Batch, bad: np.ndarray, opts: Options, status: np.ndarray):
+    """Placements of the instances ``bad`` (k,) int64 that the seed packed nothing for: an
+    exact memory-only packing (unless mode 'seed' without a proof, which reports the seed's
+    heuristics only).  Returns ``(assign, pos)`` (k, N) int64 in the batch's slots, -1 where
+    nothing was found; ``status`` (B,) object gets those instances' status."""
     if opts.mode == "seed" and not opts.exact:
         status[bad] = NOT_FOUND  # the seed's heuristics only: not a proof
-        return assign, pos
+        empty = np.full((bad.size, batch.shape[1]), -1, np.int64)
+        return empty, empty.copy()
     _need_numba("packing what the seed could not")
     from kvgpu.kernels import exact
     from kvgpu.numba_engine import pack_memory
 
     a, p, st = pack_memory(batch.take(bad), max(opts.exact_work, DEFAULT_EXACT_WORK))
-    assign[bad], pos[bad] = a, p
     status[bad[st == exact.INFEASIBLE]] = INFEASIBLE
     status[bad[st == exact.UNKNOWN]] = NOT_FOUND
-    return assign, pos
+    return a, p
 
 
 def _compile_first(opts: Options, B: int, n_items: int) -> None:
     """Every numba kernel group the run will use, compiled side by side up front on a first run
-    (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them."""
-    groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort else [])
+    (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them.  The cuda
+    backend uses CPU kernels only for a proof (and, rarely, to pack what its seed did not: those
+    compile when needed)."""
+    on_cpu = opts.backend != "cuda"
+    groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort and on_cpu else [])
     groups += ["exact"] if opts.proof_work(n_items) else []
     if not groups or not backends.probe()["numba"][0]:
         return
@@ -187,6 +199,8 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
                               f"at most one GPU per model of each memory size, the ones worth solving on): pass "
                               f"decompose=True (--decompose on), or drop dask")
     _compile_first(opts, B, int(batch.n_models.max()))
+    if opts.backend == "cuda":
+        return _solve_on_device(batch, opts, infeasible)
     status = np.full(B, "ok", dtype=object)
     assign, pos = _start(batch, opts, status)
     failed = np.nonzero(status != "ok")[0]
@@ -214,6 +228,47 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
             k, m = _objective(sub, a, p)
             engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work))
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
+    assign[failed] = -1
+    return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+
+
+def _solve_on_device(batch: Batch, opts: Options, infeasible: str) -> BatchResult:
+    """:func:`solve_batch_plain` with the cuda backend: the same steps and the same figures, on
+    the device (:class:`kvgpu.cuda_engine.DeviceBatch`) -- the batch copied there once; seed,
+    figures (max KVPR, lower bound), search and figures again one launch each; the results back
+    once.  The host looks at the device once more, for the seed's ``ok`` flags: instances it
+    did not pack are packed on the CPU (:func:`_pack_unseeded`) and placed on the device.  A
+    proof (``exact_work``) runs on the CPU after, as for the other backends."""
+    from kvgpu.cuda_engine import DeviceBatch
+
+    B = batch.shape[0]
+    status = np.full(B, "ok", dtype=object)
+    dev = DeviceBatch(batch)
+    bad = np.nonzero(~dev.seed())[0]
+    if bad.size:
+        a, p = _pack_unseeded(batch, bad, opts, status)
+        placed = status[bad] == "ok"
+        dev.place(bad[placed], a[placed], p[placed])
+    failed = np.nonzero(status != "ok")[0]
+    if failed.size and infeasible == "raise":
+        raise _not_placed(status, failed, opts.mode)
+    active = status == "ok"
+    dev.set_active(active)
+    dev.finish(with_bound=True)  # max KVPR and the bound below it (the search stops at the bound)
+    if opts.effort:
+        dev.improve(opts.effort, opts.patience, opts.seed)
+        dev.finish(with_bound=False)  # the bound stays the one before the search: min(lo, m)
+    assign, pos, kv, max_kvpr, lo, lb = dev.results()
+    ok = np.nonzero(active)[0]
+    work = opts.proof_work(int(batch.n_models[ok].max())) if ok.size else 0
+    if work:
+        from kvgpu.numba_engine import improve
+
+        sub = batch.take(ok)
+        a, p, lo_ok = improve(sub, assign[ok], pos[ok], lo[ok], 0, opts.patience, opts.seed, work)
+        k, m = _objective(sub, a, p)
+        assign[ok], kv[ok], max_kvpr[ok], lb[ok] = a, k, m, np.minimum(lo_ok, m)
+    engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work)) if ok.size else opts.backend
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
 

@@ -94,8 +94,8 @@ def _random_batch(rng, B, n_max, g_max, mems=(40.0, 80.0, 141.0)):
 
 def test_compiled_lower_bound_equals_the_array_code():
     """kvgpu.kernels.bound gives bounds.lower_bound's values bit for bit: ADRS-shaped batches,
-    mixed memories and masks, one-GPU instances in wide batches, rows wide enough for NumPy's
-    pairwise summation to recurse, achieved values that are infinite or below the bound."""
+    mixed memories and masks, one-GPU instances in wide batches, wide rows (the merge sort of
+    long item rows), achieved values that are infinite or below the bound."""
     import pytest
 
     pytest.importorskip("numba")
@@ -123,14 +123,50 @@ def test_compiled_lower_bound_equals_the_array_code():
     assert checked > 100  # the bisection raised many of them, so it was compared too
 
 
-def test_pairwise_sum_is_numpys():
+def _relayout(b, rng, extra_n, extra_g, shuffle, trim=False):
+    """The instances of batch ``b`` in another padded layout: ``extra_n`` / ``extra_g`` more
+    padding slots, with ``shuffle`` the padding moved to random places, with ``trim`` the rows
+    cut to the most real entries (the real models and GPUs keep their order, as a stable
+    compaction keeps it)."""
+    from kvgpu.batch.state import make_batch
+
+    def move(xs, mask, extra):
+        B, K = mask.shape
+        width = max(1, int(mask.sum(axis=1).max())) if trim else K + extra
+        outs, out_m = [np.zeros((B, width)) for _ in xs], np.zeros((B, width), bool)
+        for i in range(B):
+            real = np.nonzero(mask[i])[0]
+            slots = np.sort(rng.choice(width, real.size, replace=False)) if shuffle else np.arange(real.size)
+            out_m[i, slots] = True
+            for x, out in zip(xs, outs):
+                out[i, slots] = x[i, real]
+        return outs, out_m
+
+    (s, w), mm = move((b.sizes, b.demand), b.model_mask, extra_n)
+    (g,), gm = move((b.gpu_mem,), b.gpu_mask, extra_g)
+    return make_batch(s, w, g, mm, gm)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 70), st.integers(1, 9), st.integers(0, 40), st.integers(0, 6),
+       st.booleans(), st.sampled_from(["compact", "wide"]))
+def test_lower_bound_does_not_depend_on_the_padding(seed, n_max, g_max, extra_n, extra_g, shuffle, how):
+    """The bound of an instance is the same bit for bit whether its padding is moved, widened or
+    trimmed away (real models in their order): the array code and the compiled bound, so the
+    device, which solves compacted rows, reports the CPU's value."""
     import pytest
 
+    rng = np.random.default_rng(seed)
+    b = _random_batch(rng, 6, n_max, g_max)
+    other = _relayout(b, rng, 0, 0, False, trim=True) if how == "compact" else _relayout(b, rng, extra_n, extra_g,
+                                                                                          shuffle)
+    simple = bounds.simple_bound(b)
+    hi = simple * rng.uniform(1.0, 3.0, simple.shape)
+    want = bounds.lower_bound(b, hi)
+    assert np.array_equal(bounds.simple_bound(other), simple)
+    assert np.array_equal(bounds.lower_bound(other, hi), want)
     pytest.importorskip("numba")
-    from kvgpu.kernels.bound import pairwise_sum
+    from kvgpu import numba_engine
 
-    rng = np.random.default_rng(5)
-    for n in [1, 2, 7, 8, 9, 15, 16, 17, 127, 128, 129, 255, 256, 1000, 4099]:
-        x = rng.standard_normal((2, n)) * 10.0 ** rng.uniform(-6, 6, (2, n))
-        for row, want in zip(x, x.sum(axis=1)):
-            assert pairwise_sum(np.ascontiguousarray(row), 0, n) == want, n
+    assert np.array_equal(numba_engine.lower_bound(other, hi), want)
+    assert np.array_equal(numba_engine.lower_bound(b, hi), want)

@@ -53,12 +53,17 @@ def test_gpu_check_simulated_end_to_end(tmp_path):
 def test_device_kernels_make_the_numba_backends_placements_under_the_simulator():
     """One thread block per instance (3 threads: the strided scans and their reductions) gives
     the numba CPU backend's placements: the seed pipeline on 8 ADRS-shaped instances, the search
-    from a first-fit packing on 8 (every one of them moved); and the cuda engine's ``solve_seed``
-    / ``improve`` equal the numba engine's."""
+    from a first-fit packing on 8 (every one of them moved); the cuda engine's ``solve_seed``
+    / ``improve`` equal the numba engine's; and whole solves on the device (figures and lower
+    bounds from the finish kernel) equal the numba backend's bit for bit, statuses too, in seed
+    mode, search mode and search with a proof, on a permuted-padding batch with an instance the
+    seed cannot pack and an infeasible one."""
     out = _sim("--kernels", "8", "8", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("kernel parity: seed 8/8, search 8/8 (search moved 8; 3 threads a block); "
             "cuda_engine equals numba_engine: True") in out.stdout, out.stdout
+    assert ("solve_batch parity (assignment, kvpr, max_kvpr, lower_bound, status; cuda vs numba): seed True, "
+            "search True, search+proof True") in out.stdout, out.stdout
 
 
 def test_simulator_is_never_taken_for_a_device():

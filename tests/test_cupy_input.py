@@ -92,3 +92,27 @@ def test_the_stand_in_is_strict_and_counts(cp):
     cp.nonzero(x > 2)
     x[x > 2]
     assert cp.COUNTS["syncs"] == 5
+
+
+@pytest.mark.parametrize("mode, launches", [("seed", 2), ("search", 4)])
+def test_cuda_backend_on_cupy_arrays_syncs_a_fixed_number_of_times(tmp_path, mode, launches):
+    """backend='cuda' on CuPy arrays (the stand-in, kernels under numba's CUDA simulator, in a
+    subprocess: bench/gpu_check.py's parity step): CuPy out, placements and figures equal to the
+    numba backend's, and per solve_batch call the same host syncs at 2 and 3 instances -- the
+    five inputs copied in, the seed's ok flags, the results back as integers and floats -- and
+    one launch per stage (seed, figures; search, figures again)."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py"), mode, "--work", str(tmp_path),
+                          "--simulate", "--instances", "3"], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    got = json.loads((tmp_path / f"{mode}.json").read_text())
+    equal, total = (got["P"], got["Q"]) if mode == "seed" else (got["R"], got["S"])
+    assert equal == total == 3
+    assert [c["instances"] for c in got["counts"]] == [2, 3]
+    assert [c["syncs"] for c in got["counts"]] == [8, 8]
+    assert [c["launches"] for c in got["counts"]] == [launches, launches]

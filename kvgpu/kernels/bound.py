@@ -1,5 +1,5 @@
-"""The reported lower bound of :func:`kvgpu.bounds.lower_bound`, compiled: one instance per
-thread, the same floating-point operations in the same order, so the same values bit for bit.
+"""The reported lower bound of :func:`kvgpu.bounds.lower_bound`, compiled: the same
+floating-point operations in the same order, so the same values bit for bit.
 
 :func:`kvgpu.bounds.lower_bound` is array code over a padded batch: the closed forms of
 :func:`kvgpu.bounds.simple_bound`, then a bisection on ``T`` with the bin-packing relaxation of
@@ -7,69 +7,49 @@ thread, the same floating-point operations in the same order, so the same values
 costs about a third of a numba seed solve (each of its 24 bisection steps sorts and counts every
 lane again); here each instance runs the same steps on its own rows.
 
+One source, two targets, as :mod:`kvgpu.kernels.cpu`: :func:`instance_bound_core` allocates
+nothing -- its working memory is ``fw`` (float64) and ``iw`` (int64) of :func:`bound_work`
+entries -- and sorts with kvgpu's own sorts, so :func:`kvgpu.kernels.jit.device` compiles it as
+a CUDA device function (the ``cuda`` backend's finish kernel, :mod:`kvgpu.kernels.device`);
+:func:`instance_bound` and :func:`lower_bound_batch` are the CPU entries.
+
 What makes the values equal and not merely close:
 
-* every row keeps the batch's padded width (``N`` model slots, ``G`` GPU slots): the array code's
-  sums, sorts and ``k``-prefix memories run over the padded rows, and e.g. a one-GPU instance in
-  a wider batch sees ``P[2] = P[1]``;
-* running sums (``cumsum``) add left to right, as here; whole-row sums (``.sum(axis=1)``) use
-  NumPy's pairwise summation, reproduced by :func:`pairwise_sum`;
+* the bound does not depend on the padded layout (:mod:`kvgpu.bounds`' module doc): every sum
+  runs left to right, padding adds exact zeros, sorts are stable, and the pair and triplet
+  terms are gated by the instance's own GPU count -- so a row may be passed padded (the CPU
+  batch entry) or trimmed to its real models and GPUs (the device);
 * counts below a threshold are exact whichever way they are taken (binary search here);
-* numba does not contract ``a * b + c`` into a fused multiply-add without ``fastmath``.
+* numba does not contract ``a * b + c`` into a fused multiply-add on the CPU; the one product
+  that is summed here, L2's margin ``d * (n + 1)``, is written with
+  :func:`kvgpu.kernels.deltas.fmul`, which the device never fuses either.
 
 ``tests/test_bounds.py`` checks the equality on random batches (mixed memories, masks, wide
-rows that reach the pairwise recursion).
+rows) and the layout invariance.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import prange
 
+from kvgpu.kernels.cpu import _insertion_sort, objective_core
+from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.params import DEN_FLOOR, N_PAIR, N_TRIPLET, WINDOW
+from kvgpu.kernels.sorting import argsort_into
 
 #: As :data:`kvgpu.bounds.L2_DELTA`, :data:`kvgpu.bounds.VOLUME_RTOL` (asserted equal in the tests).
 L2_DELTA = 1e-9
 VOLUME_RTOL = 1e-9
 #: Bisection steps of :func:`kvgpu.bounds.binpacking_bound`.
 BISECT_ITERS = 24
-#: NumPy's pairwise-summation block (``PW_BLOCKSIZE`` in numpy/_core/src/umath/loops_utils.h.src).
-PW_BLOCKSIZE = 128
-
-
-@kernel
-def pairwise_sum(x, lo, n):
-    """``x[lo:lo + n].sum()`` as NumPy adds a contiguous float64 row: sequentially below 8
-    values, with 8 interleaved partial sums up to :data:`PW_BLOCKSIZE`, halves (cut at a multiple
-    of 8) beyond."""
-    if n < 8:
-        res = 0.0
-        for i in range(lo, lo + n):
-            res += x[i]
-        return res
-    if n <= PW_BLOCKSIZE:
-        r0, r1, r2, r3 = x[lo], x[lo + 1], x[lo + 2], x[lo + 3]
-        r4, r5, r6, r7 = x[lo + 4], x[lo + 5], x[lo + 6], x[lo + 7]
-        i = 8
-        while i < n - n % 8:
-            r0 += x[lo + i]
-            r1 += x[lo + i + 1]
-            r2 += x[lo + i + 2]
-            r3 += x[lo + i + 3]
-            r4 += x[lo + i + 4]
-            r5 += x[lo + i + 5]
-            r6 += x[lo + i + 6]
-            r7 += x[lo + i + 7]
-            i += 8
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < n:
-            res += x[lo + i]
-            i += 1
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    return pairwise_sum(x, lo, n2) + pairwise_sum(x, lo + n2, n - n2)
+#: Rows up to this long are sorted by insertion (fewer operations on short rows), longer ones by
+#: the merge argsort of :mod:`kvgpu.kernels.sorting`.
+SHORT_ROW = 64
+INF = math.inf
 
 
 @kernel
@@ -79,19 +59,38 @@ def _div(a, den):
 
 
 @kernel
-def _simple(s, w, v, M, gm, P):
-    """:func:`kvgpu.bounds.simple_bound` of one padded instance; fills ``P`` (G+1,) with the
-    prefix sums of the memories, largest first."""
-    N, G = s.shape[0], M.shape[0]
-    mem = np.empty(G)
-    n_gpus = 0
-    for g in range(G):
-        mem[g] = M[g] if gm[g] else 0.0
-        n_gpus += 1 if gm[g] else 0
-    mem = np.sort(mem)
+def sort_values(x, tmp, idx, itmp):
+    """Sort ``x`` (n,) float64 ascending in place, values only (so stability is irrelevant):
+    insertion sort up to :data:`SHORT_ROW` values, else the merge argsort and a gather.
+    ``tmp`` (n,) float64, ``idx``, ``itmp`` (n,) int64 are working memory."""
+    n = x.shape[0]
+    if n <= SHORT_ROW:
+        _insertion_sort(x)
+        return
+    argsort_into(x, idx[:n], itmp[:n])
+    for k in range(n):
+        tmp[k] = x[idx[k]]
+    for k in range(n):
+        x[k] = tmp[k]
+
+
+@kernel
+def bound_work(N, G):
+    """``(floats, ints)``: the working memory :func:`instance_bound_core` needs for rows of
+    ``N`` model and ``G`` GPU slots."""
+    W = max(N, G)
+    return 3 * G + 2 + 8 * N + 1 + W, 2 * N + 2 * W
+
+
+@kernel
+def _simple(s, w, v, srt, n_gpus, P, key, ss, ws, perm, tmp):
+    """:func:`kvgpu.bounds.simple_bound` of one instance, from its memories sorted ascending
+    ``srt`` (G,) (padding as 0); fills ``P`` (G+1,) with the prefix sums of the memories,
+    largest first.  ``key``, ``ss``, ``ws`` (N,) float64, ``perm``, ``tmp`` (N,) int64 scratch."""
+    N, G = s.shape[0], srt.shape[0]
     P[0] = 0.0
     for g in range(G):
-        P[g + 1] = P[g] + mem[G - 1 - g]
+        P[g + 1] = P[g] + srt[G - 1 - g]
     # individual and global terms, models in index order
     best = 0.0
     tw, ts = 0.0, 0.0
@@ -100,62 +99,59 @@ def _simple(s, w, v, M, gm, P):
             best = max(best, _div(w[j], P[1] - s[j]))
             tw += w[j]
             ts += s[j]
-        else:
-            tw += 0.0
-            ts += 0.0
     best = max(best, _div(tw, P[n_gpus] - 0.0 - ts))
-    # models re-gathered largest first, stable, invalid last (kvgpu.batch.arrays.sort_desc)
-    key = np.empty(N)
+    # models re-gathered largest first, stable, invalid last (kvgpu.batch.arrays.sort_desc): the
+    # first nv of them are the valid ones
+    nv = 0
     for j in range(N):
-        key[j] = -s[j] if v[j] else np.inf
-    perm = np.argsort(key, kind="mergesort")
-    ss, ws = np.empty(N), np.empty(N)
-    vs = np.empty(N, np.bool_)
+        key[j] = -s[j] if v[j] else INF
+        nv += 1 if v[j] else 0
+    argsort_into(key, perm, tmp)
     for j in range(N):
-        ss[j], ws[j], vs[j] = s[perm[j]], w[perm[j]], v[perm[j]]
+        ss[j], ws[j] = s[perm[j]], w[perm[j]]
     # pairs among the largest that cannot share a GPU; sizes descend, so unless the two largest
     # exceed one GPU no pair does (the array code's shortcut, and most instances' case)
-    k = min(N_PAIR, N)
-    if k >= 2 and G >= 2 and vs[1] and ss[0] + ss[1] > P[1]:
+    k = min(N_PAIR, nv)
+    if k >= 2 and n_gpus >= 2 and ss[0] + ss[1] > P[1]:
         for i in range(k):
             for j in range(i + 1, k):
-                if vs[i] and vs[j] and ss[i] + ss[j] > P[1]:
+                if ss[i] + ss[j] > P[1]:
                     best = max(best, _div(ws[i] + ws[j], P[2] - ss[i] - ss[j]))
     # windowed triplets whose size exceeds two GPUs (likewise: only if the three largest do)
-    k = min(N_TRIPLET, N)
-    if k >= 3 and G >= 3 and n_gpus >= 3 and vs[2] and ss[0] + ss[1] + ss[2] > P[2]:
+    k = min(N_TRIPLET, nv)
+    if k >= 3 and n_gpus >= 3 and ss[0] + ss[1] + ss[2] > P[2]:
         for a in range(k):
             for b in range(a + 1, min(k, a + WINDOW + 1)):
                 for c in range(b + 1, min(k, b + WINDOW + 1)):
                     tot = ss[a] + ss[b] + ss[c]
-                    if vs[a] and vs[b] and vs[c] and tot > P[2]:
+                    if tot > P[2]:
                         best = max(best, _div(ws[a] + ws[b] + ws[c], P[3] - tot))
     # size-descending prefixes spread over at most min(|X|, G) GPUs
     cs, cw = 0.0, 0.0
-    for j in range(N):
+    for j in range(nv):
         cs += ss[j]
         cw += ws[j]
-        if vs[j]:
-            best = max(best, _div(cw, P[min(j + 1, n_gpus)] - cs))
+        best = max(best, _div(cw, P[min(j + 1, n_gpus)] - cs))
     return best
 
 
 @kernel
-def _insertion_sort(x, n):
-    """Sort ``x[:n]`` ascending in place: on short rows (up to a few dozen items) this beats a
-    general sort; only the values matter, so stability is irrelevant."""
-    for i in range(1, n):
-        v = x[i]
-        j = i - 1
-        while j >= 0 and x[j] > v:
-            x[j + 1] = x[j]
-            j -= 1
-        x[j + 1] = v
+def _count_le(ra, t):
+    """How many of the ascending ``ra`` (n,) are ``<= t`` (a binary search)."""
+    lo, hi = 0, ra.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ra[mid] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @kernel
-def _l2_exceeds(r, valid, n_bins, ra, cs):
-    """:func:`kvgpu.bounds.l2_exceeds` of one lane; ``ra`` (N,) and ``cs`` (N+1,) are scratch."""
+def _l2_exceeds(r, valid, n_bins, ra, cs, tmp, idx, itmp):
+    """:func:`kvgpu.bounds.l2_exceeds` of one lane; ``ra`` (N,), ``cs`` (N+1,), ``tmp`` (N,)
+    float64 and ``idx``, ``itmp`` (N,) int64 are scratch."""
     N = r.shape[0]
     d = L2_DELTA
     too_big = False
@@ -167,20 +163,18 @@ def _l2_exceeds(r, valid, n_bins, ra, cs):
         ra[j] = min(max(x, 0.0), 1.0 + d)
     if too_big:  # an item larger than every bin: impossible, whatever the counts say
         return True
-    if N <= 64:
-        _insertion_sort(ra, N)
-    else:  # quadratic no more
-        ra.sort()
+    sort_values(ra, tmp, idx, itmp)
     cs[0] = 0.0
     for j in range(N):
         cs[j + 1] = cs[j] + ra[N - 1 - j]
-    nb = N - np.searchsorted(ra, 0.5 + d, side="right")
+    nb = N - _count_le(ra, 0.5 + d)
     # k runs over 0 and the item sizes, ascending; the thresholds 1 - k + d then descend, so the
     # two counts below move one way and are kept by pointers.  A k above 1/2 counts as 0 (the
     # array code's ``where(k <= 0.5, k, 0)``), already evaluated first, and so does a repeated k.
     p1, pm = N, 0  # items <= 1 - k + d; items < k
-    need_max = -np.inf
+    need_max = -INF
     prev = -1.0
+    margin = fmul(d, float(n_valid + 1))  # the array code's ``d * (count + 1)``, never fused
     for q in range(N + 1):
         k = 0.0 if q == 0 else ra[q - 1]
         if k > 0.5:
@@ -198,32 +192,35 @@ def _l2_exceeds(r, valid, n_bins, ra, cs):
         sum2 = cs[nb] - cs[n1]
         m = N - pm
         sum3 = cs[m] - cs[nb] if m > nb else 0.0
-        extra = np.ceil(sum3 - (n2 - sum2) - d * (n_valid + 1))
+        extra = float(math.ceil(sum3 - (n2 - sum2) - margin))
         need = n1 + n2 + max(extra, 0.0)
         need_max = max(need_max, need)
-    return too_big or need_max > n_bins
+    return need_max > n_bins
 
 
 @kernel
-def _impossible(a, v, M, gm, c, it, buf, ra, cs, r):
+def _impossible(a, v, M, gm, c, it, ra, cs, r, tmp, idx, itmp):
     """:func:`kvgpu.bounds.lanes_impossible` of one lane: item loads ``a`` (N,), class ``c``;
-    ``it`` (N,) bool and ``buf``, ``ra``, ``r`` (max(N, G),) / ``cs`` (N+1,) are scratch."""
+    ``it`` (N,) int64 and ``ra``, ``r``, ``tmp`` (N,), ``cs`` (N+1,) float64, ``idx``, ``itmp``
+    (N,) int64 are scratch."""
     N, G = a.shape[0], M.shape[0]
     capmax = 0.0
     n_bins = 0
-    for g in range(G):
+    volume = 0.0
+    for g in range(G):  # left to right, as the array code's seq_sum
         on = gm[g] and M[g] > c
-        buf[g] = M[g] if on else 0.0
+        x = M[g] if on else 0.0
         n_bins += 1 if on else 0
-        if g == 0 or buf[g] > capmax:
-            capmax = buf[g]
-    volume = pairwise_sum(buf, 0, G)
+        if g == 0 or x > capmax:
+            capmax = x
+        volume += x
     some = False
+    load = 0.0
     for j in range(N):
-        it[j] = v[j] and a[j] > c
-        some = some or it[j]
-        buf[j] = a[j] if it[j] else 0.0
-    load = pairwise_sum(buf, 0, N)
+        inside = v[j] and a[j] > c
+        it[j] = 1 if inside else 0
+        some = some or inside
+        load += a[j] if inside else 0.0
     if some and capmax <= 0:
         return True
     if load > volume * (1.0 + VOLUME_RTOL):
@@ -233,24 +230,33 @@ def _impossible(a, v, M, gm, c, it, buf, ra, cs, r):
     den = capmax if capmax > 0 else 1.0
     for j in range(N):
         r[j] = a[j] / den
-    return _l2_exceeds(r[:N], it, n_bins, ra, cs)
+    return _l2_exceeds(r, it, n_bins, ra, cs, tmp, idx, itmp)
 
 
 @kernel
-def instance_bound(s, w, v, M, gm, hi):
-    """:func:`kvgpu.bounds.lower_bound` of one instance of a padded batch (rows ``s``, ``w``,
-    ``v`` (N,), ``M``, ``gm`` (G,), achieved max KVPR ``hi``)."""
+def instance_bound_core(s, w, v, M, gm, hi, fw, iw):
+    """:func:`kvgpu.bounds.lower_bound` of one instance: rows ``s``, ``w`` (N,) float64 (GB,
+    demand), ``v`` (N,) bool real models, ``M`` (G,) float64 GB, ``gm`` (G,) bool real GPUs --
+    padded or not, anywhere (the value is the same) -- and the achieved max KVPR ``hi``.
+    ``fw``, ``iw``: :func:`bound_work` entries.  Returns the bound (float)."""
     N, G = s.shape[0], M.shape[0]
-    P = np.empty(G + 1)
-    lo = _simple(s, w, v, M, gm, P)
-    if not (np.isfinite(hi) and hi > lo and lo > 0):
-        return lo
-    # memory classes: 0 and every memory size below the largest (kvgpu.bounds._memory_classes)
-    srt = np.empty(G)
+    W = max(N, G)
+    P, srt, th = fw[:G + 1], fw[G + 1:2 * G + 1], fw[2 * G + 1:3 * G + 2]
+    o = 3 * G + 2
+    key, ss, ws, a = fw[o:o + N], fw[o + N:o + 2 * N], fw[o + 2 * N:o + 3 * N], fw[o + 3 * N:o + 4 * N]
+    ra, r, tmp = fw[o + 4 * N:o + 5 * N], fw[o + 5 * N:o + 6 * N], fw[o + 6 * N:o + 7 * N]
+    cs, gtmp = fw[o + 7 * N:o + 8 * N + 1], fw[o + 8 * N + 1:o + 8 * N + 1 + W]
+    it, perm, idx, itmp = iw[:N], iw[N:2 * N], iw[2 * N:2 * N + W], iw[2 * N + W:2 * N + 2 * W]
+    # the memories sorted ascending, padding as 0 (the prefixes and the memory classes read them)
+    n_gpus = 0
     for g in range(G):
         srt[g] = M[g] if gm[g] else 0.0
-    srt.sort()
-    th = np.empty(G + 1)
+        n_gpus += 1 if gm[g] else 0
+    sort_values(srt, gtmp, idx, itmp)
+    lo = _simple(s, w, v, srt, n_gpus, P, key, ss, ws, perm, itmp[:N])
+    if not (math.isfinite(hi) and hi > lo and lo > 0):
+        return lo
+    # memory classes: 0 and every memory size below the largest (kvgpu.bounds._memory_classes)
     th[0] = 0.0
     n_th = 1
     for g in range(G):
@@ -258,11 +264,6 @@ def instance_bound(s, w, v, M, gm, hi):
         if srt[g] > 0 and srt[g] < srt[G - 1] and srt[g] != prev:
             th[n_th] = srt[g]
             n_th += 1
-    W = max(N, G)
-    a = np.empty(N)
-    it = np.empty(N, np.bool_)
-    buf, ra, r = np.empty(W), np.empty(N), np.empty(W)
-    cs = np.empty(N + 1)
     x, y = lo, hi
     for _ in range(BISECT_ITERS):
         mid = (x + y) / 2
@@ -270,7 +271,7 @@ def instance_bound(s, w, v, M, gm, hi):
             a[j] = s[j] + w[j] / mid
         bad = False
         for q in range(n_th):
-            if _impossible(a, v, M, gm, th[q], it, buf, ra, cs, r):
+            if _impossible(a, v, M, gm, th[q], it, ra, cs, r, tmp, idx, itmp):
                 bad = True
                 break
         if bad:
@@ -278,6 +279,29 @@ def instance_bound(s, w, v, M, gm, hi):
         else:
             y = mid
     return x
+
+
+@kernel
+def finish_core(s, w, M, real, assign, pos, kv, lo, with_bound, fw, iw):
+    """The figures the engine reports for one placed instance (its real models and GPUs):
+    ``kv`` (G,) float64 each GPU's KVPR and the max ``m`` (:func:`kvgpu.kernels.cpu.
+    objective_core`); with ``with_bound``, the lower bound ``lo`` recomputed below ``m``
+    (:func:`instance_bound_core`; ``real`` (max(n, G),) bool all True, its masks), else ``lo``
+    kept (the bound before a search).  Returns ``(m, lo)``; the engine reports ``min(lo, m)``.
+    fw, iw: :func:`bound_work` entries (the objective's share comes first and is done before)."""
+    m = objective_core(s, w, M, assign, pos, kv, fw, iw)
+    if with_bound:
+        lo = instance_bound_core(s, w, real[:s.shape[0]], M, real[:M.shape[0]], m, fw, iw)
+    return m, lo
+
+
+@kernel
+def instance_bound(s, w, v, M, gm, hi):
+    """:func:`kvgpu.bounds.lower_bound` of one instance of a padded batch (rows ``s``, ``w``,
+    ``v`` (N,), ``M``, ``gm`` (G,), achieved max KVPR ``hi``; CPU entry of
+    :func:`instance_bound_core`)."""
+    nf, ni = bound_work(s.shape[0], M.shape[0])
+    return instance_bound_core(s, w, v, M, gm, hi, np.empty(nf), np.empty(ni, np.int64))
 
 
 @kernel(parallel=True)

@@ -1199,14 +1199,29 @@ def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
 # ----------------------------------------------------------------------------- pipeline
 
 @njit
+def objective_core(s, w, M, assign, pos, kv, fw, iw):
+    """The objective of a placement: ``kv`` (G,) float64 = each GPU's KVPR, its size and demand
+    summed in the GPU's list order (as :func:`kvgpu.batch.state.gpu_loads` sums them, so the
+    values are the engine's bit for bit); returns the max KVPR (``-inf`` without GPUs).
+    ``assign``, ``pos`` (n,) int64; fw (2G,) float64, iw (2n,) int64 working memory."""
+    G = M.shape[0]
+    n = s.shape[0]
+    S, W = fw[:G], fw[G:2 * G]
+    list_loads_into(assign, pos, s, w, S, W, iw[:n], iw[n:2 * n])
+    kvprs_into(S, W, M, kv)
+    top = -INF
+    for g in range(G):
+        top = max(top, kv[g])
+    return top
+
+
+@njit
 def score_core(s, w, M, assign, pos, out, fw, iw):
     """The score ``(max, second, mean KVPR)`` of a placement into ``out`` (3,); fw (3G,),
     iw (2n,)."""
     G = M.shape[0]
-    n = s.shape[0]
-    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
-    list_loads_into(assign, pos, s, w, S, W, iw[:n], iw[n:2 * n])
-    kvprs_into(S, W, M, kv)
+    kv = fw[2 * G:3 * G]
+    objective_core(s, w, M, assign, pos, kv, fw[:2 * G], iw)
     v0, i0, v1, i1, v2, i2 = top3(kv)  # the two largest values, as a descending sort has them
     tot = 0.0
     for g in range(G):

@@ -3,7 +3,9 @@
 Each block runs an instance's seed pipeline (:func:`kvgpu.kernels.cpu.seed_instance_core`) or
 its search (:func:`kvgpu.kernels.search.improve_instance_core`) -- the very Python source the
 numba CPU backend compiles, compiled again as CUDA device functions by
-:func:`kvgpu.kernels.jit.device`.  The threads of the block share the scans of a step (the move
+:func:`kvgpu.kernels.jit.device`.  The figures the engine reports -- per-GPU KVPR, max KVPR and
+lower bound (:func:`kvgpu.kernels.bound.finish_core`) -- are serial per instance: that kernel
+(:func:`finish`) runs one thread per instance, a warp of instances per block.  The threads of the block share the scans of a step (the move
 and swap deltas of ``improve_local``, the moves and exchanges of the repair search) and reduce
 them to the choice the serial CPU loop makes; thread 0 applies it between barriers.  An instance's
 state and working memory live in global memory: one row per instance of two arrays allocated
@@ -21,7 +23,7 @@ import warnings
 import numpy as np
 from numba import cuda
 
-from kvgpu.kernels import cpu, search
+from kvgpu.kernels import bound, cpu, search
 from kvgpu.kernels.jit import device
 
 #: Threads per block on a device (one warp); the simulator runs a few (every thread is a
@@ -31,6 +33,7 @@ SIM_THREADS = 4
 
 _seed = device(cpu.seed_instance_core)
 _improve = device(search.improve_instance_core)
+_finish = device(bound.finish_core)
 
 
 def threads() -> int:
@@ -55,16 +58,35 @@ def _seed_kernel(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, 
 
 
 @cuda.jit
-def _improve_kernel(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, seed, assign, pos, fw, iw, rng,
-                    e_u8, e_i2, e_i, e_f, used):
+def _improve_kernel(sizes, demand, gpu_mem, n_models, n_gpus, active, lb, effort, patience, seed, assign, pos, fw, iw,
+                    rng, e_u8, e_i2, e_i, e_f, used):
     """Block ``b``: ``effort`` search rounds of compacted instance ``b`` from ``assign``/``pos``
-    (no rules; see :func:`_seed_kernel`), ``rng`` (B,) uint64 its random state."""
+    (no rules; see :func:`_seed_kernel`), ``rng`` (B,) uint64 its random state; nothing where
+    ``active[b]`` is 0 (an instance without a placement)."""
     b = cuda.blockIdx.x
+    if not active[b]:  # the whole block leaves: no barrier waits for it
+        return
     n, G = n_models[b], n_gpus[b]
     rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf)
     rstate = (e_i2, e_i, e_i, e_i, used[b])
     _improve(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, patience, seed,
              rules, rstate, fw[b], iw[b], rng[b:b + 1], cuda.threadIdx.x, cuda.blockDim.x)
+
+
+@cuda.jit
+def _finish_kernel(sizes, demand, gpu_mem, n_models, n_gpus, active, real, assign, pos, with_bound, kv, m, lo, lb, fw,
+                   iw):
+    """Thread ``b``: the figures of compacted instance ``b`` (:func:`kvgpu.kernels.bound.finish_core`)
+    into ``kv[b, :G]``, ``m[b]``, ``lo[b]`` and ``lb[b] = min(lo[b], m[b])``, where ``active[b]``."""
+    b = cuda.grid(1)
+    if b >= sizes.shape[0] or not active[b]:
+        return
+    n, G = n_models[b], n_gpus[b]
+    mb, lob = _finish(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], real, assign[b, :n], pos[b, :n], kv[b, :G], lo[b],
+                      with_bound, fw[b], iw[b])
+    m[b] = mb
+    lo[b] = lob
+    lb[b] = min(lob, mb)
 
 
 def _empties(xp, B):
@@ -102,17 +124,38 @@ def seed(xp, sizes, demand, gpu_mem, n_models, n_gpus, nt=None):
     return assign, pos, ok.astype(bool)
 
 
-def improve(xp, sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, seed_, assign, pos, nt=None):
+def improve(xp, sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, seed_, assign, pos, nt=None,
+            active=None):
     """:func:`kvgpu.kernels.search.improve_batch` on the device: ``assign``/``pos`` (B, N) int64
-    are improved in place, one block per instance, in one launch."""
+    are improved in place, one block per instance, in one launch; ``lb`` (B,) float64 the lower
+    bounds; ``active`` (B,) uint8 the instances to search (None: all)."""
     B, N = sizes.shape
     G = gpu_mem.shape[1]
     nt = nt or threads()
     if B and effort > 0:
         fw, iw = work_arrays(xp, B, search.improve_work(N, G, nt))
         rng = xp.zeros(B, xp.uint64)
-        _launch(_improve_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, lb, int(effort), int(patience),
-                int(seed_), assign, pos, fw, iw, rng, *_empties(xp, B))
+        active = xp.ones(B, xp.uint8) if active is None else active
+        _launch(_improve_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, active, lb, int(effort),
+                int(patience), int(seed_), assign, pos, fw, iw, rng, *_empties(xp, B))
+
+
+def finish(xp, sizes, demand, gpu_mem, n_models, n_gpus, active, assign, pos, with_bound, kv, m, lo, lb):
+    """The reported figures of the placed instances of a compacted batch, in one launch (one
+    thread per instance): per-GPU KVPR into ``kv`` (B, G) float64 (compact GPU ids; columns
+    beyond an instance's GPUs are left as they are), max KVPR into ``m`` (B,) float64, with
+    ``with_bound`` the lower bound below it into ``lo`` (B,) float64 (else ``lo`` is read, the
+    bound before a search), and ``min(lo, m)`` into ``lb`` (B,) float64 -- only where ``active``
+    (B,) uint8 is set.  The arrays are ``xp``'s, on the device."""
+    B, N = sizes.shape
+    G = gpu_mem.shape[1]
+    if not B:
+        return
+    nt = threads()
+    fw, iw = work_arrays(xp, B, bound.bound_work(N, G))
+    real = xp.ones(max(N, G), xp.bool_)
+    _launch(_finish_kernel, (B + nt - 1) // nt, nt, sizes, demand, gpu_mem, n_models, n_gpus, active, real, assign,
+            pos, bool(with_bound), kv, m, lo, lb, fw, iw)
 
 
 def _performance_warning():

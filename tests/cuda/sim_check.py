@@ -9,7 +9,9 @@ kernels installed makes the NumPy engine's placements, decision for decision.  W
 ``--kernels S R [T]``: the one-block-per-instance kernels of :mod:`kvgpu.kernels.device` (the
 ``cuda`` backend) against the numba CPU backend -- the seed pipeline on ``S`` ADRS-shaped
 instances and the search (small effort) on ``R``, with ``T`` threads per block; prints
-``kernel parity: seed P/S, search Q/R``.
+``kernel parity: seed P/S, search Q/R``; then whole solves (:func:`solve_parity`: placements,
+figures, lower bounds and statuses in seed mode, search mode, search with a proof) on a batch
+that takes every branch of the cuda path.
 """
 
 import sys
@@ -133,6 +135,58 @@ def engine_parity():
     return bool((a1 == a2).all() and (p1 == p2).all() and all((x == y).all() for x, y in zip(r1, r2)))
 
 
+#: An instance none of the seed's packings fits (sizes GB, demands; three 100 GB GPUs) though an
+#: exact packing does: the cuda path packs it on the CPU and places it on the device.
+UNSEEDED = ([11.0, 49.0, 47.0, 53.0, 18.0, 14.0, 54.0, 11.0, 38.0],
+            [1.7, 0.84, 1.65, 0.63, 1.44, 1.14, 0.94, 1.35, 0.13], [100.0] * 3)
+#: Three 50 GB models on two 80 GB GPUs: each fits alone, no two together (proven infeasible).
+INFEASIBLE = ([50.0] * 3, [1.0] * 3, [80.0] * 2)
+
+
+def mixed_batch(seed=5):
+    """A batch that takes every branch of the cuda path: ADRS-shaped and varied instances, one
+    the seed cannot pack (:data:`UNSEEDED`), one infeasible (:data:`INFEASIBLE`), with the
+    padding moved inside the rows (not front-packed: the compaction permutes)."""
+    from kvgpu.batch.state import make_batch
+    from kvgpu.problem import make_instance
+
+    rng = np.random.default_rng(seed)
+    extra = [make_instance(np.stack([s, w, np.ones(len(s))], axis=1), len(M), M) for s, w, M in (UNSEEDED, INFEASIBLE)]
+    b = batch_from_instances([adrs_like(rng) for _ in range(2)] + [varied(rng, g_range=(3, 5), per_gpu=(1, 2))]
+                             + extra)
+    B, N, G = b.shape
+    order_m = np.stack([rng.permutation(N) for _ in range(B)])  # a random layout per row, real ones
+    order_g = np.stack([rng.permutation(G) for _ in range(B)])  # in their order (stable: sorted slots)
+    out = []
+    for x, mask, order in ((b.sizes, b.model_mask, order_m), (b.demand, b.model_mask, order_m),
+                           (b.gpu_mem, b.gpu_mask, order_g)):
+        y, m = np.zeros_like(x), np.zeros_like(mask)
+        for i in range(B):
+            slots = np.sort(order[i][:mask[i].sum()])
+            y[i, slots], m[i, slots] = x[i, mask[i]], True
+        out.append((y, m))
+    return make_batch(out[0][0], out[1][0], out[2][0], out[0][1], out[2][1])
+
+
+def solve_parity(**kw):
+    """``solve_batch_plain`` with backend 'cuda' against 'numba' on :func:`mixed_batch` with the
+    options ``kw`` (``infeasible='mark'``): True if assignment, kvpr, max_kvpr, lower_bound and
+    status are equal (NaN where equal), and the backend names say cuda ran."""
+    import dataclasses
+
+    from kvgpu import engine
+
+    b = mixed_batch()
+    opts = engine.options("numba", **kw)
+    want = engine.solve_batch_plain(b, opts, "mark")
+    got = engine.solve_batch_plain(b, dataclasses.replace(opts, backend="cuda"), "mark")
+    same = [np.array_equal(getattr(got, f), getattr(want, f), equal_nan=f != "assignment")
+            for f in ("assignment", "kvpr", "max_kvpr", "lower_bound")]
+    statuses = list(got.status) == list(want.status)
+    unseeded_placed = got.status[3] == "ok" if kw.get("mode") != "seed" else got.status[3] != "ok"
+    return all(same) and statuses and unseeded_placed and got.status[4] != "ok" and got.backend.startswith("cuda")
+
+
 def _host(x):
     return x.get() if hasattr(x, "get") else np.asarray(x)
 
@@ -148,6 +202,9 @@ if __name__ == "__main__":
         s_eq, r_eq, moved = kernel_parity(nums[0], nums[1], nums[2])
         print(f"kernel parity: seed {s_eq}/{nums[0]}, search {r_eq}/{nums[1]} (search moved {moved}; "
               f"{nums[2]} threads a block); cuda_engine equals numba_engine: {engine_parity()}")
+        print(f"solve_batch parity (assignment, kvpr, max_kvpr, lower_bound, status; cuda vs numba): "
+              f"seed {solve_parity(mode='seed')}, search {solve_parity(mode='search', effort=3)}, "
+              f"search+proof {solve_parity(mode='search', effort=2, exact=True, exact_work=20_000)}")
         sys.exit(0)
     dev = "--device" in args
     nums = [int(a) for a in args if a.isdigit()] or [2, 2]
