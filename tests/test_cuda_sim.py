@@ -59,6 +59,7 @@ def test_device_kernels_make_the_numba_backends_placements_under_the_simulator()
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("kernel parity: seed 8/8, search 8/8 (search moved 8; 3 threads a block); "
             "cuda_engine equals numba_engine: True") in out.stdout, out.stdout
+    assert "overflow encountered" not in out.stderr, out.stderr[-3000:]
 
 
 def test_simulator_is_never_taken_for_a_device():

@@ -38,6 +38,7 @@ from kvgpu.kernels.cpu import (argmax_first, fits, gpu_lists_into, improve_local
                               local_values, next_stamp, refine_peak_core, safe_div, score_core)
 from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.sorting import argsort_into
+from kvgpu.kernels.u64 import wrap_add, wrap_mul
 from kvgpu.kernels.rules import (budget_held, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
@@ -81,13 +82,15 @@ def default_patience(effort: int) -> int:
 
 @njit
 def rand_uniform(state):
-    """xorshift64*: a uniform float in [0, 1) from the one-element uint64 ``state``."""
+    """xorshift64*: a uniform float in [0, 1) from the one-element uint64 ``state`` (products
+    and sums wrap through :mod:`kvgpu.kernels.u64`: the same values, and no overflow warning
+    where a kernel runs as Python)."""
     x = state[0]
     x ^= x >> np.uint64(12)
     x ^= x << np.uint64(25)
     x ^= x >> np.uint64(27)
     state[0] = x
-    return float((x * np.uint64(2685821657736338717)) >> np.uint64(11)) / 9007199254740992.0
+    return float(wrap_mul(x, np.uint64(2685821657736338717)) >> np.uint64(11)) / 9007199254740992.0
 
 
 @_inline
@@ -341,9 +344,9 @@ def _tie_key(salt, cand):
     """A pseudo-random key in ``[0, 2^63)`` of candidate ``cand`` (a step's unique candidate
     number) under the step's random ``salt`` (splitmix64): equal deltas are broken by it, the
     same way whichever thread sees which candidate first."""
-    z = np.uint64(salt) + np.uint64(cand) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = wrap_add(np.uint64(salt), wrap_mul(np.uint64(cand), np.uint64(0x9E3779B97F4A7C15)))
+    z = wrap_mul(z ^ (z >> np.uint64(30)), np.uint64(0xBF58476D1CE4E5B9))
+    z = wrap_mul(z ^ (z >> np.uint64(27)), np.uint64(0x94D049BB133111EB))
     z = z ^ (z >> np.uint64(31))
     return np.int64(z >> np.uint64(1))
 
@@ -749,7 +752,8 @@ def improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rule
     frac = FRAC_START
     last_gain = 0
     if tid == 0:
-        state[0] = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
+        state[0] = wrap_add(wrap_mul(np.uint64(seed), np.uint64(6364136223846793005)),
+                            np.uint64(1442695040888963407))
         score_core(s, w, M, assign, pos, best_sc, f_rest, i_rest)
         _copy(best_sc, start_sc)
         for i in range(n):
