@@ -1,13 +1,68 @@
-"""The search's random stream and tie keys are the reference hashes (wrapping 64-bit
-arithmetic, silent where kernels run as Python)."""
+"""The scans a thread block shares, checked on the CPU: ``polish_second``'s rows evaluated by any
+number of threads and walked by thread 0 make the serial scan's choice; the search's random
+stream and tie keys are the reference hashes (wrapping 64-bit arithmetic, silent where kernels
+run as Python).  The kernels themselves run by blocks of 1-4 threads under the simulator in
+tests/test_cuda_sim.py."""
 import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvgpu.kernels import search, u64
+from kvgpu.kernels import cpu, search, u64
+from kvgpu.kernels.rules import new_state, no_rules
 
 MASK = (1 << 64) - 1
+
+
+def _row_indices(tri, src, slot, pbase):
+    """The value indices a row fills: every slot but ``src``'s, or ``src``'s pairs left out."""
+    if not tri:
+        return np.flatnonzero(slot != src)
+    return np.concatenate([np.arange(pbase[d], pbase[d + 1]) for d in range(pbase.shape[0] - 1) if d != src])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1), st.integers(3, 28), st.integers(3, 7), st.integers(2, 5))
+def test_polish_rows_filled_by_threads_walk_to_the_serial_choice(seed, n, G, nt):
+    """Every row of polish_second's scan (singles, two for one, one for two): ``nt`` threads fill
+    exactly the row's exchanges, and thread 0's walk of those values takes the chain of choices
+    the one-thread walk (evaluating as it goes) takes, from the real best and from (inf, inf),
+    where nearly every exchange is taken in turn."""
+    rng = np.random.default_rng(seed)
+    s, w = rng.integers(1, 8, n).astype(float), rng.integers(1, 9, n).astype(float)
+    assign = rng.integers(0, G, n)
+    M = np.bincount(assign, weights=s, minlength=G) * rng.uniform(1.0, 1.6, G) + rng.uniform(0.0, 4.0, G)
+    pos = rng.permutation(n).astype(np.int64)
+    S, W = cpu.list_loads(assign, pos, s, w, G)
+    kv = cpu.kvprs(S, W, M)
+    v, ix = np.empty(4), np.empty(4, np.int64)
+    search._top4(kv, v, ix)
+    lst, start = np.empty(n, np.int64), np.empty(G + 1, np.int64)
+    cpu.gpu_lists_into(assign, np.arange(n), lst, start)
+    slot, pbase = np.empty(n + G, np.int64), np.empty(G + 1, np.int64)
+    search._polish_slots(start, slot, pbase)
+    rules = no_rules()
+    rs = new_state(rules, assign, G)
+    half = search.polish_values(n, G, nt) // 2
+    for k in range(2):
+        src = ix[k]
+        for p in range(start[src], start[src + 1]):
+            for q in range(p, start[src + 1]):
+                x1, x2 = lst[p], (lst[q] if q > p else -1)
+                for tri in ((False, True) if q == p else (False,)):
+                    m1s, m2s = np.full(half, -1.0), np.full(half, -1.0)
+                    for t in range(nt):
+                        search._polish_fill(S, W, M, s, w, v, ix, assign, lst, start, slot, pbase, src, x1, x2, tri,
+                                            m1s, m2s, t, nt)
+                    filled = np.zeros(half, bool)
+                    filled[_row_indices(tri, src, slot, pbase)] = True
+                    assert (m1s[filled] != -1.0).all() and (m1s[~filled] == -1.0).all()
+                    for b1, b2 in ((v[0], v[1]), (np.inf, np.inf)):
+                        best = (float(b1), float(b2), -1, -1, -1, -1, -1, -1)
+                        args = (S, W, M, s, w, v, ix, lst, start, pbase, src, x1, x2, tri, best, m1s, m2s, rules, rs)
+                        assert search._polish_row(*args, nt) == search._polish_row(*args, 1)
 
 
 def _xorshift_star(x):
