@@ -1,8 +1,8 @@
 """The scans a thread block shares, checked on the CPU: ``polish_second``'s rows evaluated by any
-number of threads and walked by thread 0 make the serial scan's choice; the search's random
-stream and tie keys are the reference hashes (wrapping 64-bit arithmetic, silent where kernels
-run as Python).  The kernels themselves run by blocks of 1-4 threads under the simulator in
-tests/test_cuda_sim.py."""
+number of threads and walked by thread 0 make the serial scan's choice; the threads per block
+follow the batch's size; the search's random stream and tie keys are the reference hashes
+(wrapping 64-bit arithmetic, silent where kernels run as Python).  The kernels themselves run
+by blocks of 1-4 threads under the simulator in tests/test_cuda_sim.py."""
 import warnings
 
 import numpy as np
@@ -110,3 +110,27 @@ def test_wrapping_arithmetic_on_numpy_scalars_is_silent_and_wraps():
     with np.errstate(over="ignore"):
         assert got_mul == a * b and got_add == a + a
     assert isinstance(got_mul, np.uint64) and isinstance(got_add, np.uint64)
+
+
+def test_threads_per_block_follow_the_batch_size():
+    """One warp for small instances; more warps (powers of two, at most 256) as ``n + G`` grows,
+    never fewer for a bigger batch; the working memory grows by a few entries per thread."""
+    from numba.core import config
+
+    if config.ENABLE_CUDASIM:
+        pytest.skip("the simulator runs SIM_THREADS")
+    from kvgpu.kernels import device
+
+    assert device.threads() == device.threads(18, 9) == 32  # ADRS-shaped
+    assert [device.threads(n, 0) for n in (255, 256, 511, 512, 1023, 1024, 10 ** 6)] == [32, 64, 64, 128, 128, 256,
+                                                                                           256]
+    assert device.threads(200, 60) == 64 and device.threads(900, 128) == 256
+    shapes = [(n, g) for n in (1, 10, 100, 300, 700, 2000, 5000) for g in (1, 8, 64, 512)]
+    for n, g in shapes:
+        nt = device.threads(n, g)
+        assert nt in (32, 64, 128, 256)
+        assert nt <= device.threads(n + 50, g) and nt <= device.threads(n, g + 50)
+        for work in (cpu.seed_work, search.improve_work):
+            f1, i1 = work(n, g, 32)
+            f2, i2 = work(n, g, nt)
+            assert 0 <= f2 - f1 <= nt and 0 <= i2 - i1 <= 8 * nt
