@@ -929,8 +929,9 @@ def _polish_value(S, W, M, s, w, v, ix, src, dst, sX, wX, y1, y2):
 def polish_values(n, G, nt):
     """Floats :func:`polish_second_core` keeps for the ``(m1, m2)`` of one row of its scan for
     ``nt > 1`` threads (none for one): a row holds ``n + G`` exchanges, or -- one model for two
-    of another GPU -- the pairs of models of one GPU, fewer than ``n^2 / 2`` and, as the row
-    is scanned only within ``POLISH_PAIR_SCANS``, fewer than that."""
+    of another GPU -- the pairs of models on one GPU: ``sum_d m_d (m_d - 1) / 2 < n^2 / 2``,
+    and below ``POLISH_PAIR_SCANS`` too, since such rows are scanned only when the pair scan's
+    work estimate, at least ``sum_d m_d^2 / 2``, is within it."""
     if nt == 1:
         return 0
     return 2 * max(n + G, min(n * (n - 1) // 2, int(POLISH_PAIR_SCANS)))
