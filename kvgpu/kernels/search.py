@@ -970,23 +970,20 @@ def _polish_fill(S, W, M, s, w, v, ix, assign, lst, start, slot, pbase, src, x1,
     G = S.shape[0]
     none = np.int64(-1)
     sX, wX = _sum2(s, x1, x2), _sum2(w, x1, x2)
-    if tri:
-        for u in range(tid, n, nt):
-            d = assign[lst[u]]
-            if d == src:
-                continue
-            a, m = u - start[d], start[d + 1] - start[d]
-            c = pbase[d] + a * m - a * (a + 1) // 2 - u - 1
-            for r in range(u + 1, start[d + 1]):
-                m1s[c + r], m2s[c + r] = _polish_value(S, W, M, s, w, v, ix, src, d, sX, wX, lst[u], lst[r])
-    else:
-        for r in range(tid, n + G, nt):
-            d = slot[r]
-            if d == src:
-                continue
-            u = r - d - 1
+    for k in range(tid, n if tri else n + G, nt):  # tri: model position k; else slot k
+        if tri:  # model lst[k] of GPU d with each model after it in d's list
+            d, y1 = assign[lst[k]], lst[k]
+            a, m = k - start[d], start[d + 1] - start[d]
+            r0, r1, c = k + 1, start[d + 1], pbase[d] + a * m - a * (a + 1) // 2 - k - 1
+        else:  # one model of GPU d, or nothing, back
+            d = slot[k]
+            u = k - d - 1
             y1 = lst[u] if u >= start[d] else none
-            m1s[r], m2s[r] = _polish_value(S, W, M, s, w, v, ix, src, d, sX, wX, y1, none)
+            r0, r1, c = u, u + 1, k - u
+        if d == src:
+            continue
+        for r in range(r0, r1):
+            m1s[c + r], m2s[c + r] = _polish_value(S, W, M, s, w, v, ix, src, d, sX, wX, y1, lst[r] if tri else none)
 
 
 @njit
