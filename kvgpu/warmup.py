@@ -45,7 +45,7 @@ GROUPS = {
 UNITS = {
     "core": ((), 12),            # improve_local, refine_peak, the score: under every mode
     "repair": ((), 7),          # the bin-packing repair at a target
-    "polish": ((), 7),          # the second-largest KVPR's polish
+    "polish": ((), 12),         # the second-largest KVPR's polish (rows walked by thread 0, filled by the block)
     "candidates": ((), 10),     # the seed's candidate packings
     "seed": (("core", "candidates"), 5),
     "bound": ((), 3),           # the reported lower bound (kvgpu.kernels.bound)

@@ -64,6 +64,30 @@ def test_device_kernels_make_the_numba_backends_placements_under_the_simulator()
             "cuda_engine equals numba_engine: True") in out.stdout, out.stdout
     assert ("solve_batch parity (assignment, kvpr, max_kvpr, lower_bound, status; cuda vs numba): seed True, "
             "search True, search+proof True") in out.stdout, out.stdout
+    assert "overflow encountered" not in out.stderr, out.stderr[-3000:]
+
+
+def test_refine_and_polish_by_blocks_of_1_to_4_threads_equal_the_cpu_under_the_simulator():
+    """refine_peak's donations and polish_second's rows, evaluated by the threads of a block and
+    walked by thread 0, make the CPU's placements for 1, 2, 3 and 4 threads, from first-fit
+    packings both steps improve; the simulated search warns of no 64-bit overflow."""
+    out = _sim("--steps", "6", "1", "2", "3", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for nt in (1, 2, 3, 4):
+        assert f"step parity, {nt} threads a block: refine_peak 6/6, polish_second 6/6" in out.stdout, out.stdout
+    moved = re.search(r"steps moved: refine_peak (\d+), polish_second (\d+)", out.stdout)
+    assert moved and int(moved[1]) >= 3 and int(moved[2]) >= 3, out.stdout
+    assert "overflow encountered" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("nt", [1, 2, 4])
+def test_seed_and_search_kernels_are_the_same_for_any_threads_a_block(nt):
+    """The whole seed pipeline and search by blocks of 1, 2 and 4 threads (3: above) give the
+    numba CPU backend's placements, without overflow warnings from the search's hashes."""
+    out = _sim("--kernels", "3", "3", str(nt))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"kernel parity: seed 3/3, search 3/3 (search moved 3; {nt} threads a block)" in out.stdout, out.stdout
+    assert "overflow encountered" not in out.stderr, out.stderr[-3000:]
 
 
 def test_simulator_is_never_taken_for_a_device():

@@ -16,7 +16,9 @@ function taking a prefix for itself and handing the rest to its callees -- and u
 sorts, no exceptions and no recursion, so :func:`kvgpu.kernels.jit.device` compiles them as CUDA
 device functions too.  A core run by the ``nt`` threads of a CUDA block is called by every
 thread with its index ``tid``: the threads share the scans of :func:`improve_local_core` and
-thread 0 takes every other step, between barriers; the CPU calls it with ``(0, 1)``.  The
+:func:`refine_peak_core` and thread 0 takes every other step, between barriers; the CPU calls
+it with ``(0, 1)``.  Where the serial loop's rule is a chain ("beats the best so far"), the
+threads write the values and thread 0 walks them in the serial order with that rule.  The
 functions without ``_core`` are the CPU entry points: they allocate and call the core.
 """
 
@@ -1143,57 +1145,112 @@ def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
                        np.empty(4 * n + G + 6, np.int64), 0, 1)
 
 
+#: The seed's ``refine_peak`` (:func:`kvgpu.reference.refine_peak`'s defaults): passes, and
+#: donors per pass (half by demand, the rest by size).
+REFINE_PASSES, REFINE_TOP_K = 2, 12
+
+
 @njit
-def refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, fw, iw):
+def refine_values(top_k, nt):
+    """Floats :func:`refine_peak_core` keeps for the values of a pass's donations: every one of
+    them (at most two targets for each of ``max(1, top_k // 2) + max(1, top_k)`` donors) for
+    ``nt > 1`` threads, none for one."""
+    return 2 * (max(1, top_k // 2) + max(1, top_k)) if nt > 1 else 0
+
+
+@njit
+def refine_work(n, G, top_k, nt):
+    """``(floats, ints)``: the working memory of :func:`refine_peak_core`."""
+    return 3 * G + refine_values(top_k, nt), 3 * n + G + 2 * max(1, top_k) + 7
+
+
+@njit
+def _donation(by_w, nw, by_s, targets, n_tg, k):
+    """Donation ``k = j n_tg + t`` of a :func:`refine_peak_core` pass, in the reference's scan
+    order: donor ``j`` (``by_w[j]`` for ``j < nw``, else ``by_s[j - nw]``) to ``targets[t]``.
+    ``(model, GPU)``; model -1 where a by-size donor is a by-demand one already (the
+    reference's donor list holds it once)."""
+    j, t = k // n_tg, k % n_tg
+    if j < nw:
+        return by_w[j], targets[t]
+    a = by_s[j - nw]
+    for q in range(nw):
+        if by_w[q] == a:
+            return np.int64(-1), targets[t]
+    return a, targets[t]
+
+
+@njit
+def refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, fw, iw, tid, nt):
     """In place; see :func:`kvgpu.reference.refine_peak`.  Donations that break ``rules`` are
-    skipped (see :func:`improve_local_core`).  One thread: at most ``2 top_k`` donations a pass.
-    fw (3G,), iw (4n + G + 2 top_k + 5,)."""
+    skipped (see :func:`improve_local_core`).  At most ``2 top_k`` donations a pass.
+
+    Run by every thread ``tid`` of ``nt`` (module doc): thread 0 ranks the donors, the threads
+    evaluate the pass's donations (every ``nt``-th each), and thread 0 walks the values in the
+    serial scan order with the serial rule (a donation is taken when it beats the best so far
+    by ``EPS``) -- the same values in the same order, so the same choice for any ``nt``.  One
+    thread (the CPU) keeps no values: it evaluates as it walks.  fw, iw of :func:`refine_work`
+    entries."""
     G = M.shape[0]
     n = s.shape[0]
-    S, W, kv = fw[:G], fw[G:2 * G], fw[2 * G:3 * G]
+    S, W, kv, vals = fw[:G], fw[G:2 * G], fw[2 * G:3 * G], fw[3 * G:3 * G + refine_values(top_k, nt)]
     mem, start, order, tmp = iw[:n], iw[n:n + G + 1], iw[n + G + 1:2 * n + G + 1], iw[2 * n + G + 1:3 * n + G + 1]
     o = 3 * n + G + 1
     nbw, nbs = max(1, top_k // 2), max(1, top_k)
     by_w, by_s, targets = iw[o:o + nbw], iw[o + nbw:o + nbw + nbs], iw[o + nbw + nbs:o + nbw + nbs + 2]
+    box = iw[o + nbw + nbs + 2:o + nbw + nbs + 6]
     none = np.int64(-1)
-    stamp = _state_into(s, w, M, assign, pos, S, W, kv, order, tmp)
+    stamp = 0
+    if tid == 0:
+        stamp = _state_into(s, w, M, assign, pos, S, W, kv, order, tmp)
     for _ in range(passes):
+        barrier()
         worst = argmax_first(kv, none)
-        targets[0], targets[1] = _two_lowest(kv, worst)
-        n_tg = 0 if targets[0] < 0 else (1 if targets[1] < 0 else 2)
-        gpu_lists_into(assign, order, mem, start)
-        lo, hi = start[worst], start[worst + 1]
-        if n_tg == 0 or hi == lo:
+        if tid == 0:  # the pass's donors and targets; box: (by-demand donors, by-size, targets)
+            targets[0], targets[1] = _two_lowest(kv, worst)
+            n_tg = 0 if targets[0] < 0 else (1 if targets[1] < 0 else 2)
+            gpu_lists_into(assign, order, mem, start)
+            lo, hi = start[worst], start[worst + 1]
+            nw = ns = 0
+            if n_tg > 0 and hi > lo:
+                nw = _top_into(mem, lo, hi, w, by_w)
+                ns = _top_into(mem, lo, hi, s, by_s[:max(1, top_k - nw)])
+            box[0], box[1], box[2] = nw, ns, n_tg
+        barrier()
+        nw, n_tg = box[0], box[2]
+        nc = (nw + box[1]) * n_tg
+        if nc == 0:  # no target, or nothing on the worst GPU
             break
-        nw = _top_into(mem, lo, hi, w, by_w)
-        ns = _top_into(mem, lo, hi, s, by_s[:max(1, top_k - nw)])
         t3 = top3(kv)
-        best = kv[worst]
-        ba, bd = -1, -1
-        for j in range(nw + ns):
-            a = by_w[j] if j < nw else by_s[j - nw]
-            seen = False
-            if j >= nw:
-                for q in range(nw):
-                    seen = seen or by_w[q] == a
-            if seen:
-                continue
-            for t in range(n_tg):
-                d = targets[t]
-                new = _eval(S, W, M, s, w, worst, d, a, none, max_excluding(t3, worst, d))
+        if nt > 1:
+            for k in range(tid, nc, nt):
+                a, d = _donation(by_w, nw, by_s, targets, n_tg, k)
+                vals[k] = np.nan if a < 0 else _move_value(S, W, M, s, w, worst, d, a, t3)
+        barrier()
+        if tid == 0:
+            best = kv[worst]
+            ba, bd = none, none
+            for k in range(nc):
+                a, d = _donation(by_w, nw, by_s, targets, n_tg, k)
+                if a < 0:
+                    continue
+                new = vals[k] if nt > 1 else _move_value(S, W, M, s, w, worst, d, a, t3)
                 if new + EPS < best and _allowed(rules, rstate, worst, d, a, none):
                     best, ba, bd = new, a, d
-        if ba < 0:
+            box[3] = ba
+            if ba >= 0:
+                stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, none, rules, rstate)
+        barrier()
+        if box[3] < 0:
             break
-        stamp = _apply_ruled(S, W, kv, M, s, w, assign, pos, order, stamp, worst, bd, ba, none, rules, rstate)
+    barrier()  # every thread has read the box before it is working memory again
 
 
 @njit
 def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     """In place (CPU entry of :func:`refine_peak_core`)."""
-    n, G = s.shape[0], M.shape[0]
-    refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, np.empty(3 * G),
-                     np.empty(4 * n + G + 2 * max(1, top_k) + 5, np.int64))
+    nf, ni = refine_work(s.shape[0], M.shape[0], top_k, 1)
+    refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, np.empty(nf), np.empty(ni, np.int64), 0, 1)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -1261,7 +1318,8 @@ def seed_work(n, G, nt):
     C = N_CANDIDATES
     lanes = min(nt, PACK_LANES)
     lf, li = _lane_work(n, G)
-    tail_f = lanes * lf + 3 * G + K * n + 3 * G + local_values(n, G, nt) + 16
+    local_f = max(local_values(n, G, nt), refine_values(REFINE_TOP_K, nt))  # improve_local, or refine_peak
+    tail_f = lanes * lf + 3 * G + K * n + 3 * G + local_f + 16
     tail_i = lanes * li + 3 * n + K * n + 4 * n + 3 * G + 32 + nt
     return G + 1 + 3 * C + tail_f, 2 * C * n + 2 * C + 4 * n + 4 + tail_i
 
@@ -1376,8 +1434,8 @@ def seed_instance_core(s, w, M, assign, pos, rules, rstate, fw, iw, tid, nt):
         for i in range(n):
             assign[i] = ca[pick * n + i]
             pos[i] = cp[pick * n + i]
-        refine_peak_core(s, w, M, assign, pos, 2, 12, rules, rstate, f_rest, i_rest)
     barrier()
+    refine_peak_core(s, w, M, assign, pos, REFINE_PASSES, REFINE_TOP_K, rules, rstate, f_rest, i_rest, tid, nt)
     improve_local_core(s, w, M, assign, pos, 1500, rules, rstate, f_rest, i_rest, tid, nt)
     return True
 

@@ -32,3 +32,18 @@ def fmul(a, b):
 
 #: The simulator runs Python, where ``a * b`` already rounds once (and has no libdevice).
 FMUL = None if config.ENABLE_CUDASIM else fmul
+
+
+def wrap_mul(a, b):
+    """The ``uint64`` product: wraps modulo ``2^64`` on a device."""
+    return a * b
+
+
+def wrap_add(a, b):
+    """The ``uint64`` sum: wraps modulo ``2^64`` on a device."""
+    return a + b
+
+
+#: The simulator runs the Python forms of :mod:`kvgpu.kernels.u64` (exact integers, no warning).
+WRAP_MUL = None if config.ENABLE_CUDASIM else wrap_mul
+WRAP_ADD = None if config.ENABLE_CUDASIM else wrap_add

@@ -5,9 +5,11 @@ its search (:func:`kvgpu.kernels.search.improve_instance_core`) -- the very Pyth
 numba CPU backend compiles, compiled again as CUDA device functions by
 :func:`kvgpu.kernels.jit.device`.  The figures the engine reports -- per-GPU KVPR, max KVPR and
 lower bound (:func:`kvgpu.kernels.bound.finish_core`) -- are serial per instance: that kernel
-(:func:`finish`) runs one thread per instance, a warp of instances per block.  The threads of the block share the scans of a step (the move
-and swap deltas of ``improve_local``, the moves and exchanges of the repair search) and reduce
-them to the choice the serial CPU loop makes; thread 0 applies it between barriers.  An instance's
+(:func:`finish`) runs one thread per instance, a warp of instances per block.  The threads of
+the block share the scans of a step (the move and swap deltas of ``improve_local``, the
+donations of ``refine_peak``, the moves and exchanges of the repair search and of
+``polish_second``) and reduce them to the choice the serial CPU loop makes; thread 0 applies it
+between barriers.  A block is one warp, or more for big instances (:func:`threads`).  An instance's
 state and working memory live in global memory: one row per instance of two arrays allocated
 once per launch (:func:`work_arrays`).
 
@@ -26,21 +28,47 @@ from numba import cuda
 from kvgpu.kernels import bound, cpu, search
 from kvgpu.kernels.jit import device
 
-#: Threads per block on a device (one warp); the simulator runs a few (every thread is a
-#: Python thread there).
+#: Threads per block on a device: one warp, or more warps for big instances (:func:`threads`);
+#: the simulator runs a few (every thread is a Python thread there).
 THREADS = 32
+MAX_THREADS = 256
 SIM_THREADS = 4
+#: Candidates per thread below which more threads do not pay (:func:`threads`).
+MIN_PER_THREAD = 4
 
 _seed = device(cpu.seed_instance_core)
 _improve = device(search.improve_instance_core)
 _finish = device(bound.finish_core)
 
 
-def threads() -> int:
-    """Threads per block: :data:`THREADS`, or :data:`SIM_THREADS` under the simulator."""
+def threads(n_models: int = 0, n_gpus: int = 0) -> int:
+    """Threads per block for a batch whose largest instance has ``n_models`` models and
+    ``n_gpus`` GPUs (a pure function of the batch's shape): one warp (:data:`THREADS`) for small
+    instances, up to :data:`MAX_THREADS` (a power of two) for big ones; :data:`SIM_THREADS`
+    under the simulator.
+
+    Why by ``n_models + n_gpus``: a step's scans are split among the threads between two
+    barriers, and the narrowest of the scans that run step after step are about that wide --
+    a row of ``polish_second`` (``n + G`` exchanges), ``improve_local``'s moves (the worst
+    GPU's models times ``G``, at least ``G`` and about ``n`` when GPUs hold ``n / G`` each), a
+    repair step (the overflowing GPU's models times ``n + G``).  The extra warps of a bigger
+    block only shorten that strided evaluation; a barrier across warps (and thread 0's serial
+    walk of the values, which more threads do not shorten) costs about as much as a few
+    evaluations, so a block grows only while every thread gets at least
+    :data:`MIN_PER_THREAD` candidates of the narrow scans: 32 threads up to ``n + G = 255``,
+    64 from 256, 128 from 512, 256 from 1024.  The steps run by fewer threads stay as they
+    are (the seed's packs on :data:`kvgpu.kernels.cpu.PACK_LANES` lanes, ``refine_peak``'s
+    at most ``2 REFINE_TOP_K`` donations).  Working memory barely grows with the threads
+    (:func:`kvgpu.kernels.cpu.seed_work`, :func:`kvgpu.kernels.search.improve_work`: a few
+    entries per thread), so the choice needs no memory check."""
     from numba.core import config
 
-    return SIM_THREADS if config.ENABLE_CUDASIM else THREADS
+    if config.ENABLE_CUDASIM:
+        return SIM_THREADS
+    nt = THREADS
+    while nt < MAX_THREADS and 2 * nt * MIN_PER_THREAD <= n_models + n_gpus:
+        nt *= 2
+    return nt
 
 
 @cuda.jit
@@ -113,7 +141,7 @@ def seed(xp, sizes, demand, gpu_mem, n_models, n_gpus, nt=None):
     Returns ``(assign, pos (B, N) int64, ok (B,) bool)`` as arrays of ``xp``."""
     B, N = sizes.shape
     G = gpu_mem.shape[1]
-    nt = nt or threads()
+    nt = nt or threads(N, G)
     assign = xp.full((B, N), -1, xp.int64)
     pos = xp.full((B, N), -1, xp.int64)
     ok = xp.zeros(B, xp.uint8)
@@ -131,7 +159,7 @@ def improve(xp, sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, 
     bounds; ``active`` (B,) uint8 the instances to search (None: all)."""
     B, N = sizes.shape
     G = gpu_mem.shape[1]
-    nt = nt or threads()
+    nt = nt or threads(N, G)
     if B and effort > 0:
         fw, iw = work_arrays(xp, B, search.improve_work(N, G, nt))
         rng = xp.zeros(B, xp.uint64)

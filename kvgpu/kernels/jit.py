@@ -14,8 +14,9 @@ its Python source again as a CUDA device function whose calls to other registere
 to *their* device versions -- found from the function's own global names, so no module
 declares or patches anything: one source, two targets.  A kernel may name a device
 implementation of its own (``kernel(device=factory)``) where the targets must differ: the
-thread barrier (:func:`barrier`) and the product that must not fuse into an FMA
-(:func:`kvgpu.kernels.deltas.fmul`).
+thread barrier (:func:`barrier`), the product that must not fuse into an FMA
+(:func:`kvgpu.kernels.deltas.fmul`), and the wrapping ``uint64`` arithmetic that must not warn
+where kernels run as Python (:mod:`kvgpu.kernels.u64`).
 On the CPU a kernel run by "thread ``tid`` of ``nt``" is called with ``(0, 1)``.
 """
 
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import types as _pytypes
 
+import numpy as np
 from numba.core import config, types
 from numba.core.registry import CPUDispatcher
 from numba.extending import overload
 
-from kvgpu.kernels import deltas
+from kvgpu.kernels import deltas, u64
 
 #: id of every registered Python function -> (function, device implementation factory or None)
 _REGISTRY: dict = {}
@@ -145,3 +147,27 @@ def _fmul_cpu(a, b):
 
 
 register(deltas.fmul, device=_cuda_fmul)
+
+
+def _cuda_u64(name):
+    def factory():
+        from kvgpu.kernels import cuda_prims
+
+        return getattr(cuda_prims, name)
+    return factory
+
+
+@overload(u64.wrap_mul)
+def _wrap_mul_cpu(a, b):
+    """CPU kernels call :func:`kvgpu.kernels.u64.wrap_mul` as the ``uint64`` product, which wraps."""
+    return lambda a, b: np.uint64(a) * np.uint64(b)
+
+
+@overload(u64.wrap_add)
+def _wrap_add_cpu(a, b):
+    """CPU kernels call :func:`kvgpu.kernels.u64.wrap_add` as the ``uint64`` sum, which wraps."""
+    return lambda a, b: np.uint64(a) + np.uint64(b)
+
+
+register(u64.wrap_mul, device=_cuda_u64("WRAP_MUL"))
+register(u64.wrap_add, device=_cuda_u64("WRAP_ADD"))

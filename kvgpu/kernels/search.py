@@ -21,7 +21,8 @@ worse than the start, so the answer is never worse than the seed's; the work is 
 
 Like :mod:`kvgpu.kernels.cpu`, the ``*_core`` functions allocate nothing and are run by every
 thread ``tid`` of ``nt`` of a CUDA block (the CPU calls them with ``(0, 1)``): the threads share
-a repair step's scan of moves and exchanges, thread 0 does the rest.  The repair step's choice
+a repair step's scan of moves and exchanges and the rows of :func:`polish_second_core`'s scan,
+thread 0 does the rest.  The repair step's choice
 is the least ``(delta, key)``, ``key`` a hash of the candidate and a per-step random salt
 (:func:`_tie_key`): an order-independent rule, so any number of threads scanning in any order
 choose what the serial loop chooses, and equal deltas are still broken at random.
@@ -29,15 +30,19 @@ choose what the serial loop chooses, and equal deltas are still broken at random
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import prange
 
 from kvgpu.kernels.jit import barrier, kernel
 from kvgpu.kernels import deltas, params
-from kvgpu.kernels.cpu import (argmax_first, fits, gpu_lists_into, improve_local_core, kvprs_into, list_loads_into,
-                              local_values, next_stamp, own_first, refine_peak_core, safe_div, score_core)
+from kvgpu.kernels.cpu import (REFINE_PASSES, REFINE_TOP_K, argmax_first, fits, gpu_lists_into, improve_local_core,
+                              kvprs_into, list_loads_into, local_values, next_stamp, own_first, refine_peak_core,
+                              refine_values, safe_div, score_core)
 from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.sorting import argsort_into
+from kvgpu.kernels.u64 import wrap_add, wrap_mul
 from kvgpu.kernels.rules import (budget_held, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
@@ -81,13 +86,15 @@ def default_patience(effort: int) -> int:
 
 @njit
 def rand_uniform(state):
-    """xorshift64*: a uniform float in [0, 1) from the one-element uint64 ``state``."""
+    """xorshift64*: a uniform float in [0, 1) from the one-element uint64 ``state`` (products
+    and sums wrap through :mod:`kvgpu.kernels.u64`: the same values, and no overflow warning
+    where a kernel runs as Python)."""
     x = state[0]
     x ^= x >> np.uint64(12)
     x ^= x << np.uint64(25)
     x ^= x >> np.uint64(27)
     state[0] = x
-    return float((x * np.uint64(2685821657736338717)) >> np.uint64(11)) / 9007199254740992.0
+    return float(wrap_mul(x, np.uint64(2685821657736338717)) >> np.uint64(11)) / 9007199254740992.0
 
 
 @_inline
@@ -341,9 +348,9 @@ def _tie_key(salt, cand):
     """A pseudo-random key in ``[0, 2^63)`` of candidate ``cand`` (a step's unique candidate
     number) under the step's random ``salt`` (splitmix64): equal deltas are broken by it, the
     same way whichever thread sees which candidate first."""
-    z = np.uint64(salt) + np.uint64(cand) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = wrap_add(np.uint64(salt), wrap_mul(np.uint64(cand), np.uint64(0x9E3779B97F4A7C15)))
+    z = wrap_mul(z ^ (z >> np.uint64(30)), np.uint64(0xBF58476D1CE4E5B9))
+    z = wrap_mul(z ^ (z >> np.uint64(27)), np.uint64(0x94D049BB133111EB))
     z = z ^ (z >> np.uint64(31))
     return np.int64(z >> np.uint64(1))
 
@@ -713,8 +720,9 @@ def _take_if_better(s, w, M, cand_a, cand_p, assign, pos, best_sc, start_sc, sc,
 def improve_work(n, G, nt):
     """``(floats, ints)``: the working memory :func:`improve_instance_core` needs for ``n``
     models, ``G`` GPUs and ``nt`` threads."""
-    tail_f = 3 * G + 4 + local_values(n, G, nt) + nt + 2 + 2 * n
-    tail_i = 6 * n + 2 * G + 32 + RED * nt
+    values = max(local_values(n, G, nt), refine_values(REFINE_TOP_K, nt), polish_values(n, G, nt))
+    tail_f = 3 * G + 4 + values + nt + 2 + 2 * n
+    tail_i = 6 * n + 3 * G + 32 + RED * nt
     return 10 + 6 * G + tail_f, 9 * n + G + 5 + tail_i
 
 
@@ -750,7 +758,8 @@ def improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rule
     frac = FRAC_START
     last_gain = 0
     if tid == 0:
-        state[0] = np.uint64(seed) * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
+        state[0] = wrap_add(wrap_mul(np.uint64(seed), np.uint64(6364136223846793005)),
+                            np.uint64(1442695040888963407))
         score_core(s, w, M, assign, pos, best_sc, f_rest, i_rest)
         _copy(best_sc, start_sc)
         for i in range(n):
@@ -790,8 +799,7 @@ def improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rule
             _perturb(s, w, M, cur_a, cur_p, 1 + it % 3, state, rules, rstate, members, old, f_rest, i_rest)
         barrier()
         improve_local_core(s, w, M, cur_a, cur_p, 4000, rules, rstate, f_rest, i_rest, tid, nt)
-        if tid == 0:
-            refine_peak_core(s, w, M, cur_a, cur_p, 2, 12, rules, rstate, f_rest, i_rest)
+        refine_peak_core(s, w, M, cur_a, cur_p, REFINE_PASSES, REFINE_TOP_K, rules, rstate, f_rest, i_rest, tid, nt)
         barrier()
         improve_local_core(s, w, M, cur_a, cur_p, 1500, rules, rstate, f_rest, i_rest, tid, nt)
         if tid == 0:
@@ -800,7 +808,8 @@ def improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rule
         barrier()
     if tid == 0:
         reset_state(rules, rstate, assign)
-        polish_second_core(s, w, M, assign, pos, POLISH_ITERS, rules, rstate, f_rest, i_rest)
+    barrier()
+    polish_second_core(s, w, M, assign, pos, POLISH_ITERS, rules, rstate, f_rest, i_rest, tid, nt)
     barrier()
 
 
@@ -910,8 +919,120 @@ def _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY):
     return True, m1, m2
 
 
+@_inline
+def _sum2(x, a, b):
+    """``x[a] + x[b]``, a missing one (-1) counting 0: the size or demand of an exchange's side."""
+    return (x[a] if a >= 0 else 0.0) + (x[b] if b >= 0 else 0.0)
+
+
+@_inline
+def _polish_value(S, W, M, s, w, v, ix, src, dst, sX, wX, y1, y2):
+    """``(m1, m2)``: the largest and second largest KVPR after models of size ``sX`` and
+    demand ``wX`` go ``src`` -> ``dst`` and ``y1``, ``y2`` (-1: none) come back; ``m1`` NaN
+    where it does not fit in memory -- an entry of :func:`polish_second_core`'s scan."""
+    ok, m1, m2 = _second_after(S, W, M, v, ix, src, dst, sX, wX, _sum2(s, y1, y2), _sum2(w, y1, y2))
+    return (m1, m2) if ok else (np.nan, 0.0)
+
+
 @njit
-def polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw):
+def polish_values(n, G, nt):
+    """Floats :func:`polish_second_core` keeps for the ``(m1, m2)`` of one row of its scan for
+    ``nt > 1`` threads (none for one): a row holds ``n + G`` exchanges, or -- one model for two
+    of another GPU -- the pairs of models on one GPU: ``sum_d m_d (m_d - 1) / 2 < n^2 / 2``,
+    and below ``POLISH_PAIR_SCANS`` too, since such rows are scanned only when the pair scan's
+    work estimate, at least ``sum_d m_d^2 / 2``, is within it."""
+    if nt == 1:
+        return 0
+    return 2 * max(n + G, min(n * (n - 1) // 2, int(POLISH_PAIR_SCANS)))
+
+
+@njit
+def polish_work(n, G, nt):
+    """``(floats, ints)``: the working memory of :func:`polish_second_core`."""
+    return 3 * G + 4 + polish_values(n, G, nt), 6 * n + 3 * G + 10
+
+
+@njit
+def _polish_slots(start, slot, pbase):
+    """The value index of a row's exchanges (:func:`_polish_fill`): ``slot`` (n + G,) the GPU
+    of each position of "for each GPU ``d``: nothing back, then each of its models" (position
+    ``u + d + 1`` is model position ``u`` of ``d``'s list, ``start[d] + d`` nothing);
+    ``pbase`` (G + 1,) the index of each GPU's first pair of models (pairs of ``d``'s models
+    ``a < b`` in order)."""
+    G = start.shape[0] - 1
+    pbase[0] = 0
+    for d in range(G):
+        for r in range(start[d] + d, start[d + 1] + d + 1):
+            slot[r] = d
+        m = start[d + 1] - start[d]
+        pbase[d + 1] = pbase[d] + m * (m - 1) // 2
+
+
+@njit
+def _polish_fill(S, W, M, s, w, v, ix, assign, lst, start, slot, pbase, src, x1, x2, tri, m1s, m2s, tid, nt):
+    """Thread ``tid`` of ``nt`` evaluates its share of one row of :func:`polish_second_core`'s
+    scan -- ``x1`` and ``x2`` (-1: none) leave ``src`` -- into ``m1s``, ``m2s`` at the index the
+    serial walk (:func:`_polish_row`) reads: slot ``u + d + 1`` for model ``lst[u]`` of GPU
+    ``d`` coming back (``start[d] + d``: nothing), or, for a ``tri`` row (one model for two),
+    ``pbase[d] + a m - a (a + 1) / 2 + b - a - 1`` for the models ``a < b`` of ``d``'s ``m``."""
+    n = s.shape[0]
+    G = S.shape[0]
+    none = np.int64(-1)
+    sX, wX = _sum2(s, x1, x2), _sum2(w, x1, x2)
+    for k in range(tid, n if tri else n + G, nt):  # tri: model position k; else slot k
+        if tri:  # model lst[k] of GPU d with each model after it in d's list
+            d, y1 = assign[lst[k]], lst[k]
+            a, m = k - start[d], start[d + 1] - start[d]
+            r0, r1, c = k + 1, start[d + 1], pbase[d] + a * m - a * (a + 1) // 2 - k - 1
+        else:  # one model of GPU d, or nothing, back
+            d = slot[k]
+            u = k - d - 1
+            y1 = lst[u] if u >= start[d] else none
+            r0, r1, c = u, u + 1, k - u
+        if d == src:
+            continue
+        for r in range(r0, r1):
+            m1s[c + r], m2s[c + r] = _polish_value(S, W, M, s, w, v, ix, src, d, sX, wX, y1, lst[r] if tri else none)
+
+
+@njit
+def _polish_row(S, W, M, s, w, v, ix, lst, start, pbase, src, x1, x2, tri, best, m1s, m2s, rules, rstate, nt):
+    """The serial scan of one row of :func:`polish_second_core` (``x1``, ``x2`` (-1: none)
+    leave ``src``; ``tri``: one model for two) in its order -- target GPUs, then what comes
+    back -- keeping an exchange whose score beats the best so far (:func:`better`) within the
+    rules.  ``best = (b1, b2, x1, x2, y1, y2, src, dst)`` in and out.  For ``nt > 1`` the
+    values were evaluated by the threads (:func:`_polish_fill`), else they are evaluated
+    here: the same values walked in the same order, so the same choice."""
+    b1, b2, bx1, bx2, by1, by2, bsrc, bdst = best
+    G = S.shape[0]
+    none = np.int64(-1)
+    sX, wX = _sum2(s, x1, x2), _sum2(w, x1, x2)
+    for dst in range(G):
+        if dst == src:
+            continue
+        c = pbase[dst] if tri else start[dst] + dst  # the value index of dst's first exchange
+        for u in range(start[dst] - 1, start[dst + 1]):  # u < start: nothing back
+            y1 = lst[u] if u >= start[dst] else none
+            last = start[dst + 1] if tri and y1 >= 0 else u + 1
+            for r in range(u, last):  # r == u: one model back (or none); else two
+                y2 = lst[r] if r > u else none
+                if tri and y2 < 0:
+                    continue  # scanned as a single already
+                if nt > 1:
+                    m1, m2 = m1s[c], m2s[c]
+                    c += 1
+                else:
+                    m1, m2 = _polish_value(S, W, M, s, w, v, ix, src, dst, sX, wX, y1, y2)
+                if math.isnan(m1) or not better(m1, m2, 0.0, b1, b2, 0.0):  # NaN: does not fit
+                    continue
+                if not transfer_check(rules, rstate, src, dst, x1, x2, y1, y2)[0]:
+                    continue
+                b1, b2, bx1, bx2, by1, by2, bsrc, bdst = m1, m2, x1, x2, y1, y2, src, dst
+    return b1, b2, bx1, bx2, by1, by2, bsrc, bdst
+
+
+@njit
+def polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw, tid, nt):
     """Lower the second-largest KVPR without raising the largest, in place: the best exchange
     between one of the two worst GPUs and any GPU -- a move, a swap, two models for one or none,
     one for two -- by the score (max, second) compared with the tolerance of
@@ -919,87 +1040,100 @@ def polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, fw, iw):
     ``POLISH_SCANS`` exchanges scanned, so the work stays bounded with many models per GPU).  Memory and
     ``rules`` hold (``rstate`` updated).  The search proper drives the largest KVPR; under rules
     or after a proof nothing else tends the runner-up GPU, which the score's second term ranks.
-    One thread; fw (3G + 4,), iw (6n + G + 5,)."""
+
+    Run by every thread ``tid`` of ``nt`` (module doc).  The scan is rows -- a model (or two)
+    of a worst GPU against every target GPU and what comes back -- and "beats the best so far"
+    (with a tolerance, not transitive) is a chain along the serial order, so for ``nt > 1`` the
+    threads evaluate a row (:func:`_polish_fill`) and thread 0 walks its values in that order
+    with the serial rule (:func:`_polish_row`); thread 0 takes every other step.  fw, iw of
+    :func:`polish_work` entries."""
     G = M.shape[0]
     n = s.shape[0]
     if G < 3 or n == 0:
         return
     S, W, kv, v = fw[:G], fw[G:2 * G], fw[2 * G:3 * G], fw[3 * G:3 * G + 4]
+    half = polish_values(n, G, nt) // 2
+    m1s, m2s = fw[3 * G + 4:3 * G + 4 + half], fw[3 * G + 4 + half:3 * G + 4 + 2 * half]
     lst, ident, members, old = iw[:n], iw[n:2 * n], iw[2 * n:3 * n], iw[3 * n:4 * n]
     start, ix = iw[4 * n:4 * n + G + 1], iw[4 * n + G + 1:4 * n + G + 5]
-    list_loads_into(assign, pos, s, w, S, W, lst, iw[4 * n + G + 5:5 * n + G + 5])
-    kvprs_into(S, W, M, kv)
-    for i in range(n):
-        ident[i] = i
+    slot, pbase = iw[5 * n + G + 5:6 * n + 2 * G + 5], iw[6 * n + 2 * G + 5:6 * n + 3 * G + 6]
+    box = iw[6 * n + 3 * G + 6:6 * n + 3 * G + 10]
     none = np.int64(-1)
-    stamp = next_stamp(pos)
-    work = 0.0
+    stamp = 0
+    work = pair_work = 0.0
+    if tid == 0:
+        list_loads_into(assign, pos, s, w, S, W, lst, iw[4 * n + G + 5:5 * n + G + 5])
+        kvprs_into(S, W, M, kv)
+        for i in range(n):
+            ident[i] = i
+        stamp = next_stamp(pos)
     for _ in range(max_iters):
-        _top4(kv, v, ix)
-        gpu_lists_into(assign, ident, lst, start)
-        c0 = start[ix[0] + 1] - start[ix[0]]
-        c1 = start[ix[1] + 1] - start[ix[1]]
-        sq = 0.0
-        for g in range(G):
-            sq += (start[g + 1] - start[g]) ** 2
-        work += (c0 + c1) * (n + G)
-        if work > POLISH_SCANS:
+        if tid == 0:  # box[0]: out of work
+            _top4(kv, v, ix)
+            gpu_lists_into(assign, ident, lst, start)
+            c0 = start[ix[0] + 1] - start[ix[0]]
+            c1 = start[ix[1] + 1] - start[ix[1]]
+            sq = 0.0
+            for g in range(G):
+                sq += (start[g + 1] - start[g]) ** 2
+            work += (c0 + c1) * (n + G)
+            box[0] = work > POLISH_SCANS
+            pair_work = fmul((c0 * c0 + c1 * c1) / 2.0, n) + fmul(fmul(c0 + c1, sq), 0.5)  # x / 2 exactly, unfused
+            if nt > 1:
+                _polish_slots(start, slot, pbase)
+        barrier()
+        if box[0]:
             return
-        pair_work = fmul((c0 * c0 + c1 * c1) / 2.0, n) + fmul(fmul(c0 + c1, sq), 0.5)  # x / 2 exactly, unfused
-        b1, b2 = v[0], v[1]
-        bx1, bx2, by1, by2, bsrc, bdst = none, none, none, none, none, none
+        best = (v[0], v[1], none, none, none, none, none, none)
         bk, bnode = -1, -1
         for pairs in range(2):  # single moves and swaps first; two-model exchanges only when stuck
-            if pairs and (bx1 >= 0 or pair_work > POLISH_PAIR_SCANS or work + pair_work > POLISH_SCANS):
+            if tid == 0:  # box[1]: scan this kind
+                box[1] = not pairs or not (best[2] >= 0 or bk >= 0 or pair_work > POLISH_PAIR_SCANS
+                                           or work + pair_work > POLISH_SCANS)
+                if pairs and box[1]:
+                    work += pair_work
+            barrier()
+            scan = box[1]
+            barrier()  # every thread has read the box before thread 0 writes it again
+            if not scan:
                 break
-            if pairs:
-                work += pair_work
             for k in range(2):
                 src = ix[k]
                 for p in range(start[src], start[src + 1]):
                     for q in range(p, start[src + 1] if pairs else p + 1):  # q == p: one model; else two
-                        x1 = lst[p]
-                        x2 = lst[q] if q > p else none
-                        sX = s[x1] + (s[x2] if x2 >= 0 else 0.0)
-                        wX = w[x1] + (w[x2] if x2 >= 0 else 0.0)
-                        for dst in range(G):
-                            if dst == src:
-                                continue
-                            for u in range(start[dst] - 1, start[dst + 1]):  # u < start: nothing back
-                                y1 = lst[u] if u >= start[dst] else none
-                                last = start[dst + 1] if pairs and x2 < 0 and y1 >= 0 else u + 1
-                                for r in range(u, last):  # r == u: one model back (or none); else two
-                                    y2 = lst[r] if r > u else none
-                                    if pairs and x2 < 0 and y2 < 0:
-                                        continue  # scanned as a single already
-                                    sY = (s[y1] if y1 >= 0 else 0.0) + (s[y2] if y2 >= 0 else 0.0)
-                                    wY = (w[y1] if y1 >= 0 else 0.0) + (w[y2] if y2 >= 0 else 0.0)
-                                    ok, m1, m2 = _second_after(S, W, M, v, ix, src, dst, sX, wX, sY, wY)
-                                    if not ok or not better(m1, m2, 0.0, b1, b2, 0.0):
-                                        continue
-                                    if not transfer_check(rules, rstate, src, dst, x1, x2, y1, y2)[0]:
-                                        continue
-                                    b1, b2, bx1, bx2, by1, by2, bsrc, bdst = m1, m2, x1, x2, y1, y2, src, dst
-            if not pairs:
-                bk, bnode = _best_group_move(s, w, M, assign, S, W, kv, rules, rstate, ix, b1, b2, members, old)
-                if bk >= 0:
-                    break
-        if bk >= 0:  # a whole tp group to another node beats every single exchange
-            m = _collect(rules[2], bk, members)
-            for q in range(m):
-                old[q] = assign[members[q]]
-            _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, bnode)
-            for q in range(m):
-                pos[members[q]] = stamp
-                stamp += 1
-            for g in range(G):
-                kv[g] = safe_div(W[g], M[g] - S[g])
-            continue
-        if bx1 < 0:
+                        x1, x2 = lst[p], lst[q] if q > p else none
+                        tri = pairs == 1 and q == p
+                        if nt > 1:
+                            _polish_fill(S, W, M, s, w, v, ix, assign, lst, start, slot, pbase, src, x1, x2, tri, m1s,
+                                         m2s, tid, nt)
+                            barrier()
+                        if tid == 0:
+                            best = _polish_row(S, W, M, s, w, v, ix, lst, start, pbase, src, x1, x2, tri, best, m1s,
+                                               m2s, rules, rstate, nt)
+                        barrier()
+            if tid == 0 and not pairs:
+                bk, bnode = _best_group_move(s, w, M, assign, S, W, kv, rules, rstate, ix, best[0], best[1], members,
+                                             old)
+        if tid == 0:  # box[2]: go on
+            _, _, bx1, bx2, by1, by2, bsrc, bdst = best
+            box[2] = bk >= 0 or bx1 >= 0
+            if bk >= 0:  # a whole tp group to another node beats every single exchange
+                m = _collect(rules[2], bk, members)
+                for q in range(m):
+                    old[q] = assign[members[q]]
+                _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, bnode)
+                for q in range(m):
+                    pos[members[q]] = stamp
+                    stamp += 1
+                for g in range(G):
+                    kv[g] = safe_div(W[g], M[g] - S[g])
+            elif bx1 >= 0:
+                stamp = _apply_transfer(s, w, S, W, assign, pos, stamp, bsrc, bdst, bx1, bx2, by1, by2, rules, rstate)
+                kv[bsrc] = safe_div(W[bsrc], M[bsrc] - S[bsrc])
+                kv[bdst] = safe_div(W[bdst], M[bdst] - S[bdst])
+        barrier()
+        if not box[2]:
             return
-        stamp = _apply_transfer(s, w, S, W, assign, pos, stamp, bsrc, bdst, bx1, bx2, by1, by2, rules, rstate)
-        kv[bsrc] = safe_div(W[bsrc], M[bsrc] - S[bsrc])
-        kv[bdst] = safe_div(W[bdst], M[bdst] - S[bdst])
 
 
 @kernel(parallel=True)
@@ -1019,6 +1153,5 @@ def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience
 @njit
 def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
     """Lower the second-largest KVPR (CPU entry of :func:`polish_second_core`)."""
-    n, G = s.shape[0], M.shape[0]
-    polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, np.empty(3 * G + 4),
-                       np.empty(6 * n + G + 5, np.int64))
+    nf, ni = polish_work(s.shape[0], M.shape[0], 1)
+    polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, np.empty(nf), np.empty(ni, np.int64), 0, 1)

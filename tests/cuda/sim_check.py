@@ -12,12 +12,16 @@ instances and the search (small effort) on ``R``, with ``T`` threads per block; 
 ``kernel parity: seed P/S, search Q/R``; then whole solves (:func:`solve_parity`: placements,
 figures, lower bounds and statuses in seed mode, search mode, search with a proof) on a batch
 that takes every branch of the cuda path.
+
+``--steps N T1 T2 ...``: ``refine_peak`` and ``polish_second`` alone, run by blocks of ``T1``,
+``T2``, ... threads from first-fit packings of ``N`` instances, against their CPU entries;
+prints ``step parity, T threads a block: refine_peak P/N, polish_second Q/N`` for each.
 """
 
 import sys
-import warnings
 
 import numpy as np
+from numba import cuda
 
 from kvgpu.batch import local, pipeline
 from kvgpu.batch.arrays import top3
@@ -100,13 +104,7 @@ def kernel_parity(n_seed: int, n_search: int, nt: int, effort: int = 2, patience
     seed_eq = sum(bool((a_dev[b] == a_cpu[b]).all() and (p_dev[b] == p_cpu[b]).all()) for b in range(n_seed))
     lb = np.zeros(B)
     # the search starts from a first-fit packing, far from the seed's answer, so that it moves
-    a_ff, p_ff = np.full_like(a_cpu, -1), np.full_like(p_cpu, -1)
-    for b in range(n_search):
-        n, G = int(arrays[3][b]), int(arrays[4][b])
-        s, w, M = arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G]
-        P = cpu.mem_prefix(M)
-        assert cpu.pack(s, w, M, P, cpu.model_orders(s, w, P), 0.0, np.int64(cpu.SIZE_ORDER), np.int64(cpu.FIRST_FIT),
-                        np.int64(0), a_ff[b, :n], p_ff[b, :n])
+    a_ff, p_ff = first_fit(arrays, n_search)
     a_s, p_s = a_ff[:n_search].copy(), p_ff[:n_search].copy()
     for b in range(n_search):
         n, G = int(arrays[3][b]), int(arrays[4][b])
@@ -118,6 +116,90 @@ def kernel_parity(n_seed: int, n_search: int, nt: int, effort: int = 2, patience
     moved = sum(bool((a_s[b] != a_ff[b]).any()) for b in range(n_search))
     search_eq = sum(bool((a_d[b] == a_s[b]).all() and (p_d[b] == p_s[b]).all()) for b in range(n_search))
     return seed_eq, search_eq, moved
+
+
+def first_fit(arrays, count):
+    """``(assign, pos)`` (B, N) int64: the first ``count`` instances of the compacted ``arrays``
+    packed first-fit by size (far from a good placement, so that searches move), -1 elsewhere."""
+    from kvgpu.kernels import cpu
+
+    a = np.full(arrays[0].shape, -1, np.int64)
+    p = a.copy()
+    for b in range(count):
+        n, G = int(arrays[3][b]), int(arrays[4][b])
+        s, w, M = arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G]
+        P = cpu.mem_prefix(M)
+        assert cpu.pack(s, w, M, P, cpu.model_orders(s, w, P), 0.0, np.int64(cpu.SIZE_ORDER), np.int64(cpu.FIRST_FIT),
+                        np.int64(0), a[b, :n], p[b, :n])
+    return a, p
+
+
+def _step_kernel():
+    """A kernel running ``refine_peak`` (``step`` 0) or ``polish_second`` (1) on one instance a
+    block, from ``assign``/``pos``, without rules (the device kernels' convention).  ``cuda`` is
+    this module's global: the simulator swaps a kernel's ``cuda`` global for its own."""
+    from kvgpu.kernels import cpu, search
+    from kvgpu.kernels.jit import device
+
+    refine, polish = device(cpu.refine_peak_core), device(search.polish_second_core)
+    passes, top_k, iters = cpu.REFINE_PASSES, cpu.REFINE_TOP_K, search.POLISH_ITERS
+
+    @cuda.jit
+    def kern(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, step, fw, iw, e_u8, e_i2, e_i, e_f, used):
+        b = cuda.blockIdx.x
+        n, G = n_models[b], n_gpus[b]
+        rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf)
+        rstate = (e_i2, e_i, e_i, e_i, used[b])
+        s, w, M, a, p = sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n]
+        if step == 0:
+            refine(s, w, M, a, p, passes, top_k, rules, rstate, fw[b], iw[b], cuda.threadIdx.x, cuda.blockDim.x)
+        else:
+            polish(s, w, M, a, p, iters, rules, rstate, fw[b], iw[b], cuda.threadIdx.x, cuda.blockDim.x)
+    return kern
+
+
+def step_parity(n_inst: int, threads):
+    """``refine_peak`` and ``polish_second`` run by a block of each of ``threads`` threads
+    against their CPU entries, from first-fit packings of ``n_inst`` ADRS-shaped instances: a
+    list of ``(threads, refine equal, polish equal)``, and how many instances each CPU step
+    moved."""
+    from kvgpu import numba_engine
+    from kvgpu.cuda_engine import array_module
+    from kvgpu.kernels import cpu, device, search
+    from kvgpu.kernels.rules import new_state, no_rules
+
+    xp = array_module()
+    rng = np.random.default_rng(13)
+    insts = [adrs_like(rng) for _ in range(n_inst)]
+    arrays, _, _ = numba_engine.compacted(batch_from_instances(insts))
+    dev = tuple(xp.asarray(x) for x in arrays)
+    a_ff, p_ff = first_fit(arrays, n_inst)
+    want, moved = [], []
+    for step in (cpu.refine_peak, search.polish_second):
+        a, p = a_ff.copy(), p_ff.copy()
+        for b in range(n_inst):
+            n, G = int(arrays[3][b]), int(arrays[4][b])
+            rules = no_rules()
+            args = (arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G], a[b, :n], p[b, :n])
+            extra = (cpu.REFINE_PASSES, cpu.REFINE_TOP_K) if step is cpu.refine_peak else (search.POLISH_ITERS,)
+            step(*args, *extra, rules, new_state(rules, a[b, :n], G))
+        want.append((a, p))
+        moved.append(sum(bool((a[b] != a_ff[b]).any()) for b in range(n_inst)))
+    kern = _step_kernel()
+    N, G = arrays[0].shape[1], arrays[2].shape[1]
+    out = []
+    for nt in threads:
+        eq = []
+        for step in (0, 1):
+            sizes = cpu.refine_work(N, G, cpu.REFINE_TOP_K, nt) if step == 0 else search.polish_work(N, G, nt)
+            fw, iw = device.work_arrays(xp, n_inst, sizes)
+            a, p = xp.array(a_ff), xp.array(p_ff)
+            device._launch(kern, n_inst, nt, *dev, a, p, step, fw, iw, *device._empties(xp, n_inst))
+            a, p = _host(a), _host(p)
+            eq.append(sum(bool((a[b] == want[step][0][b]).all() and (p[b] == want[step][1][b]).all())
+                          for b in range(n_inst)))
+        out.append((nt, *eq))
+    return out, moved
 
 
 def engine_parity():
@@ -194,9 +276,16 @@ def _host(x):
 if __name__ == "__main__":
     args = sys.argv[1:]
     # the simulator runs every thread of a block as a Python thread and polls them: a short
-    # switch interval makes its barriers fast; its uint64 hash arithmetic warns on wrap-around
+    # switch interval makes its barriers fast.  (Its arithmetic is NumPy scalars'; the search's
+    # 64-bit hashes wrap through kvgpu.kernels.u64, without overflow warnings.)
     sys.setswitchinterval(1e-4)
-    warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+    if "--steps" in args:  # --steps N T1 T2 ...: refine_peak and polish_second on N instances
+        nums = [int(a) for a in args if a.isdigit()]
+        res, moved = step_parity(nums[0], nums[1:])
+        for nt, r_eq, p_eq in res:
+            print(f"step parity, {nt} threads a block: refine_peak {r_eq}/{nums[0]}, polish_second {p_eq}/{nums[0]}")
+        print(f"steps moved: refine_peak {moved[0]}, polish_second {moved[1]}")
+        sys.exit(0)
     if "--kernels" in args:
         nums = [int(a) for a in args if a.isdigit()] + [2, 2, 3][len([a for a in args if a.isdigit()]):]
         s_eq, r_eq, moved = kernel_parity(nums[0], nums[1], nums[2])
