@@ -922,16 +922,17 @@ def best_swap(S, W, M, s, w, src, dst, others, best, mem, start, keys, idx, tmp,
     k, order, work = keys[:m], idx[:m], tmp[:m]
     for q in range(m):
         j = mem[q_lo + q]
-        k[q] = w[j] + B0 * s[j]
+        k[q] = w[j] + fmul(B0, s[j])  # unfused: the window's edges are the CPU's on a device too
     argsort_into(k, order, work)
-    lo_off = W[dst] - B0 * (M[dst] - S[dst])
-    hi_off = B0 * (M[src] - S[src]) - W[src]
-    slack = 1e-7 * (1.0 + abs(W[src]) + abs(W[dst]) + B0 * (abs(M[src]) + abs(M[dst]) + abs(S[src]) + abs(S[dst])))
+    lo_off = W[dst] - fmul(B0, M[dst] - S[dst])
+    hi_off = fmul(B0, M[src] - S[src]) - W[src]
+    room = abs(M[src]) + abs(M[dst]) + abs(S[src]) + abs(S[dst])
+    slack = fmul(1e-7, 1.0 + abs(W[src]) + abs(W[dst]) + fmul(B0, room))
     for p in range(p_lo, p_hi):
         a = mem[p]
-        ka = w[a] + B0 * s[a]
-        lo = _first_above(k, order, ka + lo_off - slack - 1e-7 * abs(ka))
-        hi = _first_above(k, order, ka + hi_off + slack + 1e-7 * abs(ka))
+        ka = w[a] + fmul(B0, s[a])
+        lo = _first_above(k, order, ka + lo_off - slack - fmul(1e-7, abs(ka)))
+        hi = _first_above(k, order, ka + hi_off + slack + fmul(1e-7, abs(ka)))
         if hi <= lo:
             continue
         if 8 * (hi - lo) > m:
