@@ -34,7 +34,8 @@ GROUPS = {
     "exact": ("exact search and proofs", ("core", "polish", "exact")),
     "start": ("first placements under rules and budgets", ("core", "repair", "start")),
     "batch": ("the parallel batch kernels (many instances at once)",
-              ("core", "candidates", "seed", "bound", "repair", "polish", "search", "exact", "batch")),
+              ("core", "candidates", "seed", "bound", "repair", "polish", "search", "exact", "batch_seed",
+               "batch_bound", "batch_search", "batch_exact")),
     "fleet": ("the repair between the groups of a decomposed cluster", ("core", "repair", "fleet")),
 }
 
@@ -43,17 +44,21 @@ GROUPS = {
 #: its callees too, unless another process has cached them first -- which is what the order
 #: and :func:`plan` arrange; a unit started early only compiles something twice.
 UNITS = {
-    "core": ((), 12),            # improve_local, refine_peak, the score: under every mode
-    "repair": ((), 7),          # the bin-packing repair at a target
-    "polish": ((), 12),         # the second-largest KVPR's polish (rows walked by thread 0, filled by the block)
-    "candidates": ((), 10),     # the seed's candidate packings
-    "seed": (("core", "candidates"), 5),
-    "bound": ((), 3),           # the reported lower bound (kvgpu.kernels.bound)
-    "search": (("core", "repair", "polish"), 7),
-    "exact": (("core", "polish"), 6),
-    "start": (("core", "repair"), 4),
-    "batch": (("seed", "bound", "search", "exact"), 38),
-    "fleet": (("repair",), 8),
+    "core": ((), 14),            # improve_local, refine_peak, the score: under every mode
+    "repair": ((), 6),          # the bin-packing repair at a target
+    "polish": ((), 8),          # the second-largest KVPR's polish (rows walked by thread 0, filled by the block)
+    "candidates": ((), 11),     # the seed's candidate packings
+    "seed": (("core", "candidates"), 6),
+    "bound": ((), 4),           # the reported lower bound (kvgpu.kernels.bound)
+    "search": (("core", "repair", "polish"), 10),
+    "exact": (("core", "polish"), 9),
+    "start": (("core", "repair"), 6),
+    # the parallel batch kernels, one unit each so that the processes share them
+    "batch_seed": (("seed",), 13),
+    "batch_bound": (("bound",), 3),
+    "batch_search": (("search",), 15),
+    "batch_exact": (("exact",), 12),
+    "fleet": (("repair",), 5),
 }
 
 #: Seconds a process spends on its first compile before any unit's own work (numba and LLVM
@@ -128,17 +133,23 @@ def _compile(unit: str) -> None:
         B = lambda x: np.ascontiguousarray(x[None])  # noqa: E731
         fleet.repair_batch(B(s), B(w), B(M), np.array([3]), np.array([2]), np.array([1.0]), 1, np.zeros(1, np.int64),
                            B(a), B(p), np.zeros(1, np.bool_))
-    elif unit == "batch":
+    elif unit.startswith("batch_"):
         from kvgpu.kernels import bound, cpu, exact, search
 
         B = lambda x: np.ascontiguousarray(x[None])  # noqa: E731
         n, G = np.array([3]), np.array([2])
-        cpu.seed_batch(B(s), B(w), B(M), n, G, B(a), B(p), np.zeros(1, np.bool_))
-        bound.lower_bound_batch(B(s), B(w), np.ones((1, 3), np.bool_), B(M), np.ones((1, 2), np.bool_),
-                                np.ones(1), np.empty(1))
-        search.improve_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 1, 1, 0, B(a), B(p))
-        exact.certify_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 100, B(a), B(p), np.zeros(1, np.int64))
-        exact.pack_memory_batch(B(s), B(M), n, G, 100, B(a), B(p), np.zeros(1, np.int64))
+        if unit == "batch_seed":
+            cpu.seed_batch(B(s), B(w), B(M), n, G, B(a), B(p), np.zeros(1, np.bool_))
+        elif unit == "batch_bound":
+            bound.lower_bound_batch(B(s), B(w), np.ones((1, 3), np.bool_), B(M), np.ones((1, 2), np.bool_),
+                                    np.ones(1), np.empty(1))
+        elif unit == "batch_search":
+            search.improve_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 1, 1, 0, B(a), B(p))
+        elif unit == "batch_exact":
+            exact.certify_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 100, B(a), B(p), np.zeros(1, np.int64))
+            exact.pack_memory_batch(B(s), B(M), n, G, 100, B(a), B(p), np.zeros(1, np.int64))
+        else:
+            raise ValueError(f"unknown compile unit {unit!r}; choose from {sorted(UNITS)}")
     else:
         raise ValueError(f"unknown compile unit {unit!r}; choose from {sorted(UNITS)}")
 

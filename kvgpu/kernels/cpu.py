@@ -19,7 +19,11 @@ thread with its index ``tid``: the threads share the scans of :func:`improve_loc
 :func:`refine_peak_core` and thread 0 takes every other step, between barriers; the CPU calls
 it with ``(0, 1)``.  Where the serial loop's rule is a chain ("beats the best so far"), the
 threads write the values and thread 0 walks them in the serial order with that rule.  The
-functions without ``_core`` are the CPU entry points: they allocate and call the core.
+functions without ``_core`` are the CPU entry points: they allocate and call the core.  Those
+called only from Python (tests, the engine for one instance, :mod:`kvgpu.warmup`) are plain
+Python functions: numba optimises a compiled function together with everything it calls, so a
+compiled entry would optimise its core once more on a first run (1-3 CPU-seconds each) for no
+speed; compiled callers call the cores.
 """
 
 from __future__ import annotations
@@ -123,7 +127,6 @@ def mem_prefix_into(M, P, iw):
         P[k + 1] = P[k] + M[idx[G - 1 - k]]
 
 
-@njit
 def mem_prefix(M):
     """(G + 1,) sums of the ``k`` largest GPU memories (CPU entry of :func:`mem_prefix_into`)."""
     P = np.empty(M.shape[0] + 1)
@@ -446,7 +449,6 @@ def model_orders_into(s, w, P, orders, fw, iw):
         sort_desc_inplace(row, k0, k1, k2, fw[3 * n:], iw)
 
 
-@njit
 def model_orders(s, w, P):
     """(4, n) the orderings of :func:`model_orders_into` (CPU entry)."""
     n = s.shape[0]
@@ -588,7 +590,6 @@ def pack_core(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos,
     return True
 
 
-@njit
 def pack(s, w, M, P, orders, T, ordering, policy, n_most_free, assign, pos):
     """One pack (CPU entry of :func:`pack_core`; ``orders`` (4, n) from :func:`model_orders`)."""
     n, G = s.shape[0], M.shape[0]
@@ -658,7 +659,6 @@ def search_T_core(s, w, M, P, orders, fw, iw, tid, nt, lanes):
     return hi
 
 
-@njit
 def search_T(s, w, M, P, orders):
     """``T_high`` of the seed (CPU entry of :func:`search_T_core`; ``orders`` (4, n))."""
     n, G = s.shape[0], M.shape[0]
@@ -807,7 +807,6 @@ def regret_insertion_core(s, w, M, assign, pos, fw, iw):
     return True
 
 
-@njit
 def regret_insertion(s, w, M, assign, pos):
     """Regret insertion (CPU entry of :func:`regret_insertion_core`)."""
     n, G = s.shape[0], M.shape[0]
@@ -1138,7 +1137,6 @@ def _move_value(S, W, M, s, w, worst, d, a, t3):
     return _eval(S, W, M, s, w, worst, d, a, np.int64(-1), max_excluding(t3, worst, d))
 
 
-@njit
 def improve_local(s, w, M, assign, pos, max_iters, rules, rstate):
     """In place (CPU entry of :func:`improve_local_core`)."""
     n, G = s.shape[0], M.shape[0]
@@ -1247,7 +1245,6 @@ def refine_peak_core(s, w, M, assign, pos, passes, top_k, rules, rstate, fw, iw,
     barrier()  # every thread has read the box before it is working memory again
 
 
-@njit
 def refine_peak(s, w, M, assign, pos, passes, top_k, rules, rstate):
     """In place (CPU entry of :func:`refine_peak_core`)."""
     nf, ni = refine_work(s.shape[0], M.shape[0], top_k, 1)
@@ -1452,9 +1449,7 @@ def seed_memory(assign, G):
 
 
 def seed_instance(s, w, M, assign, pos):
-    """The seed pipeline on one instance (CPU entry of :func:`seed_instance_core`): a Python
-    function calling the compiled core, since a compiled entry would have numba optimise the
-    whole pipeline once more on a first run (about 3 CPU-seconds) for no speed."""
+    """The seed pipeline on one instance (CPU entry of :func:`seed_instance_core`)."""
     return seed_instance_core(s, w, M, assign, pos, *seed_memory(assign, M.shape[0]), 0, 1)
 
 

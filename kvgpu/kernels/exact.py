@@ -35,7 +35,7 @@ from kvgpu.kernels.cpu import score_of, fits, safe_div
 from kvgpu.kernels.params import CAP_SLACK
 from kvgpu.kernels.rules import budget_held, may_place, new_state, no_rules, place, restricted, unplace
 from kvgpu.kernels.sorting import argsort_stable
-from kvgpu.kernels.search import POLISH_ITERS, mem_unit, polish_second
+from kvgpu.kernels.search import POLISH_ITERS, mem_unit, polish_memory, polish_second_core
 
 njit = kernel()
 
@@ -290,7 +290,8 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
         else:
             break
     if found:  # the exact search only cares for the max: tend the runner-up GPUs too
-        polish_second(s, w, M, assign, pos, POLISH_ITERS, rules, new_state(rules, assign, M.shape[0]))
+        polish_second_core(s, w, M, assign, pos, POLISH_ITERS, rules, new_state(rules, assign, M.shape[0]),
+                           *polish_memory(n, M.shape[0]), 0, 1)
     return lo, used
 
 

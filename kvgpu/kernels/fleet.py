@@ -14,7 +14,7 @@ from numba import prange
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.rules import new_state, no_rules
-from kvgpu.kernels.search import new_scratch, repair
+from kvgpu.kernels.search import new_scratch, repair_core, repair_memory
 
 #: A lane's random stream starts from its seed, mixed (as :func:`kvgpu.kernels.search.improve_instance`).
 _MIX_SEED, _MIX_LANE = np.uint64(6364136223846793005), np.uint64(1442695040888963407)
@@ -44,8 +44,8 @@ def repair_batch(sizes, demand, gpu_mem, n_models, n_gpus, T, steps, seeds, assi
         p = pos[b, :n].copy()
         state = np.empty(1, np.uint64)
         state[0] = np.uint64(seeds[b]) * _MIX_SEED + _MIX_LANE
-        good = repair(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], a, p, T[b], steps, state, new_scratch(n, G),
-                      rules, new_state(rules, a, G))
+        good = repair_core(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], a, p, T[b], steps, state, new_scratch(n, G),
+                           rules, new_state(rules, a, G), *repair_memory(n), 0, 1)
         ok[b] = good
         if good:
             assign[b, :n] = a

@@ -624,10 +624,15 @@ def repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, f
 
 
 @njit
+def repair_memory(n):
+    """Working memory of :func:`repair_core` on one CPU thread for ``n`` models: ``(fw, iw)``."""
+    return np.empty(3 + 2 * n), np.empty(8 + RED, np.int64)
+
+
 def repair(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate):
     """Try to bring every GPU to KVPR <= ``T`` (CPU entry of :func:`repair_core`)."""
-    return repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, np.empty(3 + 2 * s.shape[0]),
-                       np.empty(8 + RED, np.int64), 0, 1)
+    return repair_core(s, w, M, assign, pos, T, steps, state, scratch, rules, rstate, *repair_memory(s.shape[0]),
+                       0, 1)
 
 
 @njit
@@ -823,9 +828,8 @@ def improve_memory(rules, assign, G):
 
 
 def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
-    """``effort`` search rounds from ``assign``/``pos`` (CPU entry of :func:`improve_instance_core`):
-    a Python function calling the compiled core, since a compiled entry would have numba
-    optimise the whole search once more on a first run (about 3 CPU-seconds) for no speed."""
+    """``effort`` search rounds from ``assign``/``pos`` (CPU entry of :func:`improve_instance_core`;
+    a Python function, see :mod:`kvgpu.kernels.cpu`)."""
     if s.shape[0] == 0 or effort <= 0:
         return
     rstate, fw, iw, state = improve_memory(rules, assign, M.shape[0])
@@ -1151,7 +1155,12 @@ def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience
 
 
 @njit
+def polish_memory(n, G):
+    """Working memory of :func:`polish_second_core` on one CPU thread: ``(fw, iw)``."""
+    nf, ni = polish_work(n, G, 1)
+    return np.empty(nf), np.empty(ni, np.int64)
+
+
 def polish_second(s, w, M, assign, pos, max_iters, rules, rstate):
     """Lower the second-largest KVPR (CPU entry of :func:`polish_second_core`)."""
-    nf, ni = polish_work(s.shape[0], M.shape[0], 1)
-    polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, np.empty(nf), np.empty(ni, np.int64), 0, 1)
+    polish_second_core(s, w, M, assign, pos, max_iters, rules, rstate, *polish_memory(s.shape[0], M.shape[0]), 0, 1)

@@ -17,7 +17,7 @@ import numpy as np
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.cpu import INF, kvprs, max_excluding, sort_desc, top3, fits, safe_div
 from kvgpu.kernels.rules import budget_held, may_place, new_state, place, reset_state
-from kvgpu.kernels.search import rand_uniform, new_scratch, repair, repair_steps
+from kvgpu.kernels.search import rand_uniform, new_scratch, repair_core, repair_memory, repair_steps
 
 njit = kernel()
 
@@ -180,6 +180,7 @@ def solve_start(s, w, M, rules, seed, assign, pos):
             pos[i] = i
         if not _overfull(s, M, assign):
             return STARTED
-        if repair(s, w, M, assign, pos, INF, steps, state, scratch, rules, rstate) and not _overfull(s, M, assign):
+        if repair_core(s, w, M, assign, pos, INF, steps, state, scratch, rules, rstate, *repair_memory(n), 0, 1) and \
+                not _overfull(s, M, assign):
             return STARTED
     return NO_ROOM
