@@ -134,3 +134,23 @@ def test_threads_per_block_follow_the_batch_size():
             f1, i1 = work(n, g, 32)
             f2, i2 = work(n, g, nt)
             assert 0 <= f2 - f1 <= nt and 0 <= i2 - i1 <= 8 * nt
+
+
+def test_working_memory_goes_to_shared_memory_only_when_it_fits():
+    """A block's working memory is put in dynamic shared memory when all of it fits in
+    ``SHARED_BYTES`` (ADRS-shaped instances, with room to spare), else in global rows (a
+    64-GPU, 160-model instance's search keeps a value per move)."""
+    from kvgpu.kernels import device
+
+    assert device.shared_bytes(10, 20) == 8 * 30
+    assert device.shared_bytes(device.SHARED_BYTES // 8 - 1, 1) == device.SHARED_BYTES
+    assert device.shared_bytes(device.SHARED_BYTES // 8, 1) == 0
+    nbytes = device.shared_bytes(*search.improve_work(18, 9, 32))  # the search of an ADRS-shaped instance
+    assert 0 < nbytes <= device.SHARED_BYTES // 4
+    assert device.shared_bytes(*search.improve_work(160, 64, device.threads(160, 64))) == 0
+    # the seed keeps its 60 candidate placements: beyond 48 KiB already at 18 models
+    assert device.shared_bytes(*cpu.seed_work(18, 9, 32)) == 0
+    fw, iw, nf, ni, nbytes = device.block_memory(np, 5, search.improve_work(18, 9, 32))
+    assert nbytes == 8 * (nf + ni) and fw.shape == iw.shape == (1, 1)  # placeholders: nothing per instance
+    fw, iw, nf, ni, nbytes = device.block_memory(np, 5, search.improve_work(160, 64, 64))
+    assert (nf, ni, nbytes) == (0, 0, 0) and fw.shape[0] == iw.shape[0] == 5

@@ -80,13 +80,15 @@ def test_refine_and_polish_by_blocks_of_1_to_4_threads_equal_the_cpu_under_the_s
     assert "overflow encountered" not in out.stderr, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("nt", [1, 2, 4])
-def test_seed_and_search_kernels_are_the_same_for_any_threads_a_block(nt):
+@pytest.mark.parametrize("nt, memory", [(1, "shared"), (2, "global"), (4, "shared")])
+def test_seed_and_search_kernels_are_the_same_for_any_threads_a_block(nt, memory):
     """The whole seed pipeline and search by blocks of 1, 2 and 4 threads (3: above) give the
-    numba CPU backend's placements, without overflow warnings from the search's hashes."""
-    out = _sim("--kernels", "3", "3", str(nt))
+    numba CPU backend's placements, with the blocks' working memory in shared memory or in
+    global rows, without overflow warnings from the search's hashes."""
+    out = _sim("--kernels", "3", "3", str(nt), *(["--global"] if memory == "global" else []))
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"kernel parity: seed 3/3, search 3/3 (search moved 3; {nt} threads a block)" in out.stdout, out.stdout
+    assert f"working memory: {memory}" in out.stdout, out.stdout
     assert "overflow encountered" not in out.stderr, out.stderr[-3000:]
 
 

@@ -10,8 +10,9 @@ the block share the scans of a step (the move and swap deltas of ``improve_local
 donations of ``refine_peak``, the moves and exchanges of the repair search and of
 ``polish_second``) and reduce them to the choice the serial CPU loop makes; thread 0 applies it
 between barriers.  A block is one warp, or more for big instances (:func:`threads`).  An instance's
-state and working memory live in global memory: one row per instance of two arrays allocated
-once per launch (:func:`work_arrays`).
+working memory (per-GPU loads, KVPRs, lists, a step's values) lives in the block's shared
+memory where it fits (:data:`SHARED_BYTES`), else in global memory: one row per instance of two
+arrays allocated once per launch (:func:`work_arrays`).
 
 Arrays stay where they are: CuPy arrays on a device (numba reads them through
 ``__cuda_array_interface__``), NumPy arrays under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``),
@@ -23,7 +24,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from numba import cuda
+from numba import cuda, float64, int64
 
 from kvgpu.kernels import bound, cpu, search
 from kvgpu.kernels.jit import device
@@ -35,6 +36,13 @@ MAX_THREADS = 256
 SIM_THREADS = 4
 #: Candidates per thread below which more threads do not pay (:func:`threads`).
 MIN_PER_THREAD = 4
+#: Bytes of dynamic shared memory a block may take without opting in (48 KiB on every CUDA
+#: device; numba-cuda has no public way to opt in to more): an instance's working memory -- its
+#: per-GPU loads, KVPRs, GPU lists, the step's values -- goes there when it fits, else it stays
+#: in its global row (:func:`shared_bytes`).  The search of an ADRS-shaped instance takes 8 KiB,
+#: of 40 models on 16 GPUs 22 KiB; the seed keeps 60 candidate placements and needs 53 KiB
+#: already at 18 models on 9 GPUs, so it runs from global memory (cached in L1/L2).
+SHARED_BYTES = 48 * 1024
 
 _seed = device(cpu.seed_instance_core)
 _improve = device(search.improve_instance_core)
@@ -71,15 +79,37 @@ def threads(n_models: int = 0, n_gpus: int = 0) -> int:
     return nt
 
 
+def shared_bytes(nf: int, ni: int) -> int:
+    """Dynamic shared memory for a block whose working memory is ``nf`` floats and ``ni`` ints
+    (8 bytes each): all of it when it fits in :data:`SHARED_BYTES`, else 0 (global rows)."""
+    need = 8 * (max(1, int(nf)) + max(1, int(ni)))
+    return need if need <= SHARED_BYTES else 0
+
+
+@cuda.jit(device=True)
+def _work(fw, iw, b, nf, ni):
+    """Block ``b``'s working memory: the first ``nf`` floats and the next ``ni`` ints of the
+    block's dynamic shared memory when ``nf > 0`` (the launch gave it), else its rows of the
+    global ``fw``, ``iw``."""
+    if nf > 0:
+        f_sh = cuda.shared.array(0, float64)
+        i_sh = cuda.shared.array(0, int64)  # the same bytes: the ints start after the floats
+        return f_sh[:nf], i_sh[nf:nf + ni]
+    return fw[b], iw[b]
+
+
 @cuda.jit
-def _seed_kernel(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, iw, e_u8, e_i2, e_i, e_f, used):
+def _seed_kernel(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, iw, nf, ni, e_u8, e_i2, e_i, e_f,
+                 used):
     """Block ``b``: the seed pipeline of compacted instance ``b`` (no rules: the ``e_*`` are
-    empty arrays that make the rule tuples, ``used`` (B, 2) their budget bookkeeping)."""
+    empty arrays that make the rule tuples, ``used`` (B, 2) their budget bookkeeping); working
+    memory in shared memory (``nf`` floats, ``ni`` ints) or, with ``nf = 0``, in ``fw``, ``iw``."""
     b = cuda.blockIdx.x
     n, G = n_models[b], n_gpus[b]
     rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf)
     rstate = (e_i2, e_i, e_i, e_i, used[b])
-    r = _seed(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n], rules, rstate, fw[b], iw[b],
+    fwb, iwb = _work(fw, iw, b, nf, ni)
+    r = _seed(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n], rules, rstate, fwb, iwb,
               cuda.threadIdx.x, cuda.blockDim.x)
     if cuda.threadIdx.x == 0:
         ok[b] = r
@@ -87,18 +117,19 @@ def _seed_kernel(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, 
 
 @cuda.jit
 def _improve_kernel(sizes, demand, gpu_mem, n_models, n_gpus, active, lb, effort, patience, seed, assign, pos, fw, iw,
-                    rng, e_u8, e_i2, e_i, e_f, used):
+                    nf, ni, rng, e_u8, e_i2, e_i, e_f, used):
     """Block ``b``: ``effort`` search rounds of compacted instance ``b`` from ``assign``/``pos``
-    (no rules; see :func:`_seed_kernel`), ``rng`` (B,) uint64 its random state; nothing where
-    ``active[b]`` is 0 (an instance without a placement)."""
+    (no rules, working memory: see :func:`_seed_kernel`), ``rng`` (B,) uint64 its random state;
+    nothing where ``active[b]`` is 0 (an instance without a placement)."""
     b = cuda.blockIdx.x
     if not active[b]:  # the whole block leaves: no barrier waits for it
         return
     n, G = n_models[b], n_gpus[b]
     rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf)
     rstate = (e_i2, e_i, e_i, e_i, used[b])
+    fwb, iwb = _work(fw, iw, b, nf, ni)
     _improve(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, patience, seed,
-             rules, rstate, fw[b], iw[b], rng[b:b + 1], cuda.threadIdx.x, cuda.blockDim.x)
+             rules, rstate, fwb, iwb, rng[b:b + 1], cuda.threadIdx.x, cuda.blockDim.x)
 
 
 @cuda.jit
@@ -129,10 +160,22 @@ def work_arrays(xp, B, sizes):
     return xp.empty((B, max(1, int(nf)))), xp.empty((B, max(1, int(ni))), xp.int64)
 
 
-def _launch(kern, B, nt, *args):
+def block_memory(xp, B, sizes):
+    """Working memory of a one-block-per-instance launch: ``(fw, iw, nf, ni, shared bytes)`` --
+    in shared memory when an instance's fits (:func:`shared_bytes`; ``fw``, ``iw`` are then
+    placeholders and ``nf``, ``ni`` its sizes), else global rows (:func:`work_arrays`, ``nf = ni
+    = 0``)."""
+    nf, ni = max(1, int(sizes[0])), max(1, int(sizes[1]))
+    nbytes = shared_bytes(nf, ni)
+    if nbytes:
+        return xp.empty((1, 1)), xp.empty((1, 1), xp.int64), nf, ni, nbytes
+    return (*work_arrays(xp, B, sizes), 0, 0, 0)
+
+
+def _launch(kern, B, nt, *args, shared=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", _performance_warning())  # small batches leave most of a GPU idle
-        kern[B, nt](*args)
+        kern[B, nt, 0, shared](*args)
 
 
 def seed(xp, sizes, demand, gpu_mem, n_models, n_gpus, nt=None):
@@ -146,9 +189,9 @@ def seed(xp, sizes, demand, gpu_mem, n_models, n_gpus, nt=None):
     pos = xp.full((B, N), -1, xp.int64)
     ok = xp.zeros(B, xp.uint8)
     if B:
-        fw, iw = work_arrays(xp, B, cpu.seed_work(N, G, nt))
-        _launch(_seed_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, iw,
-                *_empties(xp, B))
+        fw, iw, nf, ni, nbytes = block_memory(xp, B, cpu.seed_work(N, G, nt))
+        _launch(_seed_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, iw, nf, ni,
+                *_empties(xp, B), shared=nbytes)
     return assign, pos, ok.astype(bool)
 
 
@@ -161,11 +204,11 @@ def improve(xp, sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience, 
     G = gpu_mem.shape[1]
     nt = nt or threads(N, G)
     if B and effort > 0:
-        fw, iw = work_arrays(xp, B, search.improve_work(N, G, nt))
+        fw, iw, nf, ni, nbytes = block_memory(xp, B, search.improve_work(N, G, nt))
         rng = xp.zeros(B, xp.uint64)
         active = xp.ones(B, xp.uint8) if active is None else active
         _launch(_improve_kernel, B, nt, sizes, demand, gpu_mem, n_models, n_gpus, active, lb, int(effort),
-                int(patience), int(seed_), assign, pos, fw, iw, rng, *_empties(xp, B))
+                int(patience), int(seed_), assign, pos, fw, iw, nf, ni, rng, *_empties(xp, B), shared=nbytes)
 
 
 def finish(xp, sizes, demand, gpu_mem, n_models, n_gpus, active, assign, pos, with_bound, kv, m, lo, lb):

@@ -6,9 +6,10 @@ packing-choice kernel the decisions of the array packs; and the whole seed pipel
 kernels installed makes the NumPy engine's placements, decision for decision.  With
 ``--device`` the batch lives on the GPU as CuPy arrays (the cuda backend's path).
 
-``--kernels S R [T]``: the one-block-per-instance kernels of :mod:`kvgpu.kernels.device` (the
+``--kernels S R [T] [--global]``: the one-block-per-instance kernels of :mod:`kvgpu.kernels.device` (the
 ``cuda`` backend) against the numba CPU backend -- the seed pipeline on ``S`` ADRS-shaped
-instances and the search (small effort) on ``R``, with ``T`` threads per block; prints
+instances and the search (small effort) on ``R``, with ``T`` threads per block, each block's
+working memory in shared memory (with ``--global``: in its global rows); prints
 ``kernel parity: seed P/S, search Q/R``; then whole solves (:func:`solve_parity`: placements,
 figures, lower bounds and statuses in seed mode, search mode, search with a proof) on a batch
 that takes every branch of the cuda path.
@@ -287,8 +288,13 @@ if __name__ == "__main__":
         print(f"steps moved: refine_peak {moved[0]}, polish_second {moved[1]}")
         sys.exit(0)
     if "--kernels" in args:
+        from kvgpu.kernels import device
+
+        if "--global" in args:  # no shared memory: every block's working memory in its global rows
+            device.SHARED_BYTES = 0
         nums = [int(a) for a in args if a.isdigit()] + [2, 2, 3][len([a for a in args if a.isdigit()]):]
         s_eq, r_eq, moved = kernel_parity(nums[0], nums[1], nums[2])
+        print(f"working memory: {'shared' if device.SHARED_BYTES else 'global'}")
         print(f"kernel parity: seed {s_eq}/{nums[0]}, search {r_eq}/{nums[1]} (search moved {moved}; "
               f"{nums[2]} threads a block); cuda_engine equals numba_engine: {engine_parity()}")
         print(f"solve_batch parity (assignment, kvpr, max_kvpr, lower_bound, status; cuda vs numba): "
