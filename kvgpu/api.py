@@ -121,7 +121,8 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     else:
         over, _ = oversized(batch)
         if (~over).any():
-            validate_batch(batch.take(np.nonzero(~over)[0]))
+            rest = np.nonzero(~over)[0]
+            validate_batch(batch.take(rest), ids=rest)
         res = engine.solve_batch_plain(batch, opts, infeasible, proven_infeasible=over)
     return res if cp is None else res.to_device(cp)
 

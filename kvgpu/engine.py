@@ -120,11 +120,12 @@ def _objective(batch: Batch, assign, pos):
 
 def _start(batch: Batch, opts: Options, status: np.ndarray):
     """Seed placements; where the seed packs nothing, an exact memory-only packing (with
-    search or proof) or a status (``status`` (B,) object, filled in)."""
+    search or proof) or a status (``status`` (B,) object, filled in).  Returns ``(assign,
+    pos, packed)``: ``packed`` when that packing ran (in numba kernels)."""
     B = batch.shape[0]
     try:
         assign, pos = backends.solve_seed(batch, opts.backend)
-        return assign, pos
+        return assign, pos, False
     except NoPlacementFound as e:
         bad = np.asarray(e.instances, dtype=np.int64)
     good = np.setdiff1d(np.arange(B), bad)
@@ -133,7 +134,13 @@ def _start(batch: Batch, opts: Options, status: np.ndarray):
     if good.size:
         assign[good], pos[good] = backends.solve_seed(batch.take(good), opts.backend)
     assign[bad], pos[bad] = _pack_unseeded(batch, bad, opts, status)
-    return assign, pos
+    return assign, pos, _packs_unseeded(opts)
+
+
+def _packs_unseeded(opts: Options) -> bool:
+    """Are instances the seed packed nothing for packed exactly (numba kernels)?  Not in mode
+    'seed' without a proof, which reports the seed's heuristics only."""
+    return not (opts.mode == "seed" and not opts.exact)
 
 
 def _pack_unseeded(batch: Batch, bad: np.ndarray, opts: Options, status: np.ndarray):
@@ -141,7 +148,7 @@ def _pack_unseeded(batch: Batch, bad: np.ndarray, opts: Options, status: np.ndar
     exact memory-only packing (unless mode 'seed' without a proof, which reports the seed's
     heuristics only).  Returns ``(assign, pos)`` (k, N) int64 in the batch's slots, -1 where
     nothing was found; ``status`` (B,) object gets those instances' status."""
-    if opts.mode == "seed" and not opts.exact:
+    if not _packs_unseeded(opts):
         status[bad] = NOT_FOUND  # the seed's heuristics only: not a proof
         empty = np.full((bad.size, batch.shape[1]), -1, np.int64)
         return empty, empty.copy()
@@ -165,11 +172,11 @@ def _compile_first(opts: Options, B: int, n_items: int) -> None:
     groups += ["exact"] if opts.proof_work(n_items) else []
     if not groups or not backends.probe()["numba"][0]:
         return
-    from kvgpu.warmup import ensure
+    from kvgpu.warmup import batch_of, ensure
 
+    if B > 1:  # and the batch kernels they run: the reported bound's too, compiled for the numba backend
+        groups += batch_of(groups + (["bound"] if opts.backend == "numba" else []))
     ensure(groups)
-    if B > 1:
-        ensure(["batch"])
 
 
 def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
@@ -202,7 +209,7 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
     if opts.backend == "cuda":
         return _solve_on_device(batch, opts, infeasible)
     status = np.full(B, "ok", dtype=object)
-    assign, pos = _start(batch, opts, status)
+    assign, pos, packed = _start(batch, opts, status)
     failed = np.nonzero(status != "ok")[0]
     if failed.size and infeasible == "raise":
         raise _not_placed(status, failed, opts.mode)
@@ -210,7 +217,7 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
     kv = np.full(batch.gpu_mem.shape, np.nan)
     max_kvpr = np.full(B, np.nan)
     lb = np.full(B, np.nan)
-    engines = opts.backend
+    engines = _engines(opts.backend, searched=False, proved=False, packed=packed)
     if ok.size:
         sub = batch.take(ok)
         a, p = assign[ok], pos[ok]
@@ -218,15 +225,12 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         lo = backends.lower_bound(sub, m, opts.backend)
         work = opts.proof_work(int(sub.n_models.max()))
         if opts.effort or work:
-            if opts.backend == "cuda":  # search on the device (one thread block per instance), a proof on the CPU
-                from kvgpu.cuda_engine import improve
-            else:
-                _need_numba("mode 'search'" if opts.effort else "exact=True")
-                from kvgpu.numba_engine import improve
+            _need_numba("mode 'search'" if opts.effort else "exact=True")
+            from kvgpu.numba_engine import improve
 
             a, p, lo = improve(sub, a, p, lo, opts.effort, opts.patience, opts.seed, work)
             k, m = _objective(sub, a, p)
-            engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work))
+            engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work), packed=packed)
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
@@ -268,7 +272,8 @@ def _solve_on_device(batch: Batch, opts: Options, infeasible: str) -> BatchResul
         a, p, lo_ok = improve(sub, assign[ok], pos[ok], lo[ok], 0, opts.patience, opts.seed, work)
         k, m = _objective(sub, a, p)
         assign[ok], kv[ok], max_kvpr[ok], lb[ok] = a, k, m, np.minimum(lo_ok, m)
-    engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work)) if ok.size else opts.backend
+    packed = bool(bad.size) and _packs_unseeded(opts)
+    engines = _engines(opts.backend, searched=bool(opts.effort) and bool(ok.size), proved=bool(work), packed=packed)
     assign[failed] = -1
     return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
 
@@ -283,11 +288,12 @@ def _not_placed(status: np.ndarray, failed: np.ndarray, mode: str) -> NoPlacemen
     return NoPlacementFound(f"instance(s) {failed[:10].tolist()}: {why}", failed.tolist(), proven=proven)
 
 
-def _engines(backend: str, searched: bool, proved: bool) -> str:
+def _engines(backend: str, searched: bool, proved: bool, packed: bool = False, on_cpu: bool = False) -> str:
     """Every engine that ran: the seed's ``backend``; search in numba kernels, or on the device
-    for ``cuda``; a proof always in numba kernels."""
+    for ``cuda`` (unless ``on_cpu``: a decomposed cluster's repair between groups); a proof,
+    and the exact packing of what the seed did not pack (``packed``), always in numba kernels."""
     used = [backend]
-    if (searched and backend != "cuda") or proved:
+    if (searched and (backend != "cuda" or on_cpu)) or proved or packed:
         used.append("numba")
     return "+".join(dict.fromkeys(used))
 
@@ -346,7 +352,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             k, m = _objective(one, a, p)
             lo = np.minimum(np.maximum(lo, backends.lower_bound(one, m, opts.backend)), m)
             st = np.array(["ok"], dtype=object)
-            engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work)))
+            engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work), on_cpu=True))
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
         out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
         out.status[b] = st[0]

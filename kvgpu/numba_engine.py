@@ -79,13 +79,10 @@ def _kernels(B: int, groups: list[str]) -> bool:
     """Compile (or load) what ``B`` instances need -- the instance kernels of ``groups``, and
     the parallel batch kernels beyond one instance -- saying so on a first run
     (:func:`kvgpu.warmup.ensure`).  Returns True when one instance runs without them."""
-    from kvgpu.warmup import ensure
+    from kvgpu.warmup import batch_of, ensure
 
-    ensure(groups)
-    if B == 1:
-        return True
-    ensure(["batch"])
-    return False
+    ensure(groups if B == 1 else list(groups) + batch_of(groups))
+    return B == 1
 
 
 def _one(arrays):
@@ -125,7 +122,9 @@ def lower_bound(batch: Batch, hi):
     arrays = tuple(np.ascontiguousarray(x) for x in (batch.sizes, batch.demand, batch.model_mask, batch.gpu_mem,
                                                      batch.gpu_mask))
     out = np.empty(batch.shape[0])
-    _kernels(2, [])  # the batch kernels, whatever B: one instance takes the array code (backends.lower_bound)
+    from kvgpu.warmup import ensure
+
+    ensure(["bound_batch"])  # the batch kernel, whatever B: one instance takes the array code (backends.lower_bound)
     bound.lower_bound_batch(*arrays, hi, out)
     return out
 

@@ -383,11 +383,13 @@ def _gpu_classes(p: Problem) -> np.ndarray:
     return out
 
 
-def validate_batch(batch) -> None:
+def validate_batch(batch, ids=None) -> None:
     """The rules of :func:`build_problem` for plain instances, on every instance of a padded
     batch (:class:`kvgpu.batch.state.Batch`); raises :class:`InvalidInstance` naming the
-    instance, the model slot and the rule."""
+    instance, the model slot and the rule.  ``ids`` (B,) int: the caller's numbers of the
+    batch's instances, when it is a part of the caller's batch (default ``0 .. B-1``)."""
     xp = batch.xp
+    ids = np.arange(batch.shape[0]) if ids is None else np.asarray(ids)
     if batch.shape[0] == 0:
         raise InvalidInstance("solve_batch: the batch holds no instance (B = 0)")
     s, w, mm = batch.sizes, batch.demand, batch.model_mask
@@ -395,15 +397,16 @@ def validate_batch(batch) -> None:
         for bad, rule in ((mm & ~xp.isfinite(arr), "must be finite"), (mm & (arr < 0), "must be >= 0")):
             if bool(bad.any()):
                 b, n = (int(v) for v in xp.argwhere(bad)[0])
-                raise InvalidInstance(f"instance {b}, model {n}: {name} {rule}, got {float(arr[b, n])}")
+                raise InvalidInstance(f"instance {ids[b]}, model {n}: {name} {rule}, got {float(arr[b, n])}")
     gm = batch.gpu_mem
     badg = batch.gpu_mask & ~(xp.isfinite(gm) & (gm > 0))
     if bool(badg.any()):
         b, g = (int(v) for v in xp.argwhere(badg)[0])
-        raise InvalidInstance(f"instance {b}, gpu {g}: GPU memory must be a positive finite number, got {float(gm[b, g])}")
+        raise InvalidInstance(f"instance {ids[b]}, gpu {g}: GPU memory must be a positive finite number, got "
+                              f"{float(gm[b, g])}")
     nog = batch.n_gpus == 0
     if bool(nog.any()):
-        raise InvalidInstance(f"instance {int(xp.argwhere(nog)[0, 0])}: no GPUs (gpu_mask is all False)")
+        raise InvalidInstance(f"instance {ids[int(xp.argwhere(nog)[0, 0])]}: no GPUs (gpu_mask is all False)")
     over, why = oversized(batch)
     if over.any():
         raise InvalidInstance(why)

@@ -37,7 +37,19 @@ GROUPS = {
               ("core", "candidates", "seed", "bound", "repair", "polish", "search", "exact", "batch_seed",
                "batch_bound", "batch_search", "batch_exact")),
     "fleet": ("the repair between the groups of a decomposed cluster", ("core", "repair", "fleet")),
+    # what a batch of several instances adds to a group (``batch_of``): only the kernels it runs
+    "seed_batch": ("the seed pipeline, many instances at once", ("core", "candidates", "seed", "batch_seed")),
+    "bound_batch": ("the lower bound, many instances at once", ("bound", "batch_bound")),
+    "search_batch": ("search, many instances at once", ("core", "repair", "polish", "search", "batch_search")),
+    "exact_batch": ("proofs, many instances at once", ("core", "polish", "exact", "batch_exact")),
 }
+
+
+def batch_of(groups) -> list[str]:
+    """The groups a batch of several instances needs beyond the single-instance ``groups``
+    (seed, search, exact): their parallel batch kernels, so that a batch compiles only what it
+    runs."""
+    return [f"{g}_batch" for g in groups if f"{g}_batch" in GROUPS]
 
 #: Compile units, in the order they are handed out: (units whose kernels it calls, about how
 #: many seconds it takes cold on this project's 2-core reference machine).  A unit compiles

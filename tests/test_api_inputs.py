@@ -107,3 +107,26 @@ def test_nodes_empty_refused_and_uneven_gpus_per_node_said():
     with pytest.warns(kvgpu.KvgpuWarning, match="gpus_per_node=2 does not divide the 5 GPUs: the last node has 1"):
         p = kvgpu.solve(TWO, 5, gpus_per_node=2)
     assert sorted(p.gpus_of_models()[0]) in ([0, 1], [2, 3])  # the tp pair fills a node of two, not GPU 4
+
+
+@pytest.mark.parametrize("infeasible", ["raise", "mark"])
+def test_batch_errors_name_the_callers_instance_whatever_is_marked(infeasible):
+    """With infeasible='mark' the instances too big for their GPUs are set aside before the
+    others are checked; an error in another must still name it by the caller's number."""
+    S = np.array([[100.0, 1.0], [10.0, 10.0], [10.0, 10.0]])  # instance 0: a model above every GPU
+    W = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+    M = np.full((3, 2), 80.0)
+    with pytest.raises(kvgpu.InvalidInstance, match=r"instance 2, model 1: demand"):
+        kvgpu.solve_batch(S, W, M, backend="numpy", infeasible=infeasible)
+    gm = np.array([[True, True], [False, False], [False, False], [True, True]])
+    mm = np.array([[True, True], [True, True], [False, False], [True, True]])
+    S4, W4 = np.full((4, 2), 10.0), np.ones((4, 2))
+    match = r"instance 1: no GPUs" if infeasible == "raise" else r"instance 2: no GPUs"  # 1 is marked: too big
+    with pytest.raises(kvgpu.InvalidInstance, match=match):
+        kvgpu.solve_batch(S4, W4, np.full((4, 2), 80.0), model_mask=mm, gpu_mask=gm, backend="numpy",
+                          infeasible=infeasible)
+
+
+def test_a_batch_without_gpu_columns_is_refused_clearly():
+    with pytest.raises(kvgpu.InvalidInstance, match=r"no GPU at all"):
+        kvgpu.solve_batch(np.ones((1, 2)), np.ones((1, 2)), np.zeros((1, 0)), infeasible="mark")

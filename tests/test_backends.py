@@ -277,3 +277,18 @@ def test_numba_backend_same_answers_whatever_the_slot_order():
     i1, _, _ = numba_engine.improve(b, a1, p1, lb, 4, 2, 3)
     i2, _, _ = numba_engine.improve(s, a2, p2, lb, 4, 2, 3)
     assert (i2[rows, pm[:, :N]] == back(i1)).all()
+
+
+def test_backend_names_the_exact_packing_of_what_the_seed_could_not_pack():
+    """An instance no seed candidate packs (nine models that fill three 100 GB GPUs to 98%) is
+    packed by the exact search, in numba kernels: the result's backend says so, with the numpy
+    seed as with the numba one; seed mode without a proof reports the seed's failure and ran
+    nothing else."""
+    s = np.array([[11.0, 49.0, 47.0, 53.0, 18.0, 14.0, 54.0, 11.0, 38.0]])
+    w = np.array([[1.7, 0.84, 1.65, 0.63, 1.44, 1.14, 0.94, 1.35, 0.13]])
+    M = np.full((1, 3), 100.0)
+    res = kvgpu.solve_batch(s, w, M, backend="numpy", effort=0)
+    assert res.status[0] == "ok" and res.backend == "numpy+numba"
+    assert kvgpu.solve_batch(s, w, M, backend="numba", effort=0).backend == "numba"
+    marked = kvgpu.solve_batch(s, w, M, backend="numpy", mode="seed", infeasible="mark")
+    assert marked.status[0] != "ok" and marked.backend == "numpy"

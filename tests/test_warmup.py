@@ -87,3 +87,23 @@ def test_a_process_never_waits_for_stamps_that_cannot_be_written(tmp_path, monke
     monkeypatch.setattr(warm.time, "sleep", lambda s: pytest.fail("waited for a stamp that cannot appear"))
     warm._child(["seed"])  # its callees (core, candidates) are compiled elsewhere, or by seed itself
     assert compiled == ["seed"]
+
+
+def test_a_batch_compiles_only_the_batch_kernels_it_runs(tmp_path, monkeypatch):
+    """A batch searched without a proof on the numba backend compiles the seed, search and
+    bound batch kernels, not the proofs'; a cuda batch with a proof only the proofs' CPU kernels."""
+    from kvgpu import engine
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(warm, "_jit_disabled", lambda: False)
+    compiled = []
+    monkeypatch.setattr(warm, "_compile", compiled.append)
+    monkeypatch.setattr(warm.os, "cpu_count", lambda: 1)  # every unit in this process, where _compile is patched
+    assert warm.batch_of(["seed", "search", "exact", "start"]) == ["seed_batch", "search_batch", "exact_batch"]
+    engine._compile_first(engine.options(backend="numba", effort=5), B=4, n_items=50)
+    assert sorted(compiled) == sorted(["core", "candidates", "seed", "repair", "polish", "search", "bound",
+                                       "batch_seed", "batch_search", "batch_bound"])
+    compiled.clear()
+    monkeypatch.setattr(engine.backends, "probe", lambda: {"numba": (True, "")})
+    engine._compile_first(engine.options(backend="numba", effort=5, exact=True), B=4, n_items=10)
+    assert sorted(compiled) == ["batch_exact", "exact"]  # the rest is cached already

@@ -69,6 +69,8 @@ def make_batch(sizes, demand, gpu_mem, model_mask=None, gpu_mask=None) -> Batch:
         raise InvalidInstance("gpu_mem must have shape (B, G); use gpu_mem[:, None] for one GPU per instance")
     if gpu_mem.ndim != 2 or gpu_mem.shape[0] != sizes.shape[0]:
         raise InvalidInstance(f"gpu_mem must have shape (B, G) with B = {sizes.shape[0]}; got {gpu_mem.shape}")
+    if gpu_mem.shape[1] == 0 and sizes.shape[0] > 0:
+        raise InvalidInstance(f"gpu_mem has shape {gpu_mem.shape}: no GPU at all; every instance needs one (G >= 1)")
     model_mask = xp.ones(sizes.shape, bool) if model_mask is None else xp.asarray(model_mask, dtype=bool)
     gpu_mask = xp.ones(gpu_mem.shape, bool) if gpu_mask is None else xp.asarray(gpu_mask, dtype=bool)
     if model_mask.shape != sizes.shape or gpu_mask.shape != gpu_mem.shape:
