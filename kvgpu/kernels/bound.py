@@ -35,11 +35,11 @@ import math
 import numpy as np
 from numba import prange
 
-from kvgpu.kernels.cpu import _insertion_sort, objective_core
+from kvgpu.kernels.cpu import objective_core
 from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.params import DEN_FLOOR, N_PAIR, N_TRIPLET, WINDOW
-from kvgpu.kernels.sorting import argsort_into
+from kvgpu.kernels.sorting import argsort_into, insertion_sort
 
 #: As :data:`kvgpu.bounds.L2_DELTA`, :data:`kvgpu.bounds.VOLUME_RTOL` (asserted equal in the tests).
 L2_DELTA = 1e-9
@@ -65,7 +65,7 @@ def sort_values(x, tmp, idx, itmp):
     ``tmp`` (n,) float64, ``idx``, ``itmp`` (n,) int64 are working memory."""
     n = x.shape[0]
     if n <= SHORT_ROW:
-        _insertion_sort(x)
+        insertion_sort(x)
         return
     argsort_into(x, idx[:n], itmp[:n])
     for k in range(n):

@@ -36,7 +36,7 @@ from numba import prange
 from kvgpu.kernels.jit import barrier, kernel
 from kvgpu.kernels import deltas, params
 from kvgpu.kernels.deltas import fmul
-from kvgpu.kernels.sorting import argsort_into
+from kvgpu.kernels.sorting import argsort_into, insertion_sort
 from kvgpu.kernels.rules import new_state, no_rules, restricted, transfer_apply, transfer_check
 
 _jit = kernel(inline=True)
@@ -940,7 +940,7 @@ def best_swap(S, W, M, s, w, src, dst, others, best, mem, start, keys, idx, tmp,
             cand = work[:hi - lo]
             for c in range(hi - lo):
                 cand[c] = order[lo + c]
-            _insertion_sort(cand)  # list order
+            insertion_sort(cand)  # list order
             b = -1
             for c in range(hi - lo):
                 q = q_lo + cand[c]
@@ -963,17 +963,6 @@ def _first_above(k, order, x):
         else:
             lo = mid + 1
     return lo
-
-
-@njit
-def _insertion_sort(x):
-    for i in range(1, x.shape[0]):
-        v = x[i]
-        j = i
-        while j > 0 and x[j - 1] > v:
-            x[j] = x[j - 1]
-            j -= 1
-        x[j] = v
 
 
 @njit

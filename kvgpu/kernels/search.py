@@ -830,8 +830,6 @@ def improve_memory(rules, assign, G):
 def improve_instance(s, w, M, lb, assign, pos, effort, patience, seed, rules):
     """``effort`` search rounds from ``assign``/``pos`` (CPU entry of :func:`improve_instance_core`;
     a Python function, see :mod:`kvgpu.kernels.cpu`)."""
-    if s.shape[0] == 0 or effort <= 0:
-        return
     rstate, fw, iw, state = improve_memory(rules, assign, M.shape[0])
     improve_instance_core(s, w, M, lb, assign, pos, effort, patience, seed, rules, rstate, fw, iw, state, 0, 1)
 
@@ -1147,8 +1145,6 @@ def improve_batch(sizes, demand, gpu_mem, n_models, n_gpus, lb, effort, patience
     rules = no_rules()
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
-        if n == 0 or effort <= 0:
-            continue
         rstate, fw, iw, state = improve_memory(rules, assign[b, :n], G)
         improve_instance_core(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort,
                               patience, seed, rules, rstate, fw, iw, state, 0, 1)
