@@ -92,14 +92,16 @@ def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None
 
 def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backend: str = "auto",
                 mode: str = "search", effort: int = DEFAULT_EFFORT, patience: int | None = None, seed: int = 0,
-                exact: bool = False, exact_work: int = DEFAULT_EXACT_WORK, infeasible: str = "raise",
+                exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK, infeasible: str = "raise",
                 decompose: bool | None = None, dask=None) -> BatchResult:
     """Solve ``B`` padded plain instances at once.
 
     ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     ``infeasible="mark"`` returns instances without a placement with their ``status`` instead of
-    raising :class:`kvgpu.NoPlacementFound`.
+    raising :class:`kvgpu.NoPlacementFound`.  As :func:`solve`, ``exact=None`` (the default)
+    proves each instance of at most ``kvgpu.engine.AUTO_EXACT_ITEMS`` models, in the batch
+    kernels; the result's ``certified`` / ``bound_source`` say which bound each gap measures.
 
     CuPy arrays (all of them on the GPU) are accepted: they are copied to the host once, and the
     result's ``assignment``, ``kvpr``, ``max_kvpr`` and ``lower_bound`` come back as CuPy arrays,

@@ -62,10 +62,19 @@ class Options:
     executor: object = None
 
     def proof_work(self, n_items: int) -> int:
-        """Work of the proof for a problem of ``n_items`` items (0: no proof)."""
+        """Work of the proof for a problem of ``n_items`` items (0: no proof).  ``exact=None``
+        proves small problems in search mode only: mode 'seed' returns the seed pipeline's
+        placement exactly, which a proof could replace by a better one (``exact=True`` asks
+        for that)."""
         if self.exact is None:
-            return min(self.exact_work, AUTO_EXACT_WORK) if n_items <= AUTO_EXACT_ITEMS else 0
+            small = n_items <= AUTO_EXACT_ITEMS and self.mode == "search"
+            return min(self.exact_work, AUTO_EXACT_WORK) if small else 0
         return self.exact_work if self.exact else 0
+
+    def proof_works(self, n_items: np.ndarray) -> np.ndarray:
+        """(B,) int64: :meth:`proof_work` of each instance of a batch (``n_items`` (B,) int), so
+        that ``exact=None`` proves a batch's small instances whatever the size of the others."""
+        return np.array([self.proof_work(int(n)) for n in n_items], np.int64)
 
 
 def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, patience=None, seed=0,
@@ -162,14 +171,14 @@ def _pack_unseeded(batch: Batch, bad: np.ndarray, opts: Options, status: np.ndar
     return a, p
 
 
-def _compile_first(opts: Options, B: int, n_items: int) -> None:
+def _compile_first(opts: Options, B: int, n_items: np.ndarray) -> None:
     """Every numba kernel group the run will use, compiled side by side up front on a first run
     (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them.  The cuda
     backend uses CPU kernels only for a proof (and, rarely, to pack what its seed did not: those
     compile when needed)."""
     on_cpu = opts.backend != "cuda"
     groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort and on_cpu else [])
-    groups += ["exact"] if opts.proof_work(n_items) else []
+    groups += ["exact"] if opts.proof_works(n_items).any() else []
     if not groups or not backends.probe()["numba"][0]:
         return
     from kvgpu.warmup import batch_of, ensure
@@ -205,10 +214,11 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
                               f"cluster here is decomposed (automatic from {decomposition.AUTO_GPUS} GPUs, counting "
                               f"at most one GPU per model of each memory size, the ones worth solving on): pass "
                               f"decompose=True (--decompose on), or drop dask")
-    _compile_first(opts, B, int(batch.n_models.max()))
+    _compile_first(opts, B, batch.n_models)
     if opts.backend == "cuda":
         return _solve_on_device(batch, opts, infeasible)
     status = np.full(B, "ok", dtype=object)
+    certified = np.zeros(B, bool)
     assign, pos, packed = _start(batch, opts, status)
     failed = np.nonzero(status != "ok")[0]
     if failed.size and infeasible == "raise":
@@ -223,17 +233,27 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
         a, p = assign[ok], pos[ok]
         k, m = _objective(sub, a, p)
         lo = backends.lower_bound(sub, m, opts.backend)
-        work = opts.proof_work(int(sub.n_models.max()))
-        if opts.effort or work:
+        work = opts.proof_works(sub.n_models)
+        if opts.effort or work.any():
             _need_numba("mode 'search'" if opts.effort else "exact=True")
             from kvgpu.numba_engine import improve
 
             a, p, lo = improve(sub, a, p, lo, opts.effort, opts.patience, opts.seed, work)
             k, m = _objective(sub, a, p)
-            engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work), packed=packed)
+            engines = _engines(opts.backend, searched=bool(opts.effort), proved=bool(work.any()), packed=packed)
         assign[ok], pos[ok], kv[ok], max_kvpr[ok], lb[ok] = a, p, k, m, np.minimum(lo, m)
+        certified[ok] = work > 0
     assign[failed] = -1
-    return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+    return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status, certified=certified,
+                       proven=_proven(certified, max_kvpr, lb))
+
+
+def _proven(certified: np.ndarray, max_kvpr: np.ndarray, lb: np.ndarray) -> np.ndarray:
+    """(B,) bool: the exact search ran (``certified``) and its bound meets the answer."""
+    from kvgpu.kernels.exact import RTOL
+
+    with np.errstate(invalid="ignore"):
+        return certified & (max_kvpr <= lb * (1.0 + RTOL))
 
 
 def _solve_on_device(batch: Batch, opts: Options, infeasible: str) -> BatchResult:
@@ -264,18 +284,22 @@ def _solve_on_device(batch: Batch, opts: Options, infeasible: str) -> BatchResul
         dev.finish(with_bound=False)  # the bound stays the one before the search: min(lo, m)
     assign, pos, kv, max_kvpr, lo, lb = dev.results()
     ok = np.nonzero(active)[0]
-    work = opts.proof_work(int(batch.n_models[ok].max())) if ok.size else 0
-    if work:
+    work = opts.proof_works(batch.n_models[ok])
+    certified = np.zeros(B, bool)
+    if work.any():
         from kvgpu.numba_engine import improve
 
         sub = batch.take(ok)
         a, p, lo_ok = improve(sub, assign[ok], pos[ok], lo[ok], 0, opts.patience, opts.seed, work)
         k, m = _objective(sub, a, p)
         assign[ok], kv[ok], max_kvpr[ok], lb[ok] = a, k, m, np.minimum(lo_ok, m)
+        certified[ok] = work > 0
     packed = bool(bad.size) and _packs_unseeded(opts)
-    engines = _engines(opts.backend, searched=bool(opts.effort) and bool(ok.size), proved=bool(work), packed=packed)
+    engines = _engines(opts.backend, searched=bool(opts.effort) and bool(ok.size), proved=bool(work.any()),
+                       packed=packed)
     assign[failed] = -1
-    return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status)
+    return BatchResult(assign, kv, max_kvpr, lb, backend=engines, status=status, certified=certified,
+                       proven=_proven(certified, max_kvpr, lb))
 
 
 def _not_placed(status: np.ndarray, failed: np.ndarray, mode: str) -> NoPlacementFound:
@@ -320,7 +344,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         r = solve_batch_plain(batch.take(rest), whole, "mark")
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
-        out.status[rest] = r.status
+        out.status[rest], out.proven[rest], out.certified[rest] = r.status, r.proven, r.certified
     engines = {r.backend} if rest.size else set()
     if opts.effort:
         from kvgpu.warmup import ensure
@@ -338,6 +362,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         if res is None:  # the seed packs no partition into groups: the cluster whole
             r = solve_batch_plain(one, whole, "mark")
             a, k, m, lo, st = r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
+            out.proven[b], out.certified[b] = r.proven[0], r.certified[0]
             engines.add(r.backend)
             out.decomposed[b] = False
         else:
@@ -351,6 +376,8 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
                 a, p, lo = improve(one, a, p, lo, 0, opts.patience, opts.seed, work)
             k, m = _objective(one, a, p)
             lo = np.minimum(np.maximum(lo, backends.lower_bound(one, m, opts.backend)), m)
+            out.certified[b] = work > 0
+            out.proven[b] = _proven(out.certified[b:b + 1], m, lo)[0]
             st = np.array(["ok"], dtype=object)
             engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work), on_cpu=True))
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
@@ -374,7 +401,7 @@ def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
         r = solve_batch_plain(batch.take(rest), opts, "mark")
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
-        out.status[rest], out.proven[rest], out.backend = r.status, r.proven, r.backend
+        out.status[rest], out.proven[rest], out.certified[rest], out.backend = r.status, r.proven, r.certified, r.backend
         out.decomposed[rest] = r.decomposed
     return out
 

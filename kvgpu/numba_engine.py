@@ -151,13 +151,13 @@ def pack_memory(batch: Batch, work: int):
     return assign, pos, status
 
 
-def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int, exact_work: int = 0):
+def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int, exact_work=0):
     """Search from the placements ``assign``/``pos`` (B, N) (batch slots, -1 for padding).
 
-    ``effort`` search rounds per instance (:func:`kvgpu.kernels.search.improve_instance`), then,
-    when ``exact_work > 0``, the optimality proof with that much work per instance
-    (:func:`kvgpu.kernels.exact.certify_instance`).  ``lb`` (B,): proven lower bounds.
-    Returns ``(assign, pos, lb)``, ``lb`` raised by the proof where it got further."""
+    ``effort`` search rounds per instance (:func:`kvgpu.kernels.search.improve_instance`), then
+    the optimality proof (:func:`kvgpu.kernels.exact.certify_instance`) with ``exact_work`` work
+    (an int for every instance, or (B,) int: 0 skips an instance's proof).  ``lb`` (B,): proven
+    lower bounds.  Returns ``(assign, pos, lb)``, ``lb`` raised by the proof where it got further."""
     from kvgpu.kernels import exact, search
     from kvgpu.kernels.rules import no_rules
 
@@ -165,19 +165,20 @@ def improve(batch: Batch, assign, pos, lb, effort: int, patience: int, seed: int
     B = batch.shape[0]
     a, p = compact_placement(batch, assign, pos, pm, pg)
     lo = np.array(lb, dtype=float)
-    groups = (["search"] if effort > 0 else []) + (["exact"] if exact_work > 0 else [])
+    work = np.broadcast_to(np.asarray(exact_work, np.int64), (B,)).copy()
+    groups = (["search"] if effort > 0 else []) + (["exact"] if work.any() else [])
     if _kernels(B, groups):
         s, w, M, n = _one(arrays)
         if effort > 0:
             search.improve_instance(s, w, M, lo[0], a[0, :n], p[0, :n], int(effort), int(patience), int(seed),
                                     no_rules())
-        if exact_work > 0:
-            lo[0], _ = exact.certify_instance(s, w, M, lo[0], a[0, :n], p[0, :n], int(exact_work), no_rules(),
+        if work[0] > 0:
+            lo[0], _ = exact.certify_instance(s, w, M, lo[0], a[0, :n], p[0, :n], int(work[0]), no_rules(),
                                               np.empty(0, np.int64))
     else:
         if effort > 0:
             search.improve_batch(*arrays, lo, int(effort), int(patience), int(seed), a, p)
-        if exact_work > 0:
-            exact.certify_batch(*arrays, lo, int(exact_work), a, p, np.zeros(B, np.int64))
+        if work.any():
+            exact.certify_batch(*arrays, lo, work, a, p, np.zeros(B, np.int64))
     assign, pos = expand(batch, a, p, pm, pg)
     return assign, pos, lo

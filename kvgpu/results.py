@@ -48,6 +48,10 @@ def json_float(x) -> float | str:
     return x if math.isfinite(x) else ("Infinity" if x > 0 else "-Infinity")
 
 
+#: Words for which bound a batch's ``lower_bound`` is (:attr:`BatchResult.bound_source`).
+BOUND_EXACT, BOUND_CLOSED_FORM = "exact search", "closed-form bound"
+
+
 def gap_of(max_kvpr, lower_bound):
     """``max_kvpr / lower_bound - 1`` (0 where they are equal, inf where the bound is 0); NumPy or
     CuPy arrays (the result is of their kind) or floats."""
@@ -298,6 +302,11 @@ class BatchResult:
     status : ndarray (B,) object -- ``"ok"``, ``"infeasible (proven)"`` or ``"no placement
         found"`` (only with ``infeasible="mark"``; otherwise those raise).
     proven : ndarray (B,) bool -- optimality proven by the exact search.
+    certified : ndarray (B,) bool -- the exact search ran on the instance, so ``lower_bound`` is
+        its proven bound and ``gap`` measures the interval it left open (``exact=True``, or
+        ``exact=None`` on instances of at most ``kvgpu.engine.AUTO_EXACT_ITEMS`` items);
+        elsewhere ``lower_bound`` is the closed-form bound of :func:`kvgpu.bounds.lower_bound`
+        and ``gap`` may measure the bound's weakness more than the answer's (:attr:`bound_source`).
     backend : str -- every engine that ran (e.g. ``"numba"``, ``"numpy+numba"``).
     decomposed : ndarray (B,) bool -- solved by decomposition into groups (:mod:`kvgpu.decompose`).
 
@@ -314,6 +323,7 @@ class BatchResult:
     status: np.ndarray | None = None
     proven: np.ndarray | None = None
     decomposed: np.ndarray | None = None
+    certified: np.ndarray | None = None
 
     def __post_init__(self):
         B = self.max_kvpr.shape[0]
@@ -323,6 +333,14 @@ class BatchResult:
             self.proven = np.zeros(B, bool)
         if self.decomposed is None:
             self.decomposed = np.zeros(B, bool)
+        if self.certified is None:
+            self.certified = self.proven.copy()
+
+    @property
+    def bound_source(self) -> np.ndarray:
+        """(B,) str: which bound ``lower_bound`` is -- ``"exact search"`` where the proof ran,
+        else ``"closed-form bound"`` (:func:`kvgpu.bounds.lower_bound`)."""
+        return np.where(self.certified, BOUND_EXACT, BOUND_CLOSED_FORM).astype(object)
 
     @property
     def gap(self) -> np.ndarray:
@@ -341,4 +359,4 @@ class BatchResult:
         GPU by ``cp`` (the CuPy module), once each."""
         return BatchResult(cp.asarray(self.assignment), cp.asarray(self.kvpr), cp.asarray(self.max_kvpr),
                            cp.asarray(self.lower_bound), backend=self.backend, status=self.status, proven=self.proven,
-                           decomposed=self.decomposed)
+                           decomposed=self.decomposed, certified=self.certified)

@@ -14,6 +14,8 @@ Spec (YAML or a dict); every grid entry may be one value or a list:
     seeds: 5                    # instance seeds 0..4 (or a list)
     mode: [seed, search]
     effort: [30]                # search rounds (mode search)
+    exact: [auto]               # proofs: auto (instances of <= 24 models, search mode), true, false
+    exact_work: 2000000         # work of one instance's proof (exact search nodes / DP states)
     batch_size: 64              # instances per solve_batch call (one task on Dask)
     backend: auto
 
@@ -23,8 +25,11 @@ by the row's parameters only, so a row is the same instance on every machine and
 Output: a Parquet dataset (a folder of part files, each batch written to a temporary name and
 renamed, so a killed run leaves only whole parts); one row per instance with the parameters,
 ``key`` (the instance's identity), ``models``, ``status``, ``max_kvpr``, ``lower_bound``,
-``gap`` (a fraction: ``max_kvpr / lower_bound - 1``), ``time_s`` (the batch's wall time over
-its instances; a batch holds instances of one shape) and ``backend``.  ``status`` is
+``gap`` (a fraction: ``max_kvpr / lower_bound - 1``), ``proven`` (optimal, proven by the exact
+search or by the bound meeting the answer), ``bound`` (which bound ``lower_bound`` is: ``exact
+search`` where the proof ran, so the gap is the interval it left open, else ``closed-form
+bound``, whose gap can measure the bound more than the answer), ``time_s`` (the batch's wall
+time over its instances; a batch holds instances of one shape) and ``backend``.  ``status`` is
 :data:`OK`, or, for an instance whose models cannot be placed in GPU memory,
 :data:`INFEASIBLE` (proven) or :data:`NOT_FOUND` (the solver gave up); such rows have NaN
 figures and the sweep goes on.  Re-running with the same output skips the keys already there,
@@ -49,11 +54,14 @@ import numpy as np
 from kvgpu import generate
 from kvgpu.errors import InvalidInstance
 from kvgpu.io import read_text
-from kvgpu.schema import choice, integer, number
+from kvgpu.schema import OPTION_RANGES, choice, integer, number
 
-GRID = ("gpus", "gpu_mem", "models_per_gpu", "sizes", "popularity", "seed", "mode", "effort")
+GRID = ("gpus", "gpu_mem", "models_per_gpu", "sizes", "popularity", "seed", "mode", "effort", "exact")
+#: ``exact`` values of a spec: as ``kvgpu.solve_batch``'s ``exact=None`` / True / False.
+EXACT = {"auto": None, "true": True, "false": False}
 DEFAULTS = {"gpu_mem": [80.0], "models_per_gpu": [3], "sizes": ["uniform"], "popularity": ["uniform"],
-            "seeds": 3, "mode": ["search"], "effort": [30], "batch_size": 64, "backend": "auto"}
+            "seeds": 3, "mode": ["search"], "effort": [30], "exact": ["auto"], "exact_work": None, "batch_size": 64,
+            "backend": "auto"}
 KEYS = ("gpus", *DEFAULTS)
 #: Sizes are scaled down so that the models use at most this share of the cluster's memory.
 MAX_FILL = 0.95
@@ -77,9 +85,9 @@ CONNECT_TIMEOUT_S = 5
 # Output columns and their Parquet types: every part has this schema, so the folder reads as one
 # table whatever the rows of a part (all failed, models_per_gpu written as 3 or 3.5, ...).
 _COLUMNS = {"gpus": "int64", "gpu_mem": "float64", "models_per_gpu": "float64", "sizes": "string",
-            "popularity": "string", "seed": "int64", "mode": "string", "effort": "int64", "key": "string",
-            "models": "int64", "status": "string", "max_kvpr": "float64", "lower_bound": "float64",
-            "gap": "float64", "time_s": "float64", "backend": "string"}
+            "popularity": "string", "seed": "int64", "mode": "string", "effort": "int64", "exact": "string",
+            "key": "string", "models": "int64", "status": "string", "max_kvpr": "float64", "lower_bound": "float64",
+            "gap": "float64", "proven": "bool", "bound": "string", "time_s": "float64", "backend": "string"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class Spec:
     grid: dict
     batch_size: int
     backend: str
+    #: Work of one instance's proof (None: the solver's default for ``exact`` true / auto).
+    exact_work: int | None = None
 
 
 def _values(v, label: str, rule) -> list:
@@ -109,6 +119,14 @@ def _seeds(v, label: str) -> list[int]:
     except InvalidInstance:
         raise InvalidInstance(f"{label} must be a count of seeds from 1 to {MAX_ROWS} (seeds 0 .. n-1) or a list "
                               f"of seeds, got {v!r}") from None
+
+
+def _exact(v, label: str) -> str:
+    """``auto`` (or null), ``true`` or ``false`` (YAML booleans or the words), as a word."""
+    word = "auto" if v is None else str(v).lower() if isinstance(v, (bool, str)) else v
+    if word not in EXACT:
+        raise InvalidInstance(f"{label} must be one of 'auto', true, false, got {v!r}")
+    return word
 
 
 def _scalar(rule):
@@ -134,6 +152,8 @@ def _rules() -> dict:
             "seeds": _seeds,
             "mode": each(lambda x, lab: choice(x, lab, MODES)),
             "effort": each(lambda x, lab: integer(x, lab, 0, MAX_EFFORT)),
+            "exact": each(_exact),
+            "exact_work": _scalar(lambda x, lab: None if x is None else integer(x, lab, *OPTION_RANGES["exact_work"])),
             "batch_size": _scalar(lambda x, lab: integer(x, lab, 1, MAX_BATCH)),
             "backend": _scalar(lambda x, lab: choice(x, lab, BACKENDS))}
 
@@ -208,7 +228,7 @@ def load_spec(spec: dict | str | Path) -> Spec:
         raise InvalidInstance(f"{where}: the grid has {rows} rows (the product of the lengths of "
                               f"gpus, gpu_mem, models_per_gpu, sizes, popularity, seeds, mode and effort); "
                               f"at most {MAX_ROWS} are allowed")
-    return Spec(grid, vals["batch_size"], vals["backend"])
+    return Spec(grid, vals["batch_size"], vals["backend"], vals["exact_work"])
 
 
 def expand(spec: Spec) -> list[dict]:
@@ -217,9 +237,10 @@ def expand(spec: Spec) -> list[dict]:
     for vals in itertools.product(*(spec.grid[k] for k in GRID)):
         row = dict(zip(GRID, vals))
         row["effort"] = row["effort"] if row["mode"] == "search" else 0
+        row["exact"] = "false" if row["mode"] == "seed" and row["exact"] == "auto" else row["exact"]
         row["key"] = "|".join(f"{k}={row[k]}" for k in GRID)
         rows.append(row)
-    return list({r["key"]: r for r in rows}.values())  # seed mode ignores effort: one row
+    return list({r["key"]: r for r in rows}.values())  # seed mode ignores effort (and auto proofs): one row
 
 
 # ----------------------------------------------------------------------------- instances, batches
@@ -239,7 +260,7 @@ def instance(row: dict):
                                 popularity=row["popularity"], gpu_mem=float(row["gpu_mem"]), max_fill=MAX_FILL)
 
 
-def solve_rows(rows: list[dict], backend: str = "auto") -> list[dict]:
+def solve_rows(rows: list[dict], backend: str = "auto", exact_work: int | None = None) -> list[dict]:
     """Solve one batch (all rows share mode and effort); the result rows, each with its
     ``status`` (an instance without a placement keeps NaN figures and the sweep goes on).
     Runs on Dask workers."""
@@ -249,20 +270,25 @@ def solve_rows(rows: list[dict], backend: str = "auto") -> list[dict]:
     insts = [instance(r) for r in rows]
     b = batch_from_instances(insts)
     t0 = time.perf_counter()
+    work = {} if exact_work is None else {"exact_work": exact_work}
     res = solve_batch(b.sizes, b.demand, b.gpu_mem, model_mask=b.model_mask, gpu_mask=b.gpu_mask, backend=backend,
-                      mode=rows[0]["mode"], effort=rows[0]["effort"], infeasible="mark")
+                      mode=rows[0]["mode"], effort=rows[0]["effort"], exact=EXACT[rows[0]["exact"]],
+                      infeasible="mark", **work)
     per = (time.perf_counter() - t0) / len(rows)
+    placed = res.status == OK
+    proven, source = res.proven_optimal & placed, np.where(placed, res.bound_source, None)
     return [{**r, "models": inst.n_models, "status": str(res.status[k]), "max_kvpr": float(res.max_kvpr[k]),
-             "lower_bound": float(res.lower_bound[k]), "gap": float(res.gap[k]), "time_s": per,
-             "backend": res.backend} for k, (r, inst) in enumerate(zip(rows, insts))]
+             "lower_bound": float(res.lower_bound[k]), "gap": float(res.gap[k]), "proven": bool(proven[k]),
+             "bound": source[k], "time_s": per, "backend": res.backend}
+            for k, (r, inst) in enumerate(zip(rows, insts))]
 
 
 def batches(rows: list[dict], size: int) -> list[list[dict]]:
-    """Rows grouped by mode, effort and instance shape -- one solver call each, so that
+    """Rows grouped by mode, effort, proof and instance shape -- one solver call each, so that
     ``time_s`` is the time of one shape -- then cut into ``size`` chunks, bigger clusters first
     so the slow batches start early."""
     def shape(r):
-        return r["mode"], r["effort"], -r["gpus"] * r["models_per_gpu"], r["gpus"], r["gpu_mem"]
+        return r["mode"], r["effort"], r["exact"], -r["gpus"] * r["models_per_gpu"], r["gpus"], r["gpu_mem"]
 
     out = []
     for _, grp in itertools.groupby(sorted(rows, key=lambda r: (shape(r), r["key"])), key=shape):
@@ -345,21 +371,21 @@ def run(spec: Spec | dict | str | Path, out: str | Path, *, client=None, progres
     todo = [r for r in expand(s) if r["key"] not in done]
     work = batches(todo, s.batch_size)
     bar = _progress(len(work), progress, skipped=len(done))
-    for rows in _results(work, s.backend, client):
+    for rows in _results(work, s.backend, s.exact_work, client):
         _write_part(out, rows)
         bar.update(1)
     bar.close()
     return read(out)
 
 
-def _results(work: list[list[dict]], backend: str, client) -> Iterable[list[dict]]:
+def _results(work: list[list[dict]], backend: str, exact_work: int | None, client) -> Iterable[list[dict]]:
     if client is None:
         for rows in work:
-            yield solve_rows(rows, backend)
+            yield solve_rows(rows, backend, exact_work)
         return
     from dask.distributed import as_completed
 
-    futures = client.map(solve_rows, work, backend=backend, pure=False)
+    futures = client.map(solve_rows, work, backend=backend, exact_work=exact_work, pure=False)
     for fut in as_completed(futures):
         yield fut.result()
 

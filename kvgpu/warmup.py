@@ -158,7 +158,8 @@ def _compile(unit: str) -> None:
         elif unit == "batch_search":
             search.improve_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 1, 1, 0, B(a), B(p))
         elif unit == "batch_exact":
-            exact.certify_batch(B(s), B(w), B(M), n, G, np.array([0.01]), 100, B(a), B(p), np.zeros(1, np.int64))
+            exact.certify_batch(B(s), B(w), B(M), n, G, np.array([0.01]), np.array([100]), B(a), B(p),
+                               np.zeros(1, np.int64))
             exact.pack_memory_batch(B(s), B(M), n, G, 100, B(a), B(p), np.zeros(1, np.int64))
         else:
             raise ValueError(f"unknown compile unit {unit!r}; choose from {sorted(UNITS)}")

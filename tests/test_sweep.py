@@ -73,7 +73,7 @@ def test_spec_values_are_normalised_and_old_spellings_still_work():
     assert all(r["models_per_gpu"] == 3.0 and isinstance(r["models_per_gpu"], float) and r["effort"] == 0
                for r in rows)  # seed mode ignores effort
     assert rows[0]["key"] == ("gpus=4|gpu_mem=80.0|models_per_gpu=3.0|sizes=uniform|popularity=uniform|seed=7|"
-                              "mode=seed|effort=0")
+                              "mode=seed|effort=0|exact=false")  # seed mode: no proof unless asked
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,8 +5,9 @@
 :func:`feasible` decides it exactly, answering feasible / infeasible / unknown under a work
 limit, so it never hangs:
 
-* GPUs of equal memory and at most ``DP_MAX_MODELS`` models: dynamic programming over subsets
-  of models (:func:`_feasible_dp`, O(2^n n)), which needs no luck;
+* GPUs of equal memory and at most ``DP_MAX_MODELS`` models: a short depth-first search, then
+  dynamic programming over subsets of models (:func:`_feasible_dp`, O(2^n n)), which needs no
+  luck;
 * otherwise depth-first search (:func:`_feasible_dfs`: items largest first; GPUs in the same
   state tried once; a branch is cut when the space the remaining items can still use is too
   small), which proves small and loose instances, and gives up at the node limit on big
@@ -45,6 +46,11 @@ INF = np.inf
 FLOAT_MAX = np.finfo(np.float64).max
 #: Largest instance (models) decided by the subset DP (2^n states, 17 bytes each).
 DP_MAX_MODELS = 20
+#: Before the subset DP, the depth-first search gets ``2^n / DFS_SHARE`` nodes: its room test
+#: settles most loose or plainly infeasible targets in a few nodes, where the DP always walks
+#: all ``2^n`` subsets (10,000 ADRS-shaped proofs: 15% less CPU time than the DP alone at 256,
+#: 9% more at 16, twice as much at 2).
+DFS_SHARE = 256
 
 
 @njit
@@ -61,6 +67,9 @@ def feasible(s, w, M, T, node_limit, out, rules, gclass):
     for g in range(M.shape[0]):
         uniform = uniform and M[g] == M[0]
     if uniform and not restricted(rules) and n <= DP_MAX_MODELS and (1 << n) <= node_limit:
+        status, nodes = _feasible_dfs(s, w, a, M, T, (1 << n) // DFS_SHARE, out, rules, gclass)
+        if status != UNKNOWN:
+            return status, nodes
         status = _feasible_dp(a, M[0], M.shape[0], out)
         if status == INFEASIBLE or _holds(s, w, M, T, out):
             return status, 1 << n
@@ -298,14 +307,14 @@ def certify_instance(s, w, M, lo, assign, pos, node_limit, rules, gclass):
 @kernel(parallel=True)
 def certify_batch(sizes, demand, gpu_mem, n_models, n_gpus, lo, node_limit, assign, pos, used):
     """:func:`certify_instance` for every instance of a compacted batch (no rules), in
-    parallel; ``lo`` (B,) is raised in place, ``assign``/``pos`` (B, N) improved in place,
-    ``used`` (B,) work."""
+    parallel; ``node_limit`` (B,) int64 the work of each instance's proof (0: none), ``lo`` (B,)
+    raised in place, ``assign``/``pos`` (B, N) improved in place, ``used`` (B,) work."""
     rules = no_rules()
     gclass = np.empty(0, np.int64)
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
         lo[b], used[b] = certify_instance(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lo[b], assign[b, :n],
-                                          pos[b, :n], node_limit, rules, gclass)
+                                          pos[b, :n], node_limit[b], rules, gclass)
 
 
 @kernel(parallel=True)
