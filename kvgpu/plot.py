@@ -80,6 +80,25 @@ def _kv_free(p) -> np.ndarray:
     return np.asarray(free if free is not None else p.instance.gpu_mem - p.used, dtype=float)
 
 
+#: The segments of a GPU's memory bar, bottom to top: together they are the whole memory.
+_SEGMENTS = (("weights", "model weights", dict(color=_WEIGHTS)),
+             ("overhead", "engine overhead (overhead_gb)", dict(color="#8172b3")),
+             ("kv_free", "left for KV cache", dict(color=_FREE, alpha=0.6)),
+             ("reserve", "reserved (reserve_gb)", dict(color="#bbbbbb", hatch="..", edgecolor="#777777")))
+
+
+def _memory_segments(p) -> dict:
+    """(G,) GB per GPU of each of :data:`_SEGMENTS`: model weights (``size / tp``), the
+    engines' ``overhead_gb``, what is left for the KV cache (at least 0) and ``reserve_gb``;
+    they add up to the GPU's whole memory (less any overfill of a full GPU)."""
+    prob = p.problem
+    G = prob.n_gpus
+    per_item = np.array([prob.specs[m].overhead_gb for m in prob.model_of.tolist()], dtype=float)
+    overhead = np.bincount(p.assignment, weights=per_item, minlength=G) if per_item.size else np.zeros(G)
+    return {"weights": np.asarray(p.used, float) - overhead, "overhead": overhead,
+            "kv_free": np.maximum(_kv_free(p), 0.0), "reserve": np.asarray(prob.reserve, float)}
+
+
 def _headline(p) -> str:
     count = p.count()
     lb = p.lower_bound
@@ -88,7 +107,7 @@ def _headline(p) -> str:
     elif p.proven_optimal:
         verdict = "optimal (proven)"
     elif math.isfinite(p.gap):
-        verdict = f"gap {100 * p.gap:.2f}% (an upper limit on the distance from the optimum)"
+        verdict = f"gap {p.gap_words} (an upper limit on the distance from the optimum)"
     else:
         verdict = "gap unbounded (lower bound 0)"
     return (f"{count} on {p.instance.n_gpus} GPUs\n"
@@ -138,11 +157,14 @@ def placement_figure(p):
 def _bars(plt, p, kv):
     G = kv.shape[0]
     x = np.arange(G)
-    free = _kv_free(p)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(min(max(7.0, 0.3 * G + 2.5), 22.0), 7.0), sharex=True,
                                    layout="constrained")
-    ax1.bar(x, p.used, color=_WEIGHTS, label="model weights")
-    ax1.bar(x, free, bottom=p.used, color=_FREE, alpha=0.6, label="left for KV cache")
+    seg = _memory_segments(p)
+    bottom = np.zeros(G)
+    for key, label, style in _SEGMENTS:
+        if key in ("weights", "kv_free") or seg[key].any():  # an overhead or reserve of 0 gets no legend entry
+            ax1.bar(x, seg[key], bottom=bottom, label=label, **style)
+        bottom = bottom + seg[key]
     ax1.set(ylabel="GPU memory (GB)")
     ax1.legend(**_ABOVE)
 
