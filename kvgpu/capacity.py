@@ -172,8 +172,8 @@ class SizeResult:
                 return f"{head}; {G - 1} cannot (proven: {m.reason})"
             return (f"{head}; {G - 1} might too, not proven ({m.reason}; at least {_gpus(self.count_lower_bound)} "
                     f"are needed)")
-        lines = [f"cheapest mix found for max KVPR {X}{self._cluster_words()}: {self._mix(self.counts)} = {_gpus(self.gpus)}, "
-                 f"cost {self.cost:.6g} (achieved {self.achieved:.4g})"]
+        lines = [f"cheapest mix found for max KVPR {X}{self._cluster_words()}: {self._mix(self.counts)} = "
+                 f"{_gpus(self.gpus)}, cost {self.cost:.6g} (achieved {self.achieved:.4g})"]
         if not self.cheaper:
             lines.append("no cheaper mix exists (no fewer GPUs of any type leave one)")
             return "\n".join(lines)
@@ -493,7 +493,8 @@ class _Sizer:
                 continue
             avail = int(c[t:].sum())
             cap = float((c[t:] * self.mem[t:]).sum())
-            what = "the models" if t == 0 else f"the {k.n} shards/models that fit only on GPUs of >= {self.full[t]:g} GB"
+            what = ("the models" if t == 0 else
+                    f"the {k.n} shards/models that fit only on GPUs of >= {self.full[t]:g} GB")
             if not avail:
                 return (f"at that target {k.n} shards/models fit only on GPUs of >= {self.full[t]:g} GB, and there "
                         f"are none")
@@ -687,9 +688,9 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
         ids, and a model's tp shards stay inside one node (unless it says ``same_node: false``);
         a model whose tp is above it is refused.  ``nodes`` (lists of GPU ids) is refused: it
         names GPUs of a cluster whose size is the answer.
-    max_gpus : int -- most GPUs in all (default: one per model shard / replica, which always
-        suffices when each fits alone).  Too small to meet the target (by the bounds):
-        :class:`kvgpu.InvalidInstance`.
+    max_gpus : int -- most GPUs in all (default: one per model shard / replica, and with
+        ``gpus_per_node`` a whole node per tp replica, which always suffices when each fits
+        alone).  Too small to meet the target (by the bounds): :class:`kvgpu.InvalidInstance`.
     effort, seed : the search of each :func:`kvgpu.solve` call.
     exact_work : proof work per mix (``exact=True`` of :func:`kvgpu.solve`) for cheaper mixes
         the bounds do not settle; 0 turns these proofs off.
@@ -728,7 +729,7 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
             f"GPU" + (f" ({room:g} GB after reserve_gb)" if reserve else "") + f" needs {items.a[worst]:.6g} GB "
             f"at that target (weights plus KV cache room); more replicas or tp split its demand", [0], proven=True)
     n_items = items.a.size
-    cap = n_items if max_gpus is None else _count(max_gpus, "max_gpus")
+    cap = _enough_gpus(recs, n_items, per_node) if max_gpus is None else _count(max_gpus, "max_gpus")
     sizer = _Sizer(recs, items, types, X, cap, opts.effort, opts.seed, opts.exact_work, reserve, per_node)
     zeros = (0,) * (len(types) - 1)
     least = sizer.least_allowed(zeros, cap)
@@ -760,6 +761,16 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
     if not priced and cheaper and cheaper[0].proven:
         bound = sum(answer)
     return SizeResult(X, types, answer, sizer.found[answer], cheaper, bound, priced, sizer.solves, reserve, per_node)
+
+
+def _enough_gpus(specs, n_items: int, per_node: int | None) -> int:
+    """GPUs that always hold a placement of models that each fit alone: one per item, and with
+    nodes a whole node for each tp replica that must stay inside one (capped at ``MAX_GPUS``)."""
+    if per_node is None:
+        return n_items
+    grouped = [m for m in specs if m.tp > 1 and m.same_node is not False]
+    in_groups = sum(m.tp * m.replicas for m in grouped)
+    return min(MAX_GPUS, n_items - in_groups + per_node * sum(m.replicas for m in grouped))
 
 
 def _sizing_cluster(reserve_gb, nodes, gpus_per_node, types) -> tuple[float, int | None]:
