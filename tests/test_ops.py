@@ -305,3 +305,79 @@ def test_plot_without_reserve_or_overhead_has_no_empty_segments():
         assert [c.get_label() for c in ax.containers] == ["model weights", "left for KV cache"]
     finally:
         matplotlib.pyplot.close(fig)
+
+
+# -- brute force: size and headroom with reserve, overhead and nodes --------------------------------
+
+from conftest import brute_force_problem, check_placement  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvgpu.capacity import _node_lists  # noqa: E402  (the sizing's node layout, to build the oracle's problem)
+from kvgpu.problem import build_problem  # noqa: E402
+
+BRUTE = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+                                                                        HealthCheck.too_slow])
+
+
+@st.composite
+def ruled_cases(draw, max_items=5):
+    """1-3 models of 1-50 GB (tp / replicas of 1-2, at most ``max_items`` shards), an overhead of
+    0-3 GB per model, a reserve of 0-16 GB per 80 GB GPU, nodes of 1-3 GPUs or none."""
+    n = draw(st.integers(1, 3))
+    models, left = [], max_items - n
+    for i in range(n):
+        m = {"name": f"m{i}", "size": draw(st.integers(1, 50)), "req_rate": draw(st.integers(0, 9)),
+             "slo": draw(st.integers(1, 9)), "overhead_gb": draw(st.sampled_from([0, 1, 3]))}
+        for key in ("tp", "replicas"):
+            k = m.get("tp", 1) * m.get("replicas", 1)
+            if k <= left and draw(st.booleans()):
+                m[key], left = 2, left - k
+        models.append(m)
+    return models, draw(st.sampled_from([0, 4, 16])), draw(st.sampled_from([None, 1, 2, 3]))
+
+
+def _oracle(models, G, reserve, per_node):
+    """Optimal max KVPR on G GPUs of 80 GB under every rule, by brute force (inf: no placement)."""
+    try:
+        prob = build_problem(models, G, 80.0, reserve_gb=reserve or None, nodes=_node_lists([G], per_node))
+    except kvgpu.InvalidInstance:  # the rules refuse this cluster (too few GPUs, no node wide enough)
+        return math.inf, None
+    return brute_force_problem(prob)[0], prob
+
+
+@BRUTE
+@given(ruled_cases(), st.floats(1.05, 4.0))
+def test_size_with_rules_is_never_wrongly_proven(case, scale):
+    models, reserve, per_node = case
+    opt1 = min(_oracle(models, G, reserve, per_node)[0] for G in range(1, 7))
+    assume(0 < opt1 < math.inf)
+    X = opt1 * scale
+    best = next((G for G in range(1, 9) if _oracle(models, G, reserve, per_node)[0] <= X * (1 - 1e-7)), None)
+    assume(best is not None and best == next(G for G in range(1, 9)
+                                             if _oracle(models, G, reserve, per_node)[0] <= X * (1 + 1e-7)))
+    r = kvgpu.size(models, X, reserve_gb=reserve, gpus_per_node=per_node)
+    _, prob = _oracle(models, r.gpus, reserve, per_node)
+    check_placement(prob, r.placement)  # every rule of the sized cluster kept
+    assert r.placement.max_kvpr <= X and (r.placement.problem.reserve == reserve).all()
+    assert r.gpus >= best >= r.count_lower_bound
+    if r.proven:
+        assert r.gpus == best
+
+
+@BRUTE
+@given(ruled_cases(), st.integers(1, 4), st.floats(0.3, 3.0))
+def test_headroom_with_rules_is_never_wrongly_proven(case, gpus, scale):
+    models, reserve, per_node = case
+    opt, _ = _oracle(models, gpus, reserve, per_node)
+    assume(0 < opt < math.inf)
+    X = opt * scale
+    try:
+        h = kvgpu.headroom(models, gpus, max_kvpr=X, reserve_gb=reserve or None,
+                           nodes=_node_lists([gpus], per_node))
+    except kvgpu.NoPlacementFound as e:  # the rules' start found nothing: never claimed proven
+        assert not e.proven
+        return
+    assert h.factor <= X / opt * (1 + 1e-9) and h.upper_limit >= X / opt * (1 - 1e-9)
+    if h.proven:
+        assert h.factor == pytest.approx(X / opt, rel=1e-8)
