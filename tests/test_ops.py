@@ -381,3 +381,28 @@ def test_headroom_with_rules_is_never_wrongly_proven(case, gpus, scale):
     assert h.factor <= X / opt * (1 + 1e-9) and h.upper_limit >= X / opt * (1 - 1e-9)
     if h.proven:
         assert h.factor == pytest.approx(X / opt, rel=1e-8)
+
+
+def test_replan_plot_shows_what_moved():
+    """The memory bars of a re-placement split the weights into those that stayed, those copied
+    there (as many GB as the plan moves) and new models' (the GB loaded); the title names the
+    moves."""
+    models = [{"name": "a", "size": 30, "req_rate": 9, "slo": 1, "cur_gpu_id": 0},
+              {"name": "b", "size": 30, "req_rate": 9, "slo": 1, "cur_gpu_id": 0},
+              {"name": "c", "size": 10, "req_rate": 1, "slo": 1, "cur_gpu_id": 1},
+              {"name": "new", "size": 12, "req_rate": 2, "slo": 1, "cur_gpu_id": -1}]
+    p = kvgpu.replan(models, 3)
+    assert p.moved_models == 1  # one of a, b leaves GPU 0
+    fig = plot.placement_figure(p)
+    try:
+        ax = next(a for a in fig.axes if a.get_ylabel() == "GPU memory (GB)")
+        bars = {c.get_label(): np.array([r.get_height() for r in c.patches]) for c in ax.containers}
+        moved = bars["weights moved here (re-placement)"]
+        assert moved.sum() == pytest.approx(sum(m.size_gb for m in p.moves)) == 30
+        assert moved[p.moves[0].dst] == 30
+        assert bars["new model weights (re-placement)"].sum() == pytest.approx(12)
+        assert sum(bars.values()) == pytest.approx([80, 80, 80])
+        m = p.moves[0]
+        assert f"1 model(s) moved, 30 GB copied ({m.model} {m.src}->{m.dst})" in fig.get_suptitle()
+    finally:
+        matplotlib.pyplot.close(fig)
