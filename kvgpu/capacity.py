@@ -363,7 +363,7 @@ def _unsized_rule(spec) -> str | None:
     return None
 
 
-def _node_lists(counts, per_node: int | None) -> list[list[int]] | None:
+def node_lists(counts, per_node: int | None) -> list[list[int]] | None:
     """GPU ids per node of a mix (GPUs type by type, as :meth:`_Sizer._gpu_mem`): each type's
     GPUs in nodes of ``per_node`` consecutive ids, the last one smaller (a node holds one type
     of GPU).  Fewer GPUs of a type keep the nodes of the others, so a placement on a mix still
@@ -404,7 +404,7 @@ def _items(models, mem_max: float, X: float, reserve: float = 0.0, per_node: int
         raise InvalidInstance(f"models: tp x replicas add up to {shards} shards; sizing handles at most "
                               f"{MAX_GPUS} GPUs")
     G = max(shards, 1)
-    prob = build_problem(specs, G, mem_max, reserve_gb=reserve or None, nodes=_node_lists([G], per_node))
+    prob = build_problem(specs, G, mem_max, reserve_gb=reserve or None, nodes=node_lists([G], per_node))
     inst, model_of = prob.items, prob.model_of
     labels = [n if n is not None else f"#{i}" for i, n in enumerate(inst.names)]
     k = np.bincount(model_of)
@@ -568,7 +568,7 @@ class _Sizer:
             # not exact: the proof kvgpu.solve runs by default (small problems), so a placement
             # reads "optimal (proven)" here exactly where `kvgpu solve` says so
             p = solve(self.models, G, gpu_mem=self._gpu_mem(counts), reserve_gb=self.reserve or None,
-                      nodes=_node_lists(counts, self.per_node), effort=self.effort, seed=self.seed,
+                      nodes=node_lists(counts, self.per_node), effort=self.effort, seed=self.seed,
                       exact=True if exact else (None if self.exact_work else False),
                       exact_work=self.exact_work if self.exact_work else DEFAULT_EXACT_WORK)
         except InvalidInstance as e:  # models validated already: the cluster is what breaks a rule

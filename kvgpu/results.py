@@ -55,8 +55,7 @@ def printable(name: str) -> str:
     CSV keep names as they are (their quoting is exact)."""
     if name.isprintable():
         return name
-    text = repr(name)[1:-1]
-    return text
+    return repr(name)[1:-1]
 
 
 def percent(gap: float) -> str:

@@ -6,17 +6,22 @@ entry point a file whose answer changes when the field is dropped."""
 import csv
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pytest
+from conftest import brute_force_problem, check_placement
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import kvgpu
 from kvgpu import cluster, plot, sweep
+from kvgpu.capacity import node_lists  # the sizing's node layout, to build the oracle's problem
 from kvgpu.cli import main
 from kvgpu.io import GPU_COLUMNS, MODEL_COLUMNS
+from kvgpu.problem import build_problem
 from kvgpu.results import interval, percent, printable
-from pathlib import Path
 
 OPS = Path(__file__).parent / "data" / "ops"
 
@@ -309,13 +314,6 @@ def test_plot_without_reserve_or_overhead_has_no_empty_segments():
 
 # -- brute force: size and headroom with reserve, overhead and nodes --------------------------------
 
-from conftest import brute_force_problem, check_placement  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from kvgpu.capacity import _node_lists  # noqa: E402  (the sizing's node layout, to build the oracle's problem)
-from kvgpu.problem import build_problem  # noqa: E402
-
 BRUTE = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
                                                                         HealthCheck.too_slow])
 
@@ -340,7 +338,7 @@ def ruled_cases(draw, max_items=5):
 def _oracle(models, G, reserve, per_node):
     """Optimal max KVPR on G GPUs of 80 GB under every rule, by brute force (inf: no placement)."""
     try:
-        prob = build_problem(models, G, 80.0, reserve_gb=reserve or None, nodes=_node_lists([G], per_node))
+        prob = build_problem(models, G, 80.0, reserve_gb=reserve or None, nodes=node_lists([G], per_node))
     except kvgpu.InvalidInstance:  # the rules refuse this cluster (too few GPUs, no node wide enough)
         return math.inf, None
     return brute_force_problem(prob)[0], prob
@@ -374,7 +372,7 @@ def test_headroom_with_rules_is_never_wrongly_proven(case, gpus, scale):
     X = opt * scale
     try:
         h = kvgpu.headroom(models, gpus, max_kvpr=X, reserve_gb=reserve or None,
-                           nodes=_node_lists([gpus], per_node))
+                           nodes=node_lists([gpus], per_node))
     except kvgpu.NoPlacementFound as e:  # the rules' start found nothing: never claimed proven
         assert not e.proven
         return
