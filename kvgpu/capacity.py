@@ -31,6 +31,7 @@ a single row and that mix is "one GPU fewer".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, options
 from kvgpu.errors import InvalidInstance, NoPlacementFound
 from kvgpu.problem import DEFAULT_GPU_MEM, build_problem
 from kvgpu.results import Placement, json_float
-from kvgpu.schema import OPTION_RANGES, model_specs
+from kvgpu.schema import OPTION_RANGES, integer, model_specs, number
 
 #: Relative margin of the bounds' comparisons: a mix is excluded only when it misses by more,
 #: so rounding never turns into a false proof.
@@ -115,6 +116,9 @@ class SizeResult:
     count_lower_bound: int
     priced: bool
     solves: int = 0
+    #: GB kept off every GPU, and GPUs per node (None: no nodes), as sized.
+    reserve_gb: float = 0.0
+    gpus_per_node: int | None = None
 
     @property
     def gpus(self) -> int:
@@ -146,6 +150,7 @@ class SizeResult:
                 "gpu_types": [{"name": t.name, "memory": t.memory, **({"price": t.price} if self.priced else {})}
                               for t in self.types],
                 **({"cost": self.cost} if self.priced else {}),
+                "reserve_gb": self.reserve_gb, "gpus_per_node": self.gpus_per_node,
                 "achieved_max_kvpr": json_float(self.achieved), "proven": self.proven,
                 "count_lower_bound": self.count_lower_bound,
                 "cheaper": [{"counts": {t.name: c for t, c in zip(self.types, m.counts)}, "gpus": int(sum(m.counts)),
@@ -158,7 +163,7 @@ class SizeResult:
         X = f"{self.max_kvpr:.6g}"
         if not self.priced:
             G, mem = self.gpus, self.types[0].memory
-            head = (f"{_gpus(G)} of {mem:g} GB {'meets' if G == 1 else 'meet'} max KVPR {X} "
+            head = (f"{_gpus(G)} of {mem:g} GB{self._cluster_words()} {'meets' if G == 1 else 'meet'} max KVPR {X} "
                     f"(achieved {self.achieved:.4g})")
             if not self.cheaper:
                 return head
@@ -167,8 +172,8 @@ class SizeResult:
                 return f"{head}; {G - 1} cannot (proven: {m.reason})"
             return (f"{head}; {G - 1} might too, not proven ({m.reason}; at least {_gpus(self.count_lower_bound)} "
                     f"are needed)")
-        lines = [f"cheapest mix found for max KVPR {X}: {self._mix(self.counts)} = {_gpus(self.gpus)}, "
-                 f"cost {self.cost:.6g} (achieved {self.achieved:.4g})"]
+        lines = [f"cheapest mix found for max KVPR {X}{self._cluster_words()}: {self._mix(self.counts)} = "
+                 f"{_gpus(self.gpus)}, cost {self.cost:.6g} (achieved {self.achieved:.4g})"]
         if not self.cheaper:
             lines.append("no cheaper mix exists (no fewer GPUs of any type leave one)")
             return "\n".join(lines)
@@ -186,6 +191,12 @@ class SizeResult:
         lines.append("every cheaper mix is proven impossible: this is the cheapest" if not unproven else
                      f"{unproven} of {len(self.cheaper)} cheaper mixes not proven impossible: a cheaper mix may exist")
         return "\n".join(lines)
+
+    def _cluster_words(self) -> str:
+        """`` (8 GB reserved each, nodes of 4)``: the cluster rules sized with, if any."""
+        parts = ([f"{self.reserve_gb:g} GB reserved each"] if self.reserve_gb else []) + \
+            ([f"nodes of {self.gpus_per_node}"] if self.gpus_per_node is not None else [])
+        return f" ({', '.join(parts)})" if parts else ""
 
     def _mix(self, counts) -> str:
         parts = [f"{c} x {t.name}" for t, c in zip(self.types, counts) if c]
@@ -332,24 +343,68 @@ class _Items:
     model_labels: list
 
 
-def _items(models, mem_max: float, X: float) -> _Items:
-    """Validate the models (as :func:`kvgpu.solve` does: :func:`kvgpu.problem.build_problem`)
-    and expand them into items at target ``X``.  ``pin``/``forbid`` and ``cur_gpu_id`` name GPUs
-    of a cluster whose size is the answer: refused, with the reason."""
+#: Model fields the sizing sees (its bounds and every solver call); any other rule a model sets
+#: is refused by name (:func:`_unsized_rule`), never dropped.
+SIZED_FIELDS = ("size", "req_rate", "slo", "tp", "replicas", "overhead_gb", "same_node")
+#: Model fields that are not rules (who the model is).
+_IDENTITY = ("index", "where", "name", "obj")
+#: Rules that name GPU ids, with their key in a model file.
+_GPU_ID_RULES = {"pin": "pin", "forbid": "forbid", "cur_gpu": "cur_gpu_id"}
+
+
+def _unsized_rule(spec) -> str | None:
+    """The file key of the first rule of ``spec`` that sizing does not see (set to other than
+    its default), or None."""
+    for f in dataclasses.fields(spec):
+        if f.name in SIZED_FIELDS or f.name in _IDENTITY:
+            continue
+        if getattr(spec, f.name) != f.default:
+            return _GPU_ID_RULES.get(f.name, f.name)
+    return None
+
+
+def node_lists(counts, per_node: int | None) -> list[list[int]] | None:
+    """GPU ids per node of a mix (GPUs type by type, as :meth:`_Sizer._gpu_mem`): each type's
+    GPUs in nodes of ``per_node`` consecutive ids, the last one smaller (a node holds one type
+    of GPU).  Fewer GPUs of a type keep the nodes of the others, so a placement on a mix still
+    works on every mix with more GPUs of each type.  None without nodes."""
+    if per_node is None:
+        return None
+    out, start = [], 0
+    for c in counts:
+        out += [list(range(g, min(g + per_node, start + c))) for g in range(start, start + c, per_node)]
+        start += c
+    return out
+
+
+def _items(models, mem_max: float, X: float, reserve: float = 0.0, per_node: int | None = None) -> _Items:
+    """Validate the models (as :func:`kvgpu.solve` does: :func:`kvgpu.problem.build_problem`,
+    on GPUs of ``mem_max`` GB keeping ``reserve`` GB, in nodes of ``per_node``) and expand them
+    into items at target ``X``.  A rule sizing does not see is refused by name: ``pin`` /
+    ``forbid`` / ``cur_gpu_id`` name GPUs of a cluster whose size is the answer; tp shards that
+    must share a node larger than ``per_node`` GPUs fit in no cluster."""
     specs = model_specs(models)
     if not specs:
         raise InvalidInstance("models: no models to size")
     for m in specs:
-        for key, given in (("pin", m.pin is not None), ("forbid", bool(m.forbid)), ("cur_gpu_id", m.cur_gpu)):
-            if given:
-                raise InvalidInstance(f"{m.where}: {key} names GPU ids, which do not exist before the cluster is "
-                                      f"sized (its GPU count is the answer); size without {key!r}, then place "
-                                      f"with kvgpu.solve / kvgpu solve")
+        key = _unsized_rule(m)
+        if key in _GPU_ID_RULES.values():
+            raise InvalidInstance(f"{m.where}: {key} names GPU ids, which do not exist before the cluster is "
+                                  f"sized (its GPU count is the answer); size without {key!r}, then place "
+                                  f"with kvgpu.solve / kvgpu solve")
+        if key is not None:
+            raise InvalidInstance(f"{m.where}: the rule {key!r} is not one sizing can honour (it sees "
+                                  f"{', '.join(SIZED_FIELDS)}); size without it, then place with kvgpu.solve")
+        if per_node is not None and m.tp > per_node and m.same_node is not False:
+            raise InvalidInstance(f"{m.where}: its tp={m.tp} shards must share a node, but nodes hold "
+                                  f"{per_node} GPU(s) (gpus_per_node), whatever the number of GPUs (set "
+                                  f"same_node: false to let them span nodes)")
     shards = sum(m.tp * m.replicas for m in specs)
     if shards > MAX_GPUS:
         raise InvalidInstance(f"models: tp x replicas add up to {shards} shards; sizing handles at most "
                               f"{MAX_GPUS} GPUs")
-    prob = build_problem(specs, max(shards, 1), mem_max)
+    G = max(shards, 1)
+    prob = build_problem(specs, G, mem_max, reserve_gb=reserve or None, nodes=node_lists([G], per_node))
     inst, model_of = prob.items, prob.model_of
     labels = [n if n is not None else f"#{i}" for i, n in enumerate(inst.names)]
     k = np.bincount(model_of)
@@ -392,9 +447,12 @@ class _Class:
 class _Sizer:
     """The search of :func:`size` for one instance: bounds per mix, solver calls (cached)."""
 
-    def __init__(self, models, items: _Items, types, X, max_gpus, effort, seed, exact_work):
+    def __init__(self, models, items: _Items, types, X, max_gpus, effort, seed, exact_work, reserve=0.0,
+                 per_node=None):
         self.models, self.items, self.types, self.X = models, items, types, X
-        self.mem = np.array([t.memory for t in types])
+        self.full = np.array([t.memory for t in types])  # GB of each type, for messages
+        self.reserve, self.per_node = reserve, per_node
+        self.mem = self.full - reserve  # what models and KV cache have: the bounds' bins
         self.price = np.array([t.price for t in types])
         self.max_gpus = max_gpus
         self.effort, self.seed, self.exact_work = effort, seed, exact_work
@@ -402,6 +460,8 @@ class _Sizer:
         self.failed: dict[tuple, str] = {}         # mixes tried without one: what was reached
         self.proofs: dict[tuple, str] = {}         # mixes proven impossible (beyond the bounds): why
         self.exact_done: set[tuple] = set()
+        # kvgpu.solve's default proof runs in every attempt of a small problem
+        self.auto_proof = exact_work > 0 and options(exact=None, exact_work=exact_work).proof_work(items.a.size) > 0
         self.solves = 0
         self._classes = self._bound_classes()
 
@@ -433,20 +493,21 @@ class _Sizer:
                 continue
             avail = int(c[t:].sum())
             cap = float((c[t:] * self.mem[t:]).sum())
-            what = "the models" if t == 0 else f"the {k.n} shards/models that fit only on GPUs of >= {self.mem[t]:g} GB"
+            what = ("the models" if t == 0 else
+                    f"the {k.n} shards/models that fit only on GPUs of >= {self.full[t]:g} GB")
             if not avail:
-                return (f"at that target {k.n} shards/models fit only on GPUs of >= {self.mem[t]:g} GB, and there "
+                return (f"at that target {k.n} shards/models fit only on GPUs of >= {self.full[t]:g} GB, and there "
                         f"are none")
             if k.shards > avail:
                 return (f"{self._model_name(k.model)} needs {k.shards} distinct GPUs (tp x replicas)" +
-                        (f" of >= {self.mem[t]:g} GB" if t else ""))
+                        (f" of >= {self.full[t]:g} GB" if t else ""))
             # bins no larger than the largest GPU present from type t up (if that GPU is too small
             # for one of the items, the class of those items has no GPU and was reported above)
             top = t + int(np.nonzero(c[t:])[0].max())
             if k.bins[top] > avail:
                 if single:
                     return f"the bin-packing bound needs {_gpus(int(k.bins[top]))} at that target"
-                return (f"the bin-packing bound needs {int(k.bins[top])} GPUs of <= {self.mem[top]:g} GB for "
+                return (f"the bin-packing bound needs {int(k.bins[top])} GPUs of <= {self.full[top]:g} GB for "
                         f"{what}")
             held = int((c[t:] * k.fit[t:]).sum())
             if held < k.n:
@@ -458,7 +519,8 @@ class _Sizer:
                 return f"at that target one GPU holds at most {most} of {what}; these GPUs hold {held} of {k.n}"
             if k.volume > cap * (1 + _MARGIN) + _MARGIN:
                 return (f"at that target {what} need {k.volume:.6g} GB (weights plus KV cache room), "
-                        f"more than the {cap:.6g} GB of {'these' if t == 0 else 'those'} GPUs")
+                        f"more than the {cap:.6g} GB of {'these' if t == 0 else 'those'} GPUs" +
+                        (" after reserve_gb" if self.reserve else ""))
         return None
 
     def _model_name(self, model: int) -> str:
@@ -503,8 +565,12 @@ class _Sizer:
             self.exact_done.add(counts)
         G = sum(counts)
         try:
-            p = solve(self.models, G, gpu_mem=self._gpu_mem(counts), effort=self.effort, seed=self.seed,
-                      exact=exact, exact_work=self.exact_work if exact else DEFAULT_EXACT_WORK)
+            # not exact: the proof kvgpu.solve runs by default (small problems), so a placement
+            # reads "optimal (proven)" here exactly where `kvgpu solve` says so
+            p = solve(self.models, G, gpu_mem=self._gpu_mem(counts), reserve_gb=self.reserve or None,
+                      nodes=node_lists(counts, self.per_node), effort=self.effort, seed=self.seed,
+                      exact=True if exact else (None if self.exact_work else False),
+                      exact_work=self.exact_work if self.exact_work else DEFAULT_EXACT_WORK)
         except InvalidInstance as e:  # models validated already: the cluster is what breaks a rule
             self.proofs[counts] = str(e)
             self.failed[counts] = str(e)
@@ -519,7 +585,7 @@ class _Sizer:
             return True
         self.failed[counts] = f"best max KVPR found {p.max_kvpr:.6g}"
         if p.lower_bound > self.X:
-            how = "exact search" if exact else "kvgpu's lower bound"
+            how = "exact search" if exact or self.auto_proof else "kvgpu's lower bound"
             self.proofs[counts] = (f"{how}: max KVPR on {self._short(counts)} is at least {p.lower_bound:.6g} "
                                    f"> {self.X:.6g}")
         return False
@@ -601,6 +667,7 @@ def _prefixes(sizer: _Sizer, budget: float):
 
 
 def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_types: Any = None,
+         reserve_gb: float | None = None, gpus_per_node: int | None = None, nodes=None,
          max_gpus: int | None = None, effort: int = DEFAULT_EFFORT, seed: int = 0,
          exact_work: int = DEFAULT_EXACT_WORK) -> SizeResult:
     """The fewest GPUs of ``gpu_mem`` GB (default 80), or the cheapest mix of ``gpu_types``, on
@@ -615,9 +682,15 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
     gpu_mem : float -- memory in GB of the one GPU type (not with ``gpu_types``).
     gpu_types : list of ``{"name", "memory", "price"}`` dicts or :class:`GpuType` -- several
         types; the answer is the cheapest mix (ties: the first found).
-    max_gpus : int -- most GPUs in all (default: one per model shard / replica, which always
-        suffices when each fits alone).  Too small to meet the target (by the bounds):
-        :class:`kvgpu.InvalidInstance`.
+    reserve_gb : float -- GB kept off every GPU for the serving engine (one number: the GPUs
+        are not there yet to give one each); the bounds and every solve see ``memory - reserve_gb``.
+    gpus_per_node : int -- GPUs per node: each type's GPUs form nodes of that many consecutive
+        ids, and a model's tp shards stay inside one node (unless it says ``same_node: false``);
+        a model whose tp is above it is refused.  ``nodes`` (lists of GPU ids) is refused: it
+        names GPUs of a cluster whose size is the answer.
+    max_gpus : int -- most GPUs in all (default: one per model shard / replica, and with
+        ``gpus_per_node`` a whole node per tp replica, which always suffices when each fits
+        alone).  Too small to meet the target (by the bounds): :class:`kvgpu.InvalidInstance`.
     effort, seed : the search of each :func:`kvgpu.solve` call.
     exact_work : proof work per mix (``exact=True`` of :func:`kvgpu.solve`) for cheaper mixes
         the bounds do not settle; 0 turns these proofs off.
@@ -645,17 +718,19 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
             raise InvalidInstance("gpu_mem: sizing takes one memory (GB) for the GPUs to add; for several kinds of "
                                   "GPU give gpu_types with prices")
         types, priced = (GpuType(f"{_positive(mem, 'gpu_mem'):g} GB", float(mem), 1.0),), False
+    reserve, per_node = _sizing_cluster(reserve_gb, nodes, gpus_per_node, types)
     recs = model_specs(models)  # read once: a generator is consumed here
-    items = _items(recs, types[-1].memory, X)
+    items = _items(recs, types[-1].memory, X, reserve, per_node)
     worst = int(np.argmax(items.a))
-    if items.a[worst] > types[-1].memory * (1 + _MARGIN) + _MARGIN:
+    room = types[-1].memory - reserve
+    if items.a[worst] > room * (1 + _MARGIN) + _MARGIN:
         raise NoPlacementFound(
             f"no number of GPUs meets max KVPR {X:.6g}: {items.labels[worst]!r} alone on a {types[-1].memory:g} GB "
-            f"GPU needs {items.a[worst]:.6g} GB at that target (weights plus KV cache room); more replicas or tp "
-            f"split its demand", [0], proven=True)
+            f"GPU" + (f" ({room:g} GB after reserve_gb)" if reserve else "") + f" needs {items.a[worst]:.6g} GB "
+            f"at that target (weights plus KV cache room); more replicas or tp split its demand", [0], proven=True)
     n_items = items.a.size
-    cap = n_items if max_gpus is None else _count(max_gpus, "max_gpus")
-    sizer = _Sizer(recs, items, types, X, cap, opts.effort, opts.seed, opts.exact_work)
+    cap = _enough_gpus(recs, n_items, per_node) if max_gpus is None else _count(max_gpus, "max_gpus")
+    sizer = _Sizer(recs, items, types, X, cap, opts.effort, opts.seed, opts.exact_work, reserve, per_node)
     zeros = (0,) * (len(types) - 1)
     least = sizer.least_allowed(zeros, cap)
     if least is None:
@@ -685,7 +760,37 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
     bound = least
     if not priced and cheaper and cheaper[0].proven:
         bound = sum(answer)
-    return SizeResult(X, types, answer, sizer.found[answer], cheaper, bound, priced, sizer.solves)
+    return SizeResult(X, types, answer, sizer.found[answer], cheaper, bound, priced, sizer.solves, reserve, per_node)
+
+
+def _enough_gpus(specs, n_items: int, per_node: int | None) -> int:
+    """GPUs that always hold a placement of models that each fit alone: one per item, and with
+    nodes a whole node for each tp replica that must stay inside one (capped at ``MAX_GPUS``)."""
+    if per_node is None:
+        return n_items
+    grouped = [m for m in specs if m.tp > 1 and m.same_node is not False]
+    in_groups = sum(m.tp * m.replicas for m in grouped)
+    return min(MAX_GPUS, n_items - in_groups + per_node * sum(m.replicas for m in grouped))
+
+
+def _sizing_cluster(reserve_gb, nodes, gpus_per_node, types) -> tuple[float, int | None]:
+    """The cluster rules of a sizing: GB kept off every GPU, and GPUs per node (None: no
+    nodes).  Raises :class:`InvalidInstance` naming the field it cannot take."""
+    if nodes is not None:
+        raise InvalidInstance("nodes: lists GPU ids, which do not exist before the cluster is sized (its GPU count "
+                              "is the answer); give gpus_per_node to size, or test this cluster with headroom")
+    per_node = None if gpus_per_node is None else integer(gpus_per_node, "gpus_per_node", 1, MAX_GPUS)
+    if reserve_gb is None:
+        return 0.0, per_node
+    if np.ndim(reserve_gb) != 0:
+        raise InvalidInstance("reserve_gb: sizing takes one number (GB kept off every GPU); a list names GPUs of "
+                              "a cluster whose size is the answer")
+    reserve = number(reserve_gb, "reserve_gb", 0.0, None)
+    small = next((t for t in types if t.memory <= reserve), None)
+    if small is not None:
+        raise InvalidInstance(f"reserve_gb: keeps {reserve:g} GB of the {small.memory:g} GB of a {small.name} GPU, "
+                              f"nothing left for models")
+    return reserve, per_node
 
 
 def _settle(sizer: _Sizer, budget: float) -> list[MixStatus]:
@@ -713,10 +818,12 @@ def _settle(sizer: _Sizer, budget: float) -> list[MixStatus]:
 
 
 def headroom(models: Any, gpus: int, *, max_kvpr: float, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM,
-             effort: int = DEFAULT_EFFORT, seed: int = 0, exact_work: int = DEFAULT_EXACT_WORK) -> HeadroomResult:
+             reserve_gb=None, nodes=None, gpus_per_node=None, effort: int = DEFAULT_EFFORT, seed: int = 0,
+             exact_work: int = DEFAULT_EXACT_WORK) -> HeadroomResult:
     """The largest factor by which every request rate can grow while a placement of ``models``
-    on this cluster (``gpus`` GPUs of ``gpu_mem`` GB, or one value per GPU) keeps max KVPR at or
-    below ``max_kvpr``.
+    on this cluster (``gpus`` GPUs of ``gpu_mem`` GB, or one value per GPU; ``reserve_gb``,
+    ``nodes`` / ``gpus_per_node`` as for :func:`kvgpu.solve`, which honours them) keeps max KVPR
+    at or below ``max_kvpr``.
 
     KVPR is linear in demand, so the placement ``P`` kvgpu finds for today's rates sustains
     ``factor = max_kvpr / max_kvpr(P)`` (achieved), and no placement sustains more than
@@ -725,7 +832,8 @@ def headroom(models: Any, gpus: int, *, max_kvpr: float, gpu_mem: float | Sequen
     """
     X = _positive(max_kvpr, "max_kvpr")
     exact = options(effort=effort, seed=seed, exact_work=exact_work).exact_work > 0
-    p = solve(models, gpus, gpu_mem=gpu_mem, effort=effort, seed=seed, exact=exact,
+    p = solve(models, gpus, gpu_mem=gpu_mem, reserve_gb=reserve_gb, nodes=nodes, gpus_per_node=gpus_per_node,
+              effort=effort, seed=seed, exact=exact,
               exact_work=exact_work if exact else DEFAULT_EXACT_WORK)
     factor = X / p.max_kvpr if p.max_kvpr > 0 else math.inf
     limit = X / p.lower_bound if p.lower_bound > 0 else math.inf

@@ -14,6 +14,7 @@ from importlib import resources
 
 import kvgpu
 from kvgpu import backends, schema
+from kvgpu import cluster as cluster_fields
 from kvgpu import decompose as decomposition
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
@@ -135,16 +136,12 @@ def _check_outputs(args) -> None:
 
 
 def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
-    gpus = args.gpus if args.gpus is not None else opts.get("gpus")
+    found = _cluster(opts, args)
+    gpus = found.gpus
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
-    gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
-    cluster = {"nodes": opts.get("nodes"), "gpus_per_node": opts.get("gpus_per_node"),
-               "reserve_gb": opts.get("reserve_gb")}
-    if args.gpus_per_node is not None:
-        cluster.update(nodes=None, gpus_per_node=args.gpus_per_node)
-    if args.reserve_gb is not None:
-        cluster["reserve_gb"] = args.reserve_gb
+    gpu_mem = found.gpu_mem if found.gpu_mem is not None else 80.0
+    cluster = found.rules()
     budget = {}
     if args.cmd == "replan":
         budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
@@ -166,21 +163,32 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
                 sweep.check_local_workers(args.dask_local)
             client = sweep.dask_client(args.dask, args.dask_local)
             stack.callback(client.close)
-        placement = _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget)
+        placement = _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget, found.flags)
     return _print_placement(placement, args, header)
 
 
-def _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget):
-    try:
+def _cluster(opts: dict, args) -> cluster_fields.Cluster:
+    """The cluster of the file's ``opts`` and the command line (every entry point reads it here)."""
+    return cluster_fields.read(opts, gpus=args.gpus, gpu_mem=args.gpu_mem, reserve_gb=args.reserve_gb,
+                               gpus_per_node=args.gpus_per_node)
+
+
+def _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget, flags=()):
+    with _naming_file(args, flags):
         return solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
                      patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work,
                      decompose=decompose, dask=client, **cluster, **budget)
-    except InvalidInstance as e:  # a cluster-level rule (memory list, nodes, totals): say which file
+
+
+@contextlib.contextmanager
+def _naming_file(args, flags=()):
+    """A cluster-level refusal (memory list, nodes, totals) names the file and the flags that
+    set the cluster."""
+    try:
+        yield
+    except InvalidInstance as e:
         source = getattr(args, "file", None)
         if source and not str(e).startswith(str(source)):
-            flags = [f for f, v in (("--gpus", args.gpus), ("--gpu-mem", args.gpu_mem),
-                                    ("--gpus-per-node", args.gpus_per_node), ("--reserve-gb", args.reserve_gb))
-                     if v is not None]
             given = f" (with {', '.join(flags)} from the command line)" if flags else ""
             raise InvalidInstance(f"{source}{given}: {e}") from None
         raise
@@ -214,24 +222,26 @@ def _size(args) -> int:
     except ValueError:
         raise InvalidInstance(f"--max-kvpr: must be a number (demand per GB of KV cache), got {args.max_kvpr!r}")
     models, opts = read_models(args.file)
-    work = dict(effort=args.effort, seed=args.seed, exact_work=args.exact_work)
+    found = _cluster(opts, args)
+    work = dict(effort=args.effort, seed=args.seed, exact_work=args.exact_work, **found.rules())
     if args.headroom:
         if args.gpu_types or args.max_gpus is not None:
             raise InvalidInstance("--headroom tests one cluster (--gpus N, --gpu-mem); --gpu-types and --max-gpus "
                                   "are for sizing")
-        gpus = args.gpus if args.gpus is not None else opts.get("gpus")
-        if gpus is None:
+        if found.gpus is None:
             raise InvalidInstance("--headroom needs the cluster: give --gpus N")
-        gpu_mem = args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem", 80.0)
-        result = capacity.headroom(models, gpus, max_kvpr=target, gpu_mem=gpu_mem, **work)
+        gpu_mem = found.gpu_mem if found.gpu_mem is not None else 80.0
+        with _naming_file(args, found.flags):
+            result = capacity.headroom(models, found.gpus, max_kvpr=target, gpu_mem=gpu_mem, **work)
     else:
         if args.gpus is not None:
             raise InvalidInstance("--gpus is for --headroom; sizing finds the number of GPUs")
         if args.gpu_types and args.gpu_mem is not None:
             raise InvalidInstance("give --gpu-mem (one GPU type) or --gpu-types (several, with prices), not both")
         types = capacity.parse_gpu_types(args.gpu_types) if args.gpu_types else None
-        gpu_mem = None if types else (args.gpu_mem if args.gpu_mem is not None else opts.get("gpu_mem"))
-        result = capacity.size(models, target, gpu_mem=gpu_mem, gpu_types=types, max_gpus=args.max_gpus, **work)
+        gpu_mem = None if types else found.gpu_mem
+        with _naming_file(args, found.flags):
+            result = capacity.size(models, target, gpu_mem=gpu_mem, gpu_types=types, max_gpus=args.max_gpus, **work)
         if "gpus" in opts:  # said once the answer stands, so an error stays one line
             print(f"kvgpu: note: {args.file} gives gpus: {opts['gpus']}, not used: sizing finds the number of GPUs "
                   f"(--headroom tests that cluster)", file=sys.stderr)
@@ -363,6 +373,12 @@ def _main(argv) -> int:
     pz.add_argument("--headroom", action="store_true", help="instead: how much all request rates can grow on the "
                     "cluster of --gpus N (and --gpu-mem) under --max-kvpr")
     pz.add_argument("--gpus", type=_int_option("--gpus"), help="the cluster for --headroom (default: from the file)")
+    pz.add_argument("--gpus-per-node", type=_int_option("--gpus-per-node"),
+                    help="GPUs per node (consecutive ids; sizing: of each GPU type): a model's tp shards stay inside "
+                    "one node (default: the file's gpus_per_node or nodes)")
+    pz.add_argument("--reserve-gb", type=_per_gpu_option("--reserve-gb", 0.0, False),
+                    help="GB kept off each GPU for the serving engine (sizing: one number; default: the file's "
+                    "reserve_gb, else 0)")
     pz.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
                     help="search rounds per solver call (default %(default)s)")
     pz.add_argument("--seed", type=_int_option("--seed"), default=0,

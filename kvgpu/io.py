@@ -30,13 +30,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
+from kvgpu import cluster
 from kvgpu.errors import InvalidInstance, KvgpuWarning
 from kvgpu.schema import MAX_GPU_ID, MAX_GPUS, OPTION_RANGES, ModelSpec, check_keys, integer, model_specs, per_gpu
 
 #: Model files by suffix.
 MODEL_SUFFIXES = (".csv", ".json", ".yaml", ".yml")
 #: Top-level keys of a JSON/YAML model file; ``description`` is free text, ignored by design.
-FILE_KEYS = ("models", "gpus", "gpu_mem", "nodes", "gpus_per_node", "reserve_gb", "description")
+FILE_KEYS = ("models", *cluster.FIELDS, "description")
 #: Placements are written as these.
 PLACEMENT_SUFFIXES = (".json", ".csv")
 
@@ -480,15 +481,27 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
+#: The CSV's columns about the model (shard) of a row, and their meaning.
+MODEL_COLUMNS = {"model": "the model's name", "gpu": "the GPU id it is placed on",
+                 "model_gb": "GB it takes on that GPU: size / tp + overhead_gb",
+                 "model_demand": "its demand there: req_rate / slo / (tp x replicas)"}
+#: The CSV's columns about the row's GPU: ``gpu_X`` is the JSON's ``gpus[gpu]["X"]``, one
+#: meaning per name in every format (``memory_gb`` is the GPU's whole memory, reserve included).
+GPU_COLUMNS = ("memory_gb", "reserved_gb", "models_gb", "kv_free_gb", "demand", "kvpr")
+
+
 def placement_rows(placement) -> list[dict]:
-    """One row per model, in input order: name, gpu, size, req_rate/slo demand, and its GPU's
-    memory, used memory and KVPR."""
+    """One row per model (per shard / replica of a split model), in input order: the
+    :data:`MODEL_COLUMNS`, then ``gpu_X`` for each ``X`` of :data:`GPU_COLUMNS`, the same value
+    as the JSON's ``gpus[gpu]["X"]`` (floats; KVPR may be ``inf``)."""
     inst = placement.instance
+    per_gpu = placement.gpu_rows()
     rows = []
     for i, g in enumerate(placement.assignment.tolist()):
-        rows.append({"model": placement._name(i), "gpu": g, "model_size": float(inst.sizes[i]),
-                     "demand": float(inst.demand[i]), "gpu_memory": float(inst.gpu_mem[g]),
-                     "gpu_used": float(placement.used[g]), "gpu_kvpr": float(placement.kvpr[g])})
+        row = {"model": placement._name(i), "gpu": g, "model_gb": float(inst.sizes[i]),
+               "model_demand": float(inst.demand[i])}
+        row.update({f"gpu_{k}": per_gpu[g][k] for k in GPU_COLUMNS})
+        rows.append(row)
     return rows
 
 
@@ -505,6 +518,6 @@ def write_placement(placement, path: str | Path) -> None:
             json.dump(placement.to_dict(), f, indent=1, allow_nan=False)
         else:
             rows = placement_rows(placement)
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model", "gpu"])
+            w = csv.DictWriter(f, fieldnames=[*MODEL_COLUMNS, *(f"gpu_{k}" for k in GPU_COLUMNS)])
             w.writeheader()
             w.writerows(rows)

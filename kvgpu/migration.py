@@ -7,7 +7,7 @@ import numpy as np
 
 from kvgpu.kernels.deltas import EPS, mem_unit
 from kvgpu.problem import Problem
-from kvgpu.results import Move
+from kvgpu.results import Move, printable
 
 
 def _steps(problem: Problem, assign: np.ndarray) -> tuple[list[tuple], list[tuple]]:
@@ -63,7 +63,7 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
         return out, None
     short = [(used[dst] + float(inst.sizes[i]) - M[dst], dst) for _, i, _, dst in pending]
     need, g = min(short)
-    names = sorted({_label(problem, m) for m, _, _, _ in pending})
+    names = sorted({printable(_label(problem, m)) for m, _, _, _ in pending})  # a note is text: one line
     out += [_move(problem, m, src, dst) for m, _, src, dst in pending]
     note = (f"the last {len(pending)} step(s) ({', '.join(names)}) wait for each other: no order keeps every GPU "
             f"within its memory; {need:.3g} GB spare on GPU {g} (or stopping one of these models while the "

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kvgpu.io import atomic_output
+from kvgpu.results import printable
 
 #: KVPR's unit: demand (req_rate / slo, requests/s per second of SLO) per GB of KV cache.
 KVPR_UNIT = "req/s per s of SLO per GB"
@@ -80,6 +81,48 @@ def _kv_free(p) -> np.ndarray:
     return np.asarray(free if free is not None else p.instance.gpu_mem - p.used, dtype=float)
 
 
+#: The segments of a GPU's memory bar, bottom to top: together they are the whole memory.
+_SEGMENTS = (("weights", "model weights", dict(color=_WEIGHTS)),
+             ("moved", "weights moved here (re-placement)", dict(color=_WEIGHTS, hatch="//", edgecolor="white")),
+             ("new", "new model weights (re-placement)", dict(color="#64b5cd")),
+             ("overhead", "engine overhead (overhead_gb)", dict(color="#8172b3")),
+             ("kv_free", "left for KV cache", dict(color=_FREE, alpha=0.6)),
+             ("reserve", "reserved (reserve_gb)", dict(color="#bbbbbb", hatch="..", edgecolor="#777777")))
+
+
+def _memory_segments(p) -> dict:
+    """(G,) GB per GPU of each of :data:`_SEGMENTS`: model weights (``size / tp``), the
+    engines' ``overhead_gb``, what is left for the KV cache (at least 0) and ``reserve_gb``;
+    they add up to the GPU's whole memory (less any overfill of a full GPU)."""
+    prob = p.problem
+    G = prob.n_gpus
+    per_item = np.array([prob.specs[m].overhead_gb for m in prob.model_of.tolist()], dtype=float)
+    overhead = np.bincount(p.assignment, weights=per_item, minlength=G) if per_item.size else np.zeros(G)
+    moved, new = _arrivals(p)
+    return {"weights": np.asarray(p.used, float) - overhead - moved - new, "moved": moved, "new": new,
+            "overhead": overhead, "kv_free": np.maximum(_kv_free(p), 0.0), "reserve": np.asarray(prob.reserve, float)}
+
+
+def _arrivals(p) -> tuple[np.ndarray, np.ndarray]:
+    """(G,) GB of weights a re-placement copies onto each GPU, and (G,) GB of new models it
+    loads there; zeros for a placement from scratch.  A model's shards are interchangeable: on
+    the GPUs it did not run on, as many shards as it left are copies, the others new loads."""
+    prob = p.problem
+    G = prob.n_gpus
+    moved, new = np.zeros(G), np.zeros(G)
+    if not prob.is_replan:
+        return moved, new
+    for m, spec in enumerate(prob.specs):
+        items = np.nonzero(prob.model_of == m)[0]
+        was = {int(g) for g in prob.cur[items] if g >= 0}
+        now = [int(g) for g in p.assignment[items]]
+        copies = len(was) - len(was & set(now))
+        for g in (g for g in now if g not in was):
+            (moved if copies > 0 else new)[g] += spec.size / spec.tp
+            copies -= 1
+    return moved, new
+
+
 def _headline(p) -> str:
     count = p.count()
     lb = p.lower_bound
@@ -88,11 +131,22 @@ def _headline(p) -> str:
     elif p.proven_optimal:
         verdict = "optimal (proven)"
     elif math.isfinite(p.gap):
-        verdict = f"gap {100 * p.gap:.2f}% (an upper limit on the distance from the optimum)"
+        verdict = f"gap {p.gap_words} (an upper limit on the distance from the optimum)"
     else:
         verdict = "gap unbounded (lower bound 0)"
-    return (f"{count} on {p.instance.n_gpus} GPUs\n"
+    head = (f"{count} on {p.instance.n_gpus} GPUs\n"
             f"max KVPR {p.max_kvpr:.4g}, lower bound {lb:.4g}: {verdict}")
+    if p.problem.is_replan:
+        moves = p.moves
+        head += (f"\nre-placement: {p.moved_models} model(s) moved, {sum(m.size_gb for m in moves):.4g} GB copied"
+                 + (f" ({_steps(moves)})" if moves else "") + f"; max KVPR before {p.start_kvpr:.4g}")
+    return head
+
+
+def _steps(moves, shown: int = 4) -> str:
+    """``a 0->1, b 2->0, ... (+3 more)``: the first migrations of a plan, names escaped."""
+    text = ", ".join(f"{printable(m.model)} {m.src}->{m.dst}" for m in moves[:shown])
+    return text + (f", ... (+{len(moves) - shown} more)" if len(moves) > shown else "")
 
 
 def _kvpr_top(kv: np.ndarray, lb: float) -> float:
@@ -138,11 +192,14 @@ def placement_figure(p):
 def _bars(plt, p, kv):
     G = kv.shape[0]
     x = np.arange(G)
-    free = _kv_free(p)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(min(max(7.0, 0.3 * G + 2.5), 22.0), 7.0), sharex=True,
                                    layout="constrained")
-    ax1.bar(x, p.used, color=_WEIGHTS, label="model weights")
-    ax1.bar(x, free, bottom=p.used, color=_FREE, alpha=0.6, label="left for KV cache")
+    seg = _memory_segments(p)
+    bottom = np.zeros(G)
+    for key, label, style in _SEGMENTS:
+        if key in ("weights", "kv_free") or seg[key].any():  # a segment of 0 everywhere gets no legend entry
+            ax1.bar(x, seg[key], bottom=bottom, label=label, **style)
+        bottom = bottom + seg[key]
     ax1.set(ylabel="GPU memory (GB)")
     ax1.legend(**_ABOVE)
 

@@ -52,6 +52,37 @@ def json_float(x) -> float | str:
 BOUND_EXACT, BOUND_CLOSED_FORM = "exact search", "closed-form bound"
 
 
+def printable(name: str) -> str:
+    """A name as text output (tables, plans, warnings) shows it: unchanged when every character
+    is printable, else with the others escaped as in a Python string literal (``\\n``,
+    ``\\r``, ``\\u2028``), so that no name can end a line and forge the next one.  JSON and
+    CSV keep names as they are (their quoting is exact)."""
+    if name.isprintable():
+        return name
+    return repr(name)[1:-1]
+
+
+def percent(gap: float) -> str:
+    """A gap (a fraction) in percent, never rounded to "0.00%" unless it is 0: a gap that is
+    not proven closed keeps digits enough to show it (``"0.0031%"``)."""
+    pct = 100 * float(gap)
+    if not math.isfinite(pct):
+        return "unbounded (lower bound 0)" if pct > 0 else "unknown"
+    if 0 < pct < 0.005:
+        return f"{pct:.2g}%"
+    return f"{pct:.2f}%"
+
+
+def interval(lo: float, hi: float) -> str:
+    """``[lo, hi]`` with as many significant digits (6 to 17) as it takes for two different
+    ends to read differently."""
+    for digits in range(6, 18):
+        a, b = f"{lo:.{digits}g}", f"{hi:.{digits}g}"
+        if a != b or lo == hi:
+            break
+    return f"[{a}, {b}]"
+
+
 def gap_of(max_kvpr, lower_bound):
     """``max_kvpr / lower_bound - 1`` (0 where they are equal, inf where the bound is 0); NumPy or
     CuPy arrays (the result is of their kind) or floats."""
@@ -119,10 +150,10 @@ class Placement:
         out = []
         mem = self.problem.items.gpu_mem
         for g in np.nonzero(self.kv_free <= EPS * mem_unit(mem))[0].tolist():
-            names = [self._name(i) for i in np.nonzero(self.assignment == g)[0].tolist()]
-            if names:
+            idx = np.nonzero(self.assignment == g)[0].tolist()
+            if idx:
                 out.append(f"GPU {g} is left with {max(self.kv_free[g], 0.0):.3g} GB for the KV cache "
-                           f"(models: {', '.join(names)}): a serving engine would not start there")
+                           f"(models: {self._names_of(idx)}): a serving engine would not start there")
         return out
 
     # -- figures ----------------------------------------------------------------------------
@@ -151,12 +182,18 @@ class Placement:
         return self.proven or self.max_kvpr <= self.lower_bound * (1 + OPTIMAL_RTOL)
 
     @property
+    def gap_words(self) -> str:
+        """The gap in percent as every output prints it: 0.00% when proven optimal (the exact
+        search closed it; what is left is rounding), else never rounded down to 0.00%."""
+        return "0.00%" if self.proven_optimal else percent(self.gap)
+
+    @property
     def status(self) -> str:
         """``"optimal (proven)"`` or how far from the optimum the answer can be, in words."""
         if self.proven_optimal:
             return "optimal (proven)"
-        return (f"at most {100 * self.gap:.2f}% above the optimum (the optimum is in "
-                f"[{self.lower_bound:.6g}, {self.max_kvpr:.6g}]; not proven optimal)")
+        return (f"at most {percent(self.gap)} above the optimum (the optimum is in "
+                f"{interval(self.lower_bound, self.max_kvpr)}; not proven optimal)")
 
     @property
     def moves(self) -> list:
@@ -210,15 +247,22 @@ class Placement:
         return f"{n_models} models" + (f" as {n_items} shards/replicas" if n_items != n_models else "")
 
     # -- output -----------------------------------------------------------------------------
+    def gpu_rows(self) -> list[dict]:
+        """Per GPU: ``memory_gb`` (all of it), ``reserved_gb`` (kept off for the engine),
+        ``models_gb`` (weights and overheads), ``kv_free_gb`` (left for the KV cache: memory -
+        reserve - models), ``demand`` and ``kvpr``, as floats: what JSON and CSV both print
+        under these names."""
+        p = self.problem
+        return [{"memory_gb": float(p.memory[g]), "reserved_gb": float(p.reserve[g]), "models_gb": float(self.used[g]),
+                 "kv_free_gb": float(self.kv_free[g]), "demand": float(self.demand[g]), "kvpr": float(self.kvpr[g])}
+                for g in range(p.n_gpus)]
+
     def to_dict(self) -> dict:
         """Plain-JSON form: per-GPU rows and the summary figures, with units."""
         p = self.problem
         gpus = []
-        for g, idx in enumerate(self._members()):
-            gpus.append({"gpu": g, "memory_gb": float(p.memory[g]), "reserved_gb": float(p.reserve[g]),
-                         "models_gb": float(self.used[g]), "kv_free_gb": float(self.kv_free[g]),
-                         "demand": float(self.demand[g]), "kvpr": json_float(self.kvpr[g]),
-                         "models": [self._name(i) for i in idx]})
+        for g, (row, idx) in enumerate(zip(self.gpu_rows(), self._members())):
+            gpus.append({"gpu": g, **row, "kvpr": json_float(row["kvpr"]), "models": [self._name(i) for i in idx]})
         out = {"max_kvpr": json_float(self.max_kvpr), "lower_bound": json_float(self.lower_bound),
                "gap": json_float(self.gap), "proven_optimal": self.proven_optimal, "status": self.status,
                "bound_scope": self.bound_scope,
@@ -251,7 +295,7 @@ class Placement:
                 continue
             rows.append(f"{g:>4} {p.memory[g]:>7.1f} " + (f"{p.reserve[g]:>7.1f} " if reserve else "")
                         + f"{self.used[g]:>9.1f} {max(self.kv_free[g], 0.0):>10.1f} {self.demand[g]:>9.4f} "
-                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {', '.join(self._name(i) for i in idx)}")
+                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx)}")
         if idle:
             rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
         if p.is_replan:
@@ -260,15 +304,19 @@ class Placement:
             rows.append(f"note: {self.note}")
         proven = "optimal (proven)" if self.proven_optimal else "not proven optimal"
         rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f}   "
-                    f"gap {100 * self.gap:.2f}% (an upper limit on the distance from the optimum)   {proven}")
+                    f"gap {self.gap_words} (an upper limit on the distance from the optimum)   {proven}")
         rows.append(f"({self.count()}, {p.n_gpus} GPUs, mode={self.mode}, backend={self.backend}"
                     + ("" if self.bound_scope == "every placement" else f"; bound: {self.bound_scope}") + ")")
         return "\n".join(rows)
 
+    def _names_of(self, idx) -> str:
+        """The names of items ``idx`` as a table shows them (escaped: one line, see :func:`printable`)."""
+        return ", ".join(printable(self._name(i)) for i in idx)
+
     def _replan_lines(self) -> str:
         lines = []
         if self.plan:
-            steps = ", ".join(f"{m.model} {'new' if m.src < 0 else m.src}->{m.dst}" for m in self.plan)
+            steps = ", ".join(f"{printable(m.model)} {'new' if m.src < 0 else m.src}->{m.dst}" for m in self.plan)
             lines.append(f"plan ({self.moved_models} model(s) moved, in this order): {steps}")
         else:
             lines.append("plan: nothing to move")

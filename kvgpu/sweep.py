@@ -63,6 +63,12 @@ DEFAULTS = {"gpu_mem": [80.0], "models_per_gpu": [3], "sizes": ["uniform"], "pop
             "seeds": 3, "mode": ["search"], "effort": [30], "exact": ["auto"], "exact_work": None, "batch_size": 64,
             "backend": "auto"}
 KEYS = ("gpus", *DEFAULTS)
+#: Fields of a model file a sweep cannot honour (its instances are generated, plain): refused
+#: by name, never dropped.
+NOT_SWEPT = {"reserve_gb": "(GB kept off each GPU) is a cluster field of model files",
+             "nodes": "(GPU ids per node) is a cluster field of model files",
+             "gpus_per_node": "(nodes of consecutive GPUs) is a cluster field of model files",
+             "overhead_gb": "(engine overhead per model) is a model field of model files"}
 #: Sizes are scaled down so that the models use at most this share of the cluster's memory.
 MAX_FILL = 0.95
 
@@ -208,6 +214,10 @@ def load_spec(spec: dict | str | Path) -> Spec:
         return f"{where}, line {lines[str(key)]}" if str(key) in lines else where
 
     for k in spec:
+        if k in NOT_SWEPT:
+            raise InvalidInstance(f"{at(k)}: {k!r} {NOT_SWEPT[k]}; a sweep draws plain instances (models of tp 1 on "
+                                  f"GPUs of gpu_mem GB, all of it for models and KV cache): solve a model file to use "
+                                  f"it, or give gpu_mem net of what it keeps off")
         if k not in KEYS:
             close = difflib.get_close_matches(str(k), KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(KEYS)}"
