@@ -266,19 +266,26 @@ def sweep(df, path: str | Path) -> None:
 def sweep_figure(df):
     """A sweep's rows as a matplotlib Figure (close it when done): per cluster size (GPUs), the
     gap to the lower bound in percent (mean solid, worst dashed) and the time per instance of
-    that size, one colour per mode (and effort).  Rows whose ``status`` is not ``ok`` (no
+    that size, one colour per mode, effort and proof setting; the legend says which bound each
+    gap measures (the exact search's where it ran, else the closed-form bound).  Rows whose ``status`` is not ``ok`` (no
     placement) are left out of the figures and counted in the legend and the title."""
     plt = _pyplot()
     from kvgpu.sweep import OK
 
+    from kvgpu.results import BOUND_EXACT
+
     df = df.assign(placed=df["status"].eq(OK) if "status" in df.columns else True)
+    if "exact" not in df.columns:  # rows of a sweep written before proofs had a key
+        df = df.assign(exact="false", bound=None)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for (mode, effort), grp in df.groupby(["mode", "effort"]):
+    for (mode, effort, exact), grp in df.groupby(["mode", "effort", "exact"]):
         placed = grp[grp["placed"]]
         g = placed.groupby("gpus").agg(mean=("gap", "mean"), worst=("gap", "max"), time=("time_s", "mean"))
         failed = len(grp) - len(placed)
-        label = (mode if mode == "seed" else f"{mode} (effort {effort})") + \
-            (f", {failed} of {len(grp)} without a placement" if failed else "")
+        proved = int(placed["bound"].eq(BOUND_EXACT).sum())
+        label = (mode if mode == "seed" else f"{mode} (effort {effort})") + f", proofs {exact}: gap to the " + \
+            (f"exact search on {proved} of {len(placed)}, else closed-form bound" if proved else
+             "closed-form bound") + (f", {failed} of {len(grp)} without a placement" if failed else "")
         line, = ax1.plot(g.index, 100 * g["mean"], marker="o", label=label)
         ax1.plot(g.index, 100 * g["worst"], linestyle="--", marker=".", color=line.get_color())
         ax2.plot(g.index, g["time"], marker="o", color=line.get_color())
@@ -296,6 +303,6 @@ def sweep_figure(df):
                  (f"; {n_failed} without a placement, left out" if n_failed else ""), fontsize=10)
     fig.tight_layout()
     handles, labels = ax1.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(2, len(labels)),
                frameon=False)
     return fig

@@ -10,6 +10,7 @@ import pytest
 
 import kvgpu
 from kvgpu import generate, plot, sweep
+from kvgpu.results import BOUND_CLOSED_FORM, BOUND_EXACT
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -135,8 +136,25 @@ def test_sweep_plot_leaves_failed_rows_out_and_counts_them(tmp_path):
         assert timing.lines[0].get_ydata() == pytest.approx([0.08, 0.16])  # per cluster size, placed rows
         assert "1 without a placement" in fig.get_suptitle()
         labels = [t.get_text() for t in fig.legends[0].get_texts()]
-        assert labels == ["search (effort 30), 1 of 6 without a placement"]
+        assert labels == ["search (effort 30), proofs false: gap to the closed-form bound, 1 of 6 without a placement"]
         assert "(%)" in quality.get_ylabel()
+    finally:
+        matplotlib.pyplot.close(fig)
+
+
+def test_sweep_plot_says_which_bound_each_gap_measures():
+    df = _sweep_frame()
+    placed = df["status"].eq(sweep.OK)
+    proved = df.assign(exact="auto", bound=[BOUND_EXACT if ok and k % 2 else BOUND_CLOSED_FORM if ok else None
+                                             for k, ok in enumerate(placed)])
+    both = pd.concat([proved, df.assign(exact="false", bound=BOUND_CLOSED_FORM)], ignore_index=True)
+    fig = plot.sweep_figure(both)
+    try:
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        k = int(proved["bound"].eq(BOUND_EXACT).sum())
+        assert labels == [f"search (effort 30), proofs auto: gap to the exact search on {k} of 5, else closed-form "
+                          f"bound, 1 of 6 without a placement",
+                          "search (effort 30), proofs false: gap to the closed-form bound, 1 of 6 without a placement"]
     finally:
         matplotlib.pyplot.close(fig)
 
