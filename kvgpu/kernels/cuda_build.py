@@ -58,12 +58,17 @@ class Figures(NamedTuple):
 
 def toolkit() -> tuple[str | None, str]:
     """``(path of ptxas or None, why not)``: the pip toolkit's ``ptxas``
-    (``nvidia-cuda-nvcc-cu12``), else one on ``PATH``; and numba's CUDA target must compile
-    (NVVM found), not simulate."""
+    (``nvidia-cuda-nvcc-cu12``), else one on ``PATH``; and numba-cuda must be installed (the
+    CUDA target the gpu extra pins, not numba's built-in one) and compile (NVVM found), not
+    simulate."""
     from numba.core import config
 
     if config.ENABLE_CUDASIM:
         return None, "NUMBA_ENABLE_CUDASIM=1: the simulator compiles nothing"
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None:  # numba's built-in CUDA target is not what the engine runs on
+        return None, "numba-cuda is not installed (the test and gpu extras install numba-cuda[cu12])"
     try:
         from numba.cuda.cudadrv import nvvm
 
