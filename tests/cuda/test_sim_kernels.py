@@ -3,12 +3,15 @@ backend, one check a test, under numba's CUDA simulator (see ``conftest.py``: co
 there or on a device; barrier call sites and garbage-filled working memory checked on every
 simulated launch).  Batches are small: the simulator runs each GPU thread as a Python thread."""
 
+import os
+
 import numpy as np
 import pytest
 from numba import cuda, float64
 
-import parity
-from conftest import SIMULATED
+import parity  # tests/cuda/parity.py (conftest.py puts this folder on the path)
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 #: Threads a block of the parametrised checks: one thread (every strided scan is serial), a
 #: few, a warp.
