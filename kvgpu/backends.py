@@ -34,6 +34,17 @@ BACKENDS = ("auto", "numpy", "numba", "cuda")
 #: several blocks each), leaving most of it idle.  One small instance or a tiny batch so stays on
 #: the CPU; re-tune with ``bench/gpu_check.sh``'s device timings.
 GPU_MIN_WORK = 100_000
+#: ... and from this much where the device kernels are not compiled yet on this machine
+#: (:func:`kvgpu.cuda_cache.cached`): a first compile takes 1-2.5 minutes, so the job must
+#: take longer than that on the CPU.  Estimated, not measured on a device: numba on 16 cores
+#: solves ~100,000 ADRS-shaped instances (work ~100 each) in search mode in ~25 s, so ~150 s
+#: of CPU is ~600,000 of them, work ~6e7; re-tune with ``bench/gpu_check.sh``'s timings.
+GPU_COLD_MIN_WORK = 50_000_000
+#: Compute capabilities with float64 at half the float32 rate (data-centre parts: P100 6.0,
+#: V100 7.0, A100 8.0, H100/H200 9.0, B200 10.0).  Every other capability runs float64 at
+#: 1/32 to 1/64 of that, and the kernels compute in float64 throughout, so ``auto`` never
+#: picks such a device (an explicit ``backend="cuda"`` still runs there).
+FULL_RATE_FP64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
 
 
 def work_of(n_models, n_gpus) -> int:
@@ -155,12 +166,47 @@ def resolve(backend: str, work: int | None = None) -> str:
         raise ValueError(f"work must be a non-negative integer (see kvgpu.backends.work_of), got {work!r}")
     avail = probe()
     if backend == "auto":
-        big = work is None or work >= GPU_MIN_WORK
-        return next(b for b in ("cuda", "numba", "numpy") if avail[b][0] and (b != "cuda" or big))
+        gpu = avail["cuda"][0] and device_policy(cuda_device(), work)[0]
+        return next(b for b in ("cuda", "numba", "numpy") if avail[b][0] and (b != "cuda" or gpu))
     usable, reason = avail[backend]
     if not usable:
         raise BackendUnavailable(f"backend {backend!r} is not available: {reason}")
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_device() -> tuple[str, tuple[int, int]] | None:
+    """``(name, compute capability)`` of the device the cuda backend runs on, or None where that
+    backend is not usable (:func:`probe`)."""
+    if not probe()["cuda"][0]:
+        return None
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+    name = props["name"]
+    return (name.decode() if isinstance(name, bytes) else str(name)), (int(props["major"]), int(props["minor"]))
+
+
+def device_policy(device, work: int | None, cached: bool | None = None) -> tuple[bool, str]:
+    """Does ``auto`` send a job of ``work`` (:func:`work_of`; None: unknown, taken as big) to
+    ``device`` (``(name, (major, minor))`` or None)?  ``(yes, why)``: only a device with
+    full-rate float64 (:data:`FULL_RATE_FP64`), and only from :data:`GPU_MIN_WORK` where its
+    kernels are cached (``cached``; None: :func:`kvgpu.cuda_cache.cached`), else from
+    :data:`GPU_COLD_MIN_WORK`."""
+    if device is None:
+        return False, "no usable device"
+    name, cc = device
+    if tuple(cc) not in FULL_RATE_FP64:
+        return False, f"{name} (sm_{cc[0]}{cc[1]}) runs float64 at a fraction of its float32 rate"
+    if cached is None:
+        from kvgpu import cuda_cache
+
+        cached = cuda_cache.cached(cc)
+    need = GPU_MIN_WORK if cached else GPU_COLD_MIN_WORK
+    state = "kernels cached" if cached else "kernels not compiled yet ('kvgpu warmup --cuda')"
+    if work is not None and work < need:
+        return False, f"{state}: the device from {need:,} units of work"
+    return True, f"{state}: the device from {need:,} units of work"
 
 
 def solve_seed(batch, backend: str):
@@ -192,6 +238,6 @@ def lower_bound(batch, hi, backend: str):
 def info() -> str:
     """A readable report of the backends (``kvgpu info``)."""
     lines = [f"{name:<6} {'yes' if ok else 'no ':<4} {why}" for name, (ok, why) in probe().items()]
+    why = device_policy(cuda_device(), None)[1] if probe()["cuda"][0] else f"from {GPU_MIN_WORK:,} units of work"
     return "\n".join(["backend usable  detail"] + lines + [
-        f"auto -> {resolve('auto')} (from {GPU_MIN_WORK:,} units of work, sum of models x GPUs; "
-        f"{resolve('auto', 0)} below)"])
+        f"auto -> {resolve('auto')} ({why}, sum of models x GPUs; {resolve('auto', 0)} below)"])

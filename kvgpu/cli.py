@@ -19,7 +19,7 @@ from kvgpu import decompose as decomposition
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, options
-from kvgpu.errors import InvalidInstance, KvgpuWarning, NoPlacementFound
+from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.io import PLACEMENT_SUFFIXES, atomic_output, check_output_path, read_models, write_placement
 
 # the formats matplotlib's Agg backend writes (checked before solving, not after)
@@ -393,6 +393,8 @@ def _main(argv) -> int:
                          "them from the cache in under a second)")
     pwu.add_argument("--jobs", type=_int_option("--jobs"), help="compile in this many processes side by side "
                      "(default: one per CPU core)")
+    pwu.add_argument("--cuda", action="store_true", help="also compile the cuda backend's kernels for this "
+                     "machine's GPU (cached for every later process)")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         print(backends.info())
@@ -400,9 +402,21 @@ def _main(argv) -> int:
     if args.cmd == "warmup":
         from kvgpu.warmup import GROUPS, warmup
 
+        if args.cuda:  # refused before the CPU compile, where it cannot run
+            try:
+                backends.resolve("cuda")
+            except BackendUnavailable as e:
+                print(f"kvgpu warmup --cuda: {e}", file=sys.stderr)
+                return 2
         spent = warmup(jobs=args.jobs, announce=True)
         for g, sec in spent.items():
             print(f"{g:<7} {'compiled' if sec else 'cached  '}  {GROUPS[g][0]}")
+        if args.cuda:
+            from kvgpu.warmup import warmup_cuda
+
+            sec = warmup_cuda(announce=True)
+            print(f"{'cuda':<7} {'compiled' if sec else 'cached  '}  the cuda backend's kernels (seed, search, "
+                  "figures)")
         return 0
     try:
         if args.cmd == "sweep":

@@ -67,6 +67,12 @@ class DeviceBatch:
     """
 
     def __init__(self, host: Batch):
+        if not config.ENABLE_CUDASIM:  # a process's first device solve: the kernels, cached or compiled (once)
+            from numba import cuda
+
+            from kvgpu.kernels import device
+
+            device.prepare(cuda.get_current_device().compute_capability)
         self.host = host
         arrays, self.pm, self.pg = compacted(host)
         self.xp = xp = array_module()

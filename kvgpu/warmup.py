@@ -306,3 +306,20 @@ def warmup(groups=None, jobs: int | None = None, announce: bool = False) -> dict
                   jobs=jobs)
     spent = time.perf_counter() - t0
     return {g: (round(spent, 1) if g in done else 0.0) for g in groups}
+
+
+def warmup_cuda(announce: bool = False) -> float:
+    """Compile the ``cuda`` backend's kernels for this machine's device ahead of time (or find
+    them cached: :mod:`kvgpu.cuda_cache`); returns the seconds spent compiling (0 if cached).
+    Raises :class:`kvgpu.errors.BackendUnavailable` where the cuda backend cannot run."""
+    from kvgpu import backends
+
+    backends.resolve("cuda")  # raises, with the reason, where there is no usable device
+    from numba import cuda
+
+    from kvgpu.kernels import device
+
+    t0 = time.perf_counter()
+    compiled = device.prepare(cuda.get_current_device().compute_capability, announce=announce)
+    return round(time.perf_counter() - t0, 1) if compiled else 0.0
+

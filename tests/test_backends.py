@@ -157,10 +157,37 @@ def _no_rules(assign, M):
 
 @pytest.fixture
 def cuda_usable(monkeypatch):
-    """The probe says a device is usable (nothing may actually run there)."""
+    """The probe says a device is usable (nothing may actually run there): an H100 (sm_90, full
+    rate float64) whose kernels are cached."""
+    from kvgpu import cuda_cache
+
     avail = {"numpy": (True, "numpy"), "numba": (True, "numba"), "cuda": (True, "a test device")}
     monkeypatch.setattr(backends, "probe", lambda: avail)
+    monkeypatch.setattr(backends, "cuda_device", lambda: ("H100", (9, 0)))
+    monkeypatch.setattr(cuda_cache, "cached", lambda cc: True)
     return avail
+
+
+def test_auto_takes_a_cold_or_slow_float64_device_only_for_big_jobs(cuda_usable, monkeypatch):
+    """Kernels not compiled here yet: the device only from GPU_COLD_MIN_WORK (the compile must
+    pay); a device without full-rate float64 (an RTX, sm_89): never by ``auto``, while an
+    explicit ``cuda`` request is obeyed; the reasons name the rule."""
+    from kvgpu import cuda_cache
+
+    monkeypatch.setattr(cuda_cache, "cached", lambda cc: False)
+    cold = backends.GPU_COLD_MIN_WORK
+    assert backends.GPU_MIN_WORK < cold
+    assert backends.resolve("auto", cold - 1) == "numba"
+    assert backends.resolve("auto", cold) == "cuda"
+    assert "not compiled yet" in backends.device_policy(("H100", (9, 0)), 10)[1]
+    monkeypatch.setattr(backends, "cuda_device", lambda: ("RTX 4090", (8, 9)))
+    assert backends.resolve("auto", 10**12) == "numba"
+    assert backends.resolve("cuda", 1) == "cuda"
+    ok, why = backends.device_policy(("RTX 4090", (8, 9)), 10**12, cached=True)
+    assert not ok and "float64" in why and "sm_89" in why
+    assert backends.device_policy(None, 10**12) == (False, "no usable device")
+    for cc in backends.FULL_RATE_FP64:
+        assert backends.device_policy(("x", cc), backends.GPU_MIN_WORK, cached=True)[0]
 
 
 def test_auto_keeps_small_jobs_on_the_cpu(cuda_usable):
@@ -220,6 +247,7 @@ def test_cuda_probe_launches_a_kernel(monkeypatch):
         monkeypatch.setattr(backends, "_launch_probe_kernel", lambda: None)
         backends.probe.cache_clear()
         assert backends.probe()["cuda"] == (True, "H200, cupy 13.0")
+        monkeypatch.setattr(backends, "cuda_device", lambda: ("H200", (9, 0)))
         assert backends.resolve("auto", 10**9) == "cuda"
     finally:
         backends.probe.cache_clear()

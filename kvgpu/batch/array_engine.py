@@ -4,9 +4,9 @@ immutable value passed through the batch functions (as scikit-learn passes ``xp`
 Two steps of the batch engine can be handed to compiled kernels: ``transfers``, the move / swap /
 donation scans of a local-search step (:meth:`kvgpu.batch.local.LaneState.eval_transfers`), and
 ``choose``, the per-step GPU choice of the candidate packs (:func:`kvgpu.batch.pack._choose`).
-``None`` runs the engine's own array expressions; the ``cuda`` backend (and the tests, under the
-CUDA simulator) pass the numba CUDA kernels of :mod:`kvgpu.kernels.gpu`, which take the same
-arguments and return the same values.
+``None`` runs the engine's own array expressions; a caller may pass functions that take the same
+arguments and return the same values (the tests pass spies).  The ``cuda`` backend does not run
+this engine: it runs whole solves in the kernels of :mod:`kvgpu.kernels.device`.
 
 The engine is chosen once per solve and handed down, never stored in a module: two threads
 solving at once on different engines do not see each other's choice.

@@ -114,7 +114,7 @@ class _Lanes:
 def _choose(engine: ArrayEngine, ln: _Lanes, k, s, w):
     """GPU per lane for the model ``(s, w)`` (L,) under each lane's policy; ``(g, any)``."""
     xp, kernel = engine.xp, engine.choose
-    if kernel is not None:  # the CUDA kernel (kvgpu.kernels.gpu), same decisions
+    if kernel is not None:  # a compiled step handed in (ArrayEngine.choose), same decisions
         return kernel(xp, ln.St, ln.Wt, ln.loadt, ln.kvt, ln.Mt, ln.M_total, ln.n_gpus, ln.T, ln.policy, ln.nmf, k,
                       s, w)
     Sa = ln.St + s

@@ -1331,7 +1331,7 @@ def _candidates(s, w, M, P, orders, ca, cp, okf, box, fw, iw, tid, nt, lanes):
             a, p = ca[k * n:(k + 1) * n], cp[k * n:(k + 1) * n]
             f_l, i_l = fw[tid * lf:(tid + 1) * lf], iw[tid * li:(tid + 1) * li]
             if k < N_PACKED - 3:  # factor k // 9, policy (k // 3) % 3, ordering k % 3
-                ok = T_high > 0 and pack_core(s, w, M, P, orders, T_high * T_FACTORS[k // 9], np.int64(k % 3),
+                ok = T_high > 0 and pack_core(s, w, M, P, orders, fmul(T_high, T_FACTORS[k // 9]), np.int64(k % 3),
                                               np.int64((k // 3) % 3), np.int64(0), a, p, f_l, i_l)
             elif k == N_PACKED - 3:  # regret insertion's lists do not fit a lane: a region of their own
                 ok = regret_insertion_core(s, w, M, a, p, fw[lanes * lf:], iw[lanes * li:])

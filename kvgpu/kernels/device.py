@@ -22,10 +22,12 @@ which is how the tests run these kernels on machines without a GPU.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float64, int64
 
+from kvgpu import cuda_cache
 from kvgpu.kernels import bound, cpu, search
 from kvgpu.kernels.jit import device
 
@@ -148,6 +150,43 @@ def _finish_kernel(sizes, demand, gpu_mem, n_models, n_gpus, active, real, assig
     lb[b] = min(lob, mb)
 
 
+for _k in (_seed_kernel, _improve_kernel, _finish_kernel):
+    cuda_cache.enable(_k)  # compiled once per machine, keyed by every kernel source (kvgpu.cuda_cache)
+
+#: Seconds the three kernels take to compile cold on a device host, as the issue's audit found
+#: (numba-cuda 0.30.4; 2-core CI machines take about 5 minutes for both capabilities'
+#: PTX): the "first run" line's estimate.
+COLD_COMPILE_S = 150
+
+
+def compile_all(cc) -> list:
+    """Compile (or load from :mod:`kvgpu.cuda_cache`) the seed, improve and finish kernels for
+    the argument types the engine launches them with (:func:`recorded`) on the current device
+    of compute capability ``cc``, and mark them cached; returns the kernels' names."""
+    import numba
+
+    got = recorded()
+    for ln in got.values():
+        ln.kernel.compile(tuple(numba.typeof(a) for a in ln.args))
+    cuda_cache.mark(cc)
+    return list(got)
+
+
+def prepare(cc, announce: bool = True) -> bool:
+    """Before a process's first device solve: where the kernels are not cached for ``cc``,
+    say so on stderr (``announce``) and compile them all now (:func:`compile_all`).  Returns
+    True if they had to be compiled."""
+    import sys
+
+    if cuda_cache.cached(cc):
+        return False
+    if announce:
+        print(f"kvgpu: compiling CUDA kernels (seed, search, figures) for sm_{cc[0]}{cc[1]}, first run only, about "
+              f"{COLD_COMPILE_S} s ('kvgpu warmup --cuda' does it ahead of time)", file=sys.stderr, flush=True)
+    compile_all(cc)
+    return True
+
+
 def _empties(xp, B):
     """The empty rule arrays of the kernels, and ``used`` (B, 2)."""
     return (xp.zeros((0, 0), xp.uint8), xp.zeros((0, 0), xp.int64), xp.zeros(0, xp.int64), xp.zeros(0),
@@ -172,10 +211,55 @@ def block_memory(xp, B, sizes):
     return (*work_arrays(xp, B, sizes), 0, 0, 0)
 
 
+#: Where :func:`recorded` collects the launches instead of running them (None: launch).
+_RECORDING = None
+
+
 def _launch(kern, B, nt, *args, shared=0):
+    if _RECORDING is not None:
+        _RECORDING.append(Launch(kern, B, nt, args, shared))
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", _performance_warning())  # small batches leave most of a GPU idle
         kern[B, nt, 0, shared](*args)
+
+
+class Launch(NamedTuple):
+    """One kernel launch as the engine makes it: ``kernel[blocks, threads, 0, shared](*args)``."""
+
+    kernel: object
+    blocks: int
+    threads: int
+    args: tuple
+    shared: int
+
+
+def recorded(B: int = 2, seed_: int = 3) -> dict:
+    """The launches of a whole search-mode solve of ``B`` ADRS-shaped instances
+    (:func:`kvgpu.generate.adrs_like`, NumPy arrays), recorded, not run: ``{name: Launch}`` for
+    ``seed``, ``improve`` and ``finish`` -- the kernels, their argument values (whose numba
+    types are the signatures the engine compiles), threads a block and dynamic shared bytes.
+    Needs numba's CUDA target, no device: what compile checks and caches start from."""
+    global _RECORDING
+    from kvgpu.batch.state import batch_from_instances
+    from kvgpu.generate import adrs_like
+    from kvgpu.numba_engine import compacted
+
+    rng = np.random.default_rng(seed_)
+    arrays, _, _ = compacted(batch_from_instances([adrs_like(rng) for _ in range(B)]))
+    B, N = arrays[0].shape
+    G = arrays[2].shape[1]
+    got = []
+    _RECORDING = got
+    try:
+        assign, pos, _ = seed(np, *arrays)
+        lb = np.zeros(B)
+        active = np.ones(B, np.uint8)
+        improve(np, *arrays, lb, 1, 1, 0, assign, pos, active=active)
+        finish(np, *arrays, active, assign, pos, True, np.zeros((B, G)), np.zeros(B), np.zeros(B), lb)
+    finally:
+        _RECORDING = None
+    return dict(zip(("seed", "improve", "finish"), got))
 
 
 def seed(xp, sizes, demand, gpu_mem, n_models, n_gpus, nt=None):

@@ -1,122 +1,68 @@
-"""Run under ``NUMBA_ENABLE_CUDASIM=1`` (tests/test_cuda_sim.py starts it in a subprocess, so the
-simulator never leaks into other tests; ``bench/gpu_check.sh`` runs it on a real GPU too).
+"""Parity helpers of the CUDA tier (``tests/cuda/test_sim_kernels.py``): the one-block-per-instance
+kernels of :mod:`kvgpu.kernels.device` (the ``cuda`` backend) against the numba CPU backend.
 
-Checks, on small batches: the transfer kernel returns the values of the array evaluator; the
-packing-choice kernel the decisions of the array packs; and the whole seed pipeline with both
-kernels installed makes the NumPy engine's placements, decision for decision.  With
-``--device`` the batch lives on the GPU as CuPy arrays (the cuda backend's path).
-
-``--kernels S R [T] [--global]``: the one-block-per-instance kernels of :mod:`kvgpu.kernels.device` (the
-``cuda`` backend) against the numba CPU backend -- the seed pipeline on ``S`` ADRS-shaped
-instances and the search (small effort) on ``R``, with ``T`` threads per block, each block's
-working memory in shared memory (with ``--global``: in its global rows); prints
-``kernel parity: seed P/S, search Q/R``; then whole solves (:func:`solve_parity`: placements,
-figures, lower bounds and statuses in seed mode, search mode, search with a proof) on a batch
-that takes every branch of the cuda path.
-
-``--steps N T1 T2 ...``: ``refine_peak`` and ``polish_second`` alone, run by blocks of ``T1``,
-``T2``, ... threads from first-fit packings of ``N`` instances, against their CPU entries;
-prints ``step parity, T threads a block: refine_peak P/N, polish_second Q/N`` for each.
+Under ``NUMBA_ENABLE_CUDASIM=1`` the kernels run on NumPy arrays in numba's CUDA simulator; on a
+device (``bench/gpu_check.sh``) on CuPy arrays.  Every function returns counts or flags that the
+tests assert; none prints.
 """
-
-import sys
 
 import numpy as np
 from numba import cuda
 
-from kvgpu.batch import local, pipeline
-from kvgpu.batch.arrays import top3
 from kvgpu.batch.state import batch_from_instances
 from kvgpu.generate import adrs_like, varied
-from kvgpu.kernels import gpu
 
 
-def instances(n_adrs, n_varied, seed=3):
-    rng = np.random.default_rng(seed)
-    return ([adrs_like(rng) for _ in range(n_adrs)]
-            + [varied(rng, g_range=(5, 8), per_gpu=(1, 2), tight_share=0.5) for _ in range(n_varied)])
-
-
-def check_transfer_scan(b, xp):
-    """Every move and swap of every model on every GPU of a seed placement."""
-    assign, pos = pipeline.solve_seed(b)
-    st = local.LaneState(b, assign, pos)
-    L, N, G = b.shape
-    lanes = xp.arange(L)
-    kv = st.kv(lanes)
-    t3 = top3(xp, kv, b.gpu_mask)
-    a = xp.broadcast_to(xp.arange(N)[None, :, None, None], (L, N, G, N + 1))
-    src = xp.where(assign >= 0, assign, 0)[:, :, None, None]
-    dst = xp.arange(G)[None, None, :, None]
-    other = xp.concatenate([xp.full((1,), -1), xp.arange(N)])[None, None, None, :]
-    want = st.eval_transfers(lanes, t3, src, dst, a, other)
-    got = gpu.eval_transfers(xp, st.S, st.W, b.gpu_mem, b.sizes, b.demand, lanes, t3, src, dst, a, other)
-    valid = (b.model_mask[:, :, None, None] & b.gpu_mask[:, None, :, None] & (src != dst)
-             & xp.concatenate([xp.ones((L, 1), bool), b.model_mask], axis=1)[:, None, None, :])
-    assert bool((got[1] == want[1])[valid].all()), "fit flags differ"
-    same = (got[0] == want[0]) | (xp.isnan(got[0]) & xp.isnan(want[0]))
-    assert bool(same[valid].all()), "new max KVPR differs"
-    return int(valid.sum())
-
-
-def check_pipeline(b, xp):
-    want = pipeline.solve_seed(b)
-    got = pipeline.solve_seed(b, gpu.engine(xp))
-    assert bool((got[0] == want[0]).all()) and bool((got[1] == want[1]).all()), "placements differ"
-
-
-def main(device: bool, n_adrs: int, n_varied: int):
-    insts = instances(n_adrs, n_varied)
-    b = batch_from_instances(insts)
-    xp = np
-    if device:
-        import cupy as xp
-        from kvgpu.cuda_engine import to_device
-        b = to_device(b)
-    evaluated = check_transfer_scan(b, xp)
-    check_pipeline(b, xp)
-    print(f"cuda kernels: {evaluated} transfers equal, seed pipeline equal on {len(insts)} instances "
-          f"({'device' if device else 'simulator'})")
-
-
-def kernel_parity(n_seed: int, n_search: int, nt: int, effort: int = 2, patience: int = 2, seed: int = 7):
-    """(equal seed placements, equal searched placements): the device kernels against the numba
-    CPU kernels, instance by instance (each solved alone on the CPU: no batch kernel compiles)."""
+def _compacted(n_inst: int, seed: int):
+    """``(host arrays, device arrays)`` of ``n_inst`` ADRS-shaped instances, compacted
+    (:func:`kvgpu.numba_engine.compacted`)."""
     from kvgpu import numba_engine
     from kvgpu.cuda_engine import array_module
-    from kvgpu.kernels import cpu, device, search
-    from kvgpu.kernels.rules import no_rules
 
     xp = array_module()
-    rng = np.random.default_rng(11)
-    insts = [adrs_like(rng) for _ in range(max(n_seed, n_search))]
-    arrays, _, _ = numba_engine.compacted(batch_from_instances(insts))
-    dev = tuple(xp.asarray(x) for x in arrays)
-    B = len(insts)
+    rng = np.random.default_rng(seed)
+    arrays, _, _ = numba_engine.compacted(batch_from_instances([adrs_like(rng) for _ in range(n_inst)]))
+    return arrays, tuple(xp.asarray(x) for x in arrays), xp
+
+
+def seed_parity(n_inst: int, nt: int) -> int:
+    """Instances of ``n_inst`` ADRS-shaped ones whose seed placement by the device kernel
+    (``nt`` threads a block) equals the numba CPU kernel's (each solved alone on the CPU: no
+    batch kernel compiles)."""
+    from kvgpu.kernels import cpu, device
+
+    arrays, dev, xp = _compacted(n_inst, 11)
     a_cpu = np.full(arrays[0].shape, -1, np.int64)
     p_cpu = a_cpu.copy()
-    for b in range(B):
-        n = int(arrays[3][b])
-        assert cpu.seed_instance(*(x[b, :n] for x in arrays[:2]), arrays[2][b, :int(arrays[4][b])], a_cpu[b, :n],
-                                 p_cpu[b, :n])
-    sub = tuple(x[:n_seed] for x in dev)
-    a_dev, p_dev, ok = device.seed(xp, *sub, nt=nt)
+    for b in range(n_inst):
+        n, G = int(arrays[3][b]), int(arrays[4][b])
+        assert cpu.seed_instance(arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G], a_cpu[b, :n], p_cpu[b, :n])
+    a_dev, p_dev, ok = device.seed(xp, *dev, nt=nt)
     a_dev, p_dev = _host(a_dev), _host(p_dev)
-    seed_eq = sum(bool((a_dev[b] == a_cpu[b]).all() and (p_dev[b] == p_cpu[b]).all()) for b in range(n_seed))
-    lb = np.zeros(B)
-    # the search starts from a first-fit packing, far from the seed's answer, so that it moves
-    a_ff, p_ff = first_fit(arrays, n_search)
-    a_s, p_s = a_ff[:n_search].copy(), p_ff[:n_search].copy()
-    for b in range(n_search):
+    assert bool(_host(ok).all())
+    return sum(bool((a_dev[b] == a_cpu[b]).all() and (p_dev[b] == p_cpu[b]).all()) for b in range(n_inst))
+
+
+def search_parity(n_inst: int, nt: int, effort: int = 2, patience: int = 2, seed: int = 7):
+    """``(equal, moved)``: instances whose search by the device kernel (``nt`` threads a block)
+    from a first-fit packing ends where the numba CPU search ends, and instances that search
+    moved (a first-fit start is far from a good placement, so that it moves)."""
+    from kvgpu.kernels import device, search
+    from kvgpu.kernels.rules import no_rules
+
+    arrays, dev, xp = _compacted(n_inst, 11)
+    a_ff, p_ff = first_fit(arrays, n_inst)
+    a_s, p_s = a_ff.copy(), p_ff.copy()
+    for b in range(n_inst):
         n, G = int(arrays[3][b]), int(arrays[4][b])
         search.improve_instance(arrays[0][b, :n], arrays[1][b, :n], arrays[2][b, :G], 0.0, a_s[b, :n], p_s[b, :n],
                                 effort, patience, seed, no_rules())
-    a_d, p_d = xp.array(a_ff[:n_search]), xp.array(p_ff[:n_search])  # copies: the kernel works in place
-    device.improve(xp, *(x[:n_search] for x in dev), xp.asarray(lb[:n_search]), effort, patience, seed, a_d, p_d, nt=nt)
+    a_d, p_d = xp.array(a_ff), xp.array(p_ff)  # copies: the kernel works in place
+    device.improve(xp, *dev, xp.zeros(n_inst), effort, patience, seed, a_d, p_d, nt=nt)
     a_d, p_d = _host(a_d), _host(p_d)
-    moved = sum(bool((a_s[b] != a_ff[b]).any()) for b in range(n_search))
-    search_eq = sum(bool((a_d[b] == a_s[b]).all() and (p_d[b] == p_s[b]).all()) for b in range(n_search))
-    return seed_eq, search_eq, moved
+    moved = sum(bool((a_s[b] != a_ff[b]).any()) for b in range(n_inst))
+    equal = sum(bool((a_d[b] == a_s[b]).all() and (p_d[b] == p_s[b]).all()) for b in range(n_inst))
+    return equal, moved
 
 
 def first_fit(arrays, count):
@@ -164,16 +110,10 @@ def step_parity(n_inst: int, threads):
     against their CPU entries, from first-fit packings of ``n_inst`` ADRS-shaped instances: a
     list of ``(threads, refine equal, polish equal)``, and how many instances each CPU step
     moved."""
-    from kvgpu import numba_engine
-    from kvgpu.cuda_engine import array_module
     from kvgpu.kernels import cpu, device, search
     from kvgpu.kernels.rules import new_state, no_rules
 
-    xp = array_module()
-    rng = np.random.default_rng(13)
-    insts = [adrs_like(rng) for _ in range(n_inst)]
-    arrays, _, _ = numba_engine.compacted(batch_from_instances(insts))
-    dev = tuple(xp.asarray(x) for x in arrays)
+    arrays, dev, xp = _compacted(n_inst, 13)
     a_ff, p_ff = first_fit(arrays, n_inst)
     want, moved = [], []
     for step in (cpu.refine_peak, search.polish_second):
@@ -272,35 +212,3 @@ def solve_parity(**kw):
 
 def _host(x):
     return x.get() if hasattr(x, "get") else np.asarray(x)
-
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    # the simulator runs every thread of a block as a Python thread and polls them: a short
-    # switch interval makes its barriers fast.  (Its arithmetic is NumPy scalars'; the search's
-    # 64-bit hashes wrap through kvgpu.kernels.u64, without overflow warnings.)
-    sys.setswitchinterval(1e-4)
-    if "--steps" in args:  # --steps N T1 T2 ...: refine_peak and polish_second on N instances
-        nums = [int(a) for a in args if a.isdigit()]
-        res, moved = step_parity(nums[0], nums[1:])
-        for nt, r_eq, p_eq in res:
-            print(f"step parity, {nt} threads a block: refine_peak {r_eq}/{nums[0]}, polish_second {p_eq}/{nums[0]}")
-        print(f"steps moved: refine_peak {moved[0]}, polish_second {moved[1]}")
-        sys.exit(0)
-    if "--kernels" in args:
-        from kvgpu.kernels import device
-
-        if "--global" in args:  # no shared memory: every block's working memory in its global rows
-            device.SHARED_BYTES = 0
-        nums = [int(a) for a in args if a.isdigit()] + [2, 2, 3][len([a for a in args if a.isdigit()]):]
-        s_eq, r_eq, moved = kernel_parity(nums[0], nums[1], nums[2])
-        print(f"working memory: {'shared' if device.SHARED_BYTES else 'global'}")
-        print(f"kernel parity: seed {s_eq}/{nums[0]}, search {r_eq}/{nums[1]} (search moved {moved}; "
-              f"{nums[2]} threads a block); cuda_engine equals numba_engine: {engine_parity()}")
-        print(f"solve_batch parity (assignment, kvpr, max_kvpr, lower_bound, status; cuda vs numba): "
-              f"seed {solve_parity(mode='seed')}, search {solve_parity(mode='search', effort=3)}, "
-              f"search+proof {solve_parity(mode='search', effort=2, exact=True, exact_work=20_000)}")
-        sys.exit(0)
-    dev = "--device" in args
-    nums = [int(a) for a in args if a.isdigit()] or [2, 2]
-    main(dev, *nums)
