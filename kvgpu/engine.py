@@ -320,7 +320,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         r = solve_batch_plain(batch.take(rest), whole, "mark")
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
-        out.status[rest] = r.status
+        out.status[rest], out.note[rest] = r.status, r.note
     engines = {r.backend} if rest.size else set()
     if opts.effort:
         from kvgpu.warmup import ensure
@@ -336,12 +336,11 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         res = decomposition.solve(s, w, M, lb0, backend=opts.backend, effort=opts.effort, patience=opts.patience,
                                   seed=opts.seed, ex=opts.executor)
         if res is None:  # the seed packs no partition into groups: the cluster whole
-            r = solve_batch_plain(one, whole, "mark")
-            a, k, m, lo, st = r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
-            engines.add(r.backend)
+            a, k, m, lo, st, used = _whole(one, whole)
+            engines.add(used)
             out.decomposed[b] = False
         else:
-            a, p, _ = res
+            a, p, rep = res
             a, p = a[None], p[None]
             lo = np.array([lb0])
             work = opts.proof_work(s.shape[0])
@@ -353,6 +352,9 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             lo = np.minimum(np.maximum(lo, backends.lower_bound(one, m, opts.backend)), m)
             st = np.array(["ok"], dtype=object)
             engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work), on_cpu=True))
+            if rep.full_gpus:
+                a, k, m, lo, st = _never_worse_than_whole(one, whole, (a, k, m, lo, st), rep.full_gpus, out, b,
+                                                          engines)
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
         out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
         out.status[b] = st[0]
@@ -361,6 +363,32 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
     if failed.size and infeasible == "raise":
         raise _not_placed(out.status, failed, opts.mode)
     return out
+
+
+def _whole(one: Batch, whole: Options):
+    """One instance solved whole (``whole``: the options without decomposition): ``(assign,
+    kvpr, max_kvpr, lower_bound, status, backend)``, status marked rather than raised."""
+    r = solve_batch_plain(one, whole, "mark")
+    return r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status, r.backend
+
+
+def _never_worse_than_whole(one: Batch, whole: Options, dec: tuple, full: int, out: BatchResult, b: int,
+                            engines: set) -> tuple:
+    """A decomposition left ``full`` GPUs with no KV memory (KVPR inf): solve the cluster whole
+    and keep whichever leaves fewer GPUs full (ties: the decomposition), saying so in
+    ``out.note[b]`` (and ``out.decomposed[b]`` False when the whole one is kept).
+    ``dec``: the decomposition's ``(assign, kvpr, max_kvpr, lower_bound, status)``, each (1, ...)."""
+    a, k, m, lo, st, used = _whole(one, whole)
+    engines.add(used)
+    whole_full = int(np.isinf(k[0]).sum()) if st[0] == "ok" else one.gpu_mem.shape[1] + 1
+    if whole_full < full:
+        out.decomposed[b] = False
+        out.note[b] = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solved "
+                       f"whole instead, " + (f"{whole_full} such GPU(s) left" if whole_full else "none left"))
+        return a, k, m, lo, st
+    out.note[b] = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solving the "
+                   f"cluster whole did no better")
+    return dec
 
 
 def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
@@ -375,7 +403,7 @@ def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
         out.status[rest], out.proven[rest], out.backend = r.status, r.proven, r.backend
-        out.decomposed[rest] = r.decomposed
+        out.decomposed[rest], out.note[rest] = r.decomposed, r.note
     return out
 
 
@@ -522,15 +550,7 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
             full = np.zeros(problem.n_gpus)
             full[keep] = kv
             kv = full
-        note = None
-        if res.decomposed[0]:
-            note = ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
-                    "(decompose=False solves the cluster whole)")
-        elif opts.decompose and decomposition.chosen(sub.n_gpus, True):
-            note = ("decompose=True: the seed's packings fit no split of these models into groups, so the cluster "
-                    "was solved whole")
-        elif opts.decompose:
-            note = f"decompose=True: {sub.n_gpus} GPU(s) worth solving on, nothing to split; solved whole"
+        note = _decompose_note(res, opts, sub.n_gpus)
         return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend, note=note,
                          decomposed=bool(res.decomposed[0]))
     decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
@@ -540,6 +560,22 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
     if not problem.is_replan:
         return Placement(problem, assign, kv, float(min(lb, kv.max())), **out)
     return _replan_result(problem, opts, assign, kv, lb, out)
+
+
+def _decompose_note(res: BatchResult, opts: Options, n_gpus: int) -> str | None:
+    """What a plain problem's note says about decomposition (``res``: its one-instance result on
+    ``n_gpus`` GPUs worth solving on): a fallback's reason first, else how it was solved."""
+    if res.note[0]:
+        return res.note[0]
+    if res.decomposed[0]:
+        return ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
+                "(decompose=False solves the cluster whole)")
+    if opts.decompose and decomposition.chosen(n_gpus, True):
+        return ("decompose=True: the seed's packings fit no split of these models into groups, so the cluster was "
+                "solved whole")
+    if opts.decompose:
+        return f"decompose=True: {n_gpus} GPU(s) worth solving on, nothing to split; solved whole"
+    return None
 
 
 def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Placement:
