@@ -23,6 +23,11 @@ the steps needed grow with the cluster); a cluster of ``G`` GPUs split into grou
    keeps its placement, one that does not is left as it was, so no round makes the cluster
    worse.  New draws follow while the GPUs above ``T`` get fewer; a target that stays stuck for
    :data:`REDRAWS` draws becomes the bisection's lower end, one reached its upper end.
+   No bisection starts from an infinite max: where the groups' seeds left a GPU with no KV
+   memory (nearly full clusters), the targets are first the largest finite KVPR, :data:`GROW`
+   times higher after each miss, until every GPU has room (:func:`_feasible_target`).  A GPU
+   still full after the repair is counted in the :class:`Report`; the caller then solves the
+   cluster whole (:mod:`kvgpu.engine`), so a decomposition is never less feasible.
 
 The work is counted in targets (``effort`` of them, at most), never in seconds, so the same
 ``seed`` gives the same placement on every machine and with or without Dask.  Memory is
@@ -368,8 +373,8 @@ def _feasible_target(kv, lb: float, failed: float) -> float:
 
 def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: int, ex, report: Report):
     """Stage 3, in place on ``assign``/``pos`` (module doc).  While a GPU is full (the groups'
-    seeds can leave some with no KV memory at all), the targets are :func:`_feasible_target`'s,
-    which no bisection reaches from an infinite max; they count against ``effort``, not
+    seeds can leave some with no KV memory at all), the targets are :func:`_feasible_target`'s
+    (a bisection from an infinite max has no midpoint); they count against ``effort``, not
     ``patience``."""
     rng = np.random.default_rng(seed)
     U = float(_kvpr(s, w, M, assign)[2].max())
@@ -418,7 +423,8 @@ def solve(sizes, demand, gpu_mem, lb: float, *, backend: str, effort: int, patie
     Returns
     -------
     ``(assign (n,) int64, pos (n,) int64, Report)``, or None when no partition into two or more
-    groups packs with the seed's packings (the caller then solves the cluster whole).
+    groups packs with the seed's packings (the caller then solves the cluster whole, as it does
+    when ``Report.full_gpus`` GPUs are left with no KV memory).
     """
     ex = ex or LocalExecutor()
     s = np.ascontiguousarray(sizes, dtype=np.float64)
