@@ -324,3 +324,16 @@ def test_the_fleet_case_512_gpus_97_full_is_finite(tmp_path):
     d = json.loads(out.read_text())
     assert d["decomposed"] is True and all(isinstance(g["kvpr"], float) and g["kv_free_gb"] > 0 for g in d["gpus"])
     assert d["max_kvpr"] <= 1.2083 * 1.005 and d["lower_bound"] == pytest.approx(1.2042, abs=1e-4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.integers(8, 24), st.floats(0.93, 0.99))
+def test_decomposed_never_leaves_more_gpus_full_than_the_whole_cluster(seed, G, fill):
+    """Property (the kind of the fleet case): forced through decompose=True, a tight cluster
+    never ends with more GPUs at KVPR inf than the whole-cluster search leaves."""
+    inst = tight(np.random.default_rng(seed), G, fill)
+    dec = kvgpu.solve(_models(inst), G, decompose=True, effort=10)
+    whole = kvgpu.solve(_models(inst), G, decompose=False, effort=10)
+    assert np.isinf(dec.kvpr).sum() <= np.isinf(whole.kvpr).sum()
+    S = np.bincount(dec.assignment, weights=inst.sizes, minlength=G)
+    assert (S <= inst.gpu_mem + 1e-9).all()
