@@ -339,6 +339,8 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             a, k, m, lo, st, used = _whole(one, whole)
             engines.add(used)
             out.decomposed[b] = False
+            out.note[b] = ("the seed's packings fit no split of these models into groups, so the cluster was solved "
+                           "whole")
         else:
             a, p, rep = res
             a, p = a[None], p[None]
@@ -570,9 +572,6 @@ def _decompose_note(res: BatchResult, opts: Options, n_gpus: int) -> str | None:
     if res.decomposed[0]:
         return ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
                 "(decompose=False solves the cluster whole)")
-    if opts.decompose and decomposition.chosen(n_gpus, True):
-        return ("decompose=True: the seed's packings fit no split of these models into groups, so the cluster was "
-                "solved whole")
     if opts.decompose:
         return f"decompose=True: {n_gpus} GPU(s) worth solving on, nothing to split; solved whole"
     return None

@@ -126,14 +126,19 @@ def test_automatic_from_the_threshold(monkeypatch):
     assert not kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, mode="seed").decomposed[0]  # the seed, whole
 
 
-def test_a_split_the_seed_cannot_pack_is_solved_whole_and_said():
+@pytest.mark.parametrize("asked", [True, None])
+def test_a_split_the_seed_cannot_pack_is_solved_whole_and_said(asked, monkeypatch):
     # two models of 70 GB per pair of 80 GB GPUs only fit one per GPU: groups of the partition
-    # by load cannot all pack, the cluster whole does
+    # by load cannot all pack, the cluster whole does; said also where decomposing was automatic
+    monkeypatch.setattr(decompose, "AUTO_GPUS", 4)
     models = [dict(model_size=70.0 if i % 2 else 5.0, req_rate=1.0 + i, slo=1.0) for i in range(8)]
-    p = kvgpu.solve(models, 4, decompose=True)
+    p = kvgpu.solve(models, 4, decompose=asked)
     assert (np.bincount(p.assignment, weights=[m["model_size"] for m in models], minlength=4) <= 80).all()
     if "decomposition" not in (p.note or ""):
         assert "solved whole" in p.note
+    monkeypatch.setattr(decompose, "solve", lambda *a, **k: None)  # no split packs, for sure
+    p = kvgpu.solve(models, 4, decompose=asked)
+    assert not p.decomposed and "fit no split" in p.note and "solved whole" in p.note
 
 
 @pytest.mark.parametrize("kwargs, words", [
