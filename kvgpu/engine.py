@@ -336,8 +336,9 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         res = decomposition.solve(s, w, M, lb0, backend=opts.backend, effort=opts.effort, patience=opts.patience,
                                   seed=opts.seed, ex=opts.executor)
         if res is None:  # the seed packs no partition into groups: the cluster whole
-            a, k, m, lo, st, used = _whole(one, whole)
-            engines.add(used)
+            r = solve_batch_plain(one, whole, "mark")
+            a, k, m, lo, st = r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
+            engines.add(r.backend)
             out.decomposed[b] = False
             out.note[b] = ("the seed's packings fit no split of these models into groups, so the cluster was solved "
                            "whole")
@@ -367,27 +368,20 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
     return out
 
 
-def _whole(one: Batch, whole: Options):
-    """One instance solved whole (``whole``: the options without decomposition): ``(assign,
-    kvpr, max_kvpr, lower_bound, status, backend)``, status marked rather than raised."""
-    r = solve_batch_plain(one, whole, "mark")
-    return r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status, r.backend
-
-
 def _never_worse_than_whole(one: Batch, whole: Options, dec: tuple, full: int, out: BatchResult, b: int,
                             engines: set) -> tuple:
     """A decomposition left ``full`` GPUs with no KV memory (KVPR inf): solve the cluster whole
     and keep whichever leaves fewer GPUs full (ties: the decomposition), saying so in
     ``out.note[b]`` (and ``out.decomposed[b]`` False when the whole one is kept).
     ``dec``: the decomposition's ``(assign, kvpr, max_kvpr, lower_bound, status)``, each (1, ...)."""
-    a, k, m, lo, st, used = _whole(one, whole)
-    engines.add(used)
-    whole_full = int(np.isinf(k[0]).sum()) if st[0] == "ok" else one.gpu_mem.shape[1] + 1
+    r = solve_batch_plain(one, whole, "mark")
+    engines.add(r.backend)
+    whole_full = int(np.isinf(r.kvpr[0]).sum()) if r.status[0] == "ok" else one.gpu_mem.shape[1] + 1
     if whole_full < full:
         out.decomposed[b] = False
         out.note[b] = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solved "
                        f"whole instead, " + (f"{whole_full} such GPU(s) left" if whole_full else "none left"))
-        return a, k, m, lo, st
+        return r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
     out.note[b] = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solving the "
                    f"cluster whole did no better")
     return dec
