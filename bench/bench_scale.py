@@ -1,7 +1,9 @@
 """Fleet scale: GPUs, models, time, peak memory and gap to the lower bound, 256 to 16,384 GPUs.
 
-Two families (:mod:`kvgpu.generate`): ``uniform`` (10-30 GB models, 92% of memory) and ``llm``
-(realistic checkpoint sizes, Zipf popularity, 85%), one instance per size, solved through
+Three families (:mod:`kvgpu.generate`): ``uniform`` (10-30 GB models, 92% of memory), ``llm``
+(realistic checkpoint sizes, Zipf popularity, 85%) and ``tight`` (``uniform``'s models 97% full,
+where a packing easily leaves a GPU with no KV memory: the ``full`` column counts such GPUs,
+which must be 0), one instance per size, solved through
 :func:`kvgpu.solve_batch` with the numba backend at default effort -- search mode (big clusters
 decomposed, :mod:`kvgpu.decompose`) and seed mode beside it where it finishes within
 ``--seed-limit`` seconds.  Each run is a fresh process, so its peak memory (max RSS) is its own
@@ -32,13 +34,15 @@ HERE = Path(__file__).parent
 
 
 def _instance(family: str, gpus: int):
-    from kvgpu.generate import fixed_count, llm, uniform
+    from kvgpu.generate import fixed_count, llm, tight, uniform
 
     rng = np.random.default_rng(2026 + gpus)
     if family == "uniform":
         return uniform(rng, gpus, 0.92)
     if family == "llm":
         return llm(rng, gpus, 0.85)
+    if family == "tight":
+        return tight(rng, gpus, 0.97)
     return fixed_count(rng, gpus, 5000)  # "many": 5,000 models on `gpus` GPUs
 
 
@@ -58,6 +62,7 @@ def _run(family, gpus, mode, out):
     wall = time.perf_counter() - t0
     out.put({"models": inst.n_models, "wall_s": wall, "load_s": load, "max_kvpr": float(r.max_kvpr[0]),
              "lower_bound": float(r.lower_bound[0]), "decomposed": bool(r.decomposed[0]),
+             "full_gpus": int(np.isinf(r.kvpr[0]).sum()), "note": str(r.note[0]),
              "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
@@ -79,7 +84,7 @@ def measure(family, gpus, mode, limit_s):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", type=int, nargs="*", default=[256, 1024, 4096, 16384])
-    ap.add_argument("--families", nargs="*", default=["uniform", "llm"])
+    ap.add_argument("--families", nargs="*", default=["uniform", "llm", "tight"])
     ap.add_argument("--seed-limit", type=float, default=300.0, help="seconds a seed-mode run may take")
     ap.add_argument("--limit", type=float, default=1800.0, help="seconds a search run may take")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
@@ -88,8 +93,8 @@ def main():
 
     warmup(["batch", "fleet"])
     rows = []
-    print(f"{'family':<8} {'GPUs':>6} {'models':>7} {'mode':<7} {'time s':>9} {'peak MB':>8} {'gap %':>8}  note "
-          f"(+ s to load the kernels)")
+    print(f"{'family':<8} {'GPUs':>6} {'models':>7} {'mode':<7} {'time s':>9} {'peak MB':>8} {'gap %':>8} {'full':>5}  "
+          f"note (+ s to load the kernels)")
 
     def row(family, gpus, mode, limit):
         r = measure(family, gpus, mode, limit)
@@ -98,9 +103,10 @@ def main():
             rows.append({"family": family, "gpus": gpus, "mode": mode, "finished": False, "limit_s": limit})
             return None
         gap = r["max_kvpr"] / r["lower_bound"] - 1
-        note = ("decomposed" if r["decomposed"] else "whole") + f" (+{r['load_s']:.1f})"
+        note = ("decomposed" if r["decomposed"] else "whole") + f" (+{r['load_s']:.1f})" + (
+            f"; {r['note']}" if r["note"] else "")
         print(f"{family:<8} {gpus:>6} {r['models']:>7} {mode:<7} {r['wall_s']:>9.2f} {r['peak_mb']:>8.0f} "
-              f"{100 * gap:>8.3f}  {note}", flush=True)
+              f"{100 * gap:>8.3f} {r['full_gpus']:>5}  {note}", flush=True)
         rows.append({"family": family, "gpus": gpus, "mode": mode, "finished": True, "gap": gap, **r})
         return r
 

@@ -23,6 +23,11 @@ the steps needed grow with the cluster); a cluster of ``G`` GPUs split into grou
    keeps its placement, one that does not is left as it was, so no round makes the cluster
    worse.  New draws follow while the GPUs above ``T`` get fewer; a target that stays stuck for
    :data:`REDRAWS` draws becomes the bisection's lower end, one reached its upper end.
+   No bisection starts from an infinite max: where the groups' seeds left a GPU with no KV
+   memory (nearly full clusters), the targets are first the largest finite KVPR, :data:`GROW`
+   times higher after each miss, until every GPU has room (:func:`_feasible_target`).  A GPU
+   still full after the repair is counted in the :class:`Report`; the caller then solves the
+   cluster whole (:mod:`kvgpu.engine`), so a decomposition is never less feasible.
 
 The work is counted in targets (``effort`` of them, at most), never in seconds, so the same
 ``seed`` gives the same placement on every machine and with or without Dask.  Memory is
@@ -41,6 +46,7 @@ on uniform clusters (256 GPUs: 0.17% whole, 0.22% decomposed).
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +67,8 @@ AUTO_GPUS = 512
 REDRAWS = 3
 #: Most draws at one target (each with fewer GPUs above it than the last).
 MAX_DRAWS = 12
+#: While a GPU is full, a target not reached is followed by one this many times higher.
+GROW = 2.0
 #: Each target is this share of the way from the max KVPR down to the bisection's lower end.
 STEP = 0.5
 #: The bisection stops once the max KVPR is within this relative distance of its lower end.
@@ -318,17 +326,70 @@ class Report:
     groups: int
     draws: int = 0
     targets: int = 0
+    #: GPUs left with no KV memory (KVPR inf) after the repair: the caller falls back (module doc).
+    full_gpus: int = 0
+
+
+def _reach(s, w, M, assign, pos, T: float, rng, ex, report: Report) -> bool:
+    """Draws of lanes at the target ``T`` (module doc, stage 3), in place on ``assign``/``pos``:
+    True once every GPU is at KVPR <= ``T``; False after :data:`REDRAWS` draws without fewer
+    GPUs above it, or :data:`MAX_DRAWS` in all.  No draw makes a GPU worse than ``T`` or its
+    own KVPR before."""
+    stuck, steps = 0, LANE_STEPS
+    for _ in range(MAX_DRAWS):
+        S, W, kv = _kvpr(s, w, M, assign)
+        hot = int((kv > T).sum())
+        if hot == 0:
+            return True
+        gpu_lane, D = _draw(kv, M - S - W / T, T, rng)
+        model_lane = gpu_lane[assign]
+        sz, dm, mem, nm, ng, a, p, (morder, mstart), (gorder, gstart) = _lanes(
+            model_lane, gpu_lane, D, s, w, M, assign, pos)
+        seeds = rng.integers(0, 2 ** 62, D, dtype=np.int64)
+        a, p, ok = _run(ex, repair_lanes, (sz, dm, mem, nm, ng, np.full(D, T), seeds, a, p), (steps,))
+        report.draws += 1
+        _scatter(np.nonzero(ok)[0], a, p, (morder, mstart), (gorder, gstart), assign, pos)
+        _dense(pos)  # a GPU's models are in one lane: their order is the lane's
+        after = int((_kvpr(s, w, M, assign)[2] > T).sum())
+        if after == 0:
+            return True
+        if after < hot:
+            stuck = 0
+        else:
+            stuck, steps = stuck + 1, 2 * steps
+            if stuck >= REDRAWS:
+                return False
+    return False
+
+
+def _feasible_target(kv, lb: float, failed: float) -> float:
+    """The next target while some GPU is full (KVPR inf): the largest finite KVPR (every other
+    GPU already meets it, so the lanes only have to give the full GPUs room), at least the
+    bound, and :data:`GROW` times the last target that was not reached.  ``kv`` (G,)."""
+    finite = kv[np.isfinite(kv)]
+    top = float(finite.max()) if finite.size else 0.0
+    return max(top, lb, GROW * failed, np.finfo(float).tiny)
 
 
 def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: int, ex, report: Report):
-    """Stage 3, in place on ``assign``/``pos`` (module doc)."""
+    """Stage 3, in place on ``assign``/``pos`` (module doc).  While a GPU is full (the groups'
+    seeds can leave some with no KV memory at all), the targets are :func:`_feasible_target`'s
+    (a bisection from an infinite max has no midpoint); they count against ``effort``, not
+    ``patience``."""
     rng = np.random.default_rng(seed)
-    _, _, kv = _kvpr(s, w, M, assign)
-    U = float(kv.max())
+    U = float(_kvpr(s, w, M, assign)[2].max())
     lo = lb
     since_gain = 0
     cycle_gain = False  # a lower max since the bisection last started from the bound
+    failed = 0.0  # the last target not reached while a GPU was full
     for _ in range(effort):
+        if math.isinf(U):
+            T = _feasible_target(_kvpr(s, w, M, assign)[2], lb, failed)
+            report.targets += 1
+            if not _reach(s, w, M, assign, pos, T, rng, ex, report):
+                failed = T
+            U = float(_kvpr(s, w, M, assign)[2].max())
+            continue
         if U <= lb * (1 + STOP_GAP) or since_gain >= patience:
             break
         if U - lo <= STOP_GAP * U:  # converged: start again from the bound with new draws, if it paid
@@ -337,32 +398,7 @@ def _repair(s, w, M, assign, pos, lb: float, effort: int, patience: int, seed: i
             lo, cycle_gain = lb, False
         T = max(lb, U - STEP * (U - lo))
         report.targets += 1
-        stuck, reached, steps = 0, False, LANE_STEPS
-        for _ in range(MAX_DRAWS):
-            S, W, kv = _kvpr(s, w, M, assign)
-            hot = int((kv > T).sum())
-            if hot == 0:
-                reached = True
-                break
-            gpu_lane, D = _draw(kv, M - S - W / T, T, rng)
-            model_lane = gpu_lane[assign]
-            sz, dm, mem, nm, ng, a, p, (morder, mstart), (gorder, gstart) = _lanes(
-                model_lane, gpu_lane, D, s, w, M, assign, pos)
-            seeds = rng.integers(0, 2 ** 62, D, dtype=np.int64)
-            a, p, ok = _run(ex, repair_lanes, (sz, dm, mem, nm, ng, np.full(D, T), seeds, a, p), (steps,))
-            report.draws += 1
-            _scatter(np.nonzero(ok)[0], a, p, (morder, mstart), (gorder, gstart), assign, pos)
-            _dense(pos)  # a GPU's models are in one lane: their order is the lane's
-            after = int((_kvpr(s, w, M, assign)[2] > T).sum())
-            if after < hot:
-                stuck = 0
-            else:
-                stuck, steps = stuck + 1, 2 * steps
-            if after == 0:
-                reached = True
-                break
-            if stuck >= REDRAWS:
-                break
+        reached = _reach(s, w, M, assign, pos, T, rng, ex, report)
         new_U = float(_kvpr(s, w, M, assign)[2].max())
         since_gain = 0 if new_U < U else since_gain + 1
         cycle_gain = cycle_gain or new_U < U
@@ -387,7 +423,8 @@ def solve(sizes, demand, gpu_mem, lb: float, *, backend: str, effort: int, patie
     Returns
     -------
     ``(assign (n,) int64, pos (n,) int64, Report)``, or None when no partition into two or more
-    groups packs with the seed's packings (the caller then solves the cluster whole).
+    groups packs with the seed's packings (the caller then solves the cluster whole, as it does
+    when ``Report.full_gpus`` GPUs are left with no KV memory).
     """
     ex = ex or LocalExecutor()
     s = np.ascontiguousarray(sizes, dtype=np.float64)
@@ -401,4 +438,5 @@ def solve(sizes, demand, gpu_mem, lb: float, *, backend: str, effort: int, patie
     report = Report(groups=K)
     if effort > 0:
         _repair(s, w, M, assign, pos, lb, effort, patience, seed, ex, report)
+    report.full_gpus = int(np.isinf(_kvpr(s, w, M, assign)[2]).sum())
     return assign, pos, report

@@ -344,7 +344,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         r = solve_batch_plain(batch.take(rest), whole, "mark")
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
-        out.status[rest], out.proven[rest], out.certified[rest] = r.status, r.proven, r.certified
+        out.status[rest], out.proven[rest], out.certified[rest], out.note[rest] = r.status, r.proven, r.certified, r.note
     engines = {r.backend} if rest.size else set()
     if opts.effort:
         from kvgpu.warmup import ensure
@@ -365,8 +365,10 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             out.proven[b], out.certified[b] = r.proven[0], r.certified[0]
             engines.add(r.backend)
             out.decomposed[b] = False
+            out.note[b] = ("the seed's packings fit no split of these models into groups, so the cluster was solved "
+                           "whole")
         else:
-            a, p, _ = res
+            a, p, rep = res
             a, p = a[None], p[None]
             lo = np.array([lb0])
             work = opts.proof_work(s.shape[0])
@@ -380,6 +382,9 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
             out.proven[b] = _proven(out.certified[b:b + 1], m, lo)[0]
             st = np.array(["ok"], dtype=object)
             engines.add(_engines(opts.backend, searched=opts.effort > 0, proved=bool(work), on_cpu=True))
+            if rep.full_gpus:
+                a, k, m, lo, st = _never_worse_than_whole(one, whole, (a, k, m, lo, st), rep.full_gpus, out, b,
+                                                          engines)
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
         out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
         out.status[b] = st[0]
@@ -388,6 +393,26 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
     if failed.size and infeasible == "raise":
         raise _not_placed(out.status, failed, opts.mode)
     return out
+
+
+def _never_worse_than_whole(one: Batch, whole: Options, dec: tuple, full: int, out: BatchResult, b: int,
+                            engines: set) -> tuple:
+    """A decomposition left ``full`` GPUs with no KV memory (KVPR inf): solve the cluster whole
+    and keep whichever leaves fewer GPUs full (ties: the decomposition), saying so in
+    ``out.note[b]`` (and ``out.decomposed[b]`` False when the whole one is kept).
+    ``dec``: the decomposition's ``(assign, kvpr, max_kvpr, lower_bound, status)``, each (1, ...)."""
+    r = solve_batch_plain(one, whole, "mark")
+    engines.add(r.backend)
+    whole_full = int(np.isinf(r.kvpr[0]).sum()) if r.status[0] == "ok" else one.gpu_mem.shape[1] + 1
+    if whole_full < full:
+        out.decomposed[b] = False
+        out.proven[b], out.certified[b] = r.proven[0], r.certified[0]
+        out.note[b] = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solved "
+                       f"whole instead, " + (f"{whole_full} such GPU(s) left" if whole_full else "none left"))
+        return r.assignment, r.kvpr, r.max_kvpr, r.lower_bound, r.status
+    out.note[b] = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solving the "
+                   f"cluster whole did no better")
+    return dec
 
 
 def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
@@ -402,7 +427,7 @@ def _without(batch: Batch, opts: Options, skip: np.ndarray) -> BatchResult:
         out.assignment[rest], out.kvpr[rest], out.max_kvpr[rest], out.lower_bound[rest] = (
             r.assignment, r.kvpr, r.max_kvpr, r.lower_bound)
         out.status[rest], out.proven[rest], out.certified[rest], out.backend = r.status, r.proven, r.certified, r.backend
-        out.decomposed[rest] = r.decomposed
+        out.decomposed[rest], out.note[rest] = r.decomposed, r.note
     return out
 
 
@@ -549,15 +574,7 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
             full = np.zeros(problem.n_gpus)
             full[keep] = kv
             kv = full
-        note = None
-        if res.decomposed[0]:
-            note = ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
-                    "(decompose=False solves the cluster whole)")
-        elif opts.decompose and decomposition.chosen(sub.n_gpus, True):
-            note = ("decompose=True: the seed's packings fit no split of these models into groups, so the cluster "
-                    "was solved whole")
-        elif opts.decompose:
-            note = f"decompose=True: {sub.n_gpus} GPU(s) worth solving on, nothing to split; solved whole"
+        note = _decompose_note(res, opts, sub.n_gpus)
         return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend, note=note,
                          decomposed=bool(res.decomposed[0]))
     decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
@@ -567,6 +584,19 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
     if not problem.is_replan:
         return Placement(problem, assign, kv, float(min(lb, kv.max())), **out)
     return _replan_result(problem, opts, assign, kv, lb, out)
+
+
+def _decompose_note(res: BatchResult, opts: Options, n_gpus: int) -> str | None:
+    """What a plain problem's note says about decomposition (``res``: its one-instance result on
+    ``n_gpus`` GPUs worth solving on): a fallback's reason first, else how it was solved."""
+    if res.note[0]:
+        return res.note[0]
+    if res.decomposed[0]:
+        return ("solved by decomposition: groups of GPUs as one batch, then a repair between them "
+                "(decompose=False solves the cluster whole)")
+    if opts.decompose:
+        return f"decompose=True: {n_gpus} GPU(s) worth solving on, nothing to split; solved whole"
+    return None
 
 
 def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Placement:

@@ -133,6 +133,13 @@ def uniform(rng: np.random.Generator, gpus: int, fill: float = 0.92) -> Instance
     return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: SIZES["uniform"](rng), lambda n: demand(rng, n))
 
 
+def tight(rng: np.random.Generator, gpus: int, fill: float | None = None) -> Instance:
+    """:func:`uniform`'s models (10-30 GB, ADRS's demand) nearly filling the cluster: ``fill``
+    drawn in 93-98% unless given.  A GPU holds 2-3 GB of KV memory on average, so a packing
+    can easily leave one with none (KVPR inf)."""
+    return uniform(rng, gpus, float(rng.uniform(0.93, 0.98)) if fill is None else fill)
+
+
 def llm(rng: np.random.Generator, gpus: int, fill: float = 0.85) -> Instance:
     """Realistic checkpoints (:data:`LLM_SIZES`, small ones more common) with Zipf popularity, SLOs 2-10."""
     return _fill_up(rng, np.full(gpus, 80.0), fill, lambda: SIZES["llm"](rng),

@@ -247,18 +247,18 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                               "was given")
 
     sizes, demand, names, objects, model_of, allow_rows, group, node_group, cur = ([] for _ in range(9))
-    multi = pinned = False
+    multi = False
+    # one row of allowed GPUs per item only where some model restricts its GPUs: plain models
+    # cost O(1) each here, so the problem is O(models + GPUs)
+    pinned = any(m.pin is not None or bool(m.forbid) for m in specs)
     n_node_groups = 0
     node_size = np.bincount(node_of) if node_of.size else np.zeros(0, np.int64)
+    top = float(usable.max())
     for i, m in enumerate(specs):
         k = m.tp * m.replicas
         if k > G:
             raise InvalidInstance(f"{m.where}: tp x replicas = {k} shards need {k} distinct GPUs; the cluster has {G}")
-        allowed = np.ones(G, bool)
-        for g in m.forbid:
-            if g >= G:
-                raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
-            allowed[g] = False
+        allowed = _forbidden_mask(m, G)
         pins = None
         if m.pin is not None:
             pins = list(m.pin)
@@ -269,12 +269,13 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                                       f"give one GPU id per shard")
             if len(set(pins)) != len(pins):
                 raise InvalidInstance(f"{m.where}: pin repeats a GPU, but shards and replicas need distinct GPUs")
-            if not allowed[pins].all():
+            if allowed is not None and not allowed[pins].all():
                 raise InvalidInstance(f"{m.where}: pinned to GPU {[g for g in pins if not allowed[g]][0]}, which it "
                                       f"also forbids")
-        if allowed.sum() < k:
-            raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {int(allowed.sum())} GPU(s) "
-                                  f"are allowed")
+        n_allowed = G if allowed is None else int(allowed.sum())
+        if n_allowed < k:
+            raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {n_allowed} GPU(s) are "
+                                  f"allowed")
         together = m.tp > 1 and node_of.size > 0 and m.same_node is not False
         if m.same_node is not None:
             if m.tp == 1:
@@ -282,8 +283,8 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             if m.same_node and node_of.size == 0:
                 raise InvalidInstance(f"{m.where}: same_node needs the cluster's nodes (nodes or gpus_per_node)")
         if together:
-            room = [int(allowed[node_of == nd].sum()) for nd in range(node_size.size)]
-            if max(room) < m.tp:
+            room = node_size if allowed is None else np.bincount(node_of[allowed], minlength=node_size.size)
+            if room.max() < m.tp:
                 raise InvalidInstance(f"{m.where}: its tp={m.tp} shards must share a node, but no node has {m.tp} "
                                       f"GPUs it may use (set same_node: false to let them span nodes)")
             if pins is not None:  # shards are interchangeable: group the pinned GPUs node by node
@@ -305,7 +306,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                               f"read as {len(cur_ids)} running shard(s), the other {k - len(cur_ids)} placed as new "
                               f"(give one GPU id per shard)", KvgpuWarning, stacklevel=3)
         shard_size = m.size / m.tp + m.overhead_gb
-        fit = usable[allowed].max()
+        fit = top if allowed is None else float(usable[allowed].max())
         if shard_size > fit + EPS * mem_unit(fit):
             what = "a shard" if k > 1 else "it"
             raise InvalidInstance(f"{m.where}: {what} needs {shard_size:g} GB (size / tp + overhead_gb), larger than "
@@ -317,18 +318,18 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             names.append((m.name if m.name is not None else f"#{i}") + (f"/{c}" if k > 1 else ""))
             objects.append(m.obj)
             model_of.append(i)
-            row = allowed.copy()
-            if pins is not None:
-                row[:] = False
-                row[pins[c]] = True
-            allow_rows.append(row)
+            if pinned:
+                row = np.ones(G, bool) if allowed is None else allowed.copy()
+                if pins is not None:
+                    row[:] = False
+                    row[pins[c]] = True
+                allow_rows.append(row)
             group.append(i if k > 1 else -1)
             node_group.append(n_node_groups + c // m.tp if together else -1)
             cur.append(cur_ids[c] if cur_ids is not None and c < len(cur_ids) else -1)
         if together:
             n_node_groups += m.replicas
         multi |= k > 1
-        pinned |= m.pin is not None or bool(m.forbid)
     n = len(sizes)
     sizes_a = np.asarray(sizes, float)
     if sizes_a.sum() > usable.sum() + EPS * mem_unit(usable.sum()):
@@ -355,6 +356,19 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
 
         prob = replace(prob, gpu_class=_gpu_classes(prob))
     return prob
+
+
+def _forbidden_mask(m: ModelSpec, G: int) -> np.ndarray | None:
+    """The GPUs model ``m`` may use after its ``forbid`` list, (G,) bool; None when it forbids
+    none (every GPU: nothing per GPU is allocated for it)."""
+    if not m.forbid:
+        return None
+    allowed = np.ones(G, bool)
+    for g in m.forbid:
+        if g >= G:
+            raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
+        allowed[g] = False
+    return allowed
 
 
 def _check_current_memory(specs, model_of, cur, mem) -> None:

@@ -357,6 +357,8 @@ class BatchResult:
         and ``gap`` may measure the bound's weakness more than the answer's (:attr:`bound_source`).
     backend : str -- every engine that ran (e.g. ``"numba"``, ``"numpy+numba"``).
     decomposed : ndarray (B,) bool -- solved by decomposition into groups (:mod:`kvgpu.decompose`).
+    note : ndarray (B,) object -- why an instance was not solved the way its options ask (e.g. a
+        decomposition that left GPUs full, replaced by the whole-cluster search), "" where not.
 
     When :func:`kvgpu.solve_batch` was given CuPy arrays, ``assignment``, ``kvpr``, ``max_kvpr``
     and ``lower_bound`` are CuPy arrays (same shapes and dtypes); ``status`` and ``proven`` stay
@@ -372,6 +374,7 @@ class BatchResult:
     proven: np.ndarray | None = None
     decomposed: np.ndarray | None = None
     certified: np.ndarray | None = None
+    note: np.ndarray | None = None
 
     def __post_init__(self):
         B = self.max_kvpr.shape[0]
@@ -381,6 +384,8 @@ class BatchResult:
             self.proven = np.zeros(B, bool)
         if self.decomposed is None:
             self.decomposed = np.zeros(B, bool)
+        if self.note is None:
+            self.note = np.full(B, "", dtype=object)
         if self.certified is None:
             self.certified = self.proven.copy()
 
@@ -407,4 +412,4 @@ class BatchResult:
         GPU by ``cp`` (the CuPy module), once each."""
         return BatchResult(cp.asarray(self.assignment), cp.asarray(self.kvpr), cp.asarray(self.max_kvpr),
                            cp.asarray(self.lower_bound), backend=self.backend, status=self.status, proven=self.proven,
-                           decomposed=self.decomposed, certified=self.certified)
+                           decomposed=self.decomposed, certified=self.certified, note=self.note)

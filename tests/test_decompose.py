@@ -1,16 +1,21 @@
 """Decomposition of big clusters (kvgpu.decompose): partition, lanes, the repair between groups,
 the options that steer it, and Dask giving the local answer."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import kvgpu
 from kvgpu import decompose
 from kvgpu.batch.state import batch_from_instances
 from kvgpu.bounds import lower_bound, simple_bound
 from kvgpu.errors import InvalidInstance
-from kvgpu.generate import hetero, uniform
+from kvgpu.generate import hetero, tight, uniform
+
+FLEET = Path(__file__).parent / "data" / "fleet"
 
 
 def _models(inst):
@@ -121,14 +126,19 @@ def test_automatic_from_the_threshold(monkeypatch):
     assert not kvgpu.solve_batch(b.sizes, b.demand, b.gpu_mem, mode="seed").decomposed[0]  # the seed, whole
 
 
-def test_a_split_the_seed_cannot_pack_is_solved_whole_and_said():
+@pytest.mark.parametrize("asked", [True, None])
+def test_a_split_the_seed_cannot_pack_is_solved_whole_and_said(asked, monkeypatch):
     # two models of 70 GB per pair of 80 GB GPUs only fit one per GPU: groups of the partition
-    # by load cannot all pack, the cluster whole does
+    # by load cannot all pack, the cluster whole does; said also where decomposing was automatic
+    monkeypatch.setattr(decompose, "AUTO_GPUS", 4)
     models = [dict(model_size=70.0 if i % 2 else 5.0, req_rate=1.0 + i, slo=1.0) for i in range(8)]
-    p = kvgpu.solve(models, 4, decompose=True)
+    p = kvgpu.solve(models, 4, decompose=asked)
     assert (np.bincount(p.assignment, weights=[m["model_size"] for m in models], minlength=4) <= 80).all()
     if "decomposition" not in (p.note or ""):
         assert "solved whole" in p.note
+    monkeypatch.setattr(decompose, "solve", lambda *a, **k: None)  # no split packs, for sure
+    p = kvgpu.solve(models, 4, decompose=asked)
+    assert not p.decomposed and "fit no split" in p.note and "solved whole" in p.note
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -247,3 +257,89 @@ def test_json_says_decomposed_and_backend_names_only_what_ran():
     assert kvgpu.solve(_models(inst), 64, decompose=True, backend="numpy").backend == "numpy+numba"
     one = kvgpu.solve(_models(inst)[:1], 8, decompose=True)
     assert not one.decomposed and "nothing to split" in one.note
+
+
+# ----------------------------------------------------------------------------- tight clusters
+# The groups' seeds can leave GPUs with no KV memory at all (KVPR inf) when the cluster is
+# nearly full; the repair between groups must give them room before it bisects (no bisection
+# reaches anything from an infinite max), and the answer is never worse than solving whole.
+
+def _full_gpus(inst, assign):
+    S = np.bincount(assign, weights=inst.sizes, minlength=inst.n_gpus)
+    return int((S >= inst.gpu_mem).sum())
+
+
+def test_the_repair_gives_full_gpus_room_first():
+    """tight(4) on 64 GPUs (97.4% full): the groups' seeds leave 24 GPUs full (it ended there,
+    max inf, before); the repair brings every GPU to a finite KVPR, within 1% of the
+    whole-cluster search's 1.39643 (measured)."""
+    inst = tight(np.random.default_rng(4), 64)
+    lb = _bound(inst)
+    a0, _, rep0 = decompose.solve(inst.sizes, inst.demand, inst.gpu_mem, lb, backend="numba", effort=0, patience=6,
+                                  seed=0)
+    assert _full_gpus(inst, a0) > 0 and rep0.full_gpus > 0  # the kind this test is about
+    a, p, rep = decompose.solve(inst.sizes, inst.demand, inst.gpu_mem, lb, backend="numba", effort=30, patience=6,
+                                seed=0)
+    assert rep.full_gpus == 0 and _full_gpus(inst, a) == 0
+    G = inst.n_gpus
+    S = np.bincount(a, weights=inst.sizes, minlength=G)
+    kv = np.bincount(a, weights=inst.demand, minlength=G) / (inst.gpu_mem - S)
+    assert (S < inst.gpu_mem).all() and lb * (1 - 1e-12) <= kv.max() <= 1.39643 * 1.01
+
+
+@pytest.mark.parametrize("seed", [100, 101, 104, 106])
+def test_decomposed_tight_clusters_are_finite(seed):
+    """Tight draws (97-98% full) forced through decompose=True on 64 GPUs: never a GPU left
+    full (100 and 104 left 20 and 12 before), and within 2% of the bound."""
+    inst = tight(np.random.default_rng(seed), 64)
+    p = kvgpu.solve(_models(inst), 64, decompose=True, effort=30)
+    assert np.isfinite(p.kvpr).all() and p.decomposed
+    assert p.max_kvpr <= p.lower_bound * 1.02
+
+
+def test_a_decomposition_left_full_falls_back_to_the_whole_cluster(monkeypatch):
+    """No draws at all (MAX_DRAWS 0): the decomposition keeps its groups' full GPUs, so the
+    cluster is solved whole, which finds room on every GPU, and the note says so."""
+    monkeypatch.setattr(decompose, "MAX_DRAWS", 0)
+    inst = tight(np.random.default_rng(4), 64)
+    p = kvgpu.solve(_models(inst), 64, decompose=True, effort=3)
+    assert np.isfinite(p.max_kvpr) and not p.decomposed
+    assert "left 24 GPU(s) with no memory for the KV cache" in p.note and "solved whole instead" in p.note
+
+
+def test_a_fallback_that_does_no_better_keeps_the_decomposition_and_says_so():
+    """effort 0: no repair, and the whole cluster's seed leaves GPUs full too: the note says
+    both did, the answer stays the decomposition's."""
+    inst = tight(np.random.default_rng(4), 64)
+    p = kvgpu.solve(_models(inst), 64, decompose=True, effort=0)
+    assert p.decomposed and not np.isfinite(p.max_kvpr)
+    assert "solving the cluster whole did no better" in p.note
+
+
+def test_the_fleet_case_512_gpus_97_full_is_finite(tmp_path):
+    """The fleet case (tests/data/fleet/decomposed_full_gpus.csv, 1,982 models of 10-30 GB on
+    512 GPUs, 97% full), ``kvgpu solve FILE --gpus 512 --seed 3``: decomposed by default; it
+    ended with 17 GPUs full (max inf).  Right: finite, within 0.5% of the whole-cluster answer
+    1.2083 (bound 1.2042)."""
+    from kvgpu import cli
+
+    out = tmp_path / "p.json"
+    assert cli.main(["solve", str(FLEET / "decomposed_full_gpus.csv"), "--gpus", "512", "--seed", "3",
+                     "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["decomposed"] is True and all(isinstance(g["kvpr"], float) and g["kv_free_gb"] > 0 for g in d["gpus"])
+    assert d["max_kvpr"] <= 1.2083 * 1.005 and d["lower_bound"] == pytest.approx(1.2042, abs=1e-4)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000), st.integers(8, 24), st.floats(0.93, 0.99))
+@example(6, 16, 0.9660514166279793)  # left 3 GPUs full, where the whole cluster left none
+def test_decomposed_never_leaves_more_gpus_full_than_the_whole_cluster(seed, G, fill):
+    """Property (the kind of the fleet case): forced through decompose=True, a tight cluster
+    never ends with more GPUs at KVPR inf than the whole-cluster search leaves."""
+    inst = tight(np.random.default_rng(seed), G, fill)
+    dec = kvgpu.solve(_models(inst), G, decompose=True, effort=10)
+    whole = kvgpu.solve(_models(inst), G, decompose=False, effort=10)
+    assert np.isinf(dec.kvpr).sum() <= np.isinf(whole.kvpr).sum()
+    S = np.bincount(dec.assignment, weights=inst.sizes, minlength=G)
+    assert (S <= inst.gpu_mem + 1e-9).all()

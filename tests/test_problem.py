@@ -84,3 +84,41 @@ def test_infinite_kvpr_is_legal_but_avoided_when_possible():
     # a GPU filled exactly while carrying demand is never chosen if another GPU can take it
     p = kvgpu.solve([m(40, 1, 1, "a"), m(40, 1, 1, "b")], 2)
     assert math.isfinite(p.max_kvpr) and p.assignment[0] != p.assignment[1]
+
+
+def _build_peak(n, G, **kw):
+    """NumPy/Python peak bytes of :func:`kvgpu.problem.build_problem` on ``n`` plain models."""
+    import tracemalloc
+
+    from kvgpu.problem import build_problem
+
+    models = np.column_stack([np.full(n, 0.01), np.ones(n), np.ones(n)])
+    tracemalloc.start()
+    try:
+        prob = build_problem(models, G, **kw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, prob
+
+
+def test_plain_problem_memory_grows_with_models_plus_gpus_not_their_product():
+    """(fleet case problem_memory_models_x_gpus.py) No rule restricts a GPU: no row of allowed
+    GPUs per model.  4,000 models on 8,000 GPUs instead of 400: a dense models x GPUs table
+    would add 30 MB (bool); the problem adds a few bytes per GPU."""
+    small, _ = _build_peak(4000, 400)
+    big, prob = _build_peak(4000, 8000)
+    assert prob.allowed.shape == (0, 0) and not prob.has_rules
+    assert big - small < 200 * (8000 - 400), (small, big)
+
+
+def test_a_forbid_still_restricts_every_item_of_its_model():
+    """Rows of allowed GPUs come back as soon as one model forbids a GPU (the others: all)."""
+    from kvgpu.problem import build_problem
+
+    models = [dict(model_size=10.0, req_rate=1.0, slo=1.0, forbid=[1]), dict(model_size=10.0, req_rate=1.0, slo=1.0,
+                                                                            tp=2)]
+    prob = build_problem(models, 3)
+    assert prob.allowed.tolist() == [[1, 0, 1], [1, 1, 1], [1, 1, 1]]
+    with pytest.raises(InvalidInstance, match="forbid names GPU 5"):
+        build_problem([dict(model_size=10.0, req_rate=1.0, slo=1.0, forbid=[5])], 3)
