@@ -43,8 +43,10 @@ OBJECTIVES = ("lex", "seed")
 #: (measured: 1 round a level cannot lower tied replicas that 3 rounds can; a budget of
 #: ``effort`` rounds doubled the time of tight 64-GPU clusters for no better vector) ...
 LEX_SHARE = 10
-#: ... and they stop after this many searched levels in a row that found nothing better.
-LEX_PATIENCE = 3
+#: ... and they stop after this many searched levels in a row that lowered the max of their
+#: GPUs by less than ``LEX_MIN_GAIN`` (relative; a smaller gain is kept, but counts as none:
+#: on tight clusters every level gains a few 1e-4 and the levels cost twice the search).
+LEX_PATIENCE, LEX_MIN_GAIN = 3, 1e-3
 #: Search rounds per instance unless ``effort=`` says otherwise.
 DEFAULT_EFFORT = 30
 #: Work (search nodes / DP states) per instance of a proof unless ``exact_work=`` says.
@@ -577,7 +579,7 @@ def _balance(problem: Problem, assign: np.ndarray, pos: np.ndarray, opts: Option
     Level by level, the GPU with the largest KVPR among those not yet fixed is fixed with its
     items, and the search (:func:`kvgpu.kernels.search.improve_instance`, ``effort //
     LEX_SHARE`` rounds; ``effort // 2`` rounds for all levels, and no more after
-    ``LEX_PATIENCE`` searched levels in a row without gain) minimises the max KVPR of the other
+    ``LEX_PATIENCE`` searched levels in a row without a gain of ``LEX_MIN_GAIN``) minimises the max KVPR of the other
     GPUs; then :func:`_fill_empty`.  The sub-problem is the whole
     problem with the fixed items pinned to their GPUs at demand 0 (so their GPUs weigh 0) and
     every other item barred from them: every rule -- allowed GPUs, shards on distinct GPUs,
@@ -641,7 +643,9 @@ def _balance(problem: Problem, assign: np.ndarray, pos: np.ndarray, opts: Option
         k = _kvpr_of(problem, a, p)
         misses += 1
         if lex_better(k, kv) and not lex_better(start, k):
-            assign, pos, kv, misses = a, p, k, 0
+            if k[rest].max() < hi * (1.0 - LEX_MIN_GAIN):
+                misses = 0
+            assign, pos, kv = a, p, k
     return _fill_empty(problem, assign, pos)
 
 

@@ -74,7 +74,8 @@ def test_balanced_against_brute_force_plain(inst):
 def test_lexicographic_optimum_on_at_least_97_percent():
     """The share of the draws above (2-5 GPUs, 2-8 items; rules, re-placements under budgets)
     where the default solve reached brute force's balanced optimum (to ``RTOL``).  Measured at
-    default effort: see the commit message and README (runs after them; skipped alone)."""
+    default effort: 198 of 198 draws (180 of 180 in an earlier run); runs after them, skipped
+    alone."""
     if RESULTS["total"] < 50:
         pytest.skip("run with the brute-force tests above")
     print(f"lexicographic optimum on {RESULTS['lex']} / {RESULTS['total']}")
@@ -161,14 +162,17 @@ def operator_cluster(seed=0, tail_scale=1.0):
     return models, {"gpus": 64, "gpu_mem": 80.0, "gpus_per_node": 8}
 
 
-def test_operator_cluster_leaves_no_gpu_empty_while_a_move_gains():
+@pytest.mark.parametrize("tail_scale", [1.0, 5.0])
+def test_operator_cluster_leaves_no_gpu_empty_while_a_move_gains(tail_scale):
     """No empty GPU while a GPU holds several models and moving one there lowers the sorted
-    vector (all rules kept); the max stays the seed order's."""
-    models, opts = operator_cluster()
+    vector (all rules kept); the max stays the seed order's.  Also in the evening (the long
+    tail's demand x5)."""
+    models, opts = operator_cluster(tail_scale=tail_scale)
     gpus = opts.pop("gpus")
     p = kvgpu.solve(models, gpus, **opts)
     check_placement(p.problem, p)
     assert _movable_gain(p) is None
+    assert kvgpu.solve(models, gpus, **opts).assignment.tolist() == p.assignment.tolist()  # same seed, same answer
     seed = kvgpu.solve(models, gpus, objective="seed", **opts)
     assert p.max_kvpr <= seed.max_kvpr * (1 + 1e-9)
     assert not lex_better(seed.kvpr, p.kvpr)
