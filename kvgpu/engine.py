@@ -10,6 +10,9 @@
   rules; never worse than the start.
 * **Proof** (``exact``): :func:`kvgpu.kernels.exact.certify_instance` raises the lower bound
   (:mod:`kvgpu.bounds`) until the answer is proven optimal or the work runs out.
+* **Balance** (``objective="lex"``, one problem in search mode): :func:`_balance` lowers the
+  sorted vector of GPU KVPRs after the max, level by level; batches keep the seed's order
+  ``(max, second, mean)``.
 
 :func:`solve_batch_plain` runs a batch of plain instances (what :func:`kvgpu.solve_batch` and
 sweeps call); :func:`solve_problem` runs one :class:`kvgpu.problem.Problem` (what
