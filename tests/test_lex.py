@@ -112,6 +112,10 @@ def test_objective_option_is_checked():
         kvgpu.solve(models, 2, effort=0, objective="lex")
     assert kvgpu.solve(models, 2, mode="seed").objective.startswith("seed")
     assert kvgpu.solve(models, 2, effort=0).objective.startswith("seed")
+    out = subprocess.run([sys.executable, "-m", "kvgpu.cli", "solve", str(DATA / "ops" / "second_max_tp_nodes.yaml"),
+                          "--mode", "seed", "--objective", "lex"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
+    assert "objective 'lex'" in out.stderr
 
 
 def test_batches_say_they_use_the_seed_order():
