@@ -47,7 +47,7 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
           gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None, min_gain=None,
           backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT, patience: int | None = None,
           seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK, decompose: bool | None = None,
-          dask=None) -> Placement:
+          dask=None, objective: str | None = None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
@@ -58,11 +58,18 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     serving engine.  A current placement (the models' ``cur_gpu_id``, or ``current``: one GPU id
     or list per model, -1 for new) makes it a re-placement, see :func:`replan`.
 
+    ``objective="lex"`` (the default in search mode) balances the GPUs: after the largest KVPR,
+    the largest of the other GPUs, and so on (the sorted vector of GPU KVPRs compared term by
+    term), by levels of search on the GPUs not yet fixed, ``effort // 4`` rounds each
+    (:func:`kvgpu.engine._balance`); a GPU stays empty only where no model gains by moving
+    there.  ``objective="seed"`` keeps the seed's order ``(max, second largest, mean)``.  A
+    decomposed cluster uses the seed's order; the result's ``objective`` says which ran.
+
     Raises :class:`kvgpu.InvalidInstance` for bad input (naming the model, field and rule) and
     :class:`kvgpu.NoPlacementFound` when no placement keeps memory, rules and budget (saying
     whether that is proven).
     """
-    opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
+    opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask, objective)
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain)
@@ -107,6 +114,10 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     result's ``assignment``, ``kvpr``, ``max_kvpr`` and ``lower_bound`` come back as CuPy arrays,
     copied to the device once (``status`` and ``proven`` stay NumPy).  The ``cuda`` backend moves
     its own compacted copy to the device, as for NumPy input.
+
+    Batches search in the seed's order ``(max, second largest, mean)`` (the batch and device
+    kernels), not the balanced order of :func:`solve`'s ``objective="lex"``: the result's
+    ``objective`` says so.
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
     cp = device_namespace(sizes, demand, gpu_mem, model_mask, gpu_mask)

@@ -18,7 +18,7 @@ from kvgpu import cluster as cluster_fields
 from kvgpu import decompose as decomposition
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
-from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, options
+from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, OBJECTIVES, options
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.io import PLACEMENT_SUFFIXES, atomic_output, check_output_path, read_models, write_placement
 
@@ -104,6 +104,9 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_int_option("--seed"), default=0,
                    help="random stream of the search: the same seed repeats the answer, another one is an "
                    "independent restart (default %(default)s)")
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="order of placements: lex (default in search mode) balances the GPUs -- the largest KVPR, "
+                   "then the largest of the others, and so on; seed: the seed's (max, second largest, mean)")
     p.add_argument("--exact", action="store_true", help="also prove optimality (or the interval of the optimum); "
                    "instances of at most 24 shards are proven by default")
     p.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
@@ -148,7 +151,8 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     exact = True if (args.exact or args.cmd == "certify") else None
     decompose = {"auto": None, "on": True, "off": False}[args.decompose]
     # the options alone first: their errors are about the command line, not the file
-    options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work, decompose)
+    options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work, decompose,
+            objective=args.objective)
     use_dask = bool(args.dask or args.dask_local is not None)
     decomposition.check(decompose, mode=args.mode, rules=False, dask=use_dask)
     if use_dask and decompose is None and not decomposition.chosen(int(gpus), None):  # said before connecting
@@ -177,7 +181,8 @@ def _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, b
     with _naming_file(args, flags):
         return solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
                      patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work,
-                     decompose=decompose, dask=client, **cluster, **budget)
+                     decompose=decompose, dask=client, objective=args.objective, **cluster,
+                     **budget)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,9 @@
   rules; never worse than the start.
 * **Proof** (``exact``): :func:`kvgpu.kernels.exact.certify_instance` raises the lower bound
   (:mod:`kvgpu.bounds`) until the answer is proven optimal or the work runs out.
+* **Balance** (``objective="lex"``, one problem in search mode): :func:`_balance` lowers the
+  sorted vector of GPU KVPRs after the max, level by level; batches keep the seed's order
+  ``(max, second, mean)``.
 
 :func:`solve_batch_plain` runs a batch of plain instances (what :func:`kvgpu.solve_batch` and
 sweeps call); :func:`solve_problem` runs one :class:`kvgpu.problem.Problem` (what
@@ -20,7 +23,7 @@ of one, so both take the same path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,10 +34,22 @@ from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.deltas import safe_div_array
 from kvgpu.kernels.params import OPTIMAL_RTOL
 from kvgpu.problem import Instance, Problem
-from kvgpu.results import BatchResult, Placement
+from kvgpu.results import ORDER_WORDS, BatchResult, Placement
 from kvgpu.schema import OPTION_RANGES, integer
 
 MODES = ("search", "seed")
+#: The order of placements: "lex", the sorted vector of GPU KVPRs compared term by term (balanced
+#: placements, :func:`_balance`); "seed", the seed's ``(max, second, mean)``.
+OBJECTIVES = ("lex", "seed")
+#: The balancing passes (:func:`_balance`): a level searches ``effort // LEX_SHARE`` rounds (at
+#: least one) on the GPUs not yet fixed, and the levels together at most ``effort // 2`` rounds
+#: (measured: 1 round a level cannot lower tied replicas that 3 rounds can; a budget of
+#: ``effort`` rounds doubled the time of tight 64-GPU clusters for no better vector) ...
+LEX_SHARE = 10
+#: ... and they stop after this many searched levels in a row that lowered the max of their
+#: GPUs by less than ``LEX_MIN_GAIN`` (relative; a smaller gain is kept, but counts as none:
+#: on tight clusters every level gains a few 1e-4 and the levels cost twice the search).
+LEX_PATIENCE, LEX_MIN_GAIN = 3, 1e-3
 #: Search rounds per instance unless ``effort=`` says otherwise.
 DEFAULT_EFFORT = 30
 #: Work (search nodes / DP states) per instance of a proof unless ``exact_work=`` says.
@@ -60,6 +75,8 @@ class Options:
     decompose: bool | None = None
     #: Where a decomposition's batches run: a :mod:`kvgpu.decompose` executor (None: here).
     executor: object = None
+    #: The order of placements, one of :data:`OBJECTIVES`.
+    objective: str = "lex"
 
     def proof_work(self, n_items: int) -> int:
         """Work of the proof for a problem of ``n_items`` items (0: no proof).  ``exact=None``
@@ -79,10 +96,12 @@ class Options:
 
 def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, patience=None, seed=0,
             exact: bool | None = False, exact_work=DEFAULT_EXACT_WORK, decompose: bool | None = None,
-            dask=None) -> Options:
+            dask=None, objective: str | None = None) -> Options:
     """Check every option once, whatever the entry point; raises :class:`kvgpu.InvalidInstance`
     naming the option (or :class:`kvgpu.BackendUnavailable`).  ``dask``: a
-    ``dask.distributed.Client`` where the batches of a decomposition run."""
+    ``dask.distributed.Client`` where the batches of a decomposition run.  ``objective``: one of
+    :data:`OBJECTIVES`; None is "lex" in search mode and "seed" in seed mode (which reproduces
+    the seed pipeline, whose order is ``(max, second, mean)``)."""
     from kvgpu.kernels.search import default_patience
 
     if not isinstance(mode, str) or mode not in MODES:
@@ -102,11 +121,25 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
             raise InvalidInstance("effort, patience and seed (--effort, --patience, --seed) steer search mode; mode "
                                   "'seed' runs the seed pipeline alone (drop them, or use mode 'search')")
         effort = 0
+    objective = _objective_of(objective, mode, effort)
     decomposition.check(decompose, mode=mode, rules=False, dask=dask is not None)
     used = backends.resolve(backend)
     ex = None if dask is None else decomposition.executor(dask)
     return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work,
-                   None if decompose is None else bool(decompose), ex)
+                   None if decompose is None else bool(decompose), ex, objective)
+
+
+def _objective_of(objective, mode: str, effort: int) -> str:
+    """The checked ``objective`` option (None: "lex" where search rounds run, else "seed")."""
+    if objective is None:
+        return "seed" if mode == "seed" or not effort else "lex"
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise InvalidInstance(f"objective: {objective!r} is not available; choose one of {OBJECTIVES}")
+    if objective == "lex" and (mode == "seed" or not effort):
+        raise InvalidInstance("objective 'lex' (--objective lex) balances the GPUs by search rounds; mode 'seed' and "
+                              "effort 0 run none, and keep the seed's order (max, second, mean): drop objective, or "
+                              "use mode 'search' with effort >= 1")
+    return objective
 
 
 def _need_numba(what: str) -> None:
@@ -332,8 +365,6 @@ def _decomposed(batch: Batch, opts: Options) -> np.ndarray:
 def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: str) -> BatchResult:
     """The instances ``big`` (B,) by decomposition, one after the other (each is a batch of
     groups), the others as one batch; figures and proofs as :func:`solve_batch_plain`'s."""
-    from dataclasses import replace
-
     _need_numba("decomposition (the repair between groups)")
     B, N, G = batch.shape
     out = BatchResult(np.full((B, N), -1, np.int64), np.full((B, G), np.nan), np.full(B, np.nan),
@@ -554,7 +585,170 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
         lo, _ = exact.certify_instance(s, w, M, lb, assign, pos, work, rules, gclass)
         certified = lo > lb
         lb = lo
+    if _balances(opts, False):
+        assign, pos = _balance(problem, assign, pos, opts)
     return assign, pos, lb, certified
+
+
+def _balances(opts: Options, decomposed: bool) -> bool:
+    """Do the balancing passes run?  Objective "lex" in search mode with search rounds; not on a
+    decomposed cluster, whose groups and repair use the seed's order (:func:`_order_used` says so)."""
+    return opts.objective == "lex" and opts.mode == "search" and opts.effort > 0 and not decomposed
+
+
+def _order_used(opts: Options, decomposed: bool) -> str:
+    """The words of :data:`ORDER_WORDS` for the order the placement was really searched in."""
+    return ORDER_WORDS["lex" if _balances(opts, decomposed) else "seed"]
+
+
+def _with_numba(engines: str) -> str:
+    """``engines`` ("numpy+cuda", ...) with "numba" added: the balancing passes ran there."""
+    names = set(engines.split("+")) | {"numba"}
+    return "+".join(sorted(names, key=["numpy", "cuda", "numba"].index))
+
+
+def _alone_bound(s, w, M, allowed, free) -> float:
+    """A lower bound on the max KVPR of the free items: each alone on the allowed GPU where its
+    KVPR is least (the cheap test that skips most levels of :func:`_balance` before the full
+    bound).  ``s``, ``w`` (n,), ``M`` (G,), ``allowed`` (n, G) bool, ``free`` (n,) bool."""
+    if not free.any():
+        return 0.0
+    per = safe_div_array(w[free, None], M[None, :] - s[free, None], np)
+    return float(np.where(allowed[free], per, np.inf).min(axis=1).max())
+
+
+def _rest_bound(problem: Problem, free: np.ndarray, rest: np.ndarray, hi: float) -> float:
+    """A lower bound on the max KVPR of the items ``free`` (n,) bool on the GPUs ``rest`` (G,)
+    bool: :func:`kvgpu.bounds.problem_bound` of that smaller problem (its pins and forbidden
+    GPUs kept; the other rules only restrict it further).  ``hi``: an achieved max there."""
+    inst = problem.items
+    items = Instance(inst.sizes[free], inst.demand[free], inst.gpu_mem[rest])
+    allowed = problem.allowed[free][:, rest] if problem.allowed.shape[0] else problem.allowed
+    return bounds.problem_bound(replace(problem, items=items, allowed=allowed), hi)
+
+
+def _balance(problem: Problem, assign: np.ndarray, pos: np.ndarray, opts: Options) -> tuple[np.ndarray, np.ndarray]:
+    """The balancing passes of ``objective="lex"``: lower the sorted vector of GPU KVPRs after
+    its largest term.
+
+    Level by level, the GPU with the largest KVPR among those not yet fixed is fixed with its
+    items, and the search (:func:`kvgpu.kernels.search.improve_instance`, ``effort //
+    LEX_SHARE`` rounds; ``effort // 2`` rounds for all levels, and no more after
+    ``LEX_PATIENCE`` searched levels in a row without a gain of ``LEX_MIN_GAIN``) minimises the max KVPR of the other
+    GPUs; then :func:`_fill_empty`.  The sub-problem is the whole
+    problem with the fixed items pinned to their GPUs at demand 0 (so their GPUs weigh 0) and
+    every other item barred from them: every rule -- allowed GPUs, shards on distinct GPUs,
+    nodes (a fixed shard holds its replica's node), the migration budget counted on the whole
+    placement -- holds as in the first search.  A level's result is kept only when its sorted
+    vector is better (:func:`kvgpu.kernels.deltas.lex_better`) and not worse than the start's,
+    so the max never rises; a level whose rest is at its lower bound
+    (:func:`kvgpu.bounds.problem_bound` of the sub-problem) is skipped.  Work is in rounds, so
+    the same seed gives the same answer everywhere.
+
+    Parameters
+    ----------
+    problem : Problem -- what is solved (its rules and budget).
+    assign, pos : ndarray (n,) int64 -- a placement keeping the rules (GPU of each item, order stamps).
+    opts : Options -- ``effort``, ``patience``, ``seed``.
+
+    Returns
+    -------
+    (assign, pos) : ndarray (n,) int64 -- a placement not worse in the sorted order.
+    """
+    from kvgpu.kernels import search
+    from kvgpu.kernels.deltas import lex_better
+    from kvgpu.warmup import ensure
+
+    inst = problem.items
+    s, w, M = inst.sizes, inst.demand, inst.gpu_mem
+    n, G = inst.n_models, problem.n_gpus
+    effort = max(1, opts.effort // LEX_SHARE)
+    if n == 0 or G < 2 or not opts.effort:
+        return assign, pos
+    _need_numba("objective 'lex' (the balancing passes)")
+    ensure(["search"])
+    rules = problem.kernel_rules()
+    allowed0 = problem.allowed.astype(bool) if problem.allowed.shape[0] else np.ones((n, G), bool)
+    kv = start = _kvpr_of(problem, assign, pos)
+    fixed = np.zeros(G, bool)
+    patience = min(opts.patience, search.default_patience(effort))
+    budget = opts.effort // 2  # rounds left to the levels: each is charged all of its rounds
+    misses = 0  # searched levels in a row that found nothing better
+    while budget >= effort and misses < LEX_PATIENCE:
+        free = np.nonzero(~fixed)[0]
+        fixed[free[np.argmax(kv[free])]] = True
+        rest = ~fixed
+        hi = float(kv[rest].max()) if rest.any() else 0.0
+        if not hi > 0.0:  # nothing left to lower
+            return assign, pos
+        on = fixed[assign]
+        allowed = allowed0 & rest[None, :]
+        allowed[on] = False
+        allowed[np.nonzero(on)[0], assign[on]] = True
+        w_sub = np.where(on, 0.0, w)
+        if hi <= _alone_bound(s, w, M, allowed, ~on) * (1.0 + search.STOP_GAP):
+            continue  # a free item alone on its best GPU is already this high: nothing to gain here
+        lb = _rest_bound(problem, ~on, rest, hi)
+        if hi <= lb * (1.0 + search.STOP_GAP):
+            continue
+        a, p = assign.copy(), pos.copy()
+        budget -= effort
+        search.improve_instance(s, w_sub, M, lb, a, p, effort, patience, opts.seed,
+                                (np.ascontiguousarray(allowed, np.uint8),) + rules[1:])
+        k = _kvpr_of(problem, a, p)
+        misses += 1
+        if lex_better(k, kv) and not lex_better(start, k):
+            if k[rest].max() < hi * (1.0 - LEX_MIN_GAIN):
+                misses = 0
+            assign, pos, kv = a, p, k
+    return _fill_empty(problem, assign, pos)
+
+
+def _fill_empty(problem: Problem, assign: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move one item at a time off a GPU holding several onto an empty GPU, while such a move
+    keeps the rules (:func:`kvgpu.kernels.rules.transfer_check`: allowed GPUs, nodes, the
+    budget) and lowers the sorted vector -- the pair (source, empty GPU) goes from
+    ``(k_src, 0)`` to new values both below ``k_src`` (tolerance ``SCORE_RTOL``).  The most
+    loaded source first, then the lowest new pair.  The last step of :func:`_balance`, which
+    may stop at its work limit: no GPU is then left empty where a model gains by moving there.
+
+    ``assign``, ``pos`` (n,) int64 in; returns new arrays."""
+    from kvgpu.kernels import rules as kr
+    from kvgpu.kernels.deltas import SCORE_RTOL, fits
+
+    inst = problem.items
+    s, w, M = inst.sizes, inst.demand, inst.gpu_mem
+    G = problem.n_gpus
+    assign, pos = assign.copy(), pos.copy()
+    krules = problem.kernel_rules()
+    state = None
+    while True:
+        count = np.bincount(assign, minlength=G)
+        empty = np.nonzero(count == 0)[0]
+        cand = np.nonzero(count[assign] > 1)[0]
+        if not (empty.size and cand.size):
+            return assign, pos
+        S = np.bincount(assign, weights=s, minlength=G)
+        W = np.bincount(assign, weights=w, minlength=G)
+        src = assign[cand]
+        k_old = safe_div_array(W[src], M[src] - S[src], np)
+        k_src = safe_div_array(W[src] - w[cand], M[src] - S[src] + s[cand], np)
+        k_dst = safe_div_array(w[cand, None], M[None, empty] - s[cand, None], np)  # (c, e)
+        new = np.maximum(k_src[:, None], k_dst)
+        gain = (new < k_old[:, None] * (1.0 - SCORE_RTOL)) & fits(s[cand, None], M[None, empty])
+        ci, ei = np.nonzero(gain)
+        if not ci.size:
+            return assign, pos
+        if state is None:
+            state = kr.new_state(krules, assign, G)
+        for j in np.lexsort((new[ci, ei], -k_old[ci])).tolist():
+            i, g, e = int(cand[ci[j]]), int(src[ci[j]]), int(empty[ei[j]])
+            if kr.transfer_check(krules, state, g, e, i, -1, -1, -1)[0]:
+                kr.transfer_apply(krules, state, g, e, i, -1, -1, -1)
+                assign[i], pos[i] = e, pos.max() + 1
+                break
+        else:
+            return assign, pos
 
 
 def solve_problem(problem: Problem, opts: Options) -> Placement:
@@ -569,18 +763,29 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
         n = items.n_models
         a = res.assignment[0, :n].astype(np.int64)
         kv = res.kvpr[0, :sub.n_gpus]
+        engine_names = res.backend
+        if _balances(opts, bool(res.decomposed[0])):
+            part = problem if keep is None else replace(problem, items=sub, memory=problem.memory[keep],
+                                                        reserve=problem.reserve[keep])
+            a, _ = _balance(part, a, np.arange(n, dtype=np.int64), opts)
+            kv = _kvpr_of(part, a, np.arange(n, dtype=np.int64))
+            engine_names = _with_numba(engine_names)
         if keep is not None:  # back to the cluster's GPU ids; the GPUs left out stay empty
             a = keep[a]
             full = np.zeros(problem.n_gpus)
             full[keep] = kv
             kv = full
         note = _decompose_note(res, opts, sub.n_gpus)
-        return Placement(problem, a, kv, float(res.lower_bound[0]), mode=opts.mode, backend=res.backend, note=note,
-                         decomposed=bool(res.decomposed[0]))
+        if res.decomposed[0] and opts.objective == "lex":
+            note += "; in the seed's order (max, second, mean): the balancing passes do not run on a decomposition"
+        return Placement(problem, a, kv, float(min(res.lower_bound[0], kv.max())), mode=opts.mode,
+                         backend=engine_names, note=note, decomposed=bool(res.decomposed[0]),
+                         objective=_order_used(opts, bool(res.decomposed[0])))
     decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
     assign, pos, lb, certified = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)
-    out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified))
+    out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified),
+               objective=_order_used(opts, False))
     if not problem.is_replan:
         return Placement(problem, assign, kv, float(min(lb, kv.max())), **out)
     return _replan_result(problem, opts, assign, kv, lb, out)
@@ -606,8 +811,7 @@ def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Plac
     baseline = None
     if problem.max_moves != 0:
         try:
-            b_assign, b_pos, _, _ = _solve_ruled(problem.with_budget(0), Options(
-                opts.backend, opts.mode, opts.effort, opts.patience, opts.seed, False, opts.exact_work))
+            b_assign, b_pos, _, _ = _solve_ruled(problem.with_budget(0), replace(opts, exact=False))
             baseline = (b_assign, _kvpr_of(problem, b_assign, b_pos))
         except NoPlacementFound:
             baseline = None

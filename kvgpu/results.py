@@ -26,6 +26,8 @@ from kvgpu.problem import Problem
 TABLE_ALL_GPUS = 64
 #: How the unit of KVPR reads in tables and JSON.
 KVPR_UNIT = "req/s per s of SLO per GB of KV cache"
+#: How a result names the order its placements were searched in (``objective``).
+ORDER_WORDS = {"lex": "lex: sorted GPU KVPRs, largest first", "seed": "seed: (max, second, mean)"}
 
 
 class Move(NamedTuple):
@@ -111,6 +113,9 @@ class Placement:
     start_kvpr : float | None -- re-placement: the max KVPR of the cluster as it runs now (new
         models not yet placed); ``baseline_kvpr``: with the new models placed and nothing that
         runs moved (None when that is impossible); ``note``: e.g. why nothing moved (min_gain).
+    objective : str -- the order the placement was searched in: "lex: ..." (the sorted vector
+        of GPU KVPRs, largest first: balanced) or "seed: (max, second, mean)" (mode "seed",
+        ``objective="seed"``, or a decomposed cluster).  Proofs and bounds are of the max.
     """
 
     problem: Problem
@@ -129,6 +134,7 @@ class Placement:
     warnings: list = field(default_factory=list)
     #: Solved by decomposition into groups (:mod:`kvgpu.decompose`).
     decomposed: bool = False
+    objective: str = ORDER_WORDS["seed"]
     #: (G,) float64: GB of model weights (and overheads) on each GPU.
     used: np.ndarray = field(init=False, repr=False)
     #: (G,) float64: demand (``sum req_rate / slo``) on each GPU.
@@ -270,7 +276,7 @@ class Placement:
                          "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum"},
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
                "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus,
-               "decomposed": self.decomposed}
+               "decomposed": self.decomposed, "objective": self.objective}
         if not p.is_replan and self.note:
             out["note"] = self.note
         if p.is_replan:
@@ -359,6 +365,9 @@ class BatchResult:
     decomposed : ndarray (B,) bool -- solved by decomposition into groups (:mod:`kvgpu.decompose`).
     note : ndarray (B,) object -- why an instance was not solved the way its options ask (e.g. a
         decomposition that left GPUs full, replaced by the whole-cluster search), "" where not.
+    objective : str -- the order the batch's placements were searched in: always the seed's
+        ``(max, second, mean)`` (the batch and device kernels); :func:`kvgpu.solve` balances
+        further (``objective="lex"``).
 
     When :func:`kvgpu.solve_batch` was given CuPy arrays, ``assignment``, ``kvpr``, ``max_kvpr``
     and ``lower_bound`` are CuPy arrays (same shapes and dtypes); ``status`` and ``proven`` stay
@@ -375,6 +384,7 @@ class BatchResult:
     decomposed: np.ndarray | None = None
     certified: np.ndarray | None = None
     note: np.ndarray | None = None
+    objective: str = ORDER_WORDS["seed"]
 
     def __post_init__(self):
         B = self.max_kvpr.shape[0]

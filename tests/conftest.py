@@ -83,14 +83,16 @@ def tiny_instances(draw, max_gpus=3, max_models=6):
     return make_instance(models, g, mem)
 
 
-def brute_force_problem(prob):
+def brute_force_problem(prob, lex=False):
     """The optimal max KVPR of a constrained :class:`kvgpu.problem.Problem` and a placement
     reaching it, by trying every assignment of items to GPUs (tiny problems only).  The rules
     as an operator states them: allowed GPUs, a model's items on distinct GPUs, node groups
     inside one node, memory, and -- for a re-placement -- the budget counted per model: a
     model moves when one of its running shards has to be copied (``running - |new GPUs &
     current GPUs|`` shards), at most ``max_moves`` models and ``max_migrated_gb`` GB.
-    Returns ``(inf, None)`` when nothing satisfies them."""
+    Returns ``(inf, None)`` when nothing satisfies them.  ``lex=True``: the balanced optimum
+    instead -- ``(sorted KVPRs, placement)``, the least sorted vector of GPU KVPRs (largest
+    first, compared term by term, exactly)."""
     from kvgpu.kernels.deltas import fits
 
     inst = prob.items
@@ -138,6 +140,10 @@ def brute_force_problem(prob):
         return np.inf, None
     with np.errstate(divide="ignore", invalid="ignore"):
         kv = np.where(inst.gpu_mem[None, :] - S > 0, W / (inst.gpu_mem[None, :] - S), np.where(W > 0, np.inf, 0.0))
+    if lex:
+        vec = -np.sort(-kv[ok], axis=1)
+        k = int(np.lexsort(vec.T[::-1])[0])  # the first column is the primary key
+        return vec[k], A[ok][k]
     top2 = -np.sort(-kv, axis=1)[:, :2] if kv.shape[1] > 1 else np.concatenate([kv, np.zeros_like(kv)], axis=1)
     top2 = np.where(ok[:, None], top2, np.inf)
     k = int(np.lexsort((top2[:, 1], top2[:, 0]))[0])  # least max, then least second max

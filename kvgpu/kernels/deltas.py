@@ -102,6 +102,33 @@ def better(a0, a1, a2, b0, b1, b2):
     return False
 
 
+def lex_better(a, b, rtol=SCORE_RTOL) -> bool:
+    """Is the placement with per-GPU KVPRs ``a`` better than ``b`` in the balanced order?
+
+    Both sorted in decreasing order and compared term by term (the largest, then the largest of
+    the others, ...), each term with :func:`better`'s relative tolerance.  Host code, for the
+    engine's balancing passes and the tests (the kernels compare ``(max, second, mean)``).
+
+    Parameters
+    ----------
+    a, b : array_like, shape (G,) -- KVPR of each GPU (``inf`` for a GPU out of KV memory).
+    rtol : float -- terms closer than this (relative) are equal.
+    """
+    va = _np.sort(_np.asarray(a, dtype=float))[::-1]
+    vb = _np.sort(_np.asarray(b, dtype=float))[::-1]
+    for x, y in zip(va.tolist(), vb.tolist()):
+        if x == y:
+            continue
+        if not (abs(x) < INF and abs(y) < INF):
+            return x < y
+        tol = rtol * max(abs(x), abs(y))
+        if x < y - tol:
+            return True
+        if x > y + tol:
+            return False
+    return False
+
+
 def overflow(load, cap):
     """How far ``load`` exceeds ``cap`` (0 when it fits): the penalty of the search's repair
     step, where a GPU's load at a target KVPR ``T`` is ``S + W / T`` (``<= M`` iff KVPR ``<= T``)."""
