@@ -340,7 +340,8 @@ def _items(models, mem_max: float, X: float) -> _Items:
     if not specs:
         raise InvalidInstance("models: no models to size")
     for m in specs:
-        for key, given in (("pin", m.pin is not None), ("forbid", bool(m.forbid)), ("cur_gpu_id", m.cur_gpu)):
+        for key, given in (("pin", m.pin is not None), ("forbid", bool(m.forbid)), ("cur_gpu_id", m.cur_gpu),
+                           ("node", m.node is not None)):
             if given:
                 raise InvalidInstance(f"{m.where}: {key} names GPU ids, which do not exist before the cluster is "
                                       f"sized (its GPU count is the answer); size without {key!r}, then place "
@@ -355,6 +356,10 @@ def _items(models, mem_max: float, X: float) -> _Items:
     k = np.bincount(model_of)
     first = np.searchsorted(model_of, np.arange(k.size))  # items of a model are consecutive
     model_labels = [labels[j].rsplit("/", 1)[0] if k[m] > 1 else labels[j] for m, j in enumerate(first)]
+    for m in specs:  # a rule between models that sizing's packing does not know: refused, never dropped
+        if m.colocate_with is not None:
+            raise InvalidInstance(f"{m.where}: colocate_with is not supported by sizing; size without it (the "
+                                  f"adapter's few GB beside its base), then place with kvgpu.solve / kvgpu solve")
     return _Items(inst.sizes + inst.demand / X, model_of, k, labels, model_labels)
 
 

@@ -431,7 +431,8 @@ def _no_placement(problem: Problem, status: int, work: int, start_status: int) -
 
 def _forced_moves(problem: Problem) -> list[int]:
     """Models that must move in any placement: one of their current GPUs is allowed for none of
-    their shards (a new pin or forbid), so the shard there has to leave."""
+    their shards (a new pin, forbid or node, or the GPU is out of service), so the shard there has
+    to leave."""
     if not (problem.is_replan and problem.allowed.shape[0]):
         return []
     out = []
@@ -452,10 +453,12 @@ def _check_forced(problem: Problem) -> None:
     gb = sum(problem.specs[m].size / problem.specs[m].tp for m in forced)
     names = ", ".join(problem.specs[m].where for m in forced)
     if 0 <= problem.max_moves < len(forced):
-        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules now forbid and must move ({names}), "
+        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules or out_of_service now forbid and must "
+                               f"move ({names}), "
                                f"more than max_moves={problem.max_moves} (proven)", [0], proven=True)
     if gb > problem.max_migrated_gb * (1 + 1e-9) + 1e-12:
-        raise NoPlacementFound(f"models that run on GPUs their rules now forbid must move ({names}): at least "
+        raise NoPlacementFound(f"models that run on GPUs their rules or out_of_service now forbid must move ({names}): "
+                               f"at least "
                                f"{gb:g} GB, more than max_migrated_gb={problem.max_migrated_gb:g} (proven)", [0],
                                proven=True)
 

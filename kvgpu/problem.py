@@ -12,7 +12,8 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 * a model with ``tp = k`` and ``replicas = r`` becomes ``k * r`` *items* (shards) of
   ``size / k + overhead_gb`` GB and ``demand / (k * r)`` each, on distinct GPUs (anti-affinity
   ``group``);
-* ``pin`` and ``forbid`` become the ``allowed`` GPUs of each item;
+* ``pin``, ``forbid``, ``node: K`` (every item inside node ``K``) and the cluster's
+  ``out_of_service`` GPUs (no model may use them) become the ``allowed`` GPUs of each item;
 * ``nodes`` / ``gpus_per_node`` give each GPU a node; the ``tp`` shards of one replica then stay
   inside one node (``node_group``), unless the model says ``same_node: false``;
 * a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
@@ -36,7 +37,8 @@ import numpy as np
 
 from kvgpu.errors import InvalidInstance, KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
-from kvgpu.schema import OPTION_RANGES, ModelSpec, current_placement, gpu_memory, integer, model_specs, number, per_gpu
+from kvgpu.schema import (OPTION_RANGES, ModelSpec, current_placement, gpu_ids, gpu_memory, integer, model_specs, number,
+                          per_gpu)
 
 DEFAULT_GPU_MEM = 80.0
 
@@ -99,6 +101,8 @@ class Problem:
     min_gain : float -- smallest relative gain of the max KVPR worth moving running models for.
     gpu_class : (G,) int64 -- GPUs that are interchangeable under the rules share a class (the
         exact search tries one of them); (0,) without rules.
+    out_of_service : tuple of int -- GPU ids no model may use (already folded into ``allowed``;
+        kept to report them).
     """
 
     items: Instance
@@ -115,6 +119,7 @@ class Problem:
     max_migrated_gb: float = math.inf
     min_gain: float = 0.0
     gpu_class: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    out_of_service: tuple = ()
 
     @property
     def n_gpus(self) -> int:
@@ -204,6 +209,45 @@ def _reserve(G: int, reserve_gb) -> np.ndarray:
     return np.full(G, float(vals))
 
 
+def _out_of_service(G: int, value) -> np.ndarray:
+    """(G,) bool: the GPUs no model may use (``out_of_service``: GPU ids of this cluster)."""
+    ids = gpu_ids(value, "out_of_service")
+    off = np.zeros(G, bool)
+    for g in ids:
+        if g >= G:
+            raise InvalidInstance(f"out_of_service names GPU {g}, not one of 0..{G - 1}")
+        off[g] = True
+    if off.all():
+        raise InvalidInstance(f"out_of_service takes all {G} GPU(s) out of service: no GPU is left for the models")
+    return off
+
+
+def _allowed_gpus(m: ModelSpec, G: int, off: np.ndarray, node_of: np.ndarray) -> np.ndarray:
+    """(G,) bool: the GPUs model ``m`` may use -- not forbidden, not out of service, inside its
+    ``node`` -- with its pins checked against them (each refusal names the rule)."""
+    allowed = ~off
+    for g in m.forbid:
+        if g >= G:
+            raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
+        allowed[g] = False
+    if m.node is not None:
+        if node_of.size == 0:
+            raise InvalidInstance(f"{m.where}: node {m.node} needs the cluster's nodes (nodes or gpus_per_node)")
+        if m.node > node_of.max():
+            raise InvalidInstance(f"{m.where}: node {m.node} is not one of the cluster's nodes 0..{node_of.max()}")
+        allowed &= node_of == m.node
+    for g in m.pin or ():
+        if g >= G:
+            raise InvalidInstance(f"{m.where}: pin names GPU {g}, not one of 0..{G - 1}")
+        if off[g]:
+            raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which is out of service")
+        if g in m.forbid:
+            raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which it also forbids")
+        if not allowed[g]:
+            raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which is outside its node {m.node}")
+    return allowed
+
+
 def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
     """Each model's current GPUs: ``current`` (one entry per model: a GPU id, a list of them,
     -1 / None for new) overrides the models' ``cur_gpu_id``."""
@@ -214,13 +258,14 @@ def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
 
 def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, *, nodes=None,
                   gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None,
-                  min_gain=None) -> Problem:
+                  min_gain=None, out_of_service=None) -> Problem:
     """Validate the models, the cluster and the re-placement budget; return the :class:`Problem`.
 
     ``models``: anything :func:`kvgpu.schema.model_specs` reads (dicts, objects, a pandas
     DataFrame, an (N, 3) array, any iterable).  A current placement comes from the models'
     ``cur_gpu_id`` or ``current``; with one, the answer lists the migrations from it, limited by
-    ``max_moves`` / ``max_migrated_gb`` when given.  Raises :class:`kvgpu.InvalidInstance` naming
+    ``max_moves`` / ``max_migrated_gb`` when given.  ``out_of_service``: GPU ids no model may
+    use (a running model there must move, and that move counts against the budget).  Raises :class:`kvgpu.InvalidInstance` naming
     the model (or option), the field and the rule.
     """
     mem = gpu_memory(gpus, gpu_mem)
@@ -233,6 +278,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         g = int(bad[0])
         raise InvalidInstance(f"reserve_gb: GPU {g} keeps {reserve[g]} GB of its {mem[g]} GB, nothing left for models")
     node_of = _node_map(G, nodes, gpus_per_node)
+    off = _out_of_service(G, out_of_service)
     cur_models = _current(specs, current)
     replan = any(c is not None for c in cur_models) or max_moves is not None or max_migrated_gb is not None
     if (max_moves is not None or max_migrated_gb is not None) and all(c is None for c in cur_models):
@@ -254,27 +300,18 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         k = m.tp * m.replicas
         if k > G:
             raise InvalidInstance(f"{m.where}: tp x replicas = {k} shards need {k} distinct GPUs; the cluster has {G}")
-        allowed = np.ones(G, bool)
-        for g in m.forbid:
-            if g >= G:
-                raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
-            allowed[g] = False
+        allowed = _allowed_gpus(m, G, off, node_of)
         pins = None
         if m.pin is not None:
             pins = list(m.pin)
-            if any(g >= G for g in pins):
-                raise InvalidInstance(f"{m.where}: pin names GPU {max(pins)}, not one of 0..{G - 1}")
             if len(pins) != k:
                 raise InvalidInstance(f"{m.where}: pin gives {len(pins)} GPU(s) for {k} shard(s) (tp x replicas); "
                                       f"give one GPU id per shard")
             if len(set(pins)) != len(pins):
                 raise InvalidInstance(f"{m.where}: pin repeats a GPU, but shards and replicas need distinct GPUs")
-            if not allowed[pins].all():
-                raise InvalidInstance(f"{m.where}: pinned to GPU {[g for g in pins if not allowed[g]][0]}, which it "
-                                      f"also forbids")
         if allowed.sum() < k:
             raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {int(allowed.sum())} GPU(s) "
-                                  f"are allowed")
+                                  f"are allowed (forbid, node, out_of_service)")
         together = m.tp > 1 and node_of.size > 0 and m.same_node is not False
         if m.same_node is not None:
             if m.tp == 1:
@@ -328,7 +365,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         if together:
             n_node_groups += m.replicas
         multi |= k > 1
-        pinned |= m.pin is not None or bool(m.forbid)
+        pinned |= not allowed.all() or m.pin is not None
     n = len(sizes)
     sizes_a = np.asarray(sizes, float)
     if sizes_a.sum() > usable.sum() + EPS * mem_unit(usable.sum()):
@@ -349,7 +386,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_group_a = np.asarray(node_group, np.int64) if n_node_groups else _EMPTY_I
     node_of_a = node_of if n_node_groups else _EMPTY_I
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
-                   cur_a if replan else _EMPTY_I, K, max_gb, gain)
+                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=tuple(np.nonzero(off)[0].tolist()))
     if prob.has_rules:
         from dataclasses import replace
 
