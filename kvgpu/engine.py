@@ -453,12 +453,12 @@ def _check_forced(problem: Problem) -> None:
     gb = sum(problem.specs[m].size / problem.specs[m].tp for m in forced)
     names = ", ".join(problem.specs[m].where for m in forced)
     if 0 <= problem.max_moves < len(forced):
-        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules or out_of_service now forbid and must "
-                               f"move ({names}), "
+        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules now forbid (pin, forbid, node, "
+                               f"out_of_service) and must move ({names}), "
                                f"more than max_moves={problem.max_moves} (proven)", [0], proven=True)
     if gb > problem.max_migrated_gb * (1 + 1e-9) + 1e-12:
-        raise NoPlacementFound(f"models that run on GPUs their rules or out_of_service now forbid must move ({names}): "
-                               f"at least "
+        raise NoPlacementFound(f"models that run on GPUs their rules now forbid (pin, forbid, node, out_of_service) "
+                               f"must move ({names}): at least "
                                f"{gb:g} GB, more than max_migrated_gb={problem.max_migrated_gb:g} (proven)", [0],
                                proven=True)
 
@@ -505,7 +505,21 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
         lo, _ = exact.certify_instance(s, w, M, lb, assign, pos, work, rules, gclass)
         certified = lo > lb
         lb = lo
+    _check_colocation(problem, assign)
     return assign, pos, lb, certified
+
+
+def _check_colocation(problem: Problem, assign: np.ndarray) -> None:
+    """The kernels keep every adapter beside its base; checked once more here, so that a fault
+    there is an error, never a placement that breaks the rule."""
+    if not problem.coloc.shape[0]:
+        return
+    for i in np.nonzero(problem.coloc >= 0)[0].tolist():
+        beside = assign[problem.model_of == problem.coloc[i]]
+        if assign[i] not in beside:
+            spec = problem.specs[problem.model_of[i]]
+            raise RuntimeError(f"internal error: {spec.where} ended on GPU {assign[i]}, which holds no shard of its "
+                               f"base {spec.colocate_with!r} (please report it)")
 
 
 def solve_problem(problem: Problem, opts: Options) -> Placement:

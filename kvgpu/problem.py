@@ -16,6 +16,10 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
   ``out_of_service`` GPUs (no model may use them) become the ``allowed`` GPUs of each item;
 * ``nodes`` / ``gpus_per_node`` give each GPU a node; the ``tp`` shards of one replica then stay
   inside one node (``node_group``), unless the model says ``same_node: false``;
+* ``colocate_with: BASE`` (a LoRA adapter: tp = 1, one replica) puts the model on a GPU that
+  holds a shard or replica of the model named ``BASE`` (``coloc``); the adapter and its base
+  each get an anti-affinity group, so the kernels know where both are.  Chains (a base that
+  is itself an adapter) are refused;
 * a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
   moving a running model costs a migration, limited by ``max_moves`` (models) and
   ``max_migrated_gb`` (GB copied); ``min_gain`` is the relative improvement below which nothing
@@ -27,6 +31,7 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -103,6 +108,8 @@ class Problem:
         exact search tries one of them); (0,) without rules.
     out_of_service : tuple of int -- GPU ids no model may use (already folded into ``allowed``;
         kept to report them).
+    coloc : (n,) int64 -- co-location: the group (the base model's index) whose item each
+        adapter item must sit beside, -1 for none; (0,) when no model has ``colocate_with``.
     """
 
     items: Instance
@@ -120,6 +127,7 @@ class Problem:
     min_gain: float = 0.0
     gpu_class: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     out_of_service: tuple = ()
+    coloc: np.ndarray = field(default_factory=lambda: _EMPTY_I)
 
     @property
     def n_gpus(self) -> int:
@@ -149,7 +157,8 @@ class Problem:
         c = np.ascontiguousarray
         return (c(self.allowed, dtype=np.uint8), c(self.group, dtype=np.int64), c(self.node_group, dtype=np.int64),
                 c(self.node_of, dtype=np.int64), c(self.cur, dtype=np.int64), c(first), c(count),
-                c(mig.reshape(n if self.is_replan else 0)), np.int64(self.max_moves), float(self.max_migrated_gb))
+                c(mig.reshape(n if self.is_replan else 0)), np.int64(self.max_moves), float(self.max_migrated_gb),
+                c(self.coloc, dtype=np.int64))
 
     def with_budget(self, max_moves: int) -> "Problem":
         """The same problem with another move budget (re-placement baselines)."""
@@ -248,6 +257,54 @@ def _allowed_gpus(m: ModelSpec, G: int, off: np.ndarray, node_of: np.ndarray) ->
     return allowed
 
 
+def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
+    """Each model's base (the index of the model its ``colocate_with`` names), -1 for none.
+    ``allowed_of(m)`` (G,) bool: the GPUs model ``m`` may use.  Refuses an unknown or
+    ambiguous name, a model beside itself, a chain (a base that is an adapter), an adapter of
+    several shards or replicas, and an adapter that may use none of its base's GPUs."""
+    names: dict[str, list[int]] = {}
+    for k, m in enumerate(specs):
+        if m.name is not None:
+            names.setdefault(m.name, []).append(k)
+    out = []
+    for m in specs:
+        if m.colocate_with is None:
+            out.append(-1)
+            continue
+        found = names.get(m.colocate_with, [])
+        if not found:
+            close = difflib.get_close_matches(m.colocate_with, list(names), 1, 0.6)
+            raise InvalidInstance(f"{m.where}: colocate_with names {m.colocate_with!r}, which is no model's name"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if len(found) > 1:
+            raise InvalidInstance(f"{m.where}: colocate_with names {m.colocate_with!r}, which {len(found)} models "
+                                  f"are called; give the base a name of its own")
+        b = found[0]
+        if b == m.index:
+            raise InvalidInstance(f"{m.where}: colocate_with names the model itself")
+        if specs[b].colocate_with is not None:
+            raise InvalidInstance(f"{m.where}: colocate_with names {specs[b].where}, which is itself co-located "
+                                  f"with {specs[b].colocate_with!r}; chains are not supported: name the base "
+                                  f"model {specs[b].colocate_with!r} directly")
+        if m.tp * m.replicas > 1:
+            raise InvalidInstance(f"{m.where}: colocate_with is for an adapter of one shard (tp=1, one replica); "
+                                  f"this one has tp={m.tp}, replicas={m.replicas} (give one adapter entry per copy)")
+        if not (allowed_of(m.index) & allowed_of(b)).any():
+            raise InvalidInstance(f"{m.where}: it may use none of the GPUs its base {specs[b].where} may use "
+                                  f"(forbid, pin, node, out_of_service), so it can never sit beside it")
+        out.append(b)
+    return out
+
+
+def _pinned_mask(m: ModelSpec, allowed: np.ndarray) -> np.ndarray:
+    """(G,) bool: the GPUs model ``m`` may use, its pins (if any) among them."""
+    if m.pin is None:
+        return allowed
+    out = np.zeros_like(allowed)
+    out[[g for g in m.pin if g < allowed.shape[0]]] = True
+    return out & allowed
+
+
 def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
     """Each model's current GPUs: ``current`` (one entry per model: a GPU id, a list of them,
     -1 / None for new) overrides the models' ``cur_gpu_id``."""
@@ -296,11 +353,15 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     multi = pinned = False
     n_node_groups = 0
     node_size = np.bincount(node_of) if node_of.size else np.zeros(0, np.int64)
+    allowed_rows = [_allowed_gpus(m, G, off, node_of) for m in specs]
+    base_of = _bases(specs, lambda b: _pinned_mask(specs[b], allowed_rows[b]))
+    paired = {b for b in base_of if b >= 0} | {i for i, b in enumerate(base_of) if b >= 0}  # bases and adapters
+    coloc = []
     for i, m in enumerate(specs):
         k = m.tp * m.replicas
         if k > G:
             raise InvalidInstance(f"{m.where}: tp x replicas = {k} shards need {k} distinct GPUs; the cluster has {G}")
-        allowed = _allowed_gpus(m, G, off, node_of)
+        allowed = allowed_rows[i]
         pins = None
         if m.pin is not None:
             pins = list(m.pin)
@@ -359,12 +420,13 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                 row[:] = False
                 row[pins[c]] = True
             allow_rows.append(row)
-            group.append(i if k > 1 else -1)
+            group.append(i if k > 1 or i in paired else -1)
+            coloc.append(base_of[i])
             node_group.append(n_node_groups + c // m.tp if together else -1)
             cur.append(cur_ids[c] if cur_ids is not None and c < len(cur_ids) else -1)
         if together:
             n_node_groups += m.replicas
-        multi |= k > 1
+        multi |= k > 1 or i in paired
         pinned |= not allowed.all() or m.pin is not None
     n = len(sizes)
     sizes_a = np.asarray(sizes, float)
@@ -386,7 +448,8 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_group_a = np.asarray(node_group, np.int64) if n_node_groups else _EMPTY_I
     node_of_a = node_of if n_node_groups else _EMPTY_I
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
-                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=tuple(np.nonzero(off)[0].tolist()))
+                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=tuple(np.nonzero(off)[0].tolist()),
+                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I)
     if prob.has_rules:
         from dataclasses import replace
 

@@ -176,3 +176,121 @@ def test_node_key_is_checked():
         kvgpu.solve([dict(a, node="x")], 4, gpus_per_node=2)
     with pytest.raises(kvgpu.InvalidInstance, match="node names GPU ids"):
         kvgpu.size([a], 0.5)
+
+
+# ----------------------------------------------------------------------------- colocate_with
+
+@st.composite
+def with_adapters(draw):
+    """A draw of ``cluster_problems`` plus 1-2 adapters (0.3-2 GB, tp=1), each beside a model of
+    the draw; in re-placements an adapter runs beside its base or elsewhere (it must then move),
+    or is new.  At most 9 items."""
+    models, G, mem, kw = draw(cluster_problems())
+    items = sum(m.get("tp", 1) * m.get("replicas", 1) for m in models)
+    for j in range(draw(st.integers(1, 2))):
+        if items >= 9:
+            break
+        base = draw(st.sampled_from(models))
+        a = {"name": f"lora{j}", "size": draw(st.sampled_from([0.3, 1.0, 2.0])), "req_rate": draw(st.integers(0, 9)),
+             "slo": draw(st.sampled_from([0.5, 1, 2])), "colocate_with": base["name"]}
+        if draw(st.integers(0, 4)) == 0:
+            a["forbid"] = [draw(st.integers(0, G - 1))]
+        if "max_moves" in kw:
+            a["cur_gpu_id"] = draw(st.integers(-1, G - 1))
+        models.insert(draw(st.integers(0, len(models))), a)  # before or after its base
+        items += 1
+    return models, G, mem, kw
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(with_adapters())
+def test_adapters_sit_beside_their_base_and_answers_match_brute_force(draw):
+    models, G, mem, kw = draw
+    _agrees_with_brute_force(models, G, mem, kw)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(with_adapters(), st.integers(0, 3))
+def test_search_alone_keeps_adapters_beside_their_base(draw, seed):
+    """Without the proof: start, search moves and their budget keep the rule on their own."""
+    models, G, mem, kw = draw
+    try:
+        prob = build_problem(models, G, mem, **kw)
+        p = kvgpu.solve(models, G, gpu_mem=mem, exact=False, seed=seed, effort=20, **kw)
+    except (kvgpu.InvalidInstance, kvgpu.NoPlacementFound):
+        return
+    check_placement(prob, p)
+
+
+def test_lora_case_puts_each_adapter_beside_a_base_replica_at_the_optimum():
+    specs, opts = read_models(OPS / "lora_with_base.yaml")
+    prob = build_problem(specs, opts["gpus"], opts["gpu_mem"])
+    opt, _ = brute_force_problem(prob)
+    p = kvgpu.solve(specs, opts["gpus"], gpu_mem=opts["gpu_mem"])
+    check_placement(prob, p)
+    assert close(p.max_kvpr, opt) and p.proven_optimal
+    base, sql, support = p.gpus_of_models()
+    assert sql[0] in base and support[0] in base and sql != support  # one adapter per replica
+    r = _cli("solve", OPS / "lora_with_base.yaml", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["assignment"] == p.assignment.tolist()
+
+
+def test_replan_moves_an_adapter_with_its_base_or_not_at_all():
+    base = {"name": "base", "size": 16, "req_rate": 4, "slo": 1, "cur_gpu_id": 0}
+    lora = {"name": "lora", "size": 0.5, "req_rate": 2, "slo": 1, "cur_gpu_id": 0, "colocate_with": "base"}
+    other = {"name": "other", "size": 30, "req_rate": 1, "slo": 1, "cur_gpu_id": 1}
+    with pytest.raises(kvgpu.NoPlacementFound, match="max_moves=1") as e:  # both must leave GPU 0
+        kvgpu.replan([base, lora, other], 3, gpu_mem=48, max_moves=1, out_of_service=[0])
+    assert e.value.proven
+    p = kvgpu.replan([base, lora, other], 3, gpu_mem=48, max_moves=2, out_of_service=[0])
+    check_placement(p.problem, p)
+    check_plan_executable(p.problem, p)
+    a = p.gpus_of_models()
+    assert a[0] == a[1] and a[0] != [0]
+    # an adapter running away from its base must join it (one move), or its base comes to it
+    p = kvgpu.replan([base, dict(lora, cur_gpu_id=2), other], 3, gpu_mem=48, max_moves=1)
+    check_placement(p.problem, p)
+    assert p.moved_models == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colocate_with": "bse"}, "no model's name \\(did you mean 'base'\\?\\)"),
+    ({"colocate_with": "lora"}, "names the model itself"),
+    ({"colocate_with": 3}, "must be the name of another model"),
+    ({"tp": 2}, "adapter of one shard"),
+    ({"replicas": 2}, "adapter of one shard"),
+    ({"forbid": [0, 1]}, "may use none of the GPUs its base"),
+])
+def test_bad_colocation_is_named(change, message):
+    base = {"name": "base", "size": 16, "req_rate": 4, "slo": 1, "pin": [0, 1], "replicas": 2}
+    lora = dict({"name": "lora", "size": 0.5, "req_rate": 2, "slo": 1, "colocate_with": "base"}, **change)
+    with pytest.raises(kvgpu.InvalidInstance, match=message):
+        kvgpu.solve([base, lora], 3, gpu_mem=48)
+
+
+def test_colocation_chains_duplicates_and_other_paths_are_refused_by_name():
+    base = {"name": "base", "size": 16, "req_rate": 4, "slo": 1}
+    a = {"name": "a", "size": 0.5, "req_rate": 2, "slo": 1, "colocate_with": "base"}
+    b = {"name": "b", "size": 0.5, "req_rate": 2, "slo": 1, "colocate_with": "a"}
+    with pytest.raises(kvgpu.InvalidInstance, match="chains are not supported: name the base model 'base'"):
+        kvgpu.solve([base, a, b], 2)
+    with pytest.raises(kvgpu.InvalidInstance, match="which 2 models are called"):
+        kvgpu.solve([base, dict(base), a], 3)
+    with pytest.raises(kvgpu.InvalidInstance, match="mode='seed'"):
+        kvgpu.solve([base, a], 2, mode="seed")
+    with pytest.raises(kvgpu.InvalidInstance, match="backend='numpy'"):  # and 'cuda': the same refusal
+        kvgpu.solve([base, a], 2, backend="numpy")
+    with pytest.raises(kvgpu.InvalidInstance, match="colocate_with is not supported by sizing"):
+        kvgpu.size([base, a], 0.5)
+    with pytest.raises(kvgpu.InvalidInstance, match="did you mean 'colocate_with'"):
+        kvgpu.solve([base, dict(a, colocate=a.pop("colocate_with"))], 2)
+
+
+def test_colocate_with_from_a_csv_file(tmp_path):
+    f = tmp_path / "m.csv"
+    f.write_text("name,size,req_rate,slo,replicas,colocate_with\nbase,16,3,2,2,\nlora,0.3,4,2,,base\n")
+    r = _cli("solve", f, "--gpus", 3, "--gpu-mem", 48, "--json")
+    assert r.returncode == 0, r.stderr
+    a = json.loads(r.stdout)["model_gpus"]
+    assert a[1][0] in a[0]

@@ -164,7 +164,10 @@ def _twins(order, rules):
 def _feasible_dfs(s, w, a, M, T, node_limit, out, rules, gclass):
     n = s.shape[0]
     G = M.shape[0]
-    order = argsort_stable(-a)  # a model's shards are equal: they stay together
+    key = -a
+    if rules[10].shape[0]:  # adapters after every base: placing one needs its base placed
+        key = np.where(rules[10] >= 0, INF, -a)
+    order = argsort_stable(key)  # a model's shards are equal: they stay together
     twin = _twins(order, rules)
     rest = np.zeros(n + 1)  # rest[k]: total item size from depth k on
     amin = np.full(n + 1, np.inf)  # amin[k]: smallest item from depth k on
@@ -232,6 +235,8 @@ def _same_as_earlier(M, load, used, g, lo, gclass, rules, rstate, i):
     neither holds an item of ``i``'s group), so placing there was already tried."""
     grp = rules[1][i] if rules[1].shape[0] else -1
     if grp >= 0 and rstate[0][grp, g] > 0:
+        return False
+    if rules[10].shape[0]:  # GPUs of equal load may hold different bases: not interchangeable
         return False
     for h in range(lo, g):
         same_class = gclass[h] == gclass[g] if gclass.shape[0] else M[h] == M[g]
