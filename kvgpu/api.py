@@ -45,19 +45,20 @@ _OPTIONS_DOC = """
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, nodes=None,
           gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None, min_gain=None,
-          out_of_service=None, backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT, patience: int | None = None,
-          seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK, decompose: bool | None = None,
-          dask=None) -> Placement:
+          out_of_service=None, backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT,
+          patience: int | None = None, seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK,
+          decompose: bool | None = None, dask=None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
     optionally a name, ``tp``, ``replicas``, ``pin``, ``forbid``, ``cur_gpu_id``, ``overhead_gb``,
-    ``same_node``, ``node``, ``colocate_with``), a pandas DataFrame with those columns, an (N, 3) array, or any iterable of
-    them.  The cluster: ``nodes`` (lists of GPU ids) or ``gpus_per_node`` keep each model's tp
-    shards inside one node; ``reserve_gb`` (a number or one per GPU) is kept off each GPU for the
-    serving engine; ``out_of_service`` (GPU ids) are GPUs no model may use (a failed or
-    preempted node: a model running there must move).  A current placement (the models' ``cur_gpu_id``, or ``current``: one GPU id
-    or list per model, -1 for new) makes it a re-placement, see :func:`replan`.
+    ``same_node``, ``node``, ``colocate_with``), a pandas DataFrame with those columns, an (N, 3)
+    array, or any iterable of them.  The cluster: ``nodes`` (lists of GPU ids) or
+    ``gpus_per_node`` keep each model's tp shards inside one node; ``reserve_gb`` (a number or
+    one per GPU) is kept off each GPU for the serving engine; ``out_of_service`` (GPU ids) are
+    GPUs no model may use (a failed or preempted node: a model running there must move).  A
+    current placement (the models' ``cur_gpu_id``, or ``current``: one GPU id or list per model,
+    -1 for new) makes it a re-placement, see :func:`replan`.
 
     Raises :class:`kvgpu.InvalidInstance` for bad input (naming the model, field and rule) and
     :class:`kvgpu.NoPlacementFound` when no placement keeps memory, rules and budget (saying

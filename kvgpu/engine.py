@@ -469,10 +469,12 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
 
     if opts.mode == "seed":
         raise InvalidInstance("mode='seed' runs the seed pipeline, which knows no shards, pins, forbidden GPUs, "
-                              "nodes or current placements; these models need mode='search'")
+                              "nodes, co-location, GPUs out of service or current placements; these models need "
+                              "mode='search'")
     if opts.backend in ("numpy", "cuda"):
         raise InvalidInstance(f"backend={opts.backend!r} runs the seed pipeline, which models with tp, replicas, "
-                              f"pin, forbid, nodes or a current placement do not use: they run in numba kernels "
+                              f"pin, forbid, node, colocate_with, out_of_service, nodes or a current placement do not "
+                              f"use: they run in numba kernels "
                               f"(backend='auto' or 'numba')")
     _need_numba("models with rules")
     _check_forced(problem)

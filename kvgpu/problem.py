@@ -42,8 +42,8 @@ import numpy as np
 
 from kvgpu.errors import InvalidInstance, KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
-from kvgpu.schema import (OPTION_RANGES, ModelSpec, current_placement, gpu_ids, gpu_memory, integer, model_specs, number,
-                          per_gpu)
+from kvgpu.schema import (OPTION_RANGES, ModelSpec, current_placement, gpu_ids, gpu_memory, integer, model_specs,
+                          number, per_gpu)
 
 DEFAULT_GPU_MEM = 80.0
 
@@ -322,8 +322,8 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     DataFrame, an (N, 3) array, any iterable).  A current placement comes from the models'
     ``cur_gpu_id`` or ``current``; with one, the answer lists the migrations from it, limited by
     ``max_moves`` / ``max_migrated_gb`` when given.  ``out_of_service``: GPU ids no model may
-    use (a running model there must move, and that move counts against the budget).  Raises :class:`kvgpu.InvalidInstance` naming
-    the model (or option), the field and the rule.
+    use (a running model there must move, and that move counts against the budget).  Raises
+    :class:`kvgpu.InvalidInstance` naming the model (or option), the field and the rule.
     """
     mem = gpu_memory(gpus, gpu_mem)
     G = mem.shape[0]

@@ -243,11 +243,12 @@ def test_replan_moves_an_adapter_with_its_base_or_not_at_all():
     with pytest.raises(kvgpu.NoPlacementFound, match="max_moves=1") as e:  # both must leave GPU 0
         kvgpu.replan([base, lora, other], 3, gpu_mem=48, max_moves=1, out_of_service=[0])
     assert e.value.proven
-    p = kvgpu.replan([base, lora, other], 3, gpu_mem=48, max_moves=2, out_of_service=[0])
+    p = kvgpu.replan([lora, base, other], 3, gpu_mem=48, max_moves=2, out_of_service=[0])
     check_placement(p.problem, p)
     check_plan_executable(p.problem, p)
     a = p.gpus_of_models()
     assert a[0] == a[1] and a[0] != [0]
+    assert [m.model for m in p.plan] == ["base", "lora"]  # the adapter follows its base, listed first or not
     # an adapter running away from its base must join it (one move), or its base comes to it
     p = kvgpu.replan([base, dict(lora, cur_gpu_id=2), other], 3, gpu_mem=48, max_moves=1)
     check_placement(p.problem, p)

@@ -107,9 +107,9 @@ def _member_counts(ids, n):
 def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
     """Place every item with ``assign[i] < 0`` (the others are fixed and in ``rstate``), most
     constrained first (fewest allowed GPUs, then most items in the model, then largest; a
-    model's items together; adapters last, once their bases are placed), each by :func:`_choose`.  ``jitter > 0`` perturbs the sizes in
-    the order (restarts).  Returns the number of items the rules left no GPU (0: all placed,
-    memory possibly overfull)."""
+    model's items together; adapters last, once their bases are placed), each by
+    :func:`_choose`.  ``jitter > 0`` perturbs the sizes in the order (restarts).  Returns the
+    number of items the rules left no GPU (0: all placed, memory possibly overfull)."""
     n = s.shape[0]
     G = M.shape[0]
     allowed, node_group = rules[0], rules[2]
