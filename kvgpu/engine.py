@@ -416,7 +416,9 @@ def _scope(problem: Problem, certified: bool) -> str:
 def _no_placement(problem: Problem, status: int, work: int, start_status: int) -> NoPlacementFound:
     from kvgpu.kernels import exact, start
 
-    what = "memory, the rules (pins, forbidden GPUs, shards on distinct GPUs, nodes)"
+    what = "memory, the rules (pins, forbidden GPUs, shards on distinct GPUs, nodes"
+    what += ", adapters beside their base" if problem.coloc.shape[0] else ""
+    what += ", GPUs out of service)" if problem.out_of_service else ")"
     if problem.is_replan and (problem.max_moves >= 0 or math.isfinite(problem.max_migrated_gb)):
         what += " and the migration budget"
     if status == exact.INFEASIBLE:
