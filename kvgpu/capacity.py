@@ -340,12 +340,18 @@ def _items(models, mem_max: float, X: float) -> _Items:
     if not specs:
         raise InvalidInstance("models: no models to size")
     for m in specs:
-        for key, given in (("pin", m.pin is not None), ("forbid", bool(m.forbid)), ("cur_gpu_id", m.cur_gpu),
-                           ("node", m.node is not None)):
+        for key, given in (("pin", m.pin is not None), ("forbid", bool(m.forbid)), ("cur_gpu_id", m.cur_gpu)):
             if given:
                 raise InvalidInstance(f"{m.where}: {key} names GPU ids, which do not exist before the cluster is "
                                       f"sized (its GPU count is the answer); size without {key!r}, then place "
                                       f"with kvgpu.solve / kvgpu solve")
+    for m in specs:  # rules that sizing's packing does not know: refused, never dropped
+        if m.node is not None:
+            raise InvalidInstance(f"{m.where}: node names a node of a cluster, which does not exist before the "
+                                  f"cluster is sized; size without 'node', then place with kvgpu.solve / kvgpu solve")
+        if m.colocate_with is not None:
+            raise InvalidInstance(f"{m.where}: colocate_with is not supported by sizing; size without it (the "
+                                  f"adapter's few GB beside its base), then place with kvgpu.solve / kvgpu solve")
     shards = sum(m.tp * m.replicas for m in specs)
     if shards > MAX_GPUS:
         raise InvalidInstance(f"models: tp x replicas add up to {shards} shards; sizing handles at most "
@@ -356,10 +362,6 @@ def _items(models, mem_max: float, X: float) -> _Items:
     k = np.bincount(model_of)
     first = np.searchsorted(model_of, np.arange(k.size))  # items of a model are consecutive
     model_labels = [labels[j].rsplit("/", 1)[0] if k[m] > 1 else labels[j] for m, j in enumerate(first)]
-    for m in specs:  # a rule between models that sizing's packing does not know: refused, never dropped
-        if m.colocate_with is not None:
-            raise InvalidInstance(f"{m.where}: colocate_with is not supported by sizing; size without it (the "
-                                  f"adapter's few GB beside its base), then place with kvgpu.solve / kvgpu solve")
     return _Items(inst.sizes + inst.demand / X, model_of, k, labels, model_labels)
 
 

@@ -174,7 +174,7 @@ def test_node_key_is_checked():
         kvgpu.solve([dict(a, replicas=3)], 4, gpus_per_node=2)
     with pytest.raises(kvgpu.InvalidInstance, match="field 'node' must be an integer"):
         kvgpu.solve([dict(a, node="x")], 4, gpus_per_node=2)
-    with pytest.raises(kvgpu.InvalidInstance, match="node names GPU ids"):
+    with pytest.raises(kvgpu.InvalidInstance, match="node names a node of a cluster"):
         kvgpu.size([a], 0.5)
 
 
