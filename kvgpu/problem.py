@@ -218,9 +218,12 @@ def _reserve(G: int, reserve_gb) -> np.ndarray:
     return np.full(G, float(vals))
 
 
-def _out_of_service(G: int, value) -> np.ndarray:
-    """(G,) bool: the GPUs no model may use (``out_of_service``: GPU ids of this cluster)."""
+def _out_of_service(G: int, value) -> np.ndarray | None:
+    """(G,) bool: the GPUs no model may use (``out_of_service``: GPU ids of this cluster); None
+    when there are none."""
     ids = gpu_ids(value, "out_of_service")
+    if not ids:
+        return None
     off = np.zeros(G, bool)
     for g in ids:
         if g >= G:
@@ -231,10 +234,16 @@ def _out_of_service(G: int, value) -> np.ndarray:
     return off
 
 
-def _allowed_gpus(m: ModelSpec, G: int, off: np.ndarray, node_of: np.ndarray) -> np.ndarray:
-    """(G,) bool: the GPUs model ``m`` may use -- not forbidden, not out of service, inside its
-    ``node`` -- with its pins checked against them (each refusal names the rule)."""
-    allowed = ~off
+def _allowed_gpus(m: ModelSpec, G: int, off: np.ndarray | None, node_of: np.ndarray) -> np.ndarray | None:
+    """(G,) bool: the GPUs model ``m`` may use -- not forbidden, not out of service (``off``,
+    None: none), inside its ``node`` -- with its pins checked against them (each refusal names
+    the rule); None when nothing restricts them (a plain model costs O(1) here)."""
+    for g in m.pin or ():
+        if g >= G:
+            raise InvalidInstance(f"{m.where}: pin names GPU {g}, not one of 0..{G - 1}")
+    if off is None and not m.forbid and m.node is None:
+        return None
+    allowed = np.ones(G, bool) if off is None else ~off
     for g in m.forbid:
         if g >= G:
             raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
@@ -246,9 +255,7 @@ def _allowed_gpus(m: ModelSpec, G: int, off: np.ndarray, node_of: np.ndarray) ->
             raise InvalidInstance(f"{m.where}: node {m.node} is not one of the cluster's nodes 0..{node_of.max()}")
         allowed &= node_of == m.node
     for g in m.pin or ():
-        if g >= G:
-            raise InvalidInstance(f"{m.where}: pin names GPU {g}, not one of 0..{G - 1}")
-        if off[g]:
+        if off is not None and off[g]:
             raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which is out of service")
         if g in m.forbid:
             raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which it also forbids")
@@ -296,8 +303,9 @@ def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
     return out
 
 
-def _pinned_mask(m: ModelSpec, allowed: np.ndarray) -> np.ndarray:
-    """(G,) bool: the GPUs model ``m`` may use, its pins (if any) among them."""
+def _pinned_mask(m: ModelSpec, allowed: np.ndarray | None, G: int) -> np.ndarray:
+    """(G,) bool: the GPUs model ``m`` may use (``allowed``, None: all), its pins among them."""
+    allowed = np.ones(G, bool) if allowed is None else allowed
     if m.pin is None:
         return allowed
     out = np.zeros_like(allowed)
@@ -350,11 +358,14 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                               "was given")
 
     sizes, demand, names, objects, model_of, allow_rows, group, node_group, cur = ([] for _ in range(9))
-    multi = pinned = False
+    multi = False
     n_node_groups = 0
     node_size = np.bincount(node_of) if node_of.size else np.zeros(0, np.int64)
     allowed_rows = [_allowed_gpus(m, G, off, node_of) for m in specs]
-    base_of = _bases(specs, lambda b: _pinned_mask(specs[b], allowed_rows[b]))
+    base_of = _bases(specs, lambda b: _pinned_mask(specs[b], allowed_rows[b], G))
+    # one row of allowed GPUs per item only where some model restricts its GPUs: plain models
+    # cost O(1) each here, so the problem is O(models + GPUs)
+    pinned = any(a is not None or m.pin is not None for a, m in zip(allowed_rows, specs))
     paired = {b for b in base_of if b >= 0} | {i for i, b in enumerate(base_of) if b >= 0}  # bases and adapters
     coloc = []
     for i, m in enumerate(specs):
@@ -370,9 +381,10 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                                       f"give one GPU id per shard")
             if len(set(pins)) != len(pins):
                 raise InvalidInstance(f"{m.where}: pin repeats a GPU, but shards and replicas need distinct GPUs")
-        if allowed.sum() < k:
-            raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {int(allowed.sum())} GPU(s) "
-                                  f"are allowed (forbid, node, out_of_service)")
+        n_allowed = G if allowed is None else int(allowed.sum())
+        if n_allowed < k:
+            raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {n_allowed} GPU(s) are "
+                                  f"allowed (forbid, node, out_of_service)")
         together = m.tp > 1 and node_of.size > 0 and m.same_node is not False
         if m.same_node is not None:
             if m.tp == 1:
@@ -380,8 +392,8 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             if m.same_node and node_of.size == 0:
                 raise InvalidInstance(f"{m.where}: same_node needs the cluster's nodes (nodes or gpus_per_node)")
         if together:
-            room = [int(allowed[node_of == nd].sum()) for nd in range(node_size.size)]
-            if max(room) < m.tp:
+            room = node_size if allowed is None else np.bincount(node_of[allowed], minlength=node_size.size)
+            if room.max() < m.tp:
                 raise InvalidInstance(f"{m.where}: its tp={m.tp} shards must share a node, but no node has {m.tp} "
                                       f"GPUs it may use (set same_node: false to let them span nodes)")
             if pins is not None:  # shards are interchangeable: group the pinned GPUs node by node
@@ -403,7 +415,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                               f"read as {len(cur_ids)} running shard(s), the other {k - len(cur_ids)} placed as new "
                               f"(give one GPU id per shard)", KvgpuWarning, stacklevel=3)
         shard_size = m.size / m.tp + m.overhead_gb
-        fit = usable[allowed].max()
+        fit = float(usable.max() if allowed is None else usable[allowed].max())
         if shard_size > fit + EPS * mem_unit(fit):
             what = "a shard" if k > 1 else "it"
             raise InvalidInstance(f"{m.where}: {what} needs {shard_size:g} GB (size / tp + overhead_gb), larger than "
@@ -415,11 +427,12 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             names.append((m.name if m.name is not None else f"#{i}") + (f"/{c}" if k > 1 else ""))
             objects.append(m.obj)
             model_of.append(i)
-            row = allowed.copy()
-            if pins is not None:
-                row[:] = False
-                row[pins[c]] = True
-            allow_rows.append(row)
+            if pinned:
+                row = np.ones(G, bool) if allowed is None else allowed.copy()
+                if pins is not None:
+                    row[:] = False
+                    row[pins[c]] = True
+                allow_rows.append(row)
             group.append(i if k > 1 or i in paired else -1)
             coloc.append(base_of[i])
             node_group.append(n_node_groups + c // m.tp if together else -1)
@@ -427,7 +440,6 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         if together:
             n_node_groups += m.replicas
         multi |= k > 1 or i in paired
-        pinned |= not allowed.all() or m.pin is not None
     n = len(sizes)
     sizes_a = np.asarray(sizes, float)
     if sizes_a.sum() > usable.sum() + EPS * mem_unit(usable.sum()):
@@ -448,7 +460,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_group_a = np.asarray(node_group, np.int64) if n_node_groups else _EMPTY_I
     node_of_a = node_of if n_node_groups else _EMPTY_I
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
-                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=tuple(np.nonzero(off)[0].tolist()),
+                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=() if off is None else tuple(np.nonzero(off)[0].tolist()),
                    coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I)
     if prob.has_rules:
         from dataclasses import replace
