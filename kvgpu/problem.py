@@ -361,6 +361,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     multi = False
     n_node_groups = 0
     node_size = np.bincount(node_of) if node_of.size else np.zeros(0, np.int64)
+    top = float(usable.max())
     allowed_rows = [_allowed_gpus(m, G, off, node_of) for m in specs]
     base_of = _bases(specs, lambda b: _pinned_mask(specs[b], allowed_rows[b], G))
     # one row of allowed GPUs per item only where some model restricts its GPUs: plain models
@@ -415,7 +416,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                               f"read as {len(cur_ids)} running shard(s), the other {k - len(cur_ids)} placed as new "
                               f"(give one GPU id per shard)", KvgpuWarning, stacklevel=3)
         shard_size = m.size / m.tp + m.overhead_gb
-        fit = float(usable.max() if allowed is None else usable[allowed].max())
+        fit = top if allowed is None else float(usable[allowed].max())
         if shard_size > fit + EPS * mem_unit(fit):
             what = "a shard" if k > 1 else "it"
             raise InvalidInstance(f"{m.where}: {what} needs {shard_size:g} GB (size / tp + overhead_gb), larger than "
