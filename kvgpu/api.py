@@ -45,18 +45,20 @@ _OPTIONS_DOC = """
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, nodes=None,
           gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None, min_gain=None,
-          backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT, patience: int | None = None,
-          seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK, decompose: bool | None = None,
-          dask=None, objective: str | None = None) -> Placement:
+          out_of_service=None, backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT,
+          patience: int | None = None, seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK,
+          decompose: bool | None = None, dask=None, objective: str | None = None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
     optionally a name, ``tp``, ``replicas``, ``pin``, ``forbid``, ``cur_gpu_id``, ``overhead_gb``,
-    ``same_node``), a pandas DataFrame with those columns, an (N, 3) array, or any iterable of
-    them.  The cluster: ``nodes`` (lists of GPU ids) or ``gpus_per_node`` keep each model's tp
-    shards inside one node; ``reserve_gb`` (a number or one per GPU) is kept off each GPU for the
-    serving engine.  A current placement (the models' ``cur_gpu_id``, or ``current``: one GPU id
-    or list per model, -1 for new) makes it a re-placement, see :func:`replan`.
+    ``same_node``, ``node``, ``colocate_with``), a pandas DataFrame with those columns, an (N, 3)
+    array, or any iterable of them.  The cluster: ``nodes`` (lists of GPU ids) or
+    ``gpus_per_node`` keep each model's tp shards inside one node; ``reserve_gb`` (a number or
+    one per GPU) is kept off each GPU for the serving engine; ``out_of_service`` (GPU ids) are
+    GPUs no model may use (a failed or preempted node: a model running there must move).  A
+    current placement (the models' ``cur_gpu_id``, or ``current``: one GPU id or list per model,
+    -1 for new) makes it a re-placement, see :func:`replan`.
 
     ``objective="lex"`` (the default in search mode) balances the GPUs: after the largest KVPR,
     the largest of the other GPUs, and so on (the sorted vector of GPU KVPRs compared term by
@@ -72,7 +74,7 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask, objective)
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
-                            min_gain=min_gain)
+                            min_gain=min_gain, out_of_service=out_of_service)
     if backend == "auto":  # rules run in numba kernels only: such a problem is a CPU job whatever its size
         work = 0 if problem.has_rules else backends.work_of(problem.items.n_models, problem.n_gpus)
         opts = dataclasses.replace(opts, backend=backends.resolve("auto", work))

@@ -82,6 +82,17 @@ def _per_gpu_option(flag: str, lo: float, lo_open: bool):
 _gpu_mem = _per_gpu_option("--gpu-mem", 0.0, True)
 
 
+def _drain_option(text: str) -> list[int]:
+    """argparse type of --drain: comma-separated GPU ids (at least one)."""
+    try:
+        ids = schema.gpu_ids(text, "--drain")
+    except InvalidInstance as e:
+        raise _UsageError(f"{e} (GPU ids as 3,7)") from None
+    if not ids:
+        raise _UsageError(f"--drain {text!r}: give at least one GPU id (as 3,7)")
+    return list(ids)
+
+
 def _add_solve_options(p: argparse.ArgumentParser) -> None:
     lo, hi = schema.OPTION_RANGES["gpus"]
     p.add_argument("--gpus", type=_int_option("--gpus"), help=f"number of GPUs, {lo}..{hi} "
@@ -97,6 +108,9 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reserve-gb", type=_per_gpu_option("--reserve-gb", 0.0, False),
                    help="GB kept off each GPU for the serving engine (activations, CUDA context): one number, "
                    "or one per GPU as 4,4,8 (default: the file's reserve_gb, else 0)")
+    p.add_argument("--drain", type=_drain_option, metavar="3,7",
+                   help="GPU ids taken out of service (failed or preempted): no model may use them, and replan "
+                   "moves everything off them first; added to the file's out_of_service")
     p.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
                    help="search rounds per instance (mode search; default %(default)s)")
     p.add_argument("--patience", type=_int_option("--patience"),
@@ -144,7 +158,7 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     if gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
     gpu_mem = found.gpu_mem if found.gpu_mem is not None else 80.0
-    cluster = found.rules()
+    cluster = dict(found.rules(), out_of_service=found.out_of_service)
     budget = {}
     if args.cmd == "replan":
         budget = dict(max_moves=args.max_moves, max_migrated_gb=args.max_migrated_gb, min_gain=args.min_gain)
@@ -174,7 +188,7 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
 def _cluster(opts: dict, args) -> cluster_fields.Cluster:
     """The cluster of the file's ``opts`` and the command line (every entry point reads it here)."""
     return cluster_fields.read(opts, gpus=args.gpus, gpu_mem=args.gpu_mem, reserve_gb=args.reserve_gb,
-                               gpus_per_node=args.gpus_per_node)
+                               gpus_per_node=args.gpus_per_node, drain=getattr(args, "drain", None))
 
 
 def _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget, flags=()):
@@ -228,6 +242,9 @@ def _size(args) -> int:
         raise InvalidInstance(f"--max-kvpr: must be a number (demand per GB of KV cache), got {args.max_kvpr!r}")
     models, opts = read_models(args.file)
     found = _cluster(opts, args)
+    if found.out_of_service:  # refused, never dropped: sizing has no GPU ids yet
+        raise InvalidInstance(f"{args.file}: out_of_service (--drain) names GPU ids, which size/--headroom do not use "
+                              f"yet; remove it (size the cluster without those GPUs) or use kvgpu solve")
     work = dict(effort=args.effort, seed=args.seed, exact_work=args.exact_work, **found.rules())
     if args.headroom:
         if args.gpu_types or args.max_gpus is not None:

@@ -91,7 +91,8 @@ def check(decompose, *, mode: str, rules: bool, dask: bool = False) -> None:
         raise InvalidInstance(f"decompose: must be True, False or None (automatic), got {decompose!r}")
     if dask and (decompose is False or mode == "seed" or rules):
         why = ("decompose=False (--decompose off)" if decompose is False else "mode 'seed'" if mode == "seed" else
-               "models with tp, replicas, pin, forbid, nodes or a current placement, which are solved whole")
+               "models with tp, replicas, pin, forbid, node, colocate_with, out_of_service, nodes or a current "
+               "placement, which are solved whole")
         raise InvalidInstance(f"dask (--dask, --dask-local) runs the group solves of a decomposed cluster; with {why} "
                               f"nothing is decomposed (drop dask)")
     if not decompose:
@@ -101,7 +102,8 @@ def check(decompose, *, mode: str, rules: bool, dask: bool = False) -> None:
                               "seed pipeline on the whole cluster (drop one of them)")
     if rules:
         raise InvalidInstance("decompose (--decompose on) is for clusters without rules: models with tp, replicas, "
-                              "pin, forbid, nodes or a current placement are solved whole (drop --decompose)")
+                              "pin, forbid, node, colocate_with, out_of_service, nodes or a current placement are "
+                              "solved whole (drop --decompose)")
 
 
 # ----------------------------------------------------------------------------- executors

@@ -499,7 +499,9 @@ def _scope(problem: Problem, certified: bool) -> str:
 def _no_placement(problem: Problem, status: int, work: int, start_status: int) -> NoPlacementFound:
     from kvgpu.kernels import exact, start
 
-    what = "memory, the rules (pins, forbidden GPUs, shards on distinct GPUs, nodes)"
+    what = "memory, the rules (pins, forbidden GPUs, shards on distinct GPUs, nodes"
+    what += ", adapters beside their base" if problem.coloc.shape[0] else ""
+    what += ", GPUs out of service)" if problem.out_of_service else ")"
     if problem.is_replan and (problem.max_moves >= 0 or math.isfinite(problem.max_migrated_gb)):
         what += " and the migration budget"
     if status == exact.INFEASIBLE:
@@ -514,7 +516,8 @@ def _no_placement(problem: Problem, status: int, work: int, start_status: int) -
 
 def _forced_moves(problem: Problem) -> list[int]:
     """Models that must move in any placement: one of their current GPUs is allowed for none of
-    their shards (a new pin or forbid), so the shard there has to leave."""
+    their shards (a new pin, forbid or node, or the GPU is out of service), so the shard there has
+    to leave."""
     if not (problem.is_replan and problem.allowed.shape[0]):
         return []
     out = []
@@ -535,10 +538,12 @@ def _check_forced(problem: Problem) -> None:
     gb = sum(problem.specs[m].size / problem.specs[m].tp for m in forced)
     names = ", ".join(problem.specs[m].where for m in forced)
     if 0 <= problem.max_moves < len(forced):
-        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules now forbid and must move ({names}), "
+        raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules now forbid (pin, forbid, node, "
+                               f"out_of_service) and must move ({names}), "
                                f"more than max_moves={problem.max_moves} (proven)", [0], proven=True)
     if gb > problem.max_migrated_gb * (1 + 1e-9) + 1e-12:
-        raise NoPlacementFound(f"models that run on GPUs their rules now forbid must move ({names}): at least "
+        raise NoPlacementFound(f"models that run on GPUs their rules now forbid (pin, forbid, node, out_of_service) "
+                               f"must move ({names}): at least "
                                f"{gb:g} GB, more than max_migrated_gb={problem.max_migrated_gb:g} (proven)", [0],
                                proven=True)
 
@@ -549,10 +554,12 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
 
     if opts.mode == "seed":
         raise InvalidInstance("mode='seed' runs the seed pipeline, which knows no shards, pins, forbidden GPUs, "
-                              "nodes or current placements; these models need mode='search'")
+                              "nodes, co-location, GPUs out of service or current placements; these models need "
+                              "mode='search'")
     if opts.backend in ("numpy", "cuda"):
         raise InvalidInstance(f"backend={opts.backend!r} runs the seed pipeline, which models with tp, replicas, "
-                              f"pin, forbid, nodes or a current placement do not use: they run in numba kernels "
+                              f"pin, forbid, node, colocate_with, out_of_service, nodes or a current placement do not "
+                              f"use: they run in numba kernels "
                               f"(backend='auto' or 'numba')")
     _need_numba("models with rules")
     _check_forced(problem)
@@ -587,6 +594,7 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
         lb = lo
     if _balances(opts, False):
         assign, pos = _balance(problem, assign, pos, opts)
+    _check_colocation(problem, assign)
     return assign, pos, lb, certified
 
 
@@ -749,6 +757,19 @@ def _fill_empty(problem: Problem, assign: np.ndarray, pos: np.ndarray) -> tuple[
                 break
         else:
             return assign, pos
+
+
+def _check_colocation(problem: Problem, assign: np.ndarray) -> None:
+    """The kernels keep every adapter beside its base; checked once more here, so that a fault
+    there is an error, never a placement that breaks the rule."""
+    if not problem.coloc.shape[0]:
+        return
+    for i in np.nonzero(problem.coloc >= 0)[0].tolist():
+        beside = assign[problem.model_of == problem.coloc[i]]
+        if assign[i] not in beside:
+            spec = problem.specs[problem.model_of[i]]
+            raise RuntimeError(f"internal error: {spec.where} ended on GPU {assign[i]}, which holds no shard of its "
+                               f"base {spec.colocate_with!r} (please report it)")
 
 
 def solve_problem(problem: Problem, opts: Options) -> Placement:

@@ -38,6 +38,8 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
     takes room another needs for good, because every GPU ends within its memory.  When the
     remaining steps wait for each other (a cycle, e.g. two models swapping GPUs that are both
     full), they are listed last and the note names the spare room that would let them run.
+    An adapter (``colocate_with``) moves or loads only once its base holds a shard on its
+    destination.
     """
     inst = problem.items
     M = inst.gpu_mem
@@ -46,12 +48,16 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
         used[problem.cur[i]] += inst.sizes[i]
     migrations, loads = _steps(problem, assign)
     pending = migrations + loads
+    base = _base_models(problem)
+    on = {m: {int(g) for g in problem.cur[problem.model_of == m] if g >= 0} for m in set(base.values())}
     out: list[Move] = []
     while pending:
         for k, (m, i, src, dst) in enumerate(pending):
             size = float(inst.sizes[i])
-            if used[dst] + size <= M[dst] + EPS * mem_unit(M[dst]):
+            if used[dst] + size <= M[dst] + EPS * mem_unit(M[dst]) and (m not in base or dst in on[base[m]]):
                 used[dst] += size
+                if m in on:  # a base: where its adapters may now go
+                    on[m] = (on[m] - {src}) | {dst}
                 if src >= 0:
                     used[src] -= size
                 out.append(_move(problem, m, src, dst))
@@ -69,6 +75,14 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
             f"within its memory; {need:.3g} GB spare on GPU {g} (or stopping one of these models while the "
             f"others move) lets them run")
     return out, note
+
+
+def _base_models(problem: Problem) -> dict[int, int]:
+    """Adapter model -> its base model, from the co-location rule's items."""
+    if not problem.coloc.shape[0]:
+        return {}
+    adapters = np.nonzero(problem.coloc >= 0)[0]
+    return {int(problem.model_of[i]): int(problem.coloc[i]) for i in adapters}
 
 
 def _label(problem: Problem, m: int) -> str:

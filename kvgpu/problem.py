@@ -12,9 +12,14 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 * a model with ``tp = k`` and ``replicas = r`` becomes ``k * r`` *items* (shards) of
   ``size / k + overhead_gb`` GB and ``demand / (k * r)`` each, on distinct GPUs (anti-affinity
   ``group``);
-* ``pin`` and ``forbid`` become the ``allowed`` GPUs of each item;
+* ``pin``, ``forbid``, ``node: K`` (every item inside node ``K``) and the cluster's
+  ``out_of_service`` GPUs (no model may use them) become the ``allowed`` GPUs of each item;
 * ``nodes`` / ``gpus_per_node`` give each GPU a node; the ``tp`` shards of one replica then stay
   inside one node (``node_group``), unless the model says ``same_node: false``;
+* ``colocate_with: BASE`` (a LoRA adapter: tp = 1, one replica) puts the model on a GPU that
+  holds a shard or replica of the model named ``BASE`` (``coloc``); the adapter and its base
+  each get an anti-affinity group, so the kernels know where both are.  Chains (a base that
+  is itself an adapter) are refused;
 * a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
   moving a running model costs a migration, limited by ``max_moves`` (models) and
   ``max_migrated_gb`` (GB copied); ``min_gain`` is the relative improvement below which nothing
@@ -26,6 +31,7 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +42,8 @@ import numpy as np
 
 from kvgpu.errors import InvalidInstance, KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
-from kvgpu.schema import OPTION_RANGES, ModelSpec, current_placement, gpu_memory, integer, model_specs, number, per_gpu
+from kvgpu.schema import (OPTION_RANGES, ModelSpec, current_placement, gpu_ids, gpu_memory, integer, model_specs,
+                          number, per_gpu)
 
 DEFAULT_GPU_MEM = 80.0
 
@@ -99,6 +106,10 @@ class Problem:
     min_gain : float -- smallest relative gain of the max KVPR worth moving running models for.
     gpu_class : (G,) int64 -- GPUs that are interchangeable under the rules share a class (the
         exact search tries one of them); (0,) without rules.
+    out_of_service : tuple of int -- GPU ids no model may use (already folded into ``allowed``;
+        kept to report them).
+    coloc : (n,) int64 -- co-location: the group (the base model's index) whose item each
+        adapter item must sit beside, -1 for none; (0,) when no model has ``colocate_with``.
     """
 
     items: Instance
@@ -115,6 +126,8 @@ class Problem:
     max_migrated_gb: float = math.inf
     min_gain: float = 0.0
     gpu_class: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    out_of_service: tuple = ()
+    coloc: np.ndarray = field(default_factory=lambda: _EMPTY_I)
 
     @property
     def n_gpus(self) -> int:
@@ -144,7 +157,8 @@ class Problem:
         c = np.ascontiguousarray
         return (c(self.allowed, dtype=np.uint8), c(self.group, dtype=np.int64), c(self.node_group, dtype=np.int64),
                 c(self.node_of, dtype=np.int64), c(self.cur, dtype=np.int64), c(first), c(count),
-                c(mig.reshape(n if self.is_replan else 0)), np.int64(self.max_moves), float(self.max_migrated_gb))
+                c(mig.reshape(n if self.is_replan else 0)), np.int64(self.max_moves), float(self.max_migrated_gb),
+                c(self.coloc, dtype=np.int64))
 
     def with_budget(self, max_moves: int) -> "Problem":
         """The same problem with another move budget (re-placement baselines)."""
@@ -204,6 +218,101 @@ def _reserve(G: int, reserve_gb) -> np.ndarray:
     return np.full(G, float(vals))
 
 
+def _out_of_service(G: int, value) -> np.ndarray | None:
+    """(G,) bool: the GPUs no model may use (``out_of_service``: GPU ids of this cluster); None
+    when there are none."""
+    ids = gpu_ids(value, "out_of_service")
+    if not ids:
+        return None
+    off = np.zeros(G, bool)
+    for g in ids:
+        if g >= G:
+            raise InvalidInstance(f"out_of_service names GPU {g}, not one of 0..{G - 1}")
+        off[g] = True
+    if off.all():
+        raise InvalidInstance(f"out_of_service takes all {G} GPU(s) out of service: no GPU is left for the models")
+    return off
+
+
+def _allowed_gpus(m: ModelSpec, G: int, off: np.ndarray | None, node_of: np.ndarray) -> np.ndarray | None:
+    """(G,) bool: the GPUs model ``m`` may use -- not forbidden, not out of service (``off``,
+    None: none), inside its ``node`` -- with its pins checked against them (each refusal names
+    the rule); None when nothing restricts them (a plain model costs O(1) here)."""
+    for g in m.pin or ():
+        if g >= G:
+            raise InvalidInstance(f"{m.where}: pin names GPU {g}, not one of 0..{G - 1}")
+    if off is None and not m.forbid and m.node is None:
+        return None
+    allowed = np.ones(G, bool) if off is None else ~off
+    for g in m.forbid:
+        if g >= G:
+            raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
+        allowed[g] = False
+    if m.node is not None:
+        if node_of.size == 0:
+            raise InvalidInstance(f"{m.where}: node {m.node} needs the cluster's nodes (nodes or gpus_per_node)")
+        if m.node > node_of.max():
+            raise InvalidInstance(f"{m.where}: node {m.node} is not one of the cluster's nodes 0..{node_of.max()}")
+        allowed &= node_of == m.node
+    for g in m.pin or ():
+        if off is not None and off[g]:
+            raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which is out of service")
+        if g in m.forbid:
+            raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which it also forbids")
+        if not allowed[g]:
+            raise InvalidInstance(f"{m.where}: pinned to GPU {g}, which is outside its node {m.node}")
+    return allowed
+
+
+def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
+    """Each model's base (the index of the model its ``colocate_with`` names), -1 for none.
+    ``allowed_of(m)`` (G,) bool: the GPUs model ``m`` may use.  Refuses an unknown or
+    ambiguous name, a model beside itself, a chain (a base that is an adapter), an adapter of
+    several shards or replicas, and an adapter that may use none of its base's GPUs."""
+    names: dict[str, list[int]] = {}
+    for k, m in enumerate(specs):
+        if m.name is not None:
+            names.setdefault(m.name, []).append(k)
+    out = []
+    for m in specs:
+        if m.colocate_with is None:
+            out.append(-1)
+            continue
+        found = names.get(m.colocate_with, [])
+        if not found:
+            close = difflib.get_close_matches(m.colocate_with, list(names), 1, 0.6)
+            raise InvalidInstance(f"{m.where}: colocate_with names {m.colocate_with!r}, which is no model's name"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if len(found) > 1:
+            raise InvalidInstance(f"{m.where}: colocate_with names {m.colocate_with!r}, which {len(found)} models "
+                                  f"are called; give the base a name of its own")
+        b = found[0]
+        if b == m.index:
+            raise InvalidInstance(f"{m.where}: colocate_with names the model itself")
+        if specs[b].colocate_with is not None:
+            raise InvalidInstance(f"{m.where}: colocate_with names {specs[b].where}, which is itself co-located "
+                                  f"with {specs[b].colocate_with!r}; chains are not supported: name the base "
+                                  f"model {specs[b].colocate_with!r} directly")
+        if m.tp * m.replicas > 1:
+            raise InvalidInstance(f"{m.where}: colocate_with is for an adapter of one shard (tp=1, one replica); "
+                                  f"this one has tp={m.tp}, replicas={m.replicas} (give one adapter entry per copy)")
+        if not (allowed_of(m.index) & allowed_of(b)).any():
+            raise InvalidInstance(f"{m.where}: it may use none of the GPUs its base {specs[b].where} may use "
+                                  f"(forbid, pin, node, out_of_service), so it can never sit beside it")
+        out.append(b)
+    return out
+
+
+def _pinned_mask(m: ModelSpec, allowed: np.ndarray | None, G: int) -> np.ndarray:
+    """(G,) bool: the GPUs model ``m`` may use (``allowed``, None: all), its pins among them."""
+    allowed = np.ones(G, bool) if allowed is None else allowed
+    if m.pin is None:
+        return allowed
+    out = np.zeros_like(allowed)
+    out[[g for g in m.pin if g < allowed.shape[0]]] = True
+    return out & allowed
+
+
 def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
     """Each model's current GPUs: ``current`` (one entry per model: a GPU id, a list of them,
     -1 / None for new) overrides the models' ``cur_gpu_id``."""
@@ -214,14 +323,15 @@ def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
 
 def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, *, nodes=None,
                   gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None,
-                  min_gain=None) -> Problem:
+                  min_gain=None, out_of_service=None) -> Problem:
     """Validate the models, the cluster and the re-placement budget; return the :class:`Problem`.
 
     ``models``: anything :func:`kvgpu.schema.model_specs` reads (dicts, objects, a pandas
     DataFrame, an (N, 3) array, any iterable).  A current placement comes from the models'
     ``cur_gpu_id`` or ``current``; with one, the answer lists the migrations from it, limited by
-    ``max_moves`` / ``max_migrated_gb`` when given.  Raises :class:`kvgpu.InvalidInstance` naming
-    the model (or option), the field and the rule.
+    ``max_moves`` / ``max_migrated_gb`` when given.  ``out_of_service``: GPU ids no model may
+    use (a running model there must move, and that move counts against the budget).  Raises
+    :class:`kvgpu.InvalidInstance` naming the model (or option), the field and the rule.
     """
     mem = gpu_memory(gpus, gpu_mem)
     G = mem.shape[0]
@@ -233,6 +343,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         g = int(bad[0])
         raise InvalidInstance(f"reserve_gb: GPU {g} keeps {reserve[g]} GB of its {mem[g]} GB, nothing left for models")
     node_of = _node_map(G, nodes, gpus_per_node)
+    off = _out_of_service(G, out_of_service)
     cur_models = _current(specs, current)
     replan = any(c is not None for c in cur_models) or max_moves is not None or max_migrated_gb is not None
     if (max_moves is not None or max_migrated_gb is not None) and all(c is None for c in cur_models):
@@ -248,34 +359,33 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
 
     sizes, demand, names, objects, model_of, allow_rows, group, node_group, cur = ([] for _ in range(9))
     multi = False
-    # one row of allowed GPUs per item only where some model restricts its GPUs: plain models
-    # cost O(1) each here, so the problem is O(models + GPUs)
-    pinned = any(m.pin is not None or bool(m.forbid) for m in specs)
     n_node_groups = 0
     node_size = np.bincount(node_of) if node_of.size else np.zeros(0, np.int64)
     top = float(usable.max())
+    allowed_rows = [_allowed_gpus(m, G, off, node_of) for m in specs]
+    base_of = _bases(specs, lambda b: _pinned_mask(specs[b], allowed_rows[b], G))
+    # one row of allowed GPUs per item only where some model restricts its GPUs: plain models
+    # cost O(1) each here, so the problem is O(models + GPUs)
+    pinned = any(a is not None or m.pin is not None for a, m in zip(allowed_rows, specs))
+    paired = {b for b in base_of if b >= 0} | {i for i, b in enumerate(base_of) if b >= 0}  # bases and adapters
+    coloc = []
     for i, m in enumerate(specs):
         k = m.tp * m.replicas
         if k > G:
             raise InvalidInstance(f"{m.where}: tp x replicas = {k} shards need {k} distinct GPUs; the cluster has {G}")
-        allowed = _forbidden_mask(m, G)
+        allowed = allowed_rows[i]
         pins = None
         if m.pin is not None:
             pins = list(m.pin)
-            if any(g >= G for g in pins):
-                raise InvalidInstance(f"{m.where}: pin names GPU {max(pins)}, not one of 0..{G - 1}")
             if len(pins) != k:
                 raise InvalidInstance(f"{m.where}: pin gives {len(pins)} GPU(s) for {k} shard(s) (tp x replicas); "
                                       f"give one GPU id per shard")
             if len(set(pins)) != len(pins):
                 raise InvalidInstance(f"{m.where}: pin repeats a GPU, but shards and replicas need distinct GPUs")
-            if allowed is not None and not allowed[pins].all():
-                raise InvalidInstance(f"{m.where}: pinned to GPU {[g for g in pins if not allowed[g]][0]}, which it "
-                                      f"also forbids")
         n_allowed = G if allowed is None else int(allowed.sum())
         if n_allowed < k:
             raise InvalidInstance(f"{m.where}: {k} shard(s) need distinct GPUs, but only {n_allowed} GPU(s) are "
-                                  f"allowed")
+                                  f"allowed (forbid, node, out_of_service)")
         together = m.tp > 1 and node_of.size > 0 and m.same_node is not False
         if m.same_node is not None:
             if m.tp == 1:
@@ -324,12 +434,13 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                     row[:] = False
                     row[pins[c]] = True
                 allow_rows.append(row)
-            group.append(i if k > 1 else -1)
+            group.append(i if k > 1 or i in paired else -1)
+            coloc.append(base_of[i])
             node_group.append(n_node_groups + c // m.tp if together else -1)
             cur.append(cur_ids[c] if cur_ids is not None and c < len(cur_ids) else -1)
         if together:
             n_node_groups += m.replicas
-        multi |= k > 1
+        multi |= k > 1 or i in paired
     n = len(sizes)
     sizes_a = np.asarray(sizes, float)
     if sizes_a.sum() > usable.sum() + EPS * mem_unit(usable.sum()):
@@ -350,25 +461,13 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_group_a = np.asarray(node_group, np.int64) if n_node_groups else _EMPTY_I
     node_of_a = node_of if n_node_groups else _EMPTY_I
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
-                   cur_a if replan else _EMPTY_I, K, max_gb, gain)
+                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=() if off is None else tuple(np.nonzero(off)[0].tolist()),
+                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I)
     if prob.has_rules:
         from dataclasses import replace
 
         prob = replace(prob, gpu_class=_gpu_classes(prob))
     return prob
-
-
-def _forbidden_mask(m: ModelSpec, G: int) -> np.ndarray | None:
-    """The GPUs model ``m`` may use after its ``forbid`` list, (G,) bool; None when it forbids
-    none (every GPU: nothing per GPU is allocated for it)."""
-    if not m.forbid:
-        return None
-    allowed = np.ones(G, bool)
-    for g in m.forbid:
-        if g >= G:
-            raise InvalidInstance(f"{m.where}: forbid names GPU {g}, not one of 0..{G - 1}")
-        allowed[g] = False
-    return allowed
 
 
 def _check_current_memory(specs, model_of, cur, mem) -> None:

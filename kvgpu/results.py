@@ -277,6 +277,8 @@ class Placement:
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
                "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus,
                "decomposed": self.decomposed, "objective": self.objective}
+        if p.out_of_service:
+            out["out_of_service"] = list(p.out_of_service)
         if not p.is_replan and self.note:
             out["note"] = self.note
         if p.is_replan:
@@ -301,7 +303,8 @@ class Placement:
                 continue
             rows.append(f"{g:>4} {p.memory[g]:>7.1f} " + (f"{p.reserve[g]:>7.1f} " if reserve else "")
                         + f"{self.used[g]:>9.1f} {max(self.kv_free[g], 0.0):>10.1f} {self.demand[g]:>9.4f} "
-                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx)}")
+                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx)}"
+                        + (" (out of service)" if g in p.out_of_service else ""))
         if idle:
             rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
         if p.is_replan:

@@ -76,12 +76,15 @@ KEYS: dict[str, tuple[str, ...]] = {
     "cur_gpu": ("cur_gpu_id",),
     "overhead_gb": ("overhead_gb",),
     "same_node": ("same_node",),
+    "node": ("node",),
+    "colocate_with": ("colocate_with",),
 }
 _FIELD_OF_KEY = {k: f for f, keys in KEYS.items() for k in keys}
 _REQUIRED = ("size", "req_rate", "slo")
 # keys that are no typo of a known key but mean one: a hint instead of difflib's guess
 _HINTS = {"gpu_count": "tp", "tensor_parallel": "tp", "tp_degree": "tp", "num_gpus": "tp",
-          "cur_gpu": "cur_gpu_id", "gpu": "pin", "gpu_id": "pin"}
+          "cur_gpu": "cur_gpu_id", "gpu": "pin", "gpu_id": "pin", "base_model": "colocate_with",
+          "colocate": "colocate_with", "node_id": "node"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,12 @@ class ModelSpec:
         Engine overhead per shard (activations, CUDA context) in GB, finite, >= 0.
     same_node : bool or None
         Whether the tp shards must share a node; None leaves it to the default rule.
+    node : int or None
+        The node (0-based index into the cluster's ``nodes`` / ``gpus_per_node``) that every
+        shard and replica must sit in; None: any node.
+    colocate_with : str or None
+        The name of another model (e.g. the base of a LoRA adapter): this model must sit on a
+        GPU that holds a shard or replica of it; None: no such rule.
     obj : Any
         The caller's own object or row (what ``Placement.by_gpu`` returns); not compared.
 
@@ -139,6 +148,8 @@ class ModelSpec:
     cur_gpu: tuple[int, ...] | None = None
     overhead_gb: float = 0.0
     same_node: bool | None = None
+    node: int | None = None
+    colocate_with: str | None = None
     obj: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -163,7 +174,7 @@ class ModelSpec:
         for f, default in (("tp", 1), ("replicas", 1), ("overhead_gb", 0.0)):
             if getattr(self, f) != default:
                 out[f] = getattr(self, f)
-        for f in ("pin", "forbid", "same_node"):
+        for f in ("pin", "forbid", "same_node", "node", "colocate_with"):
             v = getattr(self, f)
             if v is not None and v != ():
                 out[f] = list(v) if isinstance(v, tuple) else v
@@ -415,6 +426,13 @@ def _gpu_list(value: Any, label: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def gpu_ids(value: Any, label: str) -> tuple[int, ...]:
+    """GPU ids (each 0..``MAX_GPU_ID``) from an int, a flat list of ints, or text ``"2,3"`` /
+    ``"2;3"`` / ``"[2, 3]"``; None and blanks give ``()``.  ``label`` names the value in the
+    message (``"out_of_service"``, ``"--drain"``).  Whether the ids exist is the cluster's check."""
+    return () if _missing(value) else _gpu_list(value, label)
+
+
 def _pin(value: Any, where: str, key: str) -> tuple[int, ...] | None:
     if _missing(value):
         return None
@@ -452,6 +470,18 @@ def _same_node(value: Any, where: str, key: str) -> bool | None:
     raise InvalidInstance(f"{_label(where, key)} must be true or false, got {_show(value)}")
 
 
+def _node(value: Any, where: str, key: str) -> int | None:
+    return None if _missing(value) else integer(value, _label(where, key), 0, MAX_GPUS - 1)
+
+
+def _colocate(value: Any, where: str, key: str) -> str | None:
+    if _missing(value):
+        return None
+    if not isinstance(value, str):
+        raise InvalidInstance(f"{_label(where, key)} must be the name of another model, got {_show(value)}")
+    return value.strip()
+
+
 _PARSERS = {
     "name": _name,
     "size": _required(0.0, False),
@@ -464,6 +494,8 @@ _PARSERS = {
     "cur_gpu": _cur_gpu,
     "overhead_gb": _overhead,
     "same_node": _same_node,
+    "node": _node,
+    "colocate_with": _colocate,
 }
 
 

@@ -111,6 +111,10 @@ def brute_force_problem(prob, lex=False):
                         ok &= prob.node_of[A[:, i]] == prob.node_of[A[:, j]]
                     else:
                         ok &= A[:, i] != A[:, j]
+    ok &= ~np.isin(A, list(prob.out_of_service)).any(axis=1)  # stated apart from ``allowed``
+    for m, a_items, b_items in colocated_items(prob):  # an adapter beside one of its base's items
+        for i in a_items:
+            ok &= (A[:, [i]] == A[:, b_items]).any(axis=1)
     rows = np.arange(A.shape[0])[:, None]
     S = np.zeros((A.shape[0], G))
     W = np.zeros((A.shape[0], G))
@@ -150,9 +154,20 @@ def brute_force_problem(prob, lex=False):
     return float(top2[k, 0]), A[k]
 
 
-def check_placement(prob, p):
+def colocated_items(prob):
+    """``(model, adapter items, base items)`` of each model with ``colocate_with``, found by the
+    base's name in the specs (independently of the problem's rule arrays)."""
+    out = []
+    for m, spec in enumerate(prob.specs):
+        if spec.colocate_with is not None:
+            base = next(k for k, b in enumerate(prob.specs) if b.name == spec.colocate_with)
+            out.append((m, np.nonzero(prob.model_of == m)[0], np.nonzero(prob.model_of == base)[0]))
+    return out
+
+
+def check_placement(prob, p, node_of=None):
     """Assert that ``p`` keeps every rule of ``prob`` (the independent check of the tests) and
-    return the number of moved models."""
+    return the number of moved models.  ``node_of`` (G,): each GPU's node, to check ``node: K``."""
     from kvgpu.kernels.deltas import fits
 
     a = p.assignment
@@ -167,6 +182,11 @@ def check_placement(prob, p):
         if spec.pin is not None:  # one GPU per shard; a model's shards are interchangeable
             assert sorted(gs) == sorted(spec.pin), f"{spec.where}: pin broken"
         assert not set(gs) & set(spec.forbid), f"{spec.where}: forbidden GPU used"
+        assert not set(gs) & set(prob.out_of_service), f"{spec.where}: a GPU out of service used"
+        if spec.node is not None and node_of is not None:
+            assert {int(node_of[g]) for g in gs} == {spec.node}, f"{spec.where}: outside its node"
+    for m, a_items, b_items in colocated_items(prob):
+        assert set(a[a_items].tolist()) <= set(a[b_items].tolist()), f"{prob.specs[m].where}: not beside its base"
     if prob.node_group.shape[0]:
         for k in set(prob.node_group.tolist()) - {-1}:
             nodes = {int(prob.node_of[g]) for g in a[prob.node_group == k]}

@@ -1430,8 +1430,9 @@ def seed_instance_core(s, w, M, assign, pos, rules, rstate, fw, iw, tid, nt):
 @njit
 def seed_memory(assign, G):
     """What :func:`seed_instance_core` needs beyond the instance on one CPU thread, for the
-    models' ``assign`` (n,) and ``G`` GPUs: ``(rules, rstate, fw, iw)`` -- no rules, their
-    bookkeeping, working memory of :func:`seed_work`."""
+    models' ``assign`` (n,) and ``G`` GPUs: ``(rules, rstate, fw, iw)`` -- no rules (the empty
+    tuple of :func:`kvgpu.kernels.rules.no_rules`, co-location included), their bookkeeping,
+    working memory of :func:`seed_work`."""
     nf, ni = seed_work(assign.shape[0], G, 1)
     rules = no_rules()
     return rules, new_state(rules, assign, G), np.empty(nf), np.empty(ni, np.int64)

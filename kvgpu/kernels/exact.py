@@ -173,7 +173,10 @@ def _twins(order, rules):
 def _feasible_dfs(s, w, a, M, T, node_limit, out, rules, gclass):
     n = s.shape[0]
     G = M.shape[0]
-    order = argsort_stable(-a)  # a model's shards are equal: they stay together
+    key = -a
+    if rules[10].shape[0]:  # adapters after every base: placing one needs its base placed
+        key = np.where(rules[10] >= 0, INF, -a)
+    order = argsort_stable(key)  # a model's shards are equal: they stay together
     twin = _twins(order, rules)
     rest = np.zeros(n + 1)  # rest[k]: total item size from depth k on
     amin = np.full(n + 1, np.inf)  # amin[k]: smallest item from depth k on
@@ -238,15 +241,28 @@ def _feasible_dfs(s, w, a, M, T, node_limit, out, rules, gclass):
 def _same_as_earlier(M, load, used, g, lo, gclass, rules, rstate, i):
     """GPU ``g`` is in the same state as an earlier GPU ``h >= lo`` (the same class -- memory,
     and under rules the same allowed items, node and no current model --, load and use, and
-    neither holds an item of ``i``'s group), so placing there was already tried."""
+    neither holds an item of ``i``'s group, and both hold the same bases), so placing there was
+    already tried."""
     grp = rules[1][i] if rules[1].shape[0] else -1
     if grp >= 0 and rstate[0][grp, g] > 0:
         return False
     for h in range(lo, g):
         same_class = gclass[h] == gclass[g] if gclass.shape[0] else M[h] == M[g]
-        if same_class and load[h] == load[g] and used[h] == used[g] and (grp < 0 or rstate[0][grp, h] == 0):
+        if same_class and load[h] == load[g] and used[h] == used[g] and (grp < 0 or rstate[0][grp, h] == 0) and \
+                _same_bases(rules, rstate, g, h):
             return True
     return False
+
+
+@njit
+def _same_bases(rules, rstate, g, h):
+    """Do GPUs ``g`` and ``h`` hold shards of the same base models (co-location: the adapters
+    still to place may go only beside their base, so GPUs of equal load but other bases differ)?"""
+    coloc = rules[10]
+    for j in range(coloc.shape[0]):
+        if coloc[j] >= 0 and (rstate[0][coloc[j], g] > 0) != (rstate[0][coloc[j], h] > 0):
+            return False
+    return True
 
 
 @njit

@@ -37,7 +37,7 @@ def repair_batch(sizes, demand, gpu_mem, n_models, n_gpus, T, steps, seeds, assi
     ok : (B,) bool, out -- the lane now has every GPU at KVPR <= ``T[b]``; where False, the lane's
         ``assign``/``pos`` are unchanged.
     """
-    rules = no_rules()
+    rules = no_rules()  # plain lanes: the empty rules tuple (co-location included)
     for b in prange(sizes.shape[0]):
         n, G = n_models[b], n_gpus[b]
         a = assign[b, :n].copy()

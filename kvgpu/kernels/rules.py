@@ -4,7 +4,7 @@ A constrained instance is a plain instance of *items* (a model split into ``tp``
 ``replicas`` copies; :mod:`kvgpu.problem` builds them) plus these rules, all carried in one
 tuple so that every kernel takes the same arguments whether rules exist or not:
 
-``rules = (allowed, group, node_group, node_of, cur, mfirst, mcount, mig_gb, K, max_gb)``
+``rules = (allowed, group, node_group, node_of, cur, mfirst, mcount, mig_gb, K, max_gb, coloc)``
 
 * ``allowed`` (n, G) uint8 -- GPUs each item may use (pins, forbidden GPUs); (0, 0): all.
 * ``group`` (n,) int64 -- anti-affinity: items with the same id >= 0 sit on distinct GPUs
@@ -17,6 +17,12 @@ tuple so that every kernel takes the same arguments whether rules exist or not:
   migration of the item copies.  A model is *moved* when one of its running items ends on a
   GPU that is not among the model's current GPUs (its shards are interchangeable); at most
   ``K`` models (``K < 0``: no limit) and ``max_gb`` GB (``inf``: no limit) may move.
+* ``coloc`` (n,) int64 -- co-location: item ``i`` must sit on a GPU that holds an item of the
+  anti-affinity group ``coloc[i] >= 0`` (a LoRA adapter beside a shard or replica of its base
+  model), -1 for none; (0,): no co-location.  Such an item and its base each have a group id of
+  their own (``group``), so the group counts of the state say where both are.  Items are placed
+  bases first (the greedy start, the exact search and the packings order them so), and no
+  transfer leaves an adapter without its base.
 
 The mutable bookkeeping of a placement is the tuple
 ``state = (gcount, ncount, nnode, away, used)``: ``gcount`` (groups, G) items of each
@@ -48,13 +54,14 @@ GB_RTOL = 1e-9
 def no_rules():
     """``rules`` for an instance without any (see the module doc)."""
     e = np.empty(0, np.int64)
-    return (np.empty((0, 0), np.uint8), e, e, e, e, e, e, np.empty(0), np.int64(-1), np.inf)
+    return (np.empty((0, 0), np.uint8), e, e, e, e, e, e, np.empty(0), np.int64(-1), np.inf, e)
 
 
 @_inline
 def restricted(rules):
-    """Does the instance carry any rule (pins, groups, nodes, a current placement)?"""
-    return rules[0].shape[0] > 0 or rules[1].shape[0] > 0 or rules[2].shape[0] > 0 or rules[4].shape[0] > 0
+    """Does the instance carry any rule (pins, groups, nodes, a current placement, co-location)?"""
+    return (rules[0].shape[0] > 0 or rules[1].shape[0] > 0 or rules[2].shape[0] > 0 or rules[4].shape[0] > 0
+            or rules[10].shape[0] > 0)
 
 
 @_inline
@@ -154,9 +161,12 @@ def unplace(rules, state, i, g):
 @njit
 def may_place(rules, state, i, h):
     """Can item ``i`` (not placed) go to GPU ``h``: allowed there, no item of its anti-affinity
-    group there, inside its node group's node?  Memory and budget are the caller's."""
-    allowed, group, node_group = rules[0], rules[1], rules[2]
+    group there, inside its node group's node, beside its base (co-location)?  Memory and
+    budget are the caller's."""
+    allowed, group, node_group, coloc = rules[0], rules[1], rules[2], rules[10]
     if allowed.shape[0] and not allowed[i, h]:
+        return False
+    if coloc.shape[0] and coloc[i] >= 0 and state[0][coloc[i], h] == 0:
         return False
     if group.shape[0] and group[i] >= 0 and state[0][group[i], h] > 0:
         return False
@@ -199,9 +209,9 @@ def _leaves(rules, x, g, h, gb):
 
 
 @_inline
-def _group_ok(rules, state, k, dst, x1, x2, y1, y2):
-    """After the transfer, at most one item of group ``k`` on ``dst``, which receives ``x1``,
-    ``x2`` and gives ``y1``, ``y2`` (-1: none)."""
+def _count_after(rules, state, k, dst, x1, x2, y1, y2):
+    """Items of group ``k`` on ``dst`` after a transfer in which ``dst`` receives ``x1``, ``x2``
+    and gives ``y1``, ``y2`` (-1: none)."""
     group = rules[1]
     c = state[0][k, dst]
     for x in (x1, x2):
@@ -210,7 +220,42 @@ def _group_ok(rules, state, k, dst, x1, x2, y1, y2):
     for y in (y1, y2):
         if y >= 0 and group[y] == k:
             c -= 1
-    return c <= 1
+    return c
+
+
+@_inline
+def _group_ok(rules, state, k, dst, x1, x2, y1, y2):
+    """After the transfer, at most one item of group ``k`` on ``dst`` (see :func:`_count_after`)."""
+    return _count_after(rules, state, k, dst, x1, x2, y1, y2) <= 1
+
+
+@njit
+def _coloc_ok(rules, state, dst, x1, x2, y1, y2):
+    """Co-location on ``dst`` after it receives ``x1``, ``x2`` and gives ``y1``, ``y2``: an
+    arriving adapter finds its base there, and a leaving base leaves none of its adapters
+    behind (a scan of the items: co-location is rare and its instances small)."""
+    group, coloc = rules[1], rules[10]
+    for x in (x1, x2):
+        if x >= 0 and coloc[x] >= 0 and _count_after(rules, state, coloc[x], dst, x1, x2, y1, y2) == 0:
+            return False
+    for y in (y1, y2):
+        if y < 0 or group[y] < 0 or _count_after(rules, state, group[y], dst, x1, x2, y1, y2) > 0:
+            continue
+        for j in range(coloc.shape[0]):
+            if coloc[j] == group[y] and _count_after(rules, state, group[j], dst, x1, x2, y1, y2) > 0:
+                return False
+    return True
+
+
+@njit
+def coloc_held(rules, state, g):
+    """Does every adapter on GPU ``g`` find its base there (after items were taken off ``g``
+    by :func:`unplace`)?"""
+    group, coloc = rules[1], rules[10]
+    for j in range(coloc.shape[0]):
+        if coloc[j] >= 0 and state[0][group[j], g] > 0 and state[0][coloc[j], g] == 0:
+            return False
+    return True
 
 
 @njit
@@ -239,6 +284,9 @@ def transfer_check(rules, state, g, h, x1, x2, y1, y2):
         for y in (y1, y2):
             if y >= 0 and group[y] >= 0 and not _group_ok(rules, state, group[y], g, y1, y2, x1, x2):
                 return False, 0.0, 0.0
+    if rules[10].shape[0] and not (_coloc_ok(rules, state, h, x1, x2, y1, y2) and
+                                   _coloc_ok(rules, state, g, y1, y2, x1, x2)):
+        return False, 0.0, 0.0
     if not budgeted(rules):
         return True, 0.0, 0.0
     # items of one transfer belong to distinct models (a model's items never share a GPU, and

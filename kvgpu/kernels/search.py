@@ -43,7 +43,7 @@ from kvgpu.kernels.cpu import (REFINE_PASSES, REFINE_TOP_K, argmax_first, fits, 
 from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.sorting import argsort_into
 from kvgpu.kernels.u64 import wrap_add, wrap_mul
-from kvgpu.kernels.rules import (budget_held, may_place, new_state, no_rules, place, reset_state,
+from kvgpu.kernels.rules import (budget_held, coloc_held, may_place, new_state, no_rules, place, reset_state,
                                  restricted, transfer_apply, transfer_check, unplace)
 
 njit = kernel()
@@ -193,10 +193,21 @@ def _group_to(s, w, M, assign, S, W, rules, rstate, members, old, m, node):
         W[best] += w[i]
         assign[i] = best
         placed += 1
-    if placed == m and budget_held(rules, rstate):
+    if placed == m and budget_held(rules, rstate) and _adapters_kept(rules, rstate, old, m):
         return True
     _group_back(s, w, assign, S, W, rules, rstate, members, old, placed, m)
     return False
+
+
+@njit
+def _adapters_kept(rules, rstate, old, m):
+    """Does every adapter on the GPUs ``old[:m]`` a group left still find its base there?"""
+    if rules[10].shape[0] == 0:
+        return True
+    for q in range(m):
+        if not coloc_held(rules, rstate, old[q]):
+            return False
+    return True
 
 
 @njit
@@ -672,6 +683,8 @@ def _pack_at(s, w, M, T, state, assign, pos, S, A, rules, rstate, fw, iw):
     key = fw[:n]
     for i in range(n):
         key[i] = -(s[i] + w[i] / T) * (1.0 + fmul(JITTER, rand_uniform(state)))
+        if rules[10].shape[0] and rules[10][i] >= 0:
+            key[i] = INF  # adapters after every base: they need one to sit beside
         assign[i] = -1
     reset_state(rules, rstate, assign)
     for g in range(G):

@@ -31,13 +31,18 @@ FEASIBLE_RESTARTS, FEASIBLE_STEP_FACTOR = 8, 4
 @njit
 def keep_current(rules, rstate, assign):
     """Re-placement: every item whose current GPU the rules allow (taken in index order, so the
-    first shard of a doubled-up model stays) is kept there; the others get -1."""
-    cur = rules[4]
+    first shard of a doubled-up model stays; adapters after every base, so an adapter whose base
+    stays beside it stays too) is kept there; the others get -1."""
+    cur, coloc = rules[4], rules[10]
     for i in range(assign.shape[0]):
         assign[i] = -1
-        if cur[i] >= 0 and may_place(rules, rstate, i, cur[i]):
-            assign[i] = cur[i]
-            place(rules, rstate, i, cur[i])
+    for adapters in (False, True):
+        for i in range(assign.shape[0]):
+            if (coloc.shape[0] > 0 and coloc[i] >= 0) != adapters:
+                continue
+            if cur[i] >= 0 and may_place(rules, rstate, i, cur[i]):
+                assign[i] = cur[i]
+                place(rules, rstate, i, cur[i])
 
 
 @njit
@@ -102,9 +107,9 @@ def _member_counts(ids, n):
 def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
     """Place every item with ``assign[i] < 0`` (the others are fixed and in ``rstate``), most
     constrained first (fewest allowed GPUs, then most items in the model, then largest; a
-    model's items together), each by :func:`_choose`.  ``jitter > 0`` perturbs the sizes in
-    the order (restarts).  Returns the number of items the rules left no GPU (0: all placed,
-    memory possibly overfull)."""
+    model's items together; adapters last, once their bases are placed), each by
+    :func:`_choose`.  ``jitter > 0`` perturbs the sizes in the order (restarts).  Returns the
+    number of items the rules left no GPU (0: all placed, memory possibly overfull)."""
     n = s.shape[0]
     G = M.shape[0]
     allowed, node_group = rules[0], rules[2]
@@ -116,7 +121,7 @@ def greedy_start(s, w, M, rules, rstate, assign, jitter, state):
             na = 0
             for g in range(G):
                 na += allowed[i, g]
-        k0[i] = -na
+        k0[i] = -na if not (rules[10].shape[0] and rules[10][i] >= 0) else -G - 1.0
         k2[i] = s[i] * (1.0 + jitter * rand_uniform(state))
     k1 = _member_counts(rules[1], n)
     size_ng = _member_counts(node_group, n).astype(np.int64)
