@@ -45,8 +45,8 @@ def test_solve_batch_equals_loop_of_solve():
     res = kvgpu.solve_batch(**padded(insts))
     assert res.assignment.shape == (B, N) and res.max_kvpr.shape == (B,) and res.lower_bound.shape == (B,)
     for b, i in enumerate(insts):
-        one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus, exact=False,
-                          objective="seed")  # a batch searches in the seed's order
+        # a batch searches in the seed's order, and proves small instances as solve does (exact=None)
+        one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus, objective="seed")
         assert res.assignment[b, :i.n_models].tolist() == one.assignment.tolist()
         assert (res.assignment[b, i.n_models:] == -1).all()
         assert close(res.max_kvpr[b], one.max_kvpr)
@@ -103,8 +103,8 @@ def test_solve_batch_with_holes_in_the_masks():
         slots_g.append(sg)
     res = kvgpu.solve_batch(sizes, demand, mem, model_mask=mm, gpu_mask=gm)
     for b, i in enumerate(insts):
-        one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus, exact=False,
-                          objective="seed")  # a batch searches in the seed's order
+        # a batch searches in the seed's order, and proves small instances as solve does (exact=None)
+        one = kvgpu.solve(np.stack([i.sizes, i.demand, np.ones(i.n_models)], 1), i.n_gpus, objective="seed")
         assert res.assignment[b, slots_m[b]].tolist() == slots_g[b][one.assignment].tolist()
         assert (res.assignment[b, ~mm[b]] == -1).all()
         assert close(res.max_kvpr[b], one.max_kvpr)
