@@ -32,7 +32,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 from kvgpu import cluster
 from kvgpu.errors import InvalidInstance, KvgpuWarning
-from kvgpu.schema import MAX_GPU_ID, MAX_GPUS, OPTION_RANGES, ModelSpec, check_keys, integer, model_specs, per_gpu
+from kvgpu.schema import (MAX_GPU_ID, MAX_GPUS, OPTION_RANGES, ModelSpec, check_keys, gpu_ids, integer, model_specs,
+                          per_gpu)
 
 #: Model files by suffix.
 MODEL_SUFFIXES = (".csv", ".json", ".yaml", ".yml")
@@ -130,7 +131,8 @@ def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
     options : dict
         What the file gives, typed: ``gpus`` (int), ``gpu_mem`` (float or list of float, > 0),
         ``nodes`` (list of lists of GPU ids, disjoint), ``gpus_per_node`` (int),
-        ``reserve_gb`` (float or list of float, >= 0), ``description`` (str).  Ranges that
+        ``reserve_gb`` (float or list of float, >= 0), ``out_of_service`` (list of GPU ids),
+        ``description`` (str).  Ranges that
         depend on the GPU count (list lengths, GPU ids) are the caller's to check.
 
     Raises
@@ -233,6 +235,7 @@ _OPTIONS = {
     "reserve_gb": lambda v, label: _listed(per_gpu(v, label, 0.0)),
     "gpus_per_node": lambda v, label: integer(v, label, 1, MAX_GPUS),
     "nodes": _nodes,
+    "out_of_service": lambda v, label: list(gpu_ids(v, label)),
     "description": _description,
 }
 
