@@ -22,9 +22,11 @@ def case(name):
 
 @st.composite
 def cluster_problems(draw):
-    """2-4 GPUs of mixed memory, 2-6 models with tp, replicas, pin, forbid, sometimes nodes of 2
-    GPUs; half of them re-placements (running models on valid GPUs, some new) with a budget of
-    0-2 moves (sometimes a GB budget).  At most 8 items, so brute force stays quick."""
+    """2-4 GPUs of mixed memory, 2-6 models with tp, replicas, pins (in any order), forbid,
+    sometimes nodes of 2 GPUs; half of them re-placements (running models on valid GPUs listed
+    in any order, some new, some running fewer copies than their shards -- scaling out -- or a
+    replica more -- scaling in) with a budget of 0-2 moves (sometimes a GB budget).  At most 8
+    items, so brute force stays quick."""
     G = draw(st.sampled_from([2, 3, 4, 4]))
     mem = draw(st.lists(st.sampled_from([24.0, 40.0, 48.0, 80.0]), min_size=G, max_size=G))
     nodes = G == 4 and draw(st.booleans())
@@ -32,12 +34,14 @@ def cluster_problems(draw):
     for i in range(draw(st.integers(2, 6))):
         m = {"name": f"m{i}", "size": draw(st.integers(2, 40)) + draw(st.sampled_from([0.0, 0.5])),
              "req_rate": draw(st.integers(0, 9)), "slo": draw(st.sampled_from([0.5, 1, 2, 5]))}
-        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid"]))
+        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid", "pinned tp", "pinned replicas"]))
         k = 1
-        if kind == "tp":
+        if kind in ("tp", "pinned tp"):
             m["tp"] = k = draw(st.integers(2, 2 if nodes else min(3, G)))
-        elif kind == "replicas":
+        elif kind in ("replicas", "pinned replicas"):
             m["replicas"] = k = 2
+        if kind.startswith("pinned"):
+            m["pin"] = draw(st.permutations(range(G)))[:k]
         elif kind == "pin":
             m["pin"] = draw(st.integers(0, G - 1))
         elif kind == "forbid":
@@ -51,15 +55,18 @@ def cluster_problems(draw):
     if replan:  # a current placement that runs: each shard where its weights fit, else the model is new
         used = [0.0] * G
         for m in models:
-            k = m.get("tp", 1) * m.get("replicas", 1)
-            shard = m["size"] / m.get("tp", 1)
-            gpus = [g for g in draw(st.permutations(range(G))) if used[g] + shard <= mem[g]][:k]
-            if draw(st.integers(0, 3)) == 0 or len(gpus) < k:
+            tp = m.get("tp", 1)
+            k = tp * m.get("replicas", 1)
+            running = [k, k] + ([draw(st.integers(1, k - 1))] if k > 1 else []) + ([k + tp] if k + tp <= G else [])
+            r = draw(st.sampled_from(running))
+            shard = m["size"] / tp
+            gpus = [g for g in draw(st.permutations(range(G))) if used[g] + shard <= mem[g]][:r]
+            if draw(st.integers(0, 3)) == 0 or len(gpus) < r:
                 m["cur_gpu_id"] = -1
                 continue
             for g in gpus:
                 used[g] += shard
-            m["cur_gpu_id"] = gpus if k > 1 else gpus[0]
+            m["cur_gpu_id"] = gpus if r > 1 else gpus[0]
         kw["max_moves"] = draw(st.integers(0, 2))
         if draw(st.integers(0, 3)) == 0:
             kw["max_migrated_gb"] = draw(st.sampled_from([0.0, 10.0, 40.0]))
