@@ -14,8 +14,8 @@ one of:
 
 A model's migrations may pair any of its leaving GPUs with any of its arriving ones, and its
 stops may be any of its leaving copies: :func:`plan` searches the orders (and pairings) for one
-that fits memory at every step, exhaustively up to ``PLAN_NODES`` states, so a cycle is named
-only when no order exists.
+that fits memory at every step -- in each group of steps sharing GPUs on its own, exhaustively
+up to ``PLAN_NODES`` states --, so a cycle is named only when no order exists.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from kvgpu.kernels.deltas import EPS, mem_unit
 from kvgpu.problem import Problem
 from kvgpu.results import Move
 
-#: States (sets of steps taken) the order search may visit before it settles for the greedy order.
-PLAN_NODES = 200_000
+#: States (sets of steps taken) the order search may visit in one group of steps that share GPUs
+#: before it settles for the greedy order.
+PLAN_NODES = 50_000
 #: Most steps the order search takes on (one level of recursion each); longer plans the greedy
 #: order could not finish are reported without a claim that no order exists.
 PLAN_DEPTH = 400
@@ -178,12 +179,50 @@ def _greedy(problem: Problem, changes, used: np.ndarray) -> tuple[list[Move], li
     return out, pending
 
 
+def _components(changes) -> list[list[int]]:
+    """The changes in groups that share no GPU (a model's arriving and leaving GPUs together):
+    memory links steps only through GPUs, so each group's order is found on its own."""
+    parent: dict[int, int] = {}
+
+    def root(g):
+        while parent.setdefault(g, g) != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for _, _, arriving, leaving, _ in changes:
+        gpus = arriving + leaving
+        for g in gpus[1:]:
+            parent[root(g)] = root(gpus[0])
+    groups: dict[int, list[int]] = {}
+    for c, ch in enumerate(changes):
+        groups.setdefault(root((ch[2] + ch[3])[0]), []).append(c)
+    return list(groups.values())
+
+
+def _search_components(problem: Problem, changes) -> tuple[list[Move] | None, bool]:
+    """An order of every step by :class:`_Search` on each group of :func:`_components`, or
+    ``(None, proven)``: ``proven`` when a group was searched through and has no order."""
+    out: list[Move] = []
+    found_all, proven_none = True, False
+    for comp in _components(changes):
+        search = _Search(problem, [changes[c] for c in comp], _start_memory(problem))
+        found = search.run() if len(search.arr) + len(search.lea) <= PLAN_DEPTH else None
+        if found is None:
+            found_all = False
+            proven_none |= search.exhaustive and len(search.arr) + len(search.lea) <= PLAN_DEPTH
+            continue
+        out += [search.move(s) for s in found]
+    return (out if found_all else None), proven_none
+
+
 def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
     """The steps from the running placement (``problem.running``) to ``assign`` (n,) and a
     note, or None (module doc).
 
     The greedy order (:func:`_greedy`) is tried first; when it gets stuck, the order search
-    tries every order and pairing (up to ``PLAN_NODES`` states); when none
+    tries every order and pairing (up to ``PLAN_NODES`` states per group of steps that share
+    GPUs); when none
     keeps every GPU within its memory, the greedy order is listed with the steps that wait for
     each other (a cycle, e.g. two models swapping GPUs that are both full) last, and the note
     names the spare room that would let them run -- or, when the search ran out of states,
@@ -194,23 +233,18 @@ def plan(problem: Problem, assign: np.ndarray) -> tuple[list[Move], str | None]:
     out, pending = _greedy(problem, changes, used)
     if not pending:
         return out, None
-    search = _Search(problem, changes, _start_memory(problem))
-    if len(search.arr) + len(search.lea) <= PLAN_DEPTH:
-        found = search.run()
-        if found is not None:
-            return [search.move(s) for s in found], None
-    else:
-        search.exhaustive = False
+    ordered, proven_none = _search_components(problem, changes)
+    if ordered is not None:
+        return ordered, None
     M = problem.items.gpu_mem
     short = [(used[dst] + gb - M[dst], dst) for _, gb, _, dst in pending]
     need, g = min(short)
     names = sorted({_label(problem, m) for m, _, _, _ in pending})
     out += [_move(problem, m, src, dst) for m, _, src, dst in pending]
-    if search.exhaustive:
+    if proven_none:
         why = "no order keeps every GPU within its memory (every order tried)"
     else:
-        why = (f"no order keeping every GPU within its memory was found in {PLAN_NODES} states of the search "
-               f"(one may exist)")
+        why = "no order keeping every GPU within its memory was found by a bounded search (one may exist)"
     note = (f"the last {len(pending)} step(s) ({', '.join(names)}) wait for each other: {why}; {need:.3g} GB spare "
             f"on GPU {g} (or stopping one of these models while the others move) lets them run")
     return out, note

@@ -34,7 +34,8 @@ def cluster_problems(draw):
     for i in range(draw(st.integers(2, 6))):
         m = {"name": f"m{i}", "size": draw(st.integers(2, 40)) + draw(st.sampled_from([0.0, 0.5])),
              "req_rate": draw(st.integers(0, 9)), "slo": draw(st.sampled_from([0.5, 1, 2, 5]))}
-        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid", "pinned tp", "pinned replicas"]))
+        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid", "pinned tp",
+                                     "pinned replicas"]))
         k = 1
         if kind in ("tp", "pinned tp"):
             m["tp"] = k = draw(st.integers(2, 2 if nodes else min(3, G)))

@@ -27,8 +27,8 @@ tuple so that every kernel takes the same arguments whether rules exist or not:
 The mutable bookkeeping of a placement is the tuple
 ``state = (gcount, ncount, nnode, away, used)``: ``gcount`` (groups, G) items of each
 anti-affinity group per GPU, ``ncount`` / ``nnode`` (node groups,) placed items of each node group
-and their node, ``away`` (n,) per model (indexed by its first item) items not on a GPU the model runs on now,
-``used`` (2,) float64 moved models and migrated GB.  :func:`new_state` allocates it once per
+and their node, ``away`` (n,) per model (indexed by its first item) items not on a GPU the model
+runs on now, ``used`` (2,) float64 moved models and migrated GB.  :func:`new_state` allocates it once per
 search; everything else only reads and updates it.
 
 Items are added and removed with :func:`place` / :func:`unplace` (greedy starts, exact search);
