@@ -341,6 +341,79 @@ def test_the_budget_of_migrated_gb_holds():
     assert sum(m.size_gb for m in p.moves) <= 10
 
 
+def _budget_by_hand(prob, a):
+    """(moved models, migrated GB) of placement ``a`` as an operator counts them: per model,
+    ``min(shards, running) - |final & running|`` shards copied (copies beyond the shards stop,
+    new copies load)."""
+    moved, gb = 0, 0.0
+    for m, running in enumerate(prob.running):
+        items = np.nonzero(prob.model_of == m)[0]
+        copies = max(0, min(len(items), len(running)) - len(set(running) & set(a[items].tolist())))
+        moved += copies > 0
+        gb += copies * prob.specs[m].size / prob.specs[m].tp
+    return moved, gb
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems(), st.randoms(use_true_random=False))
+def test_the_kernels_budget_bookkeeping_matches_the_count_by_hand(draw, rnd):
+    """Random placements and random moves and swaps of items between GPUs (pins, replicas, tp,
+    nodes and running copies in any order): the kernels' incremental (moved models, GB) equals
+    the count by hand after every step, and so does a fresh count."""
+    from kvgpu.kernels import rules as kr
+
+    models, G, mem, kw = draw
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None or not prob.is_replan:
+        return
+    from dataclasses import replace
+
+    rules, n = replace(prob, max_moves=-1, max_migrated_gb=np.inf).kernel_rules(), prob.items.n_models  # no limit:
+    applied = 0  # only the rules refuse a step, and the count is checked on every step taken
+    a = np.empty(n, np.int64)  # a model's shards on distinct GPUs, as every placement keeps them
+    for m in range(len(prob.specs)):
+        items = np.nonzero(prob.model_of == m)[0]
+        a[items] = rnd.sample(range(G), len(items))
+    state = kr.new_state(rules, a, G)
+    for _ in range(20):
+        g, h = rnd.randrange(G), rnd.randrange(G)
+        on_g, on_h = np.nonzero(a == g)[0], np.nonzero(a == h)[0]
+        if g == h or not on_g.size:
+            continue
+        x = int(rnd.choice(on_g))
+        y = int(rnd.choice(on_h)) if on_h.size and rnd.random() < 0.5 else -1
+        if prob.group.shape[0] and y >= 0 and prob.group[x] >= 0 and prob.group[x] == prob.group[y]:
+            continue  # a model's own shards are never swapped
+        ok, d_moved, d_gb = kr.transfer_check(rules, state, g, h, x, -1, y, -1)
+        before = _budget_by_hand(prob, a)
+        b = a.copy()
+        b[x] = h
+        if y >= 0:
+            b[y] = g
+        after = _budget_by_hand(prob, b)
+        if not ok:
+            continue  # refused for a rule (allowed GPUs, groups, nodes)
+        applied += 1
+        assert d_moved == after[0] - before[0] and np.isclose(d_gb, after[1] - before[1])
+        kr.transfer_apply(rules, state, g, h, x, -1, y, -1)
+        a = b
+        assert state[4][0] == after[0] and np.isclose(state[4][1], after[1])
+        fresh = kr.new_state(rules, a, G)[4]
+        assert fresh[0] == after[0] and np.isclose(fresh[1], after[1])
+    BOOKKEEPING["steps"] += applied
+    BOOKKEEPING["moved"] += int(state[4][0] > 0)
+
+
+BOOKKEEPING = {"steps": 0, "moved": 0}
+
+
+def test_the_bookkeeping_test_took_steps_that_moved_models():
+    """The draws above were not all refused (runs after them; skipped if run alone)."""
+    if BOOKKEEPING["steps"] == 0:
+        pytest.skip("run with test_the_kernels_budget_bookkeeping_matches_the_count_by_hand")
+    assert BOOKKEEPING["steps"] >= 100 and BOOKKEEPING["moved"] >= 10
+
+
 def test_a_budget_without_a_running_model_is_said_not_ignored():
     import yaml
 
