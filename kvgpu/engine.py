@@ -437,7 +437,7 @@ def _forced_moves(problem: Problem) -> dict[int, int]:
         return {}
     out = {}
     for m, gpus in enumerate(problem.running):
-        items = np.nonzero(problem.model_of == m)[0]
+        items = problem.items_of(m)
         ok = problem.allowed[items].any(axis=0)  # GPUs some shard of the model may use
         short = min(len(items), len(gpus)) - int(ok[list(gpus)].sum()) if gpus else 0
         if short > 0:
@@ -577,8 +577,8 @@ def _running_peak(problem: Problem) -> float:
     inst = problem.items
     S, W = np.zeros(problem.n_gpus), np.zeros(problem.n_gpus)
     for m, gpus in enumerate(problem.running):
-        first = int(np.searchsorted(problem.model_of, m))
-        k = int(np.count_nonzero(problem.model_of == m))
+        items = problem.items_of(m)
+        first, k = int(items[0]), len(items)
         for g in gpus:  # a model scaling in shares its demand among all the copies running now
             S[g] += inst.sizes[first]
             W[g] += inst.demand[first] * k / max(k, len(gpus))

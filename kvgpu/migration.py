@@ -39,7 +39,7 @@ def _changes(problem: Problem, assign: np.ndarray) -> list[tuple[int, float, lis
     model makes ``min(arriving, leaving)`` migrations, ``loads`` new copies and stops the rest."""
     out = []
     for m, running in enumerate(problem.running):
-        items = np.nonzero(problem.model_of == m)[0]
+        items = problem.items_of(m)
         final = {int(g) for g in assign[items]}
         arriving, leaving = sorted(final - set(running)), sorted(set(running) - final)
         if arriving or leaving:
@@ -53,7 +53,7 @@ def _start_memory(problem: Problem) -> np.ndarray:
     used = np.zeros(problem.n_gpus)
     for m, running in enumerate(problem.running):
         if running:
-            used[list(running)] += problem.items.sizes[int(np.searchsorted(problem.model_of, m))]
+            used[list(running)] += problem.items.sizes[problem.items_of(m)[0]]
     return used
 
 

@@ -160,12 +160,15 @@ class Problem:
         """(n, 1 + r) int64: the kernels' ``cur`` (:mod:`kvgpu.kernels.rules`): each item's start
         GPU, then its model's running GPUs, -1 padded (r: the most running copies of a model)."""
         r = max([1] + [len(g) for g in self.running])
-        out = np.full((self.items.n_models, 1 + r), -1, np.int64)
-        out[:, 0] = self.cur
+        table = np.full((len(self.specs), r), -1, np.int64)  # each model's running GPUs
         for m, gpus in enumerate(self.running):
-            if gpus:
-                out[self.model_of == m, 1:1 + len(gpus)] = gpus
-        return out
+            table[m, :len(gpus)] = gpus
+        return np.concatenate([self.cur[:, None], table[self.model_of]], axis=1)
+
+    def items_of(self, m: int) -> np.ndarray:
+        """The items of model ``m`` (a model's items are consecutive), as a range of ids."""
+        lo, hi = np.searchsorted(self.model_of, [m, m + 1])
+        return np.arange(lo, hi)
 
     def with_budget(self, max_moves: int) -> "Problem":
         """The same problem with another move budget (re-placement baselines)."""
