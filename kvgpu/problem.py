@@ -338,7 +338,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                 raise InvalidInstance(f"{m.where}: cur_gpu_id gives {len(cur_ids)} GPUs for {k} shard(s); more "
                                       f"running copies than shards scale the model in, but {len(cur_ids)} GPUs are "
                                       f"not whole replicas of tp={m.tp} shards")
-            if len(cur_ids) < k:
+            if len(cur_ids) < k and len(cur_ids) % m.tp:  # whole replicas fewer than replicas: scaling out
                 warnings.warn(f"{m.where}: tp x replicas = {k} shards but cur_gpu_id gives {len(cur_ids)} GPU(s): "
                               f"read as {len(cur_ids)} running shard(s), the other {k - len(cur_ids)} placed as new "
                               f"(give one GPU id per shard)", KvgpuWarning, stacklevel=3)
