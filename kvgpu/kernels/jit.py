@@ -61,7 +61,11 @@ class _KernelCache(FunctionCache):
 
     def __init__(self, py_func):
         super().__init__(py_func)
-        self._cache_file._source_stamp = (self._cache_file._source_stamp, SOURCES_KEY)
+        index = getattr(self, "_cache_file", None)  # numba's index of the cached overloads
+        if index is None or not hasattr(index, "_source_stamp"):
+            raise RuntimeError("kvgpu: this numba keeps its kernel cache index elsewhere; the kernel cache cannot "
+                               "be keyed on the kernels' sources (update kvgpu.kernels.jit._KernelCache)")
+        index._source_stamp = (index._source_stamp, SOURCES_KEY)
 
 
 class _Dispatcher(CPUDispatcher):
