@@ -514,19 +514,20 @@ def _no_placement(problem: Problem, status: int, work: int, start_status: int) -
     return NoPlacementFound(msg, [0], proven=status == exact.INFEASIBLE)
 
 
-def _forced_moves(problem: Problem) -> list[int]:
-    """Models that must move in any placement: one of their current GPUs is allowed for none of
-    their shards (a new pin, forbid or node, or the GPU is out of service), so the shard there has
-    to leave."""
+def _forced_moves(problem: Problem) -> dict[int, int]:
+    """Models that must move in any placement, with the fewest shards each must copy: of the
+    ``min(k, running)`` running copies a model of ``k`` shards keeps (the rest may stop), those
+    beyond its running GPUs that some shard may still use (a new pin, forbid or node, or the GPU
+    is out of service) are copied."""
     if not (problem.is_replan and problem.allowed.shape[0]):
-        return []
-    out = []
-    for m in range(len(problem.specs)):
-        items = np.nonzero(problem.model_of == m)[0]
-        cur = problem.cur[items]
+        return {}
+    out = {}
+    for m, gpus in enumerate(problem.running):
+        items = problem.items_of(m)
         ok = problem.allowed[items].any(axis=0)  # GPUs some shard of the model may use
-        if (cur >= 0).any() and not ok[cur[cur >= 0]].all():
-            out.append(m)
+        short = min(len(items), len(gpus)) - int(ok[list(gpus)].sum()) if gpus else 0
+        if short > 0:
+            out[m] = short
     return out
 
 
@@ -535,7 +536,7 @@ def _check_forced(problem: Problem) -> None:
     forced = _forced_moves(problem)
     if not forced:
         return
-    gb = sum(problem.specs[m].size / problem.specs[m].tp for m in forced)
+    gb = sum(k * problem.specs[m].size / problem.specs[m].tp for m, k in forced.items())
     names = ", ".join(problem.specs[m].where for m in forced)
     if 0 <= problem.max_moves < len(forced):
         raise NoPlacementFound(f"{len(forced)} model(s) run on GPUs their rules now forbid (pin, forbid, node, "
@@ -856,9 +857,13 @@ def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Plac
 def _running_peak(problem: Problem) -> float:
     """Max KVPR of the cluster as it runs now: its running shards on their current GPUs."""
     inst = problem.items
-    run = problem.cur >= 0
-    S = np.bincount(problem.cur[run], weights=inst.sizes[run], minlength=problem.n_gpus)
-    W = np.bincount(problem.cur[run], weights=inst.demand[run], minlength=problem.n_gpus)
+    S, W = np.zeros(problem.n_gpus), np.zeros(problem.n_gpus)
+    for m, gpus in enumerate(problem.running):
+        items = problem.items_of(m)
+        first, k = int(items[0]), len(items)
+        for g in gpus:  # a model scaling in shares its demand among all the copies running now
+            S[g] += inst.sizes[first]
+            W[g] += inst.demand[first] * k / max(k, len(gpus))
     return float(safe_div_array(W, inst.gpu_mem - S, np).max())
 
 

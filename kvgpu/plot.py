@@ -106,17 +106,18 @@ def _memory_segments(p) -> dict:
 def _arrivals(p) -> tuple[np.ndarray, np.ndarray]:
     """(G,) GB of weights a re-placement copies onto each GPU, and (G,) GB of new models it
     loads there; zeros for a placement from scratch.  A model's shards are interchangeable: on
-    the GPUs it did not run on, as many shards as it left are copies, the others new loads."""
+    the GPUs it did not run on, as many shards as its kept running copies left are copies (the
+    running copies beyond its shards stop), the others new loads."""
     prob = p.problem
     G = prob.n_gpus
     moved, new = np.zeros(G), np.zeros(G)
     if not prob.is_replan:
         return moved, new
     for m, spec in enumerate(prob.specs):
-        items = np.nonzero(prob.model_of == m)[0]
-        was = {int(g) for g in prob.cur[items] if g >= 0}
+        items = prob.items_of(m)
+        was = set(prob.running[m])
         now = [int(g) for g in p.assignment[items]]
-        copies = len(was) - len(was & set(now))
+        copies = min(len(items), len(was)) - len(was & set(now))
         for g in (g for g in now if g not in was):
             (moved if copies > 0 else new)[g] += spec.size / spec.tp
             copies -= 1

@@ -23,7 +23,10 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 * a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
   moving a running model costs a migration, limited by ``max_moves`` (models) and
   ``max_migrated_gb`` (GB copied); ``min_gain`` is the relative improvement below which nothing
-  running is moved.
+  running is moved.  A model's shards are interchangeable: what counts is the set of GPUs it
+  ends on against the set it runs on (whatever the order of ``cur_gpu_id`` and ``pin``); more
+  running copies than ``tp x replicas`` scale it in (the extra copies stop, which moves
+  nothing), fewer scale it out (the new copies load like a new model).
 
 :class:`Instance` is the plain part (items, demand, memory), which the seed pipeline engines
 (:mod:`kvgpu.reference`, :mod:`kvgpu.batch`, :mod:`kvgpu.kernels.cpu`) work on.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -100,7 +104,10 @@ class Problem:
         distinct GPUs, -1 for none; (0,) when no model has several items.
     node_group : (n,) int64 -- the items that must share a node, -1 for none; (0,) without nodes.
     node_of : (G,) int64 -- each GPU's node; (0,) without nodes.
-    cur : (n,) int64 -- re-placement: each item's GPU now, -1 for a new one; (0,) otherwise.
+    cur : (n,) int64 -- re-placement: the running copy each item starts from (matched to the
+        item's allowed GPUs and node group), -1 for none; (0,) otherwise.
+    running : tuple of tuples of int -- re-placement: each model's GPUs now, all its running
+        copies (more than its items when it scales in); () for a new model; () otherwise.
     max_moves : int -- most models that may move, -1 for no limit.
     max_migrated_gb : float -- most GB that may be copied, ``inf`` for no limit.
     min_gain : float -- smallest relative gain of the max KVPR worth moving running models for.
@@ -128,6 +135,7 @@ class Problem:
     gpu_class: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     out_of_service: tuple = ()
     coloc: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    running: tuple = ()
 
     @property
     def n_gpus(self) -> int:
@@ -151,14 +159,30 @@ class Problem:
             count = np.bincount(self.model_of, minlength=len(self.specs))[self.model_of].astype(np.int64)
             tp = np.array([self.specs[m].tp for m in self.model_of.tolist()], float)
             mig = np.array([self.specs[m].size for m in self.model_of.tolist()], float) / np.maximum(tp, 1)
+            cur = self._cur_rows()
         else:
             first = count = _EMPTY_I
             mig = np.empty(0)
+            cur = np.empty((0, 0), np.int64)
         c = np.ascontiguousarray
         return (c(self.allowed, dtype=np.uint8), c(self.group, dtype=np.int64), c(self.node_group, dtype=np.int64),
-                c(self.node_of, dtype=np.int64), c(self.cur, dtype=np.int64), c(first), c(count),
+                c(self.node_of, dtype=np.int64), c(cur, dtype=np.int64), c(first), c(count),
                 c(mig.reshape(n if self.is_replan else 0)), np.int64(self.max_moves), float(self.max_migrated_gb),
                 c(self.coloc, dtype=np.int64))
+
+    def _cur_rows(self) -> np.ndarray:
+        """(n, 1 + r) int64: the kernels' ``cur`` (:mod:`kvgpu.kernels.rules`): each item's start
+        GPU, then its model's running GPUs, -1 padded (r: the most running copies of a model)."""
+        r = max([1] + [len(g) for g in self.running])
+        table = np.full((len(self.specs), r), -1, np.int64)  # each model's running GPUs
+        for m, gpus in enumerate(self.running):
+            table[m, :len(gpus)] = gpus
+        return np.concatenate([self.cur[:, None], table[self.model_of]], axis=1)
+
+    def items_of(self, m: int) -> np.ndarray:
+        """The items of model ``m`` (a model's items are consecutive), as a range of ids."""
+        lo, hi = np.searchsorted(self.model_of, [m, m + 1])
+        return np.arange(lo, hi)
 
     def with_budget(self, max_moves: int) -> "Problem":
         """The same problem with another move budget (re-placement baselines)."""
@@ -313,6 +337,17 @@ def _pinned_mask(m: ModelSpec, allowed: np.ndarray | None, G: int) -> np.ndarray
     return out & allowed
 
 
+def _check_demand_scale(total: float, least_gb: float, where: str) -> None:
+    """Refuse demand so large that KVPR overflows although every input is finite: a GPU's
+    demand over the GB it keeps free must stay a float for every free memory above the memory
+    slack (``EPS`` GB, relative below 1 GB), as an infinite demand is refused.  ``total`` the
+    total demand, ``least_gb`` the smallest usable GPU memory (GB)."""
+    limit = sys.float_info.max * EPS * mem_unit(least_gb)
+    if not total <= limit:
+        raise InvalidInstance(f"{where}: the total demand (req_rate/slo) {total:.6g} is too large: KVPR (demand per "
+                              f"free GB) overflows to inf; it must stay below {limit:.3g} (scale req_rate down)")
+
+
 def _current(specs: list[ModelSpec], current) -> list[tuple | None]:
     """Each model's current GPUs: ``current`` (one entry per model: a GPU id, a list of them,
     -1 / None for new) overrides the models' ``cur_gpu_id``."""
@@ -342,6 +377,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     if bad.size:
         g = int(bad[0])
         raise InvalidInstance(f"reserve_gb: GPU {g} keeps {reserve[g]} GB of its {mem[g]} GB, nothing left for models")
+    _check_demand_scale(sum(m.demand for m in specs), float(usable.min()), "models")
     node_of = _node_map(G, nodes, gpus_per_node)
     off = _out_of_service(G, out_of_service)
     cur_models = _current(specs, current)
@@ -409,9 +445,11 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                 raise InvalidInstance(f"{m.where}: cur_gpu_id names GPU {max(cur_ids)}, not one of 0..{G - 1}")
             if len(set(cur_ids)) != len(cur_ids):
                 raise InvalidInstance(f"{m.where}: cur_gpu_id repeats a GPU, but its shards run on distinct GPUs")
-            if len(cur_ids) > k:
-                raise InvalidInstance(f"{m.where}: cur_gpu_id gives {len(cur_ids)} GPUs for {k} shard(s)")
-            if len(cur_ids) < k:
+            if len(cur_ids) > k and len(cur_ids) % m.tp:  # scaling in stops whole replicas
+                raise InvalidInstance(f"{m.where}: cur_gpu_id gives {len(cur_ids)} GPUs for {k} shard(s); more "
+                                      f"running copies than shards scale the model in, but {len(cur_ids)} GPUs are "
+                                      f"not whole replicas of tp={m.tp} shards")
+            if len(cur_ids) < k and len(cur_ids) % m.tp:  # whole replicas fewer than replicas: scaling out
                 warnings.warn(f"{m.where}: tp x replicas = {k} shards but cur_gpu_id gives {len(cur_ids)} GPU(s): "
                               f"read as {len(cur_ids)} running shard(s), the other {k - len(cur_ids)} placed as new "
                               f"(give one GPU id per shard)", KvgpuWarning, stacklevel=3)
@@ -422,6 +460,10 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             raise InvalidInstance(f"{m.where}: {what} needs {shard_size:g} GB (size / tp + overhead_gb), larger than "
                                   f"every GPU it may use (largest has {fit:g} GB" +
                                   (" after reserve_gb)" if reserve.any() else ")"))
+        rows = [allowed] * k
+        if pins is not None:
+            rows = [np.arange(G) == g for g in pins]
+        starts = _start_gpus(cur_ids or (), rows, m.tp, node_of if together else _EMPTY_I)
         for c in range(k):
             sizes.append(shard_size)
             demand.append(m.demand / k)
@@ -429,15 +471,11 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
             objects.append(m.obj)
             model_of.append(i)
             if pinned:
-                row = np.ones(G, bool) if allowed is None else allowed.copy()
-                if pins is not None:
-                    row[:] = False
-                    row[pins[c]] = True
-                allow_rows.append(row)
+                allow_rows.append(np.ones(G, bool) if rows[c] is None else rows[c])
             group.append(i if k > 1 or i in paired else -1)
             coloc.append(base_of[i])
             node_group.append(n_node_groups + c // m.tp if together else -1)
-            cur.append(cur_ids[c] if cur_ids is not None and c < len(cur_ids) else -1)
+            cur.append(starts[c])
         if together:
             n_node_groups += m.replicas
         multi |= k > 1 or i in paired
@@ -448,10 +486,10 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
                               f"{usable.sum():g} GB" + (" (after reserve_gb)" if reserve.any() else ""))
     cur_a = np.asarray(cur, np.int64)
     model_of_a = np.asarray(model_of, np.int64)
+    running = tuple(tuple(c) if c is not None else () for c in cur_models) if replan else ()
     if replan:
-        _check_current_memory(specs, model_of_a, cur_a, mem)
-        run = cur_a >= 0
-        held = np.bincount(cur_a[run], weights=sizes_a[run], minlength=G)
+        _check_current_memory(specs, running, mem)
+        held = _running_load(specs, running, G, lambda m: m.size / m.tp + m.overhead_gb)
         for g in np.nonzero(held > usable + EPS * mem_unit(usable))[0].tolist():
             warnings.warn(f"current placement: GPU {g} holds {held[g]:g} GB with overhead_gb, more than its "
                           f"{usable[g]:g} GB after reserve_gb: models there must move", KvgpuWarning, stacklevel=3)
@@ -461,8 +499,9 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     node_group_a = np.asarray(node_group, np.int64) if n_node_groups else _EMPTY_I
     node_of_a = node_of if n_node_groups else _EMPTY_I
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
-                   cur_a if replan else _EMPTY_I, K, max_gb, gain, out_of_service=() if off is None else tuple(np.nonzero(off)[0].tolist()),
-                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I)
+                   cur_a if replan else _EMPTY_I, K, max_gb, gain,
+                   out_of_service=() if off is None else tuple(np.nonzero(off)[0].tolist()),
+                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I, running=running)
     if prob.has_rules:
         from dataclasses import replace
 
@@ -470,11 +509,40 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     return prob
 
 
-def _check_current_memory(specs, model_of, cur, mem) -> None:
+def _start_gpus(running: Sequence[int], rows: list, tp: int, node_of: np.ndarray) -> list[int]:
+    """Each of a model's items' start GPU: its running copies matched to items that may use
+    them (``rows[c]`` (G,) bool, a pinned item one GPU), so that the order of ``cur_gpu_id`` and
+    ``pin`` never matters; with ``node_of`` (G,) (tp shards share a node) a replica's items
+    start in one node, and the running GPUs are taken node by node.  -1 for an item left
+    without one (a new copy, or one whose running GPU the rules now forbid)."""
+    k = len(rows)
+    start = [-1] * k
+    where: dict[int, int] = {}  # replica -> node of its started items
+    order = sorted(running, key=lambda g: (int(node_of[g]), g)) if node_of.size else list(running)
+    for g in order:
+        nd = int(node_of[g]) if node_of.size else -1
+        free = [c for c in range(k) if start[c] < 0 and (rows[c] is None or rows[c][g])]
+        same = [c for c in free if where.get(c // tp) == nd]
+        fresh = [c for c in free if c // tp not in where]
+        pick = (same or fresh or ([] if node_of.size else free))[:1]
+        for c in pick:
+            start[c] = g
+            where[c // tp] = nd
+    return start
+
+
+def _running_load(specs, running, G: int, shard_gb) -> np.ndarray:
+    """(G,) GB the running copies hold now, ``shard_gb(spec)`` each."""
+    used = np.zeros(G)
+    for spec, gpus in zip(specs, running):
+        for g in gpus:
+            used[g] += shard_gb(spec)
+    return used
+
+
+def _check_current_memory(specs, running, mem) -> None:
     """A current placement must be one that runs: its model weights within each GPU's memory."""
-    run = cur >= 0
-    w = np.array([specs[m].size / specs[m].tp for m in model_of.tolist()], float)
-    used = np.bincount(cur[run], weights=w[run], minlength=mem.shape[0])
+    used = _running_load(specs, running, mem.shape[0], lambda m: m.size / m.tp)
     over = np.nonzero(used > mem + EPS * mem_unit(mem))[0]
     if over.size:
         g = int(over[0])
@@ -488,7 +556,7 @@ def _gpu_classes(p: Problem) -> np.ndarray:
     G = p.n_gpus
     keys: dict = {}
     out = np.empty(G, np.int64)
-    cur_gpus = set(p.cur[p.cur >= 0].tolist()) if p.is_replan else set()
+    cur_gpus = {g for gpus in p.running for g in gpus}
     for g in range(G):
         key = (float(p.items.gpu_mem[g]), p.allowed[:, g].tobytes() if p.allowed.shape[0] else b"",
                int(p.node_of[g]) if p.node_of.shape[0] else -1, g if g in cur_gpus else -1)
@@ -520,6 +588,11 @@ def validate_batch(batch, ids=None) -> None:
     nog = batch.n_gpus == 0
     if bool(nog.any()):
         raise InvalidInstance(f"instance {ids[int(xp.argwhere(nog)[0, 0])]}: no GPUs (gpu_mask is all False)")
+    tot_w, least = xp.where(mm, w, 0.0).sum(axis=1), xp.where(batch.gpu_mask, gm, xp.inf).min(axis=1)
+    big = ~(tot_w <= sys.float_info.max * EPS * xp.minimum(least, 1.0))  # mem_unit of the smallest GPU
+    if bool(big.any()):
+        b = int(xp.argwhere(big)[0, 0])
+        _check_demand_scale(float(tot_w[b]), float(least[b]), f"instance {ids[b]}")
     over, why = oversized(batch)
     if over.any():
         raise InvalidInstance(why)

@@ -32,7 +32,8 @@ ORDER_WORDS = {"lex": "lex: sorted GPU KVPRs, largest first", "seed": "seed: (ma
 
 class Move(NamedTuple):
     """One step of a re-placement: ``model`` (its name, or ``#index``) copies a shard of
-    ``size_gb`` GB from GPU ``src`` to ``dst``; ``src = -1`` loads a new model.  ``index`` is
+    ``size_gb`` GB from GPU ``src`` to ``dst``; ``src = -1`` loads a new copy (a new model, or
+    one scaling out), ``dst = -1`` stops the copy on ``src`` (a model scaling in).  ``index`` is
     the model's position in the input (names need not be unique)."""
 
     model: str
@@ -203,8 +204,9 @@ class Placement:
 
     @property
     def moves(self) -> list:
-        """The migrations of running models (the plan without the loads of new models)."""
-        return [m for m in self.plan if m.src >= 0]
+        """The migrations of running models (the plan without the loads of new copies and the
+        stops of copies a model scales in by)."""
+        return [m for m in self.plan if m.src >= 0 and m.dst >= 0]
 
     @property
     def moved_models(self) -> int:
@@ -325,7 +327,8 @@ class Placement:
     def _replan_lines(self) -> str:
         lines = []
         if self.plan:
-            steps = ", ".join(f"{printable(m.model)} {'new' if m.src < 0 else m.src}->{m.dst}" for m in self.plan)
+            steps = ", ".join(f"{printable(m.model)} {'new' if m.src < 0 else m.src}->{'stop' if m.dst < 0 else m.dst}"
+                              for m in self.plan)
             lines.append(f"plan ({self.moved_models} model(s) moved, in this order): {steps}")
         else:
             lines.append("plan: nothing to move")

@@ -201,9 +201,9 @@ def _key() -> str:
 
     import kvgpu
 
-    h = hashlib.sha256()
-    for f in sorted((Path(__file__).parent / "kernels").glob("*.py")):
-        h.update(f.read_bytes())
+    from kvgpu.kernels.jit import SOURCES_KEY
+
+    h = hashlib.sha256(SOURCES_KEY.encode())
     try:
         from llvmlite import binding
 

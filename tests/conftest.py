@@ -88,8 +88,9 @@ def brute_force_problem(prob, lex=False):
     reaching it, by trying every assignment of items to GPUs (tiny problems only).  The rules
     as an operator states them: allowed GPUs, a model's items on distinct GPUs, node groups
     inside one node, memory, and -- for a re-placement -- the budget counted per model: a
-    model moves when one of its running shards has to be copied (``running - |new GPUs &
-    current GPUs|`` shards), at most ``max_moves`` models and ``max_migrated_gb`` GB.
+    model moves when one of its running shards has to be copied (``min(shards, running) -
+    |new GPUs & current GPUs|`` shards: copies beyond its shards stop, new copies load), at
+    most ``max_moves`` models and ``max_migrated_gb`` GB.
     Returns ``(inf, None)`` when nothing satisfies them.  ``lex=True``: the balanced optimum
     instead -- ``(sorted KVPRs, placement)``, the least sorted vector of GPU KVPRs (largest
     first, compared term by term, exactly)."""
@@ -127,13 +128,13 @@ def brute_force_problem(prob, lex=False):
         gb = np.zeros(A.shape[0])
         for m, spec in enumerate(prob.specs):
             items = np.nonzero(prob.model_of == m)[0]
-            cur = [int(g) for g in prob.cur[items] if g >= 0]
+            cur = prob.running[m]
             if not cur:
                 continue
             hit = np.zeros(A.shape[0], np.int64)
             for g in cur:
                 hit += (A[:, items] == g).any(axis=1)
-            copies = len(cur) - hit
+            copies = np.maximum(0, min(len(items), len(cur)) - hit)
             moved += copies > 0
             gb += copies * spec.size / spec.tp
         if prob.max_moves >= 0:
@@ -196,8 +197,8 @@ def check_placement(prob, p, node_of=None):
         gb = 0.0
         for m, spec in enumerate(prob.specs):
             items = np.nonzero(prob.model_of == m)[0]
-            cur = {int(g) for g in prob.cur[items] if g >= 0}
-            copies = len(cur) - len(cur & set(a[items].tolist()))
+            cur = set(prob.running[m])
+            copies = max(0, min(len(items), len(cur)) - len(cur & set(a[items].tolist())))
             moved += copies > 0
             gb += copies * spec.size / spec.tp
         if prob.max_moves >= 0:
@@ -214,20 +215,22 @@ def check_plan_executable(prob, p):
 
     inst = prob.items
     used = np.zeros(inst.n_gpus)
-    sets = {m: set() for m in range(len(prob.specs))}
-    for i in np.nonzero(prob.cur >= 0)[0]:
-        used[prob.cur[i]] += inst.sizes[i]
-        sets[int(prob.model_of[i])].add(int(prob.cur[i]))
+    sets = {m: set(prob.running[m]) for m in range(len(prob.specs))}
+    for m, gpus in enumerate(prob.running):
+        used[list(gpus)] += inst.sizes[np.nonzero(prob.model_of == m)[0][0]]
     for step in p.plan:
         m = step.index
         size = inst.sizes[np.nonzero(prob.model_of == m)[0][0]]
-        if p.plan_note is None:
-            assert fits(used[step.dst] + size, inst.gpu_mem[step.dst]), f"step {step} does not fit"
-        used[step.dst] += size
+        assert step.src >= 0 or step.dst >= 0
+        if step.dst >= 0:
+            if p.plan_note is None:
+                assert fits(used[step.dst] + size, inst.gpu_mem[step.dst]), f"step {step} does not fit"
+            assert step.dst not in sets[m]
+            used[step.dst] += size
+            sets[m].add(step.dst)
         if step.src >= 0:
             assert step.src in sets[m]
             sets[m].discard(step.src)
             used[step.src] -= size
-        sets[m].add(step.dst)
     for m in sets:
         assert sets[m] == set(p.assignment[prob.model_of == m].tolist())

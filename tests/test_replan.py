@@ -67,7 +67,6 @@ def test_new_models_are_placed_without_costing_moves():
     ([0, 0, 5], "model 2 ('c'): cur_gpu_id names GPU 5, not one of 0..1"),
     ([0, 0], "current gives 2 entries for 3 models"),
     ([0, 0, 0], "current placement: GPU 0 holds 90 GB of models, more than its 80 GB"),
-    ([0, [0, 1], 1], "model 1 ('b'): cur_gpu_id gives 2 GPUs for 1 shard(s)"),
 ])
 def test_bad_current_placements_are_named(current, message):
     models = [{"name": n, "model_size": 30, "req_rate": 1, "slo": 1} for n in "abc"]

@@ -22,9 +22,11 @@ def case(name):
 
 @st.composite
 def cluster_problems(draw):
-    """2-4 GPUs of mixed memory, 2-6 models with tp, replicas, pin, forbid, sometimes nodes of 2
-    GPUs; half of them re-placements (running models on valid GPUs, some new) with a budget of
-    0-2 moves (sometimes a GB budget).  At most 8 items, so brute force stays quick."""
+    """2-4 GPUs of mixed memory, 2-6 models with tp, replicas, pins (in any order), forbid,
+    sometimes nodes of 2 GPUs; half of them re-placements (running models on valid GPUs listed
+    in any order, some new, some running fewer copies than their shards -- scaling out -- or a
+    replica more -- scaling in) with a budget of 0-2 moves (sometimes a GB budget).  At most 8
+    items, so brute force stays quick."""
     G = draw(st.sampled_from([2, 3, 4, 4]))
     mem = draw(st.lists(st.sampled_from([24.0, 40.0, 48.0, 80.0]), min_size=G, max_size=G))
     nodes = G == 4 and draw(st.booleans())
@@ -32,12 +34,15 @@ def cluster_problems(draw):
     for i in range(draw(st.integers(2, 6))):
         m = {"name": f"m{i}", "size": draw(st.integers(2, 40)) + draw(st.sampled_from([0.0, 0.5])),
              "req_rate": draw(st.integers(0, 9)), "slo": draw(st.sampled_from([0.5, 1, 2, 5]))}
-        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid"]))
+        kind = draw(st.sampled_from(["plain", "plain", "tp", "replicas", "pin", "forbid", "pinned tp",
+                                     "pinned replicas"]))
         k = 1
-        if kind == "tp":
+        if kind in ("tp", "pinned tp"):
             m["tp"] = k = draw(st.integers(2, 2 if nodes else min(3, G)))
-        elif kind == "replicas":
+        elif kind in ("replicas", "pinned replicas"):
             m["replicas"] = k = 2
+        if kind.startswith("pinned"):
+            m["pin"] = draw(st.permutations(range(G)))[:k]
         elif kind == "pin":
             m["pin"] = draw(st.integers(0, G - 1))
         elif kind == "forbid":
@@ -51,15 +56,18 @@ def cluster_problems(draw):
     if replan:  # a current placement that runs: each shard where its weights fit, else the model is new
         used = [0.0] * G
         for m in models:
-            k = m.get("tp", 1) * m.get("replicas", 1)
-            shard = m["size"] / m.get("tp", 1)
-            gpus = [g for g in draw(st.permutations(range(G))) if used[g] + shard <= mem[g]][:k]
-            if draw(st.integers(0, 3)) == 0 or len(gpus) < k:
+            tp = m.get("tp", 1)
+            k = tp * m.get("replicas", 1)
+            running = [k, k] + ([draw(st.integers(1, k - 1))] if k > 1 else []) + ([k + tp] if k + tp <= G else [])
+            r = draw(st.sampled_from(running))
+            shard = m["size"] / tp
+            gpus = [g for g in draw(st.permutations(range(G))) if used[g] + shard <= mem[g]][:r]
+            if draw(st.integers(0, 3)) == 0 or len(gpus) < r:
                 m["cur_gpu_id"] = -1
                 continue
             for g in gpus:
                 used[g] += shard
-            m["cur_gpu_id"] = gpus if k > 1 else gpus[0]
+            m["cur_gpu_id"] = gpus if r > 1 else gpus[0]
         kw["max_moves"] = draw(st.integers(0, 2))
         if draw(st.integers(0, 3)) == 0:
             kw["max_migrated_gb"] = draw(st.sampled_from([0.0, 10.0, 40.0]))
@@ -331,6 +339,79 @@ def test_the_budget_of_migrated_gb_holds():
     p = kvgpu.replan(c["models"], c["gpus"], gpu_mem=c["gpu_mem"], max_migrated_gb=10)
     check_placement(p.problem, p)
     assert sum(m.size_gb for m in p.moves) <= 10
+
+
+def _budget_by_hand(prob, a):
+    """(moved models, migrated GB) of placement ``a`` as an operator counts them: per model,
+    ``min(shards, running) - |final & running|`` shards copied (copies beyond the shards stop,
+    new copies load)."""
+    moved, gb = 0, 0.0
+    for m, running in enumerate(prob.running):
+        items = np.nonzero(prob.model_of == m)[0]
+        copies = max(0, min(len(items), len(running)) - len(set(running) & set(a[items].tolist())))
+        moved += copies > 0
+        gb += copies * prob.specs[m].size / prob.specs[m].tp
+    return moved, gb
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems(), st.randoms(use_true_random=False))
+def test_the_kernels_budget_bookkeeping_matches_the_count_by_hand(draw, rnd):
+    """Random placements and random moves and swaps of items between GPUs (pins, replicas, tp,
+    nodes and running copies in any order): the kernels' incremental (moved models, GB) equals
+    the count by hand after every step, and so does a fresh count."""
+    from kvgpu.kernels import rules as kr
+
+    models, G, mem, kw = draw
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None or not prob.is_replan:
+        return
+    from dataclasses import replace
+
+    rules, n = replace(prob, max_moves=-1, max_migrated_gb=np.inf).kernel_rules(), prob.items.n_models  # no limit:
+    applied = 0  # only the rules refuse a step, and the count is checked on every step taken
+    a = np.empty(n, np.int64)  # a model's shards on distinct GPUs, as every placement keeps them
+    for m in range(len(prob.specs)):
+        items = np.nonzero(prob.model_of == m)[0]
+        a[items] = rnd.sample(range(G), len(items))
+    state = kr.new_state(rules, a, G)
+    for _ in range(20):
+        g, h = rnd.randrange(G), rnd.randrange(G)
+        on_g, on_h = np.nonzero(a == g)[0], np.nonzero(a == h)[0]
+        if g == h or not on_g.size:
+            continue
+        x = int(rnd.choice(on_g))
+        y = int(rnd.choice(on_h)) if on_h.size and rnd.random() < 0.5 else -1
+        if prob.group.shape[0] and y >= 0 and prob.group[x] >= 0 and prob.group[x] == prob.group[y]:
+            continue  # a model's own shards are never swapped
+        ok, d_moved, d_gb = kr.transfer_check(rules, state, g, h, x, -1, y, -1)
+        before = _budget_by_hand(prob, a)
+        b = a.copy()
+        b[x] = h
+        if y >= 0:
+            b[y] = g
+        after = _budget_by_hand(prob, b)
+        if not ok:
+            continue  # refused for a rule (allowed GPUs, groups, nodes)
+        applied += 1
+        assert d_moved == after[0] - before[0] and np.isclose(d_gb, after[1] - before[1])
+        kr.transfer_apply(rules, state, g, h, x, -1, y, -1)
+        a = b
+        assert state[4][0] == after[0] and np.isclose(state[4][1], after[1])
+        fresh = kr.new_state(rules, a, G)[4]
+        assert fresh[0] == after[0] and np.isclose(fresh[1], after[1])
+    BOOKKEEPING["steps"] += applied
+    BOOKKEEPING["moved"] += int(state[4][0] > 0)
+
+
+BOOKKEEPING = {"steps": 0, "moved": 0}
+
+
+def test_the_bookkeeping_test_took_steps_that_moved_models():
+    """The draws above were not all refused (runs after them; skipped if run alone)."""
+    if BOOKKEEPING["steps"] == 0:
+        pytest.skip("run with test_the_kernels_budget_bookkeeping_matches_the_count_by_hand")
+    assert BOOKKEEPING["steps"] >= 20 and BOOKKEEPING["moved"] >= 3, BOOKKEEPING
 
 
 def test_a_budget_without_a_running_model_is_said_not_ignored():

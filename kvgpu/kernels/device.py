@@ -108,7 +108,7 @@ def _seed_kernel(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, ok, fw, 
     memory in shared memory (``nf`` floats, ``ni`` ints) or, with ``nf = 0``, in ``fw``, ``iw``."""
     b = cuda.blockIdx.x
     n, G = n_models[b], n_gpus[b]
-    rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf, e_i)
+    rules = (e_u8, e_i, e_i, e_i, e_i2, e_i, e_i, e_f, np.int64(-1), np.inf, e_i)
     rstate = (e_i2, e_i, e_i, e_i, used[b])
     fwb, iwb = _work(fw, iw, b, nf, ni)
     r = _seed(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n], rules, rstate, fwb, iwb,
@@ -127,7 +127,7 @@ def _improve_kernel(sizes, demand, gpu_mem, n_models, n_gpus, active, lb, effort
     if not active[b]:  # the whole block leaves: no barrier waits for it
         return
     n, G = n_models[b], n_gpus[b]
-    rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf, e_i)
+    rules = (e_u8, e_i, e_i, e_i, e_i2, e_i, e_i, e_f, np.int64(-1), np.inf, e_i)
     rstate = (e_i2, e_i, e_i, e_i, used[b])
     fwb, iwb = _work(fw, iw, b, nf, ni)
     _improve(sizes[b, :n], demand[b, :n], gpu_mem[b, :G], lb[b], assign[b, :n], pos[b, :n], effort, patience, seed,

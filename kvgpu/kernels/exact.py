@@ -146,11 +146,12 @@ def _add(nb, nl, ai, C):
 @njit
 def _twins(order, rules):
     """``twin[k]``: the item at depth ``k`` is interchangeable with the one at ``k - 1`` (shards
-    or replicas of one model with the same allowed GPUs, node group and newness), so it only
-    takes a higher GPU id -- the other orders are the same placements."""
+    or replicas of one model with the same allowed GPUs and node group), so it only takes a
+    higher GPU id -- the other orders are the same placements.  The migration budget counts a
+    model's set of GPUs, not which item sits where, so running and new items are twins too."""
     n = order.shape[0]
     twin = np.zeros(n, np.bool_)
-    allowed, group, node_group, cur = rules[0], rules[1], rules[2], rules[4]
+    allowed, group, node_group = rules[0], rules[1], rules[2]
     if group.shape[0] == 0:
         return twin
     for k in range(1, n):
@@ -158,8 +159,6 @@ def _twins(order, rules):
         same = group[i] >= 0 and group[i] == group[j]
         if same and node_group.shape[0]:
             same = node_group[i] == node_group[j]
-        if same and cur.shape[0]:
-            same = (cur[i] < 0) == (cur[j] < 0)
         if same and allowed.shape[0]:
             for g in range(allowed.shape[1]):
                 if allowed[i, g] != allowed[j, g]:

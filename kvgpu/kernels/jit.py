@@ -6,7 +6,8 @@ helper called with ``-1`` in one place and a variable in another is compiled twi
 with it.  That doubled and tripled the first-run compile time of the kernels.  :func:`kernel`
 makes compiled calls see constants as plain ``int64``, so each kernel is compiled once per
 array layout, the way the kernels are written to be used.  Compiled code is cached on disk
-(``cache=True``), as with ``numba.njit``; ``NUMBA_DISABLE_JIT=1`` leaves the Python functions
+(``cache=True``), as with ``numba.njit``, but stale when any kernel module changed (numba
+looks at the kernel's own file only); ``NUMBA_DISABLE_JIT=1`` leaves the Python functions
 (for debugging).
 
 CUDA: every function decorated with :func:`kernel` is registered, and :func:`device` compiles
@@ -22,10 +23,13 @@ On the CPU a kernel run by "thread ``tid`` of ``nt``" is called with ``(0, 1)``.
 
 from __future__ import annotations
 
+import hashlib
 import types as _pytypes
+from pathlib import Path
 
 import numpy as np
 from numba.core import config, types
+from numba.core.caching import FunctionCache
 from numba.core.registry import CPUDispatcher
 from numba.extending import overload
 
@@ -37,8 +41,39 @@ _REGISTRY: dict = {}
 _DEVICE: dict = {}
 
 
+def _sources_key() -> str:
+    """A hash of every kernel module's source (this folder's ``*.py``)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+#: What a cached kernel depends on besides its own file: the sources of all kernel modules.
+SOURCES_KEY = _sources_key()
+
+
+class _KernelCache(FunctionCache):
+    """numba's on-disk cache of one kernel, stale when *any* kernel module changed.  numba
+    stamps a kernel's cache with its own file only, so a kernel whose callee in another module
+    changed (the layout of the rules tuple, say) would load machine code compiled against the
+    old callee -- wrong answers or a crash."""
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        index = getattr(self, "_cache_file", None)  # numba's index of the cached overloads
+        if index is None or not hasattr(index, "_source_stamp"):
+            raise RuntimeError("kvgpu: this numba keeps its kernel cache index elsewhere; the kernel cache cannot "
+                               "be keyed on the kernels' sources (update kvgpu.kernels.jit._KernelCache)")
+        index._source_stamp = (index._source_stamp, SOURCES_KEY)
+
+
 class _Dispatcher(CPUDispatcher):
-    """numba's CPU dispatcher, with constant argument types widened in compiled calls."""
+    """numba's CPU dispatcher, with constant argument types widened in compiled calls, cached
+    by :class:`_KernelCache`."""
+
+    def enable_caching(self):
+        self._cache = _KernelCache(self.py_func)
 
     def get_call_template(self, args, kws):
         return super().get_call_template(tuple(types.unliteral(a) for a in args),

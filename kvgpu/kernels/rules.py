@@ -11,12 +11,18 @@ tuple so that every kernel takes the same arguments whether rules exist or not:
   (the shards and replicas of one model); (0,): none.
 * ``node_group`` (n,) int64 -- items with the same id >= 0 sit inside one node (the tp shards of
   one replica); ``node_of`` (G,) int64 the node of each GPU; (0,): no nodes.
-* ``cur`` (n,) int64 -- re-placement: the GPU each item runs on now, -1 for a new one; (0,):
-  not a re-placement.  ``mfirst`` / ``mcount`` (n,) int64: the first item and the item count
-  of each item's model (a model's items are consecutive); ``mig_gb`` (n,) float64 the GB a
-  migration of the item copies.  A model is *moved* when one of its running items ends on a
-  GPU that is not among the model's current GPUs (its shards are interchangeable); at most
-  ``K`` models (``K < 0``: no limit) and ``max_gb`` GB (``inf``: no limit) may move.
+* ``cur`` (n, 1 + r) int64 -- re-placement: column 0 the GPU item ``i`` starts on (one of its
+  model's running copies, -1 for none), columns ``1..`` the GPUs the model runs on now (all its
+  running copies, -1 padded; all -1 for a new model); (0, 0): not a re-placement.
+  ``mfirst`` / ``mcount`` (n,) int64: the first item and the item count of each item's model
+  (a model's items are consecutive); ``mig_gb`` (n,) float64 the GB one copied shard costs.
+  A model's shards are interchangeable, so the budget is counted on the *set* of GPUs it ends
+  on, whatever item sits where: with ``R`` its running GPUs, ``k`` items and ``F`` its final
+  GPUs, ``|F - R|`` shards land where it does not run, ``max(0, k - |R|)`` of them are new
+  copies (loads, free, like a new model), and the rest, ``max(0, |F - R| - max(0, k - |R|))``,
+  are migrations.  Running copies beyond ``k`` (scaling in) are stopped, which moves nothing.
+  The model is *moved* when it has a migration; at most ``K`` models (``K < 0``: no limit) and
+  ``max_gb`` GB (``inf``: no limit) may move.
 * ``coloc`` (n,) int64 -- co-location: item ``i`` must sit on a GPU that holds an item of the
   anti-affinity group ``coloc[i] >= 0`` (a LoRA adapter beside a shard or replica of its base
   model), -1 for none; (0,): no co-location.  Such an item and its base each have a group id of
@@ -27,8 +33,8 @@ tuple so that every kernel takes the same arguments whether rules exist or not:
 The mutable bookkeeping of a placement is the tuple
 ``state = (gcount, ncount, nnode, away, used)``: ``gcount`` (groups, G) items of each
 anti-affinity group per GPU, ``ncount`` / ``nnode`` (node groups,) placed items of each node group
-and their node, ``away`` (n,) per model (indexed by its first item) items not on a current GPU,
-``used`` (2,) float64 moved models and migrated GB.  :func:`new_state` allocates it once per
+and their node, ``away`` (n,) per model (indexed by its first item) items not on a GPU the model
+runs on now, ``used`` (2,) float64 moved models and migrated GB.  :func:`new_state` allocates it once per
 search; everything else only reads and updates it.
 
 Items are added and removed with :func:`place` / :func:`unplace` (greedy starts, exact search);
@@ -54,7 +60,7 @@ GB_RTOL = 1e-9
 def no_rules():
     """``rules`` for an instance without any (see the module doc)."""
     e = np.empty(0, np.int64)
-    return (np.empty((0, 0), np.uint8), e, e, e, e, e, e, np.empty(0), np.int64(-1), np.inf, e)
+    return (np.empty((0, 0), np.uint8), e, e, e, np.empty((0, 0), np.int64), e, e, np.empty(0), np.int64(-1), np.inf, e)
 
 
 @_inline
@@ -104,18 +110,39 @@ def reset_state(rules, state, assign):
 
 @_inline
 def home(rules, i, g):
-    """Is item ``i`` on ``g`` free of migration cost: ``g`` is one of the current GPUs of its
-    model (a model's shards are interchangeable), or the item is new (``cur[i] < 0``), or there
-    is no current placement?  Counting per item never counts fewer migrations than a model's
-    shards really need (``mcount - |final GPUs & current GPUs|``), so the budget always holds."""
+    """Is item ``i`` on ``g`` where its model runs now (or is the model new, or is there no
+    current placement)?  Items off such GPUs are the model's ``away`` count."""
     cur = rules[4]
-    if cur.shape[0] == 0 or cur[i] < 0:
+    if cur.shape[0] == 0 or cur[i, 1] < 0:
         return True
-    m0 = rules[5][i]
-    for j in range(m0, m0 + rules[6][i]):
-        if cur[j] == g:
+    for j in range(1, cur.shape[1]):
+        if cur[i, j] == g:
             return True
+        if cur[i, j] < 0:
+            break
     return False
+
+
+@_inline
+def start_gpu(rules, i):
+    """The GPU item ``i`` starts on in a re-placement (-1: none; it is placed like a new one)."""
+    return rules[4][i, 0] if rules[4].shape[0] else np.int64(-1)
+
+
+@_inline
+def _cost(rules, i, away):
+    """``(moved 0/1, migrated GB)`` of item ``i``'s model when ``away`` of its items sit off its
+    running GPUs: the new copies among them (items beyond the running ones) are free loads."""
+    cur = rules[4]
+    running = 0
+    for j in range(1, cur.shape[1]):
+        if cur[i, j] < 0:
+            break
+        running += 1
+    copied = away - max(0, rules[6][i] - running)
+    if copied <= 0:
+        return 0.0, 0.0
+    return 1.0, copied * rules[7][i]
 
 
 @_inline
@@ -123,10 +150,11 @@ def _count_move(rules, state, i, delta):
     """``away`` of item ``i``'s model changes by ``delta``: the budget's (models, GB) change."""
     away = state[3]
     m0 = rules[5][i]
-    before = away[m0] > 0
+    m_before, gb_before = _cost(rules, i, away[m0])
     away[m0] += delta
-    state[4][0] += (1.0 if away[m0] > 0 else 0.0) - (1.0 if before else 0.0)
-    state[4][1] += delta * rules[7][i]
+    m_after, gb_after = _cost(rules, i, away[m0])
+    state[4][0] += m_after - m_before
+    state[4][1] += gb_after - gb_before
 
 
 @njit
@@ -199,13 +227,6 @@ def budget_held(rules, state):
         return True
     used = state[4]
     return (rules[8] < 0 or used[0] <= rules[8]) and used[1] <= rules[9] * (1.0 + GB_RTOL) + 1e-12
-
-
-@_inline
-def _leaves(rules, x, g, h, gb):
-    """Budget effect of item ``x`` going from ``g`` to ``h``: ``(change of away, GB)``."""
-    d = (0 if home(rules, x, h) else 1) - (0 if home(rules, x, g) else 1)
-    return d, gb + d * rules[7][x]
 
 
 @_inline
@@ -297,9 +318,12 @@ def transfer_check(rules, state, g, h, x1, x2, y1, y2):
     for x, src, dst in ((x1, g, h), (x2, g, h), (y1, h, g), (y2, h, g)):
         if x < 0:
             continue
-        d, d_gb = _leaves(rules, x, src, dst, d_gb)
+        d = (0 if home(rules, x, dst) else 1) - (0 if home(rules, x, src) else 1)
         a = away[rules[5][x]]
-        d_moved += (1.0 if a + d > 0 else 0.0) - (1.0 if a > 0 else 0.0)
+        m_before, gb_before = _cost(rules, x, a)
+        m_after, gb_after = _cost(rules, x, a + d)
+        d_moved += m_after - m_before
+        d_gb += gb_after - gb_before
     return within_budget(rules, state, d_moved, d_gb), d_moved, d_gb
 
 

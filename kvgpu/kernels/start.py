@@ -16,7 +16,8 @@ import numpy as np
 
 from kvgpu.kernels.jit import kernel
 from kvgpu.kernels.cpu import INF, kvprs, max_excluding, sort_desc, top3, fits, safe_div
-from kvgpu.kernels.rules import budget_held, may_place, new_state, place, reset_state
+from kvgpu.kernels.rules import (budget_held, may_place, new_state, place, reset_state, start_gpu, transfer_apply,
+                                 transfer_check)
 from kvgpu.kernels.search import rand_uniform, new_scratch, repair_core, repair_memory, repair_steps
 
 njit = kernel()
@@ -30,19 +31,20 @@ FEASIBLE_RESTARTS, FEASIBLE_STEP_FACTOR = 8, 4
 
 @njit
 def keep_current(rules, rstate, assign):
-    """Re-placement: every item whose current GPU the rules allow (taken in index order, so the
-    first shard of a doubled-up model stays; adapters after every base, so an adapter whose base
-    stays beside it stays too) is kept there; the others get -1."""
-    cur, coloc = rules[4], rules[10]
+    """Re-placement: every item whose start GPU (:func:`kvgpu.kernels.rules.start_gpu`) the rules
+    allow (taken in index order; adapters after every base, so an adapter whose base stays beside
+    it stays too) is kept there; the others get -1."""
+    coloc = rules[10]
     for i in range(assign.shape[0]):
         assign[i] = -1
     for adapters in (False, True):
         for i in range(assign.shape[0]):
             if (coloc.shape[0] > 0 and coloc[i] >= 0) != adapters:
                 continue
-            if cur[i] >= 0 and may_place(rules, rstate, i, cur[i]):
-                assign[i] = cur[i]
-                place(rules, rstate, i, cur[i])
+            g = start_gpu(rules, i)
+            if g >= 0 and may_place(rules, rstate, i, g):
+                assign[i] = g
+                place(rules, rstate, i, g)
 
 
 @njit
@@ -157,6 +159,84 @@ def _overfull(s, M, assign):
     return False
 
 
+#: Free GB (times the memory unit) the repair of full GPUs leaves on every GPU.
+FULL_ROOM = 1e-6
+
+
+@njit
+def _has_full(s, w, M, assign):
+    """Does a GPU with demand have no memory left for its KV cache (KVPR inf)?"""
+    S = np.zeros(M.shape[0])
+    W = np.zeros(M.shape[0])
+    for i in range(s.shape[0]):
+        S[assign[i]] += s[i]
+        W[assign[i]] += w[i]
+    for g in range(M.shape[0]):
+        if W[g] > 0.0 and S[g] >= M[g]:
+            return True
+    return False
+
+
+@njit
+def _unfill(s, w, Mr, rules, rstate, assign):
+    """Greedy first: each GPU with demand and less than ``M - Mr`` free sends its smallest
+    shards (the fewest GB to copy) away, each to the GPU that keeps the most room below ``Mr``
+    among those the rules and the budget allow, until it has room; in place."""
+    n = s.shape[0]
+    G = Mr.shape[0]
+    S = np.zeros(G)
+    W = np.zeros(G)
+    for i in range(n):
+        S[assign[i]] += s[i]
+        W[assign[i]] += w[i]
+    order = np.argsort(s)
+    for g in range(G):
+        for i in order:
+            if not (W[g] > 0.0 and S[g] > Mr[g]):
+                break
+            if assign[i] != g:
+                continue
+            best, room = -1, -1.0
+            for h in range(G):
+                if h == g or S[h] + s[i] > Mr[h]:
+                    continue
+                ok, _, _ = transfer_check(rules, rstate, g, h, i, -1, -1, -1)
+                if ok and Mr[h] - S[h] - s[i] > room:
+                    best, room = h, Mr[h] - S[h] - s[i]
+            if best >= 0:
+                transfer_apply(rules, rstate, g, best, i, -1, -1, -1)
+                assign[i] = best
+                S[g] -= s[i]
+                W[g] -= w[i]
+                S[best] += s[i]
+                W[best] += w[i]
+
+
+@njit
+def _leave_full_gpus(s, w, M, rules, rstate, assign, pos, steps, state, scratch):
+    """A start that keeps GPUs full (a running placement with KVPR inf) sends the search off
+    at an infinite peak, where no single move lowers the max while another GPU stays full.
+    Repair it against memories ``FULL_ROOM`` below the real ones (under the rules and the
+    budget): where that succeeds every GPU keeps room for its KV cache and the peak is finite;
+    where it fails, the start stays as it was.  A greedy pass (:func:`_unfill`) goes first."""
+    if not _has_full(s, w, M, assign):
+        return
+    Mr = np.empty_like(M)
+    for g in range(M.shape[0]):
+        Mr[g] = M[g] - FULL_ROOM * (M[g] if M[g] < 1.0 else 1.0)
+    _unfill(s, w, Mr, rules, rstate, assign)
+    if not _has_full(s, w, Mr, assign):
+        return
+    trial = assign.copy()
+    tpos = pos.copy()
+    n = s.shape[0]
+    if repair_core(s, w, Mr, trial, tpos, INF, steps, state, scratch, rules, rstate, *repair_memory(n), 0, 1) and \
+            not _overfull(s, Mr, trial):
+        assign[:] = trial
+        pos[:] = tpos
+    reset_state(rules, rstate, assign)
+
+
 @njit
 def solve_start(s, w, M, rules, seed, assign, pos):
     """A first placement that keeps the rules, the memory and the budget: ``STARTED``, or
@@ -184,6 +264,7 @@ def solve_start(s, w, M, rules, seed, assign, pos):
         for i in range(n):
             pos[i] = i
         if not _overfull(s, M, assign):
+            _leave_full_gpus(s, w, M, rules, rstate, assign, pos, steps, state, scratch)
             return STARTED
         if repair_core(s, w, M, assign, pos, INF, steps, state, scratch, rules, rstate, *repair_memory(n), 0, 1) and \
                 not _overfull(s, M, assign):

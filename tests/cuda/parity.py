@@ -95,7 +95,7 @@ def _step_kernel():
     def kern(sizes, demand, gpu_mem, n_models, n_gpus, assign, pos, step, fw, iw, e_u8, e_i2, e_i, e_f, used):
         b = cuda.blockIdx.x
         n, G = n_models[b], n_gpus[b]
-        rules = (e_u8, e_i, e_i, e_i, e_i, e_i, e_i, e_f, np.int64(-1), np.inf, e_i)
+        rules = (e_u8, e_i, e_i, e_i, e_i2, e_i, e_i, e_f, np.int64(-1), np.inf, e_i)
         rstate = (e_i2, e_i, e_i, e_i, used[b])
         s, w, M, a, p = sizes[b, :n], demand[b, :n], gpu_mem[b, :G], assign[b, :n], pos[b, :n]
         if step == 0:
