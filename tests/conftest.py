@@ -14,6 +14,16 @@ from kvgpu.problem import make_instance
 DATA = Path(__file__).parent / "data"
 FULL = os.environ.get("KVGPU_FULL") == "1"
 
+# The CUDA tier (tests/cuda) runs only under the CUDA simulator or on a device, with its checks
+# loaded as a plugin (tests/cuda/tier.py); elsewhere the main run skips the folder.
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("KVGPU_CUDA_TIER") == "device":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "cuda"))  # tier.py, parity.py, fake_cupy.py
+    pytest_plugins = ["tier"]
+else:
+    collect_ignore_glob = ["cuda/test_*.py"]
+
 
 def load(name):
     return json.loads((DATA / name).read_text())["cases"]

@@ -3,7 +3,7 @@
 The simulator runs in subprocesses (``NUMBA_ENABLE_CUDASIM=1`` must be set before numba is
 imported, and must not leak into the other tests): the CUDA tier, ``tests/cuda/test_*.py`` (the
 kernels against the numba backend, one check a test, barrier call sites and garbage-filled
-working memory checked on every launch: ``tests/cuda/conftest.py``), is a pytest run of its
+working memory checked on every launch: ``tests/cuda/tier.py``), is a pytest run of its
 own; ``bash bench/gpu_check.sh --simulate`` checks ``solve_batch`` on CuPy arrays of the NumPy
 stand-in (``tests/cuda/fake_cupy.py``) against the numba backend.  Tier 3, a real GPU, is
 ``bash bench/gpu_check.sh``.

@@ -1,5 +1,5 @@
 """The device kernels of the ``cuda`` backend (:mod:`kvgpu.kernels.device`) against the numba CPU
-backend, one check a test, under numba's CUDA simulator (see ``conftest.py``: collected only
+backend, one check a test, under numba's CUDA simulator (see ``tier.py``: collected only
 there or on a device; barrier call sites and garbage-filled working memory checked on every
 simulated launch).  Batches are small: the simulator runs each GPU thread as a Python thread."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numba import cuda, float64
 
-import parity  # tests/cuda/parity.py (conftest.py puts this folder on the path)
+import parity  # tests/cuda/parity.py (tests/conftest.py puts this folder on the path)
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -123,7 +123,7 @@ def test_barrier_checker_counts_every_pass_of_the_device_kernels():
 @pytestmark_sim
 def test_working_memory_starts_as_garbage():
     """The global working rows and the blocks' dynamic shared memory start with random bytes,
-    not zeros (``conftest.py``), so that reading memory before writing it shows up."""
+    not zeros (``tier.py``), so that reading memory before writing it shows up."""
     from kvgpu.kernels import device
 
     fw, iw = device.work_arrays(np, 2, (64, 64))

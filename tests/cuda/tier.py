@@ -1,8 +1,11 @@
-"""The CUDA tier: these tests run the device kernels, so they are collected only where numba's
-CUDA target is set up for them before numba is imported -- under the CUDA simulator
-(``NUMBA_ENABLE_CUDASIM=1``: ``tests/test_cuda_sim.py`` runs this folder so in a subprocess,
-and ``bash bench/gpu_check.sh --simulate``) or on a device (``KVGPU_CUDA_TIER=device``, set by
-``bash bench/gpu_check.sh``).  Elsewhere the folder is skipped by the main test run.
+"""The CUDA tier's pytest plugin: these tests run the device kernels, so they are collected only
+where numba's CUDA target is set up for them before numba is imported -- under the CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``: ``tests/test_cuda_sim.py`` runs this folder so in a
+subprocess, and ``bash bench/gpu_check.sh --simulate``) or on a device
+(``KVGPU_CUDA_TIER=device``, set by ``bash bench/gpu_check.sh``).  Elsewhere the main test run
+skips the folder.  ``tests/conftest.py`` loads this module as a plugin in those runs: a second
+``conftest.py`` here would be imported under the same module name as the root one and hide it
+from the tests that import its helpers.
 
 Under the simulator every launch is checked beyond its results:
 
@@ -18,18 +21,11 @@ Under the simulator every launch is checked beyond its results:
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-DEVICE = os.environ.get("KVGPU_CUDA_TIER") == "device"
-
-if not (SIMULATED or DEVICE):
-    collect_ignore_glob = ["test_*.py"]
-else:
-    sys.path.insert(0, str(Path(__file__).parent))  # parity.py, fake_cupy.py
 
 #: Seed of the garbage that working memory starts with.
 GARBAGE_SEED = 20
