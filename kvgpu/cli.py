@@ -326,13 +326,16 @@ def _show_warning(default):
 
 
 def _sweep_summary(df, ok: str):
-    """Per cluster size, mode and effort: instances, those without a placement, gap (in percent)
-    and time per instance over the placed ones."""
+    """Per cluster size, mode, effort and proof setting: instances, those without a placement,
+    those proven optimal, gap (in percent) and time per instance over the placed ones."""
     placed = df["status"] == ok
-    g = df.assign(gap_pct=100 * df["gap"].where(placed), time_s=df["time_s"].where(placed), failed=~placed)
-    g = g.groupby(["gpus", "mode", "effort"])
-    return g.agg(**{"instances": ("key", "size"), "failed": ("failed", "sum"), "gap_mean_%": ("gap_pct", "mean"),
-                    "gap_worst_%": ("gap_pct", "max"), "s_per_instance": ("time_s", "mean")})
+    df = df if "exact" in df.columns else df.assign(exact="false", proven=False)  # rows written before proofs
+    g = df.assign(gap_pct=100 * df["gap"].where(placed), time_s=df["time_s"].where(placed), failed=~placed,
+                  proven=df["proven"].fillna(False).astype(bool))
+    g = g.groupby(["gpus", "mode", "effort", "exact"])
+    return g.agg(**{"instances": ("key", "size"), "failed": ("failed", "sum"), "proven": ("proven", "sum"),
+                    "gap_mean_%": ("gap_pct", "mean"), "gap_worst_%": ("gap_pct", "max"),
+                    "s_per_instance": ("time_s", "mean")})
 
 
 def main(argv=None) -> int:

@@ -121,6 +121,10 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
             raise InvalidInstance("effort, patience and seed (--effort, --patience, --seed) steer search mode; mode "
                                   "'seed' runs the seed pipeline alone (drop them, or use mode 'search')")
         effort = 0
+    if objective == "lex" and decompose:
+        raise InvalidInstance("objective 'lex' (--objective lex) balances one cluster searched whole; decompose=True "
+                              "(--decompose on) searches groups in the seed's order (max, second, mean): drop one "
+                              "of them")
     objective = _objective_of(objective, mode, effort)
     decomposition.check(decompose, mode=mode, rules=False, dask=dask is not None)
     used = backends.resolve(backend)

@@ -68,7 +68,10 @@ KEYS = ("gpus", *DEFAULTS)
 NOT_SWEPT = {"reserve_gb": "(GB kept off each GPU) is a cluster field of model files",
              "nodes": "(GPU ids per node) is a cluster field of model files",
              "gpus_per_node": "(nodes of consecutive GPUs) is a cluster field of model files",
-             "overhead_gb": "(engine overhead per model) is a model field of model files"}
+             "overhead_gb": "(engine overhead per model) is a model field of model files",
+             "out_of_service": "(GPUs no model may use) is a cluster field of model files",
+             "colocate_with": "(an adapter beside its base model) is a model field of model files",
+             "node": "(a model kept inside one node) is a model field of model files"}
 #: Sizes are scaled down so that the models use at most this share of the cluster's memory.
 MAX_FILL = 0.95
 

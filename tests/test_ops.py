@@ -194,7 +194,7 @@ def test_size_refuses_a_model_rule_it_cannot_see(monkeypatch):
         kvgpu.size([dict(BIG[0], same_node=False)], 0.1)
 
 
-@pytest.mark.parametrize("field", [*cluster.RULES, "overhead_gb"])
+@pytest.mark.parametrize("field", [*cluster.RULES, "overhead_gb", "out_of_service", "colocate_with", "node"])
 def test_sweep_refuses_file_fields_by_name(field):
     assert field in sweep.NOT_SWEPT
     with pytest.raises(kvgpu.InvalidInstance, match=f"'{field}' .*a sweep draws plain instances"):
