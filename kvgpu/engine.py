@@ -91,7 +91,7 @@ class Options:
     def proof_works(self, n_items: np.ndarray) -> np.ndarray:
         """(B,) int64: :meth:`proof_work` of each instance of a batch (``n_items`` (B,) int), so
         that ``exact=None`` proves a batch's small instances whatever the size of the others."""
-        return np.array([self.proof_work(int(n)) for n in n_items], np.int64)
+        return np.array([self.proof_work(int(n)) for n in np.atleast_1d(n_items)], np.int64)
 
 
 def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, patience=None, seed=0,
@@ -208,11 +208,11 @@ def _pack_unseeded(batch: Batch, bad: np.ndarray, opts: Options, status: np.ndar
     return a, p
 
 
-def _compile_first(opts: Options, B: int, n_items: np.ndarray) -> None:
+def _compile_first(opts: Options, B: int, n_items) -> None:
     """Every numba kernel group the run will use, compiled side by side up front on a first run
     (:func:`kvgpu.warmup.ensure`), not one after the other as the run reaches them.  The cuda
     backend uses CPU kernels only for a proof (and, rarely, to pack what its seed did not: those
-    compile when needed)."""
+    compile when needed).  ``n_items``: the items of each instance ((B,) int, or one int)."""
     on_cpu = opts.backend != "cuda"
     groups = (["seed"] if opts.backend == "numba" else []) + (["search"] if opts.effort and on_cpu else [])
     groups += ["exact"] if opts.proof_works(n_items).any() else []

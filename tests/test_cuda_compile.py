@@ -27,10 +27,12 @@ LINE = re.compile(r"gpu-compile: kernels (\d+)/(\d+), max registers (\d+), spill
 #: registers a thread, spill bytes (stores + loads) and stack frame bytes, per kernel.  The
 #: seed and search kernels are at the 255-register cap and spill (occupancy 12.5% at one warp
 #: a block); a change that makes them spill more fails here -- lower the budget when a
-#: change lowers the figures.
+#: change lowers the figures.  Raised once, knowingly, when the rules tuple grew (co-location's
+#: 11th field, each item's model's running GPUs in ``cur``): seed stack 648 -> 664 B, search
+#: spill 7,292 -> 8,232 B and stack 832 -> 896 B (the larger of sm_80 / sm_90).
 BUDGET = {
-    "seed": dict(registers=255, spill=1288 + 3544, stack=648),
-    "improve": dict(registers=255, spill=1576 + 5716, stack=832),
+    "seed": dict(registers=255, spill=1288 + 3544, stack=664),
+    "improve": dict(registers=255, spill=8232, stack=896),
     "finish": dict(registers=222, spill=0, stack=0),
     "probe": dict(registers=16, spill=0, stack=0),
 }

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvgpu.kernels.deltas import fmul
 from kvgpu.kernels.jit import kernel
 
 _inline = kernel(inline=True)
@@ -142,7 +143,7 @@ def _cost(rules, i, away):
     copied = away - max(0, rules[6][i] - running)
     if copied <= 0:
         return 0.0, 0.0
-    return 1.0, copied * rules[7][i]
+    return 1.0, fmul(float(copied), rules[7][i])  # rounded: the device never fuses it into the budget's sums
 
 
 @_inline
