@@ -332,7 +332,9 @@ def test_cli_sweep_prints_gap_in_percent_and_counts_failed_rows(tmp_path):
     df = sweep.read(tmp_path / "r.parquet")
     summary = cli._sweep_summary(df, sweep.OK)
     first = df[(df["gpus"] == 5) & (df["mode"] == "seed")]
-    assert summary.loc[(5, "seed", 0), "gap_mean_%"] == pytest.approx(100 * first["gap"].mean())
+    # one row per cluster size, mode, effort and proof setting (seed mode proves nothing unless asked)
+    assert summary.loc[(5, "seed", 0, "false"), "gap_mean_%"] == pytest.approx(100 * first["gap"].mean())
+    assert summary.loc[(5, "seed", 0, "false"), "proven"] == int(first["proven"].sum())
     out = subprocess.run([sys.executable, "-m", "kvgpu.cli", "sweep", str(CASE_09), "--out",
                           str(tmp_path / "f.parquet"), "--no-progress"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
