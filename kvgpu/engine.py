@@ -286,11 +286,10 @@ def solve_batch_plain(batch: Batch, opts: Options, infeasible: str = "raise",
 
 
 def _proven(certified: np.ndarray, max_kvpr: np.ndarray, lb: np.ndarray) -> np.ndarray:
-    """(B,) bool: the exact search ran (``certified``) and its bound meets the answer."""
-    from kvgpu.kernels.exact import RTOL
-
+    """(B,) bool: the exact search ran (``certified``) and its bound meets the answer
+    (:func:`is_optimal`, element by element; NaN figures of unplaced instances are not)."""
     with np.errstate(invalid="ignore"):
-        return certified & (max_kvpr <= lb * (1.0 + RTOL))
+        return certified & is_optimal(max_kvpr, lb)
 
 
 def _solve_on_device(batch: Batch, opts: Options, infeasible: str) -> BatchResult:
@@ -423,7 +422,7 @@ def _solve_decomposed(batch: Batch, opts: Options, big: np.ndarray, infeasible: 
         out.assignment[b, mi] = np.where(a[0, :mi.shape[0]] >= 0, gi[np.maximum(a[0, :mi.shape[0]], 0)], -1)
         out.kvpr[b, gi], out.max_kvpr[b], out.lower_bound[b] = k[0, :gi.shape[0]], m[0], lo[0]
         out.status[b] = st[0]
-    out.backend = "+".join(sorted(set("+".join(sorted(engines)).split("+")), key=["numpy", "cuda", "numba"].index))
+    out.backend = _merge_engines(*engines)
     failed = np.nonzero(out.status != "ok")[0]
     if failed.size and infeasible == "raise":
         raise _not_placed(out.status, failed, opts.mode)
@@ -614,10 +613,16 @@ def _order_used(opts: Options, decomposed: bool) -> str:
     return ORDER_WORDS["lex" if _balances(opts, decomposed) else "seed"]
 
 
+def _merge_engines(*engines: str) -> str:
+    """Engine names such as "numpy+cuda" and "numba" as one, each once, in the order the
+    backend field lists them (numpy, cuda, numba)."""
+    names = {e for group in engines for e in group.split("+")}
+    return "+".join(sorted(names, key=["numpy", "cuda", "numba"].index))
+
+
 def _with_numba(engines: str) -> str:
     """``engines`` ("numpy+cuda", ...) with "numba" added: the balancing passes ran there."""
-    names = set(engines.split("+")) | {"numba"}
-    return "+".join(sorted(names, key=["numpy", "cuda", "numba"].index))
+    return _merge_engines(engines, "numba")
 
 
 def _alone_bound(s, w, M, allowed, free) -> float:
