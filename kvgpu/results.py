@@ -238,6 +238,25 @@ class Placement:
             out[g].append(self.problem.items.objects[i])
         return out
 
+    def kv_split(self) -> np.ndarray:
+        """GB of KV cache each item gets where the engines on a GPU each keep their own KV pool
+        (no shared pool, as separate vLLM / SGLang processes): the GPU's free memory split in
+        proportion to demand, so every engine on the GPU sees the GPU's own KV pressure
+        (``demand_i / kv_i == kvpr[g]``).  On a GPU with no demand at all the free memory is
+        split evenly (no pressure to equalise).
+
+        Returns
+        -------
+        kv_gb : (n,) float64, GB -- per item (shard or replica), input order; 0 where the GPU
+            has no memory left for the KV cache.
+        """
+        g = self.assignment
+        free = np.maximum(self.kv_free, 0.0)[g]
+        on_gpu = np.bincount(g, minlength=self.problem.n_gpus)[g]
+        total = self.demand[g]
+        share = np.divide(self.instance.demand, total, out=1.0 / on_gpu, where=total > 0)
+        return free * share
+
     def _members(self) -> list[list[int]]:
         """The items of every GPU, in input order (one pass, not one per GPU)."""
         out: list[list[int]] = [[] for _ in range(self.problem.n_gpus)]

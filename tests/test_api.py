@@ -109,3 +109,22 @@ def test_solve_batch_with_holes_in_the_masks():
         assert (res.assignment[b, ~mm[b]] == -1).all()
         assert close(res.max_kvpr[b], one.max_kvpr)
         assert np.isnan(res.kvpr[b, ~gm[b]]).all()
+
+
+def test_kv_split_gives_every_engine_its_gpus_pressure():
+    # three models on two GPUs, one a tp=2 model: each item's KV share over its demand is its
+    # GPU's KVPR, the shares fill the GPU's free memory, and a GPU without demand splits evenly
+    models = [{"name": "a", "size": 10, "req_rate": 3, "slo": 1}, {"name": "b", "size": 20, "req_rate": 1, "slo": 1},
+              {"name": "c", "size": 30, "req_rate": 2, "slo": 1, "tp": 2}, {"name": "idle", "size": 5, "req_rate": 0, "slo": 1}]
+    p = kvgpu.solve(models, gpus=3, gpu_mem=80)
+    kv = p.kv_split()
+    for g in range(3):
+        on = p.assignment == g
+        if not on.any():
+            continue
+        assert kv[on].sum() == pytest.approx(p.kv_free[g])
+        d = p.instance.demand[on]
+        if p.demand[g] > 0:
+            np.testing.assert_allclose(kv[on] * p.kvpr[g], d, rtol=1e-12, atol=1e-15)
+        else:
+            np.testing.assert_allclose(kv[on], p.kv_free[g] / on.sum())
