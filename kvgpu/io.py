@@ -150,12 +150,12 @@ def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
     text = read_text(path)
     if suffix == ".csv":
         rows, where = _csv_rows(text, name)
-        return model_specs(rows, where), {}
+        return model_specs(rows, where, base_dir=Path(path).parent), {}
     data, lines = _json_document(text, name) if suffix == ".json" else _yaml_document(text, name)
-    return _document(data, lines, name)
+    return _document(data, lines, name, Path(path).parent)
 
 
-def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dict]:
+def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None) -> tuple[list[ModelSpec], dict]:
     options: dict = {}
     if isinstance(data, dict):
         _no_duplicate(data, name)
@@ -189,7 +189,7 @@ def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dic
     where = [f"{name}, line {at[i]}, model {i}" if at else f"{name}, model {i}" for i in range(len(models))]
     for w, m in zip(where, models):
         _no_duplicate(m, w)
-    return model_specs(models, where), options
+    return model_specs(models, where, base_dir=base_dir), options
 
 
 def _at(name: str, lines: _Lines, key: Any) -> str:
