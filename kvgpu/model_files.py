@@ -104,11 +104,12 @@ def read(ref: str, where: str, *, tp: int = 1, kv_cache_dtype: str | None = None
     InvalidInstance -- naming the model, the path and what is missing or not understood.
     """
     folder = find_folder(ref, where, base_dir)
+    where = f"{where}: hf {ref!r}"
     config = read_config(folder, where)
     nbytes, how = weights_bytes(folder, config, where)
     kv, note = None, ""
     try:
-        kv = tp * kv_bytes_per_shard(config, tp, kv_cache_dtype, f"{where}: {folder / 'config.json'}")
+        kv = tp * kv_bytes_per_shard(config, tp, kv_cache_dtype, f"{where}: {_p(folder / 'config.json')}")
         note = "config.json: layers x KV heads x head_dim x KV dtype"
     except _Unsupported as e:
         note = str(e)
@@ -140,7 +141,7 @@ def find_folder(ref: str, where: str, base_dir: str | Path | None = None) -> Pat
     if path.is_dir():
         return path
     if text.startswith(("/", ".", "~")) or not _REPO_ID.match(text):
-        raise InvalidInstance(f"{where}: hf {ref!r}: no such folder ({path})"
+        raise InvalidInstance(f"{where}: hf {ref!r}: no such folder ({_p(path)})"
                               + ("" if text.startswith(("/", ".", "~")) else
                                  " and not a Hugging Face repo id (owner/name)"))
     return _cached_snapshot(text, where)
@@ -149,7 +150,7 @@ def find_folder(ref: str, where: str, base_dir: str | Path | None = None) -> Pat
 def _cached_snapshot(repo_id: str, where: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
     except ImportError:  # the optional extra is missing: say which
         raise InvalidInstance(f"{where}: hf {repo_id!r} is a Hugging Face repo id, and reading the local cache "
                               f"needs huggingface_hub (pip install 'kvgpu[hf]'); or give the model's folder") from None
@@ -157,20 +158,34 @@ def _cached_snapshot(repo_id: str, where: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise InvalidInstance(f"{where}: hf {repo_id!r} is not in the local Hugging Face cache ({cache}); kvgpu "
+        raise InvalidInstance(f"{where}: hf {repo_id!r} is not in the local Hugging Face cache ({_p(cache)}); kvgpu "
                               f"never downloads: fetch it first (huggingface-cli download {repo_id} --include "
                               f"'*.json'), set HF_HUB_CACHE, or give the model's folder") from None
+    except HFValidationError as e:
+        raise InvalidInstance(f"{where}: hf {repo_id!r} is not a valid Hugging Face repo id ({_first_line(e)})") from None
+
+
+def _p(path: Path | str) -> str:
+    """A path for a message, on one line (a name with a line break is escaped)."""
+    from kvgpu.results import printable  # results imports this module: import when used
+    return printable(str(path))
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message on one line (kvgpu's errors are one line: the CLI prints them so)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _json(path: Path, where: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InvalidInstance(f"{where}: {path} is missing") from None
+        raise InvalidInstance(f"{where}: {_p(path)} is missing") from None
     except (OSError, ValueError) as e:
-        raise InvalidInstance(f"{where}: {path} cannot be read as JSON ({e})") from None
+        raise InvalidInstance(f"{where}: {_p(path)} cannot be read as JSON ({_first_line(e)})") from None
     if not isinstance(data, dict):
-        raise InvalidInstance(f"{where}: {path} must hold a JSON object, got {type(data).__name__}")
+        raise InvalidInstance(f"{where}: {_p(path)} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -193,13 +208,13 @@ def weights_bytes(folder: Path, config: dict, where: str) -> tuple[float, str]:
         data = _json(index, where)
         total = (data.get("metadata") or {}).get("total_size") if isinstance(data.get("metadata"), dict) else None
         if isinstance(total, bool) or not isinstance(total, (int, float)) or not total > 0:
-            raise InvalidInstance(f"{where}: {index} has no metadata.total_size (bytes of weights), got {total!r}")
+            raise InvalidInstance(f"{where}: {_p(index)} has no metadata.total_size (bytes of weights), got {total!r}")
         return float(total), f"{index.name}: metadata.total_size"
     files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if files:
         return float(sum(_header_bytes(f, where) for f in files)), \
-            f"safetensors headers of {', '.join(f.name for f in files)}"
-    return parameter_bytes(config, f"{where}: {folder / 'config.json'} (no safetensors in {folder})")
+            f"safetensors headers of {', '.join(_p(f.name) for f in files)}"
+    return parameter_bytes(config, f"{where}: {_p(folder / 'config.json')} (no safetensors in {_p(folder)})")
 
 
 def _header_bytes(path: Path, where: str) -> float:
@@ -207,7 +222,7 @@ def _header_bytes(path: Path, where: str) -> float:
     try:
         from safetensors import safe_open
     except ImportError:
-        raise InvalidInstance(f"{where}: reading {path.name} needs safetensors (pip install 'kvgpu[hf]')") from None
+        raise InvalidInstance(f"{where}: reading {_p(path.name)} needs safetensors (pip install 'kvgpu[hf]')") from None
     total = 0.0
     try:
         with safe_open(str(path), framework="numpy") as f:
@@ -215,13 +230,13 @@ def _header_bytes(path: Path, where: str) -> float:
                 t = f.get_slice(name)
                 dtype = t.get_dtype()
                 if dtype not in SAFETENSORS_BYTES:
-                    raise InvalidInstance(f"{where}: {path}: tensor {name!r} has dtype {dtype!r}, whose size "
+                    raise InvalidInstance(f"{where}: {_p(path)}: tensor {name!r} has dtype {dtype!r}, whose size "
                                           f"kvgpu does not know ({', '.join(SAFETENSORS_BYTES)})")
                 total += math.prod(t.get_shape()) * SAFETENSORS_BYTES[dtype]
     except InvalidInstance:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
-        raise InvalidInstance(f"{where}: {path} cannot be read as safetensors ({e})") from None
+        raise InvalidInstance(f"{where}: {_p(path)} cannot be read as safetensors ({_first_line(e)})") from None
     return total
 
 

@@ -156,7 +156,7 @@ def test_missing_files_and_fields_are_named(tmp_path, monkeypatch):
     config = json.loads((d / "config.json").read_text())
     del config["torch_dtype"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidInstance, match="config.json: torch_dtype is missing"):
+    with pytest.raises(InvalidInstance, match=r"config.json .*: torch_dtype is missing"):
         mf.read(str(d), "m")
     config["torch_dtype"] = "int7"
     (d / "config.json").write_text(json.dumps(config))
@@ -287,3 +287,20 @@ def test_every_cli_entry_point_reads_models_by_name(tmp_path):
     f.write_text("models:\n  - {name: gone, hf: ./nowhere, req_rate: 1, slo: 1}\n")
     out = _cli("solve", str(f), "--gpus", "1")
     assert out.returncode == 2 and "line 2, model 0 ('gone'): hf './nowhere': no such folder" in out.stderr
+
+
+def test_csv_output_has_kv_tokens_only_when_known(tmp_path):
+    import csv
+
+    from kvgpu.io import KV_TOKENS_COLUMN, MODEL_COLUMNS, write_placement
+    p = kvgpu.solve([{"name": "llama", "hf": str(HF / "llama3"), "req_rate": 1, "slo": 1},
+                     {"name": "plain", "size": 20, "req_rate": 1, "slo": 1}], gpus=1)
+    write_placement(p, tmp_path / "p.csv")
+    write_placement(p, tmp_path / "p.json")
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    gpu = json.loads((tmp_path / "p.json").read_text())["gpus"][0]
+    assert list(rows[0])[:len(MODEL_COLUMNS) + 1] == [*MODEL_COLUMNS, KV_TOKENS_COLUMN]
+    assert [r[KV_TOKENS_COLUMN] for r in rows] == [str(gpu["kv_tokens"][0]), ""]  # empty, not 0
+    plain = kvgpu.solve([{"size": 20, "req_rate": 1, "slo": 1}], gpus=1)
+    write_placement(plain, tmp_path / "q.csv")
+    assert KV_TOKENS_COLUMN not in (tmp_path / "q.csv").read_text().splitlines()[0]
