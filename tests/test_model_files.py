@@ -304,3 +304,32 @@ def test_csv_output_has_kv_tokens_only_when_known(tmp_path):
     plain = kvgpu.solve([{"size": 20, "req_rate": 1, "slo": 1}], gpus=1)
     write_placement(plain, tmp_path / "q.csv")
     assert KV_TOKENS_COLUMN not in (tmp_path / "q.csv").read_text().splitlines()[0]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(1, 30), st.floats(0, 5), st.sampled_from([1, 2]),
+                          st.one_of(st.none(), st.sampled_from([57344.0, 131072.0, 344064.0]))),
+                min_size=1, max_size=5))
+def test_kv_tokens_fill_each_gpu_in_proportion_to_demand(rows):
+    """On every GPU the engines' tokens x bytes per token use its free memory (to a token each,
+    rounding down), each engine's share in proportion to its demand; unknown bytes give NaN."""
+    models = [{"size": s, "req_rate": r, "slo": 1, "tp": tp, "kv_bytes_per_token": kv} for s, r, tp, kv in rows]
+    p = kvgpu.solve(models, gpus=3, gpu_mem=80)
+    tokens, split = p.kv_tokens(), p.kv_split()
+    per_shard = np.array([np.nan if rows[m][3] is None else rows[m][3] / rows[m][2] for m in p.model_of.tolist()])
+    assert np.array_equal(np.isnan(tokens), np.isnan(per_shard))
+    known = ~np.isnan(per_shard)
+    used = tokens[known] * per_shard[known]
+    assert np.all(used <= split[known] * 1e9) and np.all(split[known] * 1e9 - used < per_shard[known])
+    for g in range(p.problem.n_gpus):
+        on = p.assignment == g
+        if not on.any():
+            continue
+        assert split[on].sum() == pytest.approx(max(p.kv_free[g], 0.0), rel=1e-9, abs=1e-9)
+        demand = p.instance.demand[on]
+        if demand.sum() > 0:
+            assert split[on] == pytest.approx(max(p.kv_free[g], 0.0) * demand / demand.sum(), rel=1e-9, abs=1e-9)
