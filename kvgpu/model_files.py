@@ -241,7 +241,8 @@ def _header_bytes(path: Path, where: str) -> float:
 
 
 def _int(config: dict, key: str, where: str, default: Any = None) -> int:
-    v = config.get(key, default)
+    v = config.get(key)
+    v = default if v is None else v  # transformers reads a null as "use the default"
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise InvalidInstance(f"{where}: {key!r} must be a whole number >= 0"
                               + (" (missing)" if key not in config else f", got {v!r}"))
