@@ -52,7 +52,8 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
     optionally a name, ``tp``, ``replicas``, ``pin``, ``forbid``, ``cur_gpu_id``, ``overhead_gb``,
-    ``same_node``, ``node``, ``colocate_with``), a pandas DataFrame with those columns, an (N, 3)
+    ``same_node``, ``node``, ``colocate_with``; ``hf`` -- the model's files -- instead of the
+    size, :mod:`kvgpu.model_files`), a pandas DataFrame with those columns, an (N, 3)
     array, or any iterable of them.  The cluster: ``nodes`` (lists of GPU ids) or
     ``gpus_per_node`` keep each model's tp shards inside one node; ``reserve_gb`` (a number or
     one per GPU) is kept off each GPU for the serving engine; ``out_of_service`` (GPU ids) are

@@ -346,8 +346,9 @@ class _Items:
 #: Model fields the sizing sees (its bounds and every solver call); any other rule a model sets
 #: is refused by name (:func:`_unsized_rule`), never dropped.
 SIZED_FIELDS = ("size", "req_rate", "slo", "tp", "replicas", "overhead_gb", "same_node")
-#: Model fields that are not rules (who the model is).
-_IDENTITY = ("index", "where", "name", "obj")
+#: Model fields that are not rules (who the model is; where its size came from -- already in
+#: ``size`` -- and its KV bytes per token, which only the outputs' token counts use).
+_IDENTITY = ("index", "where", "name", "obj", "hf", "kv_cache_dtype", "kv_bytes_per_token")
 #: Rules that name GPU ids, with their key in a model file.
 _GPU_ID_RULES = {"pin": "pin", "forbid": "forbid", "cur_gpu": "cur_gpu_id"}
 

@@ -150,12 +150,12 @@ def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
     text = read_text(path)
     if suffix == ".csv":
         rows, where = _csv_rows(text, name)
-        return model_specs(rows, where), {}
+        return model_specs(rows, where, base_dir=Path(path).parent), {}
     data, lines = _json_document(text, name) if suffix == ".json" else _yaml_document(text, name)
-    return _document(data, lines, name)
+    return _document(data, lines, name, Path(path).parent)
 
 
-def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dict]:
+def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None) -> tuple[list[ModelSpec], dict]:
     options: dict = {}
     if isinstance(data, dict):
         _no_duplicate(data, name)
@@ -189,7 +189,7 @@ def _document(data: Any, lines: _Lines, name: str) -> tuple[list[ModelSpec], dic
     where = [f"{name}, line {at[i]}, model {i}" if at else f"{name}, model {i}" for i in range(len(models))]
     for w, m in zip(where, models):
         _no_duplicate(m, w)
-    return model_specs(models, where), options
+    return model_specs(models, where, base_dir=base_dir), options
 
 
 def _at(name: str, lines: _Lines, key: Any) -> str:
@@ -488,6 +488,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 MODEL_COLUMNS = {"model": "the model's name", "gpu": "the GPU id it is placed on",
                  "model_gb": "GB it takes on that GPU: size / tp + overhead_gb",
                  "model_demand": "its demand there: req_rate / slo / (tp x replicas)"}
+#: The column after :data:`MODEL_COLUMNS` when some model's KV bytes per token are known (empty
+#: for the others): tokens of KV cache it holds there (``Placement.kv_tokens``), the entry of the
+#: JSON's ``gpus[gpu]["kv_tokens"]`` for that model.
+KV_TOKENS_COLUMN = "kv_tokens"
 #: The CSV's columns about the row's GPU: ``gpu_X`` is the JSON's ``gpus[gpu]["X"]``, one
 #: meaning per name in every format (``memory_gb`` is the GPU's whole memory, reserve included).
 GPU_COLUMNS = ("memory_gb", "reserved_gb", "models_gb", "kv_free_gb", "demand", "kvpr")
@@ -495,14 +499,17 @@ GPU_COLUMNS = ("memory_gb", "reserved_gb", "models_gb", "kv_free_gb", "demand", 
 
 def placement_rows(placement) -> list[dict]:
     """One row per model (per shard / replica of a split model), in input order: the
-    :data:`MODEL_COLUMNS`, then ``gpu_X`` for each ``X`` of :data:`GPU_COLUMNS`, the same value
+    :data:`MODEL_COLUMNS` (and :data:`KV_TOKENS_COLUMN` when known), then ``gpu_X`` for each ``X`` of :data:`GPU_COLUMNS`, the same value
     as the JSON's ``gpus[gpu]["X"]`` (floats; KVPR may be ``inf``)."""
     inst = placement.instance
     per_gpu = placement.gpu_rows()
+    tokens = placement.kv_tokens() if any(s.kv_bytes_per_token is not None for s in placement.problem.specs) else None
     rows = []
     for i, g in enumerate(placement.assignment.tolist()):
         row = {"model": placement._name(i), "gpu": g, "model_gb": float(inst.sizes[i]),
                "model_demand": float(inst.demand[i])}
+        if tokens is not None:
+            row[KV_TOKENS_COLUMN] = None if tokens[i] != tokens[i] else int(tokens[i])  # NaN: not known
         row.update({f"gpu_{k}": per_gpu[g][k] for k in GPU_COLUMNS})
         rows.append(row)
     return rows
@@ -521,6 +528,7 @@ def write_placement(placement, path: str | Path) -> None:
             json.dump(placement.to_dict(), f, indent=1, allow_nan=False)
         else:
             rows = placement_rows(placement)
-            w = csv.DictWriter(f, fieldnames=[*MODEL_COLUMNS, *(f"gpu_{k}" for k in GPU_COLUMNS)])
+            kv = [KV_TOKENS_COLUMN] if rows and KV_TOKENS_COLUMN in rows[0] else []
+            w = csv.DictWriter(f, fieldnames=[*MODEL_COLUMNS, *kv, *(f"gpu_{k}" for k in GPU_COLUMNS)])
             w.writeheader()
             w.writerows(rows)

@@ -20,12 +20,16 @@ from kvgpu._namespace import get_namespace
 from kvgpu.errors import KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
 from kvgpu.kernels.params import OPTIMAL_RTOL
+from kvgpu.model_files import GB as KV_BYTES_PER_GB
 from kvgpu.problem import Problem
 
 #: Tables list every GPU up to this many; beyond, the GPUs without models are summed up in a line.
 TABLE_ALL_GPUS = 64
 #: How the unit of KVPR reads in tables and JSON.
 KVPR_UNIT = "req/s per s of SLO per GB of KV cache"
+#: What ``kv_tokens`` in JSON means.
+KV_TOKENS_UNIT = ("tokens of KV cache per model on the GPU: its engine's share of the GPU's free memory "
+                  "(in proportion to demand, Placement.kv_split) x 1e9 / its KV bytes per token per shard")
 #: How a result names the order its placements were searched in (``objective``).
 ORDER_WORDS = {"lex": "lex: sorted GPU KVPRs, largest first", "seed": "seed: (max, second, mean)"}
 
@@ -63,6 +67,16 @@ def printable(name: str) -> str:
     if name.isprintable():
         return name
     return repr(name)[1:-1]
+
+
+def token_words(n: float) -> str:
+    """A token count in three significant digits (``"412k"``, ``"1.23M"``; below 10,000 in
+    full), as context lengths are quoted."""
+    if n >= 999_500:
+        return f"{n / 1e6:.3g}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.3g}k"
+    return f"{n:,.0f}"
 
 
 def percent(gap: float) -> str:
@@ -257,6 +271,20 @@ class Placement:
         share = np.divide(self.instance.demand, total, out=1.0 / on_gpu, where=total > 0)
         return free * share
 
+    def kv_tokens(self) -> np.ndarray:
+        """Tokens of KV cache each item's engine holds: its GB of :meth:`kv_split` over its KV
+        bytes per token on one shard (the model's ``kv_bytes_per_token / tp``), rounded down.
+
+        Returns
+        -------
+        tokens : (n,) float64 -- per item, input order; NaN where the model's KV bytes per
+            token are not known (no ``hf`` nor ``kv_bytes_per_token``).
+        """
+        specs = self.problem.specs
+        per_shard = np.array([np.nan if specs[m].kv_bytes_per_token is None else specs[m].kv_bytes_per_token / specs[m].tp
+                              for m in self.model_of.tolist()], dtype=np.float64)
+        return np.floor(self.kv_split() * KV_BYTES_PER_GB / per_shard)
+
     def _members(self) -> list[list[int]]:
         """The items of every GPU, in input order (one pass, not one per GPU)."""
         out: list[list[int]] = [[] for _ in range(self.problem.n_gpus)]
@@ -288,13 +316,17 @@ class Placement:
         """Plain-JSON form: per-GPU rows and the summary figures, with units."""
         p = self.problem
         gpus = []
+        tokens = self._known_tokens()
         for g, (row, idx) in enumerate(zip(self.gpu_rows(), self._members())):
             gpus.append({"gpu": g, **row, "kvpr": json_float(row["kvpr"]), "models": [self._name(i) for i in idx]})
+            if tokens is not None:  # aligned with "models"; null where a model's KV bytes are not known
+                gpus[-1]["kv_tokens"] = [None if np.isnan(tokens[i]) else int(tokens[i]) for i in idx]
         out = {"max_kvpr": json_float(self.max_kvpr), "lower_bound": json_float(self.lower_bound),
                "gap": json_float(self.gap), "proven_optimal": self.proven_optimal, "status": self.status,
                "bound_scope": self.bound_scope,
                "units": {"kvpr": KVPR_UNIT, "demand": "req_rate / slo (req/s per s of SLO)", "memory": "GB",
-                         "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum"},
+                         "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum",
+                         **({"kv_tokens": KV_TOKENS_UNIT} if tokens is not None else {})},
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
                "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus,
                "decomposed": self.decomposed, "objective": self.objective}
@@ -318,13 +350,14 @@ class Placement:
         rows = [f"KVPR = demand / GB left for the KV cache ({KVPR_UNIT}); demand = req_rate / slo", head]
         worst = int(np.argmax(self.kvpr)) if self.kvpr.size else -1
         members = self._members()
+        tokens = self._known_tokens()
         idle = [g for g, idx in enumerate(members) if not idx] if p.n_gpus > TABLE_ALL_GPUS else []
         for g, idx in enumerate(members):
             if idle and not idx:
                 continue
             rows.append(f"{g:>4} {p.memory[g]:>7.1f} " + (f"{p.reserve[g]:>7.1f} " if reserve else "")
                         + f"{self.used[g]:>9.1f} {max(self.kv_free[g], 0.0):>10.1f} {self.demand[g]:>9.4f} "
-                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx)}"
+                        f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx, tokens)}"
                         + (" (out of service)" if g in p.out_of_service else ""))
         if idle:
             rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
@@ -339,9 +372,18 @@ class Placement:
                     + ("" if self.bound_scope == "every placement" else f"; bound: {self.bound_scope}") + ")")
         return "\n".join(rows)
 
-    def _names_of(self, idx) -> str:
-        """The names of items ``idx`` as a table shows them (escaped: one line, see :func:`printable`)."""
-        return ", ".join(printable(self._name(i)) for i in idx)
+    def _names_of(self, idx, tokens=None) -> str:
+        """The names of items ``idx`` as a table shows them (escaped: one line, see
+        :func:`printable`), each followed by its KV cache in tokens where ``tokens`` (per item,
+        NaN: not known) knows it."""
+        return ", ".join(printable(self._name(i)) + ("" if tokens is None or np.isnan(tokens[i]) else
+                                                      f" ({token_words(tokens[i])} KV tokens)") for i in idx)
+
+    def _known_tokens(self) -> np.ndarray | None:
+        """:meth:`kv_tokens`, or None when no model's KV bytes per token are known."""
+        if all(s.kv_bytes_per_token is None for s in self.problem.specs):
+            return None
+        return self.kv_tokens()
 
     def _replan_lines(self) -> str:
         lines = []

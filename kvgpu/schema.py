@@ -31,12 +31,14 @@ import difflib
 import fractions
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
+from kvgpu import model_files
 from kvgpu.errors import InvalidInstance
 
 #: Most GPUs one instance may have.
@@ -78,13 +80,17 @@ KEYS: dict[str, tuple[str, ...]] = {
     "same_node": ("same_node",),
     "node": ("node",),
     "colocate_with": ("colocate_with",),
+    "hf": ("hf",),
+    "kv_cache_dtype": ("kv_cache_dtype",),
+    "kv_bytes_per_token": ("kv_bytes_per_token",),
 }
 _FIELD_OF_KEY = {k: f for f, keys in KEYS.items() for k in keys}
 _REQUIRED = ("size", "req_rate", "slo")
 # keys that are no typo of a known key but mean one: a hint instead of difflib's guess
 _HINTS = {"gpu_count": "tp", "tensor_parallel": "tp", "tp_degree": "tp", "num_gpus": "tp",
           "cur_gpu": "cur_gpu_id", "gpu": "pin", "gpu_id": "pin", "base_model": "colocate_with",
-          "colocate": "colocate_with", "node_id": "node"}
+          "colocate": "colocate_with", "node_id": "node", "model_path": "hf", "repo_id": "hf",
+          "kv_dtype": "kv_cache_dtype"}
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,14 @@ class ModelSpec:
     colocate_with : str or None
         The name of another model (e.g. the base of a LoRA adapter): this model must sit on a
         GPU that holds a shard or replica of it; None: no such rule.
+    hf : str or None
+        The model's files: a local folder or a Hugging Face repo id in the local cache
+        (:mod:`kvgpu.model_files`); ``size`` and ``kv_bytes_per_token`` were read from them.
+    kv_cache_dtype : str or None
+        The KV cache's dtype for ``hf`` (``auto``: the model's torch_dtype; ``fp8``, ``bf16``, ...).
+    kv_bytes_per_token : float or None
+        Bytes of KV cache one token takes in one replica, all its tp shards together (each
+        shard holds ``1/tp`` of it), > 0; None: not known (no token counts in the output).
     obj : Any
         The caller's own object or row (what ``Placement.by_gpu`` returns); not compared.
 
@@ -150,6 +164,9 @@ class ModelSpec:
     same_node: bool | None = None
     node: int | None = None
     colocate_with: str | None = None
+    hf: str | None = None
+    kv_cache_dtype: str | None = None
+    kv_bytes_per_token: float | None = None
     obj: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -174,7 +191,7 @@ class ModelSpec:
         for f, default in (("tp", 1), ("replicas", 1), ("overhead_gb", 0.0)):
             if getattr(self, f) != default:
                 out[f] = getattr(self, f)
-        for f in ("pin", "forbid", "same_node", "node", "colocate_with"):
+        for f in ("pin", "forbid", "same_node", "node", "colocate_with", "hf", "kv_cache_dtype", "kv_bytes_per_token"):
             v = getattr(self, f)
             if v is not None and v != ():
                 out[f] = list(v) if isinstance(v, tuple) else v
@@ -482,6 +499,28 @@ def _colocate(value: Any, where: str, key: str) -> str | None:
     return value.strip()
 
 
+def _hf(value: Any, where: str, key: str) -> str | None:
+    if _missing(value):
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidInstance(f"{_label(where, key)} must be a folder or a Hugging Face repo id, got {_show(value)}")
+    return os.fspath(value).strip()
+
+
+def _kv_dtype(value: Any, where: str, key: str) -> str | None:
+    if _missing(value):
+        return None
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in model_files.KV_DTYPES:
+        raise InvalidInstance(f"{_label(where, key)} must be one of {', '.join(model_files.KV_DTYPES)}, "
+                              f"got {_show(value)}")
+    return text
+
+
+def _kv_bytes(value: Any, where: str, key: str) -> float | None:
+    return None if _missing(value) else number(value, _label(where, key), 0.0, None, lo_open=True)
+
+
 _PARSERS = {
     "name": _name,
     "size": _required(0.0, False),
@@ -496,6 +535,9 @@ _PARSERS = {
     "same_node": _same_node,
     "node": _node,
     "colocate_with": _colocate,
+    "hf": _hf,
+    "kv_cache_dtype": _kv_dtype,
+    "kv_bytes_per_token": _kv_bytes,
 }
 
 
@@ -566,6 +608,8 @@ def _collect(triples, where: str, what: str) -> dict[str, Any]:
                                   f"{f!r}, with different values; keep one")
         got[f] = (k, raw, value)
     for f in _REQUIRED:
+        if f == "size" and "hf" in got:
+            continue  # read from the model's files (_with_files)
         if f not in got:
             if f in empty:
                 k, raw = empty[f]
@@ -609,7 +653,8 @@ def _items(models: Any) -> list:
     return list(models)
 
 
-def model_specs(models: Any, where: Sequence[str] | None = None) -> list[ModelSpec]:
+def model_specs(models: Any, where: Sequence[str] | None = None,
+                base_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
     """Validated records of ``models``.
 
     Parameters
@@ -623,6 +668,9 @@ def model_specs(models: Any, where: Sequence[str] | None = None) -> list[ModelSp
     where : sequence of str, optional
         How messages name each model (``"models.csv, line 5"``); default ``"model i"``.  The
         model's name is appended.
+    base_dir : path, optional
+        The folder a relative ``hf`` path starts from (the model file's); default the working
+        folder.
 
     Returns
     -------
@@ -658,9 +706,42 @@ def model_specs(models: Any, where: Sequence[str] | None = None) -> list[ModelSp
             vals = _from_object(m, label)
         name = vals.pop("name", None)
         label = base + (f" ({name!r})" if name is not None else "")
+        vals = _with_files(vals, label, base_dir)
         specs.append(ModelSpec(index=i, where=label, name=name, obj=m, **vals))
     _check_totals(specs)
     return specs
+
+
+def _agree(vals: dict, key: str, found: float, unit: str, how: str, where: str) -> None:
+    """Refuse an explicit ``key`` beside ``hf`` that differs from the files' figure by more
+    than :data:`kvgpu.model_files.AGREE_RTOL` (within it, the files' exact figure is used)."""
+    given = vals.get(key)
+    if given is not None and abs(given - found) > model_files.AGREE_RTOL * found:
+        raise InvalidInstance(f"{where}: {key} {given:g} {unit} and hf {vals['hf']!r} ({found:.6g} {unit}, from "
+                              f"{how}) disagree by more than {100 * model_files.AGREE_RTOL:g}%; drop one "
+                              f"(a different model or dtype?)")
+
+
+def _with_files(vals: dict, where: str, base_dir) -> dict:
+    """``vals`` with ``size`` and ``kv_bytes_per_token`` read from the model's files (``hf``);
+    an explicit value beside them must agree (:func:`_agree`).  ``kv_cache_dtype`` without
+    ``hf`` is refused (nothing to apply it to)."""
+    if "hf" not in vals:
+        if "kv_cache_dtype" in vals:
+            raise InvalidInstance(f"{where}: kv_cache_dtype applies to a model read from its files (hf); "
+                                  f"without hf give kv_bytes_per_token")
+        return vals
+    files = model_files.read(vals["hf"], where, tp=vals.get("tp", 1), kv_cache_dtype=vals.get("kv_cache_dtype"),
+                             base_dir=base_dir)
+    _agree(vals, "size", files.size_gb, "GB", files.weights_from, where)
+    out = {**vals, "size": files.size_gb}
+    if files.kv_bytes_per_token is None:
+        if "kv_bytes_per_token" not in vals:
+            raise InvalidInstance(f"{files.kv_note}")
+    else:
+        _agree(vals, "kv_bytes_per_token", files.kv_bytes_per_token, "bytes", files.kv_note, where)
+        out["kv_bytes_per_token"] = files.kv_bytes_per_token
+    return out
 
 
 def _name_suffix(m: Any) -> str:

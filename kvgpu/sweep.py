@@ -71,7 +71,10 @@ NOT_SWEPT = {"reserve_gb": "(GB kept off each GPU) is a cluster field of model f
              "overhead_gb": "(engine overhead per model) is a model field of model files",
              "out_of_service": "(GPUs no model may use) is a cluster field of model files",
              "colocate_with": "(an adapter beside its base model) is a model field of model files",
-             "node": "(a model kept inside one node) is a model field of model files"}
+             "node": "(a model kept inside one node) is a model field of model files",
+             "hf": "(a model read from its files) is a model field of model files",
+             "kv_cache_dtype": "(the KV cache dtype of a model read from its files) is a model field of model files",
+             "kv_bytes_per_token": "(KV cache bytes per token) is a model field of model files"}
 #: Sizes are scaled down so that the models use at most this share of the cluster's memory.
 MAX_FILL = 0.95
 
