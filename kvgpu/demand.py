@@ -217,9 +217,10 @@ def model_names(models: Any) -> list[str]:
     return names
 
 
-class _Rows:
-    """A table read from a file or given as a DataFrame: ``frame`` (every cell as read), the
-    ``source`` name and ``where(i)`` naming row ``i`` of the frame as the user sees it."""
+class Rows:
+    """A table read from a file or given as a DataFrame (what :func:`load` returns; the readers
+    take one as ``source``): ``frame`` (every cell as read), the ``source`` name and ``where(i)``
+    naming row ``i`` of the frame as the user sees it."""
 
     def __init__(self, frame, source: str, where: Callable[[int], str]):
         self.frame, self.source, self.where = frame, source, where
@@ -228,7 +229,7 @@ class _Rows:
         return f"{self.where(i)}, field {field_!r}"
 
 
-def load(source: Any, name: str | None = None) -> _Rows:
+def load(source: Any, name: str | None = None) -> Rows:
     """The rows of a CSV / Parquet / JSON / JSON lines file, or of a DataFrame.
 
     CSV and JSON text may be in any encoding :func:`kvgpu.io.read_text` reads; blank lines are
@@ -238,7 +239,7 @@ def load(source: Any, name: str | None = None) -> _Rows:
 
     if isinstance(source, pd.DataFrame):
         label = name or "demand table"
-        return _Rows(source.reset_index(drop=True), label, lambda i: f"{label}, row {i + 1}")
+        return Rows(source.reset_index(drop=True), label, lambda i: f"{label}, row {i + 1}")
     path = Path(source)
     label = name or str(path)
     suffix = path.suffix.lower()
@@ -254,7 +255,7 @@ def load(source: Any, name: str | None = None) -> _Rows:
             raise InvalidInstance(f"{label}: cannot read ({e})") from None
         except Exception as e:  # pyarrow's errors for a file that is not Parquet
             raise InvalidInstance(f"{label}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-        return _Rows(frame, label, lambda i: f"{label}, row {i + 1}")
+        return Rows(frame, label, lambda i: f"{label}, row {i + 1}")
     from kvgpu.io import read_text
 
     text = read_text(path)
@@ -265,7 +266,7 @@ def load(source: Any, name: str | None = None) -> _Rows:
     return _json_lines(text, label)
 
 
-def _csv(text: str, label: str) -> _Rows:
+def _csv(text: str, label: str) -> Rows:
     import pandas as pd
 
     try:  # every cell as text: numbers are checked here, with the line of a bad one
@@ -278,10 +279,10 @@ def _csv(text: str, label: str) -> _Rows:
     lines = np.arange(len(frame)) + first
     frame = frame[~blank.to_numpy()].reset_index(drop=True)
     kept = lines[~blank.to_numpy()]
-    return _Rows(frame, label, lambda i: f"{label}, line {int(kept[i])}")
+    return Rows(frame, label, lambda i: f"{label}, line {int(kept[i])}")
 
 
-def _json(text: str, label: str) -> _Rows:
+def _json(text: str, label: str) -> Rows:
     import pandas as pd
 
     try:
@@ -290,10 +291,10 @@ def _json(text: str, label: str) -> _Rows:
         raise InvalidInstance(f"{label}, line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise InvalidInstance(f"{label}: expected a JSON list of records ({{\"model\": ..., ...}})")
-    return _Rows(pd.DataFrame.from_records(data), label, lambda i: f"{label}, record {i + 1}")
+    return Rows(pd.DataFrame.from_records(data), label, lambda i: f"{label}, record {i + 1}")
 
 
-def _json_lines(text: str, label: str) -> _Rows:
+def _json_lines(text: str, label: str) -> Rows:
     import pandas as pd
 
     records, lines = [], []
@@ -308,10 +309,10 @@ def _json_lines(text: str, label: str) -> _Rows:
             raise InvalidInstance(f"{label}, line {k}: expected one JSON object per line, got {type(rec).__name__}")
         records.append(rec)
         lines.append(k)
-    return _Rows(pd.DataFrame.from_records(records), label, lambda i: f"{label}, line {lines[i]}")
+    return Rows(pd.DataFrame.from_records(records), label, lambda i: f"{label}, line {lines[i]}")
 
 
-def _column(rows: _Rows, given: str | None, options: Sequence[str], what: str) -> str:
+def _column(rows: Rows, given: str | None, options: Sequence[str], what: str) -> str:
     cols = [str(c) for c in rows.frame.columns]
     if given is not None:
         if given not in cols:
@@ -336,7 +337,7 @@ def _missing(v) -> bool:
         return False
 
 
-def _model_index(rows: _Rows, col: str, names: list[str]) -> np.ndarray:
+def _model_index(rows: Rows, col: str, names: list[str]) -> np.ndarray:
     """(N,) index in ``names`` of each row's model; refuses a missing or unknown one."""
     index = {n: i for i, n in enumerate(names)}
     out = np.empty(len(rows.frame), np.int64)
@@ -354,7 +355,7 @@ def _model_index(rows: _Rows, col: str, names: list[str]) -> np.ndarray:
     return out
 
 
-def _numbers(rows: _Rows, col: str, lo: float, lo_open: bool, what: str) -> np.ndarray:
+def _numbers(rows: Rows, col: str, lo: float, lo_open: bool, what: str) -> np.ndarray:
     """(N,) float64 of a numeric column; refuses a missing, non-numeric, non-finite or out of
     range cell (naming its line)."""
     out = np.empty(len(rows.frame))
@@ -372,7 +373,7 @@ def _numbers(rows: _Rows, col: str, lo: float, lo_open: bool, what: str) -> np.n
     return out
 
 
-def _times(rows: _Rows, col: str) -> np.ndarray:
+def _times(rows: Rows, col: str) -> np.ndarray:
     """(N,) float64 epoch seconds of a column of epoch seconds or ISO 8601 times (naive: UTC)."""
     import pandas as pd
 
@@ -423,7 +424,7 @@ def _iso(sec: float) -> str:
     return pd.Timestamp(sec, unit="s", tz="UTC").isoformat().replace("+00:00", "Z")
 
 
-def _slo_column(rows: _Rows, col: str | None, model: np.ndarray, n: int) -> np.ndarray | None:
+def _slo_column(rows: Rows, col: str | None, model: np.ndarray, n: int) -> np.ndarray | None:
     """(n,) SLO per model from the ``slo`` column (NaN for models without rows); one per model."""
     if col is None:
         return None
@@ -443,10 +444,15 @@ def _absent_note(names: list[str], present: np.ndarray, source: str, what: str) 
     absent = [names[i] for i in np.nonzero(~present)[0].tolist()]
     if not absent:
         return ()
-    note = (f"{source}: {len(absent)} model(s) of the models file have no {what}: rate 0 in every window "
-            f"({', '.join(absent[:8])}{', ...' if len(absent) > 8 else ''})")
-    warnings.warn(note, KvgpuWarning, stacklevel=3)
-    return (note,)
+    return (f"{source}: {len(absent)} model(s) of the models file have no {what}: rate 0 in every window "
+            f"({', '.join(absent[:8])}{', ...' if len(absent) > 8 else ''})",)
+
+
+def _warn(notes: tuple) -> tuple:
+    """Each note as a :class:`kvgpu.KvgpuWarning` too (the CLI prints them), and returned."""
+    for note in notes:
+        warnings.warn(note, KvgpuWarning, stacklevel=3)
+    return notes
 
 
 # ----------------------------------------------------------------------------- request logs
@@ -479,7 +485,7 @@ def read_requests(source: Any, models: Any, *, window: Any = "1h", timestamp: st
     """
     names = model_names(models)
     window_s = window_seconds(window)
-    rows = load(source, name)
+    rows = source if isinstance(source, Rows) else load(source, name)
     if len(rows.frame) == 0:
         raise InvalidInstance(f"{rows.source}: no requests")
     tcol = _column(rows, timestamp, TIME_COLUMNS, "timestamp")
@@ -498,8 +504,8 @@ def read_requests(source: Any, models: Any, *, window: Any = "1h", timestamp: st
     other = [str(c) for c in rows.frame.columns if c not in (tcol, mcol, scol)]
     if other:
         notes += (f"{rows.source}: columns not read: {', '.join(other)}",)
-    return Demand(counts / window_s, tuple(names), tuple(_iso(s) for s in start), window_s, start, slo, notes,
-                  rows.source)
+    labels = tuple(_iso(s) for s in start)
+    return Demand(counts / window_s, tuple(names), labels, window_s, start, slo, _warn(notes), rows.source)
 
 
 # ----------------------------------------------------------------------------- long tables
@@ -527,7 +533,7 @@ def read_table(source: Any, models: Any, *, window: Any = None, name: str | None
     Demand
     """
     names = model_names(models)
-    rows = load(source, name)
+    rows = source if isinstance(source, Rows) else load(source, name)
     if len(rows.frame) == 0:
         raise InvalidInstance(f"{rows.source}: no rows (columns model, window, req_rate[, slo])")
     cols = [str(c) for c in rows.frame.columns]
@@ -558,15 +564,15 @@ def read_table(source: Any, models: Any, *, window: Any = None, name: str | None
                               f"give req_rate 0 for a quiet window)")
     notes = _absent_note(names, present > 0, rows.source, "row")
     labels = tuple(_label(s, by_time) for s in starts)
-    return Demand(rates, tuple(names), labels, window_s, starts.astype(float) if by_time else None, slo, notes,
-                  rows.source)
+    return Demand(rates, tuple(names), labels, window_s, starts.astype(float) if by_time else None, slo,
+                  _warn(notes), rows.source)
 
 
 def _label(key, by_time: bool) -> str:
     return _iso(float(key)) if by_time else str(int(key))
 
 
-def _window_keys(rows: _Rows) -> tuple[np.ndarray, bool]:
+def _window_keys(rows: Rows) -> tuple[np.ndarray, bool]:
     """(N,) each row's window: int64 indexes, or float64 epoch-second starts (``by_time``)."""
     import pandas as pd
 
@@ -592,7 +598,7 @@ def _is_int(v) -> bool:
     return math.isfinite(x) and x == int(x) and abs(x) < 2**62
 
 
-def _check_order(rows: _Rows, m: np.ndarray, key: np.ndarray, names: list[str], by_time: bool) -> None:
+def _check_order(rows: Rows, m: np.ndarray, key: np.ndarray, names: list[str], by_time: bool) -> None:
     """Each model's rows in strictly increasing window order: a repeat overlaps, a step back is
     unsorted."""
     last: dict[int, int] = {}
@@ -606,7 +612,7 @@ def _check_order(rows: _Rows, m: np.ndarray, key: np.ndarray, names: list[str], 
         last[mi] = i
 
 
-def _table_window(rows: _Rows, key, starts: np.ndarray, window, by_time: bool) -> float | None:
+def _table_window(rows: Rows, key, starts: np.ndarray, window, by_time: bool) -> float | None:
     """The window length (s): given (then starts closer than it overlap), else the smallest gap."""
     gaps = np.diff(starts.astype(float))
     if window is None:
@@ -800,8 +806,8 @@ def placement_from_assignment(problem, assignment: Sequence[int], where: str = "
     over = np.nonzero(free < -EPS * mem_unit(problem.items.gpu_mem))[0]
     if over.size:
         g = int(over[0])
-        raise InvalidInstance(f"{where}: GPU {g} holds {used[g]:g} GB of models, more than its {problem.items.gpu_mem[g]:g} "
-                              f"GB: not a placement of these models on this cluster")
+        raise InvalidInstance(f"{where}: GPU {g} holds {used[g]:g} GB of models, more than its "
+                              f"{problem.items.gpu_mem[g]:g} GB: not a placement of these models on this cluster")
     kv = safe_div_array(np.bincount(arr, weights=problem.items.demand, minlength=G), free, np)
     return Placement(problem, arr, kv, 0.0, bound_scope="nothing (read from a file, not solved)")
 
