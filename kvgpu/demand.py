@@ -578,7 +578,7 @@ def _window_keys(rows: Rows) -> tuple[np.ndarray, bool]:
 
     s = rows.frame["window"]
     vals = s.tolist()
-    if pd.api.types.is_datetime64_any_dtype(s) or any(isinstance(v, str) and not _is_int(v) for v in vals
+    if pd.api.types.is_datetime64_any_dtype(s) or any(isinstance(v, str) and _number(v) is None for v in vals
                                                       if not _missing(v)):
         return _times(rows, "window"), True
     out = np.empty(len(vals), np.int64)
@@ -590,12 +590,17 @@ def _window_keys(rows: Rows) -> tuple[np.ndarray, bool]:
     return out, False
 
 
-def _is_int(v) -> bool:
+def _number(v) -> float | None:
+    """``v`` as a float (a number, or text of one), else None."""
     try:
-        x = float(v.strip() if isinstance(v, str) else v)
+        return float(v.strip() if isinstance(v, str) else v)
     except (TypeError, ValueError):
-        return False
-    return math.isfinite(x) and x == int(x) and abs(x) < 2**62
+        return None
+
+
+def _is_int(v) -> bool:
+    x = _number(v)
+    return x is not None and math.isfinite(x) and x == int(x) and abs(x) < 2**62
 
 
 def _check_order(rows: Rows, m: np.ndarray, key: np.ndarray, names: list[str], by_time: bool) -> None:
