@@ -231,6 +231,22 @@ def test_cli_size_requests_same_as_api(tmp_path, capsys):
     assert json.loads(out) == json.loads(json.dumps(api.to_dict()))
 
 
+@pytest.mark.parametrize("cmd", ["certify", "replan", "headroom"])
+def test_cli_requests_on_every_entry_point(tmp_path, capsys, cmd):
+    (tmp_path / "models.csv").write_text("name,size,slo,cur_gpu_id\na,20,5,0\nb,30,2,1\nc,10,4,-1\n"
+                                         if cmd == "replan" else MODELS_CSV)
+    log = write_log(tmp_path / "log.csv", [(T0 + t, m) for t, m in REQUESTS])
+    argv = {"certify": ["certify"], "replan": ["replan", "--max-moves", "1"],
+            "headroom": ["size", "--headroom", "--max-kvpr", "1e-5"]}[cmd]
+    code, out, err = _cli(capsys, *argv, tmp_path / "models.csv", "--requests", log, "--gpus", 4, "--json")
+    assert code == 0, err
+    models = _expected_models(log, "busiest")
+    api = {"certify": lambda: kvgpu.solve(models, 4, exact=True).to_dict(),
+           "replan": lambda: kvgpu.replan(models, 4, max_moves=1).to_dict(),
+           "headroom": lambda: kvgpu.headroom(models, 4, max_kvpr=1e-5).to_dict()}[cmd]()
+    assert json.loads(out) == json.loads(json.dumps(api))
+
+
 def test_cli_requests_slo_from_log_and_default(tmp_path, capsys):
     (tmp_path / "models.csv").write_text("name,size\na,20\nb,30\nc,10\n")  # neither rates nor SLOs
     log = write_log(tmp_path / "log.csv", [(T0 + t, m) for t, m in REQUESTS])
