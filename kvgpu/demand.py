@@ -51,6 +51,8 @@ TIME_COLUMNS = ("timestamp", "time", "ts", "arrival_time")
 MODEL_COLUMNS = ("model", "model_name", "name")
 #: Ways :meth:`Demand.pick` makes one rate per model.
 PICKS = ("busiest", "mean", "peak")
+#: Most windows a request log is counted into (a stray timestamp must not allocate gigabytes).
+MAX_WINDOWS = 100_000
 #: Share of windows :func:`evaluate`'s quantile covers (the worst KVPR met in 95% of windows).
 QUANTILE = 0.95
 
@@ -500,8 +502,13 @@ def read_requests(source: Any, models: Any, *, window: Any = "1h", timestamp: st
     m = _model_index(rows, mcol, names)
     slo = _slo_column(rows, scol, m, len(names))
     origin = math.floor(float(t.min()) / window_s) * window_s
+    W = int(math.floor((float(t.max()) - origin) / window_s)) + 1
+    if W > MAX_WINDOWS:
+        first, last = int(np.argmin(t)), int(np.argmax(t))
+        raise InvalidInstance(f"{rows.source}: the requests span {W} windows of {window_s:g} s (more than "
+                              f"{MAX_WINDOWS}): from {_iso(t[first])} ({rows.where(first)}) to {_iso(t[last])} "
+                              f"({rows.where(last)}); a stray timestamp, or a longer --window?")
     k = np.floor((t - origin) / window_s).astype(np.int64)
-    W = int(k.max()) + 1
     counts = np.bincount(m * W + k, minlength=len(names) * W).reshape(len(names), W)
     start = origin + window_s * np.arange(W)
     present = np.bincount(m, minlength=len(names)) > 0
@@ -836,4 +843,23 @@ def read_placement(path: str | Path, problem):
         raise InvalidInstance(f"{name}, line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("assignment"), list):
         raise InvalidInstance(f"{name}: no 'assignment' list (a placement as kvgpu solve --out FILE.json writes it)")
-    return placement_from_assignment(problem, data["assignment"], name)
+    placement = placement_from_assignment(problem, data["assignment"], name)
+    _same_models(placement, data.get("gpus"), name)
+    return placement
+
+
+def _same_models(placement, gpus: Any, name: str) -> None:
+    """The file's models per GPU (``gpus[g]["models"]``) are those of the models file: a
+    placement of other models with as many items is refused, not evaluated."""
+    if not isinstance(gpus, list) or len(gpus) != placement.problem.n_gpus:
+        raise InvalidInstance(f"{name}: its 'gpus' list does not have the cluster's {placement.problem.n_gpus} GPUs "
+                              f"(written for another cluster?)")
+    mine: list[list[str]] = [[] for _ in gpus]
+    for i, g in enumerate(placement.assignment.tolist()):
+        n = placement.problem.items.names[i]
+        mine[g].append(n if n is not None else f"#{i}")
+    for g, row in enumerate(gpus):
+        theirs = row.get("models") if isinstance(row, dict) else None
+        if not isinstance(theirs, list) or sorted(map(str, theirs)) != sorted(mine[g]):
+            raise InvalidInstance(f"{name}: GPU {g} holds {theirs!r} there, but its assignment puts "
+                                  f"{sorted(mine[g])!r} of the models file there: written for other models?")

@@ -155,6 +155,9 @@ def test_bad_log_lines_jsonl_and_parquet(tmp_path):
         dm.read_requests(tmp_path / "y.csv", NAMES)
     with pytest.raises(InvalidInstance, match="window 'soon'"):
         dm.read_requests(log, NAMES, window="soon")
+    stray = write_log(tmp_path / "stray.csv", [(T0, "a"), (5, "b")])  # a timestamp of 1970
+    with pytest.raises(InvalidInstance, match=r"stray.csv: the requests span .* windows of 60 s .*stray.csv, line 3\)"):
+        dm.read_requests(stray, NAMES, window="60s")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json", ".jsonl"])
@@ -349,6 +352,14 @@ def test_cli_evaluate(tmp_path, capsys):
     code, _, err = _cli(capsys, "evaluate", tmp_path / "models.csv", "--demand", table, "--placement",
                         tmp_path / "p.json", "--gpus", 3)
     assert code == 2 and "must be a GPU id 0..2" in err
+    (tmp_path / "other.csv").write_text(MODELS_CSV.replace("a,20", "x,20"))  # same shapes, another model
+    code, _, err = _cli(capsys, "evaluate", tmp_path / "other.csv", "--demand", table.with_name("o.csv"),
+                        "--placement", tmp_path / "p.json", "--gpus", 4)
+    assert code == 2 and "o.csv" in err  # no such table
+    dm.Demand(COUNTS / 3600.0, ("x", "b", "c"), ("0", "1", "2")).write(tmp_path / "o.csv")
+    code, _, err = _cli(capsys, "evaluate", tmp_path / "other.csv", "--demand", tmp_path / "o.csv",
+                        "--placement", tmp_path / "p.json", "--gpus", 4, "--no-compare")
+    assert code == 2 and "written for other models?" in err
 
 
 # ----------------------------------------------------------------------------- bursty families
