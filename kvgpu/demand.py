@@ -592,6 +592,10 @@ def _window_keys(rows: Rows) -> tuple[np.ndarray, bool]:
     vals = s.tolist()
     if pd.api.types.is_datetime64_any_dtype(s) or any(isinstance(v, str) and _number(v) is None for v in vals
                                                       if not _missing(v)):
+        index = next((i for i, v in enumerate(vals) if not _missing(v) and _number(v) is not None), None)
+        if index is not None and not pd.api.types.is_datetime64_any_dtype(s):  # never read 3 as 1970-01-01T00:00:03
+            raise InvalidInstance(f"{rows.at(index, 'window')}: window {vals[index]!r} is an index, but other rows "
+                                  f"give start times: give every window as an ISO 8601 time, or every one as an index")
         return _times(rows, "window"), True
     out = np.empty(len(vals), np.int64)
     for i, v in enumerate(vals):

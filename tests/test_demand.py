@@ -108,6 +108,8 @@ def _table(tmp_path, text, name="demand.csv"):
     ("bad window", "model,window,req_rate\na,0.5,1\n", r"line 2, field 'window': a window is an integer index"),
     ("bad time", "model,window,req_rate\na,2026-12-07T00:00Z,1\na,yesterday,1\n",
      r"line 3, field 'window': bad timestamp 'yesterday'"),
+    ("indexes and times", "model,window,req_rate\na,2026-12-07T00:00Z,1\na,7,1\n",
+     r"line 3, field 'window': window '7' is an index, but other rows give start times"),
     ("window missing for a model", "model,window,req_rate\na,0,1\nb,0,1\nb,1,1\n",
      r"model 'a' has no row for window 1"),
     ("slo varies", "model,window,req_rate,slo\na,0,1,2\na,1,1,3\n", r"line 3, field 'slo': slo 3 differs from 2"),
