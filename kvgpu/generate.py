@@ -218,7 +218,7 @@ class BurstyDemand(NamedTuple):
 
 def bursty(rng: np.random.Generator, gpus: int, *, windows: int = 96, groups: int = 6, burstiness: float = 0.5,
            tail: float = 1.1, fill: float = 0.7, night: float = 0.15, peak_rate: float = 100.0,
-           gpu_mem: float = 80.0) -> BurstyDemand:
+           gpu_mem: float = 80.0, replicate: bool = True) -> BurstyDemand:
     """Models whose demand changes over a day in bursty groups (as production multi-LLM traces do).
 
     Parameters
@@ -239,11 +239,17 @@ def bursty(rng: np.random.Generator, gpus: int, *, windows: int = 96, groups: in
         at ``peak_rate / k ** tail`` req/s before bursts.
     night : float in [0, 1] -- a group's activity at the far side of the day from its peak.
     peak_rate : float -- the most popular model's smooth peak, req/s.
+    replicate : bool -- popular models get ``replicas`` (as operators replicate hot models), so
+        that no model's peak alone sets the worst KVPR of every placement: ``r`` copies where one
+        copy's peak pressure ``rate / slo / (gpu_mem - size)`` is up to ``r`` times the cluster's
+        average pressure in the busiest window, the hottest models first, while the copies' weights
+        stay within ``fill + 0.15`` of the memory and ``r <= gpus``.
 
     Returns
     -------
     BurstyDemand
-        ``models`` with ``req_rate`` the mean over the windows, ``slo`` integers 2-10 s.
+        ``models`` with ``req_rate`` the mean over the windows, ``slo`` integers 2-10 s
+        (``replicas`` where more than 1).
     """
     if groups < 1 or windows < 2 * groups:
         raise ValueError(f"bursty: need 1 <= groups and windows >= 2 x groups, got groups={groups}, "
@@ -265,9 +271,27 @@ def bursty(rng: np.random.Generator, gpus: int, *, windows: int = 96, groups: in
     noise = rng.lognormal(0.0, 0.2 * burstiness, (n, windows)) if burstiness > 0 else np.ones((n, windows))
     rates = popularity[:, None] * (activity * boost)[group] * noise
     slo = rng.integers(2, 11, n)
+    copies = _replicas(rates / slo[:, None], np.array(sizes), gpus, gpu_mem, fill + 0.15) if replicate \
+        else np.ones(n, np.int64)
     models = [{"name": f"m{i}-g{int(group[i])}", "size": sizes[i], "req_rate": float(rates[i].mean()),
-               "slo": float(slo[i])} for i in range(n)]
+               "slo": float(slo[i]), **({"replicas": int(copies[i])} if copies[i] > 1 else {})} for i in range(n)]
     return BurstyDemand(models, rates, group, activity, {"gpus": gpus, "gpu_mem": gpu_mem})
+
+
+def _replicas(demand: np.ndarray, sizes: np.ndarray, gpus: int, gpu_mem: float, most_fill: float) -> np.ndarray:
+    """(n,) copies per model: ``ceil`` of one copy's peak pressure over the cluster's average
+    pressure in its busiest window, at most ``gpus``; the hottest models first while the weights
+    of all copies stay within ``most_fill`` of the memory.  ``demand``: (n, W) rate / slo."""
+    fluid = demand.sum(axis=0).max() / (gpus * gpu_mem - sizes.sum())
+    alone = demand.max(axis=1) / (gpu_mem - sizes)
+    want = np.clip(np.ceil(alone / fluid), 1, gpus).astype(np.int64) if fluid > 0 else np.ones(len(sizes), np.int64)
+    copies, room = np.ones(len(sizes), np.int64), most_fill * gpus * gpu_mem - sizes.sum()
+    for i in np.argsort(-alone, kind="stable").tolist():
+        extra = int(min(want[i] - 1, room // sizes[i])) if sizes[i] > 0 else int(want[i] - 1)
+        if extra > 0:
+            copies[i] += extra
+            room -= extra * sizes[i]
+    return copies
 
 
 def _daily_curves(rng, windows: int, groups: int, night: float) -> np.ndarray:

@@ -373,6 +373,10 @@ def test_bursty_reproducible_and_documented():
     assert not np.array_equal(bursty(np.random.default_rng(8), 8).rates[:3, :3], a.rates[:3, :3])
     assert sorted(set(a.group.tolist())) == list(range(6))  # every group has models
     assert sum(m["size"] for m in a.models) <= 0.7 * 80 * 8
+    # hot models are replicated (within fill + 0.15 of the memory), the hottest first
+    copies = np.array([m.get("replicas", 1) for m in a.models])
+    assert copies.max() > 1 and sum(m["size"] * c for m, c in zip(a.models, copies)) <= 0.85 * 80 * 8
+    assert all("replicas" not in m for m in bursty(np.random.default_rng(7), 8, replicate=False).models)
     np.testing.assert_allclose([m["req_rate"] for m in a.models], a.rates.mean(axis=1))
     # the groups' peaks fall in distinct windows, spread over the day
     peaks = np.argmax(a.activity, axis=1)
