@@ -91,8 +91,17 @@ class Demand:
         if r.ndim != 2 or r.shape[0] != len(self.models) or r.shape[1] != len(self.windows):
             raise InvalidInstance(f"{self.source}: rates must have shape (models, windows) = "
                                   f"({len(self.models)}, {len(self.windows)}), got {r.shape}")
+        if r.shape[1] == 0:
+            raise InvalidInstance(f"{self.source}: no windows")
         _check_rates(r, self.source, self.models, self.windows)
         object.__setattr__(self, "rates", r)
+        if self.slo is not None:
+            slo = np.asarray(self.slo, dtype=np.float64)
+            bad = np.nonzero(~(np.isnan(slo) | (np.isfinite(slo) & (slo > 0))))[0] if slo.shape == r.shape[:1] else [0]
+            if len(bad):
+                raise InvalidInstance(f"{self.source}: slo must be one number > 0 (or NaN: not given) per model, "
+                                      f"got {self.slo!r}")
+            object.__setattr__(self, "slo", slo)
 
     @property
     def n_models(self) -> int:

@@ -188,6 +188,10 @@ def test_indexed_table_and_array(tmp_path):
         dm.as_demand(np.ones(3), NAMES)
     with pytest.raises(InvalidInstance, match="model 'b', window 1: req_rate must be a finite number >= 0"):
         dm.as_demand(np.array([[0, 1], [0, -1], [0, 0.0]]), NAMES)
+    with pytest.raises(InvalidInstance, match="no windows"):
+        dm.as_demand(np.ones((3, 0)), NAMES)
+    with pytest.raises(InvalidInstance, match="slo must be one number > 0"):
+        dm.Demand(np.ones((3, 1)), tuple(NAMES), ("0",), slo=np.array([1.0, 0.0, 2.0]))
     with pytest.raises(InvalidInstance, match="model 1: has no name"):
         dm.as_demand(np.ones((2, 2)), [{"name": "a"}, {"size": 1}])
 
