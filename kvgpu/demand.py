@@ -51,6 +51,8 @@ TIME_COLUMNS = ("timestamp", "time", "ts", "arrival_time")
 MODEL_COLUMNS = ("model", "model_name", "name")
 #: Ways :meth:`Demand.pick` makes one rate per model.
 PICKS = ("busiest", "mean", "peak")
+#: Epoch seconds beyond this (the year 5138) are refused: such a log counts milliseconds or finer.
+MAX_EPOCH_S = 1e11
 #: Most windows a request log is counted into (a stray timestamp must not allocate gigabytes).
 MAX_WINDOWS = 100_000
 #: Share of windows :func:`evaluate`'s quantile covers (the worst KVPR met in 95% of windows).
@@ -398,21 +400,26 @@ def _times(rows: Rows, col: str) -> np.ndarray:
         bad = s.isna().to_numpy()
         t = s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
         secs = (t - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
-    else:
-        vals = s.tolist()
-        num = pd.to_numeric(pd.Series([None if _missing(v) or isinstance(v, bool) else v for v in vals],
-                                      dtype=object), errors="coerce").to_numpy(float)
-        secs = num.copy()
-        text = np.isnan(num) & np.array([isinstance(v, str) and bool(v.strip()) for v in vals], bool)
+    else:  # text (CSV cells, JSON strings), maybe mixed with numbers
+        is_text = s.map(lambda v: isinstance(v, str)).to_numpy(bool)
+        stripped = s.where(~is_text, s.astype("string").str.strip())
+        usable = s.map(lambda v: not isinstance(v, bool)).to_numpy(bool)
+        secs = pd.to_numeric(stripped.where(usable), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan,
+                                                                              copy=True)
+        text = np.isnan(secs) & is_text
         if text.any():
-            iso = pd.to_datetime(pd.Series([vals[i].strip() for i in np.nonzero(text)[0]]), utc=True,
-                                 format="ISO8601", errors="coerce")
+            iso = pd.to_datetime(stripped[text], utc=True, format="ISO8601", errors="coerce")
             secs[text] = (iso - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
         bad = ~np.isfinite(secs)
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
         raise InvalidInstance(f"{rows.at(i, col)}: bad timestamp {s.iloc[i]!r} (epoch seconds, or an ISO 8601 "
                               f"time such as 2026-12-07T09:30:00Z)")
+    late = np.nonzero(secs > MAX_EPOCH_S)[0]
+    if late.size:  # milliseconds (or finer) read as seconds would stretch every window a thousandfold
+        i = int(late[0])
+        raise InvalidInstance(f"{rows.at(i, col)}: timestamp {s.iloc[i]!r} is after the year 5000 in epoch seconds: "
+                              f"milliseconds or finer? give seconds (divide by 1000) or ISO 8601 times")
     return secs
 
 

@@ -134,6 +134,8 @@ def test_overlapping_time_windows(tmp_path):
     ("bad timestamp", [(T0, "a"), ("7 Dec", "a")], r"line 3, field 'timestamp': bad timestamp '7 Dec'"),
     ("missing model", [(T0, "a"), (T0 + 1, "")], r"line 3, field 'model': no model"),
     ("missing timestamp", [(T0, "a"), ("", "b")], r"line 3, field 'timestamp': bad timestamp"),
+    ("milliseconds", [(T0 * 1000, "a")], r"line 2, field 'timestamp': timestamp '1796601600000' is after the year "
+     r"5000 in epoch seconds: milliseconds"),
 ])
 def test_bad_logs(tmp_path, kind, rows, message):
     log = tmp_path / "log.csv"
