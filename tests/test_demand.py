@@ -351,6 +351,15 @@ def test_cli_evaluate(tmp_path, capsys):
     p = dm.read_placement(tmp_path / "p.json", kvgpu.build_problem(specs, 4))
     assert got["placements"][0]["max_kvpr_by_window"] == dm.kvpr_by_window(p, COUNTS / 3600).max(axis=1).tolist()
     assert (tmp_path / "w.png").stat().st_size > 0
+    # the cluster's fields count: reserve_gb leaves less KV memory, so every window's KVPR rises
+    code, out, err = _cli(capsys, "evaluate", tmp_path / "models.csv", "--demand", table, "--placement",
+                          tmp_path / "p.json", "--gpus", 4, "--reserve-gb", 10, "--json")
+    assert code == 0, err
+    reserved = json.loads(out)["placements"]
+    p10 = dm.read_placement(tmp_path / "p.json", kvgpu.build_problem(specs, 4, reserve_gb=10))
+    assert reserved[0]["max_kvpr_by_window"] == dm.kvpr_by_window(p10, COUNTS / 3600).max(axis=1).tolist()
+    assert reserved[0]["worst_kvpr"] > got["placements"][0]["worst_kvpr"]
+    assert all(e["worst_kvpr"] > 0 for e in reserved)
     code, out, err = _cli(capsys, "evaluate", tmp_path / "models.csv", "--requests", log, "--gpus", 4,
                           "--no-compare", "--placement", tmp_path / "p.json")
     assert code == 0, err
