@@ -292,7 +292,8 @@ def _add_demand_options(p: argparse.ArgumentParser, single: bool = True) -> None
                    ".csv, .parquet, .jsonl) counted into windows: " + (
                        "each model's req_rate comes from the window of --pick" if single else
                        "the demand over the windows"))
-    p.add_argument("--window", help="window length for --requests, e.g. 60s, 15min, 1h (default 1h)")
+    p.add_argument("--window", help="window length for --requests, e.g. 60s, 15min, 1h (default 1h)" + (
+        "" if single else "; with --demand the table's window length (starts closer than it overlap)"))
     if single:
         p.add_argument("--pick", type=_pick_option, help="which window sets req_rate: busiest (default: largest "
                        "sum of req_rate/slo), mean (each model's mean), peak (each model's largest), or a window "
@@ -360,7 +361,7 @@ def _evaluate(args) -> int:
     with _naming_file(args, cluster.flags):
         problem = build_problem(peak, cluster.gpus, gpu_mem, **rules)
         chosen = [(Path(f).stem, demand.read_placement(f, problem)) for f in args.placement or ()]
-        if not args.no_compare:
+        if not args.no_compare:  # today's single-demand solves; other placements (a robust one) join this list
             chosen += demand.mean_and_peak(peak, cluster.gpus, found, gpu_mem=gpu_mem, effort=args.effort,
                                            seed=args.seed, **rules)
     if not chosen:
