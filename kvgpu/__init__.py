@@ -6,6 +6,7 @@
 [0]
 """
 from kvgpu import io  # noqa: F401 -- kvgpu.io.read_models / write_placement after `import kvgpu`
+from kvgpu import demand  # noqa: F401 -- kvgpu.demand.read_requests / read_table after `import kvgpu`
 from kvgpu.api import compute_model_placement, replan, solve, solve_batch
 from kvgpu.capacity import GpuType, HeadroomResult, SizeResult, headroom, size
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound

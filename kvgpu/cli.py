@@ -1,4 +1,4 @@
-"""Command line: ``kvgpu solve|certify|replan|size FILE``, ``kvgpu demo``, ``kvgpu info``."""
+"""Command line: ``kvgpu solve|certify|replan|size|evaluate FILE``, ``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def _size(args) -> int:
         target = float(args.max_kvpr)
     except ValueError:
         raise InvalidInstance(f"--max-kvpr: must be a number (demand per GB of KV cache), got {args.max_kvpr!r}")
-    models, opts = read_models(args.file)
+    models, opts = _read_models(args)
     found = _cluster(opts, args)
     if found.out_of_service:  # refused, never dropped: sizing has no GPU ids yet
         raise InvalidInstance(f"{args.file}: out_of_service (--drain) names GPU ids, which size/--headroom do not use "
@@ -269,6 +269,133 @@ def _size(args) -> int:
                   f"(--headroom tests that cluster)", file=sys.stderr)
     print(json.dumps(result.to_dict(), indent=1) if args.json else result)
     return 0
+
+
+# ----------------------------------------------------------------------------- demand from logs
+
+def _pick_option(text: str):
+    """argparse type of --pick: busiest, mean, peak or a window index."""
+    from kvgpu.demand import PICKS
+
+    if text in PICKS:
+        return text
+    try:
+        return schema.integer(text, "--pick", -2**31, 2**31)
+    except InvalidInstance:
+        raise _UsageError(f"--pick {text!r}: choose {', '.join(PICKS)} or a window index (0-based)") from None
+
+
+def _add_demand_options(p: argparse.ArgumentParser, single: bool = True) -> None:
+    """``--requests LOG`` (and its window, pick, default SLO): every entry point that reads a
+    model file takes its req_rate from a request log through :func:`_read_models`."""
+    p.add_argument("--requests", metavar="LOG", help="request log (one row per request: timestamp, model[, slo]; "
+                   ".csv, .parquet, .jsonl) counted into windows: " + (
+                       "each model's req_rate comes from the window of --pick" if single else
+                       "the demand over the windows"))
+    p.add_argument("--window", help="window length for --requests, e.g. 60s, 15min, 1h (default 1h)" + (
+        "" if single else "; with --demand the table's window length (starts closer than it overlap)"))
+    if single:
+        p.add_argument("--pick", type=_pick_option, help="which window sets req_rate: busiest (default: largest "
+                       "sum of req_rate/slo), mean (each model's mean), peak (each model's largest), or a window "
+                       "index (0-based)")
+    p.add_argument("--slo", type=_num_option("--slo", 0.0), help="SLO (s) of models that neither the log (an slo "
+                   "column) nor the model file gives one")
+
+
+def _read_models(args, path=None):
+    """The models and options of ``args.file`` -- with ``--requests``, each model's req_rate
+    from the log (and its slo from the log's column when it has one, else the file's, else
+    ``--slo``).  The one place the CLI reads models, so every entry point takes the log."""
+    path = args.file if path is None else path
+    log = getattr(args, "requests", None)
+    if log is None:
+        given = [f for f in ("window", "pick", "slo") if getattr(args, f, None) is not None]
+        if given:
+            raise InvalidInstance(f"--{given[0]} is for --requests LOG (req_rate from a request log); add it or "
+                                  f"drop --{given[0]}")
+        return read_models(path)
+    from kvgpu import demand
+
+    rows = demand.load(log)
+    defaults = {"req_rate": 0.0}  # the log gives every rate
+    if args.slo is not None:
+        defaults["slo"] = args.slo
+    elif "slo" in rows.frame.columns:
+        defaults["slo"] = 1.0  # only models without requests keep it, with rate 0: their demand is 0
+    specs, opts = read_models(path, defaults=defaults)
+    found = demand.read_requests(rows, specs, window=args.window or "1h")  # its notes are warnings
+    if args.cmd == "evaluate":
+        return specs, opts, found
+    how = args.pick if args.pick is not None else "busiest"
+    slo = found.slo_of([s.slo for s in specs])
+    rates = found.pick(how, slo=slo)
+    which = (f"window {found.windows[found.busiest(slo)]} (busiest)" if how == "busiest" else
+             f"window {found.windows[how]}" if not isinstance(how, str) else f"each model's {how} over the windows")
+    print(f"kvgpu: note: req_rate from {log} ({found.n_windows} windows of {found.window_s:g} s): {which}",
+          file=sys.stderr)
+    return demand.with_rates(specs, rates, found.slo), opts
+
+
+def _evaluate(args) -> int:
+    """``kvgpu evaluate``: placements over every window of a demand (a long table or a log)."""
+    from kvgpu import demand
+    from kvgpu.problem import build_problem
+
+    if (args.demand is None) == (args.requests is None):
+        raise InvalidInstance("give the demand over time: --demand TABLE (model, window, req_rate[, slo]) or "
+                              "--requests LOG")
+    if args.plot:
+        check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
+    if args.requests is not None:
+        specs, opts, found = _read_models(args)
+    else:
+        specs, opts = read_models(args.file, defaults={"req_rate": 0.0, **(
+            {"slo": args.slo} if args.slo is not None else {})})
+        found = demand.read_table(args.demand, specs, window=args.window)
+    cluster = _cluster(opts, args)
+    if cluster.gpus is None:
+        raise InvalidInstance("give the number of GPUs with --gpus N")
+    gpu_mem = cluster.gpu_mem if cluster.gpu_mem is not None else 80.0
+    rules = dict(cluster.rules(), out_of_service=cluster.out_of_service)
+    peak = demand.with_rates(specs, found.pick("peak"), found.slo)  # any rates: the files' placements keep theirs
+    with _naming_file(args, cluster.flags):
+        problem = build_problem(peak, cluster.gpus, gpu_mem, **rules)
+        chosen = [(Path(f).stem, demand.read_placement(f, problem)) for f in args.placement or ()]
+        if not args.no_compare:  # today's single-demand solves; other placements (a robust one) join this list
+            chosen += demand.mean_and_peak(peak, cluster.gpus, found, gpu_mem=gpu_mem, effort=args.effort,
+                                           seed=args.seed, **rules)
+    if not chosen:
+        raise InvalidInstance("nothing to evaluate: give --placement FILE.json, or drop --no-compare")
+    evals = demand.compare(chosen, found)
+    if args.plot:
+        from kvgpu import plot
+        plot.windows(evals, args.plot)
+    if args.json:
+        print(json.dumps({"windows": list(found.windows), "window_s": found.window_s,
+                          "placements": [_evaluation_dict(e) for e in evals]}, indent=1, allow_nan=False))
+        return 0
+    from kvgpu.results import KVPR_UNIT
+
+    print(f"max KVPR per window ({found.n_windows} windows" +
+          (f" of {found.window_s:g} s" if found.window_s else "") + f"; KVPR unit: {KVPR_UNIT})")
+    print(demand.timeline(evals).to_string(index=False, float_format=lambda v: f"{v:.6g}"))
+    print()
+    print(demand.summary(evals).to_string(float_format=lambda v: f"{v:.6g}"))
+    first = evals[0]
+    busy = ", ".join(f"{g}: {first.windows[w]}" for g, w in enumerate(first.busiest_window.tolist())
+                     if first.kvpr[:, g].max() > 0)
+    print(f"\nbusiest window per GPU ({first.label}): {busy or 'no GPU has demand'}")
+    return 0
+
+
+def _evaluation_dict(e) -> dict:
+    from kvgpu.demand import QUANTILE
+    from kvgpu.results import json_float
+
+    return {"label": e.label, "worst_kvpr": json_float(e.worst), "worst_window": e.windows[e.worst_window],
+            "quantile": QUANTILE, "quantile_kvpr": json_float(e.quantile()),
+            "max_kvpr_by_window": [json_float(x) for x in e.max_by_window],
+            "worst_gpu_by_window": e.worst_gpu.tolist(), "busiest_window_by_gpu": e.busiest_window.tolist()}
 
 
 def _sweep(args) -> int:
@@ -359,10 +486,12 @@ def _main(argv) -> int:
     ps = sub.add_parser("solve", help="solve the models of a JSON or CSV file")
     ps.add_argument("file", help="JSON list of {name, size, req_rate, slo} or CSV with that header")
     _add_solve_options(ps)
+    _add_demand_options(ps)
     pc = sub.add_parser("certify", help="prove the optimum of a file's instance (exact for small instances; "
                         "otherwise the proven interval within --exact-work)")
     pc.add_argument("file", help="as for solve")
     _add_solve_options(pc)
+    _add_demand_options(pc)
     pr = sub.add_parser("replan", help="re-place a running cluster: models carry cur_gpu_id (-1 if new); "
                         "at most --max-moves of them move")
     pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
@@ -374,6 +503,7 @@ def _main(argv) -> int:
                     help="move nothing that runs unless the max KVPR improves by at least this share (e.g. 0.01) "
                     "over placing the new models alone (default 0)")
     _add_solve_options(pr)
+    _add_demand_options(pr)
     pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
                         "re-running resumes")
     pw.add_argument("spec", help="YAML: gpus, gpu_mem, models_per_gpu, sizes, popularity, seeds, mode, effort, "
@@ -411,6 +541,26 @@ def _main(argv) -> int:
     pz.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
                     help="proof work per cluster size tried (0: bounds only; default %(default)s)")
     pz.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _add_demand_options(pz)
+    pe = sub.add_parser("evaluate", help="placements over every window of a demand that changes: the max KVPR per "
+                        "window, side by side with placing on the mean and on each model's peak")
+    pe.add_argument("file", help="models, as for solve (req_rate may be left out: the demand gives it)")
+    pe.add_argument("--demand", metavar="TABLE", help="long table model, window, req_rate[, slo] (.csv, .parquet, "
+                    ".json, .jsonl)")
+    _add_demand_options(pe, single=False)
+    pe.add_argument("--placement", action="append", metavar="FILE.json",
+                    help="a placement written by kvgpu solve --out FILE.json (repeat for several)")
+    pe.add_argument("--no-compare", action="store_true", help="do not solve on the mean and on the peak rates")
+    pe.add_argument("--gpus", type=_int_option("--gpus"), help="number of GPUs (default: from the file)")
+    pe.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU (default: from the file, else 80)")
+    pe.add_argument("--gpus-per-node", type=_int_option("--gpus-per-node"), help="GPUs per node")
+    pe.add_argument("--reserve-gb", type=_per_gpu_option("--reserve-gb", 0.0, False), help="GB kept off each GPU")
+    pe.add_argument("--drain", type=_drain_option, metavar="3,7", help="GPU ids out of service")
+    pe.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
+                    help="search rounds of the mean and peak solves (default %(default)s)")
+    pe.add_argument("--seed", type=_int_option("--seed"), default=0, help="random stream of those solves")
+    pe.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    pe.add_argument("--plot", help="draw the max KVPR per window of each placement to this image file")
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
@@ -448,9 +598,11 @@ def _main(argv) -> int:
             return _sweep(args)
         if args.cmd == "size":
             return _size(args)
+        if args.cmd == "evaluate":
+            return _evaluate(args)
         _check_outputs(args)
         if args.cmd in ("solve", "certify", "replan"):
-            specs, opts = read_models(args.file)
+            specs, opts = _read_models(args)
             return _solve_and_print(specs, opts, args)
         with resources.as_file(resources.files("kvgpu").joinpath("data/demo.json")) as demo:
             specs, opts = read_models(demo)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from kvgpu.problem import Instance, make_instance
@@ -189,3 +191,125 @@ def tp_cluster(rng: np.random.Generator, gpus: int, fill: float = 0.8, gpus_per_
             m["replicas"] = 2
             used += m["size"]
     return models, {"gpus": gpus, "gpu_mem": 80.0, "gpus_per_node": gpus_per_node}
+
+
+# ----------------------------------------------------------------------------- demand over the day
+
+class BurstyDemand(NamedTuple):
+    """A bursty family's draw (:func:`bursty`).
+
+    Attributes
+    ----------
+    models : list of dict -- name (``m<i>-g<group>``), size (GB), req_rate (the model's mean over
+        the windows, req/s) and slo (s), for :func:`kvgpu.solve`.
+    rates : ndarray (n, W) float64 -- request rate of each model in each window, req/s.
+    group : ndarray (n,) int64 -- the group of each model (models of a group are active together).
+    activity : ndarray (groups, W) float64 -- each group's smooth daily curve, in (0, 1], peak 1
+        (the rates are ``popularity x activity of the group x bursts x noise``).
+    options : dict -- gpus and gpu_mem of the cluster the models were drawn for.
+    """
+
+    models: list
+    rates: np.ndarray
+    group: np.ndarray
+    activity: np.ndarray
+    options: dict
+
+
+def bursty(rng: np.random.Generator, gpus: int, *, windows: int = 96, groups: int = 6, burstiness: float = 0.5,
+           tail: float = 1.1, fill: float = 0.7, night: float = 0.15, peak_rate: float = 100.0,
+           gpu_mem: float = 80.0, replicate: bool = True) -> BurstyDemand:
+    """Models whose demand changes over a day in bursty groups (as production multi-LLM traces do).
+
+    Parameters
+    ----------
+    rng : numpy Generator -- the only source of randomness: the same seed gives the same draw.
+    gpus : int -- the cluster the models are drawn for: realistic checkpoints (:data:`LLM_SIZES`)
+        until their weights reach ``fill`` of ``gpus x gpu_mem`` GB.
+    windows : int -- W, the windows of the day (96: 15 minutes each); at least ``2 x groups``.
+    groups : int -- sets of models active together (at most the number of models; fewer models
+        make fewer groups).  Group ``g``'s activity is a smooth daily curve
+        ``night + (1 - night) x ((1 + cos(2 pi (t - p_g) / W)) / 2) ** 2`` peaking at window
+        ``p_g`` in ``[(g + 1/4) W / groups, (g + 3/4) W / groups)``: the groups' peaks are
+        distinct windows, spread over the day.
+    burstiness : float >= 0 -- bursts and noise: each group has on average ``burstiness x W / 24``
+        bursts (1-3 windows each, its rates times ``1 + burstiness x U(1, 4)``), and every rate a
+        log-normal factor of sigma ``0.2 x burstiness``.  0: the smooth curves exactly.
+    tail : float > 0 -- Zipf exponent of popularity: the model of rank ``k`` (ranks shuffled) peaks
+        at ``peak_rate / k ** tail`` req/s before bursts.
+    night : float in [0, 1] -- a group's activity at the far side of the day from its peak.
+    peak_rate : float -- the most popular model's smooth peak, req/s.
+    replicate : bool -- popular models get ``replicas`` (as operators replicate hot models), so
+        that no model's peak alone sets the worst KVPR of every placement: ``r`` copies where one
+        copy's peak pressure ``rate / slo / (gpu_mem - size)`` is up to ``r`` times the cluster's
+        average pressure in the busiest window, the hottest models first, while the copies' weights
+        stay within ``fill + 0.15`` of the memory and ``r <= gpus``.
+
+    Returns
+    -------
+    BurstyDemand
+        ``models`` with ``req_rate`` the mean over the windows, ``slo`` integers 2-10 s
+        (``replicas`` where more than 1).
+    """
+    if groups < 1 or windows < 2 * groups:
+        raise ValueError(f"bursty: need 1 <= groups and windows >= 2 x groups, got groups={groups}, "
+                         f"windows={windows}")
+    if burstiness < 0 or tail <= 0 or not 0 <= night <= 1:
+        raise ValueError("bursty: burstiness >= 0, tail > 0 and night in [0, 1]")
+    sizes, cap = [], fill * gpu_mem * gpus
+    while True:
+        s = float(SIZES["llm"](rng))
+        if sum(sizes) + s > cap:
+            break
+        sizes.append(s)
+    n = len(sizes)
+    groups = max(1, min(groups, n))
+    group = (rng.permutation(n) % groups).astype(np.int64)  # every group has a model
+    popularity = peak_rate / rng.permutation(np.arange(1, n + 1)) ** tail
+    activity = _daily_curves(rng, windows, groups, night)
+    boost = _bursts(rng, windows, groups, burstiness)
+    noise = rng.lognormal(0.0, 0.2 * burstiness, (n, windows)) if burstiness > 0 else np.ones((n, windows))
+    rates = popularity[:, None] * (activity * boost)[group] * noise
+    slo = rng.integers(2, 11, n)
+    copies = _replicas(rates / slo[:, None], np.array(sizes), gpus, gpu_mem, fill + 0.15) if replicate \
+        else np.ones(n, np.int64)
+    models = [{"name": f"m{i}-g{int(group[i])}", "size": sizes[i], "req_rate": float(rates[i].mean()),
+               "slo": float(slo[i]), **({"replicas": int(copies[i])} if copies[i] > 1 else {})} for i in range(n)]
+    return BurstyDemand(models, rates, group, activity, {"gpus": gpus, "gpu_mem": gpu_mem})
+
+
+def _replicas(demand: np.ndarray, sizes: np.ndarray, gpus: int, gpu_mem: float, most_fill: float) -> np.ndarray:
+    """(n,) copies per model: ``ceil`` of one copy's peak pressure over the cluster's average
+    pressure in its busiest window, at most ``gpus``; the hottest models first while the weights
+    of all copies stay within ``most_fill`` of the memory.  ``demand``: (n, W) rate / slo."""
+    fluid = demand.sum(axis=0).max() / (gpus * gpu_mem - sizes.sum())
+    alone = demand.max(axis=1) / (gpu_mem - sizes)
+    want = np.clip(np.ceil(alone / fluid), 1, gpus).astype(np.int64) if fluid > 0 else np.ones(len(sizes), np.int64)
+    copies, room = np.ones(len(sizes), np.int64), most_fill * gpus * gpu_mem - sizes.sum()
+    for i in np.argsort(-alone, kind="stable").tolist():
+        extra = int(min(want[i] - 1, room // sizes[i])) if sizes[i] > 0 else int(want[i] - 1)
+        if extra > 0:
+            copies[i] += extra
+            room -= extra * sizes[i]
+    return copies
+
+
+def _daily_curves(rng, windows: int, groups: int, night: float) -> np.ndarray:
+    """(groups, W) smooth daily activity in [night, 1], group ``g`` peaking at a distinct window."""
+    span = windows / groups
+    peak = np.floor((np.arange(groups) + rng.uniform(0.25, 0.75, groups)) * span)
+    t = np.arange(windows)
+    wave = (1 + np.cos(2 * np.pi * (t[None, :] - peak[:, None]) / windows)) / 2
+    return night + (1 - night) * wave ** 2
+
+
+def _bursts(rng, windows: int, groups: int, burstiness: float) -> np.ndarray:
+    """(groups, W) multiplicative bursts: about ``burstiness x W / 24`` per group."""
+    boost = np.ones((groups, windows))
+    if burstiness <= 0:
+        return boost
+    for g in range(groups):
+        for _ in range(int(rng.poisson(burstiness * windows / 24))):
+            start, length = int(rng.integers(0, windows)), int(rng.integers(1, 4))
+            boost[g, start:start + length] *= 1 + burstiness * rng.uniform(1, 4)
+    return boost

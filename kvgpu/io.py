@@ -114,7 +114,7 @@ class _Lines(NamedTuple):
     models: list | None
 
 
-def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
+def read_models(path: str | Path, defaults: dict | None = None) -> tuple[list[ModelSpec], dict]:
     """Models and cluster options from a model file.
 
     Parameters
@@ -123,6 +123,9 @@ def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
         ``.csv``: a header row (``name,size,req_rate,slo`` and optional columns, see
         :data:`kvgpu.schema.KEYS`) and one model per line; ``.json`` / ``.yaml`` / ``.yml``:
         a list of models, or an object with ``models`` and the options below.
+    defaults : dict, optional
+        Field -> value for models that leave the field out (or empty): e.g. ``req_rate`` and
+        ``slo`` where the demand comes from a request log (:mod:`kvgpu.demand`).
 
     Returns
     -------
@@ -150,12 +153,25 @@ def read_models(path: str | Path) -> tuple[list[ModelSpec], dict]:
     text = read_text(path)
     if suffix == ".csv":
         rows, where = _csv_rows(text, name)
-        return model_specs(rows, where, base_dir=Path(path).parent), {}
+        return model_specs(_with_defaults(rows, defaults), where, base_dir=Path(path).parent), {}
     data, lines = _json_document(text, name) if suffix == ".json" else _yaml_document(text, name)
-    return _document(data, lines, name, Path(path).parent)
+    return _document(data, lines, name, Path(path).parent, defaults)
 
 
-def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None) -> tuple[list[ModelSpec], dict]:
+def _with_defaults(models: list, defaults: dict | None) -> list:
+    """``models`` with ``defaults`` filled in where a model (a dict) leaves a field out or empty."""
+    if not defaults:
+        return models
+    out = []
+    for m in models:
+        if isinstance(m, dict):
+            m = {**m, **{k: v for k, v in defaults.items() if m.get(k) is None or m.get(k) == ""}}
+        out.append(m)
+    return out
+
+
+def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None,
+              defaults: dict | None = None) -> tuple[list[ModelSpec], dict]:
     options: dict = {}
     if isinstance(data, dict):
         _no_duplicate(data, name)
@@ -189,7 +205,7 @@ def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None)
     where = [f"{name}, line {at[i]}, model {i}" if at else f"{name}, model {i}" for i in range(len(models))]
     for w, m in zip(where, models):
         _no_duplicate(m, w)
-    return model_specs(models, where, base_dir=base_dir), options
+    return model_specs(_with_defaults(models, defaults), where, base_dir=base_dir), options
 
 
 def _at(name: str, lines: _Lines, key: Any) -> str:

@@ -307,3 +307,36 @@ def sweep_figure(df):
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(2, len(labels)),
                frameon=False)
     return fig
+
+
+# ----------------------------------------------------------------------------- demand over windows
+
+def windows(evaluations, path: str | Path) -> None:
+    """Draw the max KVPR per window of several placements to ``path`` (see :func:`windows_figure`)."""
+    _save(windows_figure(evaluations), path)
+
+
+def windows_figure(evaluations):
+    """The max KVPR of each window, one line per placement (:class:`kvgpu.demand.WindowEvaluation`,
+    e.g. of :func:`kvgpu.demand.compare`), the worst window of each marked; a Figure (close it).
+    Infinite KVPRs (a GPU with demand and no KV memory) are drawn at the top of the axes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    labels = list(evaluations[0].windows) if evaluations else []
+    x = np.arange(len(labels))
+    finite = [v for e in evaluations for v in e.max_by_window.tolist() if math.isfinite(v)]
+    top = max(finite, default=1.0) * 1.1 or 1.0
+    for e in evaluations:
+        y = e.max_by_window
+        line, = ax.plot(x, np.where(np.isfinite(y), y, top), marker="." if len(x) <= 96 else None,
+                        label=f"{printable(e.label)}: worst {e.worst:.4g}, q95 {e.quantile():.4g}")
+        ax.plot([e.worst_window], [min(e.worst, top)], marker="o", color=line.get_color(), markersize=8)
+    step = max(1, len(labels) // 12)
+    ax.set_xticks(x[::step], [str(w) for w in labels[::step]], rotation=30, ha="right", fontsize=7)
+    ax.set(xlabel="window", ylabel=KVPR_LABEL, title="max KVPR per window (circle: the worst window)")
+    ax.set_ylim(0, top * 1.05)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    handles, names = ax.get_legend_handles_labels()  # below the figure: never over a line
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(2, len(names)), frameon=False)
+    return fig
