@@ -34,7 +34,7 @@ from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.deltas import safe_div_array
 from kvgpu.kernels.params import OPTIMAL_RTOL
 from kvgpu.problem import Instance, Problem
-from kvgpu.results import ORDER_WORDS, BatchResult, Placement
+from kvgpu.results import BOUND_CLOSED_FORM, BOUND_EXACT, BOUND_LP, ORDER_WORDS, BatchResult, Placement
 from kvgpu.schema import OPTION_RANGES, integer
 
 MODES = ("search", "seed")
@@ -58,6 +58,9 @@ DEFAULT_EXACT_WORK = 20_000_000
 #: items, with at most ``AUTO_EXACT_WORK`` of work -- a fraction of a second -- so small
 #: answers come with their proof.
 AUTO_EXACT_ITEMS, AUTO_EXACT_WORK = 24, 2_000_000
+#: ``exact=True`` tries the configuration LP bound on problems of at most this many items (each
+#: LP round prices a knapsack per GPU class; 190 tp shards on 64 GPUs take 7-18 s on 2 cores).
+LP_MAX_ITEMS = 1024
 
 
 @dataclass(frozen=True)
@@ -552,8 +555,9 @@ def _check_forced(problem: Problem) -> None:
                                proven=True)
 
 
-def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    """Start, search and proof under the rules: ``(assign, pos, lower bound, certified)``."""
+def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarray, float, bool, str]:
+    """Start, search and proof under the rules: ``(assign, pos, lower bound, certified, which
+    bound)``."""
     from kvgpu.kernels import exact, search, start
 
     if opts.mode == "seed":
@@ -596,10 +600,25 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
         lo, _ = exact.certify_instance(s, w, M, lb, assign, pos, work, rules, gclass)
         certified = lo > lb
         lb = lo
+    source = BOUND_EXACT if certified else BOUND_CLOSED_FORM
+    lb, source = _lp_bound(problem, opts, lb, mx, source)
     if _balances(opts, False):
         assign, pos = _balance(problem, assign, pos, opts)
     _check_colocation(problem, assign)
-    return assign, pos, lb, certified
+    return assign, pos, lb, certified, source
+
+
+def _lp_bound(problem: Problem, opts: Options, lb: float, mx: float, source: str) -> tuple[float, str]:
+    """``exact=True`` asks for the best bound kvgpu has: where the exact search left a gap, the
+    configuration LP (:mod:`kvgpu.lp_bound`) tries to raise ``lb`` towards the answer ``mx``.
+    Returns the bound and which one it is."""
+    if (opts.exact is not True or is_optimal(mx, lb) or not math.isfinite(mx)
+            or problem.items.n_models > LP_MAX_ITEMS):
+        return lb, source
+    from kvgpu.lp_bound import configuration_bound
+
+    lp = configuration_bound(problem, lb, mx)
+    return (lp, BOUND_LP) if lp > lb else (lb, source)
 
 
 def _balances(opts: Options, decomposed: bool) -> bool:
@@ -809,13 +828,15 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
         note = _decompose_note(res, opts, sub.n_gpus)
         if res.decomposed[0] and opts.objective == "lex":
             note += "; in the seed's order (max, second, mean): the balancing passes do not run on a decomposition"
-        return Placement(problem, a, kv, float(min(res.lower_bound[0], kv.max())), mode=opts.mode,
+        lb, source = _lp_bound(problem, opts, float(res.lower_bound[0]), float(kv.max()),
+                               str(res.bound_source[0]))
+        return Placement(problem, a, kv, float(min(lb, kv.max())), mode=opts.mode,
                          backend=engine_names, note=note, decomposed=bool(res.decomposed[0]),
-                         objective=_order_used(opts, bool(res.decomposed[0])))
+                         objective=_order_used(opts, bool(res.decomposed[0])), bound_source=source)
     decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
-    assign, pos, lb, certified = _solve_ruled(problem, opts)
+    assign, pos, lb, certified, source = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)
-    out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified),
+    out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified), bound_source=source,
                objective=_order_used(opts, False))
     if not problem.is_replan:
         return Placement(problem, assign, kv, float(min(lb, kv.max())), **out)
@@ -842,7 +863,7 @@ def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Plac
     baseline = None
     if problem.max_moves != 0:
         try:
-            b_assign, b_pos, _, _ = _solve_ruled(problem.with_budget(0), replace(opts, exact=False))
+            b_assign, b_pos, _, _, _ = _solve_ruled(problem.with_budget(0), replace(opts, exact=False))
             baseline = (b_assign, _kvpr_of(problem, b_assign, b_pos))
         except NoPlacementFound:
             baseline = None

@@ -56,7 +56,7 @@ def json_float(x) -> float | str:
 
 
 #: Words for which bound a batch's ``lower_bound`` is (:attr:`BatchResult.bound_source`).
-BOUND_EXACT, BOUND_CLOSED_FORM = "exact search", "closed-form bound"
+BOUND_EXACT, BOUND_CLOSED_FORM, BOUND_LP = "exact search", "closed-form bound", "configuration LP"
 
 
 def printable(name: str) -> str:
@@ -122,6 +122,9 @@ class Placement:
     lower_bound : float -- proven: no placement has a lower max KVPR.
     proven : bool -- the exact search proved the answer optimal (see :attr:`proven_optimal`).
     bound_scope : str -- which placements ``lower_bound`` is proven for, in words.
+    bound_source : str -- which bound ``lower_bound`` is: ``"exact search"`` (the proof ran and
+        raised it), ``"configuration LP"`` (:mod:`kvgpu.lp_bound`, with ``exact=True`` where the
+        proof did not close the gap) or ``"closed-form bound"`` (:mod:`kvgpu.bounds`).
     plan : list[Move] -- re-placement: the steps in an order that keeps every GPU within its
         memory at every step (migrations and loads of new models); ``plan_note`` says when no
         such order exists and what spare room one needs.
@@ -141,6 +144,7 @@ class Placement:
     mode: str = "search"
     backend: str = "numba"
     bound_scope: str = "every placement"
+    bound_source: str = BOUND_CLOSED_FORM
     plan: list = field(default_factory=list)
     plan_note: str | None = None
     start_kvpr: float | None = None
@@ -323,7 +327,7 @@ class Placement:
                 gpus[-1]["kv_tokens"] = [None if np.isnan(tokens[i]) else int(tokens[i]) for i in idx]
         out = {"max_kvpr": json_float(self.max_kvpr), "lower_bound": json_float(self.lower_bound),
                "gap": json_float(self.gap), "proven_optimal": self.proven_optimal, "status": self.status,
-               "bound_scope": self.bound_scope,
+               "bound_scope": self.bound_scope, "bound_source": self.bound_source,
                "units": {"kvpr": KVPR_UNIT, "demand": "req_rate / slo (req/s per s of SLO)", "memory": "GB",
                          "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum",
                          **({"kv_tokens": KV_TOKENS_UNIT} if tokens is not None else {})},
@@ -366,7 +370,8 @@ class Placement:
         elif self.note:
             rows.append(f"note: {self.note}")
         proven = "optimal (proven)" if self.proven_optimal else "not proven optimal"
-        rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f}   "
+        rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f} "
+                    f"({self.bound_source})   "
                     f"gap {self.gap_words} (an upper limit on the distance from the optimum)   {proven}")
         rows.append(f"({self.count()}, {p.n_gpus} GPUs, mode={self.mode}, backend={self.backend}"
                     + ("" if self.bound_scope == "every placement" else f"; bound: {self.bound_scope}") + ")")
