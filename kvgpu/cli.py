@@ -371,8 +371,8 @@ def _main(argv) -> int:
     pr.add_argument("--max-migrated-gb", type=_num_option("--max-migrated-gb", 0.0, unlimited=True),
                     help="most GB of model weights copied (default: inf, no limit)")
     pr.add_argument("--min-gain", type=_num_option("--min-gain", 0.0, 1.0),
-                    help="move nothing that runs unless the max KVPR improves by at least this share (e.g. 0.01) "
-                    "over placing the new models alone (default 0)")
+                    help="move nothing that runs unless the max KVPR improves by at least this share over placing "
+                    "the new models alone (default 0.01: 1%%; 0 moves for any gain)")
     _add_solve_options(pr)
     pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
                         "re-running resumes")

@@ -65,6 +65,11 @@ def printable(name: str) -> str:
     return repr(name)[1:-1]
 
 
+def plural(n: int, word: str) -> str:
+    """``"1 GPU"``, ``"2 GPUs"``: a count with its noun (English plural by ``s``)."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def percent(gap: float) -> str:
     """A gap (a fraction) in percent, never rounded to "0.00%" unless it is 0: a gap that is
     not proven closed keeps digits enough to show it (``"0.0031%"``)."""
@@ -271,7 +276,7 @@ class Placement:
     def count(self) -> str:
         """``"N models"`` (and the shard count when models are split), for titles."""
         n_models, n_items = len(self.problem.specs), self.problem.items.n_models
-        return f"{n_models} models" + (f" as {n_items} shards/replicas" if n_items != n_models else "")
+        return plural(n_models, "model") + (f" as {n_items} shards/replicas" if n_items != n_models else "")
 
     # -- output -----------------------------------------------------------------------------
     def gpu_rows(self) -> list[dict]:
@@ -297,7 +302,9 @@ class Placement:
                          "gap": "max_kvpr / lower_bound - 1: an upper limit on the distance from the optimum"},
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
                "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus,
-               "decomposed": self.decomposed, "objective": self.objective}
+               "decomposed": self.decomposed, "objective": self.objective,
+               # the input, so that the file alone can be exported or read back as the current placement
+               "models": [s.to_dict() for s in p.specs], "cluster": p.cluster_fields()}
         if p.out_of_service:
             out["out_of_service"] = list(p.out_of_service)
         if not p.is_replan and self.note:
@@ -327,7 +334,7 @@ class Placement:
                         f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx)}"
                         + (" (out of service)" if g in p.out_of_service else ""))
         if idle:
-            rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
+            rows.append(f"     ({plural(len(idle), 'GPU')} without models are not listed: KVPR 0, all their memory free)")
         if p.is_replan:
             rows.append(self._replan_lines())
         elif self.note:
@@ -335,7 +342,7 @@ class Placement:
         proven = "optimal (proven)" if self.proven_optimal else "not proven optimal"
         rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f}   "
                     f"gap {self.gap_words} (an upper limit on the distance from the optimum)   {proven}")
-        rows.append(f"({self.count()}, {p.n_gpus} GPUs, mode={self.mode}, backend={self.backend}"
+        rows.append(f"({self.count()}, {plural(p.n_gpus, 'GPU')}, mode={self.mode}, backend={self.backend}"
                     + ("" if self.bound_scope == "every placement" else f"; bound: {self.bound_scope}") + ")")
         return "\n".join(rows)
 
