@@ -23,10 +23,11 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 * a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
   moving a running model costs a migration, limited by ``max_moves`` (models) and
   ``max_migrated_gb`` (GB copied); ``min_gain`` is the relative improvement below which nothing
-  running is moved (default :data:`DEFAULT_MIN_GAIN`, 1%; 0 moves for any gain).  A model's shards are interchangeable: what counts is the set of GPUs it
-  ends on against the set it runs on (whatever the order of ``cur_gpu_id`` and ``pin``); more
-  running copies than ``tp x replicas`` scale it in (the extra copies stop, which moves
-  nothing), fewer scale it out (the new copies load like a new model).
+  running is moved (default :data:`DEFAULT_MIN_GAIN`, 1%; 0 moves for any gain).  A model's
+  shards are interchangeable: what counts is the set of GPUs it ends on against the set it
+  runs on (whatever the order of ``cur_gpu_id`` and ``pin``); more running copies than ``tp x
+  replicas`` scale it in (the extra copies stop, which moves nothing), fewer scale it out (the
+  new copies load like a new model).
 
 :class:`Instance` is the plain part (items, demand, memory), which the seed pipeline engines
 (:mod:`kvgpu.reference`, :mod:`kvgpu.batch`, :mod:`kvgpu.kernels.cpu`) work on.

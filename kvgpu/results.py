@@ -334,7 +334,7 @@ class Placement:
                         f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx)}"
                         + (" (out of service)" if g in p.out_of_service else ""))
         if idle:
-            rows.append(f"     ({plural(len(idle), 'GPU')} without models are not listed: KVPR 0, all their memory free)")
+            rows.append(f"     (not listed: {plural(len(idle), 'GPU')} without models, KVPR 0, all their memory free)")
         if p.is_replan:
             rows.append(self._replan_lines())
         elif self.note:

@@ -59,6 +59,7 @@ OPTION_RANGES = {
     "jobs": (1, 1024),
     "max_gpus": (1, 100_000),  # sizing (kvgpu.capacity) tries at most this many GPUs
     "dask_local": (1, 256),
+    "base_port": (1, 65535),  # kvgpu export: the first port of the engines on a node
 }
 
 #: field of :class:`ModelSpec` -> the keys that give it (first: kvgpu's own name; then the
