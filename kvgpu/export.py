@@ -397,7 +397,8 @@ def _local_ids(p: Placement) -> tuple[np.ndarray, np.ndarray]:
 def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: int = BASE_PORTS["vllm"]) -> list:
     """The engines of placement ``p`` in start order (node, then input order, then replica),
     with ports and KV cache (no fractions: :func:`export` sets those).  Refuses an unnamed
-    model and a replica whose tp shards span nodes (``same_node: false``)."""
+    model, a replica whose tp shards span nodes (``same_node: false``) and an adapter
+    (``colocate_with``: served by its base's engine, which is not written yet)."""
     prob = p.problem
     kv, raised = _kv_per_item(p, min_kv_gb)
     node, local = _local_ids(p)
@@ -406,9 +407,15 @@ def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: in
         if spec.name is None or not spec.name.strip():
             raise InvalidInstance(f"{spec.where}: has no name; an engine serves a model by its name (a Hugging Face "
                                   f"id or a path): give each model its name")
+        if spec.colocate_with is not None:  # its requests would use the base engine's KV pool
+            raise InvalidInstance(f"{spec.where}: colocate_with {spec.colocate_with!r}: an adapter is served by its "
+                                  f"base model's engine (vLLM --enable-lora --lora-modules, SGLang --lora-paths), not a "
+                                  f"process of its own; kvgpu export does not write adapters yet: export without it "
+                                  f"and add it to the base's command")
         items = prob.items_of(m)
         for r in range(spec.replicas):
             its = items[r * spec.tp:(r + 1) * spec.tp]
+            its = its[np.argsort(p.assignment[its], kind="stable")]  # CUDA_VISIBLE_DEVICES in id order
             gpus = p.assignment[its].tolist()
             nodes = {int(node[g]) for g in gpus}
             if len(nodes) > 1:
