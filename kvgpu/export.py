@@ -284,7 +284,8 @@ def _check_figures(data: dict, kvpr: np.ndarray, name: str) -> None:
             said = float(row["kvpr"])
         except (KeyError, TypeError, ValueError):
             continue
-        ok = said == kvpr[g] or (math.isfinite(said) and abs(said - kvpr[g]) <= 1e-9 * max(abs(said), abs(kvpr[g])))
+        # to 1e-6: the solver's kernels add a GPU's loads in their own order
+        ok = said == kvpr[g] or (math.isfinite(said) and abs(said - kvpr[g]) <= 1e-6 * max(abs(said), abs(kvpr[g])))
         if not ok:
             raise InvalidInstance(f"{name}: GPU {g}: the file says KVPR {said!r}, its models and assignment give "
                                   f"{float(kvpr[g])!r} (an edited file?); solve again with --out")
@@ -549,6 +550,11 @@ def _utilization(p: Placement, node: int | None) -> float:
 
 def _notes(p: Placement, engines: list, min_kv_gb: float) -> list:
     notes = []
+    bare = sorted({g for e in engines if e.overhead_gb == 0 for g in e.gpus if p.problem.reserve[g] == 0})
+    if bare:
+        notes.append(f"GPU(s) {', '.join(map(str, bare[:8]))}{', ...' if len(bare) > 8 else ''}: no reserve_gb and "
+                     f"engines without overhead_gb, so the fractions leave no memory for activations and the CUDA "
+                     f"context (an engine may run out of memory): give reserve_gb or overhead_gb and solve again")
     raised = [e for e in engines if e.raised]
     if raised:
         notes.append(f"raised to min_kv_gb={min_kv_gb:g} GB of KV cache per GPU (their demand's share was less): "
