@@ -22,7 +22,8 @@ share a GPU without a shared KV pool, its memory fraction:
   is below that share ("Free memory on device ... is less than desired GPU memory utilization"),
   so the fractions on a GPU add up to at most ``1 - reserve / memory`` and the launch script
   starts the engines of a GPU one after another (each waits until the earlier ones answer
-  ``/health``).
+  ``/health``).  vLLM measures the free memory after creating its own CUDA context, so a GPU
+  needs ``reserve_gb`` of at least that (1-2 GB): the notes name GPUs without any.
 * **SGLang** ``--mem-fraction-static`` is the share of memory for weights and the KV pool;
   SGLang measures it against the memory *free when the engine starts* (its
   ``pre_model_load_memory``; KV pool = free after loading - free before x (1 - fraction)), not
@@ -550,11 +551,12 @@ def _utilization(p: Placement, node: int | None) -> float:
 
 def _notes(p: Placement, engines: list, min_kv_gb: float) -> list:
     notes = []
-    bare = sorted({g for e in engines if e.overhead_gb == 0 for g in e.gpus if p.problem.reserve[g] == 0})
+    bare = sorted({g for e in engines for g in e.gpus if p.problem.reserve[g] == 0})
     if bare:
-        notes.append(f"GPU(s) {', '.join(map(str, bare[:8]))}{', ...' if len(bare) > 8 else ''}: no reserve_gb and "
-                     f"engines without overhead_gb, so the fractions leave no memory for activations and the CUDA "
-                     f"context (an engine may run out of memory): give reserve_gb or overhead_gb and solve again")
+        notes.append(f"GPU(s) {', '.join(map(str, bare[:8]))}{', ...' if len(bare) > 8 else ''}: no reserve_gb, so "
+                     f"the fractions take the whole GPU: vLLM refuses to start when its share is not free after its "
+                     f"own CUDA context, and activations beyond overhead_gb have no room; give reserve_gb (1-2 GB) "
+                     f"and solve again")
     raised = [e for e in engines if e.raised]
     if raised:
         notes.append(f"raised to min_kv_gb={min_kv_gb:g} GB of KV cache per GPU (their demand's share was less): "

@@ -178,7 +178,7 @@ def test_zero_demand_gets_the_minimum_or_is_refused_by_name():
     busy, idle = dep.engines
     assert idle.kv_gb == 2 and idle.raised and busy.kv_gb == pytest.approx(18)
     assert any("raised to min_kv_gb=2" in n for n in dep.notes)
-    assert any("no reserve_gb and engines without overhead_gb" in n for n in dep.notes)  # nothing for activations
+    assert any("no reserve_gb, so the fractions take the whole GPU" in n for n in dep.notes)
     with pytest.raises(kvgpu.InvalidInstance, match="GPU 0: idle would get 0 GB of KV cache.*min_kv_gb"):
         ex.export(p, "vllm", min_kv_gb=0)
     with pytest.raises(kvgpu.InvalidInstance, match=r"GPU 0: 2 engine\(s\) \(busy, idle\) need at least 11 GB"):
