@@ -697,6 +697,9 @@ def _manifest(p: Placement, engines: list, fmt: str, engine: str, min_kv_gb: flo
     for e in engines:
         row = {k: v for k, v in asdict(e).items() if v is not None}
         row["kvpr"] = json_float(e.kvpr)
+        row["cuda_visible_devices"] = ",".join(map(str, e.local_gpus))
+        if fmt != "json":  # the line its launch script runs ($HOST and $LOG_DIR set there)
+            row["command"] = _command(e, engine, fmt == "kvcached")
         rows.append(row)
     doc = {"kvgpu_export": MANIFEST_VERSION, "format": fmt, "engine": None if fmt == "json" else engine,
            "shared_kv_pool": fmt == "kvcached", "min_kv_gb": min_kv_gb, "files": files + [MANIFEST],

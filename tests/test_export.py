@@ -77,6 +77,11 @@ def test_manifest_round_trips_and_exports_the_same_files(solved, tmp_path):
         again = ex.load(tmp_path / fmt / ex.MANIFEST)
         assert again.assignment.tolist() == p.assignment.tolist() and again.kvpr.tolist() == p.kvpr.tolist()
         assert ex.export(tmp_path / fmt, fmt, venv="/opt/vllm-venv").files == dep.files  # a folder: its manifest
+        rows = json.loads(dep.files[ex.MANIFEST])["engines"]
+        assert [r["port"] for r in rows] == [e.port for e in dep.engines]
+        for r in rows:
+            assert r["cuda_visible_devices"] == ",".join(map(str, r["local_gpus"]))
+            assert fmt == "json" or r["command"] in "".join(t for n, t in dep.files.items() if n.endswith(".sh"))
         assert sorted(f.name for f in (tmp_path / fmt).iterdir()) == sorted(dep.files)
 
 
