@@ -381,3 +381,15 @@ def test_csv_numbers_are_rounded_for_print_json_exact_and_one_gpu_is_singular(tm
     assert "0.3," in (tmp_path / "p.csv").read_text() and "0.30000000000000004" not in (tmp_path / "p.csv").read_text()
     assert json.loads((tmp_path / "p.json").read_text())["gpus"][0]["models_gb"] == 0.1 + 0.2
     assert str(p).splitlines()[-1].startswith("(1 model, 1 GPU, ")
+
+
+def test_kvcached_with_sglang_needs_no_venv_and_an_empty_folder_is_filled(solved, tmp_path):
+    p, path = solved
+    (tmp_path / "kv").mkdir()  # exists, empty: filled at once
+    dep = ex.export(path, "kvcached", tmp_path / "kv", kvcached_engine="sglang")
+    cfg = yaml.safe_load((tmp_path / "kv" / "kvcached_node0.yaml").read_text())
+    (inst,) = cfg["instances"]
+    assert inst["engine"] == "sglang" and "using_venv" not in inst
+    assert inst["engine_args"] == ["--tp-size 2", "--port=30000"] and inst["engine_env"] == ["CUDA_VISIBLE_DEVICES=0,1"]
+    assert sorted(f.name for f in (tmp_path / "kv").iterdir()) == sorted(dep.files)
+    assert [f.name for f in tmp_path.iterdir()] == ["kv"]  # no temporary folder left
