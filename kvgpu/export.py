@@ -341,6 +341,20 @@ def current_of(path: str | Path, specs: list | None = None) -> tuple[list, dict]
 
 # ---------------------------------------------------------------- engines and their memory
 
+def _items_per_gpu(p: Placement) -> list:
+    """The items on each GPU, in input order."""
+    out: list = [[] for _ in range(p.problem.n_gpus)]
+    for i, g in enumerate(p.assignment.tolist()):
+        out[g].append(i)
+    return out
+
+
+def _names(p: Placement, idx) -> str:
+    """The names of items ``idx`` for a message (one line each: :func:`printable`)."""
+    names = p.problem.items.names
+    return ", ".join(printable(names[i] if names[i] is not None else f"#{i}") for i in idx)
+
+
 def _kv_per_item(p: Placement, min_kv_gb: float) -> tuple[np.ndarray, np.ndarray]:
     """(n,) GB of KV cache per item (:meth:`Placement.kv_split`, with every item raised to
     ``min_kv_gb`` at the expense of the others on its GPU, which keep equal pressure), and
@@ -350,15 +364,15 @@ def _kv_per_item(p: Placement, min_kv_gb: float) -> tuple[np.ndarray, np.ndarray
     kv = base.copy()
     raised = np.zeros(kv.shape[0], bool)
     w = p.instance.demand
-    for g, idx in enumerate(p._members()):
+    for g, idx in enumerate(_items_per_gpu(p)):
         if not idx:
             continue
         free = max(float(p.kv_free[g]), 0.0)
-        names = p._names_of(idx)
+        names = _names(p, idx)
         if min_kv_gb <= 0:
             zero = [i for i in idx if kv[i] <= 0]
             if zero:
-                raise InvalidInstance(f"GPU {g}: {p._names_of(zero)} would get 0 GB of KV cache (no demand beside "
+                raise InvalidInstance(f"GPU {g}: {_names(p, zero)} would get 0 GB of KV cache (no demand beside "
                                       f"engines with demand, or no free memory): an engine cannot start without KV "
                                       f"blocks; give a minimum KV share (min_kv_gb, --min-kv-gb)")
             continue
