@@ -42,6 +42,11 @@ share a GPU without a shared KV pool, its memory fraction:
   GPU is the reserve; the least over the node's GPUs).  kvcached's launcher starts vLLM from a
   virtual environment only (``using_venv``, ``venv_path``): ``venv`` is required for it.
 
+A LoRA adapter (``colocate_with: BASE``) is no process of its own: the engine of its base on
+its GPU serves it (vLLM ``--enable-lora --lora-modules NAME=NAME``, SGLang ``--lora-paths
+NAME=NAME``), with the adapter's weights, overhead and KV share added to that engine (its
+requests use that engine's KV pool); an adapter beside a tp engine is refused.
+
 Every format writes ``manifest.json`` (the engines, and the placement's models, cluster and
 assignment, so :func:`load` reads it back like an ``--out`` file); ``json`` writes only that.
 """
@@ -89,8 +94,11 @@ class Engine:
     gpus, local_gpus : list of int -- GPU ids in the cluster, and on the node (``CUDA_VISIBLE_DEVICES``).
     tp : int -- tensor-parallel size (``len(gpus)``).
     port : int -- its server's port.
-    weights_gb, overhead_gb, kv_gb : float -- GB per GPU: ``size / tp``, ``overhead_gb``, KV cache.
-    kvpr : float -- its KV pressure: demand per GPU / ``kv_gb`` (the largest over its GPUs).
+    weights_gb, overhead_gb, kv_gb : float -- GB per GPU: ``size / tp``, ``overhead_gb``, KV cache
+        (with its adapters' weights, overheads and KV shares).
+    demand : float -- demand per GPU (``req_rate / slo`` over ``tp x replicas``, with its adapters').
+    kvpr : float -- its KV pressure: ``demand / kv_gb``.
+    adapters : list of str -- LoRA adapters (``colocate_with`` this model, on its GPU) it serves.
     gpu_memory_utilization, mem_fraction_static : float or None -- vLLM's and SGLang's fraction
         (None where the format does not use it).
     env : dict -- extra environment of the process.
@@ -108,7 +116,9 @@ class Engine:
     weights_gb: float = 0.0
     overhead_gb: float = 0.0
     kv_gb: float = 0.0
+    demand: float = 0.0
     kvpr: float = 0.0
+    adapters: list = field(default_factory=list)
     gpu_memory_utilization: float | None = None
     mem_fraction_static: float | None = None
     env: dict = field(default_factory=dict)
@@ -412,22 +422,23 @@ def _local_ids(p: Placement) -> tuple[np.ndarray, np.ndarray]:
 
 def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: int = BASE_PORTS["vllm"]) -> list:
     """The engines of placement ``p`` in start order (node, then input order, then replica),
-    with ports and KV cache (no fractions: :func:`export` sets those).  Refuses an unnamed
-    model, a replica whose tp shards span nodes (``same_node: false``) and an adapter
-    (``colocate_with``: served by its base's engine, which is not written yet)."""
+    with ports and KV cache (no fractions: :func:`export` sets those).  A LoRA adapter
+    (``colocate_with``) is no process of its own: the engine of its base on its GPU serves it,
+    with the adapter's weights, overhead, demand and KV share added (its requests use that
+    engine's KV pool).  Refuses an unnamed model, a replica whose tp shards span nodes
+    (``same_node: false``) and an adapter beside a tp engine (kvgpu places its weights on one
+    GPU, the engine would split them over all)."""
     prob = p.problem
     kv, raised = _kv_per_item(p, min_kv_gb)
     node, local = _local_ids(p)
-    out = []
+    out, adapters = [], []
     for m, spec in enumerate(prob.specs):
         if spec.name is None or not spec.name.strip():
             raise InvalidInstance(f"{spec.where}: has no name; an engine serves a model by its name (a Hugging Face "
                                   f"id or a path): give each model its name")
-        if spec.colocate_with is not None:  # its requests would use the base engine's KV pool
-            raise InvalidInstance(f"{spec.where}: colocate_with {spec.colocate_with!r}: an adapter is served by its "
-                                  f"base model's engine (vLLM --enable-lora --lora-modules, SGLang --lora-paths), not a "
-                                  f"process of its own; kvgpu export does not write adapters yet: export without it "
-                                  f"and add it to the base's command")
+        if spec.colocate_with is not None:
+            adapters.append(m)
+            continue
         items = prob.items_of(m)
         for r in range(spec.replicas):
             its = items[r * spec.tp:(r + 1) * spec.tp]
@@ -439,18 +450,39 @@ def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: in
                                       f"engine over several nodes needs a multi-node launch, which kvgpu does not "
                                       f"write; keep its shards in one node")
             k = nodes.pop()
-            kv_rank = float(kv[its].min())
-            demand = float(prob.items.demand[its[0]])
             out.append(Engine(spec.name, m, r, None if k < 0 else k, gpus, local[gpus].tolist(), spec.tp,
-                              weights_gb=spec.size / spec.tp, overhead_gb=spec.overhead_gb, kv_gb=kv_rank,
-                              kvpr=float(safe_div_array(np.array([demand]), np.array([kv_rank]), np)[0]),
+                              weights_gb=spec.size / spec.tp, overhead_gb=spec.overhead_gb,
+                              kv_gb=float(kv[its].min()), demand=float(prob.items.demand[its[0]]),
                               raised=bool(raised[its].any())))
+    for m in adapters:
+        _attach(p, out, m, kv, raised)
+    for e in out:
+        e.kvpr = float(safe_div_array(np.array([e.demand]), np.array([e.kv_gb]), np)[0])
     out.sort(key=lambda e: (-1 if e.node is None else e.node, e.model_index, e.replica))
     ports: dict = {}
     for e in out:
         e.port = base_port + ports.get(e.node, 0)
         ports[e.node] = ports.get(e.node, 0) + 1
     return out
+
+
+def _attach(p: Placement, engines: list, m: int, kv: np.ndarray, raised: np.ndarray) -> None:
+    """Adapter ``m`` (one item) joins the engine of its base on its GPU."""
+    prob = p.problem
+    spec = prob.specs[m]
+    i = int(prob.items_of(m)[0])
+    g = int(p.assignment[i])
+    base = next(e for e in engines if e.model == spec.colocate_with and g in e.gpus)  # the rule keeps one there
+    if base.tp > 1:
+        raise InvalidInstance(f"{spec.where}: an adapter beside {printable(base.model)}, a tp={base.tp} engine: the "
+                              f"engine would split the adapter over its {base.tp} GPUs, which kvgpu placed on GPU {g} "
+                              f"alone; not exported (serve the adapter beside a tp=1 replica)")
+    base.adapters.append(spec.name)
+    base.weights_gb += spec.size
+    base.overhead_gb += spec.overhead_gb
+    base.kv_gb += float(kv[i])
+    base.demand += float(prob.items.demand[i])
+    base.raised |= bool(raised[i])
 
 
 def _floor4(x: float) -> float:
@@ -576,6 +608,11 @@ def _notes(p: Placement, engines: list, min_kv_gb: float) -> list:
         notes.append(f"raised to min_kv_gb={min_kv_gb:g} GB of KV cache per GPU (their demand's share was less): "
                      + ", ".join(f"{printable(e.model)} (port {e.port})" for e in raised)
                      + "; the other engines on their GPUs keep equal pressure among themselves")
+    served = [e for e in engines if e.adapters]
+    if served:
+        notes.append("LoRA adapters are served by their base's engine: " + "; ".join(
+            f"{', '.join(map(printable, e.adapters))} on port {e.port}" for e in served)
+            + " (vLLM: raise --max-lora-rank / --max-loras if your adapters need it)")
     lost = [e for e in engines if e.tp > 1 and e.kv_gb < p.kv_split()[p.problem.items_of(e.model_index)].max() - 1e-9]
     if lost:
         notes.append("tp engines keep one KV pool size on all their GPUs (the least of their shares): "
@@ -589,7 +626,9 @@ def _comment(e: Engine) -> str:
         frac += f", gpu_memory_utilization {e.gpu_memory_utilization:g}"
     if e.mem_fraction_static is not None:
         frac += f", mem_fraction_static {e.mem_fraction_static:g}"
-    return (f"# {printable(e.model)} replica {e.replica}: GPU(s) {','.join(map(str, e.gpus))} (tp {e.tp}); per GPU "
+    lora = f", adapters {', '.join(map(printable, e.adapters))}" if e.adapters else ""
+    gpus = ",".join(map(str, e.gpus))
+    return (f"# {printable(e.model)}{lora} replica {e.replica}: GPU(s) {gpus} (tp {e.tp}); per GPU "
             f"weights {e.weights_gb:.4g} + overhead {e.overhead_gb:.4g} + KV {e.kv_gb:.4g} GB, KVPR {e.kvpr:.6g}{frac}")
 
 
@@ -604,6 +643,8 @@ def _command(e: Engine, engine: str, shared: bool) -> str:
         cmd = f"python -m sglang.launch_server --model-path {q(e.model)} --tp-size {e.tp}"
         if not shared:
             cmd += f" --mem-fraction-static {e.mem_fraction_static:g}"
+    if e.adapters:
+        cmd += " " + " ".join(map(q, _lora_args(e, engine)))
     envs = " ".join(f"{k}={q(v)}" for k, v in env.items())
     return f'{envs} {cmd} --host "$HOST" --port {e.port} > "$LOG_DIR/engine-{e.port}.log" 2>&1 &'
 
@@ -665,6 +706,12 @@ def _script(engines: list, engine: str, node: int | None, shared: bool, utilizat
     return "\n".join(lines) + "\n"
 
 
+def _lora_args(e: Engine, engine: str) -> list:
+    """The flags that load an engine's LoRA adapters (each by its name: a Hugging Face id or a path)."""
+    mods = [f"{a}={a}" for a in e.adapters]
+    return ["--enable-lora", "--lora-modules", *mods] if engine == "vllm" else ["--lora-paths", *mods]
+
+
 def _yaml_str(text: str) -> str:
     """A YAML double-quoted scalar (JSON's escapes are YAML's)."""
     return json.dumps(text)
@@ -694,6 +741,8 @@ def _kvcached_yaml(engines: list, engine: str, node: int | None, venv: str | Non
                 "    engine_env:", f"      - {_yaml_str('CUDA_VISIBLE_DEVICES=' + ','.join(map(str, e.local_gpus)))}",
                 "    engine_args:", f"      - {_yaml_str(f'{flag} {e.tp}')}",
                 f"      - {_yaml_str(f'--port={e.port}')}"]
+        if e.adapters:
+            out.append(f"      - {_yaml_str(' '.join(map(shlex.quote, _lora_args(e, engine))))}")
     return "\n".join(out) + "\n"
 
 

@@ -218,8 +218,8 @@ def _commands(script: str):
     for line in script.splitlines():
         if " --port " in line and not line.startswith("#"):
             words = shlex.split(line.split(" > ")[0])
-            env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
-            yield env, [w for w in words if not ("=" in w and not w.startswith("-"))]
+            k = next(j for j, w in enumerate(words) if "=" not in w)  # the leading KEY=VALUE words
+            yield dict(w.split("=", 1) for w in words[:k]), words[k:]
 
 
 def test_launch_scripts_use_each_engines_documented_flags_one_script_per_node(solved, tmp_path):
@@ -292,9 +292,10 @@ def test_bad_inputs_are_refused_by_name_and_nothing_is_written(solved, tmp_path)
                          [1, 2], gpus_per_node=2)
     with pytest.raises(kvgpu.InvalidInstance, match=r"replica 0 spans nodes \[0, 1\]"):
         ex.export(spans, "vllm")
-    lora = placement_of([{"name": "base", "size": 16, "req_rate": 1, "slo": 1},
-                         {"name": "sql", "size": 0.5, "req_rate": 1, "slo": 1, "colocate_with": "base"}], 1, 80.0, [0, 0])
-    with pytest.raises(kvgpu.InvalidInstance, match="model 1 .*an adapter is served by its base model's engine"):
+    lora = placement_of([{"name": "base", "size": 16, "req_rate": 1, "slo": 1, "tp": 2},
+                         {"name": "sql", "size": 0.5, "req_rate": 1, "slo": 1, "colocate_with": "base"}], 2, 80.0,
+                        [0, 1, 1])
+    with pytest.raises(kvgpu.InvalidInstance, match="model 1 .*an adapter beside base, a tp=2 engine"):
         ex.export(lora, "vllm")
 
 
@@ -393,3 +394,23 @@ def test_kvcached_with_sglang_needs_no_venv_and_an_empty_folder_is_filled(solved
     assert inst["engine_args"] == ["--tp-size 2", "--port=30000"] and inst["engine_env"] == ["CUDA_VISIBLE_DEVICES=0,1"]
     assert sorted(f.name for f in (tmp_path / "kv").iterdir()) == sorted(dep.files)
     assert [f.name for f in tmp_path.iterdir()] == ["kv"]  # no temporary folder left
+
+
+def test_a_lora_adapter_is_served_by_its_bases_engine_with_its_kv_share():
+    models = [{"name": "llama", "size": 16, "req_rate": 4, "slo": 1, "replicas": 2, "overhead_gb": 1},
+              {"name": "sql-lora", "size": 0.5, "req_rate": 2, "slo": 1, "colocate_with": "llama"},
+              {"name": "qwen", "size": 15, "req_rate": 3, "slo": 1, "overhead_gb": 1}]
+    p = placement_of(models, 2, 80.0, [0, 1, 1, 1], reserve_gb=2)
+    dep = ex.export(p, "vllm")
+    assert [(e.model, e.gpus, e.adapters) for e in dep.engines] == [("llama", [0], []), ("llama", [1], ["sql-lora"]),
+                                                                    ("qwen", [1], [])]
+    served, qwen = dep.engines[1], dep.engines[2]
+    kv = p.kv_split()
+    assert served.kv_gb == pytest.approx(kv[1] + kv[2]) and served.weights_gb == 16.5
+    assert served.kvpr == pytest.approx(p.kvpr[1]) and qwen.kvpr == pytest.approx(p.kvpr[1])  # equal pressure
+    assert served.gpu_memory_utilization + qwen.gpu_memory_utilization <= 1 - 2 / 80 + 1e-12
+    line = next(c for _, c in _commands(dep.files["launch.sh"]) if "8001" in c)
+    assert line[line.index("--lora-modules") + 1] == "sql-lora=sql-lora" and "--enable-lora" in line
+    sg = ex.export(p, "sglang")
+    assert "--lora-paths sql-lora=sql-lora" in sg.files["launch.sh"]
+    assert any("served by their base's engine" in n for n in dep.notes)
