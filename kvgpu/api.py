@@ -87,8 +87,10 @@ def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None
     """Re-place a running cluster: the best placement found from the current one (the models'
     ``cur_gpu_id``, or ``current``) moving at most ``max_moves`` models and copying at most
     ``max_migrated_gb`` GB (None: no limit); nothing running moves unless the max KVPR improves
-    by at least ``min_gain`` (relative, e.g. 0.01) over the baseline -- the new models placed
-    and nothing running moved.
+    by at least ``min_gain`` (relative; default ``kvgpu.problem.DEFAULT_MIN_GAIN`` = 0.01, and
+    ``min_gain=0`` moves for any gain) over the baseline -- the new models placed and nothing
+    running moved.  The default holds for every re-placement (:func:`solve` with a current
+    placement too).
 
     New models (-1) and running ones are placed jointly (a new model may need a running one to
     move first); the rules of :func:`solve` hold.  The result's ``plan`` lists the steps in an

@@ -1,4 +1,5 @@
-"""Command line: ``kvgpu solve|certify|replan|size|evaluate FILE``, ``kvgpu demo``, ``kvgpu info``."""
+"""Command line: ``kvgpu solve|certify|replan|size|evaluate FILE``, ``kvgpu export PLACEMENT``,
+``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kvgpu.backends import BACKENDS
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, OBJECTIVES, options
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.io import PLACEMENT_SUFFIXES, atomic_output, check_output_path, read_models, write_placement
+from kvgpu.results import printable
 
 # the formats matplotlib's Agg backend writes (checked before solving, not after)
 _PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".eps", ".ps")
@@ -438,6 +440,58 @@ def _sweep(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    from kvgpu import export
+
+    pe = sub.add_parser("export", help="launch scripts for serving engines (vLLM, SGLang, kvcached) from a placement: "
+                        "one engine per replica, its GPUs, tp size, port and memory fraction")
+    pe.add_argument("placement", help="a --out JSON of kvgpu solve/replan, or an export's manifest.json")
+    pe.add_argument("--format", required=True, choices=export.FORMATS,
+                    help="vllm / sglang: launch scripts with each engine's memory fraction; kvcached: its controller "
+                    "config and launch scripts (one shared KV pool per GPU); json: the manifest only")
+    pe.add_argument("-o", "--output", required=True, metavar="DIR",
+                    help="folder to write (created; must not exist, or be empty): a launch script per node and "
+                    "manifest.json")
+    pe.add_argument("--base-port", type=_int_option("--base-port"),
+                    help="first port of the engines on each node (default 8000 for vLLM, 30000 for SGLang)")
+    pe.add_argument("--min-kv-gb", type=_num_option("--min-kv-gb", 0.0), default=export.DEFAULT_MIN_KV_GB,
+                    help="GB of KV cache every engine gets at least per GPU, taken from the others on its GPU "
+                    "(0: refuse an engine the split by demand leaves without KV cache; default %(default)s)")
+    pe.add_argument("--kvcached-engine", choices=("vllm", "sglang"), default="vllm",
+                    help="the engine kvcached runs (format kvcached; default %(default)s)")
+    pe.add_argument("--venv", metavar="PATH", help="the virtual environment kvcached's controller starts vLLM from")
+
+
+def _export(args) -> int:
+    """``kvgpu export``: the engines of a placement, written to a folder all at once."""
+    from kvgpu import export
+
+    dep = export.export(args.placement, args.format, args.output, base_port=args.base_port, min_kv_gb=args.min_kv_gb,
+                        kvcached_engine=args.kvcached_engine, venv=args.venv)
+    print(f"{len(dep.engines)} engine(s) written to {args.output}: {', '.join(sorted(dep.files))}")
+    print(f"{'node':>4} {'GPUs':>12} {'tp':>3} {'port':>5} {'fraction':>8} {'KV GB':>8} {'KVPR':>10}  model")
+    for e in dep.engines:
+        frac = e.gpu_memory_utilization if e.gpu_memory_utilization is not None else e.mem_fraction_static
+        print(f"{'-' if e.node is None else e.node:>4} {','.join(map(str, e.local_gpus)):>12} {e.tp:>3} {e.port:>5} "
+              f"{'shared' if frac is None else f'{frac:g}':>8} {e.kv_gb:>8.2f} {e.kvpr:>10.6f}  {printable(e.model)}")
+    for note in dep.notes:
+        print(f"kvgpu: note: {_one_line(note)}", file=sys.stderr)
+    return 0
+
+
+def _current(args):
+    """``replan --current``: the models with their current GPUs, and the cluster options."""
+    from kvgpu import export
+
+    if args.file is None:
+        if getattr(args, "requests", None) is not None:
+            raise _UsageError("--requests sets the req_rate of a models FILE; replan --current PLACEMENT without FILE "
+                              "takes the placement's own models: give FILE too, or drop --requests")
+        return export.current_of(args.current)
+    specs, opts = _read_models(args)
+    return export.current_of(args.current, specs)[0], opts
+
+
 def _one_line(text) -> str:
     return " ".join(str(text).split())
 
@@ -494,14 +548,17 @@ def _main(argv) -> int:
     _add_demand_options(pc)
     pr = sub.add_parser("replan", help="re-place a running cluster: models carry cur_gpu_id (-1 if new); "
                         "at most --max-moves of them move")
-    pr.add_argument("file", help="as for solve, plus a cur_gpu_id field/column per model")
+    pr.add_argument("file", nargs="?", help="as for solve, plus a cur_gpu_id field/column per model (or --current); "
+                    "may be left out with --current: the models and cluster of that file")
+    pr.add_argument("--current", metavar="PLACEMENT", help="the current placement: a --out JSON of kvgpu solve/replan, "
+                    "or an export's manifest.json (or its folder); models matched by name")
     pr.add_argument("--max-moves", type=_int_option("--max-moves"),
                     help="most models that may change GPU (default: no limit)")
     pr.add_argument("--max-migrated-gb", type=_num_option("--max-migrated-gb", 0.0, unlimited=True),
                     help="most GB of model weights copied (default: inf, no limit)")
     pr.add_argument("--min-gain", type=_num_option("--min-gain", 0.0, 1.0),
-                    help="move nothing that runs unless the max KVPR improves by at least this share (e.g. 0.01) "
-                    "over placing the new models alone (default 0)")
+                    help="move nothing that runs unless the max KVPR improves by at least this share over placing "
+                    "the new models alone (default 0.01: 1%%; 0 moves for any gain)")
     _add_solve_options(pr)
     _add_demand_options(pr)
     pw = sub.add_parser("sweep", help="solve a grid of generated instances (YAML spec) into a Parquet folder; "
@@ -561,6 +618,7 @@ def _main(argv) -> int:
     pe.add_argument("--seed", type=_int_option("--seed"), default=0, help="random stream of those solves")
     pe.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     pe.add_argument("--plot", help="draw the max KVPR per window of each placement to this image file")
+    _add_export_parser(sub)
     pd = sub.add_parser("demo", help="solve the embedded example (46 models on 16 x 80 GB GPUs)")
     _add_solve_options(pd)
     sub.add_parser("info", help="which backends are usable here, and why not")
@@ -600,8 +658,16 @@ def _main(argv) -> int:
             return _size(args)
         if args.cmd == "evaluate":
             return _evaluate(args)
+        if args.cmd == "export":
+            return _export(args)
         _check_outputs(args)
+        if args.cmd == "replan" and args.current:
+            specs, opts = _current(args)
+            return _solve_and_print(specs, opts, args)
         if args.cmd in ("solve", "certify", "replan"):
+            if args.file is None:
+                raise _UsageError("replan needs the models: FILE, or --current PLACEMENT (a --out JSON or an export's "
+                                  "manifest.json)")
             specs, opts = _read_models(args)
             return _solve_and_print(specs, opts, args)
         with resources.as_file(resources.files("kvgpu").joinpath("data/demo.json")) as demo:

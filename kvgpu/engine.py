@@ -875,7 +875,7 @@ def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Plac
         gain = 1.0 - float(kv.max()) / base_kvpr
         if gain < problem.min_gain and baseline[0] is not assign:
             note = (f"the best plan found gains {100 * gain:.3g}%, below min_gain {100 * problem.min_gain:.3g}%: "
-                    f"nothing that runs is moved")
+                    f"nothing that runs is moved (min_gain=0 / --min-gain 0 moves for any gain)")
             assign, kv = baseline
             lb = min(lb, float(kv.max()))
             out["bound_scope"] = _scope(problem, False)

@@ -170,6 +170,14 @@ def _with_defaults(models: list, defaults: dict | None) -> list:
     return out
 
 
+def models_from_data(data: dict, name: str, base_dir: Path | None = None) -> tuple[list[ModelSpec], dict]:
+    """Models and cluster options from a document already parsed (a dict with ``models`` and
+    the cluster fields of :data:`FILE_KEYS`), checked as :func:`read_models` checks a file;
+    messages name ``name`` (e.g. a placement file that carries its models); ``base_dir``: where
+    a model's relative ``hf`` folder is (default: the working folder)."""
+    return _document(data, _Lines({}, None), name, base_dir)
+
+
 def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None,
               defaults: dict | None = None) -> tuple[list[ModelSpec], dict]:
     options: dict = {}
@@ -281,7 +289,7 @@ def _csv_rows(text: str, name: str) -> tuple[list[dict], list[str]]:
             if len(cells) != len(header):
                 raise InvalidInstance(f"{name}, line {start}: {len(cells)} values for {len(header)} columns "
                                       f"({', '.join(header)})")
-            rows.append(dict(zip(header, cells)))
+            rows.append({h: c if c.strip() else None for h, c in zip(header, cells)})  # blank: not given
             where.append(f"{name}, line {start}")
     except csv.Error as e:
         raise InvalidInstance(f"{name}, line {reader.line_num}: not a readable CSV row ({e})") from None
@@ -543,8 +551,14 @@ def write_placement(placement, path: str | Path) -> None:
         if suffix == ".json":
             json.dump(placement.to_dict(), f, indent=1, allow_nan=False)
         else:
-            rows = placement_rows(placement)
+            rows = [{k: _csv_number(v) for k, v in row.items()} for row in placement_rows(placement)]
             kv = [KV_TOKENS_COLUMN] if rows and KV_TOKENS_COLUMN in rows[0] else []
             w = csv.DictWriter(f, fieldnames=[*MODEL_COLUMNS, *kv, *(f"gpu_{k}" for k in GPU_COLUMNS)])
             w.writeheader()
             w.writerows(rows)
+
+
+def _csv_number(value):
+    """A float as a CSV cell: 12 significant digits, so that sums like 0.1 + 0.2 read 0.3, not
+    0.30000000000000004 (the JSON keeps every digit); other values as they are."""
+    return f"{value:.12g}" if isinstance(value, float) else value

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kvgpu.io import atomic_output
-from kvgpu.results import printable
+from kvgpu.results import plural, printable
 
 #: KVPR's unit: demand (req_rate / slo, requests/s per second of SLO) per GB of KV cache.
 KVPR_UNIT = "req/s per s of SLO per GB"
@@ -135,7 +135,7 @@ def _headline(p) -> str:
         verdict = f"gap {p.gap_words} (an upper limit on the distance from the optimum)"
     else:
         verdict = "gap unbounded (lower bound 0)"
-    head = (f"{count} on {p.instance.n_gpus} GPUs\n"
+    head = (f"{count} on {plural(p.instance.n_gpus, 'GPU')}\n"
             f"max KVPR {p.max_kvpr:.4g}, lower bound {lb:.4g}: {verdict}")
     if p.problem.is_replan:
         moves = p.moves

@@ -23,10 +23,11 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
 * a current placement (``cur_gpu_id`` per model, or ``current=``) makes it a re-placement:
   moving a running model costs a migration, limited by ``max_moves`` (models) and
   ``max_migrated_gb`` (GB copied); ``min_gain`` is the relative improvement below which nothing
-  running is moved.  A model's shards are interchangeable: what counts is the set of GPUs it
-  ends on against the set it runs on (whatever the order of ``cur_gpu_id`` and ``pin``); more
-  running copies than ``tp x replicas`` scale it in (the extra copies stop, which moves
-  nothing), fewer scale it out (the new copies load like a new model).
+  running is moved (default :data:`DEFAULT_MIN_GAIN`, 1%; 0 moves for any gain).  A model's
+  shards are interchangeable: what counts is the set of GPUs it ends on against the set it
+  runs on (whatever the order of ``cur_gpu_id`` and ``pin``); more running copies than ``tp x
+  replicas`` scale it in (the extra copies stop, which moves nothing), fewer scale it out (the
+  new copies load like a new model).
 
 :class:`Instance` is the plain part (items, demand, memory), which the seed pipeline engines
 (:mod:`kvgpu.reference`, :mod:`kvgpu.batch`, :mod:`kvgpu.kernels.cpu`) work on.
@@ -50,6 +51,10 @@ from kvgpu.schema import (OPTION_RANGES, ModelSpec, current_placement, gpu_ids, 
                           number, per_gpu)
 
 DEFAULT_GPU_MEM = 80.0
+#: ``min_gain`` of a re-placement when none is given: nothing that runs moves unless the max
+#: KVPR improves by at least 1% over the baseline (the new models placed, nothing moved), so a
+#: plan never copies tens of GB for a rounding-size gain; ``min_gain=0`` moves for any gain.
+DEFAULT_MIN_GAIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,9 @@ class Problem:
         kept to report them).
     coloc : (n,) int64 -- co-location: the group (the base model's index) whose item each
         adapter item must sit beside, -1 for none; (0,) when no model has ``colocate_with``.
+    gpu_node : (G,) int64 -- each GPU's node as the cluster gives it (``nodes`` /
+        ``gpus_per_node``), whether or not a rule needs it (``node_of`` is kept only where
+        tp shards must share a node); (0,) without nodes.  What an export groups GPUs by.
     """
 
     items: Instance
@@ -136,10 +144,22 @@ class Problem:
     out_of_service: tuple = ()
     coloc: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     running: tuple = ()
+    gpu_node: np.ndarray = field(default_factory=lambda: _EMPTY_I)
 
     @property
     def n_gpus(self) -> int:
         return self.items.n_gpus
+
+    def cluster_fields(self) -> dict:
+        """The cluster as a model file's fields (``gpus``, ``gpu_mem`` and ``reserve_gb`` one
+        per GPU, ``nodes`` and ``out_of_service`` where given), JSON-ready: with the models'
+        ``to_dict`` it rebuilds this problem's cluster (what ``--out`` and exports carry)."""
+        out = {"gpus": self.n_gpus, "gpu_mem": self.memory.tolist(), "reserve_gb": self.reserve.tolist()}
+        if self.gpu_node.shape[0]:
+            out["nodes"] = [np.nonzero(self.gpu_node == k)[0].tolist() for k in range(int(self.gpu_node.max()) + 1)]
+        if self.out_of_service:
+            out["out_of_service"] = list(self.out_of_service)
+        return out
 
     @property
     def is_replan(self) -> bool:
@@ -388,7 +408,10 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     K = -1 if max_moves is None else integer(max_moves, "max_moves", *OPTION_RANGES["max_moves"])
     unlimited = max_migrated_gb is None or (isinstance(max_migrated_gb, float) and max_migrated_gb == math.inf)
     max_gb = math.inf if unlimited else number(max_migrated_gb, "max_migrated_gb", 0.0, math.inf)
-    gain = 0.0 if min_gain is None else number(min_gain, "min_gain", 0.0, 1.0)
+    if min_gain is None:
+        gain = DEFAULT_MIN_GAIN if replan else 0.0
+    else:
+        gain = number(min_gain, "min_gain", 0.0, 1.0)
     if gain and not replan:
         raise InvalidInstance("min_gain applies to re-placement: the models carry no cur_gpu_id and no current= "
                               "was given")
@@ -501,7 +524,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
                    cur_a if replan else _EMPTY_I, K, max_gb, gain,
                    out_of_service=() if off is None else tuple(np.nonzero(off)[0].tolist()),
-                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I, running=running)
+                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I, running=running, gpu_node=node_of)
     if prob.has_rules:
         from dataclasses import replace
 

@@ -79,6 +79,11 @@ def token_words(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def plural(n: int, word: str) -> str:
+    """``"1 GPU"``, ``"2 GPUs"``: a count with its noun (English plural by ``s``)."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def percent(gap: float) -> str:
     """A gap (a fraction) in percent, never rounded to "0.00%" unless it is 0: a gap that is
     not proven closed keeps digits enough to show it (``"0.0031%"``)."""
@@ -303,7 +308,7 @@ class Placement:
     def count(self) -> str:
         """``"N models"`` (and the shard count when models are split), for titles."""
         n_models, n_items = len(self.problem.specs), self.problem.items.n_models
-        return f"{n_models} models" + (f" as {n_items} shards/replicas" if n_items != n_models else "")
+        return plural(n_models, "model") + (f" as {n_items} shards/replicas" if n_items != n_models else "")
 
     # -- output -----------------------------------------------------------------------------
     def gpu_rows(self) -> list[dict]:
@@ -333,7 +338,9 @@ class Placement:
                          **({"kv_tokens": KV_TOKENS_UNIT} if tokens is not None else {})},
                "mode": self.mode, "backend": self.backend, "warnings": list(self.warnings),
                "assignment": self.assignment.tolist(), "model_gpus": self.gpus_of_models(), "gpus": gpus,
-               "decomposed": self.decomposed, "objective": self.objective}
+               "decomposed": self.decomposed, "objective": self.objective,
+               # the input, so that the file alone can be exported or read back as the current placement
+               "models": [s.to_dict() for s in p.specs], "cluster": p.cluster_fields()}
         if p.out_of_service:
             out["out_of_service"] = list(p.out_of_service)
         if not p.is_replan and self.note:
@@ -364,7 +371,7 @@ class Placement:
                         f"{self.kvpr[g]:>10.6f}{'*' if g == worst else ' '} {self._names_of(idx, tokens)}"
                         + (" (out of service)" if g in p.out_of_service else ""))
         if idle:
-            rows.append(f"     ({len(idle)} GPUs without models are not listed: KVPR 0, all their memory free)")
+            rows.append(f"     (not listed: {plural(len(idle), 'GPU')} without models, KVPR 0, all their memory free)")
         if p.is_replan:
             rows.append(self._replan_lines())
         elif self.note:
@@ -373,7 +380,7 @@ class Placement:
         rows.append(f"max KVPR {self.max_kvpr:.6f} (GPU {worst}, *)   lower bound {self.lower_bound:.6f} "
                     f"({self.bound_source})   "
                     f"gap {self.gap_words} (an upper limit on the distance from the optimum)   {proven}")
-        rows.append(f"({self.count()}, {p.n_gpus} GPUs, mode={self.mode}, backend={self.backend}"
+        rows.append(f"({self.count()}, {plural(p.n_gpus, 'GPU')}, mode={self.mode}, backend={self.backend}"
                     + ("" if self.bound_scope == "every placement" else f"; bound: {self.bound_scope}") + ")")
         return "\n".join(rows)
 

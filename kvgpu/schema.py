@@ -61,6 +61,7 @@ OPTION_RANGES = {
     "jobs": (1, 1024),
     "max_gpus": (1, 100_000),  # sizing (kvgpu.capacity) tries at most this many GPUs
     "dask_local": (1, 256),
+    "base_port": (1, 65535),  # kvgpu export: the first port of the engines on a node
 }
 
 #: field of :class:`ModelSpec` -> the keys that give it (first: kvgpu's own name; then the
@@ -85,6 +86,9 @@ KEYS: dict[str, tuple[str, ...]] = {
     "kv_bytes_per_token": ("kv_bytes_per_token",),
 }
 _FIELD_OF_KEY = {k: f for f, keys in KEYS.items() for k in keys}
+# fields whose value names another model: an empty name given explicitly is a mistake (a rule
+# that would silently not apply), not "not given" (a CSV's blank cell reaches here as None)
+_NAMES_A_MODEL = ("colocate_with",)
 _REQUIRED = ("size", "req_rate", "slo")
 # keys that are no typo of a known key but mean one: a hint instead of difflib's guess
 _HINTS = {"gpu_count": "tp", "tensor_parallel": "tp", "tp_degree": "tp", "num_gpus": "tp",
@@ -598,6 +602,8 @@ def _collect(triples, where: str, what: str) -> dict[str, Any]:
     got: dict[str, tuple[str, Any, Any]] = {}
     empty: dict[str, tuple[str, Any]] = {}
     for k, f, raw in triples:
+        if f in _NAMES_A_MODEL and isinstance(raw, str) and not raw.strip():
+            raise InvalidInstance(f"{_label(where, k)} is empty: give the name of the base model, or leave the key out")
         if _missing(raw):
             empty.setdefault(f, (k, raw))
             continue

@@ -69,6 +69,7 @@ def cluster_problems(draw):
                 used[g] += shard
             m["cur_gpu_id"] = gpus if r > 1 else gpus[0]
         kw["max_moves"] = draw(st.integers(0, 2))
+        kw["min_gain"] = 0.0  # the search against brute force: any gain counts (the default threshold is 1%)
         if draw(st.integers(0, 3)) == 0:
             kw["max_migrated_gb"] = draw(st.sampled_from([0.0, 10.0, 40.0]))
     return models, G, mem, kw
@@ -307,12 +308,13 @@ def test_new_and_running_models_are_placed_jointly():
 
 
 def test_min_gain_keeps_a_cluster_still_for_a_tiny_gain():
-    free = _replan("replan_tiny_gain.json", max_moves=4)
+    free = _replan("replan_tiny_gain.json", max_moves=4, min_gain=0)
     assert close(free.max_kvpr, 0.164271, rtol=1e-5) and free.moved_models == 2
     assert free.gain is not None and free.gain < 0.01
-    still = _replan("replan_tiny_gain.json", max_moves=4, min_gain=0.01)
-    assert still.moves == [] and "below min_gain" in still.note
-    assert close(still.max_kvpr, still.baseline_kvpr)
+    for kw in ({"min_gain": 0.01}, {}):  # the default is 1%: nothing moves for nothing
+        still = _replan("replan_tiny_gain.json", max_moves=4, **kw)
+        assert still.moves == [] and "below min_gain 1%" in still.note and "--min-gain 0" in still.note
+        assert close(still.max_kvpr, still.baseline_kvpr) and still.plan == []
     with pytest.raises(kvgpu.InvalidInstance, match="min_gain"):
         kvgpu.solve([{"name": "a", "size": 1, "req_rate": 1, "slo": 1}], 2, min_gain=0.1)
 
