@@ -47,10 +47,14 @@ from kvgpu.problem import Problem
 
 #: Capacity units of a GPU in the pricing knapsack (loads rounded down to them).
 UNITS = 16384
+#: Where the columns stall short of a proof, pricing goes on with this many times more units.
+FINER = 8
 #: Columns generated at one target before it counts as not proven.
 MAX_ROUNDS = 300
-#: Targets tried by the bisection.
+#: Targets tried by the bisection (the probe included).
 BISECTION_STEPS = 10
+#: The probe where the midpoint is not proven: this share of the way from the bound to the answer.
+PROBE = 1 / 16
 #: Farley's ratio must exceed 1 by this much for a proof (the LP solver's own tolerances are
 #: about 1e-9 on duals of order 1; the margin keeps their rounding from proving anything).
 PROOF_MARGIN = 1e-6
@@ -138,7 +142,7 @@ def _groups(problem: Problem) -> np.ndarray:
     return np.array([ids.get(v, -1) for v in g.tolist()], np.int64)
 
 
-def _price(pi, load, groups, cls: _Classes, k: int):
+def _price(pi, load, groups, cls: _Classes, k: int, units: int = 0):
     """The best configuration of class ``k`` at duals ``pi``: ``(items, upper)`` -- a set that
     fits (possibly empty) and an upper bound on the best value of any configuration.  Loads are
     counted in :data:`UNITS` units of the GPU's memory: rounded down for the bound (every set
@@ -154,12 +158,13 @@ def _price(pi, load, groups, cls: _Classes, k: int):
     new = np.ones(order.size, bool)
     new[1:] = (g[1:] != g[:-1]) | (g[1:] < 0)
     starts = np.append(np.nonzero(new)[0], order.size).astype(np.int64)
-    scaled = load[order] / cap_gb * UNITS
-    choice = np.empty((starts.size - 1, UNITS + 1), np.int32)
-    dp = np.empty((2, UNITS + 1))
-    upper, _ = knapsack(pi[order], np.floor(scaled).astype(np.int64), starts, UNITS, choice, dp)
+    units = units or UNITS
+    scaled = load[order] / cap_gb * units
+    choice = np.empty((starts.size - 1, units + 1), np.int32)
+    dp = np.empty((2, units + 1))
+    upper, _ = knapsack(pi[order], np.floor(scaled).astype(np.int64), starts, units, choice, dp)
     # loads rounded up: a set that surely fits in GB (the column; close to the bound's set)
-    _, take = knapsack(pi[order], np.ceil(scaled).astype(np.int64), starts, UNITS, choice, dp)
+    _, take = knapsack(pi[order], np.ceil(scaled).astype(np.int64), starts, units, choice, dp)
     return np.sort(order[take]), float(upper)
 
 
@@ -215,15 +220,16 @@ def impossible_at(problem: Problem, T: float, columns: list | None = None, *, ro
     lp = _Master(n, cls.count)
     for k, c in cols:
         lp.add(k, c)
+    units = UNITS
     for _ in range(rounds):
         t, pi, rho = lp.solve()
-        if t is None or t <= 1.0:  # these configurations already cover the items at T
-            return False
+        if t is None or t <= 1.0 + PROOF_MARGIN:  # the LP's optimum is at most t, and Farley's bound at
+            return False                         # most that: no proof can come
         V = np.empty(K)
         added = False
         dense = np.argsort(-pi / np.maximum(load, 1e-300), kind="stable")
         for k in range(K):
-            items, upper = _price(pi, load, groups, cls, k)
+            items, upper = _price(pi, load, groups, cls, k, units)
             V[k] = upper
             # the best configuration, and a first-fit cover in the order of dual value per GB
             # (many columns a round: one a round converges far too slowly)
@@ -239,7 +245,11 @@ def impossible_at(problem: Problem, T: float, columns: list | None = None, *, ro
         if denom > 0 and pi.sum() / denom > 1 + PROOF_MARGIN:
             return True
         if not added:
-            return False
+            if units >= UNITS * FINER:
+                return False
+            # no new column, yet the bound stays below the LP's value: the knapsack's rounding
+            # (loads floored to units) overstates V; price again on a finer grid
+            units = UNITS * FINER
     return False
 
 
@@ -306,18 +316,25 @@ def configuration_bound(problem: Problem, lo: float, hi: float, *, steps: int = 
                         rounds: int = MAX_ROUNDS) -> float:
     """The largest target the configuration LP proves unreachable, by bisection in
     ``[lo, hi]`` (``lo`` a bound already proven, ``hi`` a max KVPR achieved): a lower bound on
-    the max KVPR, at least ``lo``.  Targets are tried lowest first, so the configurations found
-    at one still fit the next."""
+    the max KVPR, at least ``lo``.  Where the midpoint is not proven, a probe just above ``lo``
+    (:data:`PROBE` of the way) decides whether to go on: where the LP sees no more than the
+    closed-form bounds (plain clusters of continuous sizes, mostly) the search ends after two
+    targets.  Configurations found at one target are kept for the next (those that still fit)."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or lo <= 0:
         return lo
     cols: list = []
     proven, top = lo, hi
-    for _ in range(steps):
+    for step in range(steps):
         T = 0.5 * (proven + top)
         if impossible_at(problem, T, cols, rounds=rounds):
             proven = T
         else:
             top = T
+            if step == 0:
+                T = lo + PROBE * (hi - lo)
+                if not impossible_at(problem, T, cols, rounds=rounds):
+                    return lo
+                proven = T
         if top - proven <= 1e-4 * top:
             break
     return proven
