@@ -877,8 +877,7 @@ def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Plac
             note = (f"the best plan found gains {100 * gain:.3g}%, below min_gain {100 * problem.min_gain:.3g}%: "
                     f"nothing that runs is moved (min_gain=0 / --min-gain 0 moves for any gain)")
             assign, kv = baseline
-            lb = min(lb, float(kv.max()))
-            out["bound_scope"] = _scope(problem, False)
+            lb = min(lb, float(kv.max()))  # the bound, and which placements it covers, stay what was proven
     steps, plan_note = migration.plan(problem, assign)
     return Placement(problem, assign, kv, float(min(lb, kv.max())), plan=steps, plan_note=plan_note,
                      start_kvpr=start_kvpr, baseline_kvpr=base_kvpr, note=note, **out)

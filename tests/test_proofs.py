@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import brute_force_problem, check_placement, check_plan_executable, close
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvgpu
@@ -19,6 +19,7 @@ from kvgpu import migration
 from kvgpu.cli import main
 from kvgpu.kernels.deltas import fits
 from kvgpu.problem import build_problem
+from test_rules import _problem_or_skip, cluster_problems
 
 DATA = Path(__file__).parent / "data"
 
@@ -267,3 +268,31 @@ def test_pins_and_running_copies_in_every_order_give_one_answer():
             assert close(p.max_kvpr, opt) and p.proven_optimal and p.moves == []
             answers.add(round(p.max_kvpr, 9))
     assert len(answers) == 1
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems(), st.sampled_from([0.0, 0.01, 0.5]))
+def test_a_bound_covers_the_placements_its_scope_names(draw, min_gain):
+    """``bound_scope`` names the placements ``lower_bound`` is proven for: every placement
+    (the budget not seen), or those within the migration budget.  Checked against brute force
+    with and without the budget, min_gain's fallback to the baseline included (the case of a
+    0% gain once labelled a within-budget proof 'without the migration budget')."""
+    models, G, mem, kw = draw
+    if "max_moves" not in kw:
+        return
+    kw["min_gain"] = min_gain
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    budgeted, _ = brute_force_problem(prob)
+    free = _problem_or_skip(models, G, mem, {k: v for k, v in kw.items()
+                                             if k not in ("max_moves", "max_migrated_gb", "min_gain")})
+    unbudgeted = brute_force_problem(free)[0] if free is not None else np.inf
+    try:
+        p = kvgpu.replan(models, G, gpu_mem=mem, **kw)
+    except kvgpu.NoPlacementFound:
+        return
+    if "within the migration budget" in p.bound_scope:
+        assert p.lower_bound <= budgeted * (1 + 1e-9)
+    else:
+        assert p.lower_bound <= unbudgeted * (1 + 1e-9), (p.bound_scope, p.lower_bound, unbudgeted)
