@@ -212,18 +212,62 @@ def weights_bytes(folder: Path, config: dict, where: str) -> tuple[float, str]:
         return float(total), f"{index.name}: metadata.total_size"
     files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if files:
-        return float(sum(_header_bytes(f, where) for f in files)), \
-            f"safetensors headers of {', '.join(_p(f.name) for f in files)}"
-    return parameter_bytes(config, f"{where}: {_p(folder / 'config.json')} (no safetensors in {_p(folder)})")
+        _all_shards(files, folder, where)
+        counts = [_header_bytes(f, where) for f in files]
+        total, elements = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        _check_headers(config, total, elements, where, folder)
+        return float(total), f"safetensors headers of {', '.join(_p(f.name) for f in files)}"
+    try:
+        return parameter_bytes(config, f"{where}: {_p(folder / 'config.json')} (no safetensors in {_p(folder)})")
+    except InvalidInstance as e:  # the files give no figure: an explicit size may stand in
+        raise _Unsupported(str(e)) from None
 
 
-def _header_bytes(path: Path, where: str) -> float:
-    """Sum of the tensors' bytes in one safetensors file's header (shape x dtype size)."""
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+#: Headers holding fewer than this share of the parameters config.json's formula counts are
+#: refused: weights are missing (an interrupted download), not a smaller model.
+HEADER_MIN_SHARE = 0.9
+
+
+def _all_shards(files: list, folder: Path, where: str) -> None:
+    """Refuse a sharded checkpoint (``...-0000k-of-0000N.safetensors``) missing a shard."""
+    sets: dict[int, set] = {}
+    for f in files:
+        m = _SHARD.search(f.name)
+        if m:
+            sets.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    for n, have in sets.items():
+        missing = sorted(set(range(1, n + 1)) - have)
+        if missing:
+            raise InvalidInstance(f"{where}: {_p(folder)} has {len(have)} of the {n} safetensors shards (-of-{n:05d}; "
+                                  f"missing shard(s) {', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}): "
+                                  f"an interrupted download? fetch every shard, or ship model.safetensors.index.json")
+
+
+def _check_headers(config: dict, nbytes: float, elements: float, where: str, folder: Path) -> None:
+    """Refuse headers far below config.json's parameter formula (where one exists): element
+    counts against its parameters (dtype-free), or bytes against its bytes when quantised."""
+    try:
+        formula, _ = parameter_bytes(config, where)
+        params = parameter_count(config, where)
+    except InvalidInstance:  # no formula for this config: nothing to cross-check
+        return
+    quant = config.get("quantization_config") is not None
+    got, want, unit = (nbytes, formula, "bytes") if quant else (elements, params, "parameters")
+    if got < HEADER_MIN_SHARE * want:
+        raise InvalidInstance(f"{where}: the safetensors headers in {_p(folder)} hold {got:,.0f} {unit}, but "
+                              f"config.json's {config.get('model_type')} formula gives {want:,.0f}: weights are "
+                              f"missing (an interrupted download?); fetch them, or ship model.safetensors.index.json")
+
+
+def _header_bytes(path: Path, where: str) -> tuple[float, int]:
+    """Sum of the tensors' bytes in one safetensors file's header (shape x dtype size), and of
+    their elements."""
     try:
         from safetensors import safe_open
     except ImportError:
         raise InvalidInstance(f"{where}: reading {_p(path.name)} needs safetensors (pip install 'kvgpu[hf]')") from None
-    total = 0.0
+    total, elements = 0.0, 0
     try:
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
@@ -232,12 +276,14 @@ def _header_bytes(path: Path, where: str) -> float:
                 if dtype not in SAFETENSORS_BYTES:
                     raise InvalidInstance(f"{where}: {_p(path)}: tensor {name!r} has dtype {dtype!r}, whose size "
                                           f"kvgpu does not know ({', '.join(SAFETENSORS_BYTES)})")
-                total += math.prod(t.get_shape()) * SAFETENSORS_BYTES[dtype]
+                n = math.prod(t.get_shape())
+                total += n * SAFETENSORS_BYTES[dtype]
+                elements += n
     except InvalidInstance:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
         raise InvalidInstance(f"{where}: {_p(path)} cannot be read as safetensors ({_first_line(e)})") from None
-    return total
+    return total, elements
 
 
 def _int(config: dict, key: str, where: str, default: Any = None) -> int:
@@ -330,11 +376,20 @@ def parameter_bytes(config: dict, where: str) -> tuple[float, str]:
                               f"files, or give size")
     b = model_dtype(config, where)
     lin, other = _matrices(config, family, _shape(config, where), where)
-    params = other + sum(i * o * n for i, o, n in lin)
+    params = parameter_count(config, where)
     quant = config.get("quantization_config")
     linear_bytes, how = _quantised(quant, lin, b, where)
     total = other * b + linear_bytes
     return float(total), f"config.json: {params:,} parameters ({family}), {how}"
+
+
+def parameter_count(config: dict, where: str) -> int:
+    """Parameters of the architecture config.json describes (a known ``model_type`` only)."""
+    family = config.get("model_type")
+    if config.get("_multimodal") or family not in FAMILIES:
+        raise InvalidInstance(f"{where}: no parameter formula for model_type {family!r}")
+    lin, other = _matrices(config, family, _shape(config, where), where)
+    return other + sum(i * o * n for i, o, n in lin)
 
 
 def _quantised(quant: Any, lin: list, b: int, where: str) -> tuple[float, str]:

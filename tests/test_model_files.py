@@ -82,6 +82,7 @@ def test_safetensors_headers_give_exact_bytes(tmp_path):
     """Without an index, the tensors' bytes in the headers (safetensors' own writer)."""
     st = pytest.importorskip("safetensors.numpy")
     d = folder(tmp_path, "gemma2")
+    _retype(d, "tiny_test")  # no parameter formula: the tiny headers are not cross-checked
     st.save_file({"a": np.zeros((3, 5), np.float16), "b": np.zeros(7, np.int8)}, str(d / "model-00001-of-00002.safetensors"))
     st.save_file({"c": np.zeros((2, 2, 2), np.float32)}, str(d / "model-00002-of-00002.safetensors"))
     files = mf.read(str(d), "m")
@@ -89,6 +90,28 @@ def test_safetensors_headers_give_exact_bytes(tmp_path):
     assert "safetensors headers" in files.weights_from
     (d / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InvalidInstance, match="cannot be read as safetensors"):
+        mf.read(str(d), "m")
+
+
+def _retype(d, model_type):
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+
+
+def test_partial_downloads_are_refused(tmp_path):
+    """Shards -0000k-of-0000N missing, or headers far below config.json's parameter count, are
+    refused naming both figures -- never a silently tiny model."""
+    st = pytest.importorskip("safetensors.numpy")
+    d = folder(tmp_path, "gemma2")
+    for k in (1, 2):
+        st.save_file({f"t{k}": np.zeros(10, np.float16)}, str(d / f"model-0000{k}-of-00003.safetensors"))
+    with pytest.raises(InvalidInstance, match=r"has 2 of the 3 safetensors shards \(-of-00003; missing shard\(s\) 3\)"):
+        mf.read(str(d), "m")
+    with pytest.raises(InvalidInstance, match=r"2 of the 3 safetensors shards"):  # size given: still refused
+        kvgpu.model_specs([{"hf": str(d), "size": 18.5, "req_rate": 1, "slo": 1}])
+    st.save_file({"t3": np.zeros(10, np.float16)}, str(d / "model-00003-of-00003.safetensors"))
+    with pytest.raises(InvalidInstance, match=r"headers .* hold 30 parameters, but config.json's gemma2 formula "
+                                              r"gives 9,241,705,984: weights are missing"):
         mf.read(str(d), "m")
 
 
