@@ -361,7 +361,7 @@ class _Items:
 SIZED_FIELDS = ("size", "req_rate", "slo", "tp", "replicas", "overhead_gb", "same_node")
 #: Model fields that are not rules (who the model is; where its size came from -- already in
 #: ``size`` -- and its KV bytes per token, which only the outputs' token counts use).
-_IDENTITY = ("index", "where", "name", "obj", "hf", "kv_cache_dtype", "kv_bytes_per_token")
+_IDENTITY = ("index", "where", "name", "obj", "hf", "kv_cache_dtype", "kv_bytes_per_token", "kv_shard_bytes")
 #: Rules that name GPU ids, with their key in a model file.
 _GPU_ID_RULES = {"pin": "pin", "forbid": "forbid", "cur_gpu": "cur_gpu_id"}
 
