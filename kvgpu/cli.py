@@ -383,7 +383,8 @@ def _evaluate(args) -> int:
         from kvgpu import plot
         plot.windows(evals, args.plot)
     if args.json:
-        print(json.dumps({"windows": list(found.windows), "window_s": found.window_s,
+        covered = None if found.covered_s is None else found.covered_s.tolist()  # partly covered log windows
+        print(json.dumps({"windows": list(found.windows), "window_s": found.window_s, "covered_s": covered,
                           "placements": [_evaluation_dict(e) for e in evals]}, indent=1, allow_nan=False))
         return 0
     from kvgpu.results import KVPR_UNIT
