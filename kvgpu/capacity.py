@@ -150,7 +150,7 @@ class SizeResult:
                 "gpu_types": [{"name": t.name, "memory": t.memory, **({"price": t.price} if self.priced else {})}
                               for t in self.types],
                 **({"cost": self.cost} if self.priced else {}),
-                "reserve_gb": self.reserve_gb, "gpus_per_node": self.gpus_per_node,
+                "reserve_gb": self.reserve_gb, "gpus_per_node": self.gpus_per_node, "nodes": self.nodes(),
                 "achieved_max_kvpr": json_float(self.achieved), "proven": self.proven,
                 "count_lower_bound": self.count_lower_bound,
                 "cheaper": [{"counts": {t.name: c for t, c in zip(self.types, m.counts)}, "gpus": int(sum(m.counts)),
@@ -195,8 +195,21 @@ class SizeResult:
     def _cluster_words(self) -> str:
         """`` (8 GB reserved each, nodes of 4)``: the cluster rules sized with, if any."""
         parts = ([f"{self.reserve_gb:g} GB reserved each"] if self.reserve_gb else []) + \
-            ([f"nodes of {self.gpus_per_node}"] if self.gpus_per_node is not None else [])
+            ([self._node_words()] if self.gpus_per_node is not None else [])
         return f" ({', '.join(parts)})" if parts else ""
+
+    def nodes(self) -> list[list[int]] | None:
+        """GPU ids per node of the answer (:func:`node_lists`): nodes of ``gpus_per_node`` per
+        GPU type, the last of each type partial where the count is not a multiple."""
+        return node_lists(self.counts, self.gpus_per_node)
+
+    def _node_words(self) -> str:
+        """``nodes of 4`` -- and where a node is partial, the sizes (``4+2 GPUs``): a partial
+        node is what solve takes with the same gpus_per_node (its last node is smaller)."""
+        sizes = [len(n) for n in self.nodes()]
+        if all(n == self.gpus_per_node for n in sizes):
+            return f"nodes of {self.gpus_per_node}"
+        return f"nodes of {self.gpus_per_node}: {'+'.join(map(str, sizes))} GPUs, a partial node"
 
     def _mix(self, counts) -> str:
         parts = [f"{c} x {t.name}" for t, c in zip(self.types, counts) if c]
@@ -348,7 +361,7 @@ class _Items:
 SIZED_FIELDS = ("size", "req_rate", "slo", "tp", "replicas", "overhead_gb", "same_node")
 #: Model fields that are not rules (who the model is; where its size came from -- already in
 #: ``size`` -- and its KV bytes per token, which only the outputs' token counts use).
-_IDENTITY = ("index", "where", "name", "obj", "hf", "kv_cache_dtype", "kv_bytes_per_token")
+_IDENTITY = ("index", "where", "name", "obj", "hf", "kv_cache_dtype", "kv_bytes_per_token", "kv_shard_bytes")
 #: Rules that name GPU ids, with their key in a model file.
 _GPU_ID_RULES = {"pin": "pin", "forbid": "forbid", "cur_gpu": "cur_gpu_id"}
 

@@ -296,6 +296,10 @@ def _add_demand_options(p: argparse.ArgumentParser, single: bool = True) -> None
                        "the demand over the windows"))
     p.add_argument("--window", help="window length for --requests, e.g. 60s, 15min, 1h (default 1h)" + (
         "" if single else "; with --demand the table's window length (starts closer than it overlap)"))
+    p.add_argument("--log-start", help="with --requests: when the log starts (ISO 8601 or epoch seconds; default its "
+                   "first request); windows start there")
+    p.add_argument("--log-end", help="with --requests: when the log ends (default its last request); a window the "
+                   "log covers in part gets requests / seconds covered")
     if single:
         p.add_argument("--pick", type=_pick_option, help="which window sets req_rate: busiest (default: largest "
                        "sum of req_rate/slo), mean (each model's mean), peak (each model's largest), or a window "
@@ -311,10 +315,10 @@ def _read_models(args, path=None):
     path = args.file if path is None else path
     log = getattr(args, "requests", None)
     if log is None:
-        given = [f for f in ("window", "pick", "slo") if getattr(args, f, None) is not None]
+        given = [f for f in ("window", "pick", "slo", "log_start", "log_end") if getattr(args, f, None) is not None]
         if given:
-            raise InvalidInstance(f"--{given[0]} is for --requests LOG (req_rate from a request log); add it or "
-                                  f"drop --{given[0]}")
+            opt = "--" + given[0].replace("_", "-")
+            raise InvalidInstance(f"{opt} is for --requests LOG (req_rate from a request log); add it or drop {opt}")
         return read_models(path)
     from kvgpu import demand
 
@@ -325,16 +329,20 @@ def _read_models(args, path=None):
     elif "slo" in rows.frame.columns:
         defaults["slo"] = 1.0  # only models without requests keep it, with rate 0: their demand is 0
     specs, opts = read_models(path, defaults=defaults)
-    found = demand.read_requests(rows, specs, window=args.window or "1h")  # its notes are warnings
+    found = demand.read_requests(rows, specs, window=args.window or "1h", start=args.log_start,
+                                 end=args.log_end)  # its notes are warnings
     if args.cmd == "evaluate":
         return specs, opts, found
     how = args.pick if args.pick is not None else "busiest"
     slo = found.slo_of([s.slo for s in specs])
     rates = found.pick(how, slo=slo)
-    which = (f"window {found.windows[found.busiest(slo)]} (busiest)" if how == "busiest" else
-             f"window {found.windows[how]}" if not isinstance(how, str) else f"each model's {how} over the windows")
-    print(f"kvgpu: note: req_rate from {log} ({found.n_windows} windows of {found.window_s:g} s): {which}",
-          file=sys.stderr)
+    w = found.busiest(slo) if how == "busiest" else how if not isinstance(how, str) else None
+    which = (f"window {found.windows[w]}" + (" (busiest)" if how == "busiest" else "") if w is not None else
+             f"each model's {how} over the windows" + (" (weighted by the time each covers)" if how == "mean" else ""))
+    if w is not None and found.partial(w):
+        which += f", which the log covers for {found.covered_s[w]:g} s only (a rate from fewer seconds)"
+    print(f"kvgpu: note: req_rate from {log} ({found.n_windows} windows of {found.window_s:g} s from the log's "
+          f"start): {which}", file=sys.stderr)
     return demand.with_rates(specs, rates, found.slo), opts
 
 
@@ -351,6 +359,8 @@ def _evaluate(args) -> int:
     if args.requests is not None:
         specs, opts, found = _read_models(args)
     else:
+        if args.log_start is not None or args.log_end is not None:
+            raise InvalidInstance("--log-start/--log-end are for --requests LOG; a --demand table gives its windows")
         specs, opts = read_models(args.file, defaults={"req_rate": 0.0, **(
             {"slo": args.slo} if args.slo is not None else {})})
         found = demand.read_table(args.demand, specs, window=args.window)
@@ -373,7 +383,8 @@ def _evaluate(args) -> int:
         from kvgpu import plot
         plot.windows(evals, args.plot)
     if args.json:
-        print(json.dumps({"windows": list(found.windows), "window_s": found.window_s,
+        covered = None if found.covered_s is None else found.covered_s.tolist()  # partly covered log windows
+        print(json.dumps({"windows": list(found.windows), "window_s": found.window_s, "covered_s": covered,
                           "placements": [_evaluation_dict(e) for e in evals]}, indent=1, allow_nan=False))
         return 0
     from kvgpu.results import KVPR_UNIT

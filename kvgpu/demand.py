@@ -10,8 +10,9 @@ one row per model in the order of the models file, one column per window.  It is
   time); rows of one model are in increasing window order;
 * a **request log** (:func:`read_requests`): one row per request, a timestamp column (epoch
   seconds, or ISO 8601 times; naive times are UTC) and a model column (CSV, Parquet, JSON lines),
-  counted into windows of a chosen length (``window="15min"``): the rate of a window is its count
-  divided by its length.  A window without requests has rate 0; a model of the models file that
+  counted into windows of a chosen length (``window="15min"``) from the log's start: the rate of a
+  window is its count divided by the time the log covers in it (its first to last request, or
+  ``start``/``end``), so a window the log covers only in part is not diluted.  A window without requests has rate 0; a model of the models file that
   no request names has rate 0 in every window (a note and a :class:`kvgpu.KvgpuWarning` say so).
 
 Every refusal is a :class:`kvgpu.InvalidInstance` naming the file, the line (CSV: the line of
@@ -55,6 +56,8 @@ PICKS = ("busiest", "mean", "peak")
 MAX_EPOCH_S = 1e11
 #: Most windows a request log is counted into (a stray timestamp must not allocate gigabytes).
 MAX_WINDOWS = 100_000
+#: A window covered for less than this share of its length is named in a note (partly covered).
+FULL_COVER = 0.99
 #: Share of windows :func:`evaluate`'s quantile covers (the worst KVPR met in 95% of windows).
 QUANTILE = 0.95
 
@@ -74,6 +77,9 @@ class Demand:
     start_s : ndarray (W,) float64 or None -- each window's start, epoch seconds (None: by index).
     slo : ndarray (n,) float64 or None -- SLO (s) per model from the file, NaN where it gives
         none; None where the file has no ``slo`` column.
+    covered_s : ndarray (W,) float64 or None -- seconds of each window that the source covers
+        (a request log's first and last windows may be partly covered: their rates are requests
+        / covered seconds); None: every window is covered for its whole length.
     notes : tuple of str -- what an operator should know about the reading (models without
         requests, columns not read).
     source : str -- where it was read from (for messages).
@@ -87,6 +93,7 @@ class Demand:
     slo: np.ndarray | None = None
     notes: tuple = ()
     source: str = "demand"
+    covered_s: np.ndarray | None = None
 
     def __post_init__(self):
         r = np.asarray(self.rates, dtype=np.float64)
@@ -104,6 +111,12 @@ class Demand:
                 raise InvalidInstance(f"{self.source}: slo must be one number > 0 (or NaN: not given) per model, "
                                       f"got {self.slo!r}")
             object.__setattr__(self, "slo", slo)
+        if self.covered_s is not None:
+            c = np.asarray(self.covered_s, dtype=np.float64)
+            if c.shape != (r.shape[1],) or not (np.isfinite(c) & (c > 0)).all():
+                raise InvalidInstance(f"{self.source}: covered_s must be one number > 0 (s) per window, got "
+                                      f"{self.covered_s!r}")
+            object.__setattr__(self, "covered_s", c)
 
     @property
     def n_models(self) -> int:
@@ -112,6 +125,11 @@ class Demand:
     @property
     def n_windows(self) -> int:
         return self.rates.shape[1]
+
+    def partial(self, w: int) -> bool:
+        """Whether window ``w`` is covered for less than :data:`FULL_COVER` of its length."""
+        return self.covered_s is not None and self.window_s is not None and \
+            bool(self.covered_s[w] < FULL_COVER * self.window_s)
 
     def slo_of(self, slo=None) -> np.ndarray:
         """(n,) SLO per model: the file's where it gives one, else ``slo`` (one number or one
@@ -142,21 +160,23 @@ class Demand:
         ----------
         how : "busiest", "mean", "peak" or int
             ``busiest``: the window of largest total demand ``sum(rate / slo)``; ``mean``: each
-            model's mean over the windows; ``peak``: each model's largest rate (peaks of
-            different models may fall in different windows); an int: that window (0-based,
-            negative counts from the end).
+            model's mean over the windows, weighted by the time each window covers
+            (``covered_s``: for a request log, its requests / the time it spans); ``peak``:
+            each model's largest rate (peaks of different models may fall in different
+            windows); an int: that window (0-based; a negative index is refused, not counted
+            from the end).
         slo : float or array (n,), optional
             SLO where the file gives none (``busiest`` only).
         """
         if isinstance(how, (int, np.integer)) and not isinstance(how, bool):
-            if not -self.n_windows <= how < self.n_windows:
+            if not 0 <= how < self.n_windows:
                 raise InvalidInstance(f"{self.source}: window {how} out of range: {self.n_windows} windows "
                                       f"(0..{self.n_windows - 1})")
             return self.rates[:, int(how)].copy()
         if how == "busiest":
             return self.rates[:, self.busiest(slo)].copy()
         if how == "mean":
-            return self.rates.mean(axis=1)
+            return np.average(self.rates, axis=1, weights=self.covered_s)
         if how == "peak":
             return self.rates.max(axis=1)
         raise InvalidInstance(f"pick {how!r}: choose {', '.join(PICKS)} or a window index")
@@ -185,6 +205,9 @@ class Demand:
         if suffix not in TABLE_SUFFIXES:
             raise InvalidInstance(f"{path}: demand tables are written as {', '.join(TABLE_SUFFIXES)}")
         df = self.to_frame()
+        if self.covered_s is not None and any(self.partial(w) for w in range(self.n_windows)):
+            _warn((f"{path}: a long table holds rates only: the partly covered windows of {self.source} count as "
+                   f"whole windows in a mean read from it",))
         with atomic_output(path) as tmp:
             if suffix == ".csv":
                 df.to_csv(tmp, index=False)
@@ -413,14 +436,19 @@ def _times(rows: Rows, col: str) -> np.ndarray:
         bad = ~np.isfinite(secs)
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
-        raise InvalidInstance(f"{rows.at(i, col)}: bad timestamp {s.iloc[i]!r} (epoch seconds, or an ISO 8601 "
+        raise InvalidInstance(f"{rows.at(i, col)}: bad timestamp {_plain(s.iloc[i])!r} (epoch seconds, or an ISO 8601 "
                               f"time such as 2026-12-07T09:30:00Z)")
     late = np.nonzero(secs > MAX_EPOCH_S)[0]
     if late.size:  # milliseconds (or finer) read as seconds would stretch every window a thousandfold
         i = int(late[0])
-        raise InvalidInstance(f"{rows.at(i, col)}: timestamp {s.iloc[i]!r} is after the year 5000 in epoch seconds: "
+        raise InvalidInstance(f"{rows.at(i, col)}: timestamp {_plain(s.iloc[i])!r} is after the year 5000 in epoch seconds: "
                               f"milliseconds or finer? give seconds (divide by 1000) or ISO 8601 times")
     return secs
+
+
+def _plain(v: Any) -> Any:
+    """A cell as Python prints it to a user: ``1765000000000``, not ``np.int64(1765000000000)``."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def window_seconds(window: Any) -> float:
@@ -481,8 +509,10 @@ def _warn(notes: tuple) -> tuple:
 # ----------------------------------------------------------------------------- request logs
 
 def read_requests(source: Any, models: Any, *, window: Any = "1h", timestamp: str | None = None,
-                  model: str | None = None, name: str | None = None) -> Demand:
-    """Count a request log into windows: the rate of a window is its requests / its length.
+                  model: str | None = None, name: str | None = None, start: Any = None,
+                  end: Any = None) -> Demand:
+    """Count a request log into windows: the rate of a window is its requests / the time the
+    log covers in it.
 
     Parameters
     ----------
@@ -496,15 +526,20 @@ def read_requests(source: Any, models: Any, *, window: Any = "1h", timestamp: st
         The models (names, dicts, :class:`kvgpu.ModelSpec`), in the order of the result's rows.
     window : str or float
         Window length (:func:`window_seconds`): ``"60s"``, ``"15min"``, ``"1h"`` (default).
-        Windows are aligned to multiples of the length since the epoch (``"1h"``: on the hour,
-        UTC) and run from the first request's window to the last one's.
+    start, end : float or str, optional
+        The time the log covers (epoch seconds or ISO 8601): default its first and last
+        request.  Requests outside it are refused.  Windows start at ``start`` (give a start on
+        the hour for windows on the hour); the last one ends at ``end`` and may be partly
+        covered, as may every window of a log shorter than ``window``: such a window's rate is
+        its requests / the seconds it covers (``Demand.covered_s``), and a note says so.
     name : str, optional
         How messages name the source (default: the path).
 
     Returns
     -------
     Demand
-        ``rates`` (n_models, W) req/s; ``slo`` from the log's column if it has one.
+        ``rates`` (n_models, W) req/s; ``covered_s`` (W,) s; ``slo`` from the log's column if it
+        has one.
     """
     names = model_names(models)
     window_s = window_seconds(window)
@@ -517,23 +552,71 @@ def read_requests(source: Any, models: Any, *, window: Any = "1h", timestamp: st
     t = _times(rows, tcol)
     m = _model_index(rows, mcol, names)
     slo = _slo_column(rows, scol, m, len(names))
-    origin = math.floor(float(t.min()) / window_s) * window_s
-    W = int(math.floor((float(t.max()) - origin) / window_s)) + 1
+    lo, hi = _log_span(rows, t, start, end)
+    W = max(1, int(math.ceil((hi - lo) / window_s - 1e-9)))
     if W > MAX_WINDOWS:
-        first, last = int(np.argmin(t)), int(np.argmax(t))
-        raise InvalidInstance(f"{rows.source}: the requests span {W} windows of {window_s:g} s (more than "
-                              f"{MAX_WINDOWS}): from {_iso(t[first])} ({rows.where(first)}) to {_iso(t[last])} "
-                              f"({rows.where(last)}); a stray timestamp, or a longer --window?")
-    k = np.floor((t - origin) / window_s).astype(np.int64)
+        raise InvalidInstance(f"{rows.source}: the log spans {W} windows of {window_s:g} s (more than "
+                              f"{MAX_WINDOWS}): from {_iso(lo)} to {_iso(hi)}; a stray timestamp, or a longer "
+                              f"--window?")
+    begin = lo + window_s * np.arange(W)
+    covered = np.minimum(begin + window_s, hi) - begin  # (W,) > 0: every window starts before hi
+    k = np.minimum(np.floor((t - lo) / window_s).astype(np.int64), W - 1)  # the closing instant: last window
     counts = np.bincount(m * W + k, minlength=len(names) * W).reshape(len(names), W)
-    start = origin + window_s * np.arange(W)
     present = np.bincount(m, minlength=len(names)) > 0
-    notes = _absent_note(names, present, rows.source, "request")
+    labels = tuple(_iso(s) for s in begin)
+    notes = _absent_note(names, present, rows.source, "request") + _partial_note(rows.source, labels, covered,
+                                                                                window_s, lo, hi)
     other = [str(c) for c in rows.frame.columns if c not in (tcol, mcol, scol)]
     if other:
         notes += (f"{rows.source}: columns not read: {', '.join(other)}",)
-    labels = tuple(_iso(s) for s in start)
-    return Demand(counts / window_s, tuple(names), labels, window_s, start, slo, _warn(notes), rows.source)
+    return Demand(counts / covered, tuple(names), labels, window_s, begin, slo, _warn(notes), rows.source,
+                  covered)
+
+
+def _log_span(rows: Rows, t: np.ndarray, start: Any, end: Any) -> tuple[float, float]:
+    """(lo, hi) epoch seconds the log covers: ``start``/``end`` where given (every request
+    inside), else its first and last request; refuses a span of no time."""
+    lo = float(t.min()) if start is None else _instant(start, "start")
+    hi = float(t.max()) if end is None else _instant(end, "end")
+    outside = np.nonzero((t < lo) | (t > hi))[0]
+    if outside.size:
+        i = int(outside[0])
+        raise InvalidInstance(f"{rows.where(i)}: request at {_iso(t[i])} is outside the log's time {_iso(lo)} to "
+                              f"{_iso(hi)} (--log-start/--log-end)")
+    if not hi > lo:
+        raise InvalidInstance(f"{rows.source}: the log covers no time ({_iso(lo)} to {_iso(hi)}): a rate needs a "
+                              f"duration; give the time it covers (--log-start/--log-end, or start=/end=)")
+    return lo, hi
+
+
+def _instant(v: Any, what: str) -> float:
+    """Epoch seconds of ``v``: a number of epoch seconds or an ISO 8601 time (naive: UTC)."""
+    import pandas as pd
+
+    x = _number(v) if not isinstance(v, bool) else None
+    if x is None:
+        try:
+            ts = pd.Timestamp(v.strip() if isinstance(v, str) else v)
+        except (ValueError, TypeError):
+            ts = pd.NaT
+        if ts is pd.NaT:
+            raise InvalidInstance(f"log {what} {v!r}: give epoch seconds or an ISO 8601 time such as "
+                                  f"2026-12-07T09:00:00Z")
+        x = ((ts.tz_localize("UTC") if ts.tz is None else ts.tz_convert("UTC")) - pd.Timestamp(0, tz="UTC")
+             ).total_seconds()
+    if not math.isfinite(x) or x > MAX_EPOCH_S:
+        raise InvalidInstance(f"log {what} {v!r}: give epoch seconds (not milliseconds) or an ISO 8601 time")
+    return float(x)
+
+
+def _partial_note(source: str, labels: tuple, covered: np.ndarray, window_s: float, lo: float, hi: float) -> tuple:
+    """A note naming the windows the log covers only in part (their rates: requests / covered s)."""
+    part = np.nonzero(covered < FULL_COVER * window_s)[0].tolist()
+    if not part:
+        return ()
+    which = ", ".join(f"{labels[w]} ({covered[w]:g} s)" for w in part[:4]) + (", ..." if len(part) > 4 else "")
+    return (f"{source}: the log covers {_iso(lo)} to {_iso(hi)} ({hi - lo:g} s): {len(part)} window(s) of "
+            f"{window_s:g} s only in part: {which}; their rates are requests / seconds covered",)
 
 
 # ----------------------------------------------------------------------------- long tables

@@ -66,24 +66,32 @@ class ModelFiles:
     Attributes
     ----------
     folder : Path -- where they were read.
-    weights_bytes : float -- bytes of weights.
-    weights_from : str -- how ``weights_bytes`` was found, in words.
+    weights_bytes : float or None -- bytes of weights; None where the files give no figure (no
+        safetensors, and no parameter formula for this config: the reason in ``weights_from``).
+    weights_from : str -- how ``weights_bytes`` was found, in words, or why there is none.
     kv_bytes_per_token : float or None -- KV bytes per token of one replica, all its tp shards
-        together (``tp x`` :func:`kv_bytes_per_shard`), for the ``tp`` asked; None where
-        ``config.json`` says the attention is of a kind not covered (the reason in ``kv_note``).
+        together (``tp x`` :func:`kv_bytes_per_shard`, replicated KV heads counted on each
+        shard), for the ``tp`` asked; None where the files give no figure (``kv_note`` says why).
     kv_note : str -- how the KV figure was found, or why there is none.
+    kv_bytes_model : float or None -- the model's own KV bytes per token, unsharded (what a
+        user's ``kv_bytes_per_token`` means): ``2 x layers x KV heads x head_dim x bytes``, or the
+        latent of multi-head latent attention.
+    kv_split : int or None -- over how many tp shards the model's KV is split: ``min(tp, KV
+        heads)`` (heads replicated beyond), 1 for a latent, None where config.json does not say.
     """
 
     folder: Path
-    weights_bytes: float
+    weights_bytes: float | None
     weights_from: str
     kv_bytes_per_token: float | None
     kv_note: str
+    kv_bytes_model: float | None = None
+    kv_split: int | None = None
 
     @property
-    def size_gb(self) -> float:
-        """The weights in GB (``weights_bytes / 1e9``)."""
-        return self.weights_bytes / GB
+    def size_gb(self) -> float | None:
+        """The weights in GB (``weights_bytes / 1e9``); None where the files give none."""
+        return None if self.weights_bytes is None else self.weights_bytes / GB
 
 
 def read(ref: str, where: str, *, tp: int = 1, kv_cache_dtype: str | None = None,
@@ -106,19 +114,46 @@ def read(ref: str, where: str, *, tp: int = 1, kv_cache_dtype: str | None = None
     folder = find_folder(ref, where, base_dir)
     where = f"{where}: hf {ref!r}"
     config = read_config(folder, where)
-    nbytes, how = weights_bytes(folder, config, where)
-    kv, note = None, ""
+    cfg_where = f"{where}: {_p(folder / 'config.json')}"
+    check_tp(config, tp, cfg_where)
     try:
-        kv = tp * kv_bytes_per_shard(config, tp, kv_cache_dtype, f"{where}: {_p(folder / 'config.json')}")
+        nbytes, how = weights_bytes(folder, config, where)
+    except _Unsupported as e:  # no figure in the files: an explicit size may stand in
+        nbytes, how = None, str(e)
+    kv = own = None
+    try:
+        kv = tp * kv_bytes_per_shard(config, tp, kv_cache_dtype, cfg_where)
+        own = kv_bytes_per_shard(config, 1, kv_cache_dtype, cfg_where)
         note = "config.json: layers x KV heads x head_dim x KV dtype"
     except _Unsupported as e:
         note = str(e)
-    return ModelFiles(folder, float(nbytes), how, kv, note)
+    return ModelFiles(folder, None if nbytes is None else float(nbytes), how, kv, note, own, kv_split(config, tp))
+
+
+def check_tp(config: dict, tp: int, where: str) -> None:
+    """Refuse a ``tp`` that does not divide ``num_attention_heads`` (where config.json gives
+    it): vLLM and SGLang split the attention heads evenly over the tensor-parallel ranks."""
+    heads = config.get("num_attention_heads")
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and heads % tp:
+        raise InvalidInstance(f"{where}: tp {tp} does not divide num_attention_heads {heads} (engines split the "
+                              f"attention heads evenly over the tp ranks: choose a tp that divides {heads})")
+
+
+def kv_split(config: dict, tp: int) -> int | None:
+    """Over how many of ``tp`` shards the model's KV cache is split: ``min(tp, KV heads)`` (KV
+    heads are replicated when fewer than tp), 1 for multi-head latent attention (each shard
+    holds the whole latent), None where config.json gives no heads."""
+    if config.get("kv_lora_rank"):
+        return 1
+    kvh = config.get("num_key_value_heads", config.get("num_attention_heads"))
+    if isinstance(kvh, bool) or not isinstance(kvh, int) or kvh <= 0:
+        return None
+    return min(tp, kvh)
 
 
 class _Unsupported(InvalidInstance):
-    """An attention kind whose KV bytes per token kvgpu does not compute (an explicit
-    ``kv_bytes_per_token`` may stand in)."""
+    """A figure the files cannot give (an attention kind or architecture kvgpu has no formula
+    for, a field config.json lacks): an explicit ``size`` / ``kv_bytes_per_token`` may stand in."""
 
 
 # ---------------------------------------------------------------- finding the files
@@ -212,18 +247,59 @@ def weights_bytes(folder: Path, config: dict, where: str) -> tuple[float, str]:
         return float(total), f"{index.name}: metadata.total_size"
     files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if files:
-        return float(sum(_header_bytes(f, where) for f in files)), \
-            f"safetensors headers of {', '.join(_p(f.name) for f in files)}"
+        _all_shards(files, folder, where)
+        counts = [_header_bytes(f, where) for f in files]
+        total, elements = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        _check_headers(config, total, elements, where, folder)
+        return float(total), f"safetensors headers of {', '.join(_p(f.name) for f in files)}"
     return parameter_bytes(config, f"{where}: {_p(folder / 'config.json')} (no safetensors in {_p(folder)})")
 
 
-def _header_bytes(path: Path, where: str) -> float:
-    """Sum of the tensors' bytes in one safetensors file's header (shape x dtype size)."""
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+#: Headers holding fewer than this share of the parameters config.json's formula counts are
+#: refused: weights are missing (an interrupted download), not a smaller model.
+HEADER_MIN_SHARE = 0.9
+
+
+def _all_shards(files: list, folder: Path, where: str) -> None:
+    """Refuse a sharded checkpoint (``...-0000k-of-0000N.safetensors``) missing a shard."""
+    sets: dict[int, set] = {}
+    for f in files:
+        m = _SHARD.search(f.name)
+        if m:
+            sets.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    for n, have in sets.items():
+        missing = sorted(set(range(1, n + 1)) - have)
+        if missing:
+            raise InvalidInstance(f"{where}: {_p(folder)} has {len(have)} of the {n} safetensors shards (-of-{n:05d}; "
+                                  f"missing shard(s) {', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}): "
+                                  f"an interrupted download? fetch every shard, or ship model.safetensors.index.json")
+
+
+def _check_headers(config: dict, nbytes: float, elements: float, where: str, folder: Path) -> None:
+    """Refuse headers far below config.json's parameter formula (where one exists): element
+    counts against its parameters (dtype-free), or bytes against its bytes when quantised."""
+    try:
+        formula, _ = parameter_bytes(config, where)
+        params = parameter_count(config, where)
+    except InvalidInstance:  # no formula for this config: nothing to cross-check
+        return
+    quant = config.get("quantization_config") is not None
+    got, want, unit = (nbytes, formula, "bytes") if quant else (elements, params, "parameters")
+    if got < HEADER_MIN_SHARE * want:
+        raise InvalidInstance(f"{where}: the safetensors headers in {_p(folder)} hold {got:,.0f} {unit}, but "
+                              f"config.json's {config.get('model_type')} formula gives {want:,.0f}: weights are "
+                              f"missing (an interrupted download?); fetch them, or ship model.safetensors.index.json")
+
+
+def _header_bytes(path: Path, where: str) -> tuple[float, int]:
+    """Sum of the tensors' bytes in one safetensors file's header (shape x dtype size), and of
+    their elements."""
     try:
         from safetensors import safe_open
     except ImportError:
         raise InvalidInstance(f"{where}: reading {_p(path.name)} needs safetensors (pip install 'kvgpu[hf]')") from None
-    total = 0.0
+    total, elements = 0.0, 0
     try:
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
@@ -232,25 +308,30 @@ def _header_bytes(path: Path, where: str) -> float:
                 if dtype not in SAFETENSORS_BYTES:
                     raise InvalidInstance(f"{where}: {_p(path)}: tensor {name!r} has dtype {dtype!r}, whose size "
                                           f"kvgpu does not know ({', '.join(SAFETENSORS_BYTES)})")
-                total += math.prod(t.get_shape()) * SAFETENSORS_BYTES[dtype]
+                n = math.prod(t.get_shape())
+                total += n * SAFETENSORS_BYTES[dtype]
+                elements += n
     except InvalidInstance:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, ...
         raise InvalidInstance(f"{where}: {_p(path)} cannot be read as safetensors ({_first_line(e)})") from None
-    return total
+    return total, elements
 
 
 def _int(config: dict, key: str, where: str, default: Any = None) -> int:
     v = config.get(key)
     v = default if v is None else v  # transformers reads a null as "use the default"
+    if v is None:  # the files do not say: an explicit figure may stand in
+        raise _Unsupported(f"{where}: {key!r} is missing")
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise InvalidInstance(f"{where}: {key!r} must be a whole number >= 0"
-                              + (" (missing)" if key not in config else f", got {v!r}"))
+        raise InvalidInstance(f"{where}: {key!r} must be a whole number >= 0, got {v!r}")
     return v
 
 
 def _dtype_bytes(name: Any, where: str, key: str) -> int:
-    text = str(name).strip().lower().removeprefix("torch.") if name is not None else None
+    if name is None:  # the files do not say: an explicit figure may stand in
+        raise _Unsupported(f"{where}: {key} is missing (known: {', '.join(sorted(DTYPE_BYTES))})")
+    text = str(name).strip().lower().removeprefix("torch.")
     if text not in DTYPE_BYTES:
         raise InvalidInstance(f"{where}: " + (f"{key} is missing" if name is None else
                                               f"{key} {name!r} is not a known dtype")
@@ -294,7 +375,7 @@ def _matrices(config: dict, family: str, s: dict, where: str) -> tuple[list[tupl
         experts = _int(config, "num_local_experts" if family == "mixtral" else "num_experts", where)
         width = _int(config, "intermediate_size" if family == "mixtral" else "moe_intermediate_size", where)
         if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
-            raise InvalidInstance(f"{where}: {family} with dense layers (mlp_only_layers / decoder_sparse_step) "
+            raise _Unsupported(f"{where}: {family} with dense layers (mlp_only_layers / decoder_sparse_step) "
                                   f"has no parameter formula here; ship the safetensors index, or give size")
         lin += [(h, width, 2 * L * experts), (width, h, L * experts)]
         other += L * h * experts  # router
@@ -325,16 +406,25 @@ def parameter_bytes(config: dict, where: str) -> tuple[float, str]:
     family = config.get("model_type")
     if config.get("_multimodal") or family not in FAMILIES:
         name = config.get("_multimodal") or family
-        raise InvalidInstance(f"{where}: no parameter formula for model_type {name!r} (known: "
+        raise _Unsupported(f"{where}: no parameter formula for model_type {name!r} (known: "
                               f"{', '.join(FAMILIES)}); ship model.safetensors.index.json or the safetensors "
                               f"files, or give size")
     b = model_dtype(config, where)
     lin, other = _matrices(config, family, _shape(config, where), where)
-    params = other + sum(i * o * n for i, o, n in lin)
+    params = parameter_count(config, where)
     quant = config.get("quantization_config")
     linear_bytes, how = _quantised(quant, lin, b, where)
     total = other * b + linear_bytes
     return float(total), f"config.json: {params:,} parameters ({family}), {how}"
+
+
+def parameter_count(config: dict, where: str) -> int:
+    """Parameters of the architecture config.json describes (a known ``model_type`` only)."""
+    family = config.get("model_type")
+    if config.get("_multimodal") or family not in FAMILIES:
+        raise _Unsupported(f"{where}: no parameter formula for model_type {family!r}")
+    lin, other = _matrices(config, family, _shape(config, where), where)
+    return other + sum(i * o * n for i, o, n in lin)
 
 
 def _quantised(quant: Any, lin: list, b: int, where: str) -> tuple[float, str]:
@@ -346,7 +436,7 @@ def _quantised(quant: Any, lin: list, b: int, where: str) -> tuple[float, str]:
     method = str(quant.get("quant_method", "")).lower()
     skip = [m for m in quant.get("modules_to_not_convert") or [] if not re.search(r"lm_head|embed|gate$|router", m)]
     if skip:
-        raise InvalidInstance(f"{where}: quantization_config keeps {skip} unquantised, which the config formula "
+        raise _Unsupported(f"{where}: quantization_config keeps {skip} unquantised, which the config formula "
                               f"does not model; ship the safetensors index, or give size")
     if method == "fp8":
         block = quant.get("weight_block_size")
@@ -367,7 +457,7 @@ def _quantised(quant: Any, lin: list, b: int, where: str) -> tuple[float, str]:
             groups = 1 if g == -1 else math.ceil(i / g)
             total += n * (i * o * bits / 8 + groups * o * (2 + bits / 8) + (4 * i if method == "gptq" else 0))
         return total, f"{method} int{bits} linear layers, group size {g}"
-    raise InvalidInstance(f"{where}: quantization_config quant_method {method or None!r} has no formula here "
+    raise _Unsupported(f"{where}: quantization_config quant_method {method or None!r} has no formula here "
                           f"(known: fp8, awq, gptq); ship the safetensors index, or give size")
 
 

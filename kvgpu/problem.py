@@ -47,7 +47,7 @@ import numpy as np
 
 from kvgpu.errors import InvalidInstance, KvgpuWarning
 from kvgpu.kernels.deltas import EPS, mem_unit
-from kvgpu.schema import (OPTION_RANGES, ModelSpec, current_placement, gpu_ids, gpu_memory, integer, model_specs,
+from kvgpu.schema import (MAX_GPUS, OPTION_RANGES, ModelSpec, current_placement, gpu_ids, gpu_memory, integer, model_specs,
                           number, per_gpu)
 
 DEFAULT_GPU_MEM = 80.0
@@ -223,7 +223,8 @@ def _node_map(G: int, nodes, gpus_per_node) -> np.ndarray:
     if nodes is not None and gpus_per_node is not None:
         raise InvalidInstance("nodes and gpus_per_node: give one of them, not both")
     if gpus_per_node is not None:
-        k = integer(gpus_per_node, "gpus_per_node", 1, G)
+        # a node larger than the cluster is one partial node (what size answers: 2 GPUs of nodes of 4)
+        k = integer(gpus_per_node, "gpus_per_node", 1, MAX_GPUS)
         if G % k:
             warnings.warn(f"gpus_per_node={k} does not divide the {G} GPUs: the last node has {G % k} GPU(s)",
                           KvgpuWarning, stacklevel=4)

@@ -282,7 +282,8 @@ class Placement:
 
     def kv_tokens(self) -> np.ndarray:
         """Tokens of KV cache each item's engine holds: its GB of :meth:`kv_split` over its KV
-        bytes per token on one shard (the model's ``kv_bytes_per_token / tp``), rounded down.
+        bytes per token on one shard (``ModelSpec.kv_bytes_per_shard``: replicated KV heads
+        counted on each shard), rounded down.
 
         Returns
         -------
@@ -290,7 +291,7 @@ class Placement:
             token are not known (no ``hf`` nor ``kv_bytes_per_token``).
         """
         specs = self.problem.specs
-        per_shard = np.array([np.nan if specs[m].kv_bytes_per_token is None else specs[m].kv_bytes_per_token / specs[m].tp
+        per_shard = np.array([np.nan if specs[m].kv_bytes_per_shard is None else specs[m].kv_bytes_per_shard
                               for m in self.model_of.tolist()], dtype=np.float64)
         return np.floor(self.kv_split() * KV_BYTES_PER_GB / per_shard)
 

@@ -32,6 +32,7 @@ import fractions
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kvgpu import model_files
-from kvgpu.errors import InvalidInstance
+from kvgpu.errors import InvalidInstance, KvgpuWarning
 
 #: Most GPUs one instance may have.
 MAX_GPUS = 1_000_000
@@ -144,8 +145,13 @@ class ModelSpec:
     kv_cache_dtype : str or None
         The KV cache's dtype for ``hf`` (``auto``: the model's torch_dtype; ``fp8``, ``bf16``, ...).
     kv_bytes_per_token : float or None
-        Bytes of KV cache one token takes in one replica, all its tp shards together (each
-        shard holds ``1/tp`` of it), > 0; None: not known (no token counts in the output).
+        The model's own KV bytes per token, unsharded (``2 x layers x KV heads x head_dim x
+        bytes``), > 0; None: not known (no token counts in the output).  How it spreads over
+        the tp shards is kvgpu's computation (:attr:`kv_shard_bytes`).
+    kv_shard_bytes : float or None
+        KV bytes per token on one tp shard, computed from the model's files (``hf``): KV heads
+        fewer than ``tp`` are replicated, a latent (DeepSeek) is whole on every shard.  None:
+        ``kv_bytes_per_token / tp`` (the heads split evenly).  Not a key of model files.
     obj : Any
         The caller's own object or row (what ``Placement.by_gpu`` returns); not compared.
 
@@ -171,6 +177,7 @@ class ModelSpec:
     hf: str | None = None
     kv_cache_dtype: str | None = None
     kv_bytes_per_token: float | None = None
+    kv_shard_bytes: float | None = field(default=None, compare=False, repr=False)
     obj: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -186,6 +193,14 @@ class ModelSpec:
     def demand(self) -> float:
         """``req_rate / slo`` (finite: checked at construction)."""
         return self.req_rate / self.slo
+
+    @property
+    def kv_bytes_per_shard(self) -> float | None:
+        """KV bytes per token on one tp shard (:attr:`kv_shard_bytes`, else the model's figure
+        split evenly over ``tp``); None where not known."""
+        if self.kv_shard_bytes is not None:
+            return self.kv_shard_bytes
+        return None if self.kv_bytes_per_token is None else self.kv_bytes_per_token / self.tp
 
     def to_dict(self) -> dict:
         """The canonical plain form (kvgpu's own key names; defaults left out), JSON-ready:
@@ -729,9 +744,10 @@ def _agree(vals: dict, key: str, found: float, unit: str, how: str, where: str) 
 
 
 def _with_files(vals: dict, where: str, base_dir) -> dict:
-    """``vals`` with ``size`` and ``kv_bytes_per_token`` read from the model's files (``hf``);
-    an explicit value beside them must agree (:func:`_agree`).  ``kv_cache_dtype`` without
-    ``hf`` is refused (nothing to apply it to)."""
+    """``vals`` with ``size`` and ``kv_bytes_per_token`` read from the model's files (``hf``):
+    an explicit value beside a figure of the files must agree (:func:`_agree`); where the files
+    give none (no formula, a field config.json lacks), the explicit value stands in, with a
+    warning.  ``kv_cache_dtype`` without ``hf`` is refused (nothing to apply it to)."""
     if "hf" not in vals:
         if "kv_cache_dtype" in vals:
             raise InvalidInstance(f"{where}: kv_cache_dtype applies to a model read from its files (hf); "
@@ -739,15 +755,29 @@ def _with_files(vals: dict, where: str, base_dir) -> dict:
         return vals
     files = model_files.read(vals["hf"], where, tp=vals.get("tp", 1), kv_cache_dtype=vals.get("kv_cache_dtype"),
                              base_dir=base_dir)
-    _agree(vals, "size", files.size_gb, "GB", files.weights_from, where)
-    out = {**vals, "size": files.size_gb}
-    if files.kv_bytes_per_token is None:
-        if "kv_bytes_per_token" not in vals:
-            raise InvalidInstance(f"{files.kv_note}")
-    else:
-        _agree(vals, "kv_bytes_per_token", files.kv_bytes_per_token, "bytes", files.kv_note, where)
-        out["kv_bytes_per_token"] = files.kv_bytes_per_token
+    out = {**vals, "size": _from_files(vals, "size", files.size_gb, "GB", files.weights_from, where)}
+    kv = _from_files(vals, "kv_bytes_per_token", files.kv_bytes_model, "bytes", files.kv_note, where)
+    if kv is not None:
+        out["kv_bytes_per_token"] = kv
+        if files.kv_split is not None:  # replicated heads or a latent: not kv / tp
+            out["kv_shard_bytes"] = kv / files.kv_split
     return out
+
+
+def _from_files(vals: dict, key: str, found: float | None, unit: str, how: str, where: str) -> float | None:
+    """The files' figure for ``key`` (an explicit one must agree: :func:`_agree`); where they
+    give none, the explicit one, with a warning -- or a refusal naming why (``how``) and
+    asking for ``key`` (``size`` is required; ``kv_bytes_per_token`` too where the files say
+    the attention is of a kind kvgpu does not compute)."""
+    if found is not None:
+        _agree(vals, key, found, unit, how, where)
+        return found
+    if key in vals:
+        why = how[len(where) + 2:] if how.startswith(where + ": ") else how
+        warnings.warn(f"{where}: {key} {vals[key]:g} {unit} as given, for the files give none ({why})",
+                      KvgpuWarning, stacklevel=5)
+        return vals[key]
+    raise InvalidInstance(how + ("" if f"give {key}" in how else f"; give {key} (the files cannot give it)"))
 
 
 def _name_suffix(m: Any) -> str:

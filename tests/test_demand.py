@@ -46,7 +46,7 @@ def write_log(path, rows, iso=False, extra=None):
 def test_log_counts_per_window(tmp_path, suffix, iso):
     log = write_log(tmp_path / f"log{suffix}", [(T0 + t, m) for t, m in REQUESTS], iso)
     with pytest.warns(KvgpuWarning, match=r"no request: rate 0 in every window \(c\)"):
-        d = dm.read_requests(log, NAMES, window="1h")
+        d = dm.read_requests(log, NAMES, window="1h", end=T0 + 10800)  # 3 whole hours
     assert d.rates.shape == (3, 3) and d.rates.dtype == np.float64
     np.testing.assert_array_equal(d.rates, COUNTS / 3600.0)  # the empty hour is 0, c is 0 throughout
     assert d.windows == ("2026-12-07T00:00:00Z", "2026-12-07T01:00:00Z", "2026-12-07T02:00:00Z")
@@ -58,12 +58,12 @@ def test_log_window_lengths_and_offsets(tmp_path):
     log = write_log(tmp_path / "log.csv", [(T0 + t, m) for t, m in REQUESTS])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", KvgpuWarning)
-        d = dm.read_requests(log, NAMES, window="30min")
+        d = dm.read_requests(log, NAMES, window="30min", end=_iso(T0 + 10800))
         # ISO times with an offset mean the same instants
         iso = tmp_path / "off.csv"
         pd.DataFrame({"time": [pd.Timestamp(T0 + t, unit="s", tz="UTC").tz_convert("Europe/Paris").isoformat()
                                for t, _ in REQUESTS], "model_name": [m for _, m in REQUESTS]}).to_csv(iso, index=False)
-        d2 = dm.read_requests(iso, NAMES, window=1800)
+        d2 = dm.read_requests(iso, NAMES, window=1800, start=T0, end=T0 + 10800)
     assert d.n_windows == 6 and d.window_s == 1800
     np.testing.assert_array_equal(d.rates * 1800, [[2, 0, 0, 0, 1, 0], [0, 1, 0, 0, 2, 1], [0] * 6])
     np.testing.assert_array_equal(d2.rates, d.rates)
@@ -74,16 +74,17 @@ def test_log_slo_column_and_pick(tmp_path):
     rows = [(T0 + t, m, {"a": 2.0, "b": 8.0}[m]) for t, m in REQUESTS]
     log = write_log(tmp_path / "log.jsonl", rows)
     with pytest.warns(KvgpuWarning):
-        d = dm.read_requests(log, NAMES, window="1h")
+        d = dm.read_requests(log, NAMES, window="1h", end=T0 + 10800)
     assert d.slo[:2].tolist() == [2.0, 8.0] and np.isnan(d.slo[2])
     # busiest = largest sum(rate / slo): hour 0 has 2/2 + 1/8, hour 2 has 1/2 + 3/8 (more requests, less demand)
     assert d.busiest(slo=1.0) == 0
     np.testing.assert_array_equal(d.pick("busiest", slo=1.0), COUNTS[:, 0] / 3600)
     np.testing.assert_array_equal(d.pick("peak"), COUNTS.max(axis=1) / 3600)
     np.testing.assert_array_equal(d.pick("mean"), COUNTS.mean(axis=1) / 3600)
-    np.testing.assert_array_equal(d.pick(-1), COUNTS[:, 2] / 3600)
-    with pytest.raises(InvalidInstance, match="window 3 out of range: 3 windows"):
-        d.pick(3)
+    np.testing.assert_array_equal(d.pick(2), COUNTS[:, 2] / 3600)
+    for bad in (3, -1):  # a negative index is refused, not read as counting from the end
+        with pytest.raises(InvalidInstance, match=f"window {bad} out of range: 3 windows"):
+            d.pick(bad)
     with pytest.raises(InvalidInstance, match="model 'c' has no slo"):
         d.busiest()
 
@@ -160,8 +161,63 @@ def test_bad_log_lines_jsonl_and_parquet(tmp_path):
     with pytest.raises(InvalidInstance, match="window 'soon'"):
         dm.read_requests(log, NAMES, window="soon")
     stray = write_log(tmp_path / "stray.csv", [(T0, "a"), (5, "b")])  # a timestamp of 1970
-    with pytest.raises(InvalidInstance, match=r"stray.csv: the requests span .* windows of 60 s .*stray.csv, line 3\)"):
+    with pytest.raises(InvalidInstance, match=r"stray.csv: the log spans .* windows of 60 s .*from 1970-01-01T00:00:05Z"):
         dm.read_requests(stray, NAMES, window="60s")
+
+
+def _steady_log(path, lo, hours, every=(10, 20)):
+    """A log from ``lo`` for ``hours``: model a every ``every[0]`` s, b every ``every[1]`` s, each
+    request in the middle of its slot (so any window of whole slots holds an exact count)."""
+    rows = [(lo + (k + 0.5) * dt, m) for m, dt in zip("ab", every) for k in range(int(hours * 3600 / dt))]
+    return write_log(path, sorted(rows))
+
+
+def test_log_partial_windows_not_diluted(tmp_path):
+    lo = T0 + 1800  # 00:30: windows start at the log's start, not on the hour
+    log = _steady_log(tmp_path / "log.csv", lo, 4.5)
+    with pytest.warns(KvgpuWarning, match=r"1 window\(s\) of 3600 s only in part: 2026-12-07T04:30:00Z \(1800 s\)"):
+        d = dm.read_requests(log, NAMES, window="1h", start=lo, end=lo + 4.5 * 3600)
+    assert d.n_windows == 5 and d.start_s[0] == lo and d.covered_s.tolist() == [3600] * 4 + [1800]
+    np.testing.assert_allclose(d.rates[:2], [[0.1] * 5, [0.05] * 5], rtol=1e-12)  # the half window too
+    np.testing.assert_allclose(d.pick("mean"), [0.1, 0.05, 0], rtol=1e-12)
+    assert not d.partial(0) and d.partial(4)
+    # a window longer than the log: one window, the log's own rate (not diluted 10h / 4.5h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KvgpuWarning)
+        long = dm.read_requests(log, NAMES, window="10h", start=lo, end=lo + 4.5 * 3600)
+        default = dm.read_requests(log, NAMES, window="15min")  # span: first to last request
+    np.testing.assert_allclose(long.rates[:2, 0], [0.1, 0.05], rtol=1e-12)
+    assert default.start_s[0] == lo + 5 and default.n_windows == 18
+    np.testing.assert_allclose(default.pick("mean")[:2], [0.1, 0.05], rtol=1e-3)
+
+
+def test_log_mean_weighted_by_time_covered():
+    # window 0: 3600 s at 1 req/s; window 1: 600 s at 2 req/s -> 4800 requests in 4200 s
+    d = dm.Demand(np.array([[1.0, 2.0]]), ("a",), ("0", "1"), 3600.0, None, None, (), "d", np.array([3600, 600.0]))
+    assert d.pick("mean")[0] == pytest.approx(4800 / 4200)
+    with pytest.raises(InvalidInstance, match="covered_s must be one number > 0"):
+        dm.Demand(np.array([[1.0]]), ("a",), ("0",), 60.0, covered_s=np.array([0.0]))
+
+
+def test_log_span_errors(tmp_path):
+    log = write_log(tmp_path / "log.csv", [(T0 + 10, "a"), (T0 + 20, "b")])
+    with pytest.raises(InvalidInstance, match=r"log.csv, line 2: request at 2026-12-07T00:00:10Z is outside the log's"):
+        dm.read_requests(log, NAMES, start=T0 + 15)
+    with pytest.raises(InvalidInstance, match=r"log.csv, line 3: request at .* outside"):
+        dm.read_requests(log, NAMES, end="2026-12-07T00:00:15Z")
+    one = write_log(tmp_path / "one.csv", [(T0, "a")])
+    with pytest.raises(InvalidInstance, match=r"one.csv: the log covers no time .*give the time it covers"):
+        dm.read_requests(one, NAMES)
+    with pytest.raises(InvalidInstance, match="log start 'dawn'"):
+        dm.read_requests(log, NAMES, start="dawn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KvgpuWarning)
+        d = dm.read_requests(one, NAMES, window="1h", end=T0 + 3600)
+    assert d.rates[0, 0] == 1 / 3600
+    pq = tmp_path / "ms.parquet"  # numbers print as numbers, not np.int64(...)
+    pd.DataFrame({"timestamp": [T0 * 1000], "model": ["a"]}).to_parquet(pq)
+    with pytest.raises(InvalidInstance, match=r"timestamp 1796601600000 is after the year 5000"):
+        dm.read_requests(pq, NAMES)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json", ".jsonl"])
@@ -264,13 +320,31 @@ def test_cli_requests_slo_from_log_and_default(tmp_path, capsys):
     code, _, err = _cli(capsys, "solve", tmp_path / "models.csv", "--requests", log, "--gpus", 2)
     assert code == 2 and "field 'slo'" in err  # nobody gives an SLO: refused, not guessed
     code, out, err = _cli(capsys, "solve", tmp_path / "models.csv", "--requests", log, "--gpus", 2, "--slo", 4,
-                          "--json")
+                          "--json", "--log-end", T0 + 10800)
     assert code == 0, err
     assert sum(g["demand"] for g in json.loads(out)["gpus"]) == pytest.approx(4 / 3600 / 4)  # hour 2: 4 requests
     slo_log = write_log(tmp_path / "slo.csv", [(T0 + t, m, {"a": 1.0, "b": 3.0}[m]) for t, m in REQUESTS])
     code, out, err = _cli(capsys, "solve", tmp_path / "models.csv", "--requests", slo_log, "--gpus", 2, "--json")
     assert code == 0, err  # busiest by demand: hour 0 (2/1 + 1/3) over hour 2 (1/1 + 3/3)
     assert sum(g["demand"] for g in json.loads(out)["gpus"]) == pytest.approx((2 + 1 / 3) / 3600)
+
+
+def test_cli_requests_window_longer_than_log(tmp_path, capsys):
+    """A 15-minute log gives the same req_rate with --window 15min and 1h (not 4x lower)."""
+    (tmp_path / "models.csv").write_text(MODELS_CSV)
+    log = _steady_log(tmp_path / "log.csv", T0, 0.25)
+    got = {}
+    for w in ("15min", "1h"):
+        code, out, err = _cli(capsys, "solve", tmp_path / "models.csv", "--requests", log, "--window", w, "--gpus", 4,
+                              "--json", "--log-start", T0, "--log-end", _iso(T0 + 900))
+        assert code == 0, err
+        got[w] = json.loads(out)["gpus"]
+    assert [g["demand"] for g in got["1h"]] == [g["demand"] for g in got["15min"]]
+    assert "which the log covers for 900 s only" in err and "of 3600 s only in part" in err
+    code, _, err = _cli(capsys, "solve", tmp_path / "models.csv", "--log-end", T0, "--gpus", 2)
+    assert code == 2 and "--log-end is for --requests LOG" in err
+    code, _, err = _cli(capsys, "solve", tmp_path / "models.csv", "--requests", log, "--pick", "-1", "--gpus", 2)
+    assert code == 2 and "window -1 out of range" in err
 
 
 def test_cli_requests_errors(tmp_path, capsys):
@@ -341,7 +415,7 @@ def test_cli_evaluate(tmp_path, capsys):
     table = tmp_path / "d.csv"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", KvgpuWarning)
-        dm.read_requests(log, NAMES).write(table)
+        dm.read_requests(log, NAMES, end=T0 + 10800).write(table)
     code, out, err = _cli(capsys, "evaluate", tmp_path / "models.csv", "--demand", table, "--placement",
                           tmp_path / "p.json", "--gpus", 4, "--json", "--plot", tmp_path / "w.png")
     assert code == 0, err

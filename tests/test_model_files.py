@@ -72,16 +72,64 @@ def test_kv_dtype_and_tensor_parallel():
     assert mf.read(llama, "m", tp=2).kv_bytes_per_token == 131072
     # tp 16 > 8 KV heads: each shard holds one (replicated) head, 16 in all
     assert mf.read(llama, "m", tp=16).kv_bytes_per_token == 16 * 2 * 32 * 128 * 2
-    with pytest.raises(InvalidInstance, match="tp 3 neither divides"):
+    with pytest.raises(InvalidInstance, match="tp 3 does not divide num_attention_heads 32"):
         mf.read(llama, "m", tp=3)
+    with pytest.raises(InvalidInstance, match="tp 3 neither divides nor is a multiple of num_key_value_heads 8"):
+        mf.kv_bytes_per_shard(mf.read_config(HF / "llama3", "m"), 3, None, "m")
     with pytest.raises(InvalidInstance, match="kv_cache_dtype 'int3' is not known"):
         mf.read(llama, "m", kv_cache_dtype="int3")
+
+
+def test_kv_bytes_per_token_is_the_models_own_and_tp_divides_the_heads():
+    """The user's kv_bytes_per_token is the model's own (unsharded) figure; kvgpu spreads it
+    over tp, replicating KV heads fewer than tp; a tp that does not divide the attention heads
+    is refused by name (vLLM refuses it)."""
+    llama, qwen = str(HF / "llama3"), str(HF / "qwen2.5")
+    # Llama 3.1 8B at tp 16: 8 KV heads, one replicated head per shard
+    spec = kvgpu.model_specs([{"hf": llama, "kv_bytes_per_token": 131072, "tp": 16, "req_rate": 1, "slo": 1}])[0]
+    assert spec.kv_bytes_per_token == 131072 and spec.kv_bytes_per_shard == 2 * 32 * 1 * 128 * 2
+    assert kvgpu.model_specs([spec.to_dict()])[0].kv_bytes_per_shard == spec.kv_bytes_per_shard  # round trip
+    with pytest.raises(InvalidInstance, match="kv_bytes_per_token 262144 bytes and hf"):  # the replicated total
+        kvgpu.model_specs([{"hf": llama, "kv_bytes_per_token": 262144, "tp": 16, "req_rate": 1, "slo": 1}])
+    q = kvgpu.model_specs([{"hf": qwen, "kv_bytes_per_token": 57344, "tp": 4, "req_rate": 1, "slo": 1}])[0]
+    assert q.kv_bytes_per_shard == 57344 / 4
+    with pytest.raises(InvalidInstance, match=r"qwen2.5/config.json: tp 8 does not divide num_attention_heads 28"):
+        kvgpu.model_specs([{"hf": qwen, "kv_bytes_per_token": 57344, "tp": 8, "req_rate": 1, "slo": 1}])
+    # without files, the heads split evenly: kv / tp
+    plain = kvgpu.model_specs([{"size": 10, "kv_bytes_per_token": 57344, "tp": 4, "req_rate": 1, "slo": 1}])[0]
+    assert plain.kv_bytes_per_shard == 57344 / 4
+
+
+def test_explicit_figures_stand_in_where_the_files_give_none(tmp_path):
+    """size / kv_bytes_per_token given where the files cannot give one: taken, with a warning;
+    where both exist the 5% agreement still holds."""
+    d = folder(tmp_path, "llama3", index=False)
+    _retype(d, "deepseek_v3")  # no parameter formula, no safetensors
+    with pytest.raises(InvalidInstance, match=r"no parameter formula for model_type 'deepseek_v3'.*give size"):
+        kvgpu.model_specs([{"hf": str(d), "req_rate": 1, "slo": 1}])
+    with pytest.warns(kvgpu.KvgpuWarning, match=r"size 671 GB as given, for the files give none \(.*no parameter "
+                                                 r"formula"):
+        spec = kvgpu.model_specs([{"hf": str(d), "size": 671, "req_rate": 1, "slo": 1}])[0]
+    assert spec.size == 671 and spec.kv_bytes_per_token == 131072  # the KV figure still from config.json
+    # an index, and a config without num_hidden_layers: the index's size, the given KV figure
+    n = folder(tmp_path, "mistral")
+    config = json.loads((n / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (n / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInstance, match=r"'num_hidden_layers' is missing; give kv_bytes_per_token"):
+        kvgpu.model_specs([{"hf": str(n), "req_rate": 1, "slo": 1}])
+    with pytest.warns(kvgpu.KvgpuWarning, match="kv_bytes_per_token 131072 bytes as given"):
+        spec = kvgpu.model_specs([{"hf": str(n), "kv_bytes_per_token": 131072, "tp": 2, "req_rate": 1, "slo": 1}])[0]
+    assert spec.size == 14.496047104 and spec.kv_bytes_per_shard == 65536
+    with pytest.raises(InvalidInstance, match="size 7 GB and hf"):  # both exist: the 5% check holds
+        kvgpu.model_specs([{"hf": str(n), "size": 7, "kv_bytes_per_token": 131072, "req_rate": 1, "slo": 1}])
 
 
 def test_safetensors_headers_give_exact_bytes(tmp_path):
     """Without an index, the tensors' bytes in the headers (safetensors' own writer)."""
     st = pytest.importorskip("safetensors.numpy")
     d = folder(tmp_path, "gemma2")
+    _retype(d, "tiny_test")  # no parameter formula: the tiny headers are not cross-checked
     st.save_file({"a": np.zeros((3, 5), np.float16), "b": np.zeros(7, np.int8)}, str(d / "model-00001-of-00002.safetensors"))
     st.save_file({"c": np.zeros((2, 2, 2), np.float32)}, str(d / "model-00002-of-00002.safetensors"))
     files = mf.read(str(d), "m")
@@ -89,6 +137,28 @@ def test_safetensors_headers_give_exact_bytes(tmp_path):
     assert "safetensors headers" in files.weights_from
     (d / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InvalidInstance, match="cannot be read as safetensors"):
+        mf.read(str(d), "m")
+
+
+def _retype(d, model_type):
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+
+
+def test_partial_downloads_are_refused(tmp_path):
+    """Shards -0000k-of-0000N missing, or headers far below config.json's parameter count, are
+    refused naming both figures -- never a silently tiny model."""
+    st = pytest.importorskip("safetensors.numpy")
+    d = folder(tmp_path, "gemma2")
+    for k in (1, 2):
+        st.save_file({f"t{k}": np.zeros(10, np.float16)}, str(d / f"model-0000{k}-of-00003.safetensors"))
+    with pytest.raises(InvalidInstance, match=r"has 2 of the 3 safetensors shards \(-of-00003; missing shard\(s\) 3\)"):
+        mf.read(str(d), "m")
+    with pytest.raises(InvalidInstance, match=r"2 of the 3 safetensors shards"):  # size given: still refused
+        kvgpu.model_specs([{"hf": str(d), "size": 18.5, "req_rate": 1, "slo": 1}])
+    st.save_file({"t3": np.zeros(10, np.float16)}, str(d / "model-00003-of-00003.safetensors"))
+    with pytest.raises(InvalidInstance, match=r"headers .* hold 30 parameters, but config.json's gemma2 formula "
+                                              r"gives 9,241,705,984: weights are missing"):
         mf.read(str(d), "m")
 
 
@@ -156,8 +226,9 @@ def test_missing_files_and_fields_are_named(tmp_path, monkeypatch):
     config = json.loads((d / "config.json").read_text())
     del config["torch_dtype"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidInstance, match=r"config.json .*: torch_dtype is missing"):
-        mf.read(str(d), "m")
+    with pytest.raises(InvalidInstance, match=r"config.json .*: torch_dtype is missing.*; give size"):
+        kvgpu.model_specs([{"hf": str(d), "req_rate": 1, "slo": 1}])
+    assert mf.read(str(d), "m").weights_bytes is None  # the files give none: a given size may stand in
     config["torch_dtype"] = "int7"
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidInstance, match="torch_dtype 'int7' is not a known dtype"):

@@ -6,6 +6,7 @@ entry point a file whose answer changes when the field is dropped."""
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -404,3 +405,42 @@ def test_replan_plot_shows_what_moved():
         assert f"1 model(s) moved, 30 GB copied ({m.model} {m.src}->{m.dst})" in fig.get_suptitle()
     finally:
         matplotlib.pyplot.close(fig)
+
+
+# -- size and solve read gpus_per_node alike ------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(per_node=st.integers(1, 5), reserve=st.sampled_from([0, 4]),
+       models=st.lists(st.tuples(st.integers(5, 70), st.integers(1, 6), st.sampled_from([1, 2])), min_size=1,
+                       max_size=4))
+def test_size_answer_is_a_cluster_solve_accepts(per_node, reserve, models):
+    """Whatever size answers (a partial last node included: 2 GPUs in nodes of 4), solve takes
+    the same file with that many GPUs, and size's placement keeps solve's rules there."""
+    specs = [{"name": f"m{i}", "size": s, "req_rate": r, "slo": 1, "tp": tp, "same_node": tp <= per_node}
+             for i, (s, r, tp) in enumerate(models)]
+    assume(all(s / tp <= 80 - reserve - 1 for s, _, tp in models))
+    try:
+        r = kvgpu.size(specs, 0.5, gpu_mem=80, reserve_gb=reserve or None, gpus_per_node=per_node, max_gpus=12)
+    except kvgpu.InvalidInstance:
+        return  # refused by name (a target no count up to 12 meets)
+    if r.placement is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kvgpu.KvgpuWarning)  # the last node partial: a warning, not a refusal
+        prob = build_problem(specs, r.gpus, 80, reserve_gb=reserve or None, gpus_per_node=per_node)
+        p = kvgpu.solve(specs, r.gpus, gpu_mem=80, reserve_gb=reserve or None, gpus_per_node=per_node, effort=1)
+    G = r.gpus  # solve's gpus_per_node: consecutive ids, the last node smaller -- size's nodes
+    assert r.nodes() == [list(range(g, min(g + per_node, G))) for g in range(0, G, per_node)]
+    check_placement(prob, r.placement)
+    check_placement(prob, p)
+
+
+def test_size_two_gpus_in_nodes_of_four_then_solve(capsys, tmp_path):
+    """ops/gpn.yaml: size answers 2 GPUs, a partial node of 4; solve --gpus 2 takes it."""
+    f = OPS / "gpn.yaml"
+    code, out, err = cli(capsys, "size", f, "--max-kvpr", 0.1)
+    assert code == 0 and "2 GPUs of 80 GB (2 GB reserved each, nodes of 4: 2 GPUs, a partial node)" in out, err
+    d = cli_json(capsys, "size", f, "--max-kvpr", 0.1)
+    assert d["nodes"] == [[0, 1]]
+    code, out, err = cli(capsys, "solve", f, "--gpus", d["gpus"])
+    assert code == 0 and "gpus_per_node=4 does not divide the 2 GPUs" in err, err
