@@ -312,7 +312,8 @@ def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
     """Each model's base (the index of the model its ``colocate_with`` names), -1 for none.
     ``allowed_of(m)`` (G,) bool: the GPUs model ``m`` may use.  Refuses an unknown or
     ambiguous name, a model beside itself, a chain (a base that is an adapter), an adapter of
-    several shards or replicas, and an adapter that may use none of its base's GPUs."""
+    several shards or replicas, an adapter of a tp base, and an adapter that may use none of
+    its base's GPUs."""
     names: dict[str, list[int]] = {}
     for k, m in enumerate(specs):
         if m.name is not None:
@@ -340,6 +341,11 @@ def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
         if m.tp * m.replicas > 1:
             raise InvalidInstance(f"{m.where}: colocate_with is for an adapter of one shard (tp=1, one replica); "
                                   f"this one has tp={m.tp}, replicas={m.replicas} (give one adapter entry per copy)")
+        if specs[b].tp > 1:  # a tp engine serves an adapter on all its GPUs, kvgpu would place it on one
+            raise InvalidInstance(f"{m.where}: colocate_with names {specs[b].where}, a tp={specs[b].tp} model; an "
+                                  f"adapter of a tp base is not supported (kvgpu places the adapter's weights and "
+                                  f"demand on one GPU, but the base's tp engine serves it split over all its "
+                                  f"{specs[b].tp} GPUs): add its size and req_rate to the base instead")
         if not (allowed_of(m.index) & allowed_of(b)).any():
             raise InvalidInstance(f"{m.where}: it may use none of the GPUs its base {specs[b].where} may use "
                                   f"(forbid, pin, node, out_of_service), so it can never sit beside it")

@@ -292,11 +292,6 @@ def test_bad_inputs_are_refused_by_name_and_nothing_is_written(solved, tmp_path)
                          [1, 2], gpus_per_node=2)
     with pytest.raises(kvgpu.InvalidInstance, match=r"replica 0 spans nodes \[0, 1\]"):
         ex.export(spans, "vllm")
-    lora = placement_of([{"name": "base", "size": 16, "req_rate": 1, "slo": 1, "tp": 2},
-                         {"name": "sql", "size": 0.5, "req_rate": 1, "slo": 1, "colocate_with": "base"}], 2, 80.0,
-                        [0, 1, 1])
-    with pytest.raises(kvgpu.InvalidInstance, match="model 1 .*an adapter beside base, a tp=2 engine"):
-        ex.export(lora, "vllm")
 
 
 def test_cli_export_prints_engines_and_refuses_in_one_line(solved, tmp_path, capsys):
