@@ -34,6 +34,7 @@ import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -84,6 +85,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "hf": ("hf",),
     "kv_cache_dtype": ("kv_cache_dtype",),
     "kv_bytes_per_token": ("kv_bytes_per_token",),
+    "serve": ("serve",),
 }
 _FIELD_OF_KEY = {k: f for f, keys in KEYS.items() for k in keys}
 # fields whose value names another model: an empty name given explicitly is a mistake (a rule
@@ -146,6 +148,12 @@ class ModelSpec:
     kv_bytes_per_token : float or None
         Bytes of KV cache one token takes in one replica, all its tp shards together (each
         shard holds ``1/tp`` of it), > 0; None: not known (no token counts in the output).
+    serve : str or None
+        What a serving engine loads for this model (``kvgpu export``): a Hugging Face repo id
+        or a folder (made absolute against the model file's folder when it exists here), never
+        read by kvgpu -- for a model without ``hf`` (its files not here, or a LoRA adapter,
+        which has no config.json: the adapter's folder or repo id).  None: ``hf``; without
+        either the export names the model by its ``name`` and says so.
     obj : Any
         The caller's own object or row (what ``Placement.by_gpu`` returns); not compared.
 
@@ -171,6 +179,7 @@ class ModelSpec:
     hf: str | None = None
     kv_cache_dtype: str | None = None
     kv_bytes_per_token: float | None = None
+    serve: str | None = None
     obj: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -195,7 +204,8 @@ class ModelSpec:
         for f, default in (("tp", 1), ("replicas", 1), ("overhead_gb", 0.0)):
             if getattr(self, f) != default:
                 out[f] = getattr(self, f)
-        for f in ("pin", "forbid", "same_node", "node", "colocate_with", "hf", "kv_cache_dtype", "kv_bytes_per_token"):
+        for f in ("pin", "forbid", "same_node", "node", "colocate_with", "hf", "kv_cache_dtype", "kv_bytes_per_token",
+                  "serve"):
             v = getattr(self, f)
             if v is not None and v != ():
                 out[f] = list(v) if isinstance(v, tuple) else v
@@ -511,6 +521,15 @@ def _hf(value: Any, where: str, key: str) -> str | None:
     return os.fspath(value).strip()
 
 
+def _serve(value: Any, where: str, key: str) -> str | None:
+    if _missing(value):
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+        raise InvalidInstance(f"{_label(where, key)} must be what the engine loads (a Hugging Face repo id or a "
+                              f"folder), got {_show(value)}")
+    return os.fspath(value).strip()
+
+
 def _kv_dtype(value: Any, where: str, key: str) -> str | None:
     if _missing(value):
         return None
@@ -542,6 +561,7 @@ _PARSERS = {
     "hf": _hf,
     "kv_cache_dtype": _kv_dtype,
     "kv_bytes_per_token": _kv_bytes,
+    "serve": _serve,
 }
 
 
@@ -660,7 +680,7 @@ def _items(models: Any) -> list:
 
 
 def model_specs(models: Any, where: Sequence[str] | None = None,
-                base_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
+                base_dir: str | os.PathLike | None = None, read_files: bool = True) -> list[ModelSpec]:
     """Validated records of ``models``.
 
     Parameters
@@ -677,6 +697,9 @@ def model_specs(models: Any, where: Sequence[str] | None = None,
     base_dir : path, optional
         The folder a relative ``hf`` path starts from (the model file's); default the working
         folder.
+    read_files : bool
+        False: a model with ``hf`` and ``size`` keeps the figures given (what a placement file
+        stored when kvgpu read the files) instead of reading the files again.
 
     Returns
     -------
@@ -712,7 +735,7 @@ def model_specs(models: Any, where: Sequence[str] | None = None,
             vals = _from_object(m, label)
         name = vals.pop("name", None)
         label = base + (f" ({name!r})" if name is not None else "")
-        vals = _with_files(vals, label, base_dir)
+        vals = _with_files(vals, label, base_dir, read_files)
         specs.append(ModelSpec(index=i, where=label, name=name, obj=m, **vals))
     _check_totals(specs)
     return specs
@@ -728,15 +751,30 @@ def _agree(vals: dict, key: str, found: float, unit: str, how: str, where: str) 
                               f"(a different model or dtype?)")
 
 
-def _with_files(vals: dict, where: str, base_dir) -> dict:
+def _absolute(ref: str, base_dir) -> str:
+    """``ref`` as an absolute path when it names a folder here (relative to ``base_dir``, else
+    the working folder), so a placement file that stores it means the same folder wherever it
+    is read; else unchanged (a Hugging Face repo id, or a folder of the serving machine)."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return str(path.resolve()) if path.is_dir() else ref
+
+
+def _with_files(vals: dict, where: str, base_dir, read_files: bool = True) -> dict:
     """``vals`` with ``size`` and ``kv_bytes_per_token`` read from the model's files (``hf``);
     an explicit value beside them must agree (:func:`_agree`).  ``kv_cache_dtype`` without
-    ``hf`` is refused (nothing to apply it to)."""
+    ``hf`` is refused (nothing to apply it to).  ``hf`` and ``serve`` naming a folder here are
+    made absolute (:func:`_absolute`).  ``read_files=False`` keeps the ``size`` and
+    ``kv_bytes_per_token`` given (figures read before, stored in a placement file)."""
+    vals = {**vals, **{k: _absolute(vals[k], base_dir) for k in ("hf", "serve") if k in vals}}
     if "hf" not in vals:
         if "kv_cache_dtype" in vals:
             raise InvalidInstance(f"{where}: kv_cache_dtype applies to a model read from its files (hf); "
                                   f"without hf give kv_bytes_per_token")
         return vals
+    if not read_files and "size" in vals:
+        return vals  # figures kvgpu read from the files before (a placement file carries them)
     files = model_files.read(vals["hf"], where, tp=vals.get("tp", 1), kv_cache_dtype=vals.get("kv_cache_dtype"),
                              base_dir=base_dir)
     _agree(vals, "size", files.size_gb, "GB", files.weights_from, where)
