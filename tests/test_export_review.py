@@ -16,6 +16,7 @@ import kvgpu
 from kvgpu import export as ex
 from kvgpu.cli import main
 from kvgpu.io import read_models
+from kvgpu.problem import build_problem
 from kvgpu.schema import ModelSpec
 
 from test_export import _commands, cli, fails, placement_of  # noqa: F401  (shared helpers)
@@ -209,3 +210,52 @@ def test_kvcached_options_are_refused_with_other_formats_and_notes_name_the_righ
         notes = " ".join(ex.export(bare, fmt, **kw).notes)
         assert "vLLM" not in notes, notes
     assert "--mem-fraction-static may take all the memory" in " ".join(ex.export(bare, "sglang").notes)
+
+
+# -- 2. a tp model scaling in keeps whole running engines -----------------------------------------------
+
+def test_a_tp_model_scaling_in_keeps_whole_running_engines(tmp_path, capsys):
+    """tpp.yaml exported, replanned as tpp1.yaml (2 replicas of big -> 1) from the export: big stays
+    one running engine (GPUs 0,1); a shard of each engine (0 and 3) would be a new engine, a move."""
+    from conftest import brute_force_problem, check_placement
+
+    out = tmp_path / "p.json"
+    assert main(["solve", str(REVIEW / "tpp.yaml"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    ex.export(out, "vllm", tmp_path / "v")
+    models, _ = ex.current_of(tmp_path / "v", read_models(REVIEW / "tpp1.yaml")[0])
+    assert models[0].cur_gpu == (0, 1, 2, 3)  # the manifest lists each replica's shards together
+    for ms, kw in ((models, {}), (read_models(REVIEW / "sc.yaml")[0], {})):
+        with pytest.warns(kvgpu.KvgpuWarning, match=r"keeps the running replica\(s\) on GPUs \[0, 1\] whole.*"
+                                                    r"stops those on GPUs \[2, 3\]"):
+            prob = build_problem(ms, 4, 80.0, reserve_gb=2, max_moves=1, min_gain=0.0)
+        assert prob.running[0] == (0, 1) and prob.stopped[0] == (2, 3)
+        p = kvgpu.solve(ms, gpus=4, gpu_mem=80, reserve_gb=2, max_moves=1, min_gain=0.0)
+        big = sorted(p.assignment[prob.items_of(0)].tolist())
+        assert check_placement(prob, p) == p.moved_models
+        assert big == [0, 1] or p.moved_models >= 1  # off its engine: counted
+        best, _ = brute_force_problem(prob)
+        assert p.max_kvpr == pytest.approx(best)
+        zero = kvgpu.solve(ms, gpus=4, gpu_mem=80, reserve_gb=2, max_moves=0)
+        assert sorted(zero.assignment[prob.items_of(0)].tolist()) == [0, 1] and zero.moved_models == 0
+    code, text, err = cli(capsys, "replan", REVIEW / "tpp1.yaml", "--current", tmp_path / "v", "--json")
+    assert code == 0, err
+    d = json.loads(text)
+    assert sorted(d["assignment"][:2]) == [0, 1] or d["replan"]["moved_models"] >= 1
+
+
+def test_answers_keep_running_replicas_whole_engines():
+    """Moves count a model's GPUs as a set: the answer's replicas are regrouped so a running
+    engine whose GPUs the model keeps stays one engine (and its export starts it as it ran)."""
+    from kvgpu.problem import group_replicas
+
+    m = [{"name": "t", "size": 40, "req_rate": 1, "slo": 1, "tp": 2, "replicas": 2, "cur_gpu_id": [0, 1, 2, 3]}]
+    prob = build_problem(m, 5, 80.0)
+    assert group_replicas(prob, np.array([0, 3, 1, 2])).tolist() == [0, 1, 2, 3]
+    assert group_replicas(prob, np.array([3, 4, 1, 0])).tolist() == [0, 1, 3, 4]  # one engine kept, one new
+    nodes = build_problem(m, 6, 80.0, gpus_per_node=2)
+    assert group_replicas(nodes, np.array([0, 1, 4, 5])).tolist() == [0, 1, 4, 5]
+    assert group_replicas(nodes, np.array([4, 5, 1, 0])).tolist() == [0, 1, 4, 5]
+    p = kvgpu.solve(m, gpus=4, gpu_mem=80, min_gain=0.0)
+    engines = ex.engines_of(p)
+    assert sorted(e.gpus for e in engines) == [[0, 1], [2, 3]] and p.moved_models == 0
