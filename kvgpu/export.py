@@ -35,11 +35,14 @@ share a GPU without a shared KV pool, its memory fraction:
 * **kvcached** (``ovg-project/kvcached``): the engines of a GPU share one elastic KV pool, so
   no per-engine fraction is set (kvcached's README: no need to set a memory utilization limit;
   its patches treat vLLM's fraction as a logical bound and skip vLLM's startup check).  Its
-  controller config (``controller/example-config.yaml``: ``kvcached``, ``router``,
+  controller config (``controller/example-config.yaml``: ``kvcached``, ``router`` -- which
+  routes by each instance's ``model``, so it is off where an engine loads a path other than
+  its served name, or a name runs as several replicas --,
   ``instances`` with ``name``, ``model``, ``engine``, ``using_venv``, ``venv_path``,
   ``kvcached_env``, ``engine_env``, ``engine_args``) is written per node, with
-  ``kvcached_gpu_utilization = 1 - reserve / memory`` (the headroom kvcached leaves free on each
-  GPU is the reserve; the least over the node's GPUs).  kvcached's launcher starts vLLM from a
+  ``kvcached_gpu_utilization = (memory - reserve) / device memory`` (the headroom kvcached
+  leaves free on each GPU is the reserve, and the device's memory beyond ``gpu_mem``; the least
+  over the node's GPUs).  kvcached's launcher starts vLLM from a
   virtual environment only (``using_venv``, ``venv_path``): ``venv`` is required for it.
 
 Each engine loads the model's ``serve`` (a repo id or a folder), else its ``hf`` (a repo id, or
@@ -874,11 +877,16 @@ def _kvcached_yaml(engines: list, engine: str, node: int | None, venv: str | Non
     out = [f"# kvgpu export: kvcached controller config for {where} (python controller/launch.py --config FILE);",
            "# the engines of a GPU share one elastic KV pool: no memory fraction per engine. See manifest.json.",
            "kvcached:",
-           f"  kvcached_gpu_utilization: {utilization:g}  # 1 - reserve_gb / memory: the headroom kept free per GPU",
+           f"  kvcached_gpu_utilization: {utilization:g}  # (gpu_mem - reserve_gb) / device memory: the rest stays free per GPU",
            "router:"]
+    renamed = [e.model for e in engines if e.path != e.model]
     if not unique:
         out.append("  # off: the router keeps one endpoint per model name, and a model runs as several replicas here")
-    out += [f"  enable_router: {'true' if unique else 'false'}", f"  router_port: {_router_port(engines)}",
+    elif renamed:  # its router maps each instance's `model` (what it loads), but clients ask for the served name
+        out.append(f"  # off: the router routes by each instance's model (the path it loads), and these engines serve "
+                   f"another name (--served-model-name): {', '.join(renamed)}; clients reach each engine on its port")
+    routed = unique and not renamed
+    out += [f"  enable_router: {'true' if routed else 'false'}", f"  router_port: {_router_port(engines)}",
             "  router_host: localhost", "instances:"]
     for e in engines:
         label = re.sub(r"[^A-Za-z0-9_-]+", "-", e.model).strip("-") or "model"

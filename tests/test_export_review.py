@@ -72,6 +72,9 @@ def test_engines_load_the_models_files_and_serve_its_name(tmp_path):
     assert {i["model"] for i in insts} == {"Qwen/Qwen2.5-7B-Instruct", str((tmp_path / "weights" / "local").resolve()),
                                            "bare"}
     assert all("--served-model-name" in i["engine_args"][0] for i in insts)
+    # kvcached's router maps each instance's `model` (the path): off where clients ask for another name
+    assert not any(yaml.safe_load(t)["router"]["enable_router"] for k, t in kv.files.items() if k.endswith(".yaml"))
+    assert "the router routes by each instance's model" in kv.files["kvcached.yaml"]
     with pytest.raises(kvgpu.InvalidInstance, match=r"model 0 \('a'\): field 'serve' must be what the engine loads"):
         kvgpu.solve([{"name": "a", "size": 1, "req_rate": 1, "slo": 1, "serve": 3}], 1)
 
