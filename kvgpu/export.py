@@ -680,7 +680,7 @@ def _check_vllm_totals(engines: list, memory: np.ndarray, reserve: np.ndarray) -
         need = e.weights_gb + e.overhead_gb + e.kv_gb
         for g in e.gpus:
             total[g] += e.gpu_memory_utilization * memory[g]
-            if e.gpu_memory_utilization * memory[g] < need * (1 - 1e-3):
+            if e.gpu_memory_utilization * memory[g] < need - 1e-4 * memory[g] - 1e-9:  # fractions floored to 1e-4
                 raise InvalidInstance(f"{printable(e.model)} (replica {e.replica}, GPUs {e.gpus}): vLLM applies one "
                                       f"--gpu-memory-utilization to every rank's own memory, and no fraction gives "
                                       f"{need:.4g} GB on GPU {g} ({memory[g]:g} GB) without taking more than its "

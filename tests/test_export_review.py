@@ -145,6 +145,10 @@ def test_vllm_tp_engine_over_gpus_of_different_memory_is_refused_sglang_is_not(t
                      reserve_gb=2)
     (e,) = ex.export(p, "vllm").engines
     assert e.gpu_memory_utilization * 80 <= 78 + 1e-9
+    # a small engine whose fraction is floored to 4 decimals is no false refusal
+    small = placement_of([{"name": "s", "size": 0.01, "req_rate": 0, "slo": 1},
+                          {"name": "b", "size": 40, "req_rate": 9, "slo": 1}], 1, [80.0], [0, 0], reserve_gb=2)
+    assert [e.model for e in ex.export(small, "vllm", min_kv_gb=0.001).engines] == ["s", "b"]
 
 
 # -- 7. the device's real memory ---------------------------------------------------------------------
