@@ -776,6 +776,8 @@ def _comment(e: Engine) -> str:
     if e.mem_fraction_static is not None:
         frac += f", mem_fraction_static {e.mem_fraction_static:g}"
     lora = f", adapters {', '.join(map(printable, e.adapters))}" if e.adapters else ""
+    if not e.named:
+        lora += " (loaded by its name as given: the model has no hf or serve)"
     gpus = ",".join(map(str, e.gpus))
     return (f"# {printable(e.model)}{lora} replica {e.replica}: GPU(s) {gpus} (tp {e.tp}); per GPU "
             f"weights {e.weights_gb:.4g} + overhead {e.overhead_gb:.4g} + KV {e.kv_gb:.4g} GB, KVPR {e.kvpr:.6g}{frac}")

@@ -67,6 +67,7 @@ def test_engines_load_the_models_files_and_serve_its_name(tmp_path):
         lora = _flag(local, "--lora-modules" if fmt == "vllm" else "--lora-paths")
         assert lora == f"sql={(tmp_path / 'adapters' / 'sql').resolve()}"
         assert any("no hf or serve key: bare loaded by name as given" in n for n in dep.notes)
+        assert "# bare (loaded by its name as given: the model has no hf or serve)" in dep.files["launch.sh"]
     kv = ex.export(p, "kvcached", venv="/opt/venv")
     insts = [i for k, t in kv.files.items() if k.endswith(".yaml") for i in yaml.safe_load(t)["instances"]]
     assert {i["model"] for i in insts} == {"Qwen/Qwen2.5-7B-Instruct", str((tmp_path / "weights" / "local").resolve()),
