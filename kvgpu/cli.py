@@ -468,9 +468,24 @@ def _add_export_parser(sub) -> None:
     pe.add_argument("--min-kv-gb", type=_num_option("--min-kv-gb", 0.0), default=export.DEFAULT_MIN_KV_GB,
                     help="GB of KV cache every engine gets at least per GPU, taken from the others on its GPU "
                     "(0: refuse an engine the split by demand leaves without KV cache; default %(default)s)")
-    pe.add_argument("--kvcached-engine", choices=("vllm", "sglang"), default="vllm",
-                    help="the engine kvcached runs (format kvcached; default %(default)s)")
-    pe.add_argument("--venv", metavar="PATH", help="the virtual environment kvcached's controller starts vLLM from")
+    pe.add_argument("--kvcached-engine", choices=("vllm", "sglang"),
+                    help="the engine kvcached runs (format kvcached only; default vllm)")
+    pe.add_argument("--venv", metavar="PATH", help="the virtual environment kvcached's controller starts vLLM from "
+                    "(format kvcached only)")
+    pe.add_argument("--device-memory-gb", metavar="GB", type=_device_memory,
+                    help="each GPU's real total memory as the engines see it (one number, or one per GPU, "
+                    "comma-separated), e.g. 85.5 for an '80 GB' H100 (85.5e9 bytes): the memory fractions are "
+                    "taken of it; default the placement's gpu_mem (a note says so)")
+
+
+def _device_memory(text: str):
+    """``--device-memory-gb``: one number or comma-separated numbers (checked by export)."""
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        vals = [float(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GB, one number or one per GPU (85.5 or 85.5,85.5), got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
 
 
 def _export(args) -> int:
@@ -478,7 +493,8 @@ def _export(args) -> int:
     from kvgpu import export
 
     dep = export.export(args.placement, args.format, args.output, base_port=args.base_port, min_kv_gb=args.min_kv_gb,
-                        kvcached_engine=args.kvcached_engine, venv=args.venv)
+                        kvcached_engine=args.kvcached_engine, venv=args.venv,
+                        device_memory_gb=args.device_memory_gb)
     print(f"{len(dep.engines)} engine(s) written to {args.output}: {', '.join(sorted(dep.files))}")
     print(f"{'node':>4} {'GPUs':>12} {'tp':>3} {'port':>5} {'fraction':>8} {'KV GB':>8} {'KVPR':>10}  model")
     for e in dep.engines:

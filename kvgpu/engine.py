@@ -33,7 +33,7 @@ from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
 from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.deltas import safe_div_array
 from kvgpu.kernels.params import OPTIMAL_RTOL
-from kvgpu.problem import Instance, Problem
+from kvgpu.problem import Instance, Problem, group_replicas
 from kvgpu.results import BOUND_CLOSED_FORM, BOUND_EXACT, BOUND_LP, ORDER_WORDS, BatchResult, Placement
 from kvgpu.schema import OPTION_RANGES, integer
 
@@ -878,6 +878,7 @@ def _replan_result(problem: Problem, opts: Options, assign, kv, lb, out) -> Plac
                     f"nothing that runs is moved (min_gain=0 / --min-gain 0 moves for any gain)")
             assign, kv = baseline
             lb = min(lb, float(kv.max()))  # the bound, and which placements it covers, stay what was proven
+    assign = group_replicas(problem, assign)  # running tp engines stay whole (the same GPUs, regrouped)
     steps, plan_note = migration.plan(problem, assign)
     return Placement(problem, assign, kv, float(min(lb, kv.max())), plan=steps, plan_note=plan_note,
                      start_kvpr=start_kvpr, baseline_kvpr=base_kvpr, note=note, **out)
@@ -887,9 +888,10 @@ def _running_peak(problem: Problem) -> float:
     """Max KVPR of the cluster as it runs now: its running shards on their current GPUs."""
     inst = problem.items
     S, W = np.zeros(problem.n_gpus), np.zeros(problem.n_gpus)
-    for m, gpus in enumerate(problem.running):
+    for m, kept in enumerate(problem.running):
         items = problem.items_of(m)
         first, k = int(items[0]), len(items)
+        gpus = kept + (problem.stopped[m] if problem.stopped else ())  # tp replicas that stop still run now
         for g in gpus:  # a model scaling in shares its demand among all the copies running now
             S[g] += inst.sizes[first]
             W[g] += inst.demand[first] * k / max(k, len(gpus))

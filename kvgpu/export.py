@@ -35,17 +35,29 @@ share a GPU without a shared KV pool, its memory fraction:
 * **kvcached** (``ovg-project/kvcached``): the engines of a GPU share one elastic KV pool, so
   no per-engine fraction is set (kvcached's README: no need to set a memory utilization limit;
   its patches treat vLLM's fraction as a logical bound and skip vLLM's startup check).  Its
-  controller config (``controller/example-config.yaml``: ``kvcached``, ``router``,
+  controller config (``controller/example-config.yaml``: ``kvcached``, ``router`` -- which
+  routes by each instance's ``model``, so it is off where an engine loads a path other than
+  its served name, or a name runs as several replicas --,
   ``instances`` with ``name``, ``model``, ``engine``, ``using_venv``, ``venv_path``,
   ``kvcached_env``, ``engine_env``, ``engine_args``) is written per node, with
-  ``kvcached_gpu_utilization = 1 - reserve / memory`` (the headroom kvcached leaves free on each
-  GPU is the reserve; the least over the node's GPUs).  kvcached's launcher starts vLLM from a
+  ``kvcached_gpu_utilization = (memory - reserve) / device memory`` (the headroom kvcached
+  leaves free on each GPU is the reserve, and the device's memory beyond ``gpu_mem``; the least
+  over the node's GPUs).  kvcached's launcher starts vLLM from a
   virtual environment only (``using_venv``, ``venv_path``): ``venv`` is required for it.
 
+Each engine loads the model's ``serve`` (a repo id or a folder), else its ``hf`` (a repo id, or
+the folder made absolute when read), else -- with a note -- its name as given, and serves it
+under its name (``--served-model-name NAME``, vLLM's and SGLang's flag): names are the
+engines' identity, so two models of one name are refused.  A model's ``kv_cache_dtype``
+becomes ``--kv-cache-dtype`` (:data:`KV_DTYPE_FLAGS`).  Fractions are of each device's real
+memory when ``device_memory_gb`` gives it (an "80 GB" H100 has 85.5e9 bytes), else of
+``gpu_mem`` (a note says so); every engine then gets the GB the split gives it.
+
 A LoRA adapter (``colocate_with: BASE``) is no process of its own: the engine of its base on
-its GPU serves it (vLLM ``--enable-lora --lora-modules NAME=NAME``, SGLang ``--lora-paths
-NAME=NAME``), with the adapter's weights, overhead and KV share added to that engine (its
-requests use that engine's KV pool); an adapter beside a tp engine is refused.
+its GPU serves it (vLLM ``--enable-lora --lora-modules NAME=PATH``, SGLang ``--lora-paths
+NAME=PATH``, PATH the adapter's ``serve``), with the adapter's weights, overhead and KV share
+added to that engine (its requests use that engine's KV pool); adapters of tp bases are refused
+when the models are read.
 
 Every format writes ``manifest.json`` (the engines, and the placement's models, cluster and
 assignment, so :func:`load` reads it back like an ``--out`` file); ``json`` writes only that.
@@ -88,7 +100,9 @@ class Engine:
 
     Attributes
     ----------
-    model : str -- the model's name (what the engine serves: a Hugging Face id or a path).
+    model : str -- the model's name: the name clients ask for (``--served-model-name``).
+    path : str -- what the engine loads (:func:`source`): the model's ``serve``, else its ``hf``
+        (a repo id, or an absolute folder), else its name (``named``: False, and a note says so).
     model_index, replica : int -- the model's position in the input, and which of its replicas.
     node : int or None -- the node (None without nodes).
     gpus, local_gpus : list of int -- GPU ids in the cluster, and on the node (``CUDA_VISIBLE_DEVICES``).
@@ -99,6 +113,8 @@ class Engine:
     demand : float -- demand per GPU (``req_rate / slo`` over ``tp x replicas``, with its adapters').
     kvpr : float -- its KV pressure: ``demand / kv_gb``.
     adapters : list of str -- LoRA adapters (``colocate_with`` this model, on its GPU) it serves.
+    adapter_paths : list of str -- what it loads for each adapter (:func:`source`).
+    kv_cache_dtype : str or None -- the model's ``kv_cache_dtype`` (the engine's flag is set from it).
     gpu_memory_utilization, mem_fraction_static : float or None -- vLLM's and SGLang's fraction
         (None where the format does not use it).
     env : dict -- extra environment of the process.
@@ -106,6 +122,7 @@ class Engine:
     """
 
     model: str
+    path: str
     model_index: int
     replica: int
     node: int | None
@@ -119,6 +136,9 @@ class Engine:
     demand: float = 0.0
     kvpr: float = 0.0
     adapters: list = field(default_factory=list)
+    adapter_paths: list = field(default_factory=list)
+    kv_cache_dtype: str | None = None
+    named: bool = True
     gpu_memory_utilization: float | None = None
     mem_fraction_static: float | None = None
     env: dict = field(default_factory=dict)
@@ -201,7 +221,8 @@ def load(path: str | Path) -> Placement:
     models = [{k: v for k, v in m.items() if k != "cur_gpu_id"} if isinstance(m, dict) else m
               for m in (data["models"] if isinstance(data["models"], list) else [])]
     cluster = data["cluster"] if isinstance(data["cluster"], dict) else {}
-    specs, opts = models_from_data({"models": models, **cluster}, name)
+    # the figures stored (size, kv_bytes_per_token) stand: the hf files are not read again
+    specs, opts = models_from_data({"models": models, **cluster}, name, base_dir=path.parent, read_files=False)
     if "gpus" not in opts or "gpu_mem" not in opts:
         raise InvalidInstance(f"{name}: 'cluster' must give gpus and gpu_mem")
     try:
@@ -308,16 +329,17 @@ def current_of(path: str | Path, specs: list | None = None) -> tuple[list, dict]
     file at ``path`` (a ``--out`` JSON or an export manifest), None for a model not running
     there.
 
-    ``specs`` (the replan file's models) are matched to the file's models by name (the k-th
-    model of a name to the k-th of that name), and the cluster options are ``{}`` (the replan
+    ``specs`` (the replan file's models) are matched to the file's models by name (names are
+    the identity: a model without one, or two of one name, are refused in either), and the
+    cluster options are ``{}`` (the replan
     file's); None: the file's own models and cluster.  A model that runs in the file but is not
     among ``specs`` stops: a :class:`kvgpu.KvgpuWarning` names it.
 
     Raises
     ------
     InvalidInstance
-        The file cannot be read (see :func:`load`), a model has no name to match it by, or a
-        model of ``specs`` carries ``cur_gpu_id`` too.
+        The file cannot be read (see :func:`load`), a model has no name to match it by or
+        shares it, or a model of ``specs`` carries ``cur_gpu_id`` too.
     """
     from dataclasses import replace
 
@@ -325,24 +347,17 @@ def current_of(path: str | Path, specs: list | None = None) -> tuple[list, dict]
     running = [tuple(g) for g in prev.gpus_of_models()]
     if specs is None:
         return [replace(s, cur_gpu=g) for s, g in zip(prev.problem.specs, running)], prev.problem.cluster_fields()
-    where: dict[str, list] = {}
-    for s, g in zip(prev.problem.specs, running):
-        if s.name is None:
-            raise InvalidInstance(f"{s.where} has no name; --current matches models by name")
-        where.setdefault(s.name, []).append(g)
-    out, taken = [], {}
+    why = f"--current {path} matches models by name"
+    unique_names(prev.problem.specs, why)
+    unique_names(specs, why)
+    where = {s.name: g for s, g in zip(prev.problem.specs, running)}
+    out = []
     for s in specs:
         if s.cur_gpu is not None:
             raise InvalidInstance(f"{s.where}: gives cur_gpu_id, and --current {path} gives the current placement "
                                   f"too; give it once")
-        if s.name is None:
-            raise InvalidInstance(f"{s.where}: has no name; --current matches models by name")
-        k = taken.get(s.name, 0)
-        taken[s.name] = k + 1
-        gpus = where.get(s.name, [])
-        out.append(replace(s, cur_gpu=gpus[k] if k < len(gpus) else None))
-    stopped = [f"{printable(n)} ({len(g) - taken.get(n, 0)} of {len(g)})" for n, g in where.items()
-               if len(g) > taken.get(n, 0)]
+        out.append(replace(s, cur_gpu=where.get(s.name)))
+    stopped = [printable(n) for n in where if n not in {s.name for s in specs}]
     if stopped:
         warnings.warn(f"{path}: running there but not among the models: {', '.join(stopped)}; they stop (their GPUs "
                       f"are free for the re-placement)", KvgpuWarning, stacklevel=2)
@@ -425,17 +440,15 @@ def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: in
     with ports and KV cache (no fractions: :func:`export` sets those).  A LoRA adapter
     (``colocate_with``) is no process of its own: the engine of its base on its GPU serves it,
     with the adapter's weights, overhead, demand and KV share added (its requests use that
-    engine's KV pool).  Refuses an unnamed model, a replica whose tp shards span nodes
-    (``same_node: false``) and an adapter beside a tp engine (kvgpu places its weights on one
-    GPU, the engine would split them over all)."""
+    engine's KV pool).  Refuses an unnamed model, two models of one name, and a replica whose
+    tp shards span nodes (``same_node: false``)."""
     prob = p.problem
+    unique_names(prob.specs, "an engine serves a model by its name (--served-model-name, the router, and "
+                             "replan --current match by it)")
     kv, raised = _kv_per_item(p, min_kv_gb)
     node, local = _local_ids(p)
     out, adapters = [], []
     for m, spec in enumerate(prob.specs):
-        if spec.name is None or not spec.name.strip():
-            raise InvalidInstance(f"{spec.where}: has no name; an engine serves a model by its name (a Hugging Face "
-                                  f"id or a path): give each model its name")
         if spec.colocate_with is not None:
             adapters.append(m)
             continue
@@ -450,10 +463,11 @@ def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: in
                                       f"engine over several nodes needs a multi-node launch, which kvgpu does not "
                                       f"write; keep its shards in one node")
             k = nodes.pop()
-            out.append(Engine(spec.name, m, r, None if k < 0 else k, gpus, local[gpus].tolist(), spec.tp,
+            path, named = source(spec)
+            out.append(Engine(spec.name, path, m, r, None if k < 0 else k, gpus, local[gpus].tolist(), spec.tp,
                               weights_gb=spec.size / spec.tp, overhead_gb=spec.overhead_gb,
                               kv_gb=float(kv[its].min()), demand=float(prob.items.demand[its[0]]),
-                              raised=bool(raised[its].any())))
+                              raised=bool(raised[its].any()), kv_cache_dtype=spec.kv_cache_dtype, named=named))
     for m in adapters:
         _attach(p, out, m, kv, raised)
     for e in out:
@@ -466,6 +480,26 @@ def engines_of(p: Placement, min_kv_gb: float = DEFAULT_MIN_KV_GB, base_port: in
     return out
 
 
+def unique_names(specs: list, why: str) -> None:
+    """Refuse a model without a name, or two models of one name, where the name is the
+    model's identity (``why`` says for what)."""
+    seen: dict = {}
+    for spec in specs:
+        if spec.name is None or not spec.name.strip():
+            raise InvalidInstance(f"{spec.where}: has no name; {why}: give each model its name")
+        if spec.name in seen:
+            raise InvalidInstance(f"{spec.where}: the same name as {seen[spec.name]}; {why}: give each model a name "
+                                  f"of its own (replicas: the model's 'replicas' key)")
+        seen[spec.name] = spec.where
+
+
+def source(spec) -> tuple[str, bool]:
+    """What an engine loads for model ``spec`` and whether the model says so: its ``serve``,
+    else its ``hf`` (kvgpu made a local folder absolute), else ``(name, False)``."""
+    ref = spec.serve or spec.hf
+    return (ref, True) if ref else (spec.name, False)
+
+
 def _attach(p: Placement, engines: list, m: int, kv: np.ndarray, raised: np.ndarray) -> None:
     """Adapter ``m`` (one item) joins the engine of its base on its GPU."""
     prob = p.problem
@@ -473,11 +507,8 @@ def _attach(p: Placement, engines: list, m: int, kv: np.ndarray, raised: np.ndar
     i = int(prob.items_of(m)[0])
     g = int(p.assignment[i])
     base = next(e for e in engines if e.model == spec.colocate_with and g in e.gpus)  # the rule keeps one there
-    if base.tp > 1:
-        raise InvalidInstance(f"{spec.where}: an adapter beside {printable(base.model)}, a tp={base.tp} engine: the "
-                              f"engine would split the adapter over its {base.tp} GPUs, which kvgpu placed on GPU {g} "
-                              f"alone; not exported (serve the adapter beside a tp=1 replica)")
     base.adapters.append(spec.name)
+    base.adapter_paths.append(source(spec)[0])
     base.weights_gb += spec.size
     base.overhead_gb += spec.overhead_gb
     base.kv_gb += float(kv[i])
@@ -522,7 +553,8 @@ def _fraction(e: Engine, x: float) -> float:
 # ---------------------------------------------------------------- files
 
 def export(placement: Placement | str | Path, fmt: str, out: str | Path | None = None, *, base_port: int | None = None,
-           min_kv_gb: float = DEFAULT_MIN_KV_GB, kvcached_engine: str = "vllm", venv: str | None = None) -> Deployment:
+           min_kv_gb: float = DEFAULT_MIN_KV_GB, kvcached_engine: str | None = None, venv: str | None = None,
+           device_memory_gb=None) -> Deployment:
     """The engines and launch files of ``placement`` (a Placement, or the path of a ``--out``
     JSON / an export manifest) for ``fmt`` (:data:`FORMATS`), written to the folder ``out``
     when given (see the module doc for what each engine's fraction means).
@@ -532,8 +564,14 @@ def export(placement: Placement | str | Path, fmt: str, out: str | Path | None =
     base_port : int, optional -- first port on each node (default 8000 for vLLM, 30000 for SGLang).
     min_kv_gb : float -- GB of KV cache every engine gets at least per GPU (0: refuse an engine
         the proportional split leaves without KV cache).
-    kvcached_engine : "vllm" or "sglang" -- the engine kvcached runs (format kvcached).
-    venv : str, optional -- the virtual environment kvcached's controller starts vLLM from.
+    kvcached_engine : "vllm" or "sglang", optional -- the engine kvcached runs (format kvcached
+        only; default vllm).
+    venv : str, optional -- the virtual environment kvcached's controller starts vLLM from
+        (format kvcached only).
+    device_memory_gb : float or sequence of float, optional -- each GPU's real total memory in
+        GB as the engines see it (an "80 GB" H100 has 85.5e9 bytes), at least its ``gpu_mem``:
+        the fractions are taken of it, so every engine gets the GB the split gives it (the
+        rest stays free); default ``gpu_mem`` (a note says so).
 
     Returns
     -------
@@ -547,7 +585,10 @@ def export(placement: Placement | str | Path, fmt: str, out: str | Path | None =
     from kvgpu.schema import choice, integer, number
 
     fmt = choice(fmt, "format", FORMATS)
-    engine = choice(kvcached_engine, "kvcached engine", tuple(BASE_PORTS)) if fmt == "kvcached" else fmt
+    for given, flag in ((kvcached_engine, "kvcached_engine (--kvcached-engine)"), (venv, "venv (--venv)")):
+        if given is not None and fmt != "kvcached":
+            raise InvalidInstance(f"{flag} applies to format kvcached only, not {fmt}; leave it out")
+    engine = choice(kvcached_engine or "vllm", "kvcached engine", tuple(BASE_PORTS)) if fmt == "kvcached" else fmt
     min_kv_gb = number(min_kv_gb, "min_kv_gb", 0.0)
     if out is not None:
         check_folder(out)
@@ -555,25 +596,27 @@ def export(placement: Placement | str | Path, fmt: str, out: str | Path | None =
     port0 = BASE_PORTS.get(engine, BASE_PORTS["vllm"]) if base_port is None else integer(base_port, "base_port",
                                                                                          1, 65535)
     engines = engines_of(p, min_kv_gb, port0)
-    if engines and max(e.port for e in engines) > 65535:
-        raise InvalidInstance(f"base_port {port0}: {len(engines)} engines on a node need ports up to "
-                              f"{max(e.port for e in engines)}, above 65535")
+    _check_ports(engines, port0)
     if fmt == "kvcached" and engine == "vllm" and not venv:
         raise InvalidInstance("kvcached's controller starts vLLM from a virtual environment only (using_venv, "
                               "venv_path): give venv (--venv PATH)")
-    memory = p.problem.memory
+    memory = device_memory(p, device_memory_gb)
     if fmt in ("vllm", "json"):
         set_vllm_fractions(engines, memory)
+        _check_vllm_totals(engines, memory, p.problem.reserve)
     if fmt in ("sglang", "json"):
         set_sglang_fractions(engines, memory)
-    notes = _notes(p, engines, min_kv_gb)
+    if fmt != "json":
+        for e in engines:
+            _kv_dtype_flag(e, engine)  # refuses a dtype the engine does not take, by name
+    notes = _notes(p, engines, min_kv_gb, fmt, engine, device_memory_gb is None)
     files = {}
     if fmt != "json":
         for k, group in _by_node(engines).items():
             suffix = "" if k is None else f"_node{k}"
-            files[f"launch{suffix}.sh"] = _script(group, engine, k, fmt == "kvcached", _utilization(p, k))
+            files[f"launch{suffix}.sh"] = _script(group, engine, k, fmt == "kvcached", _utilization(p, k, memory))
             if fmt == "kvcached":
-                files[f"kvcached{suffix}.yaml"] = _kvcached_yaml(group, engine, k, venv, _utilization(p, k))
+                files[f"kvcached{suffix}.yaml"] = _kvcached_yaml(group, engine, k, venv, _utilization(p, k, memory))
     files[MANIFEST] = _manifest(p, engines, fmt, engine, min_kv_gb, notes, sorted(files))
     dep = Deployment(fmt, engines, files, notes)
     if out is not None:
@@ -588,21 +631,121 @@ def _by_node(engines: list) -> dict:
     return out
 
 
-def _utilization(p: Placement, node: int | None) -> float:
-    """kvcached's ``gpu_utilization`` for a node: 1 - reserve / memory, the least over its GPUs."""
+def _utilization(p: Placement, node: int | None, memory: np.ndarray) -> float:
+    """kvcached's ``gpu_utilization`` for a node: 1 - (reserve + the device's memory beyond
+    ``gpu_mem``) / device memory (``memory`` (G,) GB), the least over its GPUs."""
     prob = p.problem
     ids = np.arange(prob.n_gpus) if node is None else np.nonzero(prob.gpu_node == node)[0]
-    return _floor4(float((1 - prob.reserve[ids] / prob.memory[ids]).min()))
+    return _floor4(float(((prob.memory[ids] - prob.reserve[ids]) / memory[ids]).min()))
 
 
-def _notes(p: Placement, engines: list, min_kv_gb: float) -> list:
+def device_memory(p: Placement, value) -> np.ndarray:
+    """(G,) GB each GPU's engines take their fractions of: ``value`` (one number, or one per
+    GPU), at least the GPU's ``gpu_mem``; None: ``gpu_mem``."""
+    nominal = p.problem.memory.astype(float)
+    if value is None:
+        return nominal
+    from kvgpu.schema import number
+
+    vals = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if len(vals) not in (1, nominal.shape[0]):
+        raise InvalidInstance(f"device_memory_gb: {len(vals)} values for {nominal.shape[0]} GPUs; give one, or one "
+                              f"per GPU")
+    mem = np.array([number(v, "device_memory_gb", 0.0, None, lo_open=True) for v in vals], float)
+    mem = np.broadcast_to(mem, nominal.shape).copy()
+    low = np.nonzero(mem < nominal * (1 - 1e-12))[0]
+    if low.size:
+        g = int(low[0])
+        raise InvalidInstance(f"device_memory_gb {mem[g]:g} for GPU {g} is less than its gpu_mem {nominal[g]:g} GB, "
+                              f"which the placement fills; give the device's real total (e.g. 85.5 for an "
+                              f"'80 GB' H100), or solve again with gpu_mem the device's memory")
+    return mem
+
+
+def _check_ports(engines: list, port0: int) -> None:
+    """Every engine's port within 65535 (ports count per node)."""
+    if engines and max(e.port for e in engines) > 65535:
+        per_node = _by_node(engines)
+        most = max(len(g) for g in per_node.values())
+        raise InvalidInstance(f"base_port {port0}: {most} engines on a node need ports up to "
+                              f"{max(e.port for e in engines)}, above 65535; give a lower --base-port")
+
+
+def _check_vllm_totals(engines: list, memory: np.ndarray, reserve: np.ndarray) -> None:
+    """vLLM applies one ``--gpu-memory-utilization`` to every rank's own total memory: each
+    engine must get its GB on each of its GPUs, and a GPU's engines must fit in it less its
+    reserve; refuses (by name) a tp engine over GPUs of different memory that breaks either."""
+    total = np.zeros(memory.shape[0])
+    for e in engines:
+        need = e.weights_gb + e.overhead_gb + e.kv_gb
+        for g in e.gpus:
+            total[g] += e.gpu_memory_utilization * memory[g]
+            if e.gpu_memory_utilization * memory[g] < need - 1e-4 * memory[g] - 1e-9:  # fractions floored to 1e-4
+                raise InvalidInstance(f"{printable(e.model)} (replica {e.replica}, GPUs {e.gpus}): vLLM applies one "
+                                      f"--gpu-memory-utilization to every rank's own memory, and no fraction gives "
+                                      f"{need:.4g} GB on GPU {g} ({memory[g]:g} GB) without taking more than its "
+                                      f"share on the others; export it with --format sglang or kvcached, or place "
+                                      f"it on GPUs of one memory size")
+    over = np.nonzero(total > memory - reserve + 1e-6 * memory)[0]
+    if over.size:
+        g = int(over[0])
+        names = ", ".join(printable(e.model) for e in engines if g in e.gpus)
+        raise InvalidInstance(f"GPU {g}: the vLLM fractions of its engines ({names}) take {total[g]:.4g} GB of its "
+                              f"{memory[g]:g} GB, more than its memory less reserve_gb: a tp engine over GPUs of "
+                              f"different memory takes one fraction of each; export with --format sglang or "
+                              f"kvcached, or place it on GPUs of one memory size")
+
+
+#: ``kv_cache_dtype`` -> the value each engine's ``--kv-cache-dtype`` takes (vLLM: auto,
+#: bfloat16, fp8, fp8_e4m3, fp8_e5m2; SGLang: auto, bfloat16, fp8_e4m3, fp8_e5m2 -- its
+#: fp8 is e4m3, vLLM's default fp8 format); a dtype missing here is refused by name.
+KV_DTYPE_FLAGS = {
+    "vllm": {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8_e4m3",
+             "fp8_e5m2": "fp8_e5m2"},
+    "sglang": {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8_e4m3",
+               "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"},
+}
+
+
+def _kv_dtype_flag(e: Engine, engine: str) -> list:
+    """``["--kv-cache-dtype", VALUE]`` for engine ``e``'s ``kv_cache_dtype`` ([] without one)."""
+    if e.kv_cache_dtype is None:
+        return []
+    flags = KV_DTYPE_FLAGS[engine]
+    if e.kv_cache_dtype not in flags:
+        raise InvalidInstance(f"{printable(e.model)}: kv_cache_dtype {e.kv_cache_dtype!r} has no --kv-cache-dtype "
+                              f"value in {'vLLM' if engine == 'vllm' else 'SGLang'} (it takes "
+                              f"{', '.join(sorted(set(flags.values())))}); use auto, or one of those")
+    return ["--kv-cache-dtype", flags[e.kv_cache_dtype]]
+
+
+#: why a GPU without reserve_gb is a problem, per format
+_BARE = {"vllm": "the fractions take the whole GPU: vLLM refuses to start when its share is not free after its own "
+                 "CUDA context, and activations beyond overhead_gb have no room",
+         "sglang": "--mem-fraction-static may take all the memory free at start (up to 1): CUDA graphs and "
+                   "activations beyond overhead_gb have no room",
+         "json": "the fractions take the whole GPU (vLLM refuses to start when its share is not free after its "
+                 "CUDA context; SGLang leaves no room for activations beyond overhead_gb)",
+         "kvcached": "kvcached_gpu_utilization keeps no headroom free on the GPU for CUDA contexts and "
+                     "activations beyond overhead_gb"}
+
+
+def _notes(p: Placement, engines: list, min_kv_gb: float, fmt: str, engine: str, nominal: bool) -> list:
     notes = []
     bare = sorted({g for e in engines for g in e.gpus if p.problem.reserve[g] == 0})
     if bare:
         notes.append(f"GPU(s) {', '.join(map(str, bare[:8]))}{', ...' if len(bare) > 8 else ''}: no reserve_gb, so "
-                     f"the fractions take the whole GPU: vLLM refuses to start when its share is not free after its "
-                     f"own CUDA context, and activations beyond overhead_gb have no room; give reserve_gb (1-2 GB) "
-                     f"and solve again")
+                     f"{_BARE[fmt]}; give reserve_gb (1-2 GB) and solve again")
+    if nominal and engines:
+        notes.append("the fractions are taken of gpu_mem as each device's total memory; engines apply them to the "
+                     "device's real total (an '80 GB' H100 reports 85.5e9 bytes), which gives every engine more "
+                     "than planned: give --device-memory-gb (device_memory_gb) for the fractions of the real total")
+    bare_names = sorted({printable(e.model) for e in engines if not e.named}
+                        | {printable(a) for e in engines for a, path in zip(e.adapters, e.adapter_paths)
+                           if path == a and not _said(p, a)})
+    if bare_names:
+        notes.append(f"no hf or serve key: {', '.join(bare_names)} loaded by name as given (a Hugging Face repo id, "
+                     f"or a path relative to where the script runs); give each model serve: REPO_ID or FOLDER")
     raised = [e for e in engines if e.raised]
     if raised:
         notes.append(f"raised to min_kv_gb={min_kv_gb:g} GB of KV cache per GPU (their demand's share was less): "
@@ -612,12 +755,18 @@ def _notes(p: Placement, engines: list, min_kv_gb: float) -> list:
     if served:
         notes.append("LoRA adapters are served by their base's engine: " + "; ".join(
             f"{', '.join(map(printable, e.adapters))} on port {e.port}" for e in served)
-            + " (vLLM: raise --max-lora-rank / --max-loras if your adapters need it)")
+            + (" (vLLM: raise --max-lora-rank / --max-loras if your adapters need it)" if engine == "vllm" else
+               " (SGLang: set --max-lora-rank / --max-loras-per-batch if your adapters need it)"))
     lost = [e for e in engines if e.tp > 1 and e.kv_gb < p.kv_split()[p.problem.items_of(e.model_index)].max() - 1e-9]
     if lost:
         notes.append("tp engines keep one KV pool size on all their GPUs (the least of their shares): "
                      + ", ".join(f"{printable(e.model)} (port {e.port})" for e in lost))
     return notes
+
+
+def _said(p: Placement, name: str) -> bool:
+    """Does the model named ``name`` give what the engine loads (``serve`` or ``hf``)?"""
+    return any(source(s)[1] for s in p.problem.specs if s.name == name)
 
 
 def _comment(e: Engine) -> str:
@@ -627,6 +776,8 @@ def _comment(e: Engine) -> str:
     if e.mem_fraction_static is not None:
         frac += f", mem_fraction_static {e.mem_fraction_static:g}"
     lora = f", adapters {', '.join(map(printable, e.adapters))}" if e.adapters else ""
+    if not e.named:
+        lora += " (loaded by its name as given: the model has no hf or serve)"
     gpus = ",".join(map(str, e.gpus))
     return (f"# {printable(e.model)}{lora} replica {e.replica}: GPU(s) {gpus} (tp {e.tp}); per GPU "
             f"weights {e.weights_gb:.4g} + overhead {e.overhead_gb:.4g} + KV {e.kv_gb:.4g} GB, KVPR {e.kvpr:.6g}{frac}")
@@ -636,15 +787,13 @@ def _command(e: Engine, engine: str, shared: bool) -> str:
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, e.local_gpus)), **e.env}
     q = shlex.quote
     if engine == "vllm":
-        cmd = f"vllm serve {q(e.model)} --tensor-parallel-size {e.tp}"
+        cmd = f"vllm serve {q(e.path)} {' '.join(map(q, _engine_args(e, engine)))}"
         if not shared:
             cmd += f" --gpu-memory-utilization {e.gpu_memory_utilization:g}"
     else:
-        cmd = f"python -m sglang.launch_server --model-path {q(e.model)} --tp-size {e.tp}"
+        cmd = f"python -m sglang.launch_server --model-path {q(e.path)} {' '.join(map(q, _engine_args(e, engine)))}"
         if not shared:
             cmd += f" --mem-fraction-static {e.mem_fraction_static:g}"
-    if e.adapters:
-        cmd += " " + " ".join(map(q, _lora_args(e, engine)))
     envs = " ".join(f"{k}={q(v)}" for k, v in env.items())
     return f'{envs} {cmd} --host "$HOST" --port {e.port} > "$LOG_DIR/engine-{e.port}.log" 2>&1 &'
 
@@ -706,10 +855,16 @@ def _script(engines: list, engine: str, node: int | None, shared: bool, utilizat
     return "\n".join(lines) + "\n"
 
 
-def _lora_args(e: Engine, engine: str) -> list:
-    """The flags that load an engine's LoRA adapters (each by its name: a Hugging Face id or a path)."""
-    mods = [f"{a}={a}" for a in e.adapters]
-    return ["--enable-lora", "--lora-modules", *mods] if engine == "vllm" else ["--lora-paths", *mods]
+def _engine_args(e: Engine, engine: str) -> list:
+    """The flags of engine ``e`` other than its model, memory fraction, host and port: tp size,
+    the name clients ask for (``--served-model-name``, the same flag in vLLM and SGLang), the
+    KV cache dtype, and the LoRA adapters (``NAME=PATH``: served as NAME, loaded from PATH)."""
+    args = ["--tensor-parallel-size" if engine == "vllm" else "--tp-size", str(e.tp),
+            "--served-model-name", e.model, *_kv_dtype_flag(e, engine)]
+    if e.adapters:
+        mods = [f"{a}={path}" for a, path in zip(e.adapters, e.adapter_paths)]
+        args += ["--enable-lora", "--lora-modules", *mods] if engine == "vllm" else ["--lora-paths", *mods]
+    return args
 
 
 def _yaml_str(text: str) -> str:
@@ -724,26 +879,39 @@ def _kvcached_yaml(engines: list, engine: str, node: int | None, venv: str | Non
     out = [f"# kvgpu export: kvcached controller config for {where} (python controller/launch.py --config FILE);",
            "# the engines of a GPU share one elastic KV pool: no memory fraction per engine. See manifest.json.",
            "kvcached:",
-           f"  kvcached_gpu_utilization: {utilization:g}  # 1 - reserve_gb / memory: the headroom kept free per GPU",
+           f"  kvcached_gpu_utilization: {utilization:g}  # (gpu_mem - reserve_gb) / device memory: the rest stays free per GPU",
            "router:"]
+    renamed = [e.model for e in engines if e.path != e.model]
     if not unique:
         out.append("  # off: the router keeps one endpoint per model name, and a model runs as several replicas here")
-    out += [f"  enable_router: {'true' if unique else 'false'}", "  router_port: 8080", "  router_host: localhost",
-            "instances:"]
-    flag = "--tensor-parallel-size" if engine == "vllm" else "--tp-size"
+    elif renamed:  # its router maps each instance's `model` (what it loads), but clients ask for the served name
+        out.append(f"  # off: the router routes by each instance's model (the path it loads), and these engines serve "
+                   f"another name (--served-model-name): {', '.join(renamed)}; clients reach each engine on its port")
+    routed = unique and not renamed
+    out += [f"  enable_router: {'true' if routed else 'false'}", f"  router_port: {_router_port(engines)}",
+            "  router_host: localhost", "instances:"]
     for e in engines:
         label = re.sub(r"[^A-Za-z0-9_-]+", "-", e.model).strip("-") or "model"
-        out += [f"  - name: {_yaml_str(f'e{e.port}-{label}')}", f"    model: {_yaml_str(e.model)}",
+        out += [f"  - name: {_yaml_str(f'e{e.port}-{label}')}", f"    model: {_yaml_str(e.path)}",
                 f"    engine: {engine}"]
         if venv:
             out += ["    using_venv: true", f"    venv_path: {_yaml_str(venv)}"]
         out += ["    kvcached_env:", '      - "ENABLE_KVCACHED=true"', '      - "KVCACHED_AUTOPATCH=1"',
                 "    engine_env:", f"      - {_yaml_str('CUDA_VISIBLE_DEVICES=' + ','.join(map(str, e.local_gpus)))}",
-                "    engine_args:", f"      - {_yaml_str(f'{flag} {e.tp}')}",
+                "    engine_args:", f"      - {_yaml_str(' '.join(map(shlex.quote, _engine_args(e, engine))))}",
                 f"      - {_yaml_str(f'--port={e.port}')}"]
-        if e.adapters:
-            out.append(f"      - {_yaml_str(' '.join(map(shlex.quote, _lora_args(e, engine))))}")
     return "\n".join(out) + "\n"
+
+
+#: kvcached's router port (its example config's), unless an engine of the node has it.
+ROUTER_PORT = 8080
+
+
+def _router_port(engines: list) -> int:
+    """kvcached's router port on a node: :data:`ROUTER_PORT`, or the first port above the
+    node's engines when one of them has it."""
+    ports = {e.port for e in engines}
+    return ROUTER_PORT if ROUTER_PORT not in ports else max(ports) + 1
 
 
 def _manifest(p: Placement, engines: list, fmt: str, engine: str, min_kv_gb: float, notes: list, files: list) -> str:

@@ -170,16 +170,18 @@ def _with_defaults(models: list, defaults: dict | None) -> list:
     return out
 
 
-def models_from_data(data: dict, name: str, base_dir: Path | None = None) -> tuple[list[ModelSpec], dict]:
+def models_from_data(data: dict, name: str, base_dir: Path | None = None,
+                     read_files: bool = True) -> tuple[list[ModelSpec], dict]:
     """Models and cluster options from a document already parsed (a dict with ``models`` and
     the cluster fields of :data:`FILE_KEYS`), checked as :func:`read_models` checks a file;
     messages name ``name`` (e.g. a placement file that carries its models); ``base_dir``: where
-    a model's relative ``hf`` folder is (default: the working folder)."""
-    return _document(data, _Lines({}, None), name, base_dir)
+    a model's relative ``hf`` folder is (default: the working folder); ``read_files=False``
+    keeps the sizes a placement file stored for its ``hf`` models (:func:`kvgpu.schema.model_specs`)."""
+    return _document(data, _Lines({}, None), name, base_dir, read_files=read_files)
 
 
 def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None,
-              defaults: dict | None = None) -> tuple[list[ModelSpec], dict]:
+              defaults: dict | None = None, read_files: bool = True) -> tuple[list[ModelSpec], dict]:
     options: dict = {}
     if isinstance(data, dict):
         _no_duplicate(data, name)
@@ -213,7 +215,7 @@ def _document(data: Any, lines: _Lines, name: str, base_dir: Path | None = None,
     where = [f"{name}, line {at[i]}, model {i}" if at else f"{name}, model {i}" for i in range(len(models))]
     for w, m in zip(where, models):
         _no_duplicate(m, w)
-    return model_specs(_with_defaults(models, defaults), where, base_dir=base_dir), options
+    return model_specs(_with_defaults(models, defaults), where, base_dir=base_dir, read_files=read_files), options
 
 
 def _at(name: str, lines: _Lines, key: Any) -> str:

@@ -27,7 +27,11 @@ arrays (the layout of :mod:`kvgpu.kernels.rules`):
   shards are interchangeable: what counts is the set of GPUs it ends on against the set it
   runs on (whatever the order of ``cur_gpu_id`` and ``pin``); more running copies than ``tp x
   replicas`` scale it in (the extra copies stop, which moves nothing), fewer scale it out (the
-  new copies load like a new model).
+  new copies load like a new model).  A tp replica is one engine: a tp model scaling in keeps
+  whole running replicas (``cur_gpu_id`` read ``tp`` GPUs at a time, the first kept, a warning
+  names them), so a shard kept from a stopped engine is a move; and the answer's replicas keep
+  the running ones whole (:func:`group_replicas`).  The GB budget counts the shards copied
+  (a tp engine with one new GPU restarts, but copies one shard).
 
 :class:`Instance` is the plain part (items, demand, memory), which the seed pipeline engines
 (:mod:`kvgpu.reference`, :mod:`kvgpu.batch`, :mod:`kvgpu.kernels.cpu`) work on.
@@ -112,7 +116,8 @@ class Problem:
     cur : (n,) int64 -- re-placement: the running copy each item starts from (matched to the
         item's allowed GPUs and node group), -1 for none; (0,) otherwise.
     running : tuple of tuples of int -- re-placement: each model's GPUs now, all its running
-        copies (more than its items when it scales in); () for a new model; () otherwise.
+        copies (more than its items when a tp=1 model scales in; a tp model keeps whole
+        replicas, :func:`_kept_replicas`); () for a new model; () otherwise.
     max_moves : int -- most models that may move, -1 for no limit.
     max_migrated_gb : float -- most GB that may be copied, ``inf`` for no limit.
     min_gain : float -- smallest relative gain of the max KVPR worth moving running models for.
@@ -125,6 +130,8 @@ class Problem:
     gpu_node : (G,) int64 -- each GPU's node as the cluster gives it (``nodes`` /
         ``gpus_per_node``), whether or not a rule needs it (``node_of`` is kept only where
         tp shards must share a node); (0,) without nodes.  What an export groups GPUs by.
+    stopped : tuple of tuples of int -- re-placement: per model, the GPUs of the running tp
+        replicas that stop when it scales in (not in ``running``); () otherwise.
     """
 
     items: Instance
@@ -145,6 +152,7 @@ class Problem:
     coloc: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     running: tuple = ()
     gpu_node: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    stopped: tuple = ()
 
     @property
     def n_gpus(self) -> int:
@@ -313,7 +321,8 @@ def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
     """Each model's base (the index of the model its ``colocate_with`` names), -1 for none.
     ``allowed_of(m)`` (G,) bool: the GPUs model ``m`` may use.  Refuses an unknown or
     ambiguous name, a model beside itself, a chain (a base that is an adapter), an adapter of
-    several shards or replicas, and an adapter that may use none of its base's GPUs."""
+    several shards or replicas, an adapter of a tp base, and an adapter that may use none of
+    its base's GPUs."""
     names: dict[str, list[int]] = {}
     for k, m in enumerate(specs):
         if m.name is not None:
@@ -341,6 +350,11 @@ def _bases(specs: list[ModelSpec], allowed_of) -> list[int]:
         if m.tp * m.replicas > 1:
             raise InvalidInstance(f"{m.where}: colocate_with is for an adapter of one shard (tp=1, one replica); "
                                   f"this one has tp={m.tp}, replicas={m.replicas} (give one adapter entry per copy)")
+        if specs[b].tp > 1:  # a tp engine serves an adapter on all its GPUs, kvgpu would place it on one
+            raise InvalidInstance(f"{m.where}: colocate_with names {specs[b].where}, a tp={specs[b].tp} model; an "
+                                  f"adapter of a tp base is not supported (kvgpu places the adapter's weights and "
+                                  f"demand on one GPU, but the base's tp engine serves it split over all its "
+                                  f"{specs[b].tp} GPUs): add its size and req_rate to the base instead")
         if not (allowed_of(m.index) & allowed_of(b)).any():
             raise InvalidInstance(f"{m.where}: it may use none of the GPUs its base {specs[b].where} may use "
                                   f"(forbid, pin, node, out_of_service), so it can never sit beside it")
@@ -429,6 +443,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     pinned = any(a is not None or m.pin is not None for a, m in zip(allowed_rows, specs))
     paired = {b for b in base_of if b >= 0} | {i for i, b in enumerate(base_of) if b >= 0}  # bases and adapters
     coloc = []
+    stopped: list = [()] * len(specs)
     for i, m in enumerate(specs):
         k = m.tp * m.replicas
         if k > G:
@@ -487,6 +502,13 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
         rows = [allowed] * k
         if pins is not None:
             rows = [np.arange(G) == g for g in pins]
+        if cur_ids is not None and len(cur_ids) > k and m.tp > 1:  # whole running engines stay, or stop
+            cur_ids, stopped[i] = _kept_replicas(cur_ids, m, node_of if together else _EMPTY_I)
+            cur_models[i] = cur_ids
+            warnings.warn(f"{m.where}: scaling in from {len(cur_ids) + len(stopped[i])} GPUs to {m.replicas} "
+                          f"replica(s) of tp={m.tp}: keeps the running replica(s) on GPUs {list(cur_ids)} whole (the "
+                          f"first in cur_gpu_id, tp GPUs at a time), stops those on GPUs {list(stopped[i])}; order "
+                          f"cur_gpu_id to keep others", KvgpuWarning, stacklevel=3)
         starts = _start_gpus(cur_ids or (), rows, m.tp, node_of if together else _EMPTY_I)
         for c in range(k):
             sizes.append(shard_size)
@@ -512,7 +534,7 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     model_of_a = np.asarray(model_of, np.int64)
     running = tuple(tuple(c) if c is not None else () for c in cur_models) if replan else ()
     if replan:
-        _check_current_memory(specs, running, mem)
+        _check_current_memory(specs, tuple(r + s for r, s in zip(running, stopped)), mem)
         held = _running_load(specs, running, G, lambda m: m.size / m.tp + m.overhead_gb)
         for g in np.nonzero(held > usable + EPS * mem_unit(usable))[0].tolist():
             warnings.warn(f"current placement: GPU {g} holds {held[g]:g} GB with overhead_gb, more than its "
@@ -525,12 +547,57 @@ def build_problem(models: Any, gpus: int, gpu_mem: float | Sequence[float] = DEF
     prob = Problem(items, specs, model_of_a, mem, reserve, allowed_a, group_a, node_group_a, node_of_a,
                    cur_a if replan else _EMPTY_I, K, max_gb, gain,
                    out_of_service=() if off is None else tuple(np.nonzero(off)[0].tolist()),
-                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I, running=running, gpu_node=node_of)
+                   coloc=np.asarray(coloc, np.int64) if len(paired) else _EMPTY_I, running=running, gpu_node=node_of,
+                   stopped=tuple(stopped) if replan else ())
     if prob.has_rules:
         from dataclasses import replace
 
         prob = replace(prob, gpu_class=_gpu_classes(prob))
     return prob
+
+
+def _kept_replicas(cur_ids: tuple, m: ModelSpec, node_of: np.ndarray) -> tuple[tuple, tuple]:
+    """A tp model running more copies than its shards (scaling in): ``(kept, stopped)`` GPUs.
+    A replica is one engine over ``tp`` GPUs, so whole replicas are kept: ``cur_gpu_id`` is
+    read ``tp`` GPUs at a time in its order (a manifest and ``--out`` list each replica's
+    shards together), with ``node_of`` (G,) node by node (a replica sits in one node), and the
+    first ``replicas`` of them are kept.  Keeping one shard of two engines would be a new
+    engine: a move, which the kept set makes the budget count (moves are counted on a model's
+    GPUs against its running ones)."""
+    order = sorted(cur_ids, key=lambda g: int(node_of[g])) if node_of.size else list(cur_ids)  # stable
+    k = m.tp * m.replicas
+    return tuple(order[:k]), tuple(order[k:])
+
+
+def group_replicas(problem: "Problem", assign: np.ndarray) -> np.ndarray:
+    """(n,) ``assign`` with each tp model's items regrouped into replicas (items ``r*tp ..
+    (r+1)*tp`` are replica ``r``: one engine) so that a running replica whose GPUs the model
+    keeps stays one engine: moves count a model's GPUs as a set, and a placement that keeps the
+    set but pairs shards of two engines would start engines that never ran.  The other GPUs
+    follow in their order (node by node where shards share a node).  Only models whose items
+    may use the same GPUs (no per-shard pins) are regrouped: pins fix the replicas.  GPUs and
+    KVPR are unchanged (a model's items are alike)."""
+    a = np.asarray(assign, np.int64).copy()
+    for m, spec in enumerate(problem.specs):
+        run = problem.running[m] if problem.running else ()
+        if spec.tp == 1 or spec.replicas == 1 or len(run) < spec.tp:
+            continue
+        items = problem.items_of(m)
+        if problem.allowed.shape[0] and (problem.allowed[items] != problem.allowed[items[0]]).any():
+            continue
+        final = a[items].tolist()
+        nodes = problem.node_of if problem.node_group.shape[0] and problem.node_group[items[0]] >= 0 else None
+        kept: list = []
+        for r in range(len(run) // spec.tp):
+            grp = list(run[r * spec.tp:(r + 1) * spec.tp])
+            one_node = nodes is None or len({int(nodes[g]) for g in grp}) == 1
+            if one_node and set(grp) <= set(final):
+                kept += grp
+        rest = [g for g in final if g not in kept]
+        if nodes is not None:
+            rest.sort(key=lambda g: int(nodes[g]))  # stable: each node's GPUs are whole replicas
+        a[items] = kept + rest
+    return a
 
 
 def _start_gpus(running: Sequence[int], rows: list, tp: int, node_of: np.ndarray) -> list[int]:

@@ -35,6 +35,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,6 +86,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "hf": ("hf",),
     "kv_cache_dtype": ("kv_cache_dtype",),
     "kv_bytes_per_token": ("kv_bytes_per_token",),
+    "serve": ("serve",),
 }
 _FIELD_OF_KEY = {k: f for f, keys in KEYS.items() for k in keys}
 # fields whose value names another model: an empty name given explicitly is a mistake (a rule
@@ -152,6 +154,12 @@ class ModelSpec:
         KV bytes per token on one tp shard, computed from the model's files (``hf``): KV heads
         fewer than ``tp`` are replicated, a latent (DeepSeek) is whole on every shard.  None:
         ``kv_bytes_per_token / tp`` (the heads split evenly).  Not a key of model files.
+    serve : str or None
+        What a serving engine loads for this model (``kvgpu export``): a Hugging Face repo id
+        or a folder (made absolute against the model file's folder when it exists here), never
+        read by kvgpu -- for a model without ``hf`` (its files not here, or a LoRA adapter,
+        which has no config.json: the adapter's folder or repo id).  None: ``hf``; without
+        either the export names the model by its ``name`` and says so.
     obj : Any
         The caller's own object or row (what ``Placement.by_gpu`` returns); not compared.
 
@@ -178,6 +186,7 @@ class ModelSpec:
     kv_cache_dtype: str | None = None
     kv_bytes_per_token: float | None = None
     kv_shard_bytes: float | None = field(default=None, compare=False, repr=False)
+    serve: str | None = None
     obj: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -210,7 +219,8 @@ class ModelSpec:
         for f, default in (("tp", 1), ("replicas", 1), ("overhead_gb", 0.0)):
             if getattr(self, f) != default:
                 out[f] = getattr(self, f)
-        for f in ("pin", "forbid", "same_node", "node", "colocate_with", "hf", "kv_cache_dtype", "kv_bytes_per_token"):
+        for f in ("pin", "forbid", "same_node", "node", "colocate_with", "hf", "kv_cache_dtype", "kv_bytes_per_token",
+                  "serve"):
             v = getattr(self, f)
             if v is not None and v != ():
                 out[f] = list(v) if isinstance(v, tuple) else v
@@ -526,6 +536,15 @@ def _hf(value: Any, where: str, key: str) -> str | None:
     return os.fspath(value).strip()
 
 
+def _serve(value: Any, where: str, key: str) -> str | None:
+    if _missing(value):
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+        raise InvalidInstance(f"{_label(where, key)} must be what the engine loads (a Hugging Face repo id or a "
+                              f"folder), got {_show(value)}")
+    return os.fspath(value).strip()
+
+
 def _kv_dtype(value: Any, where: str, key: str) -> str | None:
     if _missing(value):
         return None
@@ -557,6 +576,7 @@ _PARSERS = {
     "hf": _hf,
     "kv_cache_dtype": _kv_dtype,
     "kv_bytes_per_token": _kv_bytes,
+    "serve": _serve,
 }
 
 
@@ -675,7 +695,7 @@ def _items(models: Any) -> list:
 
 
 def model_specs(models: Any, where: Sequence[str] | None = None,
-                base_dir: str | os.PathLike | None = None) -> list[ModelSpec]:
+                base_dir: str | os.PathLike | None = None, read_files: bool = True) -> list[ModelSpec]:
     """Validated records of ``models``.
 
     Parameters
@@ -692,6 +712,9 @@ def model_specs(models: Any, where: Sequence[str] | None = None,
     base_dir : path, optional
         The folder a relative ``hf`` path starts from (the model file's); default the working
         folder.
+    read_files : bool
+        False: a model with ``hf`` and ``size`` keeps the figures given (what a placement file
+        stored when kvgpu read the files) instead of reading the files again.
 
     Returns
     -------
@@ -727,7 +750,7 @@ def model_specs(models: Any, where: Sequence[str] | None = None,
             vals = _from_object(m, label)
         name = vals.pop("name", None)
         label = base + (f" ({name!r})" if name is not None else "")
-        vals = _with_files(vals, label, base_dir)
+        vals = _with_files(vals, label, base_dir, read_files)
         specs.append(ModelSpec(index=i, where=label, name=name, obj=m, **vals))
     _check_totals(specs)
     return specs
@@ -743,16 +766,32 @@ def _agree(vals: dict, key: str, found: float, unit: str, how: str, where: str) 
                               f"(a different model or dtype?)")
 
 
-def _with_files(vals: dict, where: str, base_dir) -> dict:
+def _absolute(ref: str, base_dir) -> str:
+    """``ref`` as an absolute path when it names a folder here (relative to ``base_dir``, else
+    the working folder), so a placement file that stores it means the same folder wherever it
+    is read; else unchanged (a Hugging Face repo id, or a folder of the serving machine)."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return str(path.resolve()) if path.is_dir() else ref
+
+
+def _with_files(vals: dict, where: str, base_dir, read_files: bool = True) -> dict:
     """``vals`` with ``size`` and ``kv_bytes_per_token`` read from the model's files (``hf``):
     an explicit value beside a figure of the files must agree (:func:`_agree`); where the files
     give none (no formula, a field config.json lacks), the explicit value stands in, with a
-    warning.  ``kv_cache_dtype`` without ``hf`` is refused (nothing to apply it to)."""
+    warning.  ``kv_cache_dtype`` without ``hf`` is refused (nothing to apply it to).  ``hf`` and
+    ``serve`` naming a folder here are made absolute (:func:`_absolute`).  ``read_files=False``
+    keeps the ``size`` and ``kv_bytes_per_token`` given (figures read before, stored in a
+    placement file)."""
+    vals = {**vals, **{k: _absolute(vals[k], base_dir) for k in ("hf", "serve") if k in vals}}
     if "hf" not in vals:
         if "kv_cache_dtype" in vals:
             raise InvalidInstance(f"{where}: kv_cache_dtype applies to a model read from its files (hf); "
                                   f"without hf give kv_bytes_per_token")
         return vals
+    if not read_files and "size" in vals:
+        return vals  # figures kvgpu read from the files before (a placement file carries them)
     files = model_files.read(vals["hf"], where, tp=vals.get("tp", 1), kv_cache_dtype=vals.get("kv_cache_dtype"),
                              base_dir=base_dir)
     out = {**vals, "size": _from_files(vals, "size", files.size_gb, "GB", files.weights_from, where)}

@@ -190,7 +190,10 @@ def with_adapters(draw):
     for j in range(draw(st.integers(1, 2))):
         if items >= 9:
             break
-        base = draw(st.sampled_from(models))
+        bases = [m for m in models if m.get("tp", 1) == 1]  # an adapter of a tp base is refused
+        if not bases:
+            break
+        base = draw(st.sampled_from(bases))
         a = {"name": f"lora{j}", "size": draw(st.sampled_from([0.3, 1.0, 2.0])), "req_rate": draw(st.integers(0, 9)),
              "slo": draw(st.sampled_from([0.5, 1, 2])), "colocate_with": base["name"]}
         if draw(st.integers(0, 4)) == 0:
@@ -267,6 +270,15 @@ def test_bad_colocation_is_named(change, message):
     base = {"name": "base", "size": 16, "req_rate": 4, "slo": 1, "pin": [0, 1], "replicas": 2}
     lora = dict({"name": "lora", "size": 0.5, "req_rate": 2, "slo": 1, "colocate_with": "base"}, **change)
     with pytest.raises(kvgpu.InvalidInstance, match=message):
+        kvgpu.solve([base, lora], 3, gpu_mem=48)
+
+
+def test_an_adapter_of_a_tp_base_is_refused():
+    """A tp engine serves an adapter on all its GPUs; kvgpu would place it on one: refused."""
+    base = {"name": "base", "size": 16, "req_rate": 4, "slo": 1, "tp": 2}
+    lora = {"name": "lora", "size": 0.5, "req_rate": 2, "slo": 1, "colocate_with": "base"}
+    with pytest.raises(kvgpu.InvalidInstance, match=r"model 1 \('lora'\): colocate_with names model 0 \('base'\), "
+                                                    r"a tp=2 model; an adapter of a tp base is not supported"):
         kvgpu.solve([base, lora], 3, gpu_mem=48)
 
 
