@@ -47,7 +47,7 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
           gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None, min_gain=None,
           out_of_service=None, backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT,
           patience: int | None = None, seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK,
-          decompose: bool | None = None, dask=None, objective: str | None = None) -> Placement:
+          decompose: bool | None = None, dask=None, objective: str | None = None, demand=None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
@@ -67,6 +67,12 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     there.  ``objective="seed"`` keeps the seed's order ``(max, second largest, mean)``.  A
     decomposed cluster uses the seed's order; the result's ``objective`` says which ran.
 
+    ``demand``: request rates per model and demand window, an (n_models, W) array (req/s; it
+    replaces the models' ``req_rate``): the placement minimises the worst KVPR over every GPU
+    and every window, and the result's ``kvpr_by_window`` (W, G) gives each window's figures.
+    ``W = 1`` is today's solve on those rates, exactly; ``W > 1`` runs the CPU NumPy engine of
+    the robust objective (:mod:`kvgpu.robust`, which says what it supports and refuses).
+
     Raises :class:`kvgpu.InvalidInstance` for bad input (naming the model, field and rule) and
     :class:`kvgpu.NoPlacementFound` when no placement keeps memory, rules and budget (saying
     whether that is proven).
@@ -75,10 +81,11 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain, out_of_service=out_of_service)
-    if backend == "auto":  # rules run in numba kernels only: such a problem is a CPU job whatever its size
-        work = 0 if problem.has_rules else backends.work_of(problem.items.n_models, problem.n_gpus)
-        opts = dataclasses.replace(opts, backend=backends.resolve("auto", work))
-    return engine.solve_problem(problem, opts)
+    if demand is not None:
+        from kvgpu.robust import solve_windows
+
+        return solve_windows(problem, demand, opts, backend=backend, objective=objective)
+    return engine.solve_problem(problem, backends.for_problem(problem, opts, backend))
 
 
 def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None, max_migrated_gb=None,

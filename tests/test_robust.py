@@ -1,0 +1,157 @@
+"""The robust objective over demand windows (kvgpu.robust): brute force on tiny instances is
+the oracle (optimal rate, validity, bound), W = 1 is today's solve bit for bit, and the rules
+the robust engine does not keep are refused by name."""
+
+import numpy as np
+import pytest
+
+import kvgpu
+from kvgpu import robust
+from kvgpu.problem import build_problem
+from kvgpu.results import Placement
+
+from conftest import brute_assignments, check_placement
+
+#: The robust engine at default effort must be optimal on at least this share of tiny instances.
+OPTIMAL_SHARE = 0.98
+N_TINY = 120
+
+
+def tiny_case(seed: int, rules: bool):
+    """2-4 GPUs (80 GB, or 40/80 mixed), 2-7 models, 2-6 windows of bursty demand: a base
+    rate per model, and in each window a random group of models 3-8x busier.  With ``rules``:
+    one model tp=2 (two shards on distinct GPUs) and one pinned or forbidding a GPU."""
+    rng = np.random.default_rng(seed)
+    G, n, W = int(rng.integers(2, 5)), int(rng.integers(2, 8)), int(rng.integers(2, 7))
+    mem = [80.0] * G if rng.random() < 0.6 else [float(rng.choice([40.0, 80.0])) for _ in range(G)]
+    models = []
+    for i in range(n):
+        models.append({"name": f"m{i}", "model_size": float(rng.integers(4, 30)), "req_rate": 1.0,
+                       "slo": float(rng.integers(1, 6))})
+    while sum(m["model_size"] for m in models) > 0.8 * sum(mem):
+        models.pop()
+    n = len(models)
+    if rules and n >= 2:
+        models[0]["tp"] = 2
+        if rng.random() < 0.5:
+            models[1]["pin"] = [int(rng.integers(0, G))]
+        else:
+            models[1]["forbid"] = [int(rng.integers(0, G))]
+    base = rng.uniform(0.2, 3.0, n)
+    D = base[:, None] * rng.uniform(0.5, 1.5, (n, W))
+    for t in range(W):
+        busy = rng.random(n) < 0.4
+        D[busy, t] *= rng.uniform(3, 8)
+    return models, G, mem, D
+
+
+def brute_windows(prob, wd):
+    """The robust optimum of a tiny problem by trying every assignment (the tests' oracle)."""
+    A, ok, S, L = brute_assignments(prob, wd)
+    free = prob.items.gpu_mem[None, :, None] - S[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kv = np.where(free > 0, L / free, np.where(L > 0, np.inf, 0.0))
+    v = np.where(ok, kv.max(axis=(1, 2)), np.inf)
+    return float(v.min())
+
+
+def _cases():
+    for seed in range(N_TINY):
+        yield seed, seed % 3 == 0
+
+
+def test_tiny_instances_against_brute_force():
+    optimal, tried, proven = 0, 0, 0
+    for seed, rules in _cases():
+        models, G, mem, D = tiny_case(seed, rules)
+        prob = build_problem(models, G, mem)
+        wd = robust.item_demand(prob, D)
+        opt = brute_windows(prob, wd)
+        p = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)  # the heuristic alone
+        check_placement(prob, p)
+        assert p.kvpr_by_window.shape == (D.shape[1], G)
+        assert np.array_equal(p.kvpr, p.kvpr_by_window.max(axis=0))
+        assert p.max_kvpr >= opt * (1 - 1e-9), (seed, p.max_kvpr, opt)
+        assert p.lower_bound <= opt * (1 + 1e-9), (seed, p.lower_bound, opt, p.bound_source)
+        optimal += p.max_kvpr <= opt * (1 + 1e-9)
+        tried += 1
+        q = kvgpu.solve(models, G, gpu_mem=mem, demand=D)  # default: tiny problems are enumerated
+        check_placement(prob, q)
+        assert q.proven and q.max_kvpr <= opt * (1 + 1e-9) and q.lower_bound <= opt * (1 + 1e-9)
+        proven += q.proven_optimal
+    print(f"robust heuristic optimal on {optimal}/{tried} tiny instances; default (enumerated) proven on {proven}")
+    assert optimal >= OPTIMAL_SHARE * tried
+    assert proven == tried
+
+
+@pytest.mark.parametrize("rules", [False, True])
+def test_one_window_is_todays_solve_bit_for_bit(rules):
+    for seed in range(6):
+        models, G, mem, D = tiny_case(100 + seed, rules)
+        today = kvgpu.solve([dict(m, req_rate=float(r)) for m, r in zip(models, D[:, 0])], G, gpu_mem=mem)
+        for given in (D[:, :1], D[:, 0]):
+            p = kvgpu.solve(models, G, gpu_mem=mem, demand=given)
+            assert type(p) is Placement
+            assert np.array_equal(p.assignment, today.assignment)
+            assert np.array_equal(p.kvpr, today.kvpr) and p.lower_bound == today.lower_bound
+            assert p.proven == today.proven and p.backend == today.backend
+            assert np.array_equal(p.kvpr_by_window, today.kvpr[None, :])
+
+
+def test_pair_bound_sees_windows_together():
+    """Three equal models, two GPUs, each pair busy together in one window: every window alone
+    has optimum 1 / (M - 2s) (the idle model joins a busy one), but every placement puts two
+    models on one GPU and they are busy together in some window: the optimum is 2 / (M - 2s),
+    which only the pair bound reaches."""
+    models = [{"name": k, "model_size": 20.0, "req_rate": 1.0, "slo": 1.0} for k in "abc"]
+    D = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    p = kvgpu.solve(models, 2, demand=D, exact=False)
+    assert p.max_kvpr == pytest.approx(2 / 40)
+    assert p.lower_bound == pytest.approx(2 / 40) and "pair" in p.bound_source
+    per_window = max(kvgpu.solve([dict(m, req_rate=float(r)) for m, r in zip(models, D[:, t])], 2).max_kvpr
+                     for t in range(3))
+    assert per_window == pytest.approx(1 / 40)
+
+
+def test_result_figures():
+    models, G, mem, D = tiny_case(7, False)
+    p = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)
+    wd = robust.item_demand(build_problem(models, G, mem), D)
+    busy = p.busiest_window
+    L = np.zeros((G, D.shape[1]))
+    np.add.at(L, p.assignment, wd)
+    assert np.allclose(p.demand, L[np.arange(G), busy])
+    assert np.allclose(p.kvpr, np.where(p.kv_free > 0, p.demand / p.kv_free, 0.0))
+    split = p.kv_split()
+    for g in range(G):
+        on = p.assignment == g
+        if on.any() and p.kv_free[g] > 0:
+            assert split[on].sum() == pytest.approx(p.kv_free[g])
+    d = p.to_dict()
+    assert d["windows"] == D.shape[1] and len(d["kvpr_by_window"]) == D.shape[1]
+    assert "robust over" in str(p)
+
+
+def test_refusals_name_the_rule():
+    models, G, mem, D = tiny_case(3, False)
+    for kwargs, word in (({"backend": "numba"}, "backend='numba'"),
+                         ({"mode": "seed"}, "mode='seed'"), ({"decompose": True}, "decompose=True"),
+                         ({"objective": "lex"}, "objective='lex'"), ({"current": [0] * len(models)}, "re-placement"),
+                         ({"gpus_per_node": 2, "models": [dict(models[0], tp=2)] + models[1:]}, "one node")):
+        ms = kwargs.pop("models", models)
+        with pytest.raises(kvgpu.InvalidInstance, match=word.replace("(", r"\(")):
+            kvgpu.solve(ms, G, gpu_mem=mem, demand=D, **kwargs)
+    with pytest.raises(kvgpu.InvalidInstance, match="model 1, window 1"):
+        bad = D.copy()
+        bad[1, 1] = -1
+        kvgpu.solve(models, G, gpu_mem=mem, demand=bad)
+    with pytest.raises(kvgpu.InvalidInstance, match="expected shape"):
+        kvgpu.solve(models, G, gpu_mem=mem, demand=D[:-1])
+
+
+def test_exact_true_beyond_enumeration_says_so():
+    rng = np.random.default_rng(0)
+    models = [{"model_size": 10.0, "req_rate": 1.0, "slo": 1.0} for _ in range(12)]
+    D = rng.uniform(0, 5, (12, 3))
+    p = kvgpu.solve(models, 4, demand=D, exact=True, exact_work=1000)
+    assert not p.proven and "not proven" in p.note
