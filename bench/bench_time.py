@@ -1,0 +1,114 @@
+"""Demand over time: one placement for a whole day of bursty demand.
+
+On bursty families of 16 and 64 GPUs (80 GB) with 24 to 96 demand windows, three placements
+are evaluated over every window: the robust one (``kvgpu.solve(..., demand=D)``, the CPU NumPy
+engine of :mod:`kvgpu.robust`), today's placement on each model's mean rate, and today's on each
+model's peak rate.  Printed per case: the worst window's KVPR of each, how much lower the robust
+one is, its lower bound (and which bound), and the time per solve.  Figures go to
+``bench/results/bench_time.json``.
+
+The bursty family is generated here (:func:`bursty`): ``kvgpu.generate`` has no bursty family
+in this branch yet (the demand work adds them; switch over when it lands).
+
+    python bench/bench_time.py                  # 16 and 64 GPUs, 24 and 96 windows
+    python bench/bench_time.py --gpus 16 --windows 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def bursty(rng: np.random.Generator, gpus: int, windows: int, per_gpu: float = 4.0, groups: int = 6,
+           fill: float = 0.6):
+    """A day of bursty demand: ``per_gpu * gpus`` models (10-30 GB, scaled to ``fill`` of the
+    memory; SLO 1-9 s) in ``groups`` groups.  Each model has a long-tail (Zipf, exponent 0.3) base
+    rate; each group is busy around its own hour of the day (a bump of 4-8x, a quarter of the
+    day wide), and the long tail (the least popular half) rises 5x in the evening (the last
+    quarter of the windows).  Returns ``(models, D)`` with ``D`` (n, windows) req/s."""
+    n = int(round(per_gpu * gpus))
+    raw = rng.uniform(10, 30, n)
+    sizes = np.minimum(raw * fill * 80 * gpus / raw.sum(), 79.0)
+    slo = rng.integers(1, 10, n).astype(float)
+    base = 20.0 / (1 + rng.permutation(n)) ** 0.3  # long tail: the k-th most popular k ** -0.3
+    group = rng.integers(0, groups, n)
+    t = np.arange(windows) / windows
+    centre = rng.uniform(0, 1, groups)
+    dist = np.abs(t[None, :] - centre[:, None])
+    dist = np.minimum(dist, 1 - dist)  # the day wraps around
+    bump = 1 + rng.uniform(3, 7, groups)[:, None] * np.exp(-(dist / 0.125) ** 2)
+    D = base[:, None] * bump[group] * rng.uniform(0.8, 1.2, (n, windows))
+    tail = base < np.median(base)
+    D[np.ix_(tail, t >= 0.75)] *= 5.0
+    models = [{"name": f"m{i}", "model_size": float(sizes[i]), "req_rate": float(D[i].mean()), "slo": float(slo[i])}
+              for i in range(n)]
+    return models, D
+
+
+def evaluate(models, gpus, assign, D) -> float:
+    """The worst window's max KVPR of ``assign`` (plain models) over the rates ``D`` (n, W)."""
+    from kvgpu import robust
+    from kvgpu.problem import build_problem
+
+    prob = build_problem(models, gpus)
+    return float(robust.window_kvpr(prob.items.sizes, robust.item_demand(prob, D), prob.items.gpu_mem,
+                                    assign).max())
+
+
+def case(gpus: int, windows: int, seed: int) -> dict:
+    import kvgpu
+
+    rng = np.random.default_rng(seed)
+    models, D = bursty(rng, gpus, windows)
+    row = {"gpus": gpus, "windows": windows, "models": len(models), "seed": seed}
+    for name, rates in (("mean", D.mean(axis=1)), ("peak", D.max(axis=1))):
+        t0 = time.perf_counter()
+        p = kvgpu.solve([dict(m, req_rate=float(r)) for m, r in zip(models, rates)], gpus)
+        row[f"{name}_s"] = time.perf_counter() - t0
+        row[name] = evaluate(models, gpus, p.assignment, D)
+    t0 = time.perf_counter()
+    p = kvgpu.solve(models, gpus, demand=D)
+    row["robust_s"] = time.perf_counter() - t0
+    row["robust"] = p.max_kvpr
+    row["bound"] = p.lower_bound
+    row["bound_source"] = p.bound_source
+    row["vs_mean"] = 1 - row["robust"] / row["mean"]
+    row["vs_peak"] = 1 - row["robust"] / row["peak"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--windows", type=int, nargs="+", default=[24, 96])
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_time.json"))
+    args = ap.parse_args()
+    import kvgpu
+
+    kvgpu.solve([{"model_size": 10, "req_rate": 1, "slo": 1}] * 3, 2, demand=np.ones((3, 2)))  # load the kernels
+    rows = []
+    head = (f"{'GPUs':>5} {'win':>4} {'models':>6} {'mean':>9} {'peak':>9} {'robust':>9} {'vs mean':>8} "
+            f"{'vs peak':>8} {'bound':>9} {'t mean':>7} {'t peak':>7} {'t robust':>8}  bound source")
+    print("worst window's max KVPR of each placement over every window (lower is better); times in s")
+    print(head)
+    for g in args.gpus:
+        for w in args.windows:
+            r = case(g, w, args.seed + g + w)
+            rows.append(r)
+            print(f"{g:>5} {w:>4} {r['models']:>6} {r['mean']:>9.4f} {r['peak']:>9.4f} {r['robust']:>9.4f} "
+                  f"{100 * r['vs_mean']:>7.1f}% {100 * r['vs_peak']:>7.1f}% {r['bound']:>9.4f} {r['mean_s']:>7.2f} "
+                  f"{r['peak_s']:>7.2f} {r['robust_s']:>8.2f}  {r['bound_source']}", flush=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "family": "bench_time.bursty (local generator)"}, indent=1))
+    print(f"figures: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
