@@ -16,6 +16,7 @@ from kvgpu import backends, engine
 from kvgpu._namespace import device_namespace
 from kvgpu.batch.state import make_batch
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK
+from kvgpu.errors import InvalidInstance
 from kvgpu.problem import DEFAULT_GPU_MEM, build_problem, oversized, validate_batch
 from kvgpu.results import BatchResult, Placement
 
@@ -112,7 +113,8 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
                 decompose: bool | None = None, dask=None) -> BatchResult:
     """Solve ``B`` padded plain instances at once.
 
-    ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
+    ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``; ``demand`` (B, N, 1), one
+    window, is the same, and W > 1 windows are refused); ``gpu_mem``: (B, G) float GB;
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     ``infeasible="mark"`` returns instances without a placement with their ``status`` instead of
     raising :class:`kvgpu.NoPlacementFound`.  As :func:`solve`, ``exact=None`` (the default)
@@ -129,6 +131,7 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     ``objective`` says so.
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
+    demand = _one_window_batch(demand)
     cp = device_namespace(sizes, demand, gpu_mem, model_mask, gpu_mask)
     if cp is not None:  # one copy in of each array; the solve's bookkeeping is host code
         sizes, demand, gpu_mem, model_mask, gpu_mask = (None if a is None else cp.asnumpy(a)
@@ -147,6 +150,20 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
             validate_batch(batch.take(rest), ids=rest)
         res = engine.solve_batch_plain(batch, opts, infeasible, proven_infeasible=over)
     return res if cp is None else res.to_device(cp)
+
+
+def _one_window_batch(demand):
+    """A batch's demand of (B, N, 1) as (B, N); demand over W > 1 windows (B, N, W) refused by
+    name: the batch engines take one demand per model."""
+    ndim = getattr(demand, "ndim", None)
+    ndim = np.ndim(demand) if ndim is None else ndim
+    if ndim == 3:
+        if demand.shape[2] != 1:
+            raise InvalidInstance(f"solve_batch: demand of shape {tuple(demand.shape)} holds W = {demand.shape[2]} "
+                                  f"windows; the batch engines (numpy, numba, cuda) take one demand per model (W = 1) "
+                                  f"-- the robust objective over windows runs in kvgpu.solve(models, gpus, demand=D)")
+        return demand[:, :, 0]
+    return demand
 
 
 solve.__doc__ += _OPTIONS_DOC

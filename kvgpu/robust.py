@@ -117,6 +117,16 @@ def demand_rates(demand, n_models: int) -> np.ndarray:
     return D
 
 
+def one_window_specs(specs: list, demand, what: str) -> list:
+    """The specs (:class:`kvgpu.ModelSpec`) with ``req_rate`` from a one-window ``demand``
+    (n_models, 1), for the entry points that take one demand per model; W > 1 refused by name."""
+    D = demand_rates(demand, len(specs))
+    if D.shape[1] > 1:
+        raise InvalidInstance(f"{what}: demand over W = {D.shape[1]} windows is not supported yet (one window only); "
+                              f"the robust objective over windows runs in kvgpu.solve(models, gpus, demand=D)")
+    return [dataclasses.replace(s, req_rate=float(r)) for s, r in zip(specs, D[:, 0].tolist())]
+
+
 def item_demand(problem: Problem, rates: np.ndarray) -> np.ndarray:
     """(n_items, W) float64: each item's demand per window, ``(rate / slo) / k`` -- the float
     operations of :func:`kvgpu.problem.build_problem` for one rate, window by window."""

@@ -155,3 +155,25 @@ def test_exact_true_beyond_enumeration_says_so():
     D = rng.uniform(0, 5, (12, 3))
     p = kvgpu.solve(models, 4, demand=D, exact=True, exact_work=1000)
     assert not p.proven and "not proven" in p.note
+
+
+def test_replan_size_and_batch_take_one_window_and_refuse_more():
+    models, G, mem, D = tiny_case(11, False)
+    ones = [dict(m, req_rate=float(r)) for m, r in zip(models, D[:, 0])]
+    cur = [i % G for i in range(len(models))]
+    with pytest.raises(kvgpu.InvalidInstance, match="re-placement"):
+        kvgpu.replan(models, G, gpu_mem=mem, current=cur, max_moves=1, demand=D)
+    a = kvgpu.replan(ones, G, gpu_mem=mem, current=cur, max_moves=1)
+    b = kvgpu.replan(models, G, gpu_mem=mem, current=cur, max_moves=1, demand=D[:, :1])
+    assert np.array_equal(a.assignment, b.assignment) and np.array_equal(a.kvpr, b.kvpr) and a.plan == b.plan
+    target = 2 * kvgpu.solve(ones, G, gpu_mem=mem).max_kvpr
+    s1, s2 = kvgpu.size(ones, target), kvgpu.size(models, target, demand=D[:, :1])
+    assert s1.gpus == s2.gpus and np.array_equal(s1.placement.assignment, s2.placement.assignment)
+    with pytest.raises(kvgpu.InvalidInstance, match="size: demand over W = "):
+        kvgpu.size(models, target, demand=D)
+    prob = build_problem(ones, G, mem)
+    sizes, w, M = prob.items.sizes[None], prob.items.demand[None], prob.items.gpu_mem[None]
+    r1, r2 = kvgpu.solve_batch(sizes, w, M), kvgpu.solve_batch(sizes, w[:, :, None], M)
+    assert np.array_equal(r1.assignment, r2.assignment) and np.array_equal(r1.kvpr, r2.kvpr, equal_nan=True)
+    with pytest.raises(kvgpu.InvalidInstance, match="solve_batch: demand of shape"):
+        kvgpu.solve_batch(sizes, np.repeat(w[:, :, None], 3, axis=2), M)
