@@ -1,4 +1,4 @@
-"""Command line: ``kvgpu solve|certify|replan|size FILE``, ``kvgpu demo``, ``kvgpu info``."""
+"""Command line: ``kvgpu solve|certify|replan|size|replay FILE``, ``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
@@ -289,7 +289,7 @@ def _add_replay_parser(sub) -> None:
 
 def _policy_text(text: str) -> dict:
     """``replan:every=4,max_moves=2`` -> ``{"name": "replan", "every": "4", "max_moves": "2"}``
-    (the values are checked by :class:`kvgpu.replay.Policy`)."""
+    (the values are checked by :class:`kvgpu.policy.Policy`)."""
     name, _, rest = text.partition(":")
     out: dict = {"name": name.strip()}
     for part in filter(None, (p.strip() for p in rest.split(","))):
@@ -304,7 +304,7 @@ def _replay(args) -> int:
     """``kvgpu replay``: the policies' summary table (or JSON with the per-window rows)."""
     import numpy as np
 
-    from kvgpu.replay import replay
+    from kvgpu.policy import replay
 
     models, opts = read_models(args.file)
     found = cluster_fields.read(opts, gpus=args.gpus, gpu_mem=args.gpu_mem)

@@ -10,7 +10,7 @@ import pytest
 
 import kvgpu
 from kvgpu.problem import build_problem
-from kvgpu.replay import Policy, replay
+from kvgpu.policy import Policy, replay
 
 from conftest import check_placement
 

@@ -86,7 +86,7 @@ def as_policy(p: Any) -> Policy:
         if "policy" in d:
             d["name"] = d.pop("policy")
         return Policy(**d)
-    raise InvalidInstance(f"policy: expected a name {POLICIES}, a dict or a kvgpu.replay.Policy, got {p!r}")
+    raise InvalidInstance(f"policy: expected a name {POLICIES}, a dict or a kvgpu.policy.Policy, got {p!r}")
 
 
 @dataclasses.dataclass
@@ -142,7 +142,7 @@ def replay(models: Any, gpus: int, demand, policy: Any = ("static", "replan"), *
     re-placement budgets belong to the policies and are refused here."""
     for key in ("current", "max_moves", "max_migrated_gb", "min_gain", "demand"):
         if key in solve_kwargs:
-            raise InvalidInstance(f"replay: {key} is set per policy (kvgpu.replay.Policy) or by the trace, not as an "
+            raise InvalidInstance(f"replay: {key} is set per policy (kvgpu.policy.Policy) or by the trace, not as an "
                                   f"option of the replay")
     pols = [as_policy(p) for p in ([policy] if isinstance(policy, (str, dict, Policy)) else list(policy))]
     if not pols:
