@@ -64,7 +64,7 @@ from kvgpu.batch.state import batch_from_instances
 from kvgpu.errors import InvalidInstance, NoPlacementFound
 from kvgpu.kernels.deltas import fits, safe_div_array
 from kvgpu.problem import Instance, Problem, with_rates
-from kvgpu.results import Placement
+from kvgpu.results import Placement, json_float
 
 #: Prove problems with at most this many assignments (product over items of their allowed GPUs)
 #: by enumerating them, when ``exact=None`` (the default).
@@ -237,8 +237,7 @@ class WindowPlacement(Placement):
         out = super().to_dict()
         out.update(windows=self.n_windows, worst_window=self.worst_window, bound_source=self.bound_source,
                    busiest_window=self.busiest_window.tolist(),
-                   kvpr_by_window=[[float(x) if math.isfinite(x) else str(x) for x in row]
-                                   for row in self.kvpr_by_window.tolist()])
+                   kvpr_by_window=[[json_float(x) for x in row] for row in self.kvpr_by_window.tolist()])
         return out
 
     def __str__(self) -> str:

@@ -177,3 +177,15 @@ def test_replan_size_and_batch_take_one_window_and_refuse_more():
     assert np.array_equal(r1.assignment, r2.assignment) and np.array_equal(r1.kvpr, r2.kvpr, equal_nan=True)
     with pytest.raises(kvgpu.InvalidInstance, match="solve_batch: demand of shape"):
         kvgpu.solve_batch(sizes, np.repeat(w[:, :, None], 3, axis=2), M)
+
+
+def test_written_placement_keeps_the_windows(tmp_path):
+    import json
+
+    models, G, mem, D = tiny_case(9, False)
+    p = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)
+    out = tmp_path / "p.json"
+    kvgpu.io.write_placement(p, out)
+    d = json.loads(out.read_text())
+    assert np.allclose(np.array(d["kvpr_by_window"], float), p.kvpr_by_window)
+    assert d["max_kvpr"] == p.max_kvpr and d["bound_source"] == p.bound_source
