@@ -278,7 +278,9 @@ def _add_replay_parser(sub) -> None:
     pp.add_argument("--demand", required=True, help=".npy file: (n_models, W) request rates per window (req/s)")
     pp.add_argument("--policy", action="append", metavar="POLICY",
                     help="static (one robust placement for every window), or replan[:every=K,max_moves=N,"
-                    "max_migrated_gb=GB,min_gain=G]; repeat to compare (default: static and replan)")
+                    "max_migrated_gb=GB,min_gain=G]; repeat to compare (default: static, and replan every 4 "
+                    "windows moving at most 8 models)")
+    pp.add_argument("--plot", help="also draw max KVPR and models moved per window to this image file")
     pp.add_argument("--gpus", type=_int_option("--gpus"), help="number of GPUs (default: from the file)")
     pp.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU (default: from the file, else 80)")
     pp.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
@@ -304,7 +306,7 @@ def _replay(args) -> int:
     """``kvgpu replay``: the policies' summary table (or JSON with the per-window rows)."""
     import numpy as np
 
-    from kvgpu.policy import replay
+    from kvgpu.policy import DEFAULT_POLICIES, replay
 
     models, opts = read_models(args.file)
     found = cluster_fields.read(opts, gpus=args.gpus, gpu_mem=args.gpu_mem)
@@ -314,11 +316,17 @@ def _replay(args) -> int:
         D = np.load(args.demand, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise InvalidInstance(f"{args.demand}: not a readable .npy array ({_one_line(e)})") from None
-    pols = [_policy_text(t) for t in args.policy] if args.policy else ["static", "replan"]
+    if args.plot:
+        from kvgpu import plot
+
+        plot.check_target(args.plot)  # before the replay, not after
+    pols = [_policy_text(t) for t in args.policy] if args.policy else list(DEFAULT_POLICIES)
     extra = {"out_of_service": found.out_of_service} if found.out_of_service else {}
     with _naming_file(args, found.flags):
         res = replay(models, found.gpus, D, pols, gpu_mem=found.gpu_mem if found.gpu_mem is not None else 80.0,
                      effort=args.effort, seed=args.seed, **found.rules(), **extra)
+    if args.plot:
+        res.plot(args.plot)
     print(json.dumps({"summary": res.summary(), "windows": res.rows()}, indent=1) if args.json else res)
     return 0
 

@@ -126,6 +126,12 @@ class ReplayResult:
                  "moved": int(self.moved[k, t]), "migrated_gb": float(self.migrated_gb[k, t])}
                 for k, p in enumerate(self.policies) for t in range(self.max_kvpr.shape[1])]
 
+    def plot(self, path) -> None:
+        """Draw the replay to an image file (:func:`kvgpu.plot.replay`; needs matplotlib)."""
+        from kvgpu import plot
+
+        plot.replay(self, path)
+
     def __str__(self) -> str:
         lines = [f"{'policy':<40} {'worst KVPR':>11} {'mean':>9} {'p95':>9} {'moves':>6} {'GB moved':>9}"]
         for r in self.summary():
@@ -135,9 +141,16 @@ class ReplayResult:
         return "\n".join(lines)
 
 
-def replay(models: Any, gpus: int, demand, policy: Any = ("static", "replan"), **solve_kwargs) -> ReplayResult:
-    """Replay ``policy`` (one, or a list to compare) over the rates ``demand`` (n_models, W)
-    (module doc).  ``solve_kwargs``: options of :func:`kvgpu.solve` (``gpu_mem``, ``effort``,
+#: The policies :func:`replay` compares unless told: the static robust placement, and a re-plan
+#: every 4 windows moving at most 8 models each time (an unlimited re-plan moves most of the
+#: cluster for the gain of a few: measured on a 64-GPU bursty day, 228 models for the KVPR that
+#: 4 moves reach, and 4.4 s a decision against 0.13 s).
+DEFAULT_POLICIES = ("static", {"name": "replan", "every": 4, "max_moves": 8})
+
+
+def replay(models: Any, gpus: int, demand, policy: Any = DEFAULT_POLICIES, **solve_kwargs) -> ReplayResult:
+    """Replay ``policy`` (one, or a list to compare: names, dicts of :class:`Policy` fields, or
+    Policy objects) over the rates ``demand`` (n_models, W) (module doc).  ``solve_kwargs``: options of :func:`kvgpu.solve` (``gpu_mem``, ``effort``,
     ``seed``, ``reserve_gb``, ...); a current placement (``current``, ``cur_gpu_id``) and the
     re-placement budgets belong to the policies and are refused here."""
     for key in ("current", "max_moves", "max_migrated_gb", "min_gain", "demand"):

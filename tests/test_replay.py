@@ -109,3 +109,12 @@ def test_cli_replay(tmp_path):
     np.save(short, D[:-1])
     bad = run(str(f), "--demand", str(short), "--gpus", str(G))
     assert bad.returncode == 2 and "expected shape" in bad.stderr
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    models, G, D = trace()
+    r = replay(models, G, D, effort=5)
+    assert [p.label for p in r.policies] == ["static (robust)", "replan every=4 max_moves=8"]
+    r.plot(tmp_path / "replay.png")
+    assert (tmp_path / "replay.png").stat().st_size > 1000
