@@ -56,18 +56,22 @@ def brute_windows(prob, wd):
 
 
 def _cases():
+    """(seed, rules, cluster options): a third with rules; some with reserve_gb or a GPU out of service."""
     for seed in range(N_TINY):
-        yield seed, seed % 3 == 0
+        extra = {1: {"reserve_gb": 3.0}, 2: {"out_of_service": [0]}}.get(seed % 5, {})
+        yield seed, seed % 3 == 0, extra
 
 
 def test_tiny_instances_against_brute_force():
     optimal, tried, proven = 0, 0, 0
-    for seed, rules in _cases():
+    for seed, rules, extra in _cases():
         models, G, mem, D = tiny_case(seed, rules)
-        prob = build_problem(models, G, mem)
+        if "out_of_service" in extra and (G < 3 or any(m.get("pin") == [0] for m in models)):
+            extra = {}
+        prob = build_problem(models, G, mem, **extra)
         wd = robust.item_demand(prob, D)
         opt = brute_windows(prob, wd)
-        p = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)  # the heuristic alone
+        p = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False, **extra)  # the heuristic alone
         check_placement(prob, p)
         assert p.kvpr_by_window.shape == (D.shape[1], G)
         assert np.array_equal(p.kvpr, p.kvpr_by_window.max(axis=0))
@@ -75,7 +79,7 @@ def test_tiny_instances_against_brute_force():
         assert p.lower_bound <= opt * (1 + 1e-9), (seed, p.lower_bound, opt, p.bound_source)
         optimal += p.max_kvpr <= opt * (1 + 1e-9)
         tried += 1
-        q = kvgpu.solve(models, G, gpu_mem=mem, demand=D)  # default: tiny problems are enumerated
+        q = kvgpu.solve(models, G, gpu_mem=mem, demand=D, **extra)  # default: tiny problems are enumerated
         check_placement(prob, q)
         assert q.proven and q.max_kvpr <= opt * (1 + 1e-9) and q.lower_bound <= opt * (1 + 1e-9)
         proven += q.proven_optimal
@@ -189,3 +193,22 @@ def test_written_placement_keeps_the_windows(tmp_path):
     d = json.loads(out.read_text())
     assert np.allclose(np.array(d["kvpr_by_window"], float), p.kvpr_by_window)
     assert d["max_kvpr"] == p.max_kvpr and d["bound_source"] == p.bound_source
+
+
+def test_larger_problems_keep_every_rule():
+    """8 GPUs of mixed memory, 24 models (tp=2 shards, pins, forbids, a GPU out of service),
+    12 windows: the placement keeps every rule; the bound stays below it."""
+    rng = np.random.default_rng(5)
+    mem = [80.0] * 4 + [40.0] * 4
+    models = [{"name": f"m{i}", "model_size": float(rng.integers(4, 20)), "req_rate": 1.0,
+               "slo": float(rng.integers(1, 6))} for i in range(24)]
+    models[0]["tp"], models[1]["tp"], models[1]["replicas"] = 2, 2, 2
+    models[2]["pin"], models[3]["forbid"], models[4]["pin"] = [5], [0, 1, 2], [1]
+    D = rng.uniform(0.5, 3, (24, 12)) * np.where(rng.random((24, 12)) < 0.3, 5.0, 1.0)
+    opts = dict(gpu_mem=mem, out_of_service=[7], reserve_gb=[2.0] * 8)
+    prob = build_problem(models, 8, **opts)
+    p = kvgpu.solve(models, 8, demand=D, **opts)
+    check_placement(prob, p)
+    assert 0 < p.lower_bound <= p.max_kvpr and not (p.assignment == 7).any()
+    assert np.allclose(p.kvpr_by_window, robust.window_kvpr(prob.items.sizes, robust.item_demand(prob, D),
+                                                            prob.items.gpu_mem, p.assignment).T)
