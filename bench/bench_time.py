@@ -4,7 +4,9 @@ On bursty families of 16 and 64 GPUs (80 GB) with 24 to 96 demand windows, three
 are evaluated over every window: the robust one (``kvgpu.solve(..., demand=D)``, the CPU NumPy
 engine of :mod:`kvgpu.robust`), today's placement on each model's mean rate, and today's on each
 model's peak rate.  Printed per case: the worst window's KVPR of each, how much lower the robust
-one is, its lower bound (and which bound), and the time per solve.  Figures go to
+one is, its lower bound (and which bound), and the time per solve; for the ``--size`` cluster
+sizes also the GPUs needed to keep the worst window at the robust placement's KVPR, sizing on
+per-model peaks (``kvgpu.size``) against the fewest the robust engine meets it on.  Figures go to
 ``bench/results/bench_time.json``.
 
 The bursty family is generated here (:func:`bursty`): ``kvgpu.generate`` has no bursty family
@@ -62,7 +64,7 @@ def evaluate(models, gpus, assign, D) -> float:
                                     assign).max())
 
 
-def case(gpus: int, windows: int, seed: int) -> dict:
+def case(gpus: int, windows: int, seed: int, sizing: bool = False) -> dict:
     import kvgpu
 
     rng = np.random.default_rng(seed)
@@ -81,7 +83,32 @@ def case(gpus: int, windows: int, seed: int) -> dict:
     row["bound_source"] = p.bound_source
     row["vs_mean"] = 1 - row["robust"] / row["mean"]
     row["vs_peak"] = 1 - row["robust"] / row["peak"]
+    if sizing:
+        row.update(gpus_for_target(models, D, gpus, row["robust"]))
     return row
+
+
+def gpus_for_target(models, D, gpus: int, target: float) -> dict:
+    """GPUs needed to keep the worst window at or below ``target``: sizing on each model's peak
+    rate (``kvgpu.size``), against the fewest GPUs on which the robust solve meets it (found by
+    bisection between the memory's minimum and ``gpus``: ``kvgpu.size`` does not take demand
+    over windows yet, so this is what the robust engine reaches, not a proven minimum)."""
+    import kvgpu
+
+    t0 = time.perf_counter()
+    peak = kvgpu.size([dict(m, req_rate=float(r)) for m, r in zip(models, D.max(axis=1))], target).gpus
+    t_peak = time.perf_counter() - t0
+    lo = int(np.ceil(sum(m["model_size"] for m in models) / 80.0)) - 1  # lo fails (or holds no models), gpus meets
+    hi = gpus
+    t0 = time.perf_counter()
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if kvgpu.solve(models, mid, demand=D).max_kvpr <= target:
+            hi = mid
+        else:
+            lo = mid
+    return {"target": target, "gpus_peak_sizing": peak, "gpus_robust": hi, "fewer_gpus": 1 - hi / peak,
+            "size_peak_s": t_peak, "size_robust_s": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -89,6 +116,9 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--windows", type=int, nargs="+", default=[24, 96])
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--size", type=int, nargs="*", default=[16],
+                    help="cluster sizes whose GPU count for the robust placement's KVPR is also found, robust vs "
+                    "sizing on peaks (default 16: on 64 GPUs it takes minutes here)")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_time.json"))
     args = ap.parse_args()
     import kvgpu
@@ -101,11 +131,19 @@ def main() -> None:
     print(head)
     for g in args.gpus:
         for w in args.windows:
-            r = case(g, w, args.seed + g + w)
+            r = case(g, w, args.seed + g + w, sizing=g in args.size)
             rows.append(r)
             print(f"{g:>5} {w:>4} {r['models']:>6} {r['mean']:>9.4f} {r['peak']:>9.4f} {r['robust']:>9.4f} "
                   f"{100 * r['vs_mean']:>7.1f}% {100 * r['vs_peak']:>7.1f}% {r['bound']:>9.4f} {r['mean_s']:>7.2f} "
                   f"{r['peak_s']:>7.2f} {r['robust_s']:>8.2f}  {r['bound_source']}", flush=True)
+    sized = [r for r in rows if "gpus_robust" in r]
+    if sized:
+        print("GPUs to keep the worst window at the robust placement's KVPR: sizing on per-model peaks (kvgpu.size) "
+              "vs the fewest the robust engine meets it on (bisection)")
+        for r in sized:
+            print(f"{r['gpus']:>5} GPUs {r['windows']:>3} windows  target {r['target']:.4f}: peak sizing "
+                  f"{r['gpus_peak_sizing']} GPUs ({r['size_peak_s']:.1f} s), robust {r['gpus_robust']} GPUs "
+                  f"({r['size_robust_s']:.1f} s): {100 * r['fewer_gpus']:.1f}% fewer")
     Path(args.out).write_text(json.dumps({"rows": rows, "family": "bench_time.bursty (local generator)"}, indent=1))
     print(f"figures: {args.out}")
 
