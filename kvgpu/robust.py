@@ -44,11 +44,12 @@ The numba and CUDA engines (:mod:`kvgpu.kernels`) take one demand per item; they
   at least ``min over pairs of X of v(i, j)``.  ``X`` is found greedily (any ``X`` is valid).
   The result's ``bound_source`` says which one the gap measures.
 
-Rules: pins, forbid, ``node: K`` and ``out_of_service`` (the problem's ``allowed`` GPUs) and
-``tp`` / ``replicas`` (shards on distinct GPUs: ``group``) are kept by every start, move and swap
-and by the enumeration; heterogeneous GPUs and ``reserve_gb`` are in ``M``.  Refused by name with
-``W > 1``: re-placement (a current placement, ``max_moves``, ``max_migrated_gb``, ``min_gain``),
-tp shards kept inside one node (``nodes`` / ``gpus_per_node`` with ``tp > 1``), ``colocate_with``.
+Rules: pins, forbid, ``node: K`` and ``out_of_service`` (the problem's ``allowed`` GPUs),
+``tp`` / ``replicas`` (shards on distinct GPUs: ``group``) and tp shards kept inside one node
+(``nodes`` / ``gpus_per_node``: ``node_group``; a shard moves alone only inside its node) are
+kept by every start, move and swap and by the enumeration; heterogeneous GPUs and ``reserve_gb``
+are in ``M``.  Refused by name with ``W > 1``: re-placement (a current placement, ``max_moves``,
+``max_migrated_gb``, ``min_gain``) and ``colocate_with``.
 """
 
 from __future__ import annotations
@@ -153,8 +154,6 @@ def _refuse_rules(problem: Problem) -> None:
     why = None
     if problem.is_replan:
         why = "re-placement (a current placement: cur_gpu_id / current=, max_moves, max_migrated_gb, min_gain)"
-    elif problem.node_group.shape[0]:
-        why = "tp shards kept inside one node (nodes / gpus_per_node with tp > 1; same_node)"
     elif problem.coloc.shape[0]:
         why = "colocate_with"
     if why:
@@ -298,7 +297,9 @@ def _peak(L: np.ndarray, free: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class _Ctx:
     """The problem as the search sees it: sizes ``s`` (n,), demand ``w`` (n, W), memory ``M``
-    (G,), ``allowed`` (n, G) bool, group id ``gid`` (n,) (``n_groups`` for none)."""
+    (G,), ``allowed`` (n, G) bool, group id ``gid`` (n,) (``n_groups`` for none); node group
+    ``ngroup`` (n,) (-1 for none: the tp shards that share a node) and each GPU's node
+    ``node_of`` (G,) (all 0 without nodes)."""
 
     s: np.ndarray
     w: np.ndarray
@@ -306,6 +307,8 @@ class _Ctx:
     allowed: np.ndarray
     gid: np.ndarray
     n_groups: int
+    ngroup: np.ndarray
+    node_of: np.ndarray
 
     @classmethod
     def of(cls, problem: Problem, wd: np.ndarray) -> "_Ctx":
@@ -314,14 +317,23 @@ class _Ctx:
         grp = problem.group if problem.group.shape[0] else np.full(n, -1, np.int64)
         groups = np.unique(grp[grp >= 0])
         gid = np.where(grp >= 0, np.searchsorted(groups, grp), groups.size)  # no group: the last id
-        return cls(problem.items.sizes, wd, problem.items.gpu_mem, allowed, gid.astype(np.int64), int(groups.size))
+        ngroup = problem.node_group if problem.node_group.shape[0] else np.full(n, -1, np.int64)
+        node_of = problem.node_of if problem.node_of.shape[0] else np.zeros(G, np.int64)
+        return cls(problem.items.sizes, wd, problem.items.gpu_mem, allowed, gid.astype(np.int64), int(groups.size),
+                   ngroup, node_of)
+
+    def node_ok(self, items: np.ndarray, A: np.ndarray) -> np.ndarray:
+        """(k, G) bool: GPUs ``items`` may reach alone under placement ``A`` -- an item whose node
+        group has other items stays in their node (one moving alone keeps its group's node)."""
+        need = self.ngroup[items] >= 0
+        return ~need[:, None] | (self.node_of[None, :] == self.node_of[A[items]][:, None])
 
 
 def _can_move(st: _State, items: np.ndarray) -> np.ndarray:
     """(k, G) bool: GPUs each of ``items`` may move to (rules, anti-affinity, memory; not its own)."""
     c = st.ctx
     ok = c.allowed[items] & fits(st.S[None, :] + c.s[items, None], c.M[None, :])
-    ok &= st.C[c.gid[items]] == 0
+    ok &= (st.C[c.gid[items]] == 0) & c.node_ok(items, st.A)
     ok[np.arange(items.shape[0]), st.A[items]] = False
     return ok
 
@@ -357,6 +369,8 @@ def _best_step(st: _State, g: int, peak_g: float):
         ok = fits(new_Sg, c.M[g]) & fits(new_Sh, c.M[hj][None, :])
         ok &= c.allowed[other][:, g][None, :] & c.allowed[mine][:, hj]
         ok &= (st.C[gi, hj[None, :]] - same == 0) & (st.C[gj, g] - same == 0)
+        tied = (c.ngroup[mine] >= 0)[:, None] | (c.ngroup[other] >= 0)[None, :]  # shards that keep their node
+        ok &= ~tied | (c.node_of[hj] == c.node_of[g])[None, :]
         sval = np.where(ok, np.maximum(pg, ph), np.inf)
         a, b = np.unravel_index(int(np.argmin(sval)), sval.shape)
         if sval[a, b] < best[0]:
@@ -428,6 +442,18 @@ def _ils(ctx: _Ctx, start: np.ndarray, effort: int, patience: int, seed: int, st
 # ----------------------------------------------------------------------------- starts
 
 
+def _open_gpus(ctx: _Ctx, i: int, S: np.ndarray, C: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """(G,) bool: where a partial placement (``A``: -1 for items not placed yet; ``S`` GB and
+    ``C`` group counts per GPU) may take item ``i``: allowed, in memory, no shard of its group
+    there, and in the node of its node group's shards placed so far."""
+    ok = ctx.allowed[i] & fits(S + ctx.s[i], ctx.M) & ((C[ctx.gid[i]] == 0) | (ctx.gid[i] == ctx.n_groups))
+    if ctx.ngroup[i] >= 0:
+        placed = A[(ctx.ngroup == ctx.ngroup[i]) & (A >= 0)]
+        if placed.size:
+            ok &= ctx.node_of == ctx.node_of[placed[0]]
+    return ok
+
+
 def _greedy(ctx: _Ctx, order: np.ndarray) -> np.ndarray | None:
     """Each item in ``order`` on the GPU it may use where its worst window ends lowest (ties:
     the lowest id); None when an item fits nowhere."""
@@ -436,7 +462,7 @@ def _greedy(ctx: _Ctx, order: np.ndarray) -> np.ndarray | None:
     S, L = np.zeros(G), np.zeros((G, W))
     C = np.zeros((ctx.n_groups + 1, G), np.int64)
     for i in order.tolist():
-        ok = ctx.allowed[i] & fits(S + ctx.s[i], ctx.M) & ((C[ctx.gid[i]] == 0) | (ctx.gid[i] == ctx.n_groups))
+        ok = _open_gpus(ctx, i, S, C, A)
         if not ok.any():
             return None
         cand = np.nonzero(ok)[0]  # (an infinite peak is still a place: argmin over the allowed ones only)
@@ -458,7 +484,7 @@ def _pack(ctx: _Ctx, T: float) -> np.ndarray | None:
     A = np.full(ctx.s.shape[0], -1, np.int64)
     for i in order.tolist():
         S2, L2 = S + ctx.s[i], L + ctx.w[i]
-        ok = ctx.allowed[i] & fits(S2, ctx.M) & ((C[ctx.gid[i]] == 0) | (ctx.gid[i] == ctx.n_groups))
+        ok = _open_gpus(ctx, i, S, C, A)
         ok &= (L2 <= T * (ctx.M - S2)[:, None] * (1 + 1e-12)).all(axis=1)
         hits = np.nonzero(ok)[0]
         if hits.size == 0:
@@ -559,6 +585,9 @@ def _batch_values(ctx: _Ctx, A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         members = np.nonzero(ctx.gid == grp)[0]
         sub = np.sort(A[:, members], axis=1)
         ok &= (np.diff(sub, axis=1) != 0).all(axis=1)
+    for grp in np.unique(ctx.ngroup[ctx.ngroup >= 0]).tolist():  # tp shards inside one node
+        nodes = ctx.node_of[A[:, ctx.ngroup == grp]]
+        ok &= (nodes == nodes[:, :1]).all(axis=1)
     return _peak(L, ctx.M[None, :] - S).max(axis=1), ok
 
 

@@ -17,12 +17,13 @@ OPTIMAL_SHARE = 0.98
 N_TINY = 120
 
 
-def tiny_case(seed: int, rules: bool):
+def tiny_case(seed: int, rules: bool, gpus: int | None = None):
     """2-4 GPUs (80 GB, or 40/80 mixed), 2-7 models, 2-6 windows of bursty demand: a base
     rate per model, and in each window a random group of models 3-8x busier.  With ``rules``:
     one model tp=2 (two shards on distinct GPUs) and one pinned or forbidding a GPU."""
     rng = np.random.default_rng(seed)
     G, n, W = int(rng.integers(2, 5)), int(rng.integers(2, 8)), int(rng.integers(2, 7))
+    G = G if gpus is None else gpus
     mem = [80.0] * G if rng.random() < 0.6 else [float(rng.choice([40.0, 80.0])) for _ in range(G)]
     models = []
     for i in range(n):
@@ -56,9 +57,10 @@ def brute_windows(prob, wd):
 
 
 def _cases():
-    """(seed, rules, cluster options): a third with rules; some with reserve_gb or a GPU out of service."""
+    """(seed, rules, cluster options): a third with rules; some with reserve_gb, a GPU out of
+    service, or nodes of 2 GPUs (the tp=2 model's shards share a node)."""
     for seed in range(N_TINY):
-        extra = {1: {"reserve_gb": 3.0}, 2: {"out_of_service": [0]}}.get(seed % 5, {})
+        extra = {1: {"reserve_gb": 3.0}, 2: {"out_of_service": [0]}, 3: {"gpus_per_node": 2}}.get(seed % 5, {})
         yield seed, seed % 3 == 0, extra
 
 
@@ -66,7 +68,8 @@ def test_tiny_instances_against_brute_force():
     optimal, tried, proven = 0, 0, 0
     for seed, rules, extra in _cases():
         models, G, mem, D = tiny_case(seed, rules)
-        if "out_of_service" in extra and (G < 3 or any(m.get("pin") == [0] for m in models)):
+        if ("out_of_service" in extra and (G < 3 or any(m.get("pin") == [0] for m in models))) or \
+                ("gpus_per_node" in extra and G % 2):
             extra = {}
         prob = build_problem(models, G, mem, **extra)
         wd = robust.item_demand(prob, D)
@@ -86,6 +89,26 @@ def test_tiny_instances_against_brute_force():
     print(f"robust heuristic optimal on {optimal}/{tried} tiny instances; default (enumerated) proven on {proven}")
     assert optimal >= OPTIMAL_SHARE * tried
     assert proven == tried
+
+
+def test_tp_shards_share_a_node():
+    """4 GPUs in nodes of 2, a tp=2 model (and a pin or forbid): brute force over placements
+    that keep the shards in one node."""
+    optimal = 0
+    for seed in range(300, 330):
+        models, G, mem, D = tiny_case(seed, True, gpus=4)
+        prob = build_problem(models, G, mem, gpus_per_node=2)
+        assert prob.node_group.shape[0]
+        opt = brute_windows(prob, robust.item_demand(prob, D))
+        p = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False, gpus_per_node=2)
+        check_placement(prob, p)
+        shards = p.assignment[prob.model_of == 0]
+        assert shards[0] // 2 == shards[1] // 2, seed  # one node
+        assert p.lower_bound <= opt * (1 + 1e-9) and p.max_kvpr >= opt * (1 - 1e-9)
+        optimal += p.max_kvpr <= opt * (1 + 1e-9)
+        q = kvgpu.solve(models, G, gpu_mem=mem, demand=D, gpus_per_node=2)
+        assert q.proven and q.max_kvpr <= opt * (1 + 1e-9)
+    assert optimal >= OPTIMAL_SHARE * 30
 
 
 @pytest.mark.parametrize("rules", [False, True])
@@ -141,7 +164,8 @@ def test_refusals_name_the_rule():
     for kwargs, word in (({"backend": "numba"}, "backend='numba'"),
                          ({"mode": "seed"}, "mode='seed'"), ({"decompose": True}, "decompose=True"),
                          ({"objective": "lex"}, "objective='lex'"), ({"current": [0] * len(models)}, "re-placement"),
-                         ({"gpus_per_node": 2, "models": [dict(models[0], tp=2)] + models[1:]}, "one node")):
+                         ({"models": [models[0], dict(models[1], colocate_with="m0")] + models[2:]},
+                          "colocate_with")):
         ms = kwargs.pop("models", models)
         with pytest.raises(kvgpu.InvalidInstance, match=word.replace("(", r"\(")):
             kvgpu.solve(ms, G, gpu_mem=mem, demand=D, **kwargs)
