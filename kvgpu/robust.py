@@ -338,6 +338,26 @@ def _can_move(st: _State, items: np.ndarray) -> np.ndarray:
     return ok
 
 
+#: Most elements of one (rows, columns, W) array the step and bound evaluations build at once
+#: (larger ones are taken in column blocks: a few hundred windows and models stay in ~16 MB).
+CHUNK = 2_000_000
+
+
+def _blocks(n_cols: int, rows: int, W: int):
+    """Slices of ``range(n_cols)`` small enough that (rows, block, W) has at most CHUNK elements."""
+    step = max(1, CHUNK // max(1, rows * W))
+    return [slice(lo, min(n_cols, lo + step)) for lo in range(0, n_cols, step)]
+
+
+def _first_min(best, val: np.ndarray, offset: int):
+    """``best`` ``(value, row, col)`` or the least entry of ``val`` (rows, cols) with its column
+    shifted by ``offset``, whichever is smaller -- ties to the lowest (row, col), so blocks give
+    the same answer as one array."""
+    r, c = np.unravel_index(int(np.argmin(val)), val.shape)
+    cand = (float(val[r, c]), int(r), int(c) + offset)
+    return cand if best is None or cand < best else best
+
+
 def _best_step(st: _State, g: int, peak_g: float):
     """The best improving step for GPU ``g`` (peak ``peak_g``): ``(value, kind, i, x)`` -- a
     move of item ``i`` to GPU ``x`` or a swap with item ``x`` -- whose two GPUs both end below
@@ -347,35 +367,41 @@ def _best_step(st: _State, g: int, peak_g: float):
     if mine.size == 0:
         return None
     limit = peak_g * (1 - STEP_RTOL)
-    free_g = c.M[g] - st.S[g]
-    src = _peak(st.L[g][None, :] - c.w[mine], free_g + c.s[mine])  # (k,)
-    # moves: every item of g to every GPU
-    dst = _peak(st.L[None, :, :] + c.w[mine][:, None, :], (c.M - st.S)[None, :] - c.s[mine][:, None])  # (k, G)
-    val = np.where(_can_move(st, mine), np.maximum(src[:, None], dst), np.inf)
-    k, h = np.unravel_index(int(np.argmin(val)), val.shape)
-    best = (float(val[k, h]), "move", int(mine[k]), int(h))
-    # swaps: every item of g with every item elsewhere
+    src = _peak(st.L[g][None, :] - c.w[mine], c.M[g] - st.S[g] + c.s[mine])  # (k,)
+    can = _can_move(st, mine)
+    best = None
+    for blk in _blocks(c.M.shape[0], mine.size, c.w.shape[1]):  # moves: every item of g to every GPU
+        dst = _peak(st.L[None, blk, :] + c.w[mine][:, None, :], (c.M - st.S)[None, blk] - c.s[mine][:, None])
+        best = _first_min(best, np.where(can[:, blk], np.maximum(src[:, None], dst), np.inf), blk.start)
+    step = (best[0], "move", int(mine[best[1]]), best[2])
     other = np.nonzero(st.A != g)[0]
-    if other.size:
-        hj = st.A[other]
-        ds = c.s[other][None, :] - c.s[mine][:, None]  # (k, m): GB g gains
-        new_Sg = st.S[g] + ds
-        new_Sh = st.S[hj][None, :] - ds
-        dw = c.w[other][None, :, :] - c.w[mine][:, None, :]  # (k, m, W)
-        pg = _peak(st.L[g][None, None, :] + dw, c.M[g] - new_Sg)
-        ph = _peak(st.L[hj][None, :, :] - dw, c.M[hj][None, :] - new_Sh)
-        gi, gj = c.gid[mine][:, None], c.gid[other][None, :]
-        same = (gi == gj) & (gi < c.n_groups)
-        ok = fits(new_Sg, c.M[g]) & fits(new_Sh, c.M[hj][None, :])
-        ok &= c.allowed[other][:, g][None, :] & c.allowed[mine][:, hj]
-        ok &= (st.C[gi, hj[None, :]] - same == 0) & (st.C[gj, g] - same == 0)
-        tied = (c.ngroup[mine] >= 0)[:, None] | (c.ngroup[other] >= 0)[None, :]  # shards that keep their node
-        ok &= ~tied | (c.node_of[hj] == c.node_of[g])[None, :]
-        sval = np.where(ok, np.maximum(pg, ph), np.inf)
-        a, b = np.unravel_index(int(np.argmin(sval)), sval.shape)
-        if sval[a, b] < best[0]:
-            best = (float(sval[a, b]), "swap", int(mine[a]), int(other[b]))
-    return best if best[0] < limit else None
+    swap = None
+    for blk in _blocks(other.size, mine.size, c.w.shape[1]):  # swaps: every item of g with every other
+        swap = _first_min(swap, _swap_values(st, g, mine, other[blk]), blk.start)
+    if swap is not None and swap[0] < step[0]:
+        step = (swap[0], "swap", int(mine[swap[1]]), int(other[swap[2]]))
+    return step if step[0] < limit else None
+
+
+def _swap_values(st: _State, g: int, mine: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """(k, m): the larger of the two GPUs' new peaks when item ``mine[a]`` (on ``g``) and item
+    ``other[b]`` (elsewhere) trade places; ``inf`` where a rule or memory forbids it."""
+    c = st.ctx
+    hj = st.A[other]
+    ds = c.s[other][None, :] - c.s[mine][:, None]  # (k, m): GB g gains
+    new_Sg = st.S[g] + ds
+    new_Sh = st.S[hj][None, :] - ds
+    dw = c.w[other][None, :, :] - c.w[mine][:, None, :]  # (k, m, W)
+    pg = _peak(st.L[g][None, None, :] + dw, c.M[g] - new_Sg)
+    ph = _peak(st.L[hj][None, :, :] - dw, c.M[hj][None, :] - new_Sh)
+    gi, gj = c.gid[mine][:, None], c.gid[other][None, :]
+    same = (gi == gj) & (gi < c.n_groups)
+    ok = fits(new_Sg, c.M[g]) & fits(new_Sh, c.M[hj][None, :])
+    ok &= c.allowed[other][:, g][None, :] & c.allowed[mine][:, hj]
+    ok &= (st.C[gi, hj[None, :]] - same == 0) & (st.C[gj, g] - same == 0)
+    tied = (c.ngroup[mine] >= 0)[:, None] | (c.ngroup[other] >= 0)[None, :]  # shards that keep their node
+    ok &= ~tied | (c.node_of[hj] == c.node_of[g])[None, :]
+    return np.where(ok, np.maximum(pg, ph), np.inf)
 
 
 #: When no step lowers the worst GPU, the descent tries this many next-worst GPUs (a step that
@@ -546,10 +572,11 @@ def _n_assignments(ctx: _Ctx) -> float:
     return 10.0 ** logs if logs < 300 else math.inf
 
 
-def _enumerate(ctx: _Ctx, chunk: int = 20_000) -> tuple[float, np.ndarray | None]:
+def _enumerate(ctx: _Ctx) -> tuple[float, np.ndarray | None]:
     """The optimum by trying every assignment of items to their allowed GPUs (anti-affinity
     and memory kept): ``(value, assignment)``, ``(inf, None)`` when none keeps the rules."""
     n, G = ctx.s.shape[0], ctx.M.shape[0]
+    chunk = max(1, CHUNK // (G * ctx.w.shape[1]))  # assignments at once: (chunk, G, W) loads
     choices = [np.nonzero(ctx.allowed[i])[0] for i in range(n)]
     radix = np.array([c.size for c in choices], np.int64)
     total = int(np.prod(radix))
@@ -629,14 +656,15 @@ def pair_bound(ctx: _Ctx) -> float:
     if m <= G:
         return 0.0
     V = np.full((m, m), np.inf)
-    pair_w = w[:, None, :] + w[None, :, :]
     # v(i, j): the best GPU both may use; GPUs of equal memory and allowed items give the same
     _, first = np.unique(np.concatenate([ctx.M[None, :], allowed.astype(float)]).T, axis=0, return_index=True)
-    for g in np.sort(first).tolist():
-        peak = _peak(pair_w, ctx.M[g] - s[:, None] - s[None, :])
-        room = fits(s[:, None] + s[None, :], ctx.M[g])
-        both = allowed[:, g][:, None] & allowed[:, g][None, :] & room
-        V = np.minimum(V, np.where(both, peak, np.inf))
+    for blk in _blocks(m, m, w.shape[1]):  # rows of V a block at a time
+        pair_w = w[blk, None, :] + w[None, :, :]
+        for g in np.sort(first).tolist():
+            peak = _peak(pair_w, ctx.M[g] - s[blk, None] - s[None, :])
+            room = fits(s[blk, None] + s[None, :], ctx.M[g])
+            both = allowed[blk, g][:, None] & allowed[:, g][None, :] & room
+            V[blk] = np.minimum(V[blk], np.where(both, peak, np.inf))
     V[(gid[:, None] == gid[None, :]) & (gid[:, None] < ctx.n_groups)] = np.inf  # shards never share
     np.fill_diagonal(V, np.inf)
     vals = np.unique(V[np.triu_indices(m, 1)])

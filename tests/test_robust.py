@@ -236,3 +236,15 @@ def test_larger_problems_keep_every_rule():
     assert 0 < p.lower_bound <= p.max_kvpr and not (p.assignment == 7).any()
     assert np.allclose(p.kvpr_by_window, robust.window_kvpr(prob.items.sizes, robust.item_demand(prob, D),
                                                             prob.items.gpu_mem, p.assignment).T)
+
+
+def test_blocks_give_the_same_answer(monkeypatch):
+    """The step, bound and enumeration evaluations split into column blocks (``robust.CHUNK``)
+    choose exactly what one array would."""
+    models, G, mem, D = tiny_case(4, True)
+    whole = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)
+    proven = kvgpu.solve(models, G, gpu_mem=mem, demand=D)
+    monkeypatch.setattr(robust, "CHUNK", 7)
+    small = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)
+    assert np.array_equal(whole.assignment, small.assignment) and whole.lower_bound == small.lower_bound
+    assert np.array_equal(proven.assignment, kvgpu.solve(models, G, gpu_mem=mem, demand=D).assignment)
