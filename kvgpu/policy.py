@@ -13,6 +13,14 @@ models moved and the GB migrated before it, and one summary row per policy:
   ``max_migrated_gb`` and ``min_gain`` (None: no limit / no threshold).  Between decisions the
   placement stays.  The policy knows the demand of the window it re-places for (an oracle
   forecast of one window); the windows it holds the placement for are served as they come.
+* ``greedy`` -- a baseline in the manner of Prism's periodic re-placement: every ``every``
+  windows the greedy seed pipeline (``mode="seed"``: the ADRS evaluator's greedy, which kvgpu
+  reproduces) places everything afresh for the coming window's rates; its GPUs are matched to
+  the running ones greedily, largest GB kept in place first, among interchangeable GPUs (same
+  memory); the new placement is taken when it lowers that window's max KVPR by at least
+  ``min_gain`` (default 0: any gain), whatever it moves (``max_moves`` / ``max_migrated_gb``
+  are refused: the greedy has no budget).  Plain models only (the seed pipeline's limit).
+  This is kvgpu's reading of that scheduler, not Prism's code.
 
 The placements are solved with the same options (``effort``, ``seed``, ``gpu_mem``, ...) as
 :func:`kvgpu.solve`; rules other than what the two entry points take are refused by them.
@@ -30,7 +38,7 @@ from kvgpu.errors import InvalidInstance
 from kvgpu.robust import demand_rates, item_demand, window_kvpr
 from kvgpu.schema import integer, model_specs, number
 
-POLICIES = ("static", "replan")
+POLICIES = ("static", "replan", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,9 @@ class Policy:
                                       or self.max_migrated_gb is not None or self.min_gain is not None):
             raise InvalidInstance("policy 'static' places once and moves nothing: every, max_moves, "
                                   "max_migrated_gb and min_gain belong to policy 'replan'")
+        if self.name == "greedy" and (self.max_moves is not None or self.max_migrated_gb is not None):
+            raise InvalidInstance("policy 'greedy' re-places everything its greedy moves: max_moves and "
+                                  "max_migrated_gb belong to policy 'replan' (min_gain and every apply)")
         if self.max_moves is not None:
             object.__setattr__(self, "max_moves", integer(self.max_moves, "policy max_moves", 0, None))
         if self.max_migrated_gb is not None:
@@ -68,7 +79,7 @@ class Policy:
             return "static (robust)"
         extra = [f"{k}={getattr(self, k):g}" for k in ("max_moves", "max_migrated_gb", "min_gain")
                  if getattr(self, k) is not None]
-        return " ".join([f"replan every={self.every}"] + extra)
+        return " ".join([f"{self.name} every={self.every}"] + extra)
 
 
 def as_policy(p: Any) -> Policy:
@@ -162,8 +173,10 @@ def replay(models: Any, gpus: int, demand, policy: Any = DEFAULT_POLICIES, **sol
         raise InvalidInstance("replay: no policy given")
     models = list(models) if not hasattr(models, "columns") else models  # read more than once
     D = demand_rates(demand, len(model_specs(models)))
-    out = [_static(models, gpus, D, solve_kwargs) if p.name == "static" else
-           _replan(models, gpus, D, p, solve_kwargs) for p in pols]
+    run = {"static": lambda p: _static(models, gpus, D, solve_kwargs),
+           "replan": lambda p: _replan(models, gpus, D, p, solve_kwargs),
+           "greedy": lambda p: _greedy(models, gpus, D, p, solve_kwargs)}
+    out = [run[p.name](p) for p in pols]
     kv = np.array([_served(prob, D, a) for a, _, _, prob in out])
     return ReplayResult(pols, kv, np.array([m for _, m, _, _ in out]), np.array([g for _, _, g, _ in out]),
                         [a for a, _, _, _ in out])
@@ -210,3 +223,52 @@ def _replan(models, gpus, D, pol: Policy, kwargs) -> tuple:
 def _current(p) -> list:
     """Each model's running GPUs (one id, or a list for shards / replicas) for ``current=``."""
     return [g[0] if len(g) == 1 else g for g in p.gpus_of_models()]
+
+
+def _greedy(models, gpus, D, pol: Policy, kwargs) -> tuple:
+    """(W, n) assignment, (W,) moved, (W,) GB of the greedy baseline (module doc), and its
+    problem."""
+    from kvgpu.api import solve
+
+    opts = {k: v for k, v in kwargs.items() if k not in ("effort", "patience", "seed", "objective")}
+    W = D.shape[1]
+    moved, gb = np.zeros(W, np.int64), np.zeros(W)
+    try:
+        first = solve(models, gpus, demand=D[:, [0]], mode="seed", **opts)
+    except InvalidInstance as e:  # the seed pipeline's refusal of rules, said as the policy's
+        raise InvalidInstance(f"policy 'greedy' (the seed pipeline, plain models only): {e}; use policy "
+                              f"'replan'") from None
+    prob = first.problem
+    wd = item_demand(prob, D)
+    size_gb = np.array([s.size for s in prob.specs])[prob.model_of]  # a plain model: one item
+    cur = first.assignment
+    rows = []
+    for t in range(W):
+        if t > 0 and t % pol.every == 0:
+            new = _match_gpus(solve(models, gpus, demand=D[:, [t]], mode="seed", **opts).assignment, cur, prob)
+            now = float(window_kvpr(prob.items.sizes, wd[:, [t]], prob.items.gpu_mem, cur).max())
+            then = float(window_kvpr(prob.items.sizes, wd[:, [t]], prob.items.gpu_mem, new).max())
+            if then < now and (not pol.min_gain or then <= now * (1 - pol.min_gain)):
+                changed = new != cur
+                moved[t], gb[t], cur = int(changed.sum()), float(size_gb[changed].sum()), new
+        rows.append(cur)
+    return np.array(rows), moved, gb, prob
+
+
+def _match_gpus(new: np.ndarray, cur: np.ndarray, prob) -> np.ndarray:
+    """``new`` with its GPUs renamed to running ones of the same memory, greedily: the pair
+    (new GPU, running GPU) sharing the most GB of models first (ties: lowest ids)."""
+    G = prob.n_gpus
+    s, mem = prob.items.sizes, prob.items.gpu_mem
+    keep = np.zeros((G, G))
+    np.add.at(keep, (new, cur), s)  # GB on new GPU a that runs on GPU b now
+    keep[mem[:, None] != mem[None, :]] = -1.0  # only GPUs of the same memory are interchangeable
+    name = np.full(G, -1, np.int64)
+    taken = np.zeros(G, bool)
+    for flat in np.argsort(-keep, axis=None, kind="stable").tolist():
+        a, b = divmod(flat, G)
+        if keep[a, b] < 0:
+            break
+        if name[a] < 0 and not taken[b]:
+            name[a], taken[b] = b, True
+    return name[new]

@@ -75,7 +75,7 @@ def test_rules_hold_in_every_window():
             check_placement(prob, type("P", (), {"assignment": r.assignments[k][t]})())
 
 
-@pytest.mark.parametrize("bad, word", [({"name": "static", "every": 2}, "static"), ({"name": "greedy"}, "greedy"),
+@pytest.mark.parametrize("bad, word", [({"name": "static", "every": 2}, "static"), ({"name": "prism"}, "prism"),
                                        ({"name": "replan", "evry": 2}, "evry"),
                                        ({"name": "replan", "max_moves": -1}, "max_moves")])
 def test_bad_policies_are_refused_by_name(bad, word):
@@ -118,3 +118,35 @@ def test_plot(tmp_path):
     assert [p.label for p in r.policies] == ["static (robust)", "replan every=4 max_moves=8"]
     r.plot(tmp_path / "replay.png")
     assert (tmp_path / "replay.png").stat().st_size > 1000
+
+
+def test_greedy_baseline():
+    """The greedy baseline: decisions at multiples of ``every``, taken only when they lower the
+    window's max KVPR (by ``min_gain``); GPU renaming keeps what it can in place."""
+    models, G, D = trace(2, n=9, G=3, W=8)
+    prob = build_problem(models, G)
+    r = replay(models, G, D, [Policy("greedy", every=2), Policy("greedy", min_gain=1.0)])
+    for k in range(2):
+        for t in range(D.shape[1]):
+            a = r.assignments[k][t]
+            assert r.max_kvpr[k, t] == pytest.approx(served(prob, a, D[:, t]), rel=1e-12)
+            changed = a != r.assignments[k][t - 1] if t else np.zeros(len(models), bool)
+            assert r.moved[k, t] == changed.sum()
+    assert r.moved[0][1::2].sum() == 0 and r.moved[1].sum() == 0
+    first = kvgpu.solve([dict(m, req_rate=float(x)) for m, x in zip(models, D[:, 0])], G, mode="seed")
+    assert np.array_equal(r.assignments[0][0], first.assignment)
+    with pytest.raises(kvgpu.InvalidInstance, match="greedy"):
+        Policy("greedy", max_moves=2)
+    models[0]["tp"] = 2
+    with pytest.raises(kvgpu.InvalidInstance, match="policy 'greedy'.*shards"):
+        replay(models, G, D, "greedy")
+
+
+def test_match_gpus_keeps_the_most_in_place():
+    from kvgpu.policy import _match_gpus
+
+    models = [{"model_size": s, "req_rate": 1.0, "slo": 1.0} for s in (30, 20, 10, 5)]
+    prob = build_problem(models, 3, [80.0, 80.0, 40.0])
+    cur = np.array([0, 1, 2, 2])
+    new = np.array([1, 0, 2, 1])  # the same as cur but GPUs 0 and 1 swapped, model 3 moved
+    assert _match_gpus(new, cur, prob).tolist() == [0, 1, 2, 0]
