@@ -277,9 +277,9 @@ def _add_replay_parser(sub) -> None:
     pp.add_argument("file", help="models, as for solve (their order is the array's rows)")
     pp.add_argument("--demand", required=True, help=".npy file: (n_models, W) request rates per window (req/s)")
     pp.add_argument("--policy", action="append", metavar="POLICY",
-                    help="static (one robust placement for every window), or replan[:every=K,max_moves=N,"
-                    "max_migrated_gb=GB,min_gain=G]; repeat to compare (default: static, and replan every 4 "
-                    "windows moving at most 8 models)")
+                    help="static (one robust placement for every window), replan[:every=K,max_moves=N,"
+                    "max_migrated_gb=GB,min_gain=G] or greedy[:every=K,min_gain=G]; repeat to compare (default: "
+                    "static, and replan every 4 windows moving at most 8 models)")
     pp.add_argument("--plot", help="also draw max KVPR and models moved per window to this image file")
     pp.add_argument("--gpus", type=_int_option("--gpus"), help="number of GPUs (default: from the file)")
     pp.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU (default: from the file, else 80)")
