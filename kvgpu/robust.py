@@ -724,7 +724,8 @@ def solve_windows(problem: Problem, rates, opts: engine.Options, *, backend: str
     if n_assign <= limit:
         v, a = _enumerate(ctx)
         if a is None:
-            raise NoPlacementFound("no placement keeps memory and the rules (proven: every assignment was tried)")
+            raise NoPlacementFound("no placement keeps memory and the rules (proven: every assignment was tried)",
+                                   [0], proven=True)
         return _result(base, wd, a, opts, proven=True, lb=v, source="exact search (every assignment tried)")
     if opts.exact:
         note = (f"exact=True: the robust engine proves by trying every assignment; this problem has {n_assign:.3g}, "
@@ -732,7 +733,7 @@ def solve_windows(problem: Problem, rates, opts: engine.Options, *, backend: str
     starts = _starts(base, ctx, D, opts, backend)
     if not starts:
         raise NoPlacementFound("no placement found that keeps memory and the rules (the scalar starts, the greedy "
-                               "and the vector packing all failed; not proven infeasible)")
+                               "and the vector packing all failed; not proven infeasible)", [0])
     # the bound first (its bisections ending at the best start's figures): the search stops
     # where it meets the bound (measured: 3 of the 4 bench days are closed by the bound)
     pair = pair_bound(ctx)

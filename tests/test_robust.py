@@ -248,3 +248,16 @@ def test_blocks_give_the_same_answer(monkeypatch):
     small = kvgpu.solve(models, G, gpu_mem=mem, demand=D, exact=False)
     assert np.array_equal(whole.assignment, small.assignment) and whole.lower_bound == small.lower_bound
     assert np.array_equal(proven.assignment, kvgpu.solve(models, G, gpu_mem=mem, demand=D).assignment)
+
+
+def test_no_placement_is_proven_on_tiny_problems():
+    """50 + 50 + 40 GB on two 80 GB GPUs: no pair fits one GPU, so nothing fits (140 GB <= 160 GB
+    passes the total check): the enumeration proves it."""
+    models = [{"name": k, "model_size": 50.0, "req_rate": 1.0, "slo": 1.0} for k in "ab"] + \
+        [{"name": "c", "model_size": 20.0, "req_rate": 1.0, "slo": 1.0, "forbid": [0, 1]}]
+    with pytest.raises(kvgpu.InvalidInstance):  # refused before any search: no GPU allowed
+        kvgpu.solve(models, 2, demand=np.ones((3, 2)))
+    models[2] = {"name": "c", "model_size": 40.0, "req_rate": 1.0, "slo": 1.0}
+    with pytest.raises(kvgpu.NoPlacementFound) as e:
+        kvgpu.solve(models, 2, demand=np.ones((3, 2)))
+    assert e.value.proven
