@@ -12,7 +12,7 @@ per-model peaks (``kvgpu.size``) against the fewest the robust engine meets it o
 The bursty family is generated here (:func:`bursty`): ``kvgpu.generate`` has no bursty family
 in this branch yet (the demand work adds them; switch over when it lands).
 
-    python bench/bench_time.py                  # 16 and 64 GPUs, 24 and 96 windows
+    python bench/bench_time.py                  # 16 and 64 GPUs, 24 and 96 windows; a replay of 64 x 96
     python bench/bench_time.py --gpus 16 --windows 24
 """
 
@@ -111,6 +111,23 @@ def gpus_for_target(models, D, gpus: int, target: float) -> dict:
             "size_peak_s": t_peak, "size_robust_s": time.perf_counter() - t0}
 
 
+def replay_day(gpus: int, windows: int, seed: int, plot: str | None) -> dict:
+    """Replay three policies over one bursty day (:func:`kvgpu.replay`): print the table and
+    the time, return the summary rows."""
+    import kvgpu
+
+    models, D = bursty(np.random.default_rng(seed + gpus + windows), gpus, windows)
+    pols = ["static", {"name": "replan", "every": 4, "max_moves": 8}, {"name": "greedy", "every": 4}]
+    t0 = time.perf_counter()
+    res = kvgpu.replay(models, gpus, D, pols)
+    sec = time.perf_counter() - t0
+    print(f"replay of {windows} windows on {gpus} GPUs ({len(models)} models): {sec:.1f} s")
+    print(res)
+    if plot:
+        res.plot(plot)
+    return {"gpus": gpus, "windows": windows, "seconds": sec, "summary": res.summary()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, nargs="+", default=[16, 64])
@@ -119,6 +136,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs="*", default=[16],
                     help="cluster sizes whose GPU count for the robust placement's KVPR is also found, robust vs "
                     "sizing on peaks (default 16: on 64 GPUs it takes minutes here)")
+    ap.add_argument("--replay", type=int, nargs=2, default=[64, 96], metavar=("GPUS", "WINDOWS"),
+                    help="also replay the policies (static, replan every 4 with 8 moves, greedy every 4) over this "
+                    "day and time it (default 64 96; 0 0: no replay)")
+    ap.add_argument("--replay-plot", help="draw the replay to this image file")
     ap.add_argument("--out", default=str(HERE / "results" / "bench_time.json"))
     args = ap.parse_args()
     import kvgpu
@@ -144,7 +165,9 @@ def main() -> None:
             print(f"{r['gpus']:>5} GPUs {r['windows']:>3} windows  target {r['target']:.4f}: peak sizing "
                   f"{r['gpus_peak_sizing']} GPUs ({r['size_peak_s']:.1f} s), robust {r['gpus_robust']} GPUs "
                   f"({r['size_robust_s']:.1f} s): {100 * r['fewer_gpus']:.1f}% fewer")
-    Path(args.out).write_text(json.dumps({"rows": rows, "family": "bench_time.bursty (local generator)"}, indent=1))
+    replayed = replay_day(*args.replay, args.seed, args.replay_plot) if args.replay[0] else None
+    Path(args.out).write_text(json.dumps({"rows": rows, "family": "bench_time.bursty (local generator)",
+                                          "replay": replayed}, indent=1))
     print(f"figures: {args.out}")
 
 
