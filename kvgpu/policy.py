@@ -5,14 +5,15 @@ and reports, per policy and window, the max KVPR of the placement that serves th
 models moved and the GB migrated before it, and one summary row per policy:
 
 * ``static`` -- one placement for the whole trace: the robust placement over every window
-  (:func:`kvgpu.solve` with ``demand=D``).  It sees the whole trace in advance (an upper limit
-  of what one static placement can do, not a forecast), and never moves anything.
+  (:func:`kvgpu.solve` with ``demand=D``).  It sees the whole trace in advance (a static
+  placement chosen with hindsight, not a forecast), and never moves anything.
 * ``replan`` -- every ``every`` windows (window 0 included), re-place for the demand of the
   window about to be served: window 0 is today's :func:`kvgpu.solve` on its rates, each later
   decision today's :func:`kvgpu.replan` from the running placement with ``max_moves``,
-  ``max_migrated_gb`` and ``min_gain`` (None: no limit / no threshold).  Between decisions the
-  placement stays.  The policy knows the demand of the window it re-places for (an oracle
-  forecast of one window); the windows it holds the placement for are served as they come.
+  ``max_migrated_gb`` and ``min_gain`` (None: no limit, and :func:`kvgpu.replan`'s own
+  default ``min_gain``).  Between decisions the placement stays.  The policy knows the demand
+  of the window it re-places for (an oracle forecast of one window); the windows it holds the
+  placement for are served as they come.
 * ``greedy`` -- a baseline in the manner of Prism's periodic re-placement: every ``every``
   windows the greedy seed pipeline (``mode="seed"``: the ADRS evaluator's greedy, which kvgpu
   reproduces) places everything afresh for the coming window's rates; its GPUs are matched to
