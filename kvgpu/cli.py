@@ -1,4 +1,4 @@
-"""Command line: ``kvgpu solve|certify|replan|size|replay FILE``, ``kvgpu demo``, ``kvgpu info``."""
+"""Command line: ``kvgpu solve|certify|replan|size FILE``, ``kvgpu demo``, ``kvgpu info``."""
 
 from __future__ import annotations
 
