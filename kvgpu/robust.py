@@ -79,7 +79,8 @@ BUSY_WINDOWS = 3
 MIX_POWER = 4.0
 #: A step must lower the worst GPU's peak by this relative amount (rounding never loops).
 STEP_RTOL = 1e-12
-#: The scalar starts search ``effort // START_SHARE`` rounds each.
+#: The scalar starts search ``effort // START_SHARE`` rounds each (summaries that coincide are
+#: solved once, with their rounds together: identical windows get today's ``effort``).
 START_SHARE = 6
 #: Each start gets ``ILS_SCALE * effort`` rounds of iterated local search, stopping after
 #: ``ILS_SCALE * patience`` without gain (measured on a 64-GPU bursty day of 96 windows: 1-3 s a
@@ -542,17 +543,25 @@ def _pack_start(ctx: _Ctx, hi: float) -> np.ndarray | None:
 def _scalar_starts(problem: Problem, rates: np.ndarray, opts: engine.Options, backend: str) -> list[np.ndarray]:
     """Today's engine on scalar summaries of the rates (module doc), on the ``backend`` asked;
     a summary without a placement is skipped."""
-    tot = rates.sum(axis=0)
+    tot = (rates / np.array([m.slo for m in problem.specs])[:, None]).sum(axis=0)  # demand per window
     busy = np.argsort(-tot, kind="stable")[:BUSY_WINDOWS]
     lam = tot ** MIX_POWER
     lam = lam / lam.sum() if lam.sum() > 0 else np.full(tot.shape, 1.0 / tot.shape[0])
     summaries = [rates.mean(axis=1), rates.max(axis=1)] + [rates[:, t] for t in busy.tolist()] + [rates @ lam]
+    unique: list = []
+    for r in summaries:  # windows alike give summaries alike: each is solved once, with their effort
+        if not any(np.allclose(r, u, rtol=1e-12, atol=0.0) for u in unique):
+            unique.append(r)
     # starts need not be balanced nor searched long: the robust search takes over (measured on a
     # 64-GPU bursty day: the balancing passes were half of the starts' time)
-    sub = dataclasses.replace(opts, exact=False, effort=max(1, opts.effort // START_SHARE),
-                              patience=max(1, min(opts.patience, opts.effort // START_SHARE)), objective="seed")
+    each = max(1, opts.effort * len(summaries) // (START_SHARE * len(unique)))
+    # exact=None keeps today's small proofs (problems of at most AUTO_EXACT_ITEMS items, a fraction
+    # of a second): their placement is a start too (measured: windows all alike then give today's
+    # answer); exact=True's long proofs are not run on summaries
+    sub = dataclasses.replace(opts, exact=False if opts.exact else opts.exact, effort=each,
+                              patience=max(1, min(opts.patience, each)), objective="seed")
     out = []
-    for r in summaries:
+    for r in unique:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
