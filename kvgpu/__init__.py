@@ -10,6 +10,7 @@ from kvgpu import demand  # noqa: F401 -- kvgpu.demand.read_requests / read_tabl
 from kvgpu.api import compute_model_placement, replan, solve, solve_batch
 from kvgpu.capacity import GpuType, HeadroomResult, SizeResult, headroom, size
 from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
+from kvgpu.policy import ReplayResult, replay
 from kvgpu.problem import Problem, build_problem, make_instance
 from kvgpu.results import BatchResult, Move, Placement
 from kvgpu.schema import ModelSpec, model_specs
@@ -17,6 +18,6 @@ from kvgpu.warmup import warmup
 
 __all__ = ["BackendUnavailable", "BatchResult", "GpuType", "HeadroomResult", "InvalidInstance", "KvgpuWarning",
            "ModelSpec", "Move", "NoPlacementFound", "Placement", "Problem", "SizeResult", "build_problem",
-           "compute_model_placement", "headroom", "make_instance", "model_specs", "replan", "size", "solve",
-           "solve_batch", "warmup"]
+           "compute_model_placement", "headroom", "make_instance", "model_specs", "replan", "replay", "ReplayResult",
+           "size", "solve", "solve_batch", "warmup"]
 __version__ = "0.2.0"

@@ -16,6 +16,7 @@ from kvgpu import backends, engine
 from kvgpu._namespace import device_namespace
 from kvgpu.batch.state import make_batch
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK
+from kvgpu.errors import InvalidInstance
 from kvgpu.problem import DEFAULT_GPU_MEM, build_problem, oversized, validate_batch
 from kvgpu.results import BatchResult, Placement
 
@@ -47,7 +48,7 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
           gpus_per_node=None, reserve_gb=None, current=None, max_moves=None, max_migrated_gb=None, min_gain=None,
           out_of_service=None, backend: str = "auto", mode: str = "search", effort: int = DEFAULT_EFFORT,
           patience: int | None = None, seed: int = 0, exact: bool | None = None, exact_work: int = DEFAULT_EXACT_WORK,
-          decompose: bool | None = None, dask=None, objective: str | None = None) -> Placement:
+          decompose: bool | None = None, dask=None, objective: str | None = None, demand=None) -> Placement:
     """Place ``models`` on ``gpus`` GPUs (memory ``gpu_mem`` GB each, or one value per GPU).
 
     ``models``: objects or dicts with ``model_size`` (or ``size``), ``req_rate``, ``slo`` (and
@@ -68,6 +69,12 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     there.  ``objective="seed"`` keeps the seed's order ``(max, second largest, mean)``.  A
     decomposed cluster uses the seed's order; the result's ``objective`` says which ran.
 
+    ``demand``: request rates per model and demand window, an (n_models, W) array (req/s; it
+    replaces the models' ``req_rate``): the placement minimises the worst KVPR over every GPU
+    and every window, and the result's ``kvpr_by_window`` (W, G) gives each window's figures.
+    ``W = 1`` is today's solve on those rates, exactly; ``W > 1`` runs the CPU NumPy engine of
+    the robust objective (:mod:`kvgpu.robust`, which says what it supports and refuses).
+
     Raises :class:`kvgpu.InvalidInstance` for bad input (naming the model, field and rule) and
     :class:`kvgpu.NoPlacementFound` when no placement keeps memory, rules and budget (saying
     whether that is proven).
@@ -76,10 +83,11 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain, out_of_service=out_of_service)
-    if backend == "auto":  # rules run in numba kernels only: such a problem is a CPU job whatever its size
-        work = 0 if problem.has_rules else backends.work_of(problem.items.n_models, problem.n_gpus)
-        opts = dataclasses.replace(opts, backend=backends.resolve("auto", work))
-    return engine.solve_problem(problem, opts)
+    if demand is not None:
+        from kvgpu.robust import solve_windows
+
+        return solve_windows(problem, demand, opts, backend=backend, objective=objective)
+    return engine.solve_problem(problem, backends.for_problem(problem, opts, backend))
 
 
 def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None, max_migrated_gb=None,
@@ -108,7 +116,8 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
                 decompose: bool | None = None, dask=None) -> BatchResult:
     """Solve ``B`` padded plain instances at once.
 
-    ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``); ``gpu_mem``: (B, G) float GB;
+    ``sizes``, ``demand``: (B, N) float (GB, and ``req_rate / slo``; ``demand`` (B, N, 1), one
+    window, is the same, and W > 1 windows are refused); ``gpu_mem``: (B, G) float GB;
     ``model_mask`` (B, N) / ``gpu_mask`` (B, G) bool mark real entries (default: all real).
     ``infeasible="mark"`` returns instances without a placement with their ``status`` instead of
     raising :class:`kvgpu.NoPlacementFound`.  As :func:`solve`, ``exact=None`` (the default)
@@ -125,6 +134,7 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
     ``objective`` says so.
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask)
+    demand = _one_window_batch(demand)
     cp = device_namespace(sizes, demand, gpu_mem, model_mask, gpu_mask)
     if cp is not None:  # one copy in of each array; the solve's bookkeeping is host code
         sizes, demand, gpu_mem, model_mask, gpu_mask = (None if a is None else cp.asnumpy(a)
@@ -143,6 +153,20 @@ def solve_batch(sizes, demand, gpu_mem, *, model_mask=None, gpu_mask=None, backe
             validate_batch(batch.take(rest), ids=rest)
         res = engine.solve_batch_plain(batch, opts, infeasible, proven_infeasible=over)
     return res if cp is None else res.to_device(cp)
+
+
+def _one_window_batch(demand):
+    """A batch's demand of (B, N, 1) as (B, N); demand over W > 1 windows (B, N, W) refused by
+    name: the batch engines take one demand per model."""
+    ndim = getattr(demand, "ndim", None)
+    ndim = np.ndim(demand) if ndim is None else ndim
+    if ndim == 3:
+        if demand.shape[2] != 1:
+            raise InvalidInstance(f"solve_batch: demand of shape {tuple(demand.shape)} holds W = {demand.shape[2]} "
+                                  f"windows; the batch engines (numpy, numba, cuda) take one demand per model (W = 1) "
+                                  f"-- the robust objective over windows runs in kvgpu.solve(models, gpus, demand=D)")
+        return demand[:, :, 0]
+    return demand
 
 
 solve.__doc__ += _OPTIONS_DOC

@@ -174,6 +174,19 @@ def resolve(backend: str, work: int | None = None) -> str:
     return backend
 
 
+def for_problem(problem, opts, asked: str):
+    """Solver options (:class:`kvgpu.engine.Options`) for one :class:`kvgpu.problem.Problem`:
+    where the caller ``asked`` for ``"auto"``, the backend chosen for the problem's size
+    (``opts`` as given otherwise)."""
+    import dataclasses
+
+    if asked != "auto":
+        return opts
+    # rules run in numba kernels only: such a problem is a CPU job whatever its size
+    work = 0 if problem.has_rules else work_of(problem.items.n_models, problem.n_gpus)
+    return dataclasses.replace(opts, backend=resolve("auto", work))
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_device() -> tuple[str, tuple[int, int]] | None:
     """``(name, compute capability)`` of the device the cuda backend runs on, or None where that

@@ -683,7 +683,7 @@ def _prefixes(sizer: _Sizer, budget: float):
 def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_types: Any = None,
          reserve_gb: float | None = None, gpus_per_node: int | None = None, nodes=None,
          max_gpus: int | None = None, effort: int = DEFAULT_EFFORT, seed: int = 0,
-         exact_work: int = DEFAULT_EXACT_WORK) -> SizeResult:
+         exact_work: int = DEFAULT_EXACT_WORK, demand=None) -> SizeResult:
     """The fewest GPUs of ``gpu_mem`` GB (default 80), or the cheapest mix of ``gpu_types``, on
     which a placement of ``models`` has max KVPR at most ``max_kvpr``.
 
@@ -708,6 +708,9 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
     effort, seed : the search of each :func:`kvgpu.solve` call.
     exact_work : proof work per mix (``exact=True`` of :func:`kvgpu.solve`) for cheaper mixes
         the bounds do not settle; 0 turns these proofs off.
+    demand : request rates per model and window, (n_models, W): one window (W = 1) replaces the
+        models' ``req_rate`` (the same answer as models with those rates); W > 1 is refused
+        (sizing for the robust objective is not there yet; :func:`kvgpu.solve` takes it).
 
     Returns
     -------
@@ -734,6 +737,10 @@ def size(models: Any, max_kvpr: float, *, gpu_mem: float | None = None, gpu_type
         types, priced = (GpuType(f"{_positive(mem, 'gpu_mem'):g} GB", float(mem), 1.0),), False
     reserve, per_node = _sizing_cluster(reserve_gb, nodes, gpus_per_node, types)
     recs = model_specs(models)  # read once: a generator is consumed here
+    if demand is not None:
+        from kvgpu.robust import one_window_specs
+
+        recs = one_window_specs(recs, demand, "size")
     items = _items(recs, types[-1].memory, X, reserve, per_node)
     worst = int(np.argmax(items.a))
     room = types[-1].memory - reserve

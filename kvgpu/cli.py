@@ -546,6 +546,66 @@ def _sweep_summary(df, ok: str):
                     "s_per_instance": ("time_s", "mean")})
 
 
+def _add_replay_parser(sub) -> None:
+    pp = sub.add_parser("replay", help="replay placement policies over request rates per window (a .npy array "
+                        "of (models, windows) req/s): per window the max KVPR, models moved, GB migrated")
+    pp.add_argument("file", help="models, as for solve (their order is the array's rows)")
+    pp.add_argument("--demand", required=True, help=".npy file: (n_models, W) request rates per window (req/s)")
+    pp.add_argument("--policy", action="append", metavar="POLICY",
+                    help="static (one robust placement for every window), replan[:every=K,max_moves=N,"
+                    "max_migrated_gb=GB,min_gain=G] or greedy[:every=K,min_gain=G]; repeat to compare (default: "
+                    "static, and replan every 4 windows moving at most 8 models)")
+    pp.add_argument("--plot", help="also draw max KVPR and models moved per window to this image file")
+    pp.add_argument("--gpus", type=_int_option("--gpus"), help="number of GPUs (default: from the file)")
+    pp.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU (default: from the file, else 80)")
+    pp.add_argument("--effort", type=_int_option("--effort"), default=DEFAULT_EFFORT,
+                    help="search rounds per solve (default %(default)s)")
+    pp.add_argument("--seed", type=_int_option("--seed"), default=0, help="random stream (default %(default)s)")
+    pp.add_argument("--json", action="store_true", help="print the summary and the per-window rows as JSON")
+
+
+def _policy_text(text: str) -> dict:
+    """``replan:every=4,max_moves=2`` -> ``{"name": "replan", "every": "4", "max_moves": "2"}``
+    (the values are checked by :class:`kvgpu.policy.Policy`)."""
+    name, _, rest = text.partition(":")
+    out: dict = {"name": name.strip()}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise InvalidInstance(f"--policy {text!r}: {part!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _replay(args) -> int:
+    """``kvgpu replay``: the policies' summary table (or JSON with the per-window rows)."""
+    import numpy as np
+
+    from kvgpu.policy import DEFAULT_POLICIES, replay
+
+    models, opts = read_models(args.file)
+    found = cluster_fields.read(opts, gpus=args.gpus, gpu_mem=args.gpu_mem)
+    if found.gpus is None:
+        raise InvalidInstance(f"{args.file}: no gpus: give --gpus N")
+    try:
+        D = np.load(args.demand, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InvalidInstance(f"{args.demand}: not a readable .npy array ({_one_line(e)})") from None
+    if args.plot:
+        from kvgpu import plot
+
+        plot.check_target(args.plot)  # before the replay, not after
+    pols = [_policy_text(t) for t in args.policy] if args.policy else list(DEFAULT_POLICIES)
+    extra = {"out_of_service": found.out_of_service} if found.out_of_service else {}
+    with _naming_file(args, found.flags):
+        res = replay(models, found.gpus, D, pols, gpu_mem=found.gpu_mem if found.gpu_mem is not None else 80.0,
+                     effort=args.effort, seed=args.seed, **found.rules(), **extra)
+    if args.plot:
+        res.plot(args.plot)
+    print(json.dumps({"summary": res.summary(), "windows": res.rows()}, indent=1) if args.json else res)
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0, or
     2 after one ``kvgpu: error: ...`` line on stderr for any bad input."""
@@ -655,6 +715,7 @@ def _main(argv) -> int:
                      "(default: one per CPU core)")
     pwu.add_argument("--cuda", action="store_true", help="also compile the cuda backend's kernels for this "
                      "machine's GPU (cached for every later process)")
+    _add_replay_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         print(backends.info())
@@ -679,6 +740,8 @@ def _main(argv) -> int:
                   "figures)")
         return 0
     try:
+        if args.cmd == "replay":
+            return _replay(args)
         if args.cmd == "sweep":
             return _sweep(args)
         if args.cmd == "size":

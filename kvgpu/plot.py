@@ -257,6 +257,36 @@ def _distributions(plt, p, kv):
     return fig
 
 
+# ----------------------------------------------------------------------------- a replay
+
+def replay(res, path: str | Path) -> None:
+    """Draw a replay (:class:`kvgpu.ReplayResult`) to ``path`` (see :func:`replay_figure`)."""
+    _save(replay_figure(res), path)
+
+
+def replay_figure(res):
+    """A replay as a matplotlib Figure (close it when done): per window, the max KVPR of each
+    policy's placement (top) and the models it moved before the window (bottom)."""
+    plt = _pyplot()
+    W = res.max_kvpr.shape[1]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    t = np.arange(W)
+    width = 0.8 / len(res.policies)
+    for k, row in enumerate(res.summary()):
+        line, = ax1.step(t, res.max_kvpr[k], where="mid", label=f"{row['policy']}: worst {row['worst_kvpr']:.4g}, "
+                         f"{row['moves']} moves, {row['migrated_gb']:.0f} GB")
+        ax2.bar(t - 0.4 + (k + 0.5) * width, res.moved[k], width=width, color=line.get_color())
+    ax1.set(ylabel="max KVPR over GPUs\n" + f"({KVPR_UNIT})")
+    ax1.set_title(f"replay over {W} windows", loc="left")
+    ax1.set_ylim(bottom=0)
+    ax2.set(xlabel="window", ylabel="models moved")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+    ax1.legend(**{**_ABOVE, "ncol": 1})
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- a sweep
 
 def sweep(df, path: str | Path) -> None:

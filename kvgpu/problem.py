@@ -716,3 +716,19 @@ def score_tuple(kvprs: Sequence[float]) -> tuple[float, float, float]:
     vals = sorted(kv, reverse=True)
     second = vals[1] if len(vals) > 1 else 0.0
     return (vals[0], second, sum(kv) / len(kv))
+
+
+def with_rates(problem: Problem, rates) -> Problem:
+    """``problem`` with each model's ``req_rate`` replaced by ``rates`` (n_models,) (req/s): the
+    specs and the items' demand as :func:`build_problem` computes them from those rates (the
+    same float operations, so the problem is the one ``build_problem`` returns for models with
+    these rates); the total is checked as there.  Used by :mod:`kvgpu.robust` to solve one
+    window (or one scalar summary) of a demand over windows."""
+    from dataclasses import replace
+
+    rates = np.asarray(rates, dtype=np.float64)
+    specs = [replace(m, req_rate=float(r)) for m, r in zip(problem.specs, rates.tolist())]
+    _check_demand_scale(sum(m.demand for m in specs), float(problem.items.gpu_mem.min()), "demand")
+    k = [m.tp * m.replicas for m in specs]
+    demand = np.asarray([specs[m].demand / k[m] for m in problem.model_of.tolist()], float).reshape(-1)
+    return replace(problem, specs=specs, items=replace(problem.items, demand=demand))

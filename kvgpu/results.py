@@ -159,6 +159,9 @@ class Placement:
     #: Solved by decomposition into groups (:mod:`kvgpu.decompose`).
     decomposed: bool = False
     objective: str = ORDER_WORDS["seed"]
+    #: (W, G) float64: KVPR of each GPU in each demand window, for a solve given ``demand=``
+    #: (:mod:`kvgpu.robust`); None otherwise.
+    kvpr_by_window: np.ndarray | None = field(default=None, repr=False)
     #: (G,) float64: GB of model weights (and overheads) on each GPU.
     used: np.ndarray = field(init=False, repr=False)
     #: (G,) float64: demand (``sum req_rate / slo``) on each GPU.

@@ -104,6 +104,26 @@ def brute_force_problem(prob, lex=False):
     Returns ``(inf, None)`` when nothing satisfies them.  ``lex=True``: the balanced optimum
     instead -- ``(sorted KVPRs, placement)``, the least sorted vector of GPU KVPRs (largest
     first, compared term by term, exactly)."""
+    inst = prob.items
+    A, ok, S, W = brute_assignments(prob)
+    if not ok.any():
+        return np.inf, None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kv = np.where(inst.gpu_mem[None, :] - S > 0, W / (inst.gpu_mem[None, :] - S), np.where(W > 0, np.inf, 0.0))
+    if lex:
+        vec = -np.sort(-kv[ok], axis=1)
+        k = int(np.lexsort(vec.T[::-1])[0])  # the first column is the primary key
+        return vec[k], A[ok][k]
+    top2 = -np.sort(-kv, axis=1)[:, :2] if kv.shape[1] > 1 else np.concatenate([kv, np.zeros_like(kv)], axis=1)
+    top2 = np.where(ok[:, None], top2, np.inf)
+    k = int(np.lexsort((top2[:, 1], top2[:, 0]))[0])  # least max, then least second max
+    return float(top2[k, 0]), A[k]
+
+
+def brute_assignments(prob, demand=None):
+    """Every assignment of a tiny problem's items to GPUs and which keep its rules (those of
+    :func:`brute_force_problem`): ``(A (C, n), ok (C,) bool, S (C, G) GB, L)`` with ``L`` the
+    demand per GPU, (C, G) -- or (C, G, W) for per-window item demand ``demand`` (n, W)."""
     from kvgpu.kernels.deltas import fits
 
     inst = prob.items
@@ -126,12 +146,12 @@ def brute_force_problem(prob, lex=False):
     for m, a_items, b_items in colocated_items(prob):  # an adapter beside one of its base's items
         for i in a_items:
             ok &= (A[:, [i]] == A[:, b_items]).any(axis=1)
-    rows = np.arange(A.shape[0])[:, None]
+    w = inst.demand if demand is None else demand
     S = np.zeros((A.shape[0], G))
-    W = np.zeros((A.shape[0], G))
+    W = np.zeros((A.shape[0], G) + w.shape[1:])
     for i in range(n):
         np.add.at(S, (np.arange(A.shape[0]), A[:, i]), inst.sizes[i])
-        np.add.at(W, (np.arange(A.shape[0]), A[:, i]), inst.demand[i])
+        np.add.at(W, (np.arange(A.shape[0]), A[:, i]), w[i])
     ok &= fits(S, inst.gpu_mem[None, :]).all(axis=1)
     if prob.is_replan:
         moved = np.zeros(A.shape[0], np.int64)
@@ -150,19 +170,7 @@ def brute_force_problem(prob, lex=False):
         if prob.max_moves >= 0:
             ok &= moved <= prob.max_moves
         ok &= gb <= prob.max_migrated_gb * (1 + 1e-9) + 1e-12
-    del rows
-    if not ok.any():
-        return np.inf, None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kv = np.where(inst.gpu_mem[None, :] - S > 0, W / (inst.gpu_mem[None, :] - S), np.where(W > 0, np.inf, 0.0))
-    if lex:
-        vec = -np.sort(-kv[ok], axis=1)
-        k = int(np.lexsort(vec.T[::-1])[0])  # the first column is the primary key
-        return vec[k], A[ok][k]
-    top2 = -np.sort(-kv, axis=1)[:, :2] if kv.shape[1] > 1 else np.concatenate([kv, np.zeros_like(kv)], axis=1)
-    top2 = np.where(ok[:, None], top2, np.inf)
-    k = int(np.lexsort((top2[:, 1], top2[:, 0]))[0])  # least max, then least second max
-    return float(top2[k, 0]), A[k]
+    return A, ok, S, W
 
 
 def colocated_items(prob):

@@ -1,0 +1,175 @@
+"""Demand over time: one placement for a whole day of bursty demand.
+
+On bursty families of 16 and 64 GPUs (80 GB) with 24 to 96 demand windows, three placements
+are evaluated over every window: the robust one (``kvgpu.solve(..., demand=D)``, the CPU NumPy
+engine of :mod:`kvgpu.robust`), today's placement on each model's mean rate, and today's on each
+model's peak rate.  Printed per case: the worst window's KVPR of each, how much lower the robust
+one is, its lower bound (and which bound), and the time per solve; for the ``--size`` cluster
+sizes also the GPUs needed to keep the worst window at the robust placement's KVPR, sizing on
+per-model peaks (``kvgpu.size``) against the fewest the robust engine meets it on.  Figures go to
+``bench/results/bench_time.json``.
+
+The bursty family is generated here (:func:`bursty`): ``kvgpu.generate`` has no bursty family
+in this branch yet (the demand work adds them; switch over when it lands).
+
+    python bench/bench_time.py                  # 16 and 64 GPUs, 24 and 96 windows; a replay of 64 x 96
+    python bench/bench_time.py --gpus 16 --windows 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def bursty(rng: np.random.Generator, gpus: int, windows: int, per_gpu: float = 4.0, groups: int = 6,
+           fill: float = 0.6):
+    """A day of bursty demand: ``per_gpu * gpus`` models (10-30 GB, scaled to ``fill`` of the
+    memory; SLO 1-9 s) in ``groups`` groups.  Each model has a long-tail (Zipf, exponent 0.3) base
+    rate; each group is busy around its own hour of the day (a bump of 4-8x, a quarter of the
+    day wide), and the long tail (the least popular half) rises 5x in the evening (the last
+    quarter of the windows).  Returns ``(models, D)`` with ``D`` (n, windows) req/s."""
+    n = int(round(per_gpu * gpus))
+    raw = rng.uniform(10, 30, n)
+    sizes = np.minimum(raw * fill * 80 * gpus / raw.sum(), 79.0)
+    slo = rng.integers(1, 10, n).astype(float)
+    base = 20.0 / (1 + rng.permutation(n)) ** 0.3  # long tail: the k-th most popular k ** -0.3
+    group = rng.integers(0, groups, n)
+    t = np.arange(windows) / windows
+    centre = rng.uniform(0, 1, groups)
+    dist = np.abs(t[None, :] - centre[:, None])
+    dist = np.minimum(dist, 1 - dist)  # the day wraps around
+    bump = 1 + rng.uniform(3, 7, groups)[:, None] * np.exp(-(dist / 0.125) ** 2)
+    D = base[:, None] * bump[group] * rng.uniform(0.8, 1.2, (n, windows))
+    tail = base < np.median(base)
+    D[np.ix_(tail, t >= 0.75)] *= 5.0
+    models = [{"name": f"m{i}", "model_size": float(sizes[i]), "req_rate": float(D[i].mean()), "slo": float(slo[i])}
+              for i in range(n)]
+    return models, D
+
+
+def evaluate(models, gpus, assign, D) -> float:
+    """The worst window's max KVPR of ``assign`` (plain models) over the rates ``D`` (n, W)."""
+    from kvgpu import robust
+    from kvgpu.problem import build_problem
+
+    prob = build_problem(models, gpus)
+    return float(robust.window_kvpr(prob.items.sizes, robust.item_demand(prob, D), prob.items.gpu_mem,
+                                    assign).max())
+
+
+def case(gpus: int, windows: int, seed: int, sizing: bool = False) -> dict:
+    import kvgpu
+
+    rng = np.random.default_rng(seed)
+    models, D = bursty(rng, gpus, windows)
+    row = {"gpus": gpus, "windows": windows, "models": len(models), "seed": seed}
+    for name, rates in (("mean", D.mean(axis=1)), ("peak", D.max(axis=1))):
+        t0 = time.perf_counter()
+        p = kvgpu.solve([dict(m, req_rate=float(r)) for m, r in zip(models, rates)], gpus)
+        row[f"{name}_s"] = time.perf_counter() - t0
+        row[name] = evaluate(models, gpus, p.assignment, D)
+    t0 = time.perf_counter()
+    p = kvgpu.solve(models, gpus, demand=D)
+    row["robust_s"] = time.perf_counter() - t0
+    row["robust"] = p.max_kvpr
+    row["bound"] = p.lower_bound
+    row["bound_source"] = p.bound_source
+    row["vs_mean"] = 1 - row["robust"] / row["mean"]
+    row["vs_peak"] = 1 - row["robust"] / row["peak"]
+    if sizing:
+        row.update(gpus_for_target(models, D, gpus, row["robust"]))
+    return row
+
+
+def gpus_for_target(models, D, gpus: int, target: float) -> dict:
+    """GPUs needed to keep the worst window at or below ``target``: sizing on each model's peak
+    rate (``kvgpu.size``), against the fewest GPUs on which the robust solve meets it (found by
+    bisection between the memory's minimum and ``gpus``: ``kvgpu.size`` does not take demand
+    over windows yet, so this is what the robust engine reaches, not a proven minimum)."""
+    import kvgpu
+
+    t0 = time.perf_counter()
+    peak = kvgpu.size([dict(m, req_rate=float(r)) for m, r in zip(models, D.max(axis=1))], target).gpus
+    t_peak = time.perf_counter() - t0
+    lo = int(np.ceil(sum(m["model_size"] for m in models) / 80.0)) - 1  # lo fails (or holds no models), gpus meets
+    hi = gpus
+    t0 = time.perf_counter()
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if kvgpu.solve(models, mid, demand=D).max_kvpr <= target:
+            hi = mid
+        else:
+            lo = mid
+    return {"target": target, "gpus_peak_sizing": peak, "gpus_robust": hi, "fewer_gpus": 1 - hi / peak,
+            "size_peak_s": t_peak, "size_robust_s": time.perf_counter() - t0}
+
+
+def replay_day(gpus: int, windows: int, seed: int, plot: str | None) -> dict:
+    """Replay three policies over one bursty day (:func:`kvgpu.replay`): print the table and
+    the time, return the summary rows."""
+    import kvgpu
+
+    models, D = bursty(np.random.default_rng(seed + gpus + windows), gpus, windows)
+    pols = ["static", {"name": "replan", "every": 4, "max_moves": 8}, {"name": "greedy", "every": 4}]
+    t0 = time.perf_counter()
+    res = kvgpu.replay(models, gpus, D, pols)
+    sec = time.perf_counter() - t0
+    print(f"replay of {windows} windows on {gpus} GPUs ({len(models)} models): {sec:.1f} s")
+    print(res)
+    if plot:
+        res.plot(plot)
+    return {"gpus": gpus, "windows": windows, "seconds": sec, "summary": res.summary()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--windows", type=int, nargs="+", default=[24, 96])
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--size", type=int, nargs="*", default=[16],
+                    help="cluster sizes whose GPU count for the robust placement's KVPR is also found, robust vs "
+                    "sizing on peaks (default 16: on 64 GPUs it takes minutes here)")
+    ap.add_argument("--replay", type=int, nargs=2, default=[64, 96], metavar=("GPUS", "WINDOWS"),
+                    help="also replay the policies (static, replan every 4 with 8 moves, greedy every 4) over this "
+                    "day and time it (default 64 96; 0 0: no replay)")
+    ap.add_argument("--replay-plot", help="draw the replay to this image file")
+    ap.add_argument("--out", default=str(HERE / "results" / "bench_time.json"))
+    args = ap.parse_args()
+    import kvgpu
+
+    kvgpu.solve([{"model_size": 10, "req_rate": 1, "slo": 1}] * 3, 2, demand=np.ones((3, 2)))  # load the kernels
+    rows = []
+    head = (f"{'GPUs':>5} {'win':>4} {'models':>6} {'mean':>9} {'peak':>9} {'robust':>9} {'vs mean':>8} "
+            f"{'vs peak':>8} {'bound':>9} {'t mean':>7} {'t peak':>7} {'t robust':>8}  bound source")
+    print("worst window's max KVPR of each placement over every window (lower is better); times in s")
+    print(head)
+    for g in args.gpus:
+        for w in args.windows:
+            r = case(g, w, args.seed + g + w, sizing=g in args.size)
+            rows.append(r)
+            print(f"{g:>5} {w:>4} {r['models']:>6} {r['mean']:>9.4f} {r['peak']:>9.4f} {r['robust']:>9.4f} "
+                  f"{100 * r['vs_mean']:>7.1f}% {100 * r['vs_peak']:>7.1f}% {r['bound']:>9.4f} {r['mean_s']:>7.2f} "
+                  f"{r['peak_s']:>7.2f} {r['robust_s']:>8.2f}  {r['bound_source']}", flush=True)
+    sized = [r for r in rows if "gpus_robust" in r]
+    if sized:
+        print("GPUs to keep the worst window at the robust placement's KVPR: sizing on per-model peaks (kvgpu.size) "
+              "vs the fewest the robust engine meets it on (bisection)")
+        for r in sized:
+            print(f"{r['gpus']:>5} GPUs {r['windows']:>3} windows  target {r['target']:.4f}: peak sizing "
+                  f"{r['gpus_peak_sizing']} GPUs ({r['size_peak_s']:.1f} s), robust {r['gpus_robust']} GPUs "
+                  f"({r['size_robust_s']:.1f} s): {100 * r['fewer_gpus']:.1f}% fewer")
+    replayed = replay_day(*args.replay, args.seed, args.replay_plot) if args.replay[0] else None
+    Path(args.out).write_text(json.dumps({"rows": rows, "family": "bench_time.bursty (local generator)",
+                                          "replay": replayed}, indent=1))
+    print(f"figures: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
