@@ -9,8 +9,8 @@ sizes also the GPUs needed to keep the worst window at the robust placement's KV
 per-model peaks (``kvgpu.size``) against the fewest the robust engine meets it on.  Figures go to
 ``bench/results/bench_time.json``.
 
-The bursty family is generated here (:func:`bursty`): ``kvgpu.generate`` has no bursty family
-in this branch yet (the demand work adds them; switch over when it lands).
+The family is :func:`kvgpu.generate.bursty` (groups of models active together on daily curves
+with distinct peaks, bursts, Zipf popularity, hot models replicated), default parameters.
 
     python bench/bench_time.py                  # 16 and 64 GPUs, 24 and 96 windows; a replay of 64 x 96
     python bench/bench_time.py --gpus 16 --windows 24
@@ -28,32 +28,6 @@ import numpy as np
 HERE = Path(__file__).parent
 
 
-def bursty(rng: np.random.Generator, gpus: int, windows: int, per_gpu: float = 4.0, groups: int = 6,
-           fill: float = 0.6):
-    """A day of bursty demand: ``per_gpu * gpus`` models (10-30 GB, scaled to ``fill`` of the
-    memory; SLO 1-9 s) in ``groups`` groups.  Each model has a long-tail (Zipf, exponent 0.3) base
-    rate; each group is busy around its own hour of the day (a bump of 4-8x, a quarter of the
-    day wide), and the long tail (the least popular half) rises 5x in the evening (the last
-    quarter of the windows).  Returns ``(models, D)`` with ``D`` (n, windows) req/s."""
-    n = int(round(per_gpu * gpus))
-    raw = rng.uniform(10, 30, n)
-    sizes = np.minimum(raw * fill * 80 * gpus / raw.sum(), 79.0)
-    slo = rng.integers(1, 10, n).astype(float)
-    base = 20.0 / (1 + rng.permutation(n)) ** 0.3  # long tail: the k-th most popular k ** -0.3
-    group = rng.integers(0, groups, n)
-    t = np.arange(windows) / windows
-    centre = rng.uniform(0, 1, groups)
-    dist = np.abs(t[None, :] - centre[:, None])
-    dist = np.minimum(dist, 1 - dist)  # the day wraps around
-    bump = 1 + rng.uniform(3, 7, groups)[:, None] * np.exp(-(dist / 0.125) ** 2)
-    D = base[:, None] * bump[group] * rng.uniform(0.8, 1.2, (n, windows))
-    tail = base < np.median(base)
-    D[np.ix_(tail, t >= 0.75)] *= 5.0
-    models = [{"name": f"m{i}", "model_size": float(sizes[i]), "req_rate": float(D[i].mean()), "slo": float(slo[i])}
-              for i in range(n)]
-    return models, D
-
-
 def evaluate(models, gpus, assign, D) -> float:
     """The worst window's max KVPR of ``assign`` (plain models) over the rates ``D`` (n, W)."""
     from kvgpu import robust
@@ -67,8 +41,10 @@ def evaluate(models, gpus, assign, D) -> float:
 def case(gpus: int, windows: int, seed: int, sizing: bool = False) -> dict:
     import kvgpu
 
-    rng = np.random.default_rng(seed)
-    models, D = bursty(rng, gpus, windows)
+    from kvgpu import generate
+
+    day = generate.bursty(np.random.default_rng(seed), gpus, windows=windows)
+    models, D = day.models, day.rates
     row = {"gpus": gpus, "windows": windows, "models": len(models), "seed": seed}
     for name, rates in (("mean", D.mean(axis=1)), ("peak", D.max(axis=1))):
         t0 = time.perf_counter()
@@ -116,7 +92,11 @@ def replay_day(gpus: int, windows: int, seed: int, plot: str | None) -> dict:
     the time, return the summary rows."""
     import kvgpu
 
-    models, D = bursty(np.random.default_rng(seed + gpus + windows), gpus, windows)
+    from kvgpu import generate
+
+    # plain models (no replicas): the greedy baseline runs the seed pipeline, which has no rules
+    day = generate.bursty(np.random.default_rng(seed + gpus + windows), gpus, windows=windows, replicate=False)
+    models, D = day.models, day.rates
     pols = ["static", {"name": "replan", "every": 4, "max_moves": 8}, {"name": "greedy", "every": 4}]
     t0 = time.perf_counter()
     res = kvgpu.replay(models, gpus, D, pols)

@@ -70,7 +70,8 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     decomposed cluster uses the seed's order; the result's ``objective`` says which ran.
 
     ``demand``: request rates per model and demand window, an (n_models, W) array (req/s; it
-    replaces the models' ``req_rate``): the placement minimises the worst KVPR over every GPU
+    replaces the models' ``req_rate``), or a :class:`kvgpu.demand.Demand`, a DataFrame of the long
+    table ``model, window, req_rate[, slo]`` or a path to one (its SLOs replace the models'): the placement minimises the worst KVPR over every GPU
     and every window, and the result's ``kvpr_by_window`` (W, G) gives each window's figures.
     ``W = 1`` is today's solve on those rates, exactly; ``W > 1`` runs the CPU NumPy engine of
     the robust objective (:mod:`kvgpu.robust`, which says what it supports and refuses).
@@ -80,6 +81,8 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     whether that is proven).
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask, objective)
+    if demand is not None and not isinstance(demand, np.ndarray):
+        models, demand = _windows_of(models, demand)
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain, out_of_service=out_of_service)
@@ -88,6 +91,19 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
 
         return solve_windows(problem, demand, opts, backend=backend, objective=objective)
     return engine.solve_problem(problem, backends.for_problem(problem, opts, backend))
+
+
+def _windows_of(models, demand):
+    """``(models, rates)`` for a demand given as a :class:`kvgpu.demand.Demand`, a DataFrame of
+    the long table ``model, window, req_rate[, slo]`` or a path to one (:func:`kvgpu.demand.as_demand`,
+    which names the file, line and field of bad input): the rates (n_models, W) in the models'
+    order, and the models with the table's SLOs where it gives them."""
+    from kvgpu import demand as dm
+    from kvgpu.schema import model_specs
+
+    specs = model_specs(models)
+    d = dm.as_demand(demand, specs)
+    return (specs if d.slo is None else dm.with_rates(specs, d.pick("mean"), d.slo)), d.rates
 
 
 def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None, max_migrated_gb=None,

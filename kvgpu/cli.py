@@ -194,11 +194,33 @@ def _cluster(opts: dict, args) -> cluster_fields.Cluster:
 
 
 def _solve_file(specs, gpus, gpu_mem, args, exact, decompose, client, cluster, budget, flags=()):
+    windows = {}
+    if getattr(args, "demand", None) is not None:
+        if args.requests is not None:
+            raise InvalidInstance("give the demand once: --demand TABLE (every window) or --requests LOG (one window "
+                                  "of it, --pick)")
+        windows = {"demand": _demand_file(args.demand, specs, args.window)}
     with _naming_file(args, flags):
         return solve(specs, gpus, gpu_mem=gpu_mem, backend=args.backend, mode=args.mode, effort=args.effort,
                      patience=args.patience, seed=args.seed, exact=exact, exact_work=args.exact_work,
                      decompose=decompose, dask=client, objective=args.objective, **cluster,
-                     **budget)
+                     **budget, **windows)
+
+
+def _demand_file(path, specs, window=None):
+    """The demand over windows of ``--demand``: a long table (:func:`kvgpu.demand.read_table`)
+    or a ``.npy`` (n_models, W) array of req/s in the models' order."""
+    from kvgpu import demand
+
+    if str(path).lower().endswith(".npy"):
+        import numpy as np
+
+        try:
+            rates = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InvalidInstance(f"{path}: not a readable .npy array ({_one_line(e)})") from None
+        return demand.as_demand(rates, specs, window=window, name=str(path))
+    return demand.read_table(path, specs, window=window)
 
 
 @contextlib.contextmanager
@@ -331,7 +353,7 @@ def _read_models(args, path=None):
     specs, opts = read_models(path, defaults=defaults)
     found = demand.read_requests(rows, specs, window=args.window or "1h", start=args.log_start,
                                  end=args.log_end)  # its notes are warnings
-    if args.cmd == "evaluate":
+    if args.cmd in ("evaluate", "replay"):  # the demand over every window
         return specs, opts, found
     how = args.pick if args.pick is not None else "busiest"
     slo = found.slo_of([s.slo for s in specs])
@@ -373,7 +395,9 @@ def _evaluate(args) -> int:
     with _naming_file(args, cluster.flags):
         problem = build_problem(peak, cluster.gpus, gpu_mem, **rules)
         chosen = [(Path(f).stem, demand.read_placement(f, problem)) for f in args.placement or ()]
-        if not args.no_compare:  # today's single-demand solves; other placements (a robust one) join this list
+        if not args.no_compare:  # one placement for every window beside today's single-demand solves
+            chosen.append(("robust", solve(peak, cluster.gpus, gpu_mem=gpu_mem, effort=args.effort, seed=args.seed,
+                                           demand=found, **rules)))
             chosen += demand.mean_and_peak(peak, cluster.gpus, found, gpu_mem=gpu_mem, effort=args.effort,
                                            seed=args.seed, **rules)
     if not chosen:
@@ -550,7 +574,9 @@ def _add_replay_parser(sub) -> None:
     pp = sub.add_parser("replay", help="replay placement policies over request rates per window (a .npy array "
                         "of (models, windows) req/s): per window the max KVPR, models moved, GB migrated")
     pp.add_argument("file", help="models, as for solve (their order is the array's rows)")
-    pp.add_argument("--demand", required=True, help=".npy file: (n_models, W) request rates per window (req/s)")
+    pp.add_argument("--demand", metavar="TABLE", help="demand over windows: a long table model, window, req_rate"
+                    "[, slo] (.csv, .parquet, .json, .jsonl) or a .npy (n_models, W) array of req/s")
+    _add_demand_options(pp, single=False)
     pp.add_argument("--policy", action="append", metavar="POLICY",
                     help="static (one robust placement for every window), replan[:every=K,max_moves=N,"
                     "max_migrated_gb=GB,min_gain=G] or greedy[:every=K,min_gain=G]; repeat to compare (default: "
@@ -579,18 +605,27 @@ def _policy_text(text: str) -> dict:
 
 def _replay(args) -> int:
     """``kvgpu replay``: the policies' summary table (or JSON with the per-window rows)."""
-    import numpy as np
-
     from kvgpu.policy import DEFAULT_POLICIES, replay
 
-    models, opts = read_models(args.file)
+    from kvgpu import demand
+
+    if (args.demand is None) == (args.requests is None):
+        raise InvalidInstance("give the demand over time: --demand TABLE (model, window, req_rate[, slo], or a .npy "
+                              "array) or --requests LOG")
+    if args.requests is not None:
+        models, opts, rates = _read_models(args)
+    else:
+        if args.log_start is not None or args.log_end is not None:
+            raise InvalidInstance("--log-start/--log-end are for --requests LOG; a --demand table gives its windows")
+        models, opts = read_models(args.file, defaults={"req_rate": 0.0, **(
+            {"slo": args.slo} if args.slo is not None else {})})
+        rates = _demand_file(args.demand, models, args.window)
+    if rates.slo is not None:
+        models = demand.with_rates(models, rates.pick("mean"), rates.slo)
+    D = rates.rates
     found = cluster_fields.read(opts, gpus=args.gpus, gpu_mem=args.gpu_mem)
     if found.gpus is None:
         raise InvalidInstance(f"{args.file}: no gpus: give --gpus N")
-    try:
-        D = np.load(args.demand, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InvalidInstance(f"{args.demand}: not a readable .npy array ({_one_line(e)})") from None
     if args.plot:
         from kvgpu import plot
 
@@ -628,6 +663,9 @@ def _main(argv) -> int:
     ps.add_argument("file", help="JSON list of {name, size, req_rate, slo} or CSV with that header")
     _add_solve_options(ps)
     _add_demand_options(ps)
+    ps.add_argument("--demand", metavar="TABLE", help="demand over windows: a long table model, window, req_rate"
+                    "[, slo] (.csv, .parquet, .json, .jsonl) or a .npy (n_models, W) array of req/s; one placement "
+                    "for every window (the worst KVPR over GPUs and windows)")
     pc = sub.add_parser("certify", help="prove the optimum of a file's instance (exact for small instances; "
                         "otherwise the proven interval within --exact-work)")
     pc.add_argument("file", help="as for solve")
@@ -694,7 +732,8 @@ def _main(argv) -> int:
     _add_demand_options(pe, single=False)
     pe.add_argument("--placement", action="append", metavar="FILE.json",
                     help="a placement written by kvgpu solve --out FILE.json (repeat for several)")
-    pe.add_argument("--no-compare", action="store_true", help="do not solve on the mean and on the peak rates")
+    pe.add_argument("--no-compare", action="store_true", help="do not solve the robust placement (every window) "
+                    "and the placements on the mean and on the peak rates")
     pe.add_argument("--gpus", type=_int_option("--gpus"), help="number of GPUs (default: from the file)")
     pe.add_argument("--gpu-mem", type=_gpu_mem, help="GB per GPU (default: from the file, else 80)")
     pe.add_argument("--gpus-per-node", type=_int_option("--gpus-per-node"), help="GPUs per node")
