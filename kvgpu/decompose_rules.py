@@ -297,8 +297,8 @@ def _groups(problem, gpu_group, item_group, K, opts, solve_group, ex):
     gpus, items = _members(gpu_group, K), _members(item_group, K)
     seeds = np.random.default_rng(opts.seed).integers(0, 2 ** 31, K)
     effort = max(1, opts.effort // GROUP_SHARE)
-    tasks = [(problem.restrict(items[k], gpus[k]), replace(opts, seed=int(seeds[k]), effort=effort))
-             for k in range(K)]
+    here = replace(opts, effort=effort, decompose=False, executor=None)  # a task ships no executor
+    tasks = [(problem.restrict(items[k], gpus[k]), replace(here, seed=int(seeds[k]))) for k in range(K)]
     try:
         outs = ex.map(_group_task, [(solve_group,) + t for t in tasks])
     except NoPlacementFound:

@@ -153,3 +153,48 @@ def test_a_split_that_does_not_solve_is_solved_whole_and_said(monkeypatch):
     p = kvgpu.solve(models, effort=3, decompose=True, **opts)
     assert not p.decomposed and "solved whole" in p.note
     check_placement(p.problem, p)
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data" / "ops"
+
+
+def test_interleaved_nodes_from_a_file_keep_tp_in_a_node(capsys):
+    # nodes [[0, 2, 4], [1, 3, 5]]: groups are whole nodes whatever their GPU ids
+    import yaml
+
+    from kvgpu import cli
+
+    spec = yaml.safe_load((DATA / "second_max_tp_nodes.yaml").read_text())
+    p = kvgpu.solve(spec["models"], spec["gpus"], gpu_mem=spec["gpu_mem"], nodes=spec["nodes"], decompose=True)
+    assert p.decomposed
+    node_of = np.zeros(6, np.int64)
+    for k, node in enumerate(spec["nodes"]):
+        node_of[node] = k
+    check_placement(p.problem, p, node_of=node_of)
+    assert cli.main(["solve", str(DATA / "second_max_tp_nodes.yaml"), "--decompose", "on"]) == 0
+    assert "solved by decomposition" in capsys.readouterr().out
+
+
+def test_a_base_whose_replicas_fit_no_group_is_solved_whole_and_said():
+    # 3 GPUs in groups of one: the base's two replicas and its adapters (one unit) fit no group
+    import yaml
+
+    spec = yaml.safe_load((DATA / "lora_with_base.yaml").read_text())
+    p = kvgpu.solve(spec["models"], spec["gpus"], gpu_mem=spec["gpu_mem"], decompose=True)
+    assert not p.decomposed and "solved whole" in p.note
+    check_placement(p.problem, p)
+
+
+def test_dask_local_cluster_gives_the_local_answer():
+    pytest.importorskip("distributed")
+    from kvgpu import sweep
+
+    models, opts = tp_cluster(np.random.default_rng(11), 32, fill=0.6)
+    local = kvgpu.solve(models, decompose=True, effort=6, seed=3, **opts)
+    client = sweep.dask_client(local_workers=2)
+    try:
+        remote = kvgpu.solve(models, decompose=True, effort=6, seed=3, dask=client, **opts)
+    finally:
+        client.close()
+    assert remote.decomposed and (remote.assignment == local.assignment).all()
+    assert remote.max_kvpr == local.max_kvpr
