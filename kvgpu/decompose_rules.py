@@ -55,12 +55,14 @@ from kvgpu.errors import InvalidInstance, NoPlacementFound
 from kvgpu.kernels.deltas import safe_div_array
 
 #: GPUs per group of the partition (at least; a component of pinned nodes may make one bigger).
-GROUP_GPUS = 32
+GROUP_GPUS = 16
 #: ``decompose=None`` decomposes rule clusters of at least this many GPUs.
 AUTO_GPUS = 256
 #: A group's search gets ``effort // GROUP_SHARE`` rounds (at least one); a repair round's
 #: search of two groups as many.
 GROUP_SHARE = 3
+#: Repair rounds: this many times ``effort`` at most.
+REPAIR_ROUNDS = 2
 #: Partners tried in a row with the worst group without lowering its max before the repair stops.
 PARTNERS = 3
 #: A repair round's result is kept when it lowers the union's max by this much (relative).
@@ -330,7 +332,7 @@ def _repair(problem, gpu_group, K, assign, pos, lb: float, opts, report: Report)
     patience = min(opts.patience, search.default_patience(effort))
     tried: set = set()
     worst_before = -1
-    for _ in range(opts.effort):
+    for _ in range(REPAIR_ROUNDS * opts.effort):
         kv = _kvpr(problem, assign)
         gmax = np.full(K, -np.inf)
         np.maximum.at(gmax, gpu_group, kv)
