@@ -659,6 +659,8 @@ def _solve_ruled_decomposed(problem: Problem, opts: Options) -> Placement:
     mx = float(kv.max())
     lb = bounds.problem_bound(problem, mx)
     lb, certified, source = _prove_ruled(problem, opts, assign, pos, lb, mx)
+    kv = _kvpr_of(problem, assign, pos)  # the proof may have found a better placement
+    mx = float(kv.max())
     _check_colocation(problem, assign)
     note = (f"solved by decomposition: {rep.groups} groups of whole nodes, then {rep.rounds} repair round(s) "
             f"between pairs of groups ({rep.kept} kept); decompose=False solves the cluster whole")

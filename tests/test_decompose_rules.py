@@ -7,7 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import check_placement
+from conftest import brute_force_problem, check_placement, close
+from hypothesis import HealthCheck, given, settings
+from test_rules import cluster_problems
 
 import kvgpu
 from kvgpu import decompose_rules
@@ -198,3 +200,32 @@ def test_dask_local_cluster_gives_the_local_answer():
         client.close()
     assert remote.decomposed and (remote.assignment == local.assignment).all()
     assert remote.max_kvpr == local.max_kvpr
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems())
+def test_forced_on_tiny_rule_problems_valid_never_a_false_refusal_against_brute_force(draw):
+    # tiny problems (2-4 GPUs, tp, replicas, pins, forbid, nodes of 2): split into groups of one
+    # or two GPUs, or solved whole where no split solves; a re-placement is refused by name
+    models, G, mem, kw = draw
+    try:
+        prob = build_problem(models, G, mem, **kw)
+    except InvalidInstance:
+        return
+    if prob.is_replan:
+        with pytest.raises(InvalidInstance, match="re-placement"):
+            kvgpu.solve(models, G, gpu_mem=mem, decompose=True, **kw)
+        return
+    opt, _ = brute_force_problem(prob)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = kvgpu.solve(models, G, gpu_mem=mem, decompose=True, **kw)
+    except kvgpu.NoPlacementFound as e:
+        assert opt == np.inf and e.proven, f"refused, but brute force places it at {opt}"
+        return
+    node_of = np.arange(G) // kw["gpus_per_node"] if "gpus_per_node" in kw else None
+    check_placement(prob, p, node_of)
+    assert p.max_kvpr >= opt * (1 - 1e-9) and p.lower_bound <= opt * (1 + 1e-9)
+    if p.proven_optimal:
+        assert close(p.max_kvpr, opt)
