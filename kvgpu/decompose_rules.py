@@ -157,12 +157,10 @@ def _allowed_rows(problem, unit_of, U):
     may use (its pins); None without allowed rows."""
     if not problem.allowed.shape[0]:
         return None, None
-    allowed = problem.allowed.astype(bool)
-    every = np.ones((U, problem.n_gpus), bool)
-    np.logical_and.at(every, unit_of, allowed)
-    some = np.zeros((U, problem.n_gpus), bool)
-    np.logical_or.at(some, unit_of, allowed)
-    return every, some
+    order = np.argsort(unit_of, kind="stable")  # a unit's items side by side (adapters join their base)
+    rows = problem.allowed[order].astype(bool)
+    start = np.searchsorted(unit_of[order], np.arange(U))
+    return np.logical_and.reduceat(rows, start, axis=0), np.logical_or.reduceat(rows, start, axis=0)
 
 
 def partition(problem, T: float, group_gpus: int):
@@ -302,18 +300,19 @@ def _groups(problem, gpu_group, item_group, K, opts, solve_group, ex):
     or None when some group finds no placement."""
     gpus, items = _members(gpu_group, K), _members(item_group, K)
     seeds = np.random.default_rng(opts.seed).integers(0, 2 ** 31, K)
-    effort = max(1, opts.effort // GROUP_SHARE)
+    effort = max(1, opts.effort // GROUP_SHARE) if opts.effort else 0
     here = replace(opts, effort=effort, decompose=False, executor=None)  # a task ships no executor
-    tasks = [(problem.restrict(items[k], gpus[k]), replace(here, seed=int(seeds[k]))) for k in range(K)]
+    busy = [k for k in range(K) if items[k].size]  # a group dealt no unit has nothing to solve
+    tasks = [(solve_group, problem.restrict(items[k], gpus[k]), replace(here, seed=int(seeds[k]))) for k in busy]
     try:
-        outs = ex.map(_group_task, [(solve_group,) + t for t in tasks])
+        outs = ex.map(_group_task, tasks)
     except NoPlacementFound:
         return None
     if any(o is None for o in outs):
         return None
     n = problem.items.n_models
     assign, pos = np.empty(n, np.int64), np.empty(n, np.int64)
-    for k, (a, p) in enumerate(outs):
+    for k, (a, p) in zip(busy, outs):
         assign[items[k]], pos[items[k]] = gpus[k][a], p
     return assign, pos
 

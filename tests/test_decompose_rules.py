@@ -229,3 +229,12 @@ def test_forced_on_tiny_rule_problems_valid_never_a_false_refusal_against_brute_
     assert p.max_kvpr >= opt * (1 - 1e-9) and p.lower_bound <= opt * (1 + 1e-9)
     if p.proven_optimal:
         assert close(p.max_kvpr, opt)
+
+
+def test_effort_zero_searches_nothing_and_rule_refusals_of_the_whole_path_hold():
+    models, opts = tp_cluster(np.random.default_rng(3), 32, fill=0.6)
+    p = kvgpu.solve(models, decompose=True, effort=0, **opts)
+    assert p.decomposed and "0 repair round(s)" in p.note
+    check_placement(p.problem, p, node_of=_node_of(32))
+    with pytest.raises(InvalidInstance, match="backend='numpy'"):
+        kvgpu.solve(models, decompose=True, backend="numpy", **opts)
