@@ -238,3 +238,14 @@ def test_effort_zero_searches_nothing_and_rule_refusals_of_the_whole_path_hold()
     check_placement(p.problem, p, node_of=_node_of(32))
     with pytest.raises(InvalidInstance, match="backend='numpy'"):
         kvgpu.solve(models, decompose=True, backend="numpy", **opts)
+
+
+def test_a_pinned_tp_cluster_the_whole_start_cannot_place_is_placed_by_groups():
+    # with the tp=2 model pinned, the whole-cluster start of this 64-GPU cluster finds nothing
+    # (greedy and overflow repair fail, the exact search gives up); its groups of 16 GPUs solve
+    models, opts = _ruled(1, 64, tp_pin=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = kvgpu.solve(models, decompose=True, **opts)
+    assert p.decomposed
+    check_placement(p.problem, p, node_of=_node_of(64))
