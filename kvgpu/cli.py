@@ -170,10 +170,12 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work, decompose,
             objective=args.objective)
     use_dask = bool(args.dask or args.dask_local is not None)
-    decomposition.check(decompose, mode=args.mode, rules=False, dask=use_dask)
+    decomposition.check(decompose, mode=args.mode, dask=use_dask)
     if use_dask and decompose is None and not decomposition.chosen(int(gpus), None):  # said before connecting
         raise InvalidInstance(f"--dask / --dask-local run the group solves of a decomposed cluster, and {gpus} GPUs "
-                              f"are below the automatic {decomposition.AUTO_GPUS}: add --decompose on, or drop it")
+                              f"are below the automatic {decomposition.AUTO_GPUS} (with --dask also for clusters with "
+                              f"rules, decomposed alone from {decompose_rules.AUTO_GPUS}): add --decompose on, or drop "
+                              f"it")
     with contextlib.ExitStack() as stack:
         client = None
         if args.dask or args.dask_local is not None:

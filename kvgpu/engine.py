@@ -130,7 +130,7 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
                               "(--decompose on) searches groups in the seed's order (max, second, mean): drop one "
                               "of them")
     objective = _objective_of(objective, mode, effort)
-    decomposition.check(decompose, mode=mode, rules=False, dask=dask is not None)
+    decomposition.check(decompose, mode=mode, dask=dask is not None)
     used = backends.resolve(backend)
     ex = None if dask is None else decomposition.executor(dask)
     return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work,
