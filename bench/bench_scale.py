@@ -9,7 +9,10 @@ decomposed, :mod:`kvgpu.decompose`) and seed mode beside it where it finishes wi
 ``--seed-limit`` seconds.  Each run is a fresh process, so its peak memory (max RSS) is its own
 and the time of loading its compiled kernels (compiled once, first) is measured apart, on a
 small instance.  Also: 5,000
-small models on 2 GPUs (seed and search mode), and the fitted exponent of time against the
+small models on 2 GPUs (seed and search mode); ``tp`` clusters (:func:`kvgpu.generate.tp_cluster`:
+tensor-parallel and replicated models in nodes of 8, 80% full) through :func:`kvgpu.solve`,
+decomposed (:mod:`kvgpu.decompose_rules`, mode column ``search``) and whole (``whole``, within
+``--seed-limit`` seconds); and the fitted exponent of time against the
 number of models (least squares on log-log, search rows of each family).  Figures go to
 ``bench/results/scale.json``.
 
@@ -46,7 +49,31 @@ def _instance(family: str, gpus: int):
     return fixed_count(rng, gpus, 5000)  # "many": 5,000 models on `gpus` GPUs
 
 
+def _run_tp(gpus, mode, out):
+    """A tp cluster: decomposed (``mode`` "search") or whole ("whole"), as :func:`_run`."""
+    import warnings
+
+    import kvgpu
+    from kvgpu.generate import tp_cluster
+
+    warnings.simplefilter("ignore")  # GPUs left with little KV memory are in the figures
+    models, opts = tp_cluster(np.random.default_rng(2026 + gpus), gpus, 0.8)
+    small, small_opts = tp_cluster(np.random.default_rng(1), 16, 0.8)
+    decompose = mode == "search"
+    t0 = time.perf_counter()
+    kvgpu.solve(small, decompose=decompose, effort=2, **small_opts)
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = kvgpu.solve(models, decompose=decompose, objective="seed", **opts)
+    wall = time.perf_counter() - t0
+    out.put({"models": len(models), "wall_s": wall, "load_s": load, "max_kvpr": p.max_kvpr,
+             "lower_bound": p.lower_bound, "decomposed": p.decomposed, "full_gpus": int(np.isinf(p.kvpr).sum()),
+             "note": "", "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
 def _run(family, gpus, mode, out):
+    if family == "tp":
+        return _run_tp(gpus, mode, out)
     import kvgpu
     from kvgpu.batch.state import batch_from_instances
 
@@ -84,7 +111,7 @@ def measure(family, gpus, mode, limit_s):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", type=int, nargs="*", default=[256, 1024, 4096, 16384])
-    ap.add_argument("--families", nargs="*", default=["uniform", "llm", "tight"])
+    ap.add_argument("--families", nargs="*", default=["uniform", "llm", "tight", "tp"])
     ap.add_argument("--seed-limit", type=float, default=300.0, help="seconds a seed-mode run may take")
     ap.add_argument("--limit", type=float, default=1800.0, help="seconds a search run may take")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
@@ -110,10 +137,17 @@ def main():
         rows.append({"family": family, "gpus": gpus, "mode": mode, "finished": True, "gap": gap, **r})
         return r
 
+    whole = {}  # tp rows: the whole-cluster max KVPR, for the decomposition's distance to it
     for family in args.families:
         for g in args.gpus:
-            row(family, g, "search", args.limit)
-            row(family, g, "seed", args.seed_limit)
+            r = row(family, g, "search", args.limit)
+            if family != "tp":
+                row(family, g, "seed", args.seed_limit)
+                continue
+            w = row(family, g, "whole", args.seed_limit)
+            if r is not None and w is not None:
+                whole[g] = r["max_kvpr"] / w["max_kvpr"] - 1
+                print(f"tp {g:>6}: decomposed max KVPR {100 * whole[g]:+.2f}% against the whole cluster's", flush=True)
     for mode in ("seed", "search"):
         row("many", 2, mode, args.limit)
     fits = {}
@@ -125,7 +159,7 @@ def main():
                 fits[f"{family}, {what}"] = slope
                 print(f"{family}: search time ~ models^{slope:.2f} ({what}, {rs[0]['gpus']} to {rs[-1]['gpus']} GPUs)")
     result = {"machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": mp.cpu_count()},
-              "rows": rows, "time_exponent_in_models": fits}
+              "rows": rows, "time_exponent_in_models": fits, "tp_decomposed_vs_whole": whole}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"saved {args.out}")

@@ -40,8 +40,11 @@ _OPTIONS_DOC = """
     rules stay on the CPU.  ``decompose``: plain clusters of
     ``kvgpu.decompose.AUTO_GPUS`` GPUs and more (``None``, default), every plain one (``True``) or
     none (``False``) are split into groups solved as one batch, then repaired between groups
-    (:mod:`kvgpu.decompose`; search mode, no rules); ``dask``: a ``dask.distributed.Client`` on
-    which those batches run as tasks, with the same answer as here for the same ``seed``."""
+    (:mod:`kvgpu.decompose`; search mode); clusters with rules from
+    ``kvgpu.decompose_rules.AUTO_GPUS`` GPUs, in groups of whole nodes that keep every rule
+    (:mod:`kvgpu.decompose_rules`; a re-placement is solved whole, and refused with ``True``);
+    ``dask``: a ``dask.distributed.Client`` on which those batches or group solves run as tasks,
+    with the same answer as here for the same ``seed``."""
 
 
 def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_GPU_MEM, nodes=None,

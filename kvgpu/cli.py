@@ -17,6 +17,7 @@ import kvgpu
 from kvgpu import backends, schema
 from kvgpu import cluster as cluster_fields
 from kvgpu import decompose as decomposition
+from kvgpu import decompose_rules
 from kvgpu.api import solve
 from kvgpu.backends import BACKENDS
 from kvgpu.engine import DEFAULT_EFFORT, DEFAULT_EXACT_WORK, MODES, OBJECTIVES, options
@@ -128,8 +129,9 @@ def _add_solve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-work", type=_int_option("--exact-work"), default=DEFAULT_EXACT_WORK,
                    help="work limit of the proof: search nodes / DP states per instance (default %(default)s)")
     p.add_argument("--decompose", choices=("auto", "on", "off"), default="auto",
-                   help="split a big plain cluster into groups solved as one batch, then repair between them: "
-                   "auto (default) from %d GPUs, on, off" % decomposition.AUTO_GPUS)
+                   help="split a big cluster into groups solved apart, then repair between them: auto (default) "
+                   "from %d GPUs, %d with rules (tp, pins, nodes; not a re-placement), on, off"
+                   % (decomposition.AUTO_GPUS, decompose_rules.AUTO_GPUS))
     where = p.add_mutually_exclusive_group()
     where.add_argument("--dask", metavar="tcp://HOST:PORT", help="run a decomposition's batches on this Dask scheduler")
     where.add_argument("--dask-local", type=_int_option("--dask-local"), metavar="N",
@@ -170,10 +172,12 @@ def _solve_and_print(specs, opts, args, header: str | None = None) -> int:
     options(args.backend, args.mode, args.effort, args.patience, args.seed, exact, args.exact_work, decompose,
             objective=args.objective)
     use_dask = bool(args.dask or args.dask_local is not None)
-    decomposition.check(decompose, mode=args.mode, rules=False, dask=use_dask)
+    decomposition.check(decompose, mode=args.mode, dask=use_dask)
     if use_dask and decompose is None and not decomposition.chosen(int(gpus), None):  # said before connecting
         raise InvalidInstance(f"--dask / --dask-local run the group solves of a decomposed cluster, and {gpus} GPUs "
-                              f"are below the automatic {decomposition.AUTO_GPUS}: add --decompose on, or drop it")
+                              f"are below the automatic {decomposition.AUTO_GPUS} (with --dask also for clusters with "
+                              f"rules, decomposed alone from {decompose_rules.AUTO_GPUS}): add --decompose on, or drop "
+                              f"it")
     with contextlib.ExitStack() as stack:
         client = None
         if args.dask or args.dask_local is not None:

@@ -83,27 +83,19 @@ def chosen(n_gpus: int, decompose: bool | None) -> bool:
     return bool(decompose) and n_gpus >= 2
 
 
-def check(decompose, *, mode: str, rules: bool, dask: bool = False) -> None:
+def check(decompose, *, mode: str, dask: bool = False) -> None:
     """Refuse ``decompose=True`` -- or a Dask executor, which only runs decompositions -- where no
-    decomposition can run: mode 'seed', or a cluster with ``rules`` (raises
-    :class:`kvgpu.InvalidInstance`)."""
+    decomposition can run: mode 'seed' (raises :class:`kvgpu.InvalidInstance`).  Clusters with
+    rules are decomposed by :mod:`kvgpu.decompose_rules`, which checks what it refuses."""
     if decompose is not None and not isinstance(decompose, (bool, np.bool_)):
         raise InvalidInstance(f"decompose: must be True, False or None (automatic), got {decompose!r}")
-    if dask and (decompose is False or mode == "seed" or rules):
-        why = ("decompose=False (--decompose off)" if decompose is False else "mode 'seed'" if mode == "seed" else
-               "models with tp, replicas, pin, forbid, node, colocate_with, out_of_service, nodes or a current "
-               "placement, which are solved whole")
+    if dask and (decompose is False or mode == "seed"):
+        why = "decompose=False (--decompose off)" if decompose is False else "mode 'seed'"
         raise InvalidInstance(f"dask (--dask, --dask-local) runs the group solves of a decomposed cluster; with {why} "
                               f"nothing is decomposed (drop dask)")
-    if not decompose:
-        return
-    if mode == "seed":
+    if decompose and mode == "seed":
         raise InvalidInstance("decompose (--decompose on) splits the search of a big cluster; mode 'seed' runs the "
                               "seed pipeline on the whole cluster (drop one of them)")
-    if rules:
-        raise InvalidInstance("decompose (--decompose on) is for clusters without rules: models with tp, replicas, "
-                              "pin, forbid, node, colocate_with, out_of_service, nodes or a current placement are "
-                              "solved whole (drop --decompose)")
 
 
 # ----------------------------------------------------------------------------- executors

@@ -29,6 +29,7 @@ import numpy as np
 
 from kvgpu import backends, bounds, migration
 from kvgpu import decompose as decomposition
+from kvgpu import decompose_rules
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
 from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
 from kvgpu.kernels.deltas import safe_div_array
@@ -129,7 +130,7 @@ def options(backend: str = "auto", mode: str = "search", effort=DEFAULT_EFFORT, 
                               "(--decompose on) searches groups in the seed's order (max, second, mean): drop one "
                               "of them")
     objective = _objective_of(objective, mode, effort)
-    decomposition.check(decompose, mode=mode, rules=False, dask=dask is not None)
+    decomposition.check(decompose, mode=mode, dask=dask is not None)
     used = backends.resolve(backend)
     ex = None if dask is None else decomposition.executor(dask)
     return Options(used, mode, effort, patience, seed, None if exact is None else bool(exact), exact_work,
@@ -595,17 +596,79 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
         search.improve_instance(s, w, M, lb, assign, pos, opts.effort, opts.patience, opts.seed, rules)
         mx = float(np.max(_kvpr_of(problem, assign, pos)))
         lb = max(lb, bounds.problem_bound(problem, mx))
-    certified = False
-    if work:
-        lo, _ = exact.certify_instance(s, w, M, lb, assign, pos, work, rules, gclass)
-        certified = lo > lb
-        lb = lo
-    source = BOUND_EXACT if certified else BOUND_CLOSED_FORM
-    lb, source = _lp_bound(problem, opts, lb, mx, source)
+    lb, certified, source = _prove_ruled(problem, opts, assign, pos, lb, mx)
     if _balances(opts, False):
         assign, pos = _balance(problem, assign, pos, opts)
     _check_colocation(problem, assign)
     return assign, pos, lb, certified, source
+
+
+def _prove_ruled(problem: Problem, opts: Options, assign, pos, lb: float, mx: float) -> tuple[float, bool, str]:
+    """The proof of a placement under the rules (``exact``: :func:`kvgpu.kernels.exact.certify_instance`
+    with ``proof_work`` nodes, then the configuration LP where it left a gap): ``(lower bound,
+    certified, which bound)``; ``lb`` the bound so far, ``mx`` the placement's max KVPR."""
+    work = opts.proof_work(problem.items.n_models)
+    certified = False
+    if work:
+        from kvgpu.kernels import exact
+        from kvgpu.warmup import ensure
+
+        ensure(["exact"])
+        inst = problem.items
+        lo, _ = exact.certify_instance(inst.sizes, inst.demand, inst.gpu_mem, lb, assign, pos, work,
+                                       problem.kernel_rules(), np.ascontiguousarray(problem.gpu_class))
+        certified = lo > lb
+        lb = lo
+    source = BOUND_EXACT if certified else BOUND_CLOSED_FORM
+    lb, source = _lp_bound(problem, opts, lb, mx, source)
+    return lb, certified, source
+
+
+def _solve_group(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarray]:
+    """A group of a decomposed rule cluster (:mod:`kvgpu.decompose_rules`): start and search
+    under its rules, no proof, no balancing; ``(assign, pos)`` in its local ids.  A task
+    function (module level, so Dask can ship it)."""
+    group_opts = replace(opts, exact=False, objective="seed", decompose=False, executor=None)
+    assign, pos, _, _, _ = _solve_ruled(problem, group_opts)
+    return assign, pos
+
+
+def _solve_ruled_decomposed(problem: Problem, opts: Options) -> Placement:
+    """A rule cluster by decomposition (:mod:`kvgpu.decompose_rules`): groups, repair between
+    them, the whole problem's bound (and proof, with ``exact``); solved whole, said in the note,
+    where no split solves or the split leaves more GPUs with no KV memory than the whole."""
+    _need_numba("decomposition of a cluster with rules")
+    from kvgpu.warmup import ensure
+
+    ensure(["start"] + (["search"] if opts.effort else []))
+    whole = replace(opts, decompose=False, executor=None)
+    res = decompose_rules.solve(problem, opts, _solve_group, opts.executor)
+    if res is None:
+        out = solve_problem(problem, whole)
+        out.note = "no split of this cluster into groups of whole nodes solves, so it was solved whole"
+        return out
+    assign, pos, rep = res
+    kv = _kvpr_of(problem, assign, pos)
+    full = int(np.isinf(kv).sum())
+    if full:
+        alone = solve_problem(problem, whole)
+        if int(np.isinf(alone.kvpr).sum()) < full:
+            alone.note = (f"the decomposition left {full} GPU(s) with no memory for the KV cache (KVPR inf); solved "
+                          f"whole instead")
+            return alone
+    mx = float(kv.max())
+    lb = bounds.problem_bound(problem, mx)
+    lb, certified, source = _prove_ruled(problem, opts, assign, pos, lb, mx)
+    kv = _kvpr_of(problem, assign, pos)  # the proof may have found a better placement
+    mx = float(kv.max())
+    _check_colocation(problem, assign)
+    note = (f"solved by decomposition: {rep.groups} groups of whole nodes, then {rep.rounds} repair round(s) "
+            f"between pairs of groups ({rep.kept} kept); decompose=False solves the cluster whole")
+    if opts.objective == "lex":
+        note += "; in the seed's order (max, second, mean): the balancing passes do not run on a decomposition"
+    return Placement(problem, assign, kv, float(min(lb, mx)), mode=opts.mode, backend="numba", note=note,
+                     decomposed=True, bound_scope=_scope(problem, certified), bound_source=source,
+                     objective=_order_used(opts, True))
 
 
 def _lp_bound(problem: Problem, opts: Options, lb: float, mx: float, source: str) -> tuple[float, str]:
@@ -833,7 +896,8 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
         return Placement(problem, a, kv, float(min(lb, kv.max())), mode=opts.mode,
                          backend=engine_names, note=note, decomposed=bool(res.decomposed[0]),
                          objective=_order_used(opts, bool(res.decomposed[0])), bound_source=source)
-    decomposition.check(opts.decompose, mode=opts.mode, rules=True, dask=opts.executor is not None)
+    if decompose_rules.check(problem, opts.decompose, dask=opts.executor is not None):
+        return _solve_ruled_decomposed(problem, opts)
     assign, pos, lb, certified, source = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)
     out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified), bound_source=source,

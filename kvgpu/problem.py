@@ -212,6 +212,41 @@ class Problem:
         lo, hi = np.searchsorted(self.model_of, [m, m + 1])
         return np.arange(lo, hi)
 
+    def restrict(self, items: np.ndarray, gpus: np.ndarray) -> "Problem":
+        """The sub-problem of the ``items`` (k,) on the ``gpus`` (h,) (both ascending int64 ids):
+        every rule among them kept in local GPU ids -- allowed GPUs sliced, node groups and nodes
+        renumbered 0.., out-of-service GPUs mapped -- so its memory is ``O(k + h)`` (``O(k h)``
+        with allowed rows).  ``specs`` stay whole: ``model_of`` and the anti-affinity and
+        co-location groups (model ids) keep the whole problem's ids.  Each item's group mates it must
+        sit beside (co-location) must be among ``items``; a re-placement is not restricted
+        (its budget is the whole cluster's: refused)."""
+        from dataclasses import replace
+
+        if self.is_replan:
+            raise InvalidInstance("a re-placement (cur_gpu_id, current=) cannot be split into sub-problems: its "
+                                  "migration budget is the whole cluster's")
+        inst = self.items
+        sub = Instance(inst.sizes[items], inst.demand[items], inst.gpu_mem[gpus],
+                       [inst.names[i] for i in items.tolist()] if inst.names else [],
+                       [inst.objects[i] for i in items.tolist()] if inst.objects else [])
+        local = np.full(self.n_gpus, -1, np.int64)
+        local[gpus] = np.arange(gpus.shape[0])
+        off = tuple(int(local[g]) for g in self.out_of_service if local[g] >= 0)
+
+        def taken(a):  # (0,) stays empty
+            return a[items] if a.shape[0] else a
+
+        node_group = taken(self.node_group)
+        if node_group.shape[0]:  # ids 0.., -1 kept
+            ids = np.unique(node_group[node_group >= 0])
+            node_group = np.where(node_group >= 0, np.searchsorted(ids, node_group), -1).astype(np.int64)
+        node_of = np.unique(self.node_of[gpus], return_inverse=True)[1].astype(np.int64) if self.node_of.shape[0] \
+            else _EMPTY_I
+        allowed = np.ascontiguousarray(self.allowed[items][:, gpus]) if self.allowed.shape[0] else self.allowed
+        prob = Problem(sub, self.specs, self.model_of[items], self.memory[gpus], self.reserve[gpus], allowed,
+                       taken(self.group), node_group, node_of, out_of_service=off, coloc=taken(self.coloc))
+        return replace(prob, gpu_class=_gpu_classes(prob)) if prob.has_rules else prob
+
     def with_budget(self, max_moves: int) -> "Problem":
         """The same problem with another move budget (re-placement baselines)."""
         from dataclasses import replace

@@ -154,12 +154,10 @@ def test_options_that_cannot_apply_are_refused(kwargs, words):
         kvgpu.solve(_models(inst), 8, **kwargs)
 
 
-def test_rules_are_refused_with_decompose_and_with_dask():
-    models = [dict(model_size=10.0, req_rate=1.0, slo=1.0, tp=2), dict(model_size=10.0, req_rate=1.0, slo=1.0)]
-    with pytest.raises(InvalidInstance, match="clusters without rules"):
-        kvgpu.solve(models, 4, decompose=True)
+def test_rules_go_to_the_rule_decomposition_and_dask_needs_a_decomposed_cluster():
+    # clusters with rules are decomposed by kvgpu.decompose_rules (tests/test_decompose_rules.py)
     models = [dict(model_size=10.0, req_rate=1.0, slo=1.0, pin=0), dict(model_size=10.0, req_rate=1.0, slo=1.0)]
-    with pytest.raises(InvalidInstance, match="solved whole"):
+    with pytest.raises(InvalidInstance, match="nothing is decomposed"):
         kvgpu.solve(models, 4, dask=_FakeClient())
 
 
