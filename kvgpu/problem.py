@@ -243,8 +243,11 @@ class Problem:
         node_of = np.unique(self.node_of[gpus], return_inverse=True)[1].astype(np.int64) if self.node_of.shape[0] \
             else _EMPTY_I
         allowed = np.ascontiguousarray(self.allowed[items][:, gpus]) if self.allowed.shape[0] else self.allowed
+        gpu_node = (np.unique(self.gpu_node[gpus], return_inverse=True)[1].astype(np.int64) if self.gpu_node.shape[0]
+                    else _EMPTY_I)
         prob = Problem(sub, self.specs, self.model_of[items], self.memory[gpus], self.reserve[gpus], allowed,
-                       taken(self.group), node_group, node_of, out_of_service=off, coloc=taken(self.coloc))
+                       taken(self.group), node_group, node_of, out_of_service=off, coloc=taken(self.coloc),
+                       gpu_node=gpu_node)
         return replace(prob, gpu_class=_gpu_classes(prob)) if prob.has_rules else prob
 
     def with_budget(self, max_moves: int) -> "Problem":
