@@ -108,7 +108,46 @@ def test_cli_replay(tmp_path):
     short = tmp_path / "short.npy"
     np.save(short, D[:-1])
     bad = run(str(f), "--demand", str(short), "--gpus", str(G))
-    assert bad.returncode == 2 and "expected shape" in bad.stderr
+    assert bad.returncode == 2 and "must have shape (n_models, W)" in bad.stderr
+
+
+def test_the_demand_reaches_every_command_as_a_table_or_a_log(tmp_path):
+    """The same day as a long table (CSV), a .npy array and a request log: solve --demand,
+    replay and evaluate read it alike; the table's answer is the API's, and evaluate puts the
+    robust placement beside the mean and peak ones, never worse than them on the worst window."""
+    import pandas as pd
+
+    models, G, D = trace()
+    f = tmp_path / "models.json"
+    f.write_text(json.dumps(models))
+    names = [m["name"] for m in models]
+    table = tmp_path / "day.csv"
+    pd.DataFrame([{"model": n, "window": w, "req_rate": D[i, w]} for w in range(D.shape[1])
+                  for i, n in enumerate(names)]).to_csv(table, index=False)
+    np.save(tmp_path / "day.npy", D)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kvgpu.cli", *a, "--gpus", str(G), "--json"],  # noqa
+                                    capture_output=True, text=True)
+    api = kvgpu.solve(models, G, demand=D)
+    for src in (table, tmp_path / "day.npy"):
+        out = run("solve", str(f), "--demand", str(src))
+        assert out.returncode == 0, out.stderr
+        js = json.loads(out.stdout)
+        assert js["max_kvpr"] == pytest.approx(api.max_kvpr) and js["assignment"] == api.assignment.tolist()
+    rep = run("replay", str(f), "--demand", str(table), "--policy", "static", "--effort", "5")
+    assert rep.returncode == 0, rep.stderr
+    ev = run("evaluate", str(f), "--demand", str(table))
+    assert ev.returncode == 0, ev.stderr
+    worst = {e["label"]: e["worst_kvpr"] for e in json.loads(ev.stdout)["placements"]}
+    assert set(worst) == {"robust", "mean", "peak"} and worst["robust"] <= min(worst["mean"], worst["peak"]) + 1e-12
+    # a request log of the same day: one request per (model, window) where the rate is 1/3600 req/s
+    log = tmp_path / "log.csv"
+    rows = [{"timestamp": 3600 * w + 1 + i, "model": n} for w in range(D.shape[1]) for i, n in enumerate(names)]
+    pd.DataFrame(rows).to_csv(log, index=False)
+    out = run("replay", str(f), "--requests", str(log), "--log-start", "0", "--log-end", str(3600 * D.shape[1]),
+              "--policy", "static", "--effort", "5")
+    assert out.returncode == 0, out.stderr
+    both = run("solve", str(f), "--demand", str(table), "--requests", str(log))
+    assert both.returncode == 2 and "give the demand once" in both.stderr
 
 
 def test_plot(tmp_path):
