@@ -74,12 +74,16 @@ def gpus_for_target(models, D, gpus: int, target: float) -> dict:
     t0 = time.perf_counter()
     peak = kvgpu.size([dict(m, req_rate=float(r)) for m, r in zip(models, D.max(axis=1))], target).gpus
     t_peak = time.perf_counter() - t0
-    lo = int(np.ceil(sum(m["model_size"] for m in models) / 80.0)) - 1  # lo fails (or holds no models), gpus meets
+    lo = int(np.ceil(sum(m["size"] * m.get("replicas", 1) for m in models) / 80.0)) - 1  # lo fails, gpus meets
     hi = gpus
     t0 = time.perf_counter()
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if kvgpu.solve(models, mid, demand=D).max_kvpr <= target:
+        try:
+            meets = kvgpu.solve(models, mid, demand=D).max_kvpr <= target
+        except kvgpu.NoPlacementFound:  # too few GPUs for the models (or their replicas) at all
+            meets = False
+        if meets:
             hi = mid
         else:
             lo = mid
