@@ -602,6 +602,9 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
         lb = lo
     source = BOUND_EXACT if certified else BOUND_CLOSED_FORM
     lb, source = _lp_bound(problem, opts, lb, mx, source)
+    dived = _lp_dive(problem, opts, assign, lb)
+    if dived is not None:
+        assign, pos = dived, np.arange(n, dtype=np.int64)
     if _balances(opts, False):
         assign, pos = _balance(problem, assign, pos, opts)
     _check_colocation(problem, assign)
@@ -619,6 +622,20 @@ def _lp_bound(problem: Problem, opts: Options, lb: float, mx: float, source: str
 
     lp = configuration_bound(problem, lb, mx)
     return (lp, BOUND_LP) if lp > lb else (lb, source)
+
+
+def _lp_dive(problem: Problem, opts: Options, assign: np.ndarray, lb: float) -> np.ndarray | None:
+    """``exact=True``, where the bound still leaves a gap: dives on the configuration LP's
+    solution (:func:`kvgpu.lp_dive.improve`) for a placement of lower max KVPR than ``assign``
+    (n,) int64 -- checked against every rule there -- or None (none found, not tried: another
+    mode or backend, a re-placement, too many items)."""
+    mx = float(np.max(_kvpr_of(problem, assign, np.arange(assign.shape[0]))))
+    if (opts.exact is not True or opts.mode != "search" or opts.backend not in ("auto", "numba")
+            or is_optimal(mx, lb) or not math.isfinite(mx) or problem.items.n_models > LP_MAX_ITEMS):
+        return None
+    from kvgpu.lp_dive import improve
+
+    return improve(problem, assign, lb, effort=opts.effort, seed=opts.seed)
 
 
 def _balances(opts: Options, decomposed: bool) -> bool:
@@ -830,6 +847,12 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
             note += "; in the seed's order (max, second, mean): the balancing passes do not run on a decomposition"
         lb, source = _lp_bound(problem, opts, float(res.lower_bound[0]), float(kv.max()),
                                str(res.bound_source[0]))
+        dived = None if res.decomposed[0] else _lp_dive(problem, opts, a, lb)
+        if dived is not None:  # the dive ran the numba search; balanced again from its placement
+            a = dived
+            if _balances(opts, False):
+                a, _ = _balance(problem, a, np.arange(n, dtype=np.int64), opts)
+            kv, engine_names = _kvpr_of(problem, a, np.arange(n, dtype=np.int64)), _with_numba(engine_names)
         return Placement(problem, a, kv, float(min(lb, kv.max())), mode=opts.mode,
                          backend=engine_names, note=note, decomposed=bool(res.decomposed[0]),
                          objective=_order_used(opts, bool(res.decomposed[0])), bound_source=source)

@@ -109,15 +109,25 @@ def knapsack(profit, units, starts, cap, choice, dp):
 
 
 @dataclass
-class _Classes:
-    """The GPU classes the LP sees: GPUs with the same memory and the same allowed items."""
+class GPUClasses:
+    """The GPU classes the LP sees: GPUs with the same memory and the same allowed items.
 
-    mem: np.ndarray  # (K,) float64, GB usable
-    count: np.ndarray  # (K,) float64
-    allowed: list = field(default_factory=list)  # per class: (n,) bool
+    Attributes
+    ----------
+    mem : (K,) float64 -- each class's usable memory, GB.
+    count : (K,) float64 -- GPUs in each class.
+    allowed : list of (n,) bool -- the items each class's GPUs may hold.
+    gpus : list of (count,) int64 -- each class's GPU ids.
+    """
+
+    mem: np.ndarray
+    count: np.ndarray
+    allowed: list = field(default_factory=list)
+    gpus: list = field(default_factory=list)
 
 
-def _classes(problem: Problem) -> _Classes:
+def gpu_classes(problem: Problem) -> GPUClasses:
+    """The problem's GPU classes (:class:`GPUClasses`), in the order of their first GPU."""
     mem = problem.items.gpu_mem
     n, G = problem.items.n_models, problem.n_gpus
     allowed = problem.allowed
@@ -125,9 +135,10 @@ def _classes(problem: Problem) -> _Classes:
     for g in range(G):
         col = allowed[:, g].tobytes() if allowed.shape[0] else b""
         keys.setdefault((float(mem[g]), col), []).append(g)
-    out = _Classes(np.array([k[0] for k in keys]), np.array([len(v) for v in keys.values()], float))
+    out = GPUClasses(np.array([k[0] for k in keys]), np.array([len(v) for v in keys.values()], float))
     for (m, col), gs in keys.items():
         out.allowed.append(allowed[:, gs[0]].astype(bool) if allowed.shape[0] else np.ones(n, bool))
+        out.gpus.append(np.array(gs, np.int64))
     return out
 
 
@@ -138,7 +149,7 @@ def _groups(problem: Problem) -> np.ndarray:
     return np.array([ids.get(v, -1) for v in g.tolist()], np.int64)
 
 
-def _price(pi, load, groups, cls: _Classes, k: int):
+def _price(pi, load, groups, cls: GPUClasses, k: int):
     """The best configuration of class ``k`` at duals ``pi``: ``(items, upper)`` -- a set that
     fits (possibly empty) and an upper bound on the best value of any configuration.  Loads are
     counted in :data:`UNITS` units of the GPU's memory: rounded down for the bound (every set
@@ -163,7 +174,7 @@ def _price(pi, load, groups, cls: _Classes, k: int):
     return np.sort(order[take]), float(upper)
 
 
-def _greedy_cover(order, load, groups, cls: _Classes, k: int) -> list:
+def _greedy_cover(order, load, groups, cls: GPUClasses, k: int) -> list:
     """Configurations of class ``k`` that together hold every item of ``order`` allowed there:
     first fit in the given order (a packing's GPUs, each one a configuration)."""
     cap = cls.mem[k] * (1 + FIT_SLACK)
@@ -182,43 +193,81 @@ def _greedy_cover(order, load, groups, cls: _Classes, k: int) -> list:
     return [np.array(sorted(b[2]), np.int64) for b in bins]
 
 
-def impossible_at(problem: Problem, T: float, columns: list | None = None, *, rounds: int = MAX_ROUNDS) -> bool:
-    """Does the configuration LP prove that no placement has max KVPR <= ``T``?
+@dataclass
+class LPState:
+    """The configuration LP at one target after column generation (:func:`column_generation`).
 
-    ``columns``: a list of ``(class, item indices)`` kept between calls (configurations found at
-    a lower target still fit at a higher one; the list is filtered and extended in place).
-    Returns True only on a proof (Farley's bound above 1, or an item that fits no GPU)."""
-    inst = problem.items
-    load = inst.sizes + inst.demand / T
-    cls = _classes(problem)
-    groups = _groups(problem)
-    n, K = inst.n_models, cls.mem.shape[0]
-    cols = [] if columns is None else columns
+    Attributes
+    ----------
+    proven : bool -- Farley's bound (or an item that fits no GPU) proves the target unreachable.
+    t : float -- the restricted master's value (``inf`` when not solved); ``t <= 1``: the
+        configurations cover every item fractionally within the GPUs of each class.
+    classes : the GPU classes (``mem`` (K,) GB, ``count`` (K,), ``allowed`` per class (n,) bool).
+    columns : list of (class, (c,) int64 item ids) -- every configuration of the master.
+    x : (len(columns),) float64 -- each configuration's value in the master's solution (how
+        many GPUs of its class it would fill, fractionally); empty when not solved.
+    """
+
+    proven: bool
+    t: float
+    classes: GPUClasses
+    columns: list
+    x: np.ndarray
+
+
+def _seed_columns(load, groups, cls: GPUClasses, cols: list) -> bool:
+    """Filter ``cols`` in place to the configurations that still fit at these loads, add every
+    item alone wherever it may go (the LP stays feasible) and a first-fit-decreasing cover of
+    each class.  False when some item fits no GPU (no placement exists)."""
+    n, K = load.shape[0], cls.mem.shape[0]
     fits = [(k, c) for k, c in cols if load[c].sum() <= cls.mem[k] * (1 + FIT_SLACK)]
     have = {(k, tuple(c.tolist())) for k, c in fits}
-    for i in range(n):  # every item alone wherever it may go: the LP stays feasible
+    for i in range(n):
         homes = [k for k in range(K) if cls.allowed[k][i] and load[i] <= cls.mem[k] * (1 + FIT_SLACK)]
         if not homes:
-            return True
+            return False
         for k in homes:
-            key = (k, (i,))
-            if key not in have:
-                have.add(key)
+            if (k, (i,)) not in have:
+                have.add((k, (i,)))
                 fits.append((k, np.array([i], np.int64)))
     cols[:] = fits
     for k in range(K):  # first fit decreasing by load: a cover of the items at this target
         for c in _greedy_cover(np.argsort(-load, kind="stable"), load, groups, cls, k):
-            key = (k, tuple(c.tolist()))
-            if key not in have:
-                have.add(key)
+            if (k, tuple(c.tolist())) not in have:
+                have.add((k, tuple(c.tolist())))
                 cols.append((k, c))
-    lp = _Master(n, cls.count)
+    return True
+
+
+def column_generation(problem: Problem, T: float, columns: list | None = None, *, rounds: int = MAX_ROUNDS,
+                      to_optimum: bool = False) -> LPState:
+    """Column generation for the configuration LP at target ``T`` (module doc).
+
+    ``columns``: a list of ``(class, item indices)`` kept between calls (configurations found at
+    a lower target still fit at a higher one; the list is filtered and extended in place).
+    Stops at a proof, or -- unless ``to_optimum`` -- as soon as the master's value is at most 1
+    (the target is not refuted), or when no column improves, or after ``rounds`` rounds.
+    ``to_optimum=True`` goes on pricing to the LP's optimum: the solution then guides a dive
+    (:mod:`kvgpu.lp_dive`)."""
+    inst = problem.items
+    load = inst.sizes + inst.demand / T
+    cls = gpu_classes(problem)
+    groups = _groups(problem)
+    n, K = inst.n_models, cls.mem.shape[0]
+    cols = [] if columns is None else columns
+    if not _seed_columns(load, groups, cls, cols):
+        return LPState(True, math.inf, cls, cols, np.empty(0))
+    have = {(k, tuple(c.tolist())) for k, c in cols}
+    lp = Master(n, cls.count)
     for k, c in cols:
         lp.add(k, c)
+    t = math.inf
     for _ in range(rounds):
         t, pi, rho = lp.solve()
-        if t is None or t <= 1.0:  # these configurations already cover the items at T
-            return False
+        if t is None:
+            return LPState(False, math.inf, cls, cols, np.empty(0))
+        if t <= 1.0 and not to_optimum:  # these configurations already cover the items at T
+            break
         V = np.empty(K)
         added = False
         dense = np.argsort(-pi / np.maximum(load, 1e-300), kind="stable")
@@ -237,10 +286,22 @@ def impossible_at(problem: Problem, T: float, columns: list | None = None, *, ro
                         added = True
         denom = float(cls.count @ V)
         if denom > 0 and pi.sum() / denom > 1 + PROOF_MARGIN:
-            return True
+            return LPState(True, t, cls, cols, np.empty(0))
         if not added:
-            return False
-    return False
+            break
+    else:
+        t, _, _ = lp.solve()
+        t = math.inf if t is None else t
+    return LPState(False, t, cls, cols, lp.values())
+
+
+def impossible_at(problem: Problem, T: float, columns: list | None = None, *, rounds: int = MAX_ROUNDS) -> bool:
+    """Does the configuration LP prove that no placement has max KVPR <= ``T``?
+
+    ``columns``: a list of ``(class, item indices)`` kept between calls (configurations found at
+    a lower target still fit at a higher one; the list is filtered and extended in place).
+    Returns True only on a proof (Farley's bound above 1, or an item that fits no GPU)."""
+    return column_generation(problem, T, columns, rounds=rounds).proven
 
 
 _BANNER_SHOWN = False
@@ -266,7 +327,7 @@ def _new_highs(highspy):
     return h
 
 
-class _Master:
+class Master:
     """The restricted master LP (module doc), kept in one HiGHS model: columns are added and
     each solve starts from the last basis (warm start), which is what makes column generation
     affordable."""
@@ -289,6 +350,11 @@ class _Master:
         idx = np.append(items, self.n + k).astype(np.int32)
         self.h.addCol(0.0, 0.0, self.inf, idx.size, idx, np.ones(idx.size))
 
+    def values(self) -> np.ndarray:
+        """(columns,) float64: each configuration's value in the last solution, in the order
+        they were added (the column of ``t`` left out)."""
+        return np.asarray(self.h.getSolution().col_value)[1:].copy()
+
     def solve(self):
         """``(t, pi, rho)``: the LP's value and duals (``pi`` >= 0 of the items, ``rho`` >= 0 of
         the classes); ``(None, None, None)`` when HiGHS does not end optimal."""
@@ -302,15 +368,15 @@ class _Master:
         return t, np.maximum(dual[:self.n], 0.0), np.maximum(-dual[self.n:], 0.0)
 
 
-def configuration_bound(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
-                        rounds: int = MAX_ROUNDS) -> float:
-    """The largest target the configuration LP proves unreachable, by bisection in
-    ``[lo, hi]`` (``lo`` a bound already proven, ``hi`` a max KVPR achieved): a lower bound on
-    the max KVPR, at least ``lo``.  Targets are tried lowest first, so the configurations found
-    at one still fit the next."""
+def configuration_bracket(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
+                          rounds: int = MAX_ROUNDS, columns: list | None = None) -> tuple[float, float]:
+    """The bisection of :func:`configuration_bound`: ``(proven, top)`` -- the largest target
+    the configuration LP proves unreachable (at least ``lo``) and the smallest one tried that it
+    does not refute (``hi`` when none).  ``columns``: as in :func:`column_generation` (a list
+    filled with every configuration found, for a dive to start from)."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or lo <= 0:
-        return lo
-    cols: list = []
+        return lo, hi
+    cols: list = [] if columns is None else columns
     proven, top = lo, hi
     for _ in range(steps):
         T = 0.5 * (proven + top)
@@ -320,4 +386,13 @@ def configuration_bound(problem: Problem, lo: float, hi: float, *, steps: int = 
             top = T
         if top - proven <= 1e-4 * top:
             break
-    return proven
+    return proven, top
+
+
+def configuration_bound(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
+                        rounds: int = MAX_ROUNDS) -> float:
+    """The largest target the configuration LP proves unreachable, by bisection in
+    ``[lo, hi]`` (``lo`` a bound already proven, ``hi`` a max KVPR achieved): a lower bound on
+    the max KVPR, at least ``lo``.  Targets are tried lowest first, so the configurations found
+    at one still fit the next."""
+    return configuration_bracket(problem, lo, hi, steps=steps, rounds=rounds)[0]

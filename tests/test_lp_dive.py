@@ -1,0 +1,121 @@
+"""The dive on the configuration LP (kvgpu.lp_dive): every placement it returns keeps every rule
+(memory, pins, forbidden GPUs, shards apart, tp replicas inside one node, adapters beside their
+base -- checked independently of the module's own check), it is never worse than the placement
+it starts from, and it is deterministic; under ``exact=True`` the engine's answer keeps its figures
+consistent."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvgpu
+from conftest import brute_force_problem, check_placement
+from kvgpu import generate
+from kvgpu.lp_dive import complete, dive, improve, kvpr_of, rule_breach
+from kvgpu.problem import build_problem
+from test_ops_rules import with_adapters
+from test_rules import _problem_or_skip
+
+
+def _new_models(models, kw):
+    """A draw as a new placement: no running copies, no budget (the dive is not for re-placements)."""
+    kw = {k: v for k, v in kw.items() if k not in ("max_moves", "max_migrated_gb")}
+    return [{k: v for k, v in m.items() if k != "cur_gpu_id"} for m in models], kw
+
+
+def assert_keeps_every_rule(prob, a):
+    """``check_placement`` of the tests, and tp replicas inside one node counted by hand: a
+    model's shards in each node come in whole replicas (a multiple of tp)."""
+    check_placement(prob, SimpleNamespace(assignment=a))
+    if prob.node_of.shape[0]:
+        for m, spec in enumerate(prob.specs):
+            if spec.tp > 1 and spec.same_node is not False:
+                nodes = prob.node_of[a[prob.model_of == m]]
+                assert (np.bincount(nodes) % spec.tp == 0).all(), f"{spec.where}: a tp replica spans nodes"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(with_adapters(), st.sampled_from([1.0, 1.15, 1.6]))
+def test_every_dive_completed_keeps_every_rule(draw, share):
+    """Dives at targets around the optimum (brute force), completed and searched: whatever the
+    target, the placement keeps every rule, and never beats the optimum."""
+    models, G, mem, kw = draw
+    models, kw = _new_models(models, kw)
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    opt, _ = brute_force_problem(prob)
+    if not np.isfinite(opt) or opt <= 0:
+        return
+    T = opt * share
+    part = dive(prob, T)
+    fixed = part >= 0
+    inst = prob.items
+    load = np.bincount(part[fixed], weights=(inst.sizes + inst.demand / T)[fixed], minlength=G)
+    assert (load <= inst.gpu_mem * (1 + 1e-6)).all(), "a fixed configuration does not fit at the target"
+    if prob.allowed.shape[0]:
+        assert prob.allowed[np.nonzero(fixed)[0], part[fixed]].all()
+    for effort in (0, 5):
+        a = complete(prob, part, opt * 0.5, effort, 0)
+        if a is None:
+            continue
+        assert_keeps_every_rule(prob, a)
+        assert rule_breach(prob, a) is None
+        assert kvpr_of(prob, a).max() >= opt * (1 - 1e-9)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(with_adapters())
+def test_improve_is_valid_strictly_better_and_deterministic(draw):
+    """From the search's placement: None, or a placement keeping every rule with a lower max
+    KVPR; the same twice."""
+    models, G, mem, kw = draw
+    models, kw = _new_models(models, kw)
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    try:
+        p = kvgpu.solve(models, G, gpu_mem=mem, exact=False, effort=2, **kw)
+    except kvgpu.NoPlacementFound:
+        return
+    a = improve(prob, p.assignment, 1e-3 * p.max_kvpr, effort=5)
+    assert (a is None) == (improve(prob, p.assignment, 1e-3 * p.max_kvpr, effort=5) is None)
+    if a is not None:
+        assert_keeps_every_rule(prob, a)
+        assert kvpr_of(prob, a).max() < p.max_kvpr
+        assert (a == improve(prob, p.assignment, 1e-3 * p.max_kvpr, effort=5)).all()
+
+
+def test_rule_breach_names_each_broken_rule():
+    models = [{"name": "big", "size": 60, "tp": 2, "req_rate": 1, "slo": 1},
+              {"name": "pinned", "size": 10, "req_rate": 1, "slo": 1, "pin": 3},
+              {"name": "lora", "size": 1, "req_rate": 1, "slo": 1, "colocate_with": "pinned"}]
+    prob = build_problem(models, 4, 80.0, gpus_per_node=2)
+    assert rule_breach(prob, np.array([0, 1, 3, 3])) is None
+    assert rule_breach(prob, np.array([0, 0, 3, 3])) == "shards on distinct GPUs"
+    assert rule_breach(prob, np.array([1, 2, 3, 3])) == "a replica in one node"
+    assert rule_breach(prob, np.array([0, 1, 2, 2])) == "allowed GPUs"
+    assert rule_breach(prob, np.array([0, 1, 3, 2])) == "an adapter beside its base"
+    assert rule_breach(prob, np.array([0, 1, 3, -1])) == "an item has no GPU"
+    heavy = build_problem([{"size": 50, "req_rate": 1, "slo": 1}] * 2, 2, 80.0)
+    assert rule_breach(heavy, np.array([0, 0])) == "memory"
+
+
+def test_tensor_parallel_cluster_dives_keep_nodes_and_exact_true_is_never_worse():
+    """The bench's tensor-parallel family (16 GPUs in nodes of 8): every dive's completion keeps
+    the rules; ``exact=True`` (bound, then dive) is never worse than the search alone, its
+    figures agree with its placement and its bound stays below its answer."""
+    models, o = generate.tp_cluster(np.random.default_rng(0), 16)
+    prob = build_problem(models, o["gpus"], o["gpu_mem"], gpus_per_node=o["gpus_per_node"])
+    plain = kvgpu.solve(models, **o, exact=False)
+    for share in (0.98, 1.0, 1.05):
+        a = complete(prob, dive(prob, plain.max_kvpr * share), plain.lower_bound, 10, 0)
+        if a is not None:
+            assert_keeps_every_rule(prob, a)
+    proved = kvgpu.solve(models, **o, exact=True)
+    assert_keeps_every_rule(prob, proved.assignment)
+    assert proved.max_kvpr <= plain.max_kvpr * (1 + 1e-9)
+    assert proved.max_kvpr == pytest.approx(kvpr_of(prob, proved.assignment).max(), rel=1e-12)
+    assert proved.lower_bound <= proved.max_kvpr * (1 + 1e-9)
