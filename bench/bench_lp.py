@@ -3,7 +3,7 @@
 For ``tp_cluster(default_rng(seed), GPUS)`` (nodes of 8 x 80 GB), seeds 0-2: the search's answer
 (``exact=False``), then ``exact=True`` -- the proof, the configuration LP bound and the dive on the
 LP's configurations (:mod:`kvgpu.lp_dive`) -- with its answer, its bound, the gap between them and
-the time of each.  Every answer is checked against the rules (:func:`kvgpu.lp_dive.rule_breach`).
+the time of each.  Every answer is checked against the rules (:func:`kvgpu.rule_check.rule_breach`).
 
     python bench/bench_lp.py             # 64 GPUs, seeds 0-2 (a few minutes on 2 shared cores)
     python bench/bench_lp.py --gpus 16   # quicker
@@ -18,7 +18,7 @@ import numpy as np
 
 import kvgpu
 from kvgpu.generate import tp_cluster
-from kvgpu.lp_dive import rule_breach
+from kvgpu.rule_check import rule_breach
 
 
 def row(seed: int, gpus: int) -> str:

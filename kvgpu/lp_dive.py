@@ -24,7 +24,9 @@ What the dive leaves (the residual LP proves it cannot cover it at ``T``, or no 
 can be fixed) is placed greedily where each item raises the KVPR least, whole replicas inside
 the node where their worst shard is least (:func:`complete`); the engine's search
 (:func:`kvgpu.kernels.search.improve_instance`) then runs on the whole problem from there,
-nothing pinned.  Every result is checked against every rule in Python (:func:`rule_breach`) and
+nothing pinned, and again after whole tp replicas are swapped between nodes
+(:func:`polish`, :mod:`kvgpu.node_moves`: moves no single search step makes).  :func:`improve`
+first polishes the search's own placement that way, then dives.  Every result is checked against every rule in Python (:func:`rule_breach`) and
 kept only when its max KVPR is below the search's.  Re-placements are not dived (the LP does
 not see the migration budget).  The dive is deterministic: ties go to the first column, node
 and GPU.
@@ -39,53 +41,18 @@ import numpy as np
 
 from kvgpu.kernels.deltas import fits, safe_div_array
 from kvgpu.lp_bound import FIT_SLACK, column_generation, gpu_classes
+from kvgpu.node_moves import swap_replicas
+from kvgpu.rule_check import kvpr_of, rule_breach
 from kvgpu.problem import Instance, Problem
 
 #: Targets of the dives, as shares of the way from the LP bound to the search's answer.
 DIVE_SHARES = (0.35, 0.5)
 #: Column-generation rounds of one residual LP of the dive.
 DIVE_ROUNDS = 15
+#: Times a dive raises its target where the residual LP refutes it.
+RAISES = 3
 #: A configuration used at least this much (of one GPU) counts as whole.
 WHOLE = 1.0 - 1e-6
-
-
-def kvpr_of(problem: Problem, assign: np.ndarray) -> np.ndarray:
-    """(G,) float64: each GPU's KVPR under ``assign`` (n,) int64."""
-    inst, G = problem.items, problem.n_gpus
-    S = np.bincount(assign, weights=inst.sizes, minlength=G)
-    W = np.bincount(assign, weights=inst.demand, minlength=G)
-    return safe_div_array(W, inst.gpu_mem - S, np)
-
-
-def rule_breach(problem: Problem, assign: np.ndarray) -> str | None:
-    """The first rule ``assign`` (n,) int64 breaks, in words, or None: memory, allowed GPUs
-    (pins, forbidden GPUs, ``node: K``, GPUs out of service), a model's items on distinct GPUs,
-    a tp replica inside one node, an adapter beside its base.  Not the migration budget."""
-    inst, G = problem.items, problem.n_gpus
-    n = inst.n_models
-    if assign.shape != (n,) or (n and not ((assign >= 0) & (assign < G)).all()):
-        return "an item has no GPU"
-    S = np.bincount(assign, weights=inst.sizes, minlength=G)
-    if not fits(S, inst.gpu_mem).all():
-        return "memory"
-    if problem.allowed.shape[0] and not problem.allowed[np.arange(n), assign].all():
-        return "allowed GPUs"
-    if set(problem.out_of_service) & set(assign.tolist()):
-        return "a GPU out of service"
-    for arr, words in ((problem.group, "shards on distinct GPUs"), (problem.node_group, "a replica in one node")):
-        if not arr.shape[0]:
-            continue
-        where = assign if arr is problem.group else problem.node_of[assign]
-        for gid in np.unique(arr[arr >= 0]).tolist():
-            on = where[arr == gid]
-            if (arr is problem.group and np.unique(on).size != on.size) or \
-                    (arr is problem.node_group and np.unique(on).size != 1):
-                return words
-    if problem.coloc.shape[0]:
-        for i in np.nonzero(problem.coloc >= 0)[0].tolist():
-            if assign[i] not in assign[problem.group == problem.coloc[i]]:
-                return "an adapter beside its base"
-    return None
 
 
 def _residual(problem: Problem, assign: np.ndarray, free: np.ndarray) -> tuple[Problem, np.ndarray, np.ndarray]:
@@ -236,40 +203,55 @@ def _alone_in_node(problem: Problem, assign: np.ndarray, free: np.ndarray, i: in
     return True
 
 
-def dive(problem: Problem, T: float, *, rounds: int = DIVE_ROUNDS) -> np.ndarray:
-    """The dive at target ``T`` (module doc): ``assign`` (n,) int64, -1 for the items it left
-    (the residual LP proved it cannot cover them at ``T``, or no configuration could be fixed).
-    The residual LPs need not reach their optimum (``rounds`` rounds of pricing each, warm
-    started from the last one's configurations): their solution is only a guide."""
+def dive(problem: Problem, T: float, *, ceiling: float | None = None, rounds: int = DIVE_ROUNDS) -> np.ndarray:
+    """The dive at target ``T`` (module doc): ``assign`` (n,) int64, -1 for the items it left.
+    Where the residual LP proves it cannot cover the items left at ``T`` (or no configuration
+    can be fixed), the target rises half way to ``ceiling`` (at most :data:`RAISES` times; the
+    configurations fixed so far fit the higher target too); without ``ceiling`` the dive stops
+    there.  The residual LPs need not reach their optimum (``rounds`` rounds of pricing each,
+    warm started from the last one's configurations): their solution is only a guide."""
     n, G = problem.items.n_models, problem.n_gpus
     assign = np.full(n, -1, np.int64)
     free = np.ones(G, bool)
-    load = problem.items.sizes + problem.items.demand / T
     columns: list = []  # (GB, global item ids) of the last residual LP
+    raises = 0
     while (assign < 0).any() and free.any():
-        sub, left, gpus = _residual(problem, assign, free)
-        cls = gpu_classes(sub)
-        st = column_generation(sub, T, _carried(columns, cls, left), rounds=rounds, to_optimum=True)
-        if st.proven or st.x.size != len(st.columns):
+        load = problem.items.sizes + problem.items.demand / T
+        if _dive_step(problem, T, assign, free, columns, load, rounds):
+            continue
+        if ceiling is None or raises >= RAISES or not T < ceiling:
             break
-        columns = [(float(cls.mem[k]), left[c]) for k, c in st.columns]
-        ranked = [(left[st.columns[j][1]], gpus[cls.gpus[st.columns[j][0]]], float(st.x[j]))
-                  for j in np.argsort(-st.x, kind="stable").tolist() if st.x[j] > 1e-9]
-        fixed_any = False
-        for items, cand, x in ranked:
-            if fixed_any and x < WHOLE:
-                break
-            if (assign[items] >= 0).any():
-                continue
-            g = _pick_gpu(problem, assign, free, items, cand, load)
-            if g < 0:
-                continue
-            assign[items], free[g] = g, False
-            fixed_any = True
-            _finish_replicas(problem, assign, free, ranked, load)
-        if not fixed_any:
-            break
+        T, raises = T + 0.5 * (ceiling - T), raises + 1
     return assign
+
+
+def _dive_step(problem: Problem, T: float, assign: np.ndarray, free: np.ndarray, columns: list, load: np.ndarray,
+               rounds: int) -> bool:
+    """One step of :func:`dive` (``assign``, ``free`` and ``columns`` updated in place): the
+    residual LP at ``T``, then its configuration of largest value and every whole one
+    disjoint from it fixed, each replica they begin finished in its node.  False when nothing
+    was fixed (the residual LP refutes ``T``, or no configuration fits a free GPU)."""
+    sub, left, gpus = _residual(problem, assign, free)
+    cls = gpu_classes(sub)
+    st = column_generation(sub, T, _carried(columns, cls, left), rounds=rounds, to_optimum=True)
+    if st.proven or st.x.size != len(st.columns):
+        return False
+    columns[:] = [(float(cls.mem[k]), left[c]) for k, c in st.columns]
+    ranked = [(left[st.columns[j][1]], gpus[cls.gpus[st.columns[j][0]]], float(st.x[j]))
+              for j in np.argsort(-st.x, kind="stable").tolist() if st.x[j] > 1e-9]
+    fixed_any = False
+    for items, cand, x in ranked:
+        if fixed_any and x < WHOLE:
+            break
+        if (assign[items] >= 0).any():
+            continue
+        g = _pick_gpu(problem, assign, free, items, cand, load)
+        if g < 0:
+            continue
+        assign[items], free[g] = g, False
+        fixed_any = True
+        _finish_replicas(problem, assign, free, ranked, load)
+    return fixed_any
 
 
 def _best_gpu(problem: Problem, assign: np.ndarray, i: int, gpus: np.ndarray, taken: set) -> tuple[int, float]:
@@ -339,29 +321,47 @@ def _greedy_finish(problem: Problem, assign: np.ndarray) -> np.ndarray | None:
 
 
 def complete(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: int) -> np.ndarray | None:
-    """The dive's partial placement completed (:func:`_greedy_finish`) and searched from there
-    on the whole problem by the engine's kernels
-    (:func:`kvgpu.kernels.search.improve_instance`, nothing pinned).  None when the greedy
-    finish finds no GPU for some item, or its placement breaks a rule."""
-    from kvgpu.kernels import search
-    from kvgpu.warmup import ensure
-
+    """The dive's partial placement completed (:func:`_greedy_finish`) and polished on the whole
+    problem, nothing pinned (:func:`polish`: the engine's search, node-level moves).  None when
+    the greedy finish finds no GPU for some item, or its placement breaks a rule."""
     a = _greedy_finish(problem, assign)
     if a is None or rule_breach(problem, a) is not None:
         return None
-    inst = problem.items
+    return polish(problem, a, lb, effort, seed)
+
+
+def _search(problem: Problem, a: np.ndarray, lb: float, effort: int, seed: int) -> None:
+    """``effort`` rounds of the engine's search from ``a`` (n,) int64, in place."""
+    from kvgpu.kernels import search
+    from kvgpu.warmup import ensure
+
     if effort:
         ensure(["search"])
+        inst = problem.items
         p = np.arange(inst.n_models, dtype=np.int64)
         search.improve_instance(inst.sizes, inst.demand, inst.gpu_mem, lb, a, p, effort,
                                 search.default_patience(effort), seed, problem.kernel_rules())
+
+
+def polish(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: int) -> np.ndarray:
+    """The engine's search from ``assign`` (n,) int64 (a placement keeping the rules), then
+    whole tp replicas swapped between nodes (:func:`kvgpu.node_moves.swap_replicas`) and the
+    search again from there, kept where its max KVPR is lower: a new array."""
+    a = assign.copy()
+    _search(problem, a, lb, effort, seed)
+    b = swap_replicas(problem, a)
+    if (b != a).any():
+        _search(problem, b, lb, effort, seed)
+        if rule_breach(problem, b) is None and kvpr_of(problem, b).max() < kvpr_of(problem, a).max():
+            a = b
     return a
 
 
 def improve(problem: Problem, assign: np.ndarray, lb: float, *, effort: int, seed: int = 0,
             shares=DIVE_SHARES) -> np.ndarray | None:
-    """Dives at targets between the bound ``lb`` and the max KVPR of ``assign`` (n,) int64 (a
-    placement keeping the rules), each completed and searched (:func:`complete`), checked
+    """Node-level moves from ``assign`` (n,) int64 (a placement keeping the rules; :func:`polish`),
+    then dives at targets between the bound ``lb`` and the best max KVPR so far, each completed
+    and searched (:func:`complete`), every candidate checked
     against every rule (:func:`rule_breach`): the best placement whose max KVPR is below that
     of ``assign``, or None (none found, or a re-placement, whose budget the dive does not see)."""
     if problem.is_replan or problem.items.n_models == 0:
@@ -370,9 +370,13 @@ def improve(problem: Problem, assign: np.ndarray, lb: float, *, effort: int, see
     if not (math.isfinite(best) and math.isfinite(lb)) or best <= lb:
         return None
     out = None
+    if problem.node_group.shape[0]:  # node-level moves from the search's own placement first
+        a = polish(problem, assign, lb, effort, seed)
+        if rule_breach(problem, a) is None and kvpr_of(problem, a).max() < best:
+            best, out = float(kvpr_of(problem, a).max()), a
     for share in shares:
         T = lb + share * (best - lb)
-        a = complete(problem, dive(problem, T), lb, effort, seed)
+        a = complete(problem, dive(problem, T, ceiling=best), lb, effort, seed)
         if a is None or rule_breach(problem, a) is not None:
             continue
         mx = float(kvpr_of(problem, a).max())

@@ -1,4 +1,5 @@
-"""The dive on the configuration LP (kvgpu.lp_dive): every placement it returns keeps every rule
+"""The dive on the configuration LP (kvgpu.lp_dive) and the node-level replica swaps
+(kvgpu.node_moves): every placement it returns keeps every rule
 (memory, pins, forbidden GPUs, shards apart, tp replicas inside one node, adapters beside their
 base -- checked independently of the module's own check), it is never worse than the placement
 it starts from, and it is deterministic; under ``exact=True`` the engine's answer keeps its figures
@@ -13,10 +14,12 @@ from hypothesis import strategies as st
 import kvgpu
 from conftest import brute_force_problem, check_placement
 from kvgpu import generate
-from kvgpu.lp_dive import complete, dive, improve, kvpr_of, rule_breach
+from kvgpu.lp_dive import complete, dive, improve
+from kvgpu.node_moves import swap_replicas
 from kvgpu.problem import build_problem
+from kvgpu.rule_check import kvpr_of, rule_breach
 from test_ops_rules import with_adapters
-from test_rules import _problem_or_skip
+from test_rules import _problem_or_skip, cluster_problems
 
 
 def _new_models(models, kw):
@@ -119,3 +122,36 @@ def test_tensor_parallel_cluster_dives_keep_nodes_and_exact_true_is_never_worse(
     assert proved.max_kvpr <= plain.max_kvpr * (1 + 1e-9)
     assert proved.max_kvpr == pytest.approx(kvpr_of(prob, proved.assignment).max(), rel=1e-12)
     assert proved.lower_bound <= proved.max_kvpr * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems(), st.integers(0, 2))
+def test_replica_swaps_keep_every_rule_and_never_raise_the_max(draw, seed):
+    """Swapping whole tp replicas between nodes, from the search's placement of brute-force-sized
+    problems with nodes, pins and replicas (re-placement budgets dropped): valid, max not higher."""
+    models, G, mem, kw = draw
+    models, kw = _new_models(models, kw)
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    try:
+        p = kvgpu.solve(models, G, gpu_mem=mem, exact=False, effort=0, seed=seed, **kw)
+    except kvgpu.NoPlacementFound:
+        return
+    a = swap_replicas(prob, p.assignment)
+    assert_keeps_every_rule(prob, a)
+    assert kvpr_of(prob, a).max() <= p.max_kvpr * (1 + 1e-12)
+
+
+def test_replica_swaps_move_a_replica_to_the_node_where_it_lowers_the_peak():
+    """Two nodes of two GPUs: a busy tp=2 model and a quiet one start beside the busy single
+    models (pinned to node 0); swapping the replicas puts the quiet one there."""
+    models = [{"name": "busy", "size": 20, "tp": 2, "req_rate": 8, "slo": 1},
+              {"name": "quiet", "size": 20, "tp": 2, "req_rate": 1, "slo": 1},
+              {"name": "a", "size": 30, "req_rate": 8, "slo": 1, "pin": 0},
+              {"name": "b", "size": 30, "req_rate": 8, "slo": 1, "pin": 1}]
+    prob = build_problem(models, 4, 80.0, gpus_per_node=2)
+    start = np.array([0, 1, 2, 3, 0, 1])  # busy beside a and b
+    a = swap_replicas(prob, start)
+    assert a.tolist() == [2, 3, 0, 1, 0, 1]
+    assert kvpr_of(prob, a).max() < kvpr_of(prob, start).max()
