@@ -24,8 +24,9 @@ What the dive leaves (the residual LP proves it cannot cover it at ``T``, or no 
 can be fixed) is placed greedily where each item raises the KVPR least, whole replicas inside
 the node where their worst shard is least (:func:`complete`); the engine's search
 (:func:`kvgpu.kernels.search.improve_instance`) then runs on the whole problem from there,
-nothing pinned, and again after whole tp replicas are swapped between nodes
-(:func:`polish`, :mod:`kvgpu.node_moves`: moves no single search step makes).  :func:`improve`
+nothing pinned, and again after whole tp replicas are moved to other nodes (alone or swapped
+with the single-GPU models they displace) and swapped between nodes (:func:`polish`,
+:mod:`kvgpu.node_moves`: moves no single search step makes).  :func:`improve`
 first polishes the search's own placement that way, then dives.  Every result is checked against every rule in Python (:func:`rule_breach`) and
 kept only when its max KVPR is below the search's.  Re-placements are not dived (the LP does
 not see the migration budget).  The dive is deterministic: ties go to the first column, node
@@ -41,7 +42,7 @@ import numpy as np
 
 from kvgpu.kernels.deltas import fits, safe_div_array
 from kvgpu.lp_bound import FIT_SLACK, column_generation, gpu_classes
-from kvgpu.node_moves import swap_replicas
+from kvgpu.node_moves import move_replicas, swap_replicas
 from kvgpu.rule_check import kvpr_of, rule_breach
 from kvgpu.problem import Instance, Problem
 
@@ -49,6 +50,8 @@ from kvgpu.problem import Instance, Problem
 DIVE_SHARES = (0.35, 0.5)
 #: Column-generation rounds of one residual LP of the dive.
 DIVE_ROUNDS = 15
+#: Most rounds of node-level moves and search in :func:`polish`.
+POLISH_ROUNDS = 3
 #: Times a dive raises its target where the residual LP refutes it.
 RAISES = 3
 #: A configuration used at least this much (of one GPU) counts as whole.
@@ -345,15 +348,19 @@ def _search(problem: Problem, a: np.ndarray, lb: float, effort: int, seed: int) 
 
 def polish(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: int) -> np.ndarray:
     """The engine's search from ``assign`` (n,) int64 (a placement keeping the rules), then
-    whole tp replicas swapped between nodes (:func:`kvgpu.node_moves.swap_replicas`) and the
-    search again from there, kept where its max KVPR is lower: a new array."""
+    rounds of node-level moves (:func:`kvgpu.node_moves.move_replicas`, then
+    :func:`kvgpu.node_moves.swap_replicas`) and the search again, while a round lowers the max
+    KVPR (:data:`POLISH_ROUNDS` at most): a new array."""
     a = assign.copy()
     _search(problem, a, lb, effort, seed)
-    b = swap_replicas(problem, a)
-    if (b != a).any():
+    for _ in range(POLISH_ROUNDS):
+        b = swap_replicas(problem, move_replicas(problem, a))
+        if (b == a).all():
+            break
         _search(problem, b, lb, effort, seed)
-        if rule_breach(problem, b) is None and kvpr_of(problem, b).max() < kvpr_of(problem, a).max():
-            a = b
+        if rule_breach(problem, b) is not None or not kvpr_of(problem, b).max() < kvpr_of(problem, a).max():
+            break
+        a = b
     return a
 
 

@@ -15,7 +15,7 @@ import kvgpu
 from conftest import brute_force_problem, check_placement
 from kvgpu import generate
 from kvgpu.lp_dive import complete, dive, improve
-from kvgpu.node_moves import swap_replicas
+from kvgpu.node_moves import move_replicas, swap_replicas
 from kvgpu.problem import build_problem
 from kvgpu.rule_check import kvpr_of, rule_breach
 from test_ops_rules import with_adapters
@@ -154,4 +154,42 @@ def test_replica_swaps_move_a_replica_to_the_node_where_it_lowers_the_peak():
     start = np.array([0, 1, 2, 3, 0, 1])  # busy beside a and b
     a = swap_replicas(prob, start)
     assert a.tolist() == [2, 3, 0, 1, 0, 1]
+    assert kvpr_of(prob, a).max() < kvpr_of(prob, start).max()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(with_adapters(), st.integers(0, 2))
+def test_replica_moves_keep_every_rule_and_never_raise_the_max(draw, seed):
+    """Moving whole tp replicas to other nodes, alone or with the models they displace, from the
+    search's placement (pins, replicas, adapters, nodes): valid, max not higher, deterministic."""
+    models, G, mem, kw = draw
+    models, kw = _new_models(models, kw)
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    try:
+        p = kvgpu.solve(models, G, gpu_mem=mem, exact=False, effort=0, seed=seed, **kw)
+    except kvgpu.NoPlacementFound:
+        return
+    a = move_replicas(prob, p.assignment)
+    assert_keeps_every_rule(prob, a)
+    assert kvpr_of(prob, a).max() <= p.max_kvpr * (1 + 1e-12)
+    assert (a == move_replicas(prob, p.assignment)).all()
+
+
+def test_a_replica_moves_with_the_model_it_displaces():
+    """Node 0 holds the busy tp=2 model beside two busy single models; node 1 holds two quiet
+    single models.  Moving the replica into node 1 and the quiet models it displaces into node 0
+    lowers the peak; no swap of replicas can (there is one replica)."""
+    models = [{"name": "busy", "size": 20, "tp": 2, "req_rate": 8, "slo": 1},
+              {"name": "a", "size": 30, "req_rate": 8, "slo": 1},
+              {"name": "b", "size": 30, "req_rate": 8, "slo": 1},
+              {"name": "c", "size": 30, "req_rate": 1, "slo": 1},
+              {"name": "d", "size": 30, "req_rate": 1, "slo": 1}]
+    prob = build_problem(models, 4, 80.0, gpus_per_node=2)
+    start = np.array([0, 1, 0, 1, 2, 3])
+    assert (swap_replicas(prob, start) == start).all()
+    a = move_replicas(prob, start)
+    assert_keeps_every_rule(prob, a)
+    assert set(a[:2].tolist()) == {2, 3}
     assert kvpr_of(prob, a).max() < kvpr_of(prob, start).max()
