@@ -593,6 +593,7 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
     lb = bounds.problem_bound(problem, mx)
     if opts.effort:
         search.improve_instance(s, w, M, lb, assign, pos, opts.effort, opts.patience, opts.seed, rules)
+        assign = _node_moves(problem, opts, assign, pos, lb)
         mx = float(np.max(_kvpr_of(problem, assign, pos)))
         lb = max(lb, bounds.problem_bound(problem, mx))
     certified = False
@@ -622,6 +623,22 @@ def _lp_bound(problem: Problem, opts: Options, lb: float, mx: float, source: str
 
     lp = configuration_bound(problem, lb, mx)
     return (lp, BOUND_LP) if lp > lb else (lb, source)
+
+
+def _node_moves(problem: Problem, opts: Options, assign: np.ndarray, pos: np.ndarray, lb: float) -> np.ndarray:
+    """Where tp replicas must stay inside a node: rounds of whole-replica moves and swaps
+    between nodes and the search again (:func:`kvgpu.lp_dive.polish`), steps no single search
+    move makes; ``assign`` (n,) int64 as the search left it, returned when nothing gains (and
+    for re-placements, whose budget these moves do not count).  ``pos`` is renumbered in place
+    where the placement changes."""
+    if not problem.node_group.shape[0] or problem.is_replan:
+        return assign
+    from kvgpu.lp_dive import polish
+
+    out = polish(problem, assign, lb, opts.effort, opts.seed, searched=True)
+    if (out != assign).any():
+        pos[:] = np.arange(assign.shape[0])
+    return out
 
 
 def _lp_dive(problem: Problem, opts: Options, assign: np.ndarray, lb: float) -> np.ndarray | None:

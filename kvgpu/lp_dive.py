@@ -346,13 +346,15 @@ def _search(problem: Problem, a: np.ndarray, lb: float, effort: int, seed: int) 
                                 search.default_patience(effort), seed, problem.kernel_rules())
 
 
-def polish(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: int) -> np.ndarray:
-    """The engine's search from ``assign`` (n,) int64 (a placement keeping the rules), then
-    rounds of node-level moves (:func:`kvgpu.node_moves.move_replicas`, then
+def polish(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: int, *,
+           searched: bool = False) -> np.ndarray:
+    """The engine's search from ``assign`` (n,) int64 (a placement keeping the rules; skipped
+    when ``searched``: it comes from the search already), then rounds of node-level moves (:func:`kvgpu.node_moves.move_replicas`, then
     :func:`kvgpu.node_moves.swap_replicas`) and the search again, while a round lowers the max
     KVPR (:data:`POLISH_ROUNDS` at most): a new array."""
     a = assign.copy()
-    _search(problem, a, lb, effort, seed)
+    if not searched:
+        _search(problem, a, lb, effort, seed)
     for _ in range(POLISH_ROUNDS):
         b = swap_replicas(problem, move_replicas(problem, a))
         if (b == a).all():
@@ -378,7 +380,7 @@ def improve(problem: Problem, assign: np.ndarray, lb: float, *, effort: int, see
         return None
     out = None
     if problem.node_group.shape[0]:  # node-level moves from the search's own placement first
-        a = polish(problem, assign, lb, effort, seed)
+        a = polish(problem, assign, lb, effort, seed, searched=True)
         if rule_breach(problem, a) is None and kvpr_of(problem, a).max() < best:
             best, out = float(kvpr_of(problem, a).max()), a
     for share in shares:
