@@ -368,10 +368,36 @@ class Master:
         return t, np.maximum(dual[:self.n], 0.0), np.maximum(-dual[self.n:], 0.0)
 
 
+def node_conflict_at(problem: Problem, T: float) -> bool:
+    """A node-level proof that no placement reaches ``T``, which the GPU configurations do not
+    see: two tp replicas kept inside one node (widths ``k1``, ``k2``) whose widths add up to more
+    than any node's GPUs must share a GPU if they share a node, so where their shards' loads at
+    ``T`` (``s + w / T``) also add up to more than any GPU's memory, they sit in different
+    nodes.  A set of replicas that pairwise conflict so (found greedily, heaviest first) needs
+    one node each, of at least the smallest width's GPUs: more of them than such nodes proves
+    ``T`` unreachable.  Ignoring pins and forbidden GPUs only adds placements, so a proof holds."""
+    ng = problem.node_group
+    if not ng.shape[0] or not (ng >= 0).any():
+        return False
+    inst = problem.items
+    load = inst.sizes + inst.demand / T
+    ids, first, width = np.unique(ng[ng >= 0], return_index=True, return_counts=True)
+    first = np.nonzero(ng >= 0)[0][first]
+    node_size = np.bincount(problem.node_of)
+    n_max, m_max = int(node_size.max()), float(inst.gpu_mem.max()) * (1 + FIT_SLACK)
+    clique: list = []
+    for r in np.argsort(-load[first], kind="stable").tolist():
+        if all(width[r] + width[c] > n_max and load[first[r]] + load[first[c]] > m_max for c in clique):
+            clique.append(r)
+    if len(clique) < 2:
+        return False
+    return len(clique) > int((node_size >= width[clique].min()).sum())
+
+
 def configuration_bracket(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
                           rounds: int = MAX_ROUNDS, columns: list | None = None) -> tuple[float, float]:
     """The bisection of :func:`configuration_bound`: ``(proven, top)`` -- the largest target
-    the configuration LP proves unreachable (at least ``lo``) and the smallest one tried that it
+    the configuration LP (or the node-level test :func:`node_conflict_at`) proves unreachable (at least ``lo``) and the smallest one tried that it
     does not refute (``hi`` when none).  ``columns``: as in :func:`column_generation` (a list
     filled with every configuration found, for a dive to start from)."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or lo <= 0:
@@ -380,7 +406,7 @@ def configuration_bracket(problem: Problem, lo: float, hi: float, *, steps: int 
     proven, top = lo, hi
     for _ in range(steps):
         T = 0.5 * (proven + top)
-        if impossible_at(problem, T, cols, rounds=rounds):
+        if node_conflict_at(problem, T) or impossible_at(problem, T, cols, rounds=rounds):
             proven = T
         else:
             top = T

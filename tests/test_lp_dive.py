@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import kvgpu
 from conftest import brute_force_problem, check_placement
 from kvgpu import generate
+from kvgpu.lp_bound import impossible_at, node_conflict_at
 from kvgpu.lp_dive import complete, dive, improve
 from kvgpu.node_moves import move_replicas, swap_replicas
 from kvgpu.problem import build_problem
@@ -193,3 +194,49 @@ def test_a_replica_moves_with_the_model_it_displaces():
     assert_keeps_every_rule(prob, a)
     assert set(a[:2].tolist()) == {2, 3}
     assert kvpr_of(prob, a).max() < kvpr_of(prob, start).max()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(cluster_problems())
+def test_node_level_bound_never_refutes_a_reachable_target(draw):
+    """The node-level test against brute force (nodes of 2 GPUs, tp=2 replicas, pins): never a
+    proof at or above the optimum."""
+    models, G, mem, kw = draw
+    models, kw = _new_models(models, kw)
+    prob = _problem_or_skip(models, G, mem, kw)
+    if prob is None:
+        return
+    opt, _ = brute_force_problem(prob)
+    if np.isfinite(opt) and opt > 0:
+        assert not node_conflict_at(prob, opt * (1 + 1e-7))
+
+
+def test_node_level_bound_sees_replicas_that_need_a_node_each():
+    """Three tp=5 replicas whose shards (45 GB) cannot share an 80 GB GPU, in two nodes of 8: 15
+    shards on 16 GPUs pass the GPU configurations, but each replica needs a node of its own."""
+    models = [{"name": f"m{i}", "size": 225, "tp": 5, "req_rate": 1, "slo": 1} for i in range(3)]
+    prob = build_problem(models, 16, 80.0, gpus_per_node=8)
+    assert node_conflict_at(prob, 1.0) and not impossible_at(prob, 1.0)
+    room = build_problem(models, 24, 80.0, gpus_per_node=8)  # a third node: no proof
+    assert not node_conflict_at(room, 1.0)
+    light = build_problem([dict(m, size=150) for m in models], 16, 80.0, gpus_per_node=8)  # 30 GB shards share
+    assert not node_conflict_at(light, 1.0)
+
+
+def test_node_level_bound_against_brute_force_where_it_proves():
+    """Two nodes of 3 GPUs and three tp=2 models (a replica needs 2 of its node's 3 GPUs), with a
+    single model: random sizes and rates, brute force over every assignment.  The test never
+    refutes the optimum, and below it does prove targets the GPU configurations do not."""
+    rng = np.random.default_rng(0)
+    proofs = 0
+    for _ in range(25):
+        models = [{"name": f"t{i}", "size": float(rng.integers(30, 90)), "tp": 2, "req_rate": float(rng.integers(1, 9)),
+                   "slo": 1} for i in range(3)]
+        models.append({"name": "s", "size": float(rng.integers(5, 40)), "req_rate": float(rng.integers(0, 9)), "slo": 1})
+        prob = build_problem(models, 6, 80.0, gpus_per_node=3)
+        opt, _ = brute_force_problem(prob)
+        if not (np.isfinite(opt) and opt > 0):
+            continue
+        assert not node_conflict_at(prob, opt * (1 + 1e-7))
+        proofs += node_conflict_at(prob, opt * 0.9) and not impossible_at(prob, opt * 0.9)
+    assert proofs >= 1  # 10 of the 24 with a placement when written
