@@ -1,9 +1,10 @@
 """The configuration LP's bound and dive on the bench's tensor-parallel family.
 
-For ``tp_cluster(default_rng(seed), GPUS)`` (nodes of 8 x 80 GB), seeds 0-2: the search's answer
-(``exact=False``: the search and the node-level replica moves), then ``exact=True`` -- the proof, the configuration LP bound and the dive on the
-LP's configurations (:mod:`kvgpu.lp_dive`) -- with its answer, its bound, the gap between them and
-the time of each.  Every answer is checked against the rules (:func:`kvgpu.rule_check.rule_breach`).
+For ``tp_cluster(default_rng(seed), GPUS)`` (nodes of 8 x 80 GB), seeds 0-2: the search's
+answer (``exact=False``: the search and the node-level replica moves), then ``exact=True`` --
+the proof, the configuration LP bound and the dive on the LP's configurations
+(:mod:`kvgpu.lp_dive`) -- with its answer, its bound, the gap between them and the time of
+each.  Every answer is checked against the rules (:func:`kvgpu.rule_check.rule_breach`).
 
     python bench/bench_lp.py             # 64 GPUs, seeds 0-2 (a few minutes on 2 shared cores)
     python bench/bench_lp.py --gpus 16   # quicker

@@ -397,9 +397,9 @@ def node_conflict_at(problem: Problem, T: float) -> bool:
 def configuration_bracket(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
                           rounds: int = MAX_ROUNDS, columns: list | None = None) -> tuple[float, float]:
     """The bisection of :func:`configuration_bound`: ``(proven, top)`` -- the largest target
-    the configuration LP (or the node-level test :func:`node_conflict_at`) proves unreachable (at least ``lo``) and the smallest one tried that it
-    does not refute (``hi`` when none).  ``columns``: as in :func:`column_generation` (a list
-    filled with every configuration found, for a dive to start from)."""
+    the configuration LP (or the node-level test :func:`node_conflict_at`) proves unreachable
+    (at least ``lo``) and the smallest one tried that it does not refute (``hi`` when none).
+    ``columns``: as in :func:`column_generation` (filled with every configuration found)."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or lo <= 0:
         return lo, hi
     cols: list = [] if columns is None else columns

@@ -15,8 +15,9 @@ The LP does not see every rule; the dive keeps them as it fixes:
 * **tensor-parallel groups inside one node**: a shard whose replica already has a shard placed
   may only use the free GPUs of that node (the residual problem's allowed GPUs say so, so the
   residual LP's classes split by node); a configuration that starts a replica goes to the node
-  with the fewest free GPUs that still has room for the replica's other shards (best fit keeps
-  whole nodes for the widest replicas);
+  with the fewest free GPUs that still has the GPUs and the memory at ``T`` for the other shards
+  of every replica begun there (best fit keeps whole nodes for the widest replicas), and the
+  replica is finished there at once (:func:`_finish_replicas`);
 * **co-location**: a configuration holding an adapter without a shard of its base is not fixed;
 * **pins, forbidden GPUs, GPUs out of service**: the problem's allowed GPUs, which the LP sees.
 
@@ -26,9 +27,10 @@ the node where their worst shard is least (:func:`complete`); the engine's searc
 (:func:`kvgpu.kernels.search.improve_instance`) then runs on the whole problem from there,
 nothing pinned, and again after whole tp replicas are moved to other nodes (alone or swapped
 with the single-GPU models they displace) and swapped between nodes (:func:`polish`,
-:mod:`kvgpu.node_moves`: moves no single search step makes).  :func:`improve`
-first polishes the search's own placement that way, then dives.  Every result is checked against every rule in Python (:func:`rule_breach`) and
-kept only when its max KVPR is below the search's.  Re-placements are not dived (the LP does
+:mod:`kvgpu.node_moves`: moves no single search step makes).  :func:`improve` first polishes
+the search's own placement that way, then dives.  Every result is checked against every rule
+in Python (:func:`kvgpu.rule_check.rule_breach`) and kept only when its max KVPR is below the
+search's.  Re-placements are not dived (the LP does
 not see the migration budget).  The dive is deterministic: ties go to the first column, node
 and GPU.
 """
@@ -43,8 +45,8 @@ import numpy as np
 from kvgpu.kernels.deltas import fits, safe_div_array
 from kvgpu.lp_bound import FIT_SLACK, column_generation, gpu_classes
 from kvgpu.node_moves import move_replicas, swap_replicas
-from kvgpu.rule_check import kvpr_of, rule_breach
 from kvgpu.problem import Instance, Problem
+from kvgpu.rule_check import kvpr_of, rule_breach
 
 #: Targets of the dives, as shares of the way from the LP bound to the search's answer.
 DIVE_SHARES = (0.35, 0.5)
@@ -103,9 +105,10 @@ def _pick_gpu(problem: Problem, assign: np.ndarray, free: np.ndarray, items: np.
 
 def _node_room(problem: Problem, assign: np.ndarray, free: np.ndarray, items: np.ndarray, g: int,
                load: np.ndarray) -> bool:
-    """With ``items`` on GPU ``g``, does each of their replicas stay in one node, and every replica with shards in ``g``'s node and shards
-    left still find enough free GPUs there (distinct ones, allowed to every shard left, with
-    memory for their ``load`` (n,) GB at the dive's target in all)?"""
+    """With ``items`` on GPU ``g``, does each of their replicas stay in one node, and does every
+    replica with shards in ``g``'s node and shards left still find enough free GPUs there
+    (distinct ones, allowed to every shard left, with memory for their ``load`` (n,) GB at the
+    dive's target in all)?"""
     nd = problem.node_of[g]
     for i in items.tolist():  # a replica with shards placed elsewhere: not here
         mates = (problem.node_group == problem.node_group[i]) & (assign >= 0)
@@ -257,17 +260,16 @@ def _dive_step(problem: Problem, T: float, assign: np.ndarray, free: np.ndarray,
     return fixed_any
 
 
-def _best_gpu(problem: Problem, assign: np.ndarray, i: int, gpus: np.ndarray, taken: set) -> tuple[int, float]:
+def _best_gpu(problem: Problem, assign: np.ndarray, i: int, gpus: np.ndarray) -> tuple[int, float]:
     """The GPU of ``gpus`` where item ``i`` raises the KVPR least, keeping memory, its allowed
-    GPUs, its model's other items apart and an adapter beside its base, GPUs in ``taken``
-    excluded: ``(gpu, its KVPR then)``, ``(-1, inf)`` for none."""
+    GPUs, its model's other items apart and an adapter beside its base: ``(gpu, its KVPR
+    then)``, ``(-1, inf)`` for none."""
     inst = problem.items
     on = assign >= 0
     S = np.bincount(assign[on], weights=inst.sizes[on], minlength=problem.n_gpus)
     W = np.bincount(assign[on], weights=inst.demand[on], minlength=problem.n_gpus)
     ok = np.zeros(problem.n_gpus, bool)
     ok[gpus] = True
-    ok[list(taken)] = False
     ok &= fits(S + inst.sizes[i], inst.gpu_mem)
     if problem.allowed.shape[0]:
         ok &= problem.allowed[i].astype(bool)
@@ -299,7 +301,7 @@ def _greedy_finish(problem: Problem, assign: np.ndarray) -> np.ndarray | None:
     every = np.arange(problem.n_gpus)
     for items in order:
         if ng[items[0]] < 0:
-            g, _ = _best_gpu(problem, a, items[0], every, set())
+            g, _ = _best_gpu(problem, a, items[0], every)
             if g < 0:
                 return None
             a[items[0]] = g
@@ -310,7 +312,7 @@ def _greedy_finish(problem: Problem, assign: np.ndarray) -> np.ndarray | None:
         for nd in nodes.tolist():
             trial, worst, gpus = a.copy(), 0.0, np.nonzero(problem.node_of == nd)[0]
             for i in items:
-                g, k = _best_gpu(problem, trial, i, gpus, set())
+                g, k = _best_gpu(problem, trial, i, gpus)
                 if g < 0:
                     worst = math.inf
                     break
@@ -349,9 +351,10 @@ def _search(problem: Problem, a: np.ndarray, lb: float, effort: int, seed: int) 
 def polish(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: int, *,
            searched: bool = False) -> np.ndarray:
     """The engine's search from ``assign`` (n,) int64 (a placement keeping the rules; skipped
-    when ``searched``: it comes from the search already), then rounds of node-level moves (:func:`kvgpu.node_moves.move_replicas`, then
-    :func:`kvgpu.node_moves.swap_replicas`) and the search again, while a round lowers the max
-    KVPR (:data:`POLISH_ROUNDS` at most): a new array."""
+    when ``searched``: it comes from the search already), then rounds of node-level moves
+    (:func:`kvgpu.node_moves.move_replicas`, then :func:`kvgpu.node_moves.swap_replicas`) and
+    the search again, while a round lowers the max KVPR (:data:`POLISH_ROUNDS` at most): a new
+    array."""
     a = assign.copy()
     if not searched:
         _search(problem, a, lb, effort, seed)
@@ -368,11 +371,11 @@ def polish(problem: Problem, assign: np.ndarray, lb: float, effort: int, seed: i
 
 def improve(problem: Problem, assign: np.ndarray, lb: float, *, effort: int, seed: int = 0,
             shares=DIVE_SHARES) -> np.ndarray | None:
-    """Node-level moves from ``assign`` (n,) int64 (a placement keeping the rules; :func:`polish`),
-    then dives at targets between the bound ``lb`` and the best max KVPR so far, each completed
-    and searched (:func:`complete`), every candidate checked
-    against every rule (:func:`rule_breach`): the best placement whose max KVPR is below that
-    of ``assign``, or None (none found, or a re-placement, whose budget the dive does not see)."""
+    """Node-level moves from ``assign`` (n,) int64 (the search's placement, keeping the rules;
+    :func:`polish`), then dives at the targets ``shares`` of the way from the bound ``lb`` to the
+    best max KVPR so far, each completed and searched (:func:`complete`), every candidate
+    checked against every rule: the best placement whose max KVPR is below that of ``assign``,
+    or None (none found, or a re-placement, whose budget the dive does not see)."""
     if problem.is_replan or problem.items.n_models == 0:
         return None
     best = float(kvpr_of(problem, assign).max())

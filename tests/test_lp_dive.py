@@ -230,9 +230,10 @@ def test_node_level_bound_against_brute_force_where_it_proves():
     rng = np.random.default_rng(0)
     proofs = 0
     for _ in range(25):
-        models = [{"name": f"t{i}", "size": float(rng.integers(30, 90)), "tp": 2, "req_rate": float(rng.integers(1, 9)),
-                   "slo": 1} for i in range(3)]
-        models.append({"name": "s", "size": float(rng.integers(5, 40)), "req_rate": float(rng.integers(0, 9)), "slo": 1})
+        models = [{"name": f"t{i}", "size": float(rng.integers(30, 90)), "tp": 2,
+                   "req_rate": float(rng.integers(1, 9)), "slo": 1} for i in range(3)]
+        models.append({"name": "s", "size": float(rng.integers(5, 40)), "req_rate": float(rng.integers(0, 9)),
+                       "slo": 1})
         prob = build_problem(models, 6, 80.0, gpus_per_node=3)
         opt, _ = brute_force_problem(prob)
         if not (np.isfinite(opt) and opt > 0):
