@@ -594,9 +594,13 @@ def _solve_ruled(problem: Problem, opts: Options) -> tuple[np.ndarray, np.ndarra
     lb = bounds.problem_bound(problem, mx)
     if opts.effort:
         search.improve_instance(s, w, M, lb, assign, pos, opts.effort, opts.patience, opts.seed, rules)
+        assign = _node_moves(problem, opts, assign, pos, lb)
         mx = float(np.max(_kvpr_of(problem, assign, pos)))
         lb = max(lb, bounds.problem_bound(problem, mx))
     lb, certified, source = _prove_ruled(problem, opts, assign, pos, lb, mx)
+    dived = _lp_dive(problem, opts, assign, lb)
+    if dived is not None:
+        assign, pos = dived, np.arange(problem.items.n_models, dtype=np.int64)
     if _balances(opts, False):
         assign, pos = _balance(problem, assign, pos, opts)
     _check_colocation(problem, assign)
@@ -682,6 +686,36 @@ def _lp_bound(problem: Problem, opts: Options, lb: float, mx: float, source: str
 
     lp = configuration_bound(problem, lb, mx)
     return (lp, BOUND_LP) if lp > lb else (lb, source)
+
+
+def _node_moves(problem: Problem, opts: Options, assign: np.ndarray, pos: np.ndarray, lb: float) -> np.ndarray:
+    """Where tp replicas must stay inside a node: rounds of whole-replica moves and swaps
+    between nodes and the search again (:func:`kvgpu.lp_dive.polish`), steps no single search
+    move makes; ``assign`` (n,) int64 as the search left it, returned when nothing gains (and
+    for re-placements, whose budget these moves do not count).  ``pos`` is renumbered in place
+    where the placement changes."""
+    if not problem.node_group.shape[0] or problem.is_replan:
+        return assign
+    from kvgpu.lp_dive import polish
+
+    out = polish(problem, assign, lb, opts.effort, opts.seed, searched=True)
+    if (out != assign).any():
+        pos[:] = np.arange(assign.shape[0])
+    return out
+
+
+def _lp_dive(problem: Problem, opts: Options, assign: np.ndarray, lb: float) -> np.ndarray | None:
+    """``exact=True``, where the bound still leaves a gap: dives on the configuration LP's
+    solution (:func:`kvgpu.lp_dive.improve`) for a placement of lower max KVPR than ``assign``
+    (n,) int64 -- checked against every rule there -- or None (none found, not tried: another
+    mode or backend, a re-placement, too many items)."""
+    mx = float(np.max(_kvpr_of(problem, assign, np.arange(assign.shape[0]))))
+    if (opts.exact is not True or opts.mode != "search" or opts.backend not in ("auto", "numba")
+            or is_optimal(mx, lb) or not math.isfinite(mx) or problem.items.n_models > LP_MAX_ITEMS):
+        return None
+    from kvgpu.lp_dive import improve
+
+    return improve(problem, assign, lb, effort=opts.effort, seed=opts.seed)
 
 
 def _balances(opts: Options, decomposed: bool) -> bool:
@@ -893,6 +927,12 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
             note += "; in the seed's order (max, second, mean): the balancing passes do not run on a decomposition"
         lb, source = _lp_bound(problem, opts, float(res.lower_bound[0]), float(kv.max()),
                                str(res.bound_source[0]))
+        dived = None if res.decomposed[0] else _lp_dive(problem, opts, a, lb)
+        if dived is not None:  # the dive ran the numba search; balanced again from its placement
+            a = dived
+            if _balances(opts, False):
+                a, _ = _balance(problem, a, np.arange(n, dtype=np.int64), opts)
+            kv, engine_names = _kvpr_of(problem, a, np.arange(n, dtype=np.int64)), _with_numba(engine_names)
         return Placement(problem, a, kv, float(min(lb, kv.max())), mode=opts.mode,
                          backend=engine_names, note=note, decomposed=bool(res.decomposed[0]),
                          objective=_order_used(opts, bool(res.decomposed[0])), bound_source=source)

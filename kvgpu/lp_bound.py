@@ -113,15 +113,25 @@ def knapsack(profit, units, starts, cap, choice, dp):
 
 
 @dataclass
-class _Classes:
-    """The GPU classes the LP sees: GPUs with the same memory and the same allowed items."""
+class GPUClasses:
+    """The GPU classes the LP sees: GPUs with the same memory and the same allowed items.
 
-    mem: np.ndarray  # (K,) float64, GB usable
-    count: np.ndarray  # (K,) float64
-    allowed: list = field(default_factory=list)  # per class: (n,) bool
+    Attributes
+    ----------
+    mem : (K,) float64 -- each class's usable memory, GB.
+    count : (K,) float64 -- GPUs in each class.
+    allowed : list of (n,) bool -- the items each class's GPUs may hold.
+    gpus : list of (count,) int64 -- each class's GPU ids.
+    """
+
+    mem: np.ndarray
+    count: np.ndarray
+    allowed: list = field(default_factory=list)
+    gpus: list = field(default_factory=list)
 
 
-def _classes(problem: Problem) -> _Classes:
+def gpu_classes(problem: Problem) -> GPUClasses:
+    """The problem's GPU classes (:class:`GPUClasses`), in the order of their first GPU."""
     mem = problem.items.gpu_mem
     n, G = problem.items.n_models, problem.n_gpus
     allowed = problem.allowed
@@ -129,9 +139,10 @@ def _classes(problem: Problem) -> _Classes:
     for g in range(G):
         col = allowed[:, g].tobytes() if allowed.shape[0] else b""
         keys.setdefault((float(mem[g]), col), []).append(g)
-    out = _Classes(np.array([k[0] for k in keys]), np.array([len(v) for v in keys.values()], float))
+    out = GPUClasses(np.array([k[0] for k in keys]), np.array([len(v) for v in keys.values()], float))
     for (m, col), gs in keys.items():
         out.allowed.append(allowed[:, gs[0]].astype(bool) if allowed.shape[0] else np.ones(n, bool))
+        out.gpus.append(np.array(gs, np.int64))
     return out
 
 
@@ -142,7 +153,7 @@ def _groups(problem: Problem) -> np.ndarray:
     return np.array([ids.get(v, -1) for v in g.tolist()], np.int64)
 
 
-def _price(pi, load, groups, cls: _Classes, k: int, units: int = 0):
+def _price(pi, load, groups, cls: GPUClasses, k: int, units: int = 0):
     """The best configuration of class ``k`` at duals ``pi``: ``(items, upper)`` -- a set that
     fits (possibly empty) and an upper bound on the best value of any configuration.  Loads are
     counted in :data:`UNITS` units of the GPU's memory: rounded down for the bound (every set
@@ -168,7 +179,7 @@ def _price(pi, load, groups, cls: _Classes, k: int, units: int = 0):
     return np.sort(order[take]), float(upper)
 
 
-def _greedy_cover(order, load, groups, cls: _Classes, k: int) -> list:
+def _greedy_cover(order, load, groups, cls: GPUClasses, k: int) -> list:
     """Configurations of class ``k`` that together hold every item of ``order`` allowed there:
     first fit in the given order (a packing's GPUs, each one a configuration)."""
     cap = cls.mem[k] * (1 + FIT_SLACK)
@@ -187,44 +198,82 @@ def _greedy_cover(order, load, groups, cls: _Classes, k: int) -> list:
     return [np.array(sorted(b[2]), np.int64) for b in bins]
 
 
-def impossible_at(problem: Problem, T: float, columns: list | None = None, *, rounds: int = MAX_ROUNDS) -> bool:
-    """Does the configuration LP prove that no placement has max KVPR <= ``T``?
+@dataclass
+class LPState:
+    """The configuration LP at one target after column generation (:func:`column_generation`).
 
-    ``columns``: a list of ``(class, item indices)`` kept between calls (configurations found at
-    a lower target still fit at a higher one; the list is filtered and extended in place).
-    Returns True only on a proof (Farley's bound above 1, or an item that fits no GPU)."""
-    inst = problem.items
-    load = inst.sizes + inst.demand / T
-    cls = _classes(problem)
-    groups = _groups(problem)
-    n, K = inst.n_models, cls.mem.shape[0]
-    cols = [] if columns is None else columns
+    Attributes
+    ----------
+    proven : bool -- Farley's bound (or an item that fits no GPU) proves the target unreachable.
+    t : float -- the restricted master's value (``inf`` when not solved); ``t <= 1``: the
+        configurations cover every item fractionally within the GPUs of each class.
+    classes : the GPU classes (``mem`` (K,) GB, ``count`` (K,), ``allowed`` per class (n,) bool).
+    columns : list of (class, (c,) int64 item ids) -- every configuration of the master.
+    x : (len(columns),) float64 -- each configuration's value in the master's solution (how
+        many GPUs of its class it would fill, fractionally); empty when not solved.
+    """
+
+    proven: bool
+    t: float
+    classes: GPUClasses
+    columns: list
+    x: np.ndarray
+
+
+def _seed_columns(load, groups, cls: GPUClasses, cols: list) -> bool:
+    """Filter ``cols`` in place to the configurations that still fit at these loads, add every
+    item alone wherever it may go (the LP stays feasible) and a first-fit-decreasing cover of
+    each class.  False when some item fits no GPU (no placement exists)."""
+    n, K = load.shape[0], cls.mem.shape[0]
     fits = [(k, c) for k, c in cols if load[c].sum() <= cls.mem[k] * (1 + FIT_SLACK)]
     have = {(k, tuple(c.tolist())) for k, c in fits}
-    for i in range(n):  # every item alone wherever it may go: the LP stays feasible
+    for i in range(n):
         homes = [k for k in range(K) if cls.allowed[k][i] and load[i] <= cls.mem[k] * (1 + FIT_SLACK)]
         if not homes:
-            return True
+            return False
         for k in homes:
-            key = (k, (i,))
-            if key not in have:
-                have.add(key)
+            if (k, (i,)) not in have:
+                have.add((k, (i,)))
                 fits.append((k, np.array([i], np.int64)))
     cols[:] = fits
     for k in range(K):  # first fit decreasing by load: a cover of the items at this target
         for c in _greedy_cover(np.argsort(-load, kind="stable"), load, groups, cls, k):
-            key = (k, tuple(c.tolist()))
-            if key not in have:
-                have.add(key)
+            if (k, tuple(c.tolist())) not in have:
+                have.add((k, tuple(c.tolist())))
                 cols.append((k, c))
-    lp = _Master(n, cls.count)
+    return True
+
+
+def column_generation(problem: Problem, T: float, columns: list | None = None, *, rounds: int = MAX_ROUNDS,
+                      to_optimum: bool = False) -> LPState:
+    """Column generation for the configuration LP at target ``T`` (module doc).
+
+    ``columns``: a list of ``(class, item indices)`` kept between calls (configurations found at
+    a lower target still fit at a higher one; the list is filtered and extended in place).
+    Stops at a proof, or -- unless ``to_optimum`` -- as soon as the master's value is at most 1
+    (the target is not refuted), or when no column improves, or after ``rounds`` rounds.
+    ``to_optimum=True`` goes on pricing to the LP's optimum: the solution then guides a dive
+    (:mod:`kvgpu.lp_dive`)."""
+    inst = problem.items
+    load = inst.sizes + inst.demand / T
+    cls = gpu_classes(problem)
+    groups = _groups(problem)
+    n, K = inst.n_models, cls.mem.shape[0]
+    cols = [] if columns is None else columns
+    if not _seed_columns(load, groups, cls, cols):
+        return LPState(True, math.inf, cls, cols, np.empty(0))
+    have = {(k, tuple(c.tolist())) for k, c in cols}
+    lp = Master(n, cls.count)
     for k, c in cols:
         lp.add(k, c)
+    t = math.inf
     units = UNITS
     for _ in range(rounds):
         t, pi, rho = lp.solve()
-        if t is None or t <= 1.0 + PROOF_MARGIN:  # the LP's optimum is at most t, and Farley's bound at
-            return False                         # most that: no proof can come
+        if t is None:
+            return LPState(False, math.inf, cls, cols, np.empty(0))
+        if t <= 1.0 + PROOF_MARGIN and not to_optimum:  # the LP's optimum is at most t, and Farley's
+            break                                       # bound at most that: no proof can come
         V = np.empty(K)
         added = False
         dense = np.argsort(-pi / np.maximum(load, 1e-300), kind="stable")
@@ -243,14 +292,26 @@ def impossible_at(problem: Problem, T: float, columns: list | None = None, *, ro
                         added = True
         denom = float(cls.count @ V)
         if denom > 0 and pi.sum() / denom > 1 + PROOF_MARGIN:
-            return True
+            return LPState(True, t, cls, cols, np.empty(0))
         if not added:
-            if units >= UNITS * FINER:
-                return False
+            if to_optimum or units >= UNITS * FINER:
+                break
             # no new column, yet the bound stays below the LP's value: the knapsack's rounding
             # (loads floored to units) overstates V; price again on a finer grid
             units = UNITS * FINER
-    return False
+    else:
+        t, _, _ = lp.solve()
+        t = math.inf if t is None else t
+    return LPState(False, t, cls, cols, lp.values())
+
+
+def impossible_at(problem: Problem, T: float, columns: list | None = None, *, rounds: int = MAX_ROUNDS) -> bool:
+    """Does the configuration LP prove that no placement has max KVPR <= ``T``?
+
+    ``columns``: a list of ``(class, item indices)`` kept between calls (configurations found at
+    a lower target still fit at a higher one; the list is filtered and extended in place).
+    Returns True only on a proof (Farley's bound above 1, or an item that fits no GPU)."""
+    return column_generation(problem, T, columns, rounds=rounds).proven
 
 
 _BANNER_SHOWN = False
@@ -276,7 +337,7 @@ def _new_highs(highspy):
     return h
 
 
-class _Master:
+class Master:
     """The restricted master LP (module doc), kept in one HiGHS model: columns are added and
     each solve starts from the last basis (warm start), which is what makes column generation
     affordable."""
@@ -299,6 +360,11 @@ class _Master:
         idx = np.append(items, self.n + k).astype(np.int32)
         self.h.addCol(0.0, 0.0, self.inf, idx.size, idx, np.ones(idx.size))
 
+    def values(self) -> np.ndarray:
+        """(columns,) float64: each configuration's value in the last solution, in the order
+        they were added (the column of ``t`` left out)."""
+        return np.asarray(self.h.getSolution().col_value)[1:].copy()
+
     def solve(self):
         """``(t, pi, rho)``: the LP's value and duals (``pi`` >= 0 of the items, ``rho`` >= 0 of
         the classes); ``(None, None, None)`` when HiGHS does not end optimal."""
@@ -312,6 +378,62 @@ class _Master:
         return t, np.maximum(dual[:self.n], 0.0), np.maximum(-dual[self.n:], 0.0)
 
 
+def node_conflict_at(problem: Problem, T: float) -> bool:
+    """A node-level proof that no placement reaches ``T``, which the GPU configurations do not
+    see: two tp replicas kept inside one node (widths ``k1``, ``k2``) whose widths add up to more
+    than any node's GPUs must share a GPU if they share a node, so where their shards' loads at
+    ``T`` (``s + w / T``) also add up to more than any GPU's memory, they sit in different
+    nodes.  A set of replicas that pairwise conflict so (found greedily, heaviest first) needs
+    one node each, of at least the smallest width's GPUs: more of them than such nodes proves
+    ``T`` unreachable.  Ignoring pins and forbidden GPUs only adds placements, so a proof holds."""
+    ng = problem.node_group
+    if not ng.shape[0] or not (ng >= 0).any():
+        return False
+    inst = problem.items
+    load = inst.sizes + inst.demand / T
+    ids, first, width = np.unique(ng[ng >= 0], return_index=True, return_counts=True)
+    first = np.nonzero(ng >= 0)[0][first]
+    node_size = np.bincount(problem.node_of)
+    n_max, m_max = int(node_size.max()), float(inst.gpu_mem.max()) * (1 + FIT_SLACK)
+    clique: list = []
+    for r in np.argsort(-load[first], kind="stable").tolist():
+        if all(width[r] + width[c] > n_max and load[first[r]] + load[first[c]] > m_max for c in clique):
+            clique.append(r)
+    if len(clique) < 2:
+        return False
+    return len(clique) > int((node_size >= width[clique].min()).sum())
+
+
+def configuration_bracket(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
+                          rounds: int = MAX_ROUNDS, columns: list | None = None) -> tuple[float, float]:
+    """The bisection of :func:`configuration_bound`: ``(proven, top)`` -- the largest target
+    the configuration LP (or the node-level test :func:`node_conflict_at`) proves unreachable
+    (at least ``lo``) and the smallest one tried that it does not refute (``hi`` when none).
+    ``columns``: as in :func:`column_generation` (filled with every configuration found)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or lo <= 0:
+        return lo, hi
+    cols: list = [] if columns is None else columns
+
+    def refuted(T):
+        return node_conflict_at(problem, T) or impossible_at(problem, T, cols, rounds=rounds)
+
+    proven, top = lo, hi
+    for step in range(steps):
+        T = 0.5 * (proven + top)
+        if refuted(T):
+            proven = T
+        else:
+            top = T
+            if step == 0:  # where the midpoint stands, a probe just above lo decides whether to go on
+                T = lo + PROBE * (hi - lo)
+                if not refuted(T):
+                    return lo, top
+                proven = T
+        if top - proven <= 1e-4 * top:
+            break
+    return proven, top
+
+
 def configuration_bound(problem: Problem, lo: float, hi: float, *, steps: int = BISECTION_STEPS,
                         rounds: int = MAX_ROUNDS) -> float:
     """The largest target the configuration LP proves unreachable, by bisection in
@@ -320,21 +442,4 @@ def configuration_bound(problem: Problem, lo: float, hi: float, *, steps: int = 
     (:data:`PROBE` of the way) decides whether to go on: where the LP sees no more than the
     closed-form bounds (plain clusters of continuous sizes, mostly) the search ends after two
     targets.  Configurations found at one target are kept for the next (those that still fit)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo or lo <= 0:
-        return lo
-    cols: list = []
-    proven, top = lo, hi
-    for step in range(steps):
-        T = 0.5 * (proven + top)
-        if impossible_at(problem, T, cols, rounds=rounds):
-            proven = T
-        else:
-            top = T
-            if step == 0:
-                T = lo + PROBE * (hi - lo)
-                if not impossible_at(problem, T, cols, rounds=rounds):
-                    return lo
-                proven = T
-        if top - proven <= 1e-4 * top:
-            break
-    return proven
+    return configuration_bracket(problem, lo, hi, steps=steps, rounds=rounds)[0]
