@@ -23,6 +23,7 @@ of one, so both take the same path.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,7 +32,7 @@ from kvgpu import backends, bounds, migration
 from kvgpu import decompose as decomposition
 from kvgpu import decompose_rules
 from kvgpu.batch.state import Batch, batch_from_instances, gpu_loads, kvpr
-from kvgpu.errors import BackendUnavailable, InvalidInstance, NoPlacementFound
+from kvgpu.errors import BackendUnavailable, InvalidInstance, KvgpuWarning, NoPlacementFound
 from kvgpu.kernels.deltas import safe_div_array
 from kvgpu.kernels.params import OPTIMAL_RTOL
 from kvgpu.problem import Instance, Problem, group_replicas
@@ -675,6 +676,60 @@ def _solve_ruled_decomposed(problem: Problem, opts: Options) -> Placement:
                      objective=_order_used(opts, True))
 
 
+#: Rule clusters from this many GPUs (below the automatic decomposition) are searched whole AND
+#: by decomposition, the better kept: the whole search under rules can stall far above what
+#: groups reach (a 64-GPU tp cluster with 2 GPUs out of service: 0.5 whole at any effort, 0.354
+#: decomposed), and the groups sometimes above the whole (256 GPUs: 3% higher).
+SPLIT_TOO_GPUS = 2 * decompose_rules.GROUP_GPUS
+
+
+def _also_split(problem: Problem, opts: Options) -> bool:
+    return (opts.decompose is None and opts.mode == "search" and opts.effort > 0 and not problem.is_replan
+            and opts.executor is None and problem.n_gpus >= SPLIT_TOO_GPUS)
+
+
+def _whole_or_split(problem: Problem, opts: Options) -> Placement:
+    """:data:`SPLIT_TOO_GPUS` and up: the whole search and the decomposition, the decomposition
+    kept only where its max KVPR is lower (beyond ``OPTIMAL_RTOL``) -- then balanced where the
+    objective asks for it -- with the larger of their bounds (both proven for every placement).
+    A search that finds nothing (not a proof) leaves the other's answer; the note says which."""
+    found, failed = {}, None
+    with warnings.catch_warnings(record=True) as caught:  # a GPU without KV memory in the placement not
+        warnings.simplefilter("always")                  # kept would be named for nothing: the kept one's
+        for how, o in (("whole", replace(opts, decompose=False)), ("split", replace(opts, decompose=True))):
+            try:                                         # are issued when it is made below
+                found[how] = solve_problem(problem, o) if how == "whole" else _solve_ruled_decomposed(problem, o)
+            except NoPlacementFound as e:
+                if e.proven:
+                    raise
+                failed = failed or e
+    for w in caught:
+        if not (issubclass(w.category, KvgpuWarning) and str(w.message).startswith("GPU ")):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not found:
+        raise failed
+    whole, split = found.get("whole"), found.get("split")
+    use_split = whole is None or (split is not None and split.decomposed
+                                  and split.max_kvpr < whole.max_kvpr * (1 - OPTIMAL_RTOL))
+    best = split if use_split else whole
+    lb, source = best.lower_bound, best.bound_source
+    for p in found.values():
+        if p.lower_bound > lb:
+            lb, source = p.lower_bound, p.bound_source
+    tried = (f"max KVPR {whole.max_kvpr:.6g} whole, {split.max_kvpr:.6g} decomposed" if len(found) == 2 else
+             f"the {'whole-cluster search' if whole is None else 'decomposition'} found no placement")
+    note = (f"searched whole and by decomposition into groups of whole nodes ({tried}): kept the "
+            f"{'decomposition' if use_split else 'whole-cluster search'}")
+    a, objective = best.assignment, best.objective
+    if use_split and _balances(opts, False):
+        a, _ = _balance(problem, a, np.arange(a.shape[0], dtype=np.int64), opts)
+        objective, note = _order_used(opts, False), note + ", balanced afterwards"
+    kv = _kvpr_of(problem, a, np.arange(a.shape[0], dtype=np.int64))
+    return Placement(problem, a, kv, float(min(lb, kv.max())), proven=best.proven, mode=best.mode,
+                     backend=best.backend, bound_scope=best.bound_scope, bound_source=source, note=note,
+                     decomposed=use_split, objective=objective)
+
+
 def _lp_bound(problem: Problem, opts: Options, lb: float, mx: float, source: str) -> tuple[float, str]:
     """``exact=True`` asks for the best bound kvgpu has: where the exact search left a gap, the
     configuration LP (:mod:`kvgpu.lp_bound`) tries to raise ``lb`` towards the answer ``mx``.
@@ -938,6 +993,8 @@ def solve_problem(problem: Problem, opts: Options) -> Placement:
                          objective=_order_used(opts, bool(res.decomposed[0])), bound_source=source)
     if decompose_rules.check(problem, opts.decompose, dask=opts.executor is not None):
         return _solve_ruled_decomposed(problem, opts)
+    if _also_split(problem, opts):
+        return _whole_or_split(problem, opts)
     assign, pos, lb, certified, source = _solve_ruled(problem, opts)
     kv = _kvpr_of(problem, assign, pos)
     out = dict(mode=opts.mode, backend="numba", bound_scope=_scope(problem, certified), bound_source=source,

@@ -249,3 +249,25 @@ def test_a_pinned_tp_cluster_the_whole_start_cannot_place_is_placed_by_groups():
         p = kvgpu.solve(models, decompose=True, **opts)
     assert p.decomposed
     check_placement(p.problem, p, node_of=_node_of(64))
+
+
+def test_below_the_automatic_split_the_whole_search_and_the_groups_both_run():
+    """From 32 GPUs a rule cluster is searched whole and by decomposition, the better kept: with
+    2 GPUs out of service the whole search of these tp clusters finds no placement at all (its
+    exact search gives up), the groups do; the answer keeps every rule and says which ran."""
+    import warnings
+
+    from conftest import check_placement
+
+    for seed in (0, 2):
+        models, o = tp_cluster(np.random.default_rng(seed), 32)
+        with pytest.raises(kvgpu.NoPlacementFound) as whole:
+            kvgpu.solve(models, **o, out_of_service=[3, 30], decompose=False)
+        assert not whole.value.proven
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", kvgpu.KvgpuWarning)
+            split = kvgpu.solve(models, **o, out_of_service=[3, 30], decompose=True)
+            p = kvgpu.solve(models, **o, out_of_service=[3, 30])
+        check_placement(p.problem, p, p.problem.node_of)
+        assert p.max_kvpr <= split.max_kvpr * (1 + 1e-9) and p.lower_bound <= p.max_kvpr
+        assert "the whole-cluster search found no placement" in p.note and p.decomposed
