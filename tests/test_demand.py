@@ -420,7 +420,7 @@ def test_cli_evaluate(tmp_path, capsys):
                           tmp_path / "p.json", "--gpus", 4, "--json", "--plot", tmp_path / "w.png")
     assert code == 0, err
     got = json.loads(out)
-    assert [p["label"] for p in got["placements"]] == ["p", "mean", "peak"] and len(got["windows"]) == 3
+    assert [p["label"] for p in got["placements"]] == ["p", "robust", "mean", "peak"] and len(got["windows"]) == 3
     specs, _ = kvgpu.io.read_models(tmp_path / "models.csv", defaults={"req_rate": 0.0})
     p = dm.read_placement(tmp_path / "p.json", kvgpu.build_problem(specs, 4))
     assert got["placements"][0]["max_kvpr_by_window"] == dm.kvpr_by_window(p, COUNTS / 3600).max(axis=1).tolist()
