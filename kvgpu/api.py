@@ -84,8 +84,10 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     whether that is proven).
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask, objective)
-    if demand is not None and not isinstance(demand, np.ndarray):
-        models, demand = _windows_of(models, demand)
+    if demand is not None:
+        models = _rates_optional(models)
+        if not isinstance(demand, np.ndarray):
+            models, demand = _windows_of(models, demand)
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain, out_of_service=out_of_service)
@@ -94,6 +96,13 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
 
         return solve_windows(problem, demand, opts, backend=backend, objective=objective)
     return engine.solve_problem(problem, backends.for_problem(problem, opts, backend))
+
+
+def _rates_optional(models):
+    """With ``demand=`` the demand gives every rate: a model (a dict) may leave ``req_rate`` out."""
+    if isinstance(models, (list, tuple)):
+        return [{**m, "req_rate": 0.0} if isinstance(m, dict) and "req_rate" not in m else m for m in models]
+    return models
 
 
 def _windows_of(models, demand):

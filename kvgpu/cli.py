@@ -254,7 +254,7 @@ def _print_placement(placement, args, header) -> int:
         print(json.dumps(placement.to_dict(), indent=1, allow_nan=False))
     elif args.cmd == "certify":
         print(f"{placement.status}: max KVPR {placement.max_kvpr:.9g}, lower bound {placement.lower_bound:.9g} "
-              f"(bound on {placement.bound_scope})")
+              f"({placement.bound_source}; bound on {placement.bound_scope})")
     else:
         print(f"# {header}\n{placement}" if header else placement)
     return 0
@@ -340,6 +340,12 @@ def _read_models(args, path=None):
     ``--slo``).  The one place the CLI reads models, so every entry point takes the log."""
     path = args.file if path is None else path
     log = getattr(args, "requests", None)
+    if log is None and getattr(args, "demand", None) is not None:  # solve --demand: the table gives every rate
+        given = [f for f in ("pick", "log_start", "log_end") if getattr(args, f, None) is not None]
+        if given:
+            opt = "--" + given[0].replace("_", "-")
+            raise InvalidInstance(f"{opt} is for --requests LOG; a --demand table gives every window (drop {opt})")
+        return read_models(path, defaults={"req_rate": 0.0, **({"slo": args.slo} if args.slo is not None else {})})
     if log is None:
         given = [f for f in ("window", "pick", "slo", "log_start", "log_end") if getattr(args, f, None) is not None]
         if given:
@@ -389,7 +395,7 @@ def _evaluate(args) -> int:
             raise InvalidInstance("--log-start/--log-end are for --requests LOG; a --demand table gives its windows")
         specs, opts = read_models(args.file, defaults={"req_rate": 0.0, **(
             {"slo": args.slo} if args.slo is not None else {})})
-        found = demand.read_table(args.demand, specs, window=args.window)
+        found = _demand_file(args.demand, specs, args.window)
     cluster = _cluster(opts, args)
     if cluster.gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")

@@ -189,3 +189,34 @@ def test_match_gpus_keeps_the_most_in_place():
     cur = np.array([0, 1, 2, 2])
     new = np.array([1, 0, 2, 1])  # the same as cur but GPUs 0 and 1 swapped, model 3 moved
     assert _match_gpus(new, cur, prob).tolist() == [0, 1, 2, 0]
+
+
+def test_demand_gives_every_rate_and_the_quantiles_agree(tmp_path):
+    """With demand over windows a model may leave req_rate out (API and CLI, as evaluate and
+    replay already allowed); evaluate takes a .npy like solve and replay; the 95% figure of
+    replay and evaluate is the same quantity (a window's own value)."""
+    from kvgpu import demand as dm
+
+    models, G, D = trace()
+    bare = [{k: v for k, v in m.items() if k != "req_rate"} for m in models]
+    assert kvgpu.solve(bare, G, demand=D).assignment.tolist() == kvgpu.solve(models, G, demand=D).assignment.tolist()
+    f = tmp_path / "bare.json"
+    f.write_text(json.dumps(bare))
+    np.save(tmp_path / "d.npy", D)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kvgpu.cli", *a, "--gpus", str(G), "--json"],  # noqa
+                                    capture_output=True, text=True)
+    out = run("solve", str(f), "--demand", str(tmp_path / "d.npy"))
+    assert out.returncode == 0, out.stderr
+    ev = run("evaluate", str(f), "--demand", str(tmp_path / "d.npy"), "--no-compare", "--placement",
+             str(_written(tmp_path, out.stdout)))
+    assert ev.returncode == 0, ev.stderr
+    p = kvgpu.solve(models, G, demand=D)
+    r = replay(models, G, D, ["static"], effort=kvgpu.engine.DEFAULT_EFFORT)
+    q = dm.evaluate(p, D).quantile(0.95)
+    assert r.summary()[0]["p95_kvpr"] == pytest.approx(q) and q in set(dm.evaluate(p, D).max_by_window.tolist())
+
+
+def _written(tmp_path, text):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    return path
