@@ -84,17 +84,21 @@ def solve(models: Any, gpus: int, *, gpu_mem: float | Sequence[float] = DEFAULT_
     whether that is proven).
     """
     opts = engine.options(backend, mode, effort, patience, seed, exact, exact_work, decompose, dask, objective)
+    labels = ()
     if demand is not None:
         models = _rates_optional(models)
         if not isinstance(demand, np.ndarray):
-            models, demand = _windows_of(models, demand)
+            models, demand, labels = _windows_of(models, demand)
     problem = build_problem(models, gpus, gpu_mem, nodes=nodes, gpus_per_node=gpus_per_node, reserve_gb=reserve_gb,
                             current=current, max_moves=max_moves, max_migrated_gb=max_migrated_gb,
                             min_gain=min_gain, out_of_service=out_of_service)
     if demand is not None:
         from kvgpu.robust import solve_windows
 
-        return solve_windows(problem, demand, opts, backend=backend, objective=objective)
+        out = solve_windows(problem, demand, opts, backend=backend, objective=objective)
+        if labels and hasattr(out, "window_labels"):
+            out.window_labels = tuple(labels)
+        return out
     return engine.solve_problem(problem, backends.for_problem(problem, opts, backend))
 
 
@@ -106,7 +110,7 @@ def _rates_optional(models):
 
 
 def _windows_of(models, demand):
-    """``(models, rates)`` for a demand given as a :class:`kvgpu.demand.Demand`, a DataFrame of
+    """``(models, rates, labels)`` for a demand given as a :class:`kvgpu.demand.Demand`, a DataFrame of
     the long table ``model, window, req_rate[, slo]`` or a path to one (:func:`kvgpu.demand.as_demand`,
     which names the file, line and field of bad input): the rates (n_models, W) in the models'
     order, and the models with the table's SLOs where it gives them."""
@@ -115,7 +119,7 @@ def _windows_of(models, demand):
 
     specs = model_specs(models)
     d = dm.as_demand(demand, specs)
-    return (specs if d.slo is None else dm.with_rates(specs, d.pick("mean"), d.slo)), d.rates
+    return (specs if d.slo is None else dm.with_rates(specs, d.pick("mean"), d.slo)), d.rates, d.windows
 
 
 def replan(models: Any, gpus: int, *, max_moves: int | None = None, current=None, max_migrated_gb=None,

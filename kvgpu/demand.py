@@ -663,17 +663,19 @@ def read_table(source: Any, models: Any, *, window: Any = None, name: str | None
     _check_order(rows, m, key, names, by_time)
     starts = np.unique(key)
     window_s = _table_window(rows, key, starts, window, by_time)
+    starts, filled = _whole_grid(rows, key, starts, window_s, by_time)
     col = np.searchsorted(starts, key)
     rates = np.zeros((len(names), len(starts)))
     rates[m, col] = rate
     present = np.bincount(m, minlength=len(names))
-    for i in np.nonzero((present > 0) & (present < len(starts)))[0].tolist():
+    rowed = np.unique(col)  # the windows that have rows (the others, filled in, have none at all)
+    for i in np.nonzero((present > 0) & (present < rowed.size))[0].tolist():
         have = set(col[m == i].tolist())
-        w = next(w for w in range(len(starts)) if w not in have)
+        w = next(w for w in rowed.tolist() if w not in have)
         raise InvalidInstance(f"{rows.source}: model {names[i]!r} has no row for window "
                               f"{_label(starts[w], by_time)} (every model with rows needs one per window; "
                               f"give req_rate 0 for a quiet window)")
-    notes = _absent_note(names, present > 0, rows.source, "row")
+    notes = _absent_note(names, present > 0, rows.source, "row") + filled
     labels = tuple(_label(s, by_time) for s in starts)
     return Demand(rates, tuple(names), labels, window_s, starts.astype(float) if by_time else None, slo,
                   _warn(notes), rows.source)
@@ -702,6 +704,9 @@ def _window_keys(rows: Rows) -> tuple[np.ndarray, bool]:
             raise InvalidInstance(f"{rows.at(i, 'window')}: a window is an integer index or an ISO 8601 start "
                                   f"time, got {v!r}")
         out[i] = int(float(v))
+        if out[i] < 0:
+            raise InvalidInstance(f"{rows.at(i, 'window')}: window {out[i]} is negative: a window index counts "
+                                  f"from 0")
     return out, False
 
 
@@ -747,6 +752,34 @@ def _table_window(rows: Rows, key, starts: np.ndarray, window, by_time: bool) ->
                               f"{gaps[close[0]]:g} s after window {_label(starts[close[0]], by_time)}, less than the "
                               f"window length {sec:g} s")
     return sec
+
+
+def _whole_grid(rows: Rows, key, starts: np.ndarray, window_s: float | None, by_time: bool) -> tuple:
+    """``(starts, notes)``: the table's windows on one grid of the window length (indexes: steps
+    of 1), a window no model has a row for put back with rate 0 and named in a note -- so that
+    positions, labels and replay's every-k-windows count time, not rows; starts that are not a
+    whole number of windows apart are refused (file, line, field)."""
+    step = window_s if by_time else 1.0
+    if step is None or starts.size < 2:
+        return starts, ()
+    n = np.diff(starts.astype(float)) / step
+    k = np.rint(n)
+    off = np.nonzero(np.abs(n - k) > 1e-9 * np.maximum(k, 1))[0]
+    if off.size:
+        late = starts[off[0] + 1]
+        i = int(np.nonzero(key == late)[0][0])
+        raise InvalidInstance(f"{rows.at(i, 'window')}: window {_label(late, by_time)} starts {n[off[0]]:g} windows "
+                              f"after window {_label(starts[off[0]], by_time)}: window starts must be a whole number "
+                              f"of windows ({step:g} {'s' if by_time else 'index'}) apart")
+    if (k <= 1).all():
+        return starts, ()
+    grid = np.concatenate([[0], np.cumsum(k)]).astype(np.int64)
+    full = starts[0] + np.arange(int(grid[-1]) + 1) * (step if by_time else 1)
+    full = full.astype(starts.dtype)
+    missing = np.setdiff1d(np.arange(full.size), grid)
+    shown = ", ".join(_label(full[w], by_time) for w in missing[:4]) + (", ..." if missing.size > 4 else "")
+    return full, (f"{rows.source}: {missing.size} window(s) without any row ({shown}): rate 0 for every model "
+                  f"there (a quiet period; give rows if it is missing data)",)
 
 
 # ----------------------------------------------------------------------------- API inputs

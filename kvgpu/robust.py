@@ -191,6 +191,8 @@ class WindowPlacement(Placement):
     Attributes (besides :class:`kvgpu.Placement`'s)
     ----------
     window_demand : (n, W) float64 -- each item's demand (req_rate / slo) per window.
+    window_labels : tuple of str -- the windows' names where the demand gave them, else ();
+        ``worst_window`` and ``busiest_window`` are positions (0..W-1) in either case.
     kvpr_by_window : (W, G) float64 -- KVPR of every GPU in every window.
     bound_source : str -- which bound ``lower_bound`` is (module doc).
 
@@ -201,6 +203,9 @@ class WindowPlacement(Placement):
 
     window_demand: np.ndarray = dataclasses.field(default=None, repr=False)
     bound_source: str = ""
+    #: The windows' labels where the demand named them (a table's window indexes or start
+    #: times, a log's window starts); () where it was a bare array (windows are positions).
+    window_labels: tuple = ()
 
     def __post_init__(self):
         inst = self.problem.items
@@ -237,14 +242,19 @@ class WindowPlacement(Placement):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out.update(windows=self.n_windows, worst_window=self.worst_window, bound_source=self.bound_source,
+        out.update(windows=self.n_windows, worst_window=self.worst_window, window_labels=list(self.window_labels),
+                   bound_source=self.bound_source,
                    busiest_window=self.busiest_window.tolist(),
                    kvpr_by_window=[[json_float(x) for x in row] for row in self.kvpr_by_window.tolist()])
         return out
 
     def __str__(self) -> str:
         return (super().__str__() + f"\nrobust over {self.n_windows} demand windows: KVPR and demand per GPU are its "
-                f"busiest window's; worst window {self.worst_window}; bound: {self.bound_source}")
+                f"busiest window's; worst window {self._window_name(self.worst_window)}; bound: {self.bound_source}")
+
+    def _window_name(self, w: int) -> str:
+        """Window ``w`` as the demand named it (position ``w`` and its label where it has one)."""
+        return f"{w} ({self.window_labels[w]})" if self.window_labels and self.window_labels[w] != str(w) else str(w)
 
 
 # ----------------------------------------------------------------------------- search state

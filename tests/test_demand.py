@@ -489,3 +489,46 @@ def test_bursty_smooth_and_tail():
     assert (b.rates.max(axis=1) > per_model_peak * 1.5).any()
     with pytest.raises(ValueError, match="windows >= 2 x groups"):
         bursty(np.random.default_rng(1), 4, windows=6, groups=4)
+
+
+def test_table_windows_sit_on_one_grid(tmp_path):
+    """A window no model has a row for is a quiet window (rate 0, named in a note), so that
+    positions and labels agree and every-k-windows counts time; starts off the grid of the
+    window length and negative indexes are refused by line."""
+    import pandas as pd
+
+    names = ["a", "b"]
+    rows = [{"model": n, "window": w, "req_rate": 1.0 + w} for w in (0, 2, 3) for n in names]
+    f = tmp_path / "t.csv"
+    pd.DataFrame(rows).to_csv(f, index=False)
+    with pytest.warns(kvgpu.KvgpuWarning, match=r"1 window\(s\) without any row \(1\)"):
+        d = dm.read_table(f, names)
+    assert d.windows == ("0", "1", "2", "3") and d.rates[:, 1].tolist() == [0.0, 0.0]
+    assert d.rates[:, 2].tolist() == [3.0, 3.0]
+    iso = [{"model": n, "window": t, "req_rate": 2.0} for t in ("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z",
+                                                                 "2026-01-01T03:00:00Z") for n in names]
+    pd.DataFrame(iso).to_csv(f, index=False)
+    with pytest.warns(kvgpu.KvgpuWarning, match="2026-01-01T02:00:00"):
+        d = dm.read_table(f, names)
+    assert d.n_windows == 4 and d.rates[:, 2].tolist() == [0.0, 0.0] and d.window_s == 3600
+    off = iso[:4] + [{"model": n, "window": "2026-01-01T02:30:00Z", "req_rate": 1.0} for n in names]
+    pd.DataFrame(off).to_csv(f, index=False)
+    with pytest.raises(kvgpu.InvalidInstance, match=r"line 6.*whole number of windows"):
+        dm.read_table(f, names)
+    pd.DataFrame([{"model": "a", "window": -1, "req_rate": 1.0}]).to_csv(f, index=False)
+    with pytest.raises(kvgpu.InvalidInstance, match=r"line 2.*negative"):
+        dm.read_table(f, ["a"])
+
+
+def test_a_robust_answer_names_its_windows_as_the_table_does(tmp_path):
+    """solve(demand=TABLE) with start times: the worst window is printed with its start, the
+    JSON carries every label, and positions stay positions."""
+    names = [f"m{i}" for i in range(4)]
+    models = [{"name": n, "size": 20 + 5 * i, "slo": 1} for i, n in enumerate(names)]
+    t0 = pd.Timestamp("2026-12-01T00:00:00Z")
+    rows = [{"model": n, "window": (t0 + pd.Timedelta(hours=w)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "req_rate": float((i + w) % 3 + 1)} for w in range(3) for i, n in enumerate(names)]
+    p = kvgpu.solve(models, 2, demand=pd.DataFrame(rows))
+    w = p.worst_window
+    assert p.to_dict()["window_labels"][w] == (t0 + pd.Timedelta(hours=w)).strftime("%Y-%m-%dT%H:%M:%S") + "Z"
+    assert f"worst window {w} ({p.window_labels[w]})" in str(p)
