@@ -378,24 +378,27 @@ def _read_models(args, path=None):
     return demand.with_rates(specs, rates, found.slo), opts
 
 
+def _models_and_windows(args):
+    """``evaluate`` / ``replay``: the models, their options and their demand over every window,
+    from exactly one of ``--demand TABLE|RATES.npy`` and ``--requests LOG`` (both read through
+    :func:`_read_models`, which lets the models leave req_rate out)."""
+    if (args.demand is None) == (args.requests is None):
+        raise InvalidInstance("give the demand over time: --demand TABLE (model, window, req_rate[, slo], or a .npy "
+                              "array) or --requests LOG")
+    if args.requests is not None:
+        return _read_models(args)
+    specs, opts = _read_models(args)
+    return specs, opts, _demand_file(args.demand, specs, args.window)
+
+
 def _evaluate(args) -> int:
     """``kvgpu evaluate``: placements over every window of a demand (a long table or a log)."""
     from kvgpu import demand
     from kvgpu.problem import build_problem
 
-    if (args.demand is None) == (args.requests is None):
-        raise InvalidInstance("give the demand over time: --demand TABLE (model, window, req_rate[, slo]) or "
-                              "--requests LOG")
     if args.plot:
         check_output_path(args.plot, _PLOT_SUFFIXES, "--plot")
-    if args.requests is not None:
-        specs, opts, found = _read_models(args)
-    else:
-        if args.log_start is not None or args.log_end is not None:
-            raise InvalidInstance("--log-start/--log-end are for --requests LOG; a --demand table gives its windows")
-        specs, opts = read_models(args.file, defaults={"req_rate": 0.0, **(
-            {"slo": args.slo} if args.slo is not None else {})})
-        found = _demand_file(args.demand, specs, args.window)
+    specs, opts, found = _models_and_windows(args)
     cluster = _cluster(opts, args)
     if cluster.gpus is None:
         raise InvalidInstance("give the number of GPUs with --gpus N")
@@ -619,17 +622,7 @@ def _replay(args) -> int:
 
     from kvgpu import demand
 
-    if (args.demand is None) == (args.requests is None):
-        raise InvalidInstance("give the demand over time: --demand TABLE (model, window, req_rate[, slo], or a .npy "
-                              "array) or --requests LOG")
-    if args.requests is not None:
-        models, opts, rates = _read_models(args)
-    else:
-        if args.log_start is not None or args.log_end is not None:
-            raise InvalidInstance("--log-start/--log-end are for --requests LOG; a --demand table gives its windows")
-        models, opts = read_models(args.file, defaults={"req_rate": 0.0, **(
-            {"slo": args.slo} if args.slo is not None else {})})
-        rates = _demand_file(args.demand, models, args.window)
+    models, opts, rates = _models_and_windows(args)
     if rates.slo is not None:
         models = demand.with_rates(models, rates.pick("mean"), rates.slo)
     D = rates.rates
