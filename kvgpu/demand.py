@@ -737,6 +737,11 @@ def _check_order(rows: Rows, m: np.ndarray, key: np.ndarray, names: list[str], b
         last[mi] = i
 
 
+def _first_row(rows: Rows, key, window) -> str:
+    """Where the first row of ``window`` is (file, line, field), for an error about it."""
+    return rows.at(int(np.nonzero(key == window)[0][0]), "window")
+
+
 def _table_window(rows: Rows, key, starts: np.ndarray, window, by_time: bool) -> float | None:
     """The window length (s): given (then starts closer than it overlap), else the smallest gap."""
     gaps = np.diff(starts.astype(float))
@@ -747,8 +752,7 @@ def _table_window(rows: Rows, key, starts: np.ndarray, window, by_time: bool) ->
     close = np.nonzero(gaps * unit < sec * (1 - 1e-12))[0]
     if close.size:
         late = starts[close[0] + 1]
-        i = int(np.nonzero(key == late)[0][0])
-        raise InvalidInstance(f"{rows.at(i, 'window')}: overlapping windows: window {_label(late, by_time)} starts "
+        raise InvalidInstance(f"{_first_row(rows, key, late)}: overlapping windows: window {_label(late, by_time)} starts "
                               f"{gaps[close[0]]:g} s after window {_label(starts[close[0]], by_time)}, less than the "
                               f"window length {sec:g} s")
     return sec
@@ -767,8 +771,7 @@ def _whole_grid(rows: Rows, key, starts: np.ndarray, window_s: float | None, by_
     off = np.nonzero(np.abs(n - k) > 1e-9 * np.maximum(k, 1))[0]
     if off.size:
         late = starts[off[0] + 1]
-        i = int(np.nonzero(key == late)[0][0])
-        raise InvalidInstance(f"{rows.at(i, 'window')}: window {_label(late, by_time)} starts {n[off[0]]:g} windows "
+        raise InvalidInstance(f"{_first_row(rows, key, late)}: window {_label(late, by_time)} starts {n[off[0]]:g} windows "
                               f"after window {_label(starts[off[0]], by_time)}: window starts must be a whole number "
                               f"of windows ({step:g} {'s' if by_time else 'index'}) apart")
     if (k <= 1).all():
